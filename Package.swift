@@ -1,0 +1,35 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let package = Package(
+    name: "KVPack",
+    products: [
+        .library(name: "KVPack", targets: ["KVPack"]),
+        .executable(name: "kvpack", targets: ["kvpack"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+    ],
+    targets: [
+        .systemLibrary(name: "CZstd", path: "Sources/CZstd"),
+        .systemLibrary(name: "CXXHash", path: "Sources/CXXHash"),
+        .target(
+            name: "KVPack",
+            dependencies: ["CZstd", "CXXHash"],
+            path: "Sources/KVPack"
+        ),
+        .executableTarget(
+            name: "kvpack",
+            dependencies: [
+                "KVPack",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            path: "Sources/kvpack"
+        ),
+        .testTarget(
+            name: "KVPackTests",
+            dependencies: ["KVPack", "kvpack"],
+            path: "Tests/KVPackTests"
+        ),
+    ]
+)

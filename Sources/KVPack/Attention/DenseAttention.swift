@@ -1,0 +1,40 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The textbook attention the kernels are checked against: full scores, max-subtracted softmax,
+/// weighted sum, in Double. Slow on purpose; for tests and `kvpack attend --check`.
+public enum DenseAttention {
+    /// queries: groupSize x headDim; keys, values: tokens x headDim. Returns groupSize x headDim.
+    public static func reference(queries: [Float], keys: [Float], values: [Float], groupSize: Int, headDim: Int,
+                                 scale: Float? = nil) -> [Float] {
+        let n = keys.count / headDim
+        let s = Double(scale ?? 1 / Float(headDim).squareRoot())
+        var out = [Float](repeating: 0, count: groupSize * headDim)
+        for g in 0 ..< groupSize {
+            var scores = [Double](repeating: 0, count: n)
+            for t in 0 ..< n {
+                var dot = 0.0
+                for i in 0 ..< headDim { dot += Double(queries[g * headDim + i]) * Double(keys[t * headDim + i]) }
+                scores[t] = dot * s
+            }
+            let m = scores.max() ?? 0
+            let w = scores.map { exp($0 - m) }
+            let total = w.reduce(0, +)
+            for i in 0 ..< headDim {
+                var acc = 0.0
+                for t in 0 ..< n { acc += w[t] * Double(values[t * headDim + i]) }
+                out[g * headDim + i] = Float(acc / total)
+            }
+        }
+        return out
+    }
+
+    /// max |a - b| / max(|b|_inf, tiny): the error relative to the reference's magnitude.
+    public static func maxRelativeError(_ a: [Float], _ b: [Float]) -> Double {
+        let scale = max(b.map { abs(Double($0)) }.max() ?? 0, 1e-30)
+        var worst = 0.0
+        for (x, y) in zip(a, b) { worst = max(worst, abs(Double(x) - Double(y)) / scale) }
+        return worst
+    }
+}

@@ -1,0 +1,181 @@
+/// Dense-row kernels over f32, f16 and bf16 rows, read in place. The raw scheme uses them for
+/// sealed blocks and every stream uses them for its tail rows.
+///
+/// Rows of f16/bf16 are converted once per token into a stack row and then scored against all
+/// queries of the GQA group, so conversion cost is paid once per token, not once per query.
+enum RowKernels {
+    // MARK: Vector primitives (f32)
+
+    @inline(__always)
+    static func dot(_ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, _ n: Int) -> Float {
+        var acc0 = SIMD8<Float>(), acc1 = SIMD8<Float>()
+        let ra = UnsafeRawPointer(a), rb = UnsafeRawPointer(b)
+        var i = 0
+        while i + 16 <= n {
+            acc0.addProduct(ra.loadUnaligned(fromByteOffset: 4 * i, as: SIMD8<Float>.self),
+                            rb.loadUnaligned(fromByteOffset: 4 * i, as: SIMD8<Float>.self))
+            acc1.addProduct(ra.loadUnaligned(fromByteOffset: 4 * i + 32, as: SIMD8<Float>.self),
+                            rb.loadUnaligned(fromByteOffset: 4 * i + 32, as: SIMD8<Float>.self))
+            i += 16
+        }
+        if i + 8 <= n {
+            acc0.addProduct(ra.loadUnaligned(fromByteOffset: 4 * i, as: SIMD8<Float>.self),
+                            rb.loadUnaligned(fromByteOffset: 4 * i, as: SIMD8<Float>.self))
+            i += 8
+        }
+        var s = (acc0 + acc1).sum()
+        while i < n {
+            s += a[i] * b[i]
+            i += 1
+        }
+        return s
+    }
+
+    /// y += alpha * x
+    @inline(__always)
+    static func axpy(_ alpha: Float, _ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, _ n: Int) {
+        let rx = UnsafeRawPointer(x), ry = UnsafeMutableRawPointer(y)
+        let a = SIMD8<Float>(repeating: alpha)
+        var i = 0
+        while i + 8 <= n {
+            var v = ry.loadUnaligned(fromByteOffset: 4 * i, as: SIMD8<Float>.self)
+            v.addProduct(a, rx.loadUnaligned(fromByteOffset: 4 * i, as: SIMD8<Float>.self))
+            ry.storeBytes(of: v, toByteOffset: 4 * i, as: SIMD8<Float>.self)
+            i += 8
+        }
+        while i < n {
+            y[i] += alpha * x[i]
+            i += 1
+        }
+    }
+
+    static func scale(_ y: UnsafeMutablePointer<Float>, by factor: Float, _ n: Int) {
+        for i in 0 ..< n { y[i] *= factor }
+    }
+
+    // MARK: Element conversion
+
+    @inline(__always)
+    static func widenFloat16(_ src: UnsafeRawPointer, _ dst: UnsafeMutablePointer<Float>, _ n: Int) {
+        let rd = UnsafeMutableRawPointer(dst)
+        var i = 0
+        while i + 8 <= n {
+            let h = src.loadUnaligned(fromByteOffset: 2 * i, as: SIMD8<Float16>.self)
+            rd.storeBytes(of: SIMD8<Float>(h), toByteOffset: 4 * i, as: SIMD8<Float>.self)
+            i += 8
+        }
+        while i < n {
+            dst[i] = Float(src.loadUnaligned(fromByteOffset: 2 * i, as: Float16.self))
+            i += 1
+        }
+    }
+
+    @inline(__always)
+    static func widenBFloat16(_ src: UnsafeRawPointer, _ dst: UnsafeMutablePointer<Float>, _ n: Int) {
+        let rd = UnsafeMutableRawPointer(dst)
+        var i = 0
+        while i + 8 <= n {
+            let h = src.loadUnaligned(fromByteOffset: 2 * i, as: SIMD8<UInt16>.self)
+            let w = SIMD8<UInt32>(truncatingIfNeeded: h) &<< 16
+            rd.storeBytes(of: unsafeBitCast(w, to: SIMD8<Float>.self), toByteOffset: 4 * i, as: SIMD8<Float>.self)
+            i += 8
+        }
+        while i < n {
+            dst[i] = Float(bitPattern: UInt32(src.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self)) << 16)
+            i += 1
+        }
+    }
+
+    /// Round-to-nearest-even f32 -> bf16; NaN stays NaN (quiet, sign kept).
+    @inline(__always)
+    static func bfloat16Bits(_ x: Float) -> UInt16 {
+        let bits = x.bitPattern
+        if x.isNaN { return UInt16(truncatingIfNeeded: bits >> 16) | 0x0040 }
+        let rounding = UInt32(0x7FFF) + ((bits >> 16) & 1)
+        return UInt16(truncatingIfNeeded: (bits &+ rounding) >> 16)
+    }
+
+    /// Writes `n` floats as `type` (f32, f16 or bf16), little-endian.
+    static func narrow(_ src: UnsafePointer<Float>, to type: ElementType, _ dst: UnsafeMutableRawPointer, _ n: Int) {
+        switch type {
+        case .float32:
+            dst.copyMemory(from: src, byteCount: 4 * n)
+        case .float16:
+            var i = 0
+            while i + 8 <= n {
+                let v = UnsafeRawPointer(src).loadUnaligned(fromByteOffset: 4 * i, as: SIMD8<Float>.self)
+                dst.storeBytes(of: SIMD8<Float16>(v), toByteOffset: 2 * i, as: SIMD8<Float16>.self)
+                i += 8
+            }
+            while i < n {
+                dst.storeBytes(of: Float16(src[i]), toByteOffset: 2 * i, as: Float16.self)
+                i += 1
+            }
+        case .bfloat16:
+            for i in 0 ..< n { dst.storeBytes(of: bfloat16Bits(src[i]), toByteOffset: 2 * i, as: UInt16.self) }
+        default:
+            preconditionFailure("rows are f32, f16 or bf16")
+        }
+    }
+
+    /// Reads `n` elements of `type` as floats.
+    @inline(__always)
+    static func widen(_ src: UnsafeRawPointer, from type: ElementType, _ dst: UnsafeMutablePointer<Float>, _ n: Int) {
+        switch type {
+        case .float32: dst.update(from: src.assumingMemoryBound(to: Float.self), count: n)
+        case .float16: widenFloat16(src, dst, n)
+        case .bfloat16: widenBFloat16(src, dst, n)
+        default: preconditionFailure("rows are f32, f16 or bf16")
+        }
+    }
+
+    // MARK: Attention over rows
+
+    /// Visits rows [tokens] of a row-major `type` array as f32 rows: f32 rows in place,
+    /// others widened into one reused stack row.
+    @inline(__always)
+    static func forEachRow(_ rows: UnsafeRawPointer, type: ElementType, dim: Int, tokens: Range<Int>,
+                           _ body: (Int, UnsafePointer<Float>) -> Void) {
+        let rowBytes = dim * type.byteWidth
+        if type == .float32 {
+            for t in tokens { body(t, (rows + t * rowBytes).assumingMemoryBound(to: Float.self)) }
+            return
+        }
+        withUnsafeTemporaryAllocation(of: Float.self, capacity: dim) { scratch in
+            let row = scratch.baseAddress!
+            if type == .float16 {
+                for t in tokens {
+                    widenFloat16(rows + t * rowBytes, row, dim)
+                    body(t, row)
+                }
+            } else {
+                for t in tokens {
+                    widenBFloat16(rows + t * rowBytes, row, dim)
+                    body(t, row)
+                }
+            }
+        }
+    }
+
+    static func scores(rows: UnsafeRawPointer, type: ElementType, dim: Int, tokens: Range<Int>,
+                       queries: UnsafePointer<Float>, groupSize: Int,
+                       into out: UnsafeMutablePointer<Float>, stride: Int) {
+        let base = tokens.lowerBound
+        forEachRow(rows, type: type, dim: dim, tokens: tokens) { t, k in
+            for g in 0 ..< groupSize {
+                out[g * stride + (t - base)] = dot(queries + g * dim, k, dim)
+            }
+        }
+    }
+
+    static func accumulate(rows: UnsafeRawPointer, type: ElementType, dim: Int, tokens: Range<Int>,
+                           weights: UnsafePointer<Float>, stride: Int, groupSize: Int,
+                           into acc: UnsafeMutablePointer<Float>) {
+        let base = tokens.lowerBound
+        forEachRow(rows, type: type, dim: dim, tokens: tokens) { t, v in
+            for g in 0 ..< groupSize {
+                axpy(weights[g * stride + (t - base)], v, acc + g * dim, dim)
+            }
+        }
+    }
+}

@@ -1,0 +1,35 @@
+import CXXHash
+
+/// XXH3-64, the checksum of every KVPack header and payload (Spec/: "Checksums").
+public enum Checksum {
+    public static func xxh3(_ bytes: UnsafeRawBufferPointer, seed: UInt64 = 0) -> UInt64 {
+        // libxxhash reads nothing for a zero length, but wants a non-null pointer.
+        guard let base = bytes.baseAddress, bytes.count > 0 else {
+            return withUnsafeBytes(of: UInt8(0)) { XXH3_64bits_withSeed($0.baseAddress, 0, seed) }
+        }
+        return XXH3_64bits_withSeed(base, bytes.count, seed)
+    }
+
+    public static func xxh3(_ bytes: [UInt8], seed: UInt64 = 0) -> UInt64 {
+        bytes.withUnsafeBytes { xxh3($0, seed: seed) }
+    }
+
+    /// Incremental XXH3-64 for payloads written in pieces (the full index is streamed).
+    final class Streaming {
+        private let state: OpaquePointer
+
+        init(seed: UInt64 = 0) {
+            state = XXH3_createState()
+            XXH3_64bits_reset_withSeed(state, seed)
+        }
+
+        deinit { XXH3_freeState(state) }
+
+        func update(_ bytes: UnsafeRawBufferPointer) {
+            guard let base = bytes.baseAddress, bytes.count > 0 else { return }
+            XXH3_64bits_update(state, base, bytes.count)
+        }
+
+        var digest: UInt64 { XXH3_64bits_digest(state) }
+    }
+}

@@ -1,0 +1,65 @@
+/// Every failure the library reports. A reader error names the absolute file offset and the
+/// field that is wrong, so a user (or a second implementation) can find the bad byte.
+public struct KVPackError: Error, CustomStringConvertible, Sendable, Equatable {
+    public enum Code: String, Sendable, Codable {
+        /// The file ends before a structure that must be there.
+        case truncated
+        /// The first 8 bytes are not the KVPack signature.
+        case badMagic
+        /// Major version this reader does not implement.
+        case unsupportedVersion
+        /// A stored XXH3-64 checksum does not match the bytes.
+        case checksumMismatch
+        /// A field holds a value that breaks an invariant of Spec/.
+        case invalidField
+        /// A frame with a critical tag this reader does not know.
+        case unknownCriticalFrame
+        /// A scheme kind this reader does not implement.
+        case unknownScheme
+        /// Payload bytes that do not decode (bad zstd frame, wrong size).
+        case corruptPayload
+        /// No commit in the file could be loaded.
+        case noValidCommit
+        /// An operating-system call failed.
+        case io
+        /// The caller passed something unusable (not a file problem).
+        case invalidArgument
+        /// Another writer holds the file.
+        case locked
+    }
+
+    public var code: Code
+    /// Absolute byte offset in the file of the structure (or field) that is wrong.
+    public var offset: UInt64?
+    /// Field name as Spec/ spells it, e.g. `BLCK.segment` or `manifest.headDim`.
+    public var field: String?
+    public var message: String
+
+    public init(_ code: Code, offset: UInt64? = nil, field: String? = nil, _ message: String) {
+        self.code = code
+        self.offset = offset
+        self.field = field
+        self.message = message
+    }
+
+    public var description: String {
+        var s = "\(code.rawValue)"
+        if let field { s += " \(field)" }
+        if let offset { s += " at offset \(offset) (0x\(String(offset, radix: 16)))" }
+        return s + ": " + message
+    }
+
+    // Shorthands used throughout the parsers.
+    static func truncated(_ offset: UInt64, _ field: String, need: UInt64, have: UInt64) -> KVPackError {
+        KVPackError(.truncated, offset: offset, field: field,
+                    "needs \(need) bytes, only \(have) available")
+    }
+
+    static func invalid(_ offset: UInt64?, _ field: String, _ message: String) -> KVPackError {
+        KVPackError(.invalidField, offset: offset, field: field, message)
+    }
+
+    static func argument(_ message: String) -> KVPackError {
+        KVPackError(.invalidArgument, message)
+    }
+}

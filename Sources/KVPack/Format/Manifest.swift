@@ -1,0 +1,239 @@
+/// Registry numbers of the encodings a stream may use (Spec/: "Scheme kinds").
+public struct SchemeKind: RawRepresentable, Hashable, Sendable, Codable, CustomStringConvertible {
+    public let rawValue: UInt16
+    public init(rawValue: UInt16) { self.rawValue = rawValue }
+
+    public static let raw = SchemeKind(rawValue: 1)
+    // Reserved for the quantization schemes (Spec/ lists them): 2 int (KV-AdaQuant),
+    // 3 polar (PolarQuant), 4 svdq (SVDq), 5 nsn (NSNQuant).
+
+    public var description: String {
+        SchemeRegistry.type(for: self).map { $0.name } ?? "scheme#\(rawValue)"
+    }
+}
+
+/// How one stream (a layer's keys or values) is encoded: the scheme's kind, its parameters
+/// (bytes whose layout the scheme's section of Spec/ defines), the blobs it needs, and the
+/// element type of the stream's unsealed tail rows.
+public struct SchemeDescriptor: Hashable, Sendable {
+    public var kind: SchemeKind
+    public var residualType: ElementType
+    public var parameters: [UInt8]
+    public var blobIDs: [UInt32]
+
+    public init(kind: SchemeKind, residualType: ElementType, parameters: [UInt8], blobIDs: [UInt32] = []) {
+        self.kind = kind
+        self.residualType = residualType
+        self.parameters = parameters
+        self.blobIDs = blobIDs
+    }
+}
+
+/// The scheme indices (into `Manifest.schemes`) of one layer's keys and values.
+public struct LayerSchemes: Hashable, Sendable {
+    public var key: Int
+    public var value: Int
+    public init(key: Int, value: Int) {
+        self.key = key
+        self.value = value
+    }
+}
+
+/// The first frame of every file (Spec/: "Manifest"). Immutable once written.
+public struct Manifest: Sendable, Equatable {
+    public var geometry: ModelGeometry
+    /// Tokens per sealed block; every stream seals at the same multiples of it.
+    public var segmentTokens: Int
+    public var rope: RoPEConfig
+    /// The model's context length, 0 when unknown.
+    public var maxPositions: UInt32
+    /// 16 opaque bytes identifying the model (geometry + weights hash); zeros when unknown.
+    public var modelFingerprint: [UInt8]
+    public var schemes: [SchemeDescriptor]
+    public var layerSchemes: [LayerSchemes]
+    public var producer: String
+    public var userMetadata: [MetadataEntry]
+
+    public struct MetadataEntry: Hashable, Sendable, Codable {
+        public var key: String
+        public var value: String
+        public init(_ key: String, _ value: String) {
+            self.key = key
+            self.value = value
+        }
+    }
+
+    public init(geometry: ModelGeometry, segmentTokens: Int, rope: RoPEConfig, maxPositions: UInt32 = 0,
+                modelFingerprint: [UInt8] = Array(repeating: 0, count: 16), schemes: [SchemeDescriptor],
+                layerSchemes: [LayerSchemes], producer: String, userMetadata: [MetadataEntry] = []) {
+        self.geometry = geometry
+        self.segmentTokens = segmentTokens
+        self.rope = rope
+        self.maxPositions = maxPositions
+        self.modelFingerprint = modelFingerprint
+        self.schemes = schemes
+        self.layerSchemes = layerSchemes
+        self.producer = producer
+        self.userMetadata = userMetadata
+    }
+
+    public func schemeIndex(layer: Int, kind: KVKind) -> Int {
+        kind == .key ? layerSchemes[layer].key : layerSchemes[layer].value
+    }
+
+    public func scheme(forStream stream: Int) -> Int {
+        let id = geometry.streamID(stream)
+        return schemeIndex(layer: id.layer, kind: id.kind)
+    }
+
+    static let fixedSize = 64
+    static let keysPostRoPEFlag: UInt32 = 1
+
+    public func encoded() -> [UInt8] {
+        var w = ByteWriter(capacity: 256)
+        w.write(UInt32(geometry.layerCount))
+        w.write(UInt32(geometry.queryHeadCount))
+        w.write(UInt32(geometry.kvHeadCount))
+        w.write(UInt32(geometry.headDim))
+        w.write(UInt32(segmentTokens))
+        w.write(rope.keysArePostRoPE ? Self.keysPostRoPEFlag : 0)
+        w.write(rope.theta)
+        w.write(rope.layout.rawValue)
+        w.write(UInt8(0))
+        w.write(UInt16(schemes.count))
+        w.write(maxPositions)
+        w.write(bytes: modelFingerprint)
+        w.write(zeros: 8)
+        for l in layerSchemes {
+            w.write(UInt16(l.key))
+            w.write(UInt16(l.value))
+        }
+        for s in schemes {
+            w.write(s.kind.rawValue)
+            w.write(s.residualType.rawValue)
+            w.write(UInt8(0))
+            w.write(UInt16(s.parameters.count))
+            w.write(UInt16(s.blobIDs.count))
+            w.write(bytes: s.parameters)
+            for id in s.blobIDs { w.write(id) }
+        }
+        let producerBytes = Array(producer.utf8.prefix(Int(UInt16.max)))
+        w.write(UInt16(producerBytes.count))
+        w.write(bytes: producerBytes)
+        w.write(UInt32(userMetadata.count))
+        for e in userMetadata {
+            let k = Array(e.key.utf8), v = Array(e.value.utf8)
+            w.write(UInt16(k.count))
+            w.write(bytes: k)
+            w.write(UInt32(v.count))
+            w.write(bytes: v)
+        }
+        return w.bytes
+    }
+
+    /// Checks a manifest built by a caller before it is written (the writer's entry check).
+    public func validateForWriting() throws {
+        let copy = try encoded().withUnsafeBytes { try Manifest.decode($0, base: 0) }
+        guard copy == self else { throw KVPackError.argument("manifest does not survive encoding (a field is out of range)") }
+    }
+
+    /// Parses an untrusted manifest payload. `base` is the payload's file offset.
+    public static func decode(_ bytes: UnsafeRawBufferPointer, base: UInt64) throws -> Manifest {
+        var c = ByteCursor(bytes, base: base, structure: "manifest")
+        func bounded(_ field: String, _ value: UInt32, _ range: ClosedRange<Int>) throws -> Int {
+            guard range.contains(Int(value)) else {
+                throw c.invalid(field, at: c.absolutePosition - 4, "is \(value), must be in \(range.lowerBound)...\(range.upperBound)")
+            }
+            return Int(value)
+        }
+        let layers = try bounded("layerCount", try c.read(UInt32.self, "layerCount"), 1 ... Limits.maxLayers)
+        let qHeads = try bounded("queryHeadCount", try c.read(UInt32.self, "queryHeadCount"), 1 ... Limits.maxQueryHeads)
+        let kvHeads = try bounded("kvHeadCount", try c.read(UInt32.self, "kvHeadCount"), 1 ... Limits.maxKVHeads)
+        guard qHeads % kvHeads == 0 else {
+            throw c.invalid("queryHeadCount", at: base + 4, "\(qHeads) is not a multiple of kvHeadCount \(kvHeads)")
+        }
+        let headDim = try bounded("headDim", try c.read(UInt32.self, "headDim"), 1 ... Limits.maxHeadDim)
+        let segment = try bounded("segmentTokens", try c.read(UInt32.self, "segmentTokens"), 1 ... Limits.maxSegmentTokens)
+        guard segment * headDim <= Limits.maxBlockElements else {
+            throw c.invalid("segmentTokens", at: base + 16,
+                            "segmentTokens x headDim = \(segment * headDim) exceeds \(Limits.maxBlockElements)")
+        }
+        let flags = try c.read(UInt32.self, "flags")
+        guard flags & ~keysPostRoPEFlag == 0 else {
+            throw c.invalid("flags", at: base + 20, "unknown bits \(hex64(UInt64(flags & ~keysPostRoPEFlag)))")
+        }
+        let theta = try c.readFloat64("ropeTheta")
+        guard theta.isFinite, theta >= 0 else { throw c.invalid("ropeTheta", at: base + 24, "is \(theta), must be finite and >= 0") }
+        let layoutByte = try c.read(UInt8.self, "ropeLayout")
+        guard let layout = RoPELayout(rawValue: layoutByte) else {
+            throw c.invalid("ropeLayout", at: base + 32, "is \(layoutByte), must be 0 (none), 1 (interleaved) or 2 (rotate-half)")
+        }
+        if layout != .none, headDim % 2 != 0 {
+            throw c.invalid("ropeLayout", at: base + 32, "rotary pairs need an even headDim, got \(headDim)")
+        }
+        _ = try c.read(UInt8.self, "reserved")
+        let schemeCount = Int(try c.read(UInt16.self, "schemeCount"))
+        guard (1 ... Limits.maxSchemes).contains(schemeCount) else {
+            throw c.invalid("schemeCount", at: base + 34, "is \(schemeCount), must be in 1...\(Limits.maxSchemes)")
+        }
+        let maxPositions = try c.read(UInt32.self, "maxPositions")
+        let fingerprint = Array(try c.readBytes(16, "modelFingerprint"))
+        _ = try c.readBytes(8, "reserved")
+
+        // layers x 2 x u16 is at most 16 KiB: the bound on layerCount makes this allocation safe.
+        var layerSchemes: [LayerSchemes] = []
+        layerSchemes.reserveCapacity(layers)
+        for layer in 0 ..< layers {
+            let at = c.absolutePosition
+            let k = Int(try c.read(UInt16.self, "layerSchemes[\(layer)].key"))
+            let v = Int(try c.read(UInt16.self, "layerSchemes[\(layer)].value"))
+            guard k < schemeCount, v < schemeCount else {
+                throw c.invalid("layerSchemes[\(layer)]", at: at, "scheme index (\(k), \(v)) out of range 0..<\(schemeCount)")
+            }
+            layerSchemes.append(LayerSchemes(key: k, value: v))
+        }
+        var schemes: [SchemeDescriptor] = []
+        for i in 0 ..< schemeCount {
+            let at = c.absolutePosition
+            let kind = SchemeKind(rawValue: try c.read(UInt16.self, "schemes[\(i)].kind"))
+            let residualByte = try c.read(UInt8.self, "schemes[\(i)].residualType")
+            guard let residual = ElementType(rawValue: residualByte), residual.isFloatingPoint else {
+                throw c.invalid("schemes[\(i)].residualType", at: at + 2, "is \(residualByte), must be 1 (f32), 2 (f16) or 3 (bf16)")
+            }
+            _ = try c.read(UInt8.self, "schemes[\(i)].reserved")
+            let paramLength = Int(try c.read(UInt16.self, "schemes[\(i)].parameterLength"))
+            let blobCount = Int(try c.read(UInt16.self, "schemes[\(i)].blobCount"))
+            let params = Array(try c.readBytes(paramLength, "schemes[\(i)].parameters"))
+            try c.need(blobCount * 4, "schemes[\(i)].blobIDs")
+            var blobs: [UInt32] = []
+            for b in 0 ..< blobCount { blobs.append(try c.read(UInt32.self, "schemes[\(i)].blobIDs[\(b)]")) }
+            schemes.append(SchemeDescriptor(kind: kind, residualType: residual, parameters: params, blobIDs: blobs))
+        }
+        let producerLength = Int(try c.read(UInt16.self, "producerLength"))
+        let producer = try c.readUTF8(producerLength, "producer")
+        let metadataCount = try c.read(UInt32.self, "metadataCount")
+        // Each entry takes at least 6 bytes, so the count is checked against what is left.
+        guard Int(metadataCount) <= c.remaining / 6 else {
+            throw c.invalid("metadataCount", at: c.absolutePosition - 4,
+                            "claims \(metadataCount) entries but only \(c.remaining) bytes remain")
+        }
+        var metadata: [MetadataEntry] = []
+        var seen = Set<String>()
+        for i in 0 ..< Int(metadataCount) {
+            let at = c.absolutePosition
+            let k = try c.readUTF8(Int(try c.read(UInt16.self, "metadata[\(i)].keyLength")), "metadata[\(i)].key")
+            let v = try c.readUTF8(Int(try c.read(UInt32.self, "metadata[\(i)].valueLength")), "metadata[\(i)].value")
+            guard seen.insert(k).inserted else { throw c.invalid("metadata[\(i)].key", at: at, "duplicate key \"\(k)\"") }
+            metadata.append(MetadataEntry(k, v))
+        }
+        guard c.remaining == 0 else {
+            throw c.invalid("end", "\(c.remaining) bytes follow the last field; the manifest must end exactly there")
+        }
+        return Manifest(
+            geometry: ModelGeometry(layerCount: layers, queryHeadCount: qHeads, kvHeadCount: kvHeads, headDim: headDim),
+            segmentTokens: segment,
+            rope: RoPEConfig(theta: theta, layout: layout, keysArePostRoPE: flags & keysPostRoPEFlag != 0),
+            maxPositions: maxPositions, modelFingerprint: fingerprint, schemes: schemes,
+            layerSchemes: layerSchemes, producer: producer, userMetadata: metadata)
+    }
+}

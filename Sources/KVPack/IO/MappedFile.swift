@@ -1,0 +1,63 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// Read-only bytes of a file: an `mmap` of the whole file, or an aligned heap copy (for
+/// fuzzing and tests). Immutable once created.
+public final class MappedFile: @unchecked Sendable {
+    // @unchecked: the memory is never written after init and is unmapped only in deinit.
+    public let bytes: UnsafeRawBufferPointer
+    private let mapped: Bool
+
+    public init(path: String) throws {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw KVPackError.ioError("open", path: path) }
+        defer { close(fd) }
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { throw KVPackError.ioError("fstat", path: path) }
+        let size = Int(st.st_size)
+        if size == 0 {
+            bytes = Self.alignedCopy(UnsafeRawBufferPointer(start: nil, count: 0))
+            mapped = false
+            return
+        }
+        guard let p = mmap(nil, size, PROT_READ, MAP_SHARED, fd, 0), p != MAP_FAILED else {
+            throw KVPackError.ioError("mmap", path: path)
+        }
+        bytes = UnsafeRawBufferPointer(start: p, count: size)
+        mapped = true
+    }
+
+    public init(copying source: UnsafeRawBufferPointer) {
+        bytes = Self.alignedCopy(source)
+        mapped = false
+    }
+
+    public init(copying array: [UInt8]) {
+        bytes = array.withUnsafeBytes { Self.alignedCopy($0) }
+        mapped = false
+    }
+
+    private static func alignedCopy(_ source: UnsafeRawBufferPointer) -> UnsafeRawBufferPointer {
+        let p = UnsafeMutableRawPointer.allocate(byteCount: max(source.count, 1), alignment: 64)
+        if let s = source.baseAddress, source.count > 0 { p.copyMemory(from: s, byteCount: source.count) }
+        return UnsafeRawBufferPointer(start: p, count: source.count)
+    }
+
+    deinit {
+        guard let base = bytes.baseAddress else { return }
+        if mapped {
+            munmap(UnsafeMutableRawPointer(mutating: base), bytes.count)
+        } else {
+            UnsafeMutableRawPointer(mutating: base).deallocate()
+        }
+    }
+}
+
+extension KVPackError {
+    static func ioError(_ operation: String, path: String, errno code: Int32 = errno) -> KVPackError {
+        KVPackError(.io, "\(operation) \(path): \(String(cString: strerror(code)))")
+    }
+}

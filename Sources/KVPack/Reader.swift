@@ -1,0 +1,302 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A read-only view of a KVPack file at its newest verified commit.
+///
+/// Opening reads the header, the manifest, the commit's index chain and the tail, and checks
+/// them; block payloads are not touched until a decode or attention call first reads them,
+/// when their header and checksum are verified once. Safe to share between threads; each
+/// thread passes its own `AttentionWorkspace`.
+public final class KVPackReader: @unchecked Sendable {
+    // @unchecked: every stored property is immutable after init except `verified`, which is atomic.
+    public let file: MappedFile
+    public let path: String?
+    public let header: FileHeader
+    public let manifest: Manifest
+    let state: CommitState
+    let schemes: [any KVScheme]
+    /// Tail rows are attended with the raw kernels of each scheme's residual type.
+    let tailKernels: [RawScheme]
+    let verified: VerificationFlags
+    let manifestEnd: UInt64
+
+    public var geometry: ModelGeometry { manifest.geometry }
+    public var tokenCount: Int { state.tokenCount }
+    public var segmentTokens: Int { manifest.segmentTokens }
+    public var sealedTokenCount: Int { tokenCount / segmentTokens * segmentTokens }
+    public var tokenIDs: [UInt32] { state.tokenIDs }
+    public var positions: [UInt32] { state.positions }
+    public var blobs: [Blob] { state.blobs.values.sorted { $0.id < $1.id } }
+    public var recoveryNotes: [RecoveryNote] { state.notes }
+    public var commitOffset: UInt64 { state.commitOffset }
+    public var commitSerial: UInt64 { state.commitSerial }
+    public var fileSize: Int { file.bytes.count }
+
+    public convenience init(path: String) throws {
+        try self.init(file: MappedFile(path: path), path: path)
+    }
+
+    public init(file: MappedFile, path: String? = nil) throws {
+        self.file = file
+        self.path = path
+        let bytes = file.bytes
+        header = try FileHeader.decode(bytes)
+        let m = try FrameHeader.decode(bytes, at: UInt64(FileHeader.size), limit: UInt64(bytes.count),
+                                       salt: header.salt, field: "MANI")
+        guard m.tag == .manifest else {
+            throw KVPackError.invalid(m.offset, "MANI.tag", "the first frame must be the manifest, found \(m.tag)")
+        }
+        guard !m.isCompressed else { throw KVPackError.invalid(m.offset + 4, "MANI.flags", "the manifest is never compressed") }
+        try m.verifyPayload(in: bytes, field: "MANI")
+        manifest = try Manifest.decode(m.storedPayload(in: bytes), base: m.payloadOffset)
+        manifestEnd = m.nextFrameOffset
+        let loader = CommitLoader(file: bytes, salt: header.salt, manifest: manifest, manifestEnd: manifestEnd)
+        let state = try loader.loadNewest()
+        self.state = state
+        var schemes: [any KVScheme] = []
+        var tails: [RawScheme] = []
+        for (i, d) in manifest.schemes.enumerated() {
+            let manifest = self.manifest
+            let role: KVKind = manifest.layerSchemes.contains { $0.key == i } ? .key : .value
+            let context = SchemeContext(geometry: manifest.geometry, segmentTokens: manifest.segmentTokens,
+                                        rope: manifest.rope, role: role, blobs: d.blobIDs.map { state.blobs[$0]! })
+            do {
+                schemes.append(try SchemeRegistry.make(descriptor: d, context: context))
+            } catch var e as KVPackError {
+                e.field = e.field.map { "manifest.schemes[\(i)].\($0)" } ?? "manifest.schemes[\(i)]"
+                e.offset = e.offset ?? m.payloadOffset
+                throw e
+            }
+            tails.append(try RawScheme(descriptor: RawScheme.descriptor(elementType: d.residualType), context: context))
+        }
+        self.schemes = schemes
+        self.tailKernels = tails
+        verified = VerificationFlags(count: state.blockOffsets.count)
+    }
+
+    // MARK: Per-stream information
+
+    public func scheme(layer: Int, kind: KVKind) -> any KVScheme {
+        schemes[manifest.schemeIndex(layer: layer, kind: kind)]
+    }
+
+    func checkStream(layer: Int, kvHead: Int) throws {
+        guard (0 ..< geometry.layerCount).contains(layer) else {
+            throw KVPackError.argument("layer \(layer) out of range 0..<\(geometry.layerCount)")
+        }
+        guard (0 ..< geometry.kvHeadCount).contains(kvHead) else {
+            throw KVPackError.argument("KV head \(kvHead) out of range 0..<\(geometry.kvHeadCount)")
+        }
+    }
+
+    func checkTokens(_ tokens: Range<Int>) throws {
+        guard tokens.lowerBound >= 0, tokens.upperBound <= tokenCount else {
+            throw KVPackError.argument("token range \(tokens) outside the file's \(tokenCount) tokens")
+        }
+    }
+
+    // MARK: Block access
+
+    /// The verified payload of a sealed block, decompressed into `workspace` when compressed.
+    func blockPayload(segment: Int, stream: Int, workspace: AttentionWorkspace) throws -> UnsafeRawBufferPointer {
+        let slot = segment * geometry.streamCount + stream
+        let offset = state.blockOffsets[slot]
+        let bytes = file.bytes
+        let h = try FrameHeader.decode(bytes, at: offset, limit: state.commitOffset, salt: header.salt, field: "BLCK")
+        let schemeIndex = manifest.scheme(forStream: stream)
+        let scheme = schemes[schemeIndex]
+        guard h.tag == .block else { throw KVPackError.invalid(offset, "BLCK.tag", "expected a BLCK frame, found \(h.tag)") }
+        guard h.field32(32) == UInt32(stream), h.field32(36) == UInt32(segment) else {
+            throw KVPackError.invalid(offset + 32, "BLCK.stream",
+                                      "frame holds stream \(h.field32(32)) segment \(h.field32(36)); the index lists it as stream \(stream) segment \(segment)")
+        }
+        guard Int(h.field32(40)) == segmentTokens else {
+            throw KVPackError.invalid(offset + 40, "BLCK.tokenCount", "is \(h.field32(40)), sealed blocks hold segmentTokens = \(segmentTokens)")
+        }
+        guard Int(h.field16(44)) == schemeIndex else {
+            throw KVPackError.invalid(offset + 44, "BLCK.schemeIndex", "is \(h.field16(44)), the manifest assigns scheme \(schemeIndex) to this stream")
+        }
+        let expected = scheme.encodedBlockSize(tokens: segmentTokens)
+        guard h.rawLength == UInt64(expected) else {
+            throw KVPackError.invalid(offset + 16, "BLCK.rawLength", "is \(h.rawLength), \(segmentTokens) tokens of this scheme take \(expected) bytes")
+        }
+        guard h.isCompressed == scheme.compressesBlocks else {
+            throw KVPackError.invalid(offset + 4, "BLCK.flags",
+                                      h.isCompressed ? "block is compressed but its scheme stores uncompressed blocks" : "block is uncompressed but its scheme compresses blocks")
+        }
+        let firstUse = !verified.isSet(slot)
+        if firstUse { try h.verifyPayload(in: bytes, field: "BLCK") }
+        var payload = h.storedPayload(in: bytes)
+        if h.isCompressed {
+            let out = workspace.decompressionBuffer(expected)
+            try workspace.decompressor.decompress(payload, into: out, offset: h.payloadOffset, field: "BLCK.payload")
+            payload = UnsafeRawBufferPointer(out)
+        }
+        if firstUse {
+            do {
+                try scheme.validate(block: payload, tokens: segmentTokens)
+            } catch var e as KVPackError {
+                e.offset = e.offset ?? h.payloadOffset
+                throw e
+            }
+            verified.set(slot)
+        }
+        return payload
+    }
+
+    /// One piece of a stream's token range: part of a sealed block or of a tail run.
+    enum Chunk {
+        case block(segment: Int, local: Range<Int>)
+        case tail(piece: Int, local: Range<Int>)
+    }
+
+    /// The chunks covering `tokens`, in token order.
+    func forEachChunk(_ tokens: Range<Int>, _ body: (Chunk) throws -> Void) rethrows {
+        let c = segmentTokens
+        let sealedEnd = min(tokens.upperBound, sealedTokenCount)
+        var t = tokens.lowerBound
+        while t < sealedEnd {
+            let segment = t / c
+            let end = min(sealedEnd, (segment + 1) * c)
+            try body(.block(segment: segment, local: (t - segment * c) ..< (end - segment * c)))
+            t = end
+        }
+        for (i, piece) in state.tail.enumerated() {
+            let lo = max(t, piece.tokenStart), hi = min(tokens.upperBound, piece.tokenStart + piece.tokenCount)
+            if lo < hi { try body(.tail(piece: i, local: (lo - piece.tokenStart) ..< (hi - piece.tokenStart))) }
+        }
+    }
+
+    func tailRows(piece: Int, stream: Int) -> UnsafeRawBufferPointer {
+        let p = state.tail[piece]
+        let start = p.streamOffsets[stream]
+        let width = manifest.schemes[manifest.scheme(forStream: stream)].residualType.byteWidth
+        return UnsafeRawBufferPointer(rebasing: file.bytes[start ..< start + p.tokenCount * geometry.headDim * width])
+    }
+
+    // MARK: Decode
+
+    /// Decodes `tokens` of one stream into `out` (tokens.count x headDim floats).
+    public func decode(layer: Int, kvHead: Int, kind: KVKind, tokens: Range<Int>,
+                       into out: UnsafeMutablePointer<Float>, workspace: AttentionWorkspace) throws {
+        try checkStream(layer: layer, kvHead: kvHead)
+        try checkTokens(tokens)
+        let stream = geometry.stream(layer: layer, kvHead: kvHead, kind: kind)
+        let schemeIndex = manifest.scheme(forStream: stream)
+        let d = geometry.headDim
+        var row = 0
+        try forEachChunk(tokens) { chunk in
+            switch chunk {
+            case let .block(segment, local):
+                let payload = try blockPayload(segment: segment, stream: stream, workspace: workspace)
+                schemes[schemeIndex].decode(block: payload, tokens: local, into: out + row * d)
+                row += local.count
+            case let .tail(piece, local):
+                tailKernels[schemeIndex].decode(block: tailRows(piece: piece, stream: stream), tokens: local, into: out + row * d)
+                row += local.count
+            }
+        }
+    }
+
+    public func decode(layer: Int, kvHead: Int, kind: KVKind, tokens: Range<Int>? = nil) throws -> [Float] {
+        let range = tokens ?? 0 ..< tokenCount
+        let workspace = AttentionWorkspace()
+        return try [Float](unsafeUninitializedCapacity: range.count * geometry.headDim) { buf, n in
+            try decode(layer: layer, kvHead: kvHead, kind: kind, tokens: range, into: buf.baseAddress!, workspace: workspace)
+            n = range.count * geometry.headDim
+        }
+    }
+
+    // MARK: Attention
+
+    /// Softmax attention of the `groupSize` query heads sharing `kvHead` over `tokens`:
+    /// output[g] = sum_t softmax_t(scale * q_g . k_t) v_t, streamed chunk by chunk with an
+    /// online softmax, reading codes straight from the mapped pages.
+    ///
+    /// `queries` and `output` are groupSize x headDim floats, row-major. `scale` defaults to
+    /// 1/sqrt(headDim).
+    public func attend(layer: Int, kvHead: Int, queries: UnsafePointer<Float>, tokens: Range<Int>? = nil,
+                       scale: Float? = nil, output: UnsafeMutablePointer<Float>, workspace: AttentionWorkspace) throws {
+        try checkStream(layer: layer, kvHead: kvHead)
+        let range = tokens ?? 0 ..< tokenCount
+        try checkTokens(range)
+        guard !range.isEmpty else { throw KVPackError.argument("attention over an empty token range") }
+        let g = geometry.groupSize, d = geometry.headDim
+        let kStream = geometry.stream(layer: layer, kvHead: kvHead, kind: .key)
+        let vStream = kStream + 1
+        let kIndex = manifest.scheme(forStream: kStream), vIndex = manifest.scheme(forStream: vStream)
+        let kScheme = schemes[kIndex], vScheme = schemes[vIndex]
+        let kTail = tailKernels[kIndex], vTail = tailKernels[vIndex]
+        let s = scale ?? 1 / Float(d).squareRoot()
+        let stride = segmentTokens
+
+        workspace.reserve(scores: g * stride, keyState: kScheme.queryStateSize(groupSize: g),
+                          tailState: kTail.queryStateSize(groupSize: g), acc: g * d, group: g)
+        let scores = workspace.scores.pointer
+        let blockAcc = workspace.blockAcc.pointer, tailAcc = workspace.tailAcc.pointer
+        let softmax = OnlineSoftmax(groupSize: g, dim: d, runMax: workspace.runMax.pointer, runSum: workspace.runSum.pointer,
+                                    blockAcc: blockAcc, tailAcc: tailAcc)
+        var preparedKey = false, preparedTail = false
+
+        try forEachChunk(range) { chunk in
+            switch chunk {
+            case let .block(segment, local):
+                if !preparedKey {
+                    kScheme.prepare(queries: queries, groupSize: g, scale: s, into: workspace.keyState.pointer)
+                    preparedKey = true
+                }
+                let kPayload = try blockPayload(segment: segment, stream: kStream, workspace: workspace)
+                kScheme.scores(block: kPayload, tokens: local, state: workspace.keyState.pointer, groupSize: g,
+                               into: scores, stride: stride)
+                softmax.absorb(scores: scores, stride: stride, count: local.count)
+                let vPayload = try blockPayload(segment: segment, stream: vStream, workspace: workspace)
+                vScheme.accumulate(block: vPayload, tokens: local, weights: scores, stride: stride, groupSize: g, into: blockAcc)
+            case let .tail(piece, local):
+                if !preparedTail {
+                    kTail.prepare(queries: queries, groupSize: g, scale: s, into: workspace.tailState.pointer)
+                    preparedTail = true
+                }
+                kTail.scores(block: tailRows(piece: piece, stream: kStream), tokens: local, state: workspace.tailState.pointer,
+                             groupSize: g, into: scores, stride: stride)
+                softmax.absorb(scores: scores, stride: stride, count: local.count)
+                vTail.accumulate(block: tailRows(piece: piece, stream: vStream), tokens: local, weights: scores, stride: stride,
+                                 groupSize: g, into: tailAcc)
+            }
+        }
+        if preparedKey { vScheme.finishAccumulation(blockAcc, groupSize: g) }
+        softmax.finish(into: output)
+    }
+
+    public func attend(layer: Int, kvHead: Int, queries: [Float], tokens: Range<Int>? = nil, scale: Float? = nil) throws -> [Float] {
+        let n = geometry.groupSize * geometry.headDim
+        guard queries.count == n else {
+            throw KVPackError.argument("expected \(geometry.groupSize) x \(geometry.headDim) = \(n) query floats, got \(queries.count)")
+        }
+        let workspace = AttentionWorkspace()
+        return try [Float](unsafeUninitializedCapacity: n) { out, count in
+            try queries.withUnsafeBufferPointer { q in
+                try attend(layer: layer, kvHead: kvHead, queries: q.baseAddress!, tokens: tokens, scale: scale,
+                           output: out.baseAddress!, workspace: workspace)
+            }
+            count = n
+        }
+    }
+
+    // MARK: Sizes
+
+    /// Stored bytes of one stream: its sealed block frames (headers and payloads) and its
+    /// share of the tail rows.
+    public func storedBytes(stream: Int) throws -> Int {
+        var total = 0
+        for segment in 0 ..< tokenCount / segmentTokens {
+            let offset = state.blockOffsets[segment * geometry.streamCount + stream]
+            let h = try FrameHeader.decode(file.bytes, at: offset, limit: state.commitOffset, salt: header.salt, field: "BLCK")
+            total += FrameHeader.size + Int(h.storedLength)
+        }
+        for piece in state.tail.indices { total += tailRows(piece: piece, stream: stream).count }
+        return total
+    }
+
+    public var blobBytes: Int { state.blobs.values.reduce(0) { $0 + $1.bytes.count + FrameHeader.size } }
+}

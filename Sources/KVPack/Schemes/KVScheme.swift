@@ -1,0 +1,140 @@
+/// What a scheme needs to know about the file it lives in.
+public struct SchemeContext: Sendable {
+    public var geometry: ModelGeometry
+    public var segmentTokens: Int
+    public var rope: RoPEConfig
+    /// Whether this instance encodes keys or values (a scheme may support only one).
+    public var role: KVKind
+    /// The blobs the descriptor names, in the descriptor's order.
+    public var blobs: [Blob]
+
+    public var headDim: Int { geometry.headDim }
+
+    public init(geometry: ModelGeometry, segmentTokens: Int, rope: RoPEConfig, role: KVKind, blobs: [Blob] = []) {
+        self.geometry = geometry
+        self.segmentTokens = segmentTokens
+        self.rope = rope
+        self.role = role
+        self.blobs = blobs
+    }
+}
+
+/// A metadata blob (codebook, projection, signs, means, signatures): a small typed array that
+/// scheme descriptors reference by id. Copied out of the file when a reader opens it.
+public struct Blob: Sendable, Equatable {
+    public enum Kind: UInt16, Sendable, Codable {
+        case codebook = 1
+        case projection = 2
+        case signs = 3
+        case means = 4
+        case signatures = 5
+        case other = 0xFFFF
+    }
+
+    public var id: UInt32
+    public var kind: Kind
+    public var elementType: ElementType
+    /// Up to four dimensions, each >= 1.
+    public var shape: [Int]
+    public var bytes: [UInt8]
+
+    public init(id: UInt32, kind: Kind, elementType: ElementType, shape: [Int], bytes: [UInt8]) {
+        self.id = id
+        self.kind = kind
+        self.elementType = elementType
+        self.shape = shape
+        self.bytes = bytes
+    }
+
+    public var elementCount: Int { shape.reduce(1, *) }
+}
+
+/// What a scheme's spec arguments turn into: the descriptor for one role, plus blobs the file
+/// must embed for it (their ids are assigned when the plan is built).
+public struct SchemeSetup: Sendable {
+    public var descriptor: SchemeDescriptor
+    public var blobs: [Blob]
+    public init(descriptor: SchemeDescriptor, blobs: [Blob] = []) {
+        self.descriptor = descriptor
+        self.blobs = blobs
+    }
+}
+
+/// One encoding of a stream's sealed blocks. A scheme is one file: it parses its spec
+/// arguments, validates its (untrusted) descriptor, encodes rows into a block payload and
+/// decodes and attends over that payload in place.
+///
+/// Kernels take raw pointers into mapped pages. A block holds `segmentTokens` rows; `tokens`
+/// ranges are block-local. The reader has already checked the payload's size
+/// (`encodedBlockSize`) and checksum, and called `validate(block:)` once, before any kernel
+/// sees it, so kernels do not re-check.
+public protocol KVScheme: Sendable {
+    static var kind: SchemeKind { get }
+    /// The name used in scheme specs ("raw").
+    static var name: String { get }
+    /// Syntax of the spec arguments, for `--help`.
+    static var specSyntax: String { get }
+    /// Builds the descriptor for `role` from the spec's arguments (the parts after "name:").
+    static func setup(arguments: [String], role: KVKind, geometry: ModelGeometry) throws -> SchemeSetup
+
+    /// Validates a descriptor read from a file and prepares the codec.
+    init(descriptor: SchemeDescriptor, context: SchemeContext) throws
+
+    var descriptor: SchemeDescriptor { get }
+    /// The spec that builds this descriptor (`raw:f16:zstd=3`), for `info` and reports.
+    var specString: String { get }
+    /// Whether sealed blocks are zstd-compressed (the frame flag must agree).
+    var compressesBlocks: Bool { get }
+    var compressionLevel: Int32 { get }
+    /// Bytes of one (uncompressed) block of `tokens` rows.
+    func encodedBlockSize(tokens: Int) -> Int
+
+    func encode(rows: UnsafePointer<Float>, tokens: Int, into block: UnsafeMutableRawBufferPointer)
+    /// Content checks that a checksum cannot make (code values in range, ...).
+    func validate(block: UnsafeRawBufferPointer, tokens: Int) throws
+    func decode(block: UnsafeRawBufferPointer, tokens: Range<Int>, into out: UnsafeMutablePointer<Float>)
+
+    /// Floats of per-query state `prepare` builds once per attention call.
+    func queryStateSize(groupSize: Int) -> Int
+    /// Turns `groupSize` queries (row-major, headDim each) into the scheme's query state,
+    /// folding in the softmax scale (rotations, projections, lookup tables go here).
+    func prepare(queries: UnsafePointer<Float>, groupSize: Int, scale: Float, into state: UnsafeMutablePointer<Float>)
+    /// scores[g * stride + (t - tokens.lowerBound)] = scaled q_g . k_t for every t in `tokens`.
+    func scores(block: UnsafeRawBufferPointer, tokens: Range<Int>, state: UnsafePointer<Float>, groupSize: Int,
+                into scores: UnsafeMutablePointer<Float>, stride: Int)
+    /// acc[g * headDim ...] += sum over t of weights[g * stride + (t - lower)] * v_t, in the
+    /// scheme's accumulator space (see `finishAccumulation`).
+    func accumulate(block: UnsafeRawBufferPointer, tokens: Range<Int>, weights: UnsafePointer<Float>, stride: Int,
+                    groupSize: Int, into acc: UnsafeMutablePointer<Float>)
+    /// Maps the accumulator back to value space (e.g. an inverse rotation), once per call.
+    func finishAccumulation(_ acc: UnsafeMutablePointer<Float>, groupSize: Int)
+}
+
+extension KVScheme {
+    public var compressionLevel: Int32 { 0 }
+    public func validate(block: UnsafeRawBufferPointer, tokens: Int) throws {}
+    public func finishAccumulation(_ acc: UnsafeMutablePointer<Float>, groupSize: Int) {}
+}
+
+/// Every scheme this build implements. Adding a scheme: one file, one line here.
+public enum SchemeRegistry {
+    public static let all: [any KVScheme.Type] = [
+        RawScheme.self,
+    ]
+
+    public static func type(for kind: SchemeKind) -> (any KVScheme.Type)? {
+        all.first { $0.kind == kind }
+    }
+
+    public static func type(named name: String) -> (any KVScheme.Type)? {
+        all.first { $0.name == name }
+    }
+
+    public static func make(descriptor: SchemeDescriptor, context: SchemeContext) throws -> any KVScheme {
+        guard let t = type(for: descriptor.kind) else {
+            throw KVPackError(.unknownScheme, field: "manifest.schemes.kind",
+                              "scheme kind \(descriptor.kind.rawValue) is not implemented by this reader (known: \(all.map { "\($0.kind.rawValue) \($0.name)" }.joined(separator: ", ")))")
+        }
+        return try t.init(descriptor: descriptor, context: context)
+    }
+}

@@ -1,0 +1,96 @@
+/// A description of a file for `kvpack info` (and its `--json`).
+public struct FileSummary: Sendable, Codable {
+    public struct Scheme: Sendable, Codable {
+        public var index: Int
+        public var spec: String
+        public var kind: UInt16
+        public var residualType: String
+        public var blobIDs: [UInt32]
+    }
+
+    public struct Layer: Sendable, Codable {
+        public var layer: Int
+        public var keyScheme: Int
+        public var valueScheme: Int
+        public var keyBytes: Int
+        public var valueBytes: Int
+        public var keyBitsPerElement: Double
+        public var valueBitsPerElement: Double
+    }
+
+    public var path: String
+    public var version: String
+    public var fileSize: Int
+    public var geometry: ModelGeometry
+    public var rope: RoPEConfig
+    public var segmentTokens: Int
+    public var maxPositions: UInt32
+    public var modelFingerprint: String
+    public var producer: String
+    public var userMetadata: [Manifest.MetadataEntry]
+    public var tokenCount: Int
+    public var sealedTokens: Int
+    public var tailTokens: Int
+    public var firstTokenIDs: [UInt32]
+    public var positionsAreIndices: Bool
+    public var commitSerial: UInt64
+    public var commitOffset: UInt64
+    public var recoveryNotes: [String]
+    public var schemes: [Scheme]
+    public var layers: [Layer]
+    public var blobCount: Int
+    public var blobBytes: Int
+    /// Key+value payload bits per cached element (block headers and tail rows included).
+    public var cacheBitsPerElement: Double
+    /// The whole file's bits per cached element (manifest, index, blobs, superseded frames too).
+    public var fileBitsPerElement: Double
+
+    public init(reader: KVPackReader) throws {
+        let g = reader.geometry
+        let m = reader.manifest
+        path = reader.path ?? "-"
+        version = "\(reader.header.major).\(reader.header.minor)"
+        fileSize = reader.fileSize
+        geometry = g
+        rope = m.rope
+        segmentTokens = m.segmentTokens
+        maxPositions = m.maxPositions
+        modelFingerprint = m.modelFingerprint.map { String($0, radix: 16).leftPadded(to: 2) }.joined()
+        producer = m.producer
+        userMetadata = m.userMetadata
+        tokenCount = reader.tokenCount
+        sealedTokens = reader.sealedTokenCount
+        tailTokens = reader.tokenCount - reader.sealedTokenCount
+        firstTokenIDs = Array(reader.tokenIDs.prefix(16))
+        positionsAreIndices = reader.positions.enumerated().allSatisfy { UInt32($0.offset) == $0.element }
+        commitSerial = reader.commitSerial
+        commitOffset = reader.commitOffset
+        recoveryNotes = reader.recoveryNotes.map(\.description)
+        schemes = m.schemes.enumerated().map { i, d in
+            Scheme(index: i, spec: reader.schemes[i].specString, kind: d.kind.rawValue,
+                   residualType: d.residualType.description, blobIDs: d.blobIDs)
+        }
+        let elements = Double(reader.tokenCount * g.headDim)
+        var layers: [Layer] = []
+        var cacheBytes = 0
+        for l in 0 ..< g.layerCount {
+            var kb = 0, vb = 0
+            for h in 0 ..< g.kvHeadCount {
+                kb += try reader.storedBytes(stream: g.stream(layer: l, kvHead: h, kind: .key))
+                vb += try reader.storedBytes(stream: g.stream(layer: l, kvHead: h, kind: .value))
+            }
+            cacheBytes += kb + vb
+            let perHead = elements * Double(g.kvHeadCount)
+            layers.append(Layer(layer: l, keyScheme: m.layerSchemes[l].key, valueScheme: m.layerSchemes[l].value,
+                                keyBytes: kb, valueBytes: vb,
+                                keyBitsPerElement: perHead > 0 ? Double(kb * 8) / perHead : 0,
+                                valueBitsPerElement: perHead > 0 ? Double(vb * 8) / perHead : 0))
+        }
+        self.layers = layers
+        blobCount = reader.blobs.count
+        blobBytes = reader.blobBytes
+        let all = elements * Double(g.streamCount)
+        cacheBitsPerElement = all > 0 ? Double(cacheBytes * 8) / all : 0
+        fileBitsPerElement = all > 0 ? Double(fileSize * 8) / all : 0
+    }
+}

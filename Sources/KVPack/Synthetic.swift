@@ -1,0 +1,126 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Geometries of real models, for synthetic caches and benchmarks.
+public struct ModelPreset: Sendable {
+    public var name: String
+    public var geometry: ModelGeometry
+    public var rope: RoPEConfig
+    public var maxPositions: UInt32
+
+    public static let all: [ModelPreset] = [
+        ModelPreset(name: "llama-3-8b", geometry: .init(layerCount: 32, queryHeadCount: 32, kvHeadCount: 8, headDim: 128),
+                    rope: .init(theta: 500_000, layout: .rotateHalf), maxPositions: 8192),
+        ModelPreset(name: "llama-2-7b", geometry: .init(layerCount: 32, queryHeadCount: 32, kvHeadCount: 32, headDim: 128),
+                    rope: .init(theta: 10_000, layout: .rotateHalf), maxPositions: 4096),
+        ModelPreset(name: "mistral-7b", geometry: .init(layerCount: 32, queryHeadCount: 32, kvHeadCount: 8, headDim: 128),
+                    rope: .init(theta: 1_000_000, layout: .rotateHalf), maxPositions: 32768),
+        ModelPreset(name: "qwen2.5-0.5b", geometry: .init(layerCount: 24, queryHeadCount: 14, kvHeadCount: 2, headDim: 64),
+                    rope: .init(theta: 1_000_000, layout: .rotateHalf), maxPositions: 32768),
+        ModelPreset(name: "smollm2-135m", geometry: .init(layerCount: 30, queryHeadCount: 9, kvHeadCount: 3, headDim: 64),
+                    rope: .init(theta: 100_000, layout: .interleaved), maxPositions: 8192),
+        ModelPreset(name: "stories260k", geometry: .init(layerCount: 5, queryHeadCount: 8, kvHeadCount: 4, headDim: 8),
+                    rope: .init(theta: 10_000, layout: .interleaved), maxPositions: 512),
+    ]
+
+    public static func named(_ name: String) -> ModelPreset? { all.first { $0.name == name } }
+}
+
+/// Deterministic synthetic K/V with the statistics that matter for quantization: keys have a
+/// per-channel bias and a few outlier channels of large magnitude, and are rotated by RoPE at
+/// their position; values are unbiased and have no outliers. Every (layer, head, token) is
+/// generated independently from the seed, so any token can be regenerated (tests compare
+/// files against it) and appends can stop and resume anywhere.
+public struct SyntheticKV: Sendable {
+    public let geometry: ModelGeometry
+    public let rope: RoPEConfig
+    public let seed: UInt64
+    /// Channels per (layer, head) with outlier magnitude.
+    public var outlierChannels = 4
+    public var outlierScale: Float = 12
+
+    public init(geometry: ModelGeometry, rope: RoPEConfig, seed: UInt64) {
+        self.geometry = geometry
+        self.rope = rope
+        self.seed = seed
+    }
+
+    /// Fills keys and values ([layers][kvHeads][headDim] each) for the token at `index` with
+    /// rotary position `position`.
+    public func token(_ index: Int, position: Int, keys: UnsafeMutablePointer<Float>, values: UnsafeMutablePointer<Float>) {
+        let d = geometry.headDim
+        for layer in 0 ..< geometry.layerCount {
+            for head in 0 ..< geometry.kvHeadCount {
+                let o = (layer * geometry.kvHeadCount + head) * d
+                var channel = SplitMix64(seed: mix(seed, UInt64(layer), UInt64(head), 0xC4A77E1))
+                var rng = SplitMix64(seed: mix(seed, UInt64(layer), UInt64(head), UInt64(index) &+ 1))
+                // Outliers: a head-specific set of channels (and their RoPE partners stay normal).
+                var outliers: [Int] = []
+                for _ in 0 ..< min(outlierChannels, d) { outliers.append(Int(channel.next() % UInt64(d))) }
+                for c in 0 ..< d {
+                    let bias = Float(channel.nextGaussian()) * 0.8
+                    var scale = 1 + Float(channel.nextUniform()) * 0.5
+                    if outliers.contains(c) { scale *= outlierScale }
+                    keys[o + c] = bias * scale + Float(rng.nextGaussian()) * scale
+                    values[o + c] = Float(rng.nextGaussian()) * 0.6
+                }
+                applyRoPE(keys + o, position: position)
+            }
+        }
+    }
+
+    func applyRoPE(_ k: UnsafeMutablePointer<Float>, position: Int) {
+        let d = geometry.headDim
+        guard rope.layout != .none, d >= 2 else { return }
+        for i in 0 ..< d / 2 {
+            let freq = pow(rope.theta, -Double(2 * i) / Double(d))
+            let angle = Double(position) * freq
+            let c = Float(cos(angle)), s = Float(sin(angle))
+            let (a, b) = rope.layout == .interleaved ? (2 * i, 2 * i + 1) : (i, i + d / 2)
+            let x = k[a], y = k[b]
+            k[a] = x * c - y * s
+            k[b] = x * s + y * c
+        }
+    }
+
+    /// A token id stream for synthetic files (deterministic, in 0..<32000).
+    public func tokenID(_ index: Int) -> UInt32 {
+        UInt32(mix(seed, 0x70CE, UInt64(index), 7) % 32000)
+    }
+
+    private func mix(_ a: UInt64, _ b: UInt64, _ c: UInt64, _ d: UInt64) -> UInt64 {
+        var s = SplitMix64(seed: a ^ 0x9E37_79B9_7F4A_7C15)
+        var h = s.next() ^ b
+        s = SplitMix64(seed: h)
+        h = s.next() ^ c
+        s = SplitMix64(seed: h)
+        h = s.next() ^ d
+        s = SplitMix64(seed: h)
+        return s.next()
+    }
+}
+
+/// SplitMix64 (Steele, Lea, Flood 2014): tiny, fast, and reproducible across platforms.
+public struct SplitMix64: RandomNumberGenerator, Sendable {
+    var state: UInt64
+    public init(seed: UInt64) { state = seed }
+
+    public mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    public mutating func nextUniform() -> Double { Double(next() >> 11) * 0x1.0p-53 }
+
+    /// Standard normal (Box-Muller; one of the pair is discarded to stay stateless).
+    public mutating func nextGaussian() -> Double {
+        let u = max(nextUniform(), 0x1.0p-60)
+        let v = nextUniform()
+        return (-2 * log(u)).squareRoot() * cos(2 * Double.pi * v)
+    }
+}

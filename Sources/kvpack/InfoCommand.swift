@@ -1,0 +1,68 @@
+import ArgumentParser
+import Foundation
+import KVPack
+
+struct InfoCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "info",
+        abstract: "Describe a .kvpack file: geometry, schemes, tokens, sizes, bits per element.",
+        discussion: "Reads the header, manifest and index only; block payloads are not read. Use `validate` to check them.")
+
+    @Argument(help: "The .kvpack file.") var file: String
+    @Flag(help: "Print the description as JSON.") var json = false
+
+    func run() throws {
+        let reader = try openReader(file)
+        let s: FileSummary
+        do { s = try FileSummary(reader: reader) } catch let e as KVPackError { throw CLIError("\(file): \(e)") }
+        if json { return try printJSON(s) }
+        let g = s.geometry
+        print("\(file): KVPack \(s.version), \(formatBytes(s.fileSize))")
+        print("model      \(g), GQA group \(g.groupSize)")
+        if s.modelFingerprint != String(repeating: "0", count: 32) { print("fingerprint \(s.modelFingerprint)") }
+        let rope = s.rope.layout == .none ? "none" :
+            "theta \(s.rope.theta), \(s.rope.layout) pairs, keys \(s.rope.keysArePostRoPE ? "stored after" : "stored before") RoPE"
+        print("rope       \(rope)" + (s.maxPositions > 0 ? ", context \(s.maxPositions)" : ""))
+        print("tokens     \(s.tokenCount): \(s.sealedTokens / s.segmentTokens) sealed segments of \(s.segmentTokens) + \(s.tailTokens) in the tail; positions \(s.positionsAreIndices ? "0..<\(s.tokenCount)" : "explicit (not the token indices)")")
+        if !s.firstTokenIDs.isEmpty {
+            print("token ids  \(s.firstTokenIDs.map(String.init).joined(separator: " "))\(s.tokenCount > s.firstTokenIDs.count ? " ..." : "")")
+        }
+        for sc in s.schemes {
+            let users = s.layers.flatMap { l in
+                (l.keyScheme == sc.index ? ["K\(l.layer)"] : []) + (l.valueScheme == sc.index ? ["V\(l.layer)"] : [])
+            }
+            print("scheme #\(sc.index) \(sc.spec) (tail rows \(sc.residualType)) used by \(compactList(users))")
+        }
+        print("producer   \(s.producer)")
+        print("commit     #\(s.commitSerial) at offset \(s.commitOffset)")
+        for note in s.recoveryNotes { print("recovery   \(note)") }
+        for e in s.userMetadata { print("metadata   \(e.key) = \(e.value)") }
+        if s.blobCount > 0 { print("blobs      \(s.blobCount), \(formatBytes(s.blobBytes))") }
+        print("")
+        print("layer  K scheme  K bytes        K bits/elt  V scheme  V bytes        V bits/elt")
+        for l in s.layers {
+            print(String(l.layer).padded(7) + "#\(l.keyScheme)".padded(10) + formatBytes(l.keyBytes).padded(15)
+                + String(format: "%.3f", l.keyBitsPerElement).padded(12) + "#\(l.valueScheme)".padded(10)
+                + formatBytes(l.valueBytes).padded(15) + String(format: "%.3f", l.valueBitsPerElement))
+        }
+        print("")
+        print(String(format: "bits per element: %.3f for K/V data (block headers and tail included), %.3f for the whole file",
+                     s.cacheBitsPerElement, s.fileBitsPerElement))
+    }
+
+    /// "K0 V0 K1 V1 ..." shortened to "K0-4, V0-4" style runs.
+    func compactList(_ items: [String]) -> String {
+        var out: [String] = []
+        for prefix in ["K", "V"] {
+            let nums = items.filter { $0.hasPrefix(prefix) }.compactMap { Int($0.dropFirst()) }
+            var i = 0
+            while i < nums.count {
+                var j = i
+                while j + 1 < nums.count, nums[j + 1] == nums[j] + 1 { j += 1 }
+                out.append(i == j ? "\(prefix)\(nums[i])" : "\(prefix)\(nums[i])-\(nums[j])")
+                i = j + 1
+            }
+        }
+        return out.isEmpty ? "no stream" : out.joined(separator: ", ")
+    }
+}

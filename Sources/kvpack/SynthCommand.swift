@@ -1,0 +1,102 @@
+import ArgumentParser
+import Foundation
+import KVPack
+
+struct SynthCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "synth",
+        abstract: "Write a synthetic cache with a real model's geometry and realistic statistics.",
+        discussion: """
+        Keys get a per-channel bias and a few outlier channels of large magnitude, then RoPE by
+        position; values are unbiased, without outliers. Every token is a pure function of
+        --seed, so --resume appends exactly the tokens an uninterrupted run would have written.
+        Models: \(ModelPreset.all.map(\.name).joined(separator: ", ")).
+        """)
+
+    @Argument(help: "Output .kvpack file.") var output: String
+    @Option(help: "Model geometry preset.") var model = "llama-3-8b"
+    @Option(help: "Tokens to write (with --resume: tokens to add).") var tokens = 1024
+    @Option(help: "Keep only the first N layers of the preset (smaller files).") var layers: Int?
+    @Option(help: "Random seed.") var seed: UInt64 = 1
+    @Option(help: "Scheme spec (see `kvpack --help`).") var scheme = "raw:f16"
+    @Option(help: "Tokens per sealed block.") var segmentTokens = 128
+    @Option(help: "Commit every N tokens (0: once at the end).") var commitEvery = 0
+    @Option(help: "Tokens per append call.") var batch = 64
+    @Flag(help: "fsync at each commit (survive power loss, not only a crash).") var fsync = false
+    @Flag(help: "Replace OUTPUT if it exists.") var overwrite = false
+    @Flag(help: "Append to an existing OUTPUT instead of creating it.") var resume = false
+    @Option(help: "Fixed per-file salt (reproducible bytes).") var salt: UInt64?
+    @Flag(help: ArgumentHelp("Print `committed N` after each commit.", visibility: .hidden)) var printCommits = false
+
+    func run() throws {
+        guard let preset = ModelPreset.named(model) else {
+            throw ValidationError("unknown model \"\(model)\"; known: \(ModelPreset.all.map(\.name).joined(separator: ", "))")
+        }
+        var geometry = preset.geometry
+        if let layers {
+            guard (1 ... geometry.layerCount).contains(layers) else { throw ValidationError("--layers must be in 1...\(geometry.layerCount)") }
+            geometry.layerCount = layers
+        }
+        guard tokens >= 0, batch >= 1, commitEvery >= 0 else { throw ValidationError("--tokens, --batch and --commit-every must not be negative") }
+        var options = WriterOptions()
+        options.durability = fsync ? .fsync : .flush
+        options.overwrite = overwrite
+        options.salt = salt
+        let progress = Progress(label: "synth \(output)", total: tokens)
+
+        do {
+            let writer: KVPackWriter
+            if resume {
+                writer = try KVPackWriter.resume(path: output, options: options)
+                geometry = writer.manifest.geometry
+            } else {
+                let spec = try SchemeSpec.parse(scheme, geometry: geometry)
+                let plan = SchemePlan(spec: spec, layerCount: geometry.layerCount)
+                let manifest = Manifest(geometry: geometry, segmentTokens: segmentTokens, rope: preset.rope,
+                                        maxPositions: preset.maxPositions, schemes: plan.schemes, layerSchemes: plan.layerSchemes,
+                                        producer: "\(KVPackVersion.producer) synth",
+                                        userMetadata: [.init("synth.model", model), .init("synth.seed", String(seed))])
+                writer = try KVPackWriter.create(path: output, manifest: manifest, blobs: plan.blobs, options: options)
+            }
+            let gen = SyntheticKV(geometry: geometry, rope: writer.manifest.rope, seed: seed)
+            let start = writer.tokenCount
+            let end = start + tokens
+            let per = geometry.layerCount * geometry.kvHeadCount * geometry.headDim
+            var keys = [Float](repeating: 0, count: per * batch)
+            var values = keys
+            var t = start
+            var sinceCommit = 0
+            while t < end {
+                let n = min(batch, end - t, commitEvery > 0 ? commitEvery - sinceCommit : Int.max)
+                // The generator fills [layers][kvHeads][dim] per token; stack tokens on the outside.
+                keys.withUnsafeMutableBufferPointer { k in
+                    values.withUnsafeMutableBufferPointer { v in
+                        for i in 0 ..< n {
+                            gen.token(t + i, position: t + i, keys: k.baseAddress! + i * per, values: v.baseAddress! + i * per)
+                        }
+                    }
+                }
+                let layout = KVBatchLayout(layerStride: geometry.kvHeadCount * geometry.headDim, tokenStride: per, headStride: geometry.headDim)
+                try writer.append(tokenIDs: (t ..< t + n).map(gen.tokenID), keys: keys, values: values, layout: layout)
+                t += n
+                sinceCommit += n
+                progress.update(t - start)
+                if commitEvery > 0, sinceCommit == commitEvery {
+                    try writer.commit()
+                    sinceCommit = 0
+                    if printCommits { report(writer.committedTokenCount) }
+                }
+            }
+            try writer.close()
+            if printCommits { report(writer.committedTokenCount) }
+            progress.finish()
+        } catch let e as KVPackError {
+            throw CLIError("\(output): \(e)")
+        }
+    }
+
+    func report(_ n: Int) {
+        // The crash test reads these lines as acknowledgements; they must not sit in a buffer.
+        FileHandle.standardOutput.write(Data("committed \(n)\n".utf8))
+    }
+}
