@@ -82,6 +82,10 @@ public enum Validator {
                     var e = reason
                     e.message = "newer commit at \(offset) is damaged and was skipped: " + e.message
                     report.add(.error, e)
+                case let .tornCommit(offset, reason):
+                    var e = reason
+                    e.message = "commit frame at \(offset) is torn or damaged and was skipped (a crash while writing it, or corruption): " + e.message
+                    report.add(.warning, e)
                 }
             }
         } catch let e as KVPackError {

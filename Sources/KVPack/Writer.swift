@@ -326,11 +326,11 @@ public final class KVPackWriter {
         }
     }
 
-    /// Commits what was appended and releases the file.
+    /// Commits what was appended and releases the file (and its writer lock).
     public func close() throws {
         guard !closed else { return }
         try commit(force: false)
-        try io.flush()
+        try io.close()
         closed = true
     }
 

@@ -3,7 +3,12 @@ public enum RecoveryNote: Sendable, Equatable, CustomStringConvertible {
     /// Bytes after the loaded commit: a writer died (or is still writing) before committing them.
     case uncommittedBytes(after: UInt64, count: UInt64)
     /// A commit frame whose header verified but whose state did not; an older commit was used.
+    /// A crash cannot cause this when the writer syncs (it syncs the index before the commit),
+    /// so it means corruption, or power loss under `Durability.flush`.
     case skippedCommit(offset: UInt64, reason: KVPackError)
+    /// A frame tagged CMIT whose header checksum fails: a torn write of the commit frame itself
+    /// (or damage to it); an older commit was used.
+    case tornCommit(offset: UInt64, reason: KVPackError)
 
     public var description: String {
         switch self {
@@ -11,6 +16,8 @@ public enum RecoveryNote: Sendable, Equatable, CustomStringConvertible {
             "\(count) uncommitted bytes after the commit at \(after) were ignored (a writer stopped before committing them)"
         case let .skippedCommit(offset, reason):
             "the commit at \(offset) was skipped: \(reason)"
+        case let .tornCommit(offset, reason):
+            "the commit frame at \(offset) is torn or damaged and was skipped: \(reason)"
         }
     }
 }
@@ -79,8 +86,16 @@ struct CommitLoader {
         var p = (size - UInt64(FrameHeader.size)) / align * align
         let cmit = FrameTag.commit.rawValue
         while p >= manifestEnd {
-            if file.loadLE(Int(p), as: UInt32.self) == cmit,
-               let header = try? FrameHeader.decode(file, at: p, limit: size, salt: salt, field: "CMIT") {
+            if file.loadLE(Int(p), as: UInt32.self) == cmit {
+                let header: FrameHeader
+                do {
+                    header = try FrameHeader.decode(file, at: p, limit: size, salt: salt, field: "CMIT")
+                } catch let e as KVPackError {
+                    notes.append(.tornCommit(offset: p, reason: e))
+                    if firstFailure == nil { firstFailure = e }
+                    p -= align
+                    continue
+                }
                 do {
                     var state = try load(commit: header)
                     let end = state.commitEnd

@@ -8,7 +8,7 @@ import Darwin
 /// and an exclusive advisory lock. Nothing here knows the format.
 final class FileAppender {
     let path: String
-    let fd: Int32
+    private(set) var fd: Int32
     /// Logical end of file: flushed bytes plus buffered ones.
     private(set) var end: UInt64
     private var buffer: UnsafeMutableRawPointer
@@ -25,7 +25,15 @@ final class FileAppender {
 
     deinit {
         buffer.deallocate()
-        close(fd)
+        if fd >= 0 { Glibc.close(fd) }
+    }
+
+    /// Flushes and closes the file, releasing the writer lock.
+    func close() throws {
+        guard fd >= 0 else { return }
+        try flush()
+        Glibc.close(fd)
+        fd = -1
     }
 
     /// Opens (creating when asked) and takes the writer lock; a second writer is refused.
@@ -35,7 +43,7 @@ final class FileAppender {
         guard fd >= 0 else { throw KVPackError.ioError("open", path: path) }
         guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
             let code = errno
-            close(fd)
+            Glibc.close(fd)
             if code == EWOULDBLOCK {
                 throw KVPackError(.locked, "\(path) is being written by another process (its writer lock is held)")
             }
@@ -44,7 +52,7 @@ final class FileAppender {
         var st = stat()
         guard fstat(fd, &st) == 0 else {
             let code = errno
-            close(fd)
+            Glibc.close(fd)
             throw KVPackError.ioError("fstat", path: path, errno: code)
         }
         return FileAppender(path: path, fd: fd, end: UInt64(st.st_size))
@@ -157,5 +165,5 @@ func syncDirectory(of path: String) {
     let fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
     guard fd >= 0 else { return }
     fsync(fd)
-    close(fd)
+    Glibc.close(fd)
 }

@@ -1,0 +1,166 @@
+import Foundation
+import Testing
+@testable import KVPack
+
+/// A fresh directory per test, removed at the end of the process.
+func temporaryDirectory(_ name: String = #function) -> String {
+    let safe = name.filter { $0.isLetter || $0.isNumber }
+    let dir = NSTemporaryDirectory() + "kvpack-tests-\(getpid())/\(safe)-\(UInt32.random(in: 0 ... .max))"
+    try! FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+    return dir
+}
+
+/// Deterministic random K/V for `tokens` tokens, in the writer's layerTokenHead layout.
+struct RandomKV {
+    let geometry: ModelGeometry
+    var keys: [Float]
+    var values: [Float]
+    let tokens: Int
+
+    /// Keys span magnitudes 2^-4 ... 2^(maxExponent-5) so f16/bf16 rounding is exercised at
+    /// many exponents.
+    init(geometry: ModelGeometry, tokens: Int, seed: UInt64, maxExponent: UInt64 = 12) {
+        self.geometry = geometry
+        self.tokens = tokens
+        var rng = SplitMix64(seed: seed)
+        let n = geometry.layerCount * tokens * geometry.kvHeadCount * geometry.headDim
+        keys = (0 ..< n).map { _ in Float(rng.nextGaussian()) * Float(pow(2.0, Double(rng.next() % maxExponent) - 4)) }
+        values = (0 ..< n).map { _ in Float(rng.nextGaussian()) }
+    }
+
+    /// Row of (layer, token, head) in the layerTokenHead layout.
+    func row(_ data: [Float], layer: Int, token: Int, head: Int) -> ArraySlice<Float> {
+        let d = geometry.headDim
+        let at = ((layer * tokens + token) * geometry.kvHeadCount + head) * d
+        return data[at ..< at + d]
+    }
+
+    /// Tokens `range` of one stream, concatenated (what the reader's decode returns).
+    func stream(layer: Int, head: Int, kind: KVKind, tokens range: Range<Int>) -> [Float] {
+        range.flatMap { row(kind == .key ? keys : values, layer: layer, token: $0, head: head) }
+    }
+
+    /// The floats of tokens [from, to) as a contiguous layerTokenHead batch.
+    func batch(_ data: [Float], from: Int, to: Int) -> [Float] {
+        var out: [Float] = []
+        for layer in 0 ..< geometry.layerCount {
+            for t in from ..< to {
+                for h in 0 ..< geometry.kvHeadCount { out += row(data, layer: layer, token: t, head: h) }
+            }
+        }
+        return out
+    }
+}
+
+/// bf16 rounding computed independently of the library: pick the nearer of the two
+/// neighbouring bf16 values in Double, ties to the even one.
+func referenceBFloat16(_ x: Float) -> Float {
+    if x.isNaN || x.isInfinite { return x }
+    let bits = x.bitPattern
+    let down = Float(bitPattern: bits & 0xFFFF_0000)
+    let up = Float(bitPattern: (bits & 0xFFFF_0000) &+ 0x1_0000)
+    let dd = abs(Double(x) - Double(down)), du = abs(Double(up) - Double(x))
+    if dd < du { return down }
+    if du < dd { return up }
+    return (bits >> 16) & 1 == 0 ? down : up
+}
+
+func rounded(_ x: Float, to type: ElementType) -> Float {
+    switch type {
+    case .float16: Float(Float16(x))
+    case .bfloat16: referenceBFloat16(x)
+    default: x
+    }
+}
+
+func makeManifest(_ g: ModelGeometry, segmentTokens: Int, spec: String, rope: RoPEConfig = .init(theta: 10000, layout: .interleaved)) throws -> (Manifest, [Blob]) {
+    let plan = SchemePlan(spec: try SchemeSpec.parse(spec, geometry: g), layerCount: g.layerCount)
+    let m = Manifest(geometry: g, segmentTokens: segmentTokens, rope: rope, schemes: plan.schemes,
+                     layerSchemes: plan.layerSchemes, producer: "kvpack tests")
+    return (m, plan.blobs)
+}
+
+func testOptions(salt: UInt64? = nil) -> WriterOptions {
+    var o = WriterOptions()
+    o.durability = .flush
+    o.salt = salt
+    return o
+}
+
+/// Writes `data` in uneven batches with commits at the given token counts.
+@discardableResult
+func writeFile(_ path: String, data: RandomKV, segmentTokens: Int, spec: String, batches: [Int], commitsAfter: Set<Int> = [],
+               options: WriterOptions = testOptions()) throws -> KVPackWriter {
+    let (m, blobs) = try makeManifest(data.geometry, segmentTokens: segmentTokens, spec: spec)
+    let w = try KVPackWriter.create(path: path, manifest: m, blobs: blobs, options: options)
+    var t = 0
+    var i = 0
+    while t < data.tokens {
+        let n = min(batches[i % batches.count], data.tokens - t)
+        i += 1
+        try w.append(tokenIDs: (t ..< t + n).map { UInt32($0 * 7 % 501) },
+                     keys: data.batch(data.keys, from: t, to: t + n), values: data.batch(data.values, from: t, to: t + n),
+                     layout: .layerTokenHead(data.geometry, tokens: n))
+        t += n
+        if commitsAfter.contains(t) { try w.commit() }
+    }
+    try w.close()
+    return w
+}
+
+func fileBytes(_ path: String) -> [UInt8] { Array(FileManager.default.contents(atPath: path)!) }
+
+func writeBytes(_ bytes: [UInt8], to path: String) {
+    _ = FileManager.default.createFile(atPath: path, contents: Data(bytes))
+}
+
+/// Opens bytes in memory and returns the error code, or nil when they open.
+func openError(_ bytes: [UInt8]) -> KVPackError? {
+    do {
+        _ = try KVPackReader(file: MappedFile(copying: bytes))
+        return nil
+    } catch let e as KVPackError {
+        return e
+    } catch {
+        Issue.record("non-KVPack error \(error)")
+        return nil
+    }
+}
+
+/// The package root (for Spec/, corpus/ and the built kvpack binary).
+let packageRoot: String = {
+    var url = URL(fileURLWithPath: #filePath)
+    while url.path != "/" {
+        url.deleteLastPathComponent()
+        if FileManager.default.fileExists(atPath: url.appendingPathComponent("Package.swift").path) { return url.path }
+    }
+    fatalError("Package.swift not found above \(#filePath)")
+}()
+
+/// The `kvpack` executable built next to this test bundle.
+let kvpackBinary: String = {
+    if let env = ProcessInfo.processInfo.environment["KVPACK_BIN"] { return env }
+    var candidates: [String] = []
+    if let exe = Bundle.main.executableURL { candidates.append(exe.deletingLastPathComponent().appendingPathComponent("kvpack").path) }
+    let argv0 = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
+    candidates.append(argv0.appendingPathComponent("kvpack").path)
+    candidates.append(argv0.deletingLastPathComponent().appendingPathComponent("kvpack").path)
+    for dir in ["debug", "release"] { candidates.append("\(packageRoot)/.build/\(dir)/kvpack") }
+    return candidates.first { FileManager.default.isExecutableFile(atPath: $0) } ?? candidates.last!
+}()
+
+/// Runs kvpack with arguments; returns (status, stdout, stderr).
+@discardableResult
+func runKVPack(_ args: [String]) throws -> (Int32, String, String) {
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: kvpackBinary)
+    p.arguments = args
+    let out = Pipe(), err = Pipe()
+    p.standardOutput = out
+    p.standardError = err
+    try p.run()
+    let o = out.fileHandleForReading.readDataToEndOfFile()
+    let e = err.fileHandleForReading.readDataToEndOfFile()
+    p.waitUntilExit()
+    return (p.terminationStatus, String(decoding: o, as: UTF8.self), String(decoding: e, as: UTF8.self))
+}
