@@ -45,8 +45,12 @@ public struct ValidationReport: Sendable, Codable {
 
     public var isValid: Bool { !problems.contains { $0.severity == .error } }
 
+    /// Records a problem once (the frame walk and the block check can meet the same bad bytes).
     mutating func add(_ severity: Severity, _ error: KVPackError) {
-        problems.append(Problem(severity, error))
+        let p = Problem(severity, error)
+        if !problems.contains(where: { $0.code == p.code && $0.offset == p.offset && $0.field == p.field }) {
+            problems.append(p)
+        }
     }
 }
 

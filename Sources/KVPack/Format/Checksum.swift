@@ -1,7 +1,22 @@
 import CXXHash
 
+#if KVPACK_FUZZING
+/// Fuzz builds only: run each input a second time with checksum comparisons off, so mutations
+/// get past the checksums to the parsers behind them.
+nonisolated(unsafe) var fuzzingIgnoresChecksums = false
+#endif
+
 /// XXH3-64, the checksum of every KVPack header and payload (Spec/: "Checksums").
 public enum Checksum {
+    /// Whether a stored checksum matches (always, in a fuzz build's checksum-blind pass).
+    @inline(__always)
+    static func matches(_ stored: UInt64, _ actual: UInt64) -> Bool {
+        #if KVPACK_FUZZING
+        if fuzzingIgnoresChecksums { return true }
+        #endif
+        return stored == actual
+    }
+
     public static func xxh3(_ bytes: UnsafeRawBufferPointer, seed: UInt64 = 0) -> UInt64 {
         // libxxhash reads nothing for a zero length, but wants a non-null pointer.
         guard let base = bytes.baseAddress, bytes.count > 0 else {

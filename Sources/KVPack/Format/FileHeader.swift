@@ -58,7 +58,7 @@ public struct FileHeader: Sendable, Equatable {
         }
         let stored = bytes.loadLE(56, as: UInt64.self)
         let actual = Checksum.xxh3(UnsafeRawBufferPointer(rebasing: bytes[0 ..< 56]))
-        guard stored == actual else {
+        guard Checksum.matches(stored, actual) else {
             throw KVPackError(.checksumMismatch, offset: 56, field: "header.checksum",
                               "stored \(hex64(stored)), computed \(hex64(actual))")
         }

@@ -136,7 +136,7 @@ public struct FrameHeader: Sendable, Equatable {
         let stored = h.loadLE(56, as: UInt64.self)
         let actual = Checksum.xxh3(UnsafeRawBufferPointer(rebasing: h[0 ..< 56]),
                                    seed: checksumSeed(salt: salt, offset: offset))
-        guard stored == actual else {
+        guard Checksum.matches(stored, actual) else {
             throw KVPackError(.checksumMismatch, offset: offset + 56, field: "\(field).headerChecksum",
                               "stored \(hex64(stored)), computed \(hex64(actual)) (frame at \(offset))")
         }
@@ -172,7 +172,7 @@ public struct FrameHeader: Sendable, Equatable {
 
     func verifyPayload(in file: UnsafeRawBufferPointer, field: String = "frame") throws {
         let actual = Checksum.xxh3(storedPayload(in: file))
-        guard actual == payloadChecksum else {
+        guard Checksum.matches(payloadChecksum, actual) else {
             throw KVPackError(.checksumMismatch, offset: offset + 24, field: "\(field).payloadChecksum",
                               "stored \(hex64(payloadChecksum)), computed \(hex64(actual)) over \(storedLength) payload bytes at \(payloadOffset)")
         }

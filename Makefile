@@ -1,0 +1,56 @@
+# KVPack: quick start is `make demo` and `make test` (see README.md).
+
+SHELL := /bin/bash
+# Kernels use F16C/AVX2 when the compiler may: `native` targets the build machine. Pass
+# SWIFT_CPU=x86-64 (or another -target-cpu value) for a binary that runs on older CPUs.
+SWIFT_CPU ?= native
+SWIFT_FLAGS := -Xswiftc -target-cpu -Xswiftc $(SWIFT_CPU)
+KVPACK := .build/release/kvpack
+DEMO_DIR ?= demo-out
+FUZZ_SECONDS ?= 60
+FUZZ_BIN := Fuzz/kvpack-fuzz
+LIB_SOURCES := $(shell find Sources/KVPack -name '*.swift')
+
+.PHONY: all build setup test demo fuzz fuzz-build corpus clean
+
+all: build
+
+# Native dependencies: libzstd and libxxhash headers (Debian packages).
+setup:
+	@if [ -f /usr/include/zstd.h ] && [ -f /usr/include/xxhash.h ]; then \
+		echo "setup: libzstd-dev and libxxhash-dev present"; \
+	else \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq libzstd-dev libxxhash-dev; \
+	fi
+
+build: setup
+	swift build -c release $(SWIFT_FLAGS)
+
+test: setup
+	swift test $(SWIFT_FLAGS)
+
+demo: build
+	@bash scripts/demo.sh "$(KVPACK)" "$(DEMO_DIR)"
+
+# libFuzzer + AddressSanitizer over the reader and validator, seeded with corpus/.
+# New inputs go to fuzz-out/corpus (corpus/ keeps only the curated seeds); crashes to fuzz-out/.
+fuzz-build: setup $(FUZZ_BIN)
+
+$(FUZZ_BIN): $(LIB_SOURCES) Fuzz/FuzzTarget.swift
+	swiftc -sanitize=fuzzer,address -parse-as-library -O -g -D KVPACK_FUZZING \
+		-target-cpu $(SWIFT_CPU) -module-name KVPack \
+		-I Sources/CZstd -I Sources/CXXHash -lzstd -lxxhash \
+		$(LIB_SOURCES) Fuzz/FuzzTarget.swift -o $@
+
+fuzz: fuzz-build
+	@mkdir -p fuzz-out/corpus
+	$(FUZZ_BIN) -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -rss_limit_mb=2048 -print_final_stats=1 \
+		-dict=Fuzz/kvpack.dict -artifact_prefix=fuzz-out/ fuzz-out/corpus corpus/
+
+# Regenerates the seed files in corpus/ (reproducible: fixed salts and seeds).
+corpus: build
+	bash scripts/make-corpus.sh "$(KVPACK)" corpus
+
+clean:
+	rm -rf .build $(FUZZ_BIN) fuzz-out $(DEMO_DIR)
