@@ -11,7 +11,7 @@ FUZZ_SECONDS ?= 60
 FUZZ_BIN := Fuzz/kvpack-fuzz
 LIB_SOURCES := $(shell find Sources/KVPack -name '*.swift')
 
-.PHONY: all build setup test demo fuzz fuzz-build corpus clean
+.PHONY: all build setup pydeps test demo fuzz fuzz-build corpus clean
 
 all: build
 
@@ -27,7 +27,11 @@ setup:
 build: setup
 	swift build -c release $(SWIFT_FLAGS)
 
-test: setup
+# The second, Python reader (scripts/spec_reader.py) the tests compare against needs these.
+pydeps:
+	@python3 -c 'import numpy, xxhash, zstandard' 2>/dev/null || python3 -m pip install --quiet numpy xxhash zstandard
+
+test: setup pydeps
 	swift test $(SWIFT_FLAGS)
 
 demo: build

@@ -1,0 +1,48 @@
+import Foundation
+import Testing
+@testable import KVPack
+
+/// scripts/spec_reader.py is a reader written from Spec/ alone, in Python, sharing no code with
+/// the library. It must decode every readable corpus file to the same tokens and the same bits
+/// as the Swift reader: evidence that the Spec suffices to read the format.
+struct SecondReaderTests {
+    struct Decoded: Decodable {
+        var tokens: Int
+        var ids: [UInt32]
+        var positions: [UInt32]
+        var streams: [[UInt32]]
+    }
+
+    static let files: [String] = CorpusTests.files.filter { $0.hasPrefix("valid") || $0.hasPrefix("warn") }.map { "corpus/" + $0 }
+        + ["Spec/example.kvpack"]
+
+    @Test("the Python reader written from the Spec agrees with the Swift reader", arguments: files)
+    func agrees(file: String) throws {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        p.arguments = ["python3", packageRoot + "/scripts/spec_reader.py", packageRoot + "/" + file]
+        let out = Pipe(), err = Pipe()
+        p.standardOutput = out
+        p.standardError = err
+        try p.run()
+        let data = out.fileHandleForReading.readDataToEndOfFile()
+        let errText = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        p.waitUntilExit()
+        try #require(p.terminationStatus == 0,
+                     "spec_reader.py failed (run `make test`, which installs numpy, xxhash and zstandard): \(errText) \(String(decoding: data, as: UTF8.self))")
+        let python = try JSONDecoder().decode(Decoded.self, from: data)
+        let reader = try KVPackReader(path: packageRoot + "/" + file)
+        #expect(python.tokens == reader.tokenCount)
+        #expect(python.ids == reader.tokenIDs)
+        #expect(python.positions == reader.positions)
+        let g = reader.geometry
+        #expect(python.streams.count == g.streamCount)
+        for s in 0 ..< min(python.streams.count, g.streamCount) {
+            let id = g.streamID(s)
+            let swift = try reader.decode(layer: id.layer, kvHead: id.kvHead, kind: id.kind).map(\.bitPattern)
+            let firstDifference = zip(python.streams[s], swift).enumerated().first { $0.element.0 != $0.element.1 }
+            #expect(python.streams[s].count == swift.count, "\(file) stream \(s): lengths differ")
+            #expect(firstDifference == nil, "\(file) stream \(s) element \(firstDifference?.offset ?? 0): Python \(firstDifference?.element.0 ?? 0), Swift \(firstDifference?.element.1 ?? 0)")
+        }
+    }
+}

@@ -1,0 +1,233 @@
+#!/usr/bin/env python3
+"""A second KVPack reader, written from Spec/kvpack-format.md alone (it shares no code with the
+Swift library). Tests run it on the corpus and compare what it decodes with the Swift reader,
+which checks that the Spec is enough to read the format.
+
+Usage: spec_reader.py FILE        prints JSON: geometry, token ids, positions, and for every
+                                  stream the decoded rows (f32 bit patterns as integers).
+Needs: numpy, xxhash, zstandard (pip).
+"""
+import json
+import struct
+import sys
+
+import numpy as np
+import xxhash
+import zstandard
+
+MAGIC = bytes([0x89, 0x4B, 0x56, 0x50, 0x0D, 0x0A, 0x1A, 0x0A])
+
+
+class FormatError(Exception):
+    pass
+
+
+def u(fmt, b, off):
+    return struct.unpack_from("<" + fmt, b, off)[0]
+
+
+def round_up(x, a=64):
+    return (x + a - 1) // a * a
+
+
+class Frame:
+    """Section 4.1: a verified frame header."""
+
+    def __init__(self, data, off, limit, salt):
+        if off % 64 or off < 64 or off + 64 > min(limit, len(data)):
+            raise FormatError(f"frame at {off} out of bounds")
+        h = data[off:off + 64]
+        if xxhash.xxh3_64_intdigest(h[:56], seed=salt ^ off) != u("Q", h, 56):
+            raise FormatError(f"header checksum at {off}")
+        self.off = off
+        self.tag = h[:4].decode("latin-1")
+        self.flags = u("I", h, 4)
+        self.stored = u("Q", h, 8)
+        self.raw = u("Q", h, 16)
+        self.checksum = u("Q", h, 24)
+        self.fields = h[32:56]
+        if self.flags & ~1:
+            raise FormatError("unknown frame flags")
+        if off + 64 + self.stored > min(limit, len(data)):
+            raise FormatError("payload out of bounds")
+        self.payload = data[off + 64:off + 64 + self.stored]
+        if xxhash.xxh3_64_intdigest(self.payload) != self.checksum:
+            raise FormatError(f"payload checksum at {off}")
+
+    def f(self, fmt, at):  # a type field by its header offset (32..55)
+        return u(fmt, self.fields, at - 32)
+
+    @property
+    def next(self):
+        return self.off + 64 + round_up(self.stored)
+
+
+def parse_manifest(p):
+    """Section 6."""
+    layers, qh, kvh, d, seg, flags = struct.unpack_from("<6I", p, 0)
+    theta = u("d", p, 24)
+    rope_layout = p[32]
+    scheme_count = u("H", p, 34)
+    pos = 64
+    layer_schemes = []
+    for _ in range(layers):
+        layer_schemes.append(struct.unpack_from("<HH", p, pos))
+        pos += 4
+    schemes = []
+    for _ in range(scheme_count):
+        kind, residual, _r, plen, blobs = struct.unpack_from("<HBBHH", p, pos)
+        pos += 8
+        params = p[pos:pos + plen]
+        pos += plen
+        blob_ids = list(struct.unpack_from(f"<{blobs}I", p, pos))
+        pos += 4 * blobs
+        schemes.append(dict(kind=kind, residual=residual, params=params, blobs=blob_ids))
+    n = u("H", p, pos)
+    producer = p[pos + 2:pos + 2 + n].decode()
+    # User metadata follows; decoding does not need it.
+    return dict(layers=layers, query_heads=qh, kv_heads=kvh, head_dim=d, segment=seg,
+                keys_post_rope=bool(flags & 1), theta=theta, rope_layout=rope_layout,
+                layer_schemes=layer_schemes, schemes=schemes, producer=producer)
+
+
+WIDTH = {1: 4, 2: 2, 3: 2}
+
+
+def widen(raw, etype):
+    """Section 5: f32 / f16 / bf16 little-endian to float32."""
+    if etype == 1:
+        return np.frombuffer(raw, dtype="<f4")
+    if etype == 2:
+        return np.frombuffer(raw, dtype="<f2").astype(np.float32)
+    if etype == 3:
+        return (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+    raise FormatError(f"element type {etype}")
+
+
+def load(path):
+    data = open(path, "rb").read()
+    if len(data) < 64:
+        raise FormatError("shorter than the 64-byte header")
+    if data[:8] != MAGIC:
+        raise FormatError("bad magic")
+    major = u("H", data, 8)
+    if major != 1:
+        raise FormatError(f"major {major}")
+    if xxhash.xxh3_64_intdigest(data[:56]) != u("Q", data, 56):
+        raise FormatError("header checksum")
+    salt = u("Q", data, 24)
+    mani = Frame(data, 64, len(data), salt)
+    if mani.tag != "MANI":
+        raise FormatError("first frame is not MANI")
+    m = parse_manifest(mani.payload)
+    streams = m["layers"] * m["kv_heads"] * 2
+    d, C = m["head_dim"], m["segment"]
+
+    # Section 13.2: newest commit whose state loads, scanning back on the 64-byte grid.
+    p = (len(data) - 64) // 64 * 64
+    while p >= mani.next:
+        if data[p:p + 4] == b"CMIT":
+            try:
+                return m, load_commit(data, salt, m, Frame(data, p, len(data), salt), streams, d, C, mani.next)
+            except FormatError:
+                pass
+        p -= 64
+    raise FormatError("no valid commit")
+
+
+def load_commit(data, salt, m, cmit, streams, d, C, manifest_end):
+    index_off = cmit.f("Q", 32)
+    n = cmit.f("I", 40)
+    chain = []
+    off, limit = index_off, cmit.off
+    while True:  # section 10 / 13.1: walk to the FULL frame
+        fr = Frame(data, off, limit, salt)
+        if fr.tag != "INDX":
+            raise FormatError("not an index")
+        chain.append(fr)
+        if fr.f("I", 52) & 1:
+            break
+        prev = fr.f("Q", 32)
+        if not (manifest_end <= prev < off):
+            raise FormatError("bad chain")
+        limit, off = off, prev
+    ids, positions, blocks = [0] * n, [0] * n, {}
+    end = n
+    for fr in chain:
+        b, l, t, e = struct.unpack_from("<4I", fr.payload, 0)
+        if 16 + 16 * (b + l + e) + 8 * t != fr.stored:
+            raise FormatError("index size")
+        first = fr.f("I", 48)
+        if first + t != end:
+            raise FormatError("token tiling")
+        end = first
+        pos = 16
+        for _ in range(b):
+            fo, seg, st = struct.unpack_from("<QII", fr.payload, pos)
+            blocks[(seg, st)] = fo
+            pos += 16
+        pos += 16 * l
+        ids[first:first + t] = struct.unpack_from(f"<{t}I", fr.payload, pos)
+        positions[first:first + t] = struct.unpack_from(f"<{t}I", fr.payload, pos + 4 * t)
+    if end != 0 or len(blocks) != (n // C) * streams:
+        raise FormatError("index incomplete")
+
+    def stream_scheme(s):
+        layer, kind = s // (2 * m["kv_heads"]), s % 2
+        return m["schemes"][m["layer_schemes"][layer][kind]]
+
+    # Section 9: tail runs from the newest index frame's tailOffset back to S.
+    S = n // C * C
+    runs = []
+    toff, tend, tlimit = chain[0].f("Q", 40), n, chain[0].off
+    while tend > S:
+        fr = Frame(data, toff, tlimit, salt)
+        start, count = fr.f("I", 32), fr.f("I", 36)
+        if fr.tag != "DLTA" or start + count != tend or start < S:
+            raise FormatError("tail")
+        runs.insert(0, fr)
+        tend, tlimit, toff = start, fr.off, fr.f("Q", 40)
+
+    out = {}
+    dctx = zstandard.ZstdDecompressor()
+    for s in range(streams):
+        sch = stream_scheme(s)
+        if sch["kind"] != 1:
+            raise FormatError(f"scheme kind {sch['kind']} not implemented here")
+        etype, codec = sch["params"][0], sch["params"][1]
+        rows = []
+        for seg in range(n // C):
+            fr = Frame(data, blocks[(seg, s)], cmit.off, salt)
+            if fr.tag != "BLCK" or fr.f("I", 32) != s or fr.f("I", 36) != seg:
+                raise FormatError("block")
+            payload = fr.payload
+            if fr.flags & 1:
+                payload = dctx.decompress(payload, max_output_size=fr.raw)
+            if len(payload) != C * d * WIDTH[etype]:
+                raise FormatError("block size")
+            rows.append(widen(payload, etype))
+        for fr in runs:  # sections in stream order, each padded to 64
+            count = fr.f("I", 36)
+            pos = 0
+            for s2 in range(s):
+                pos += round_up(count * d * WIDTH[stream_scheme(s2)["residual"]])
+            size = count * d * WIDTH[sch["residual"]]
+            rows.append(widen(fr.payload[pos:pos + size], sch["residual"]))
+        out[s] = np.concatenate(rows) if rows else np.zeros(0, np.float32)
+    return dict(tokens=n, ids=list(ids), positions=list(positions), streams=out)
+
+
+def main():
+    m, state = load(sys.argv[1])
+    print(json.dumps(dict(
+        layers=m["layers"], kv_heads=m["kv_heads"], head_dim=m["head_dim"], producer=m["producer"],
+        tokens=state["tokens"], ids=state["ids"], positions=state["positions"],
+        streams=[state["streams"][s].view(np.uint32).tolist() for s in sorted(state["streams"])])))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except FormatError as e:
+        print(json.dumps(dict(error=str(e))))
+        sys.exit(1)
