@@ -93,19 +93,8 @@ final class FileAppender {
     }
 
     func flush() throws {
-        var start = end - UInt64(buffered)
-        var p = UnsafeRawPointer(buffer)
-        var left = buffered
-        while left > 0 {
-            let n = pwrite(fd, p, left, off_t(start))
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw KVPackError.ioError("write", path: path)
-            }
-            left -= n
-            p += n
-            start += UInt64(n)
-        }
+        guard buffered > 0 else { return }
+        try writeFully(UnsafeRawBufferPointer(start: buffer, count: buffered), at: end - UInt64(buffered))
         buffered = 0
     }
 
