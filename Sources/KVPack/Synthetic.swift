@@ -29,67 +29,81 @@ public struct ModelPreset: Sendable {
 
 /// Deterministic synthetic K/V with the statistics that matter for quantization: keys have a
 /// per-channel bias and a few outlier channels of large magnitude, and are rotated by RoPE at
-/// their position; values are unbiased and have no outliers. Every (layer, head, token) is
+/// their position; values are unbiased and have no outliers. Scale: keys ~1-1.5 per channel
+/// (outliers ~12-18), values 0.6. Every (layer, head, token) is
 /// generated independently from the seed, so any token can be regenerated (tests compare
 /// files against it) and appends can stop and resume anywhere.
 public struct SyntheticKV: Sendable {
     public let geometry: ModelGeometry
     public let rope: RoPEConfig
     public let seed: UInt64
-    /// Channels per (layer, head) with outlier magnitude.
-    public var outlierChannels = 4
-    public var outlierScale: Float = 12
+    /// Per (layer, head, channel): the key bias and scale (outlier channels get a large scale).
+    private let keyBias: [Float]
+    private let keyScale: [Float]
+    /// theta^(-2i/d) for each rotary pair.
+    private let inverseFrequency: [Double]
 
-    public init(geometry: ModelGeometry, rope: RoPEConfig, seed: UInt64) {
+    /// `outlierChannels` channels per (layer, head) get `outlierScale` times the magnitude.
+    public init(geometry: ModelGeometry, rope: RoPEConfig, seed: UInt64, outlierChannels: Int = 4, outlierScale: Float = 12) {
         self.geometry = geometry
         self.rope = rope
         self.seed = seed
+        let d = geometry.headDim
+        var bias: [Float] = [], scale: [Float] = []
+        for layer in 0 ..< geometry.layerCount {
+            for head in 0 ..< geometry.kvHeadCount {
+                var channel = SplitMix64(seed: Self.mix(seed, UInt64(layer), UInt64(head), 0xC4A77E1))
+                var outliers = Set<Int>()
+                for _ in 0 ..< min(outlierChannels, d) { outliers.insert(Int(channel.next() % UInt64(d))) }
+                for c in 0 ..< d {
+                    bias.append(Float(channel.nextGaussian()) * 0.8)
+                    scale.append((1 + Float(channel.nextUniform()) * 0.5) * (outliers.contains(c) ? outlierScale : 1))
+                }
+            }
+        }
+        keyBias = bias
+        keyScale = scale
+        inverseFrequency = (0 ..< d / 2).map { pow(rope.theta, -Double(2 * $0) / Double(d)) }
     }
 
     /// Fills keys and values ([layers][kvHeads][headDim] each) for the token at `index` with
     /// rotary position `position`.
     public func token(_ index: Int, position: Int, keys: UnsafeMutablePointer<Float>, values: UnsafeMutablePointer<Float>) {
         let d = geometry.headDim
-        for layer in 0 ..< geometry.layerCount {
-            for head in 0 ..< geometry.kvHeadCount {
-                let o = (layer * geometry.kvHeadCount + head) * d
-                var channel = SplitMix64(seed: mix(seed, UInt64(layer), UInt64(head), 0xC4A77E1))
-                var rng = SplitMix64(seed: mix(seed, UInt64(layer), UInt64(head), UInt64(index) &+ 1))
-                // Outliers: a head-specific set of channels (and their RoPE partners stay normal).
-                var outliers: [Int] = []
-                for _ in 0 ..< min(outlierChannels, d) { outliers.append(Int(channel.next() % UInt64(d))) }
-                for c in 0 ..< d {
-                    let bias = Float(channel.nextGaussian()) * 0.8
-                    var scale = 1 + Float(channel.nextUniform()) * 0.5
-                    if outliers.contains(c) { scale *= outlierScale }
-                    keys[o + c] = bias * scale + Float(rng.nextGaussian()) * scale
-                    values[o + c] = Float(rng.nextGaussian()) * 0.6
-                }
-                applyRoPE(keys + o, position: position)
+        let pairs = rope.layout == .none ? 0 : d / 2
+        withUnsafeTemporaryAllocation(of: Float.self, capacity: 2 * max(pairs, 1)) { table in
+            for i in 0 ..< pairs {
+                let angle = Double(position) * inverseFrequency[i]
+                table[2 * i] = Float(cos(angle))
+                table[2 * i + 1] = Float(sin(angle))
             }
-        }
-    }
-
-    func applyRoPE(_ k: UnsafeMutablePointer<Float>, position: Int) {
-        let d = geometry.headDim
-        guard rope.layout != .none, d >= 2 else { return }
-        for i in 0 ..< d / 2 {
-            let freq = pow(rope.theta, -Double(2 * i) / Double(d))
-            let angle = Double(position) * freq
-            let c = Float(cos(angle)), s = Float(sin(angle))
-            let (a, b) = rope.layout == .interleaved ? (2 * i, 2 * i + 1) : (i, i + d / 2)
-            let x = k[a], y = k[b]
-            k[a] = x * c - y * s
-            k[b] = x * s + y * c
+            for layer in 0 ..< geometry.layerCount {
+                for head in 0 ..< geometry.kvHeadCount {
+                    let o = (layer * geometry.kvHeadCount + head) * d
+                    var rng = SplitMix64(seed: Self.mix(seed, UInt64(layer), UInt64(head), UInt64(index) &+ 1))
+                    for c in 0 ..< d {
+                        let (a, b) = rng.nextGaussianPair()
+                        keys[o + c] = (keyBias[o + c] + Float(a)) * keyScale[o + c]
+                        values[o + c] = Float(b) * 0.6
+                    }
+                    for i in 0 ..< pairs {
+                        let (x, y) = rope.layout == .interleaved ? (o + 2 * i, o + 2 * i + 1) : (o + i, o + i + d / 2)
+                        let c = table[2 * i], s = table[2 * i + 1]
+                        let kx = keys[x], ky = keys[y]
+                        keys[x] = kx * c - ky * s
+                        keys[y] = kx * s + ky * c
+                    }
+                }
+            }
         }
     }
 
     /// A token id stream for synthetic files (deterministic, in 0..<32000).
     public func tokenID(_ index: Int) -> UInt32 {
-        UInt32(mix(seed, 0x70CE, UInt64(index), 7) % 32000)
+        UInt32(Self.mix(seed, 0x70CE, UInt64(index), 7) % 32000)
     }
 
-    private func mix(_ a: UInt64, _ b: UInt64, _ c: UInt64, _ d: UInt64) -> UInt64 {
+    private static func mix(_ a: UInt64, _ b: UInt64, _ c: UInt64, _ d: UInt64) -> UInt64 {
         var s = SplitMix64(seed: a ^ 0x9E37_79B9_7F4A_7C15)
         var h = s.next() ^ b
         s = SplitMix64(seed: h)
@@ -117,10 +131,15 @@ public struct SplitMix64: RandomNumberGenerator, Sendable {
     /// Uniform in [0, 1).
     public mutating func nextUniform() -> Double { Double(next() >> 11) * 0x1.0p-53 }
 
-    /// Standard normal (Box-Muller; one of the pair is discarded to stay stateless).
-    public mutating func nextGaussian() -> Double {
+    /// Standard normal (Box-Muller; the second of the pair is discarded to stay stateless).
+    public mutating func nextGaussian() -> Double { nextGaussianPair().0 }
+
+    /// Two independent standard normals (both outputs of Box-Muller).
+    public mutating func nextGaussianPair() -> (Double, Double) {
         let u = max(nextUniform(), 0x1.0p-60)
         let v = nextUniform()
-        return (-2 * log(u)).squareRoot() * cos(2 * Double.pi * v)
+        let r = (-2 * log(u)).squareRoot()
+        let angle = 2 * Double.pi * v
+        return (r * cos(angle), r * sin(angle))
     }
 }
