@@ -5,6 +5,7 @@ let package = Package(
     name: "KVPack",
     products: [
         .library(name: "KVPack", targets: ["KVPack"]),
+        .library(name: "KVPackModels", targets: ["KVPackModels"]),
         .executable(name: "kvpack", targets: ["kvpack"]),
     ],
     dependencies: [
@@ -18,17 +19,23 @@ let package = Package(
             dependencies: ["CZstd", "CXXHash"],
             path: "Sources/KVPack"
         ),
+        .target(
+            name: "KVPackModels",
+            dependencies: ["KVPack"],
+            path: "Sources/KVPackModels"
+        ),
         .executableTarget(
             name: "kvpack",
             dependencies: [
                 "KVPack",
+                "KVPackModels",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             path: "Sources/kvpack"
         ),
         .testTarget(
             name: "KVPackTests",
-            dependencies: ["KVPack", "kvpack"],
+            dependencies: ["KVPack", "KVPackModels", "kvpack"],
             path: "Tests/KVPackTests"
         ),
     ]

@@ -211,61 +211,110 @@ public final class KVPackReader: @unchecked Sendable {
     // MARK: Attention
 
     /// Softmax attention of the `groupSize` query heads sharing `kvHead` over `tokens`:
-    /// output[g] = sum_t softmax_t(scale * q_g . k_t) v_t, streamed chunk by chunk with an
-    /// online softmax, reading codes straight from the mapped pages.
+    /// output[g] = sum_t softmax_t(scale * q_g . k_t) v_t, streamed with an online softmax,
+    /// reading codes straight from the mapped pages.
     ///
     /// `queries` and `output` are groupSize x headDim floats, row-major. `scale` defaults to
-    /// 1/sqrt(headDim).
+    /// 1/sqrt(headDim). `appending` adds in-memory f32 rows right after `tokens` (a live
+    /// session's tokens that are not in the file yet); `tokens` may then be empty.
+    ///
+    /// The softmax advances one segment at a time, whatever holds the segment's rows (a sealed
+    /// block, tail runs, appended rows, or a mix): the same tokens give the same floating-point
+    /// operations whether they were read back from the file or are still in memory, so a resumed
+    /// session computes exactly what an uninterrupted one did.
     public func attend(layer: Int, kvHead: Int, queries: UnsafePointer<Float>, tokens: Range<Int>? = nil,
-                       scale: Float? = nil, output: UnsafeMutablePointer<Float>, workspace: AttentionWorkspace) throws {
+                       scale: Float? = nil, appending rows: AppendedRows? = nil,
+                       output: UnsafeMutablePointer<Float>, workspace: AttentionWorkspace) throws {
         try checkStream(layer: layer, kvHead: kvHead)
         let range = tokens ?? 0 ..< tokenCount
         try checkTokens(range)
-        guard !range.isEmpty else { throw KVPackError.argument("attention over an empty token range") }
-        let g = geometry.groupSize, d = geometry.headDim
+        let extra = rows?.count ?? 0
+        guard !range.isEmpty || extra > 0 else { throw KVPackError.argument("attention over an empty token range") }
+        let g = geometry.groupSize, d = geometry.headDim, c = segmentTokens
         let kStream = geometry.stream(layer: layer, kvHead: kvHead, kind: .key)
         let vStream = kStream + 1
         let kIndex = manifest.scheme(forStream: kStream), vIndex = manifest.scheme(forStream: vStream)
         let kScheme = schemes[kIndex], vScheme = schemes[vIndex]
         let kTail = tailKernels[kIndex], vTail = tailKernels[vIndex]
         let s = scale ?? 1 / Float(d).squareRoot()
-        let stride = segmentTokens
 
-        workspace.reserve(scores: g * stride, keyState: kScheme.queryStateSize(groupSize: g),
-                          tailState: kTail.queryStateSize(groupSize: g), acc: g * d, group: g)
+        workspace.reserve(scores: g * c, keyState: kScheme.queryStateSize(groupSize: g), tailState: g * d, acc: g * d, group: g)
         let scores = workspace.scores.pointer
         let blockAcc = workspace.blockAcc.pointer, tailAcc = workspace.tailAcc.pointer
         let softmax = OnlineSoftmax(groupSize: g, dim: d, runMax: workspace.runMax.pointer, runSum: workspace.runSum.pointer,
                                     blockAcc: blockAcc, tailAcc: tailAcc)
-        var preparedKey = false, preparedTail = false
-
-        try forEachChunk(range) { chunk in
-            switch chunk {
-            case let .block(segment, local):
-                if !preparedKey {
-                    kScheme.prepare(queries: queries, groupSize: g, scale: s, into: workspace.keyState.pointer)
-                    preparedKey = true
+        // Tail rows and appended rows are plain rows: their query state is the scaled query.
+        let rowState = workspace.tailState.pointer
+        RowKernels.scaled(queries, by: s, into: rowState, count: g * d)
+        var preparedKey = false
+        let end = range.upperBound + extra   // appended row i is token range.upperBound + i
+        var t = range.lowerBound
+        while t < end {
+            let segment = t / c
+            let chunkEnd = min(end, (segment + 1) * c)
+            let fileEnd = min(chunkEnd, range.upperBound)
+            // A chunk is the part of one segment in [t, chunkEnd): block rows, then tail runs,
+            // then appended rows, in token order. Scores land at (token - t). Enumerated, not
+            // stored, so a chunk allocates nothing.
+            let chunkStart = t
+            func forEachSource(_ body: (ChunkSource) throws -> Void) rethrows {
+                if chunkStart < fileEnd {
+                    if chunkStart < sealedTokenCount {
+                        try body(.block(segment: segment, local: (chunkStart - segment * c) ..< (fileEnd - segment * c), at: 0))
+                    } else {
+                        for (i, piece) in state.tail.enumerated() {
+                            let lo = max(chunkStart, piece.tokenStart), hi = min(fileEnd, piece.tokenStart + piece.tokenCount)
+                            if lo < hi { try body(.tail(piece: i, local: (lo - piece.tokenStart) ..< (hi - piece.tokenStart), at: lo - chunkStart)) }
+                        }
+                    }
                 }
-                let kPayload = try blockPayload(segment: segment, stream: kStream, workspace: workspace)
-                kScheme.scores(block: kPayload, tokens: local, state: workspace.keyState.pointer, groupSize: g,
-                               into: scores, stride: stride)
-                softmax.absorb(scores: scores, stride: stride, count: local.count)
-                let vPayload = try blockPayload(segment: segment, stream: vStream, workspace: workspace)
-                vScheme.accumulate(block: vPayload, tokens: local, weights: scores, stride: stride, groupSize: g, into: blockAcc)
-            case let .tail(piece, local):
-                if !preparedTail {
-                    kTail.prepare(queries: queries, groupSize: g, scale: s, into: workspace.tailState.pointer)
-                    preparedTail = true
+                if chunkEnd > range.upperBound, let rows {
+                    let first = max(chunkStart, range.upperBound)
+                    try body(.appended(rows: rows, local: first - range.upperBound ..< chunkEnd - range.upperBound, at: first - chunkStart))
                 }
-                kTail.scores(block: tailRows(piece: piece, stream: kStream), tokens: local, state: workspace.tailState.pointer,
-                             groupSize: g, into: scores, stride: stride)
-                softmax.absorb(scores: scores, stride: stride, count: local.count)
-                vTail.accumulate(block: tailRows(piece: piece, stream: vStream), tokens: local, weights: scores, stride: stride,
-                                 groupSize: g, into: tailAcc)
             }
+            try forEachSource { source in
+                switch source {
+                case let .block(segment, local, at):
+                    if !preparedKey {
+                        kScheme.prepare(queries: queries, groupSize: g, scale: s, into: workspace.keyState.pointer)
+                        preparedKey = true
+                    }
+                    let payload = try blockPayload(segment: segment, stream: kStream, workspace: workspace)
+                    kScheme.scores(block: payload, tokens: local, state: workspace.keyState.pointer, groupSize: g, into: scores + at, stride: c)
+                case let .tail(piece, local, at):
+                    kTail.scores(block: tailRows(piece: piece, stream: kStream), tokens: local, state: rowState, groupSize: g,
+                                 into: scores + at, stride: c)
+                case let .appended(rows, local, at):
+                    RowKernels.scores(rows: UnsafeRawPointer(rows.keys), type: .float32, dim: d, tokens: local, queries: rowState,
+                                      groupSize: g, into: scores + at, stride: c)
+                }
+            }
+            softmax.absorb(scores: scores, stride: c, count: chunkEnd - t)
+            try forEachSource { source in
+                switch source {
+                case let .block(segment, local, at):
+                    let payload = try blockPayload(segment: segment, stream: vStream, workspace: workspace)
+                    vScheme.accumulate(block: payload, tokens: local, weights: scores + at, stride: c, groupSize: g, into: blockAcc)
+                case let .tail(piece, local, at):
+                    vTail.accumulate(block: tailRows(piece: piece, stream: vStream), tokens: local, weights: scores + at, stride: c,
+                                     groupSize: g, into: tailAcc)
+                case let .appended(rows, local, at):
+                    RowKernels.accumulate(rows: UnsafeRawPointer(rows.values), type: .float32, dim: d, tokens: local,
+                                          weights: scores + at, stride: c, groupSize: g, into: tailAcc)
+                }
+            }
+            t = chunkEnd
         }
         if preparedKey { vScheme.finishAccumulation(blockAcc, groupSize: g) }
         softmax.finish(into: output)
+    }
+
+    /// Where the rows of part of a chunk come from; `at` is their offset in the chunk's scores.
+    private enum ChunkSource {
+        case block(segment: Int, local: Range<Int>, at: Int)
+        case tail(piece: Int, local: Range<Int>, at: Int)
+        case appended(rows: AppendedRows, local: Range<Int>, at: Int)
     }
 
     public func attend(layer: Int, kvHead: Int, queries: [Float], tokens: Range<Int>? = nil, scale: Float? = nil) throws -> [Float] {

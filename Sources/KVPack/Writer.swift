@@ -86,7 +86,7 @@ public final class KVPackWriter {
 
     public private(set) var tokenCount = 0
     public private(set) var committedTokenCount = 0
-    private var sealedTokenCount = 0
+    public private(set) var sealedTokenCount = 0
     /// Tail rows of the current segment already written in DLTA frames end here.
     private var persistedTailEnd = 0
     private var deltaHead: UInt64 = 0

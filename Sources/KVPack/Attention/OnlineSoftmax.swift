@@ -2,6 +2,34 @@
 import Glibc
 #endif
 
+/// In-memory f32 rows attended after a file's tokens: `count` rows of headDim floats each,
+/// token-major. The memory must stay valid for the call.
+public struct AppendedRows {
+    public var keys: UnsafePointer<Float>
+    public var values: UnsafePointer<Float>
+    public var count: Int
+
+    public init(keys: UnsafePointer<Float>, values: UnsafePointer<Float>, count: Int) {
+        self.keys = keys
+        self.values = values
+        self.count = count
+    }
+}
+
+/// Attention over in-memory rows only (a session whose file holds no tokens yet).
+extension AttentionWorkspace {
+    public func attend(rows: AppendedRows, queries: UnsafePointer<Float>, groupSize g: Int, headDim d: Int,
+                       scale: Float? = nil, output: UnsafeMutablePointer<Float>) {
+        let stride = 256
+        reserve(scores: g * stride, keyState: 0, tailState: g * d, acc: g * d, group: g)
+        RowKernels.scaled(queries, by: scale ?? 1 / Float(d).squareRoot(), into: tailState.pointer, count: g * d)
+        let softmax = OnlineSoftmax(groupSize: g, dim: d, runMax: runMax.pointer, runSum: runSum.pointer,
+                                    blockAcc: blockAcc.pointer, tailAcc: tailAcc.pointer)
+        softmax.absorb(rows, dim: d, queryState: tailState.pointer, scores: scores.pointer, stride: stride)
+        softmax.finish(into: output)
+    }
+}
+
 /// Streaming softmax over score chunks (Milakov & Gimelshein's online normaliser): keeps a
 /// running max and sum per query and rescales the value accumulators when the max grows, so
 /// attention over any number of blocks needs one pass and no full score row.
@@ -53,6 +81,23 @@ struct OnlineSoftmax {
                 runMax[g] = newMax
             }
             runSum[g] += sum
+        }
+    }
+
+    /// Scores and accumulates in-memory f32 rows, `stride` at a time (the score buffer's width),
+    /// into the tail accumulator. `queryState` is the scaled queries.
+    func absorb(_ rows: AppendedRows, dim: Int, queryState: UnsafePointer<Float>, scores: UnsafeMutablePointer<Float>, stride: Int) {
+        var start = 0
+        while start < rows.count {
+            let chunk = start ..< min(rows.count, start + stride)
+            // Kernels read rows by absolute index and write scores at 0..<chunk.count.
+            let k = UnsafeRawPointer(rows.keys), v = UnsafeRawPointer(rows.values)
+            RowKernels.scores(rows: k, type: .float32, dim: dim, tokens: chunk, queries: queryState, groupSize: groupSize,
+                              into: scores, stride: stride)
+            absorb(scores: scores, stride: stride, count: chunk.count)
+            RowKernels.accumulate(rows: v, type: .float32, dim: dim, tokens: chunk, weights: scores, stride: stride,
+                                  groupSize: groupSize, into: tailAcc)
+            start = chunk.upperBound
         }
     }
 

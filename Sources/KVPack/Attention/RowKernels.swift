@@ -3,11 +3,11 @@
 ///
 /// Rows of f16/bf16 are converted once per token into a stack row and then scored against all
 /// queries of the GQA group, so conversion cost is paid once per token, not once per query.
-enum RowKernels {
+public enum RowKernels {
     // MARK: Vector primitives (f32)
 
-    @inline(__always)
-    static func dot(_ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, _ n: Int) -> Float {
+    @inlinable
+    public static func dot(_ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, _ n: Int) -> Float {
         var acc0 = SIMD8<Float>(), acc1 = SIMD8<Float>()
         let ra = UnsafeRawPointer(a), rb = UnsafeRawPointer(b)
         var i = 0
@@ -32,8 +32,8 @@ enum RowKernels {
     }
 
     /// y += alpha * x
-    @inline(__always)
-    static func axpy(_ alpha: Float, _ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, _ n: Int) {
+    @inlinable
+    public static func axpy(_ alpha: Float, _ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, _ n: Int) {
         let rx = UnsafeRawPointer(x), ry = UnsafeMutableRawPointer(y)
         let a = SIMD8<Float>(repeating: alpha)
         var i = 0
@@ -51,6 +51,10 @@ enum RowKernels {
 
     static func scale(_ y: UnsafeMutablePointer<Float>, by factor: Float, _ n: Int) {
         for i in 0 ..< n { y[i] *= factor }
+    }
+
+    static func scaled(_ x: UnsafePointer<Float>, by factor: Float, into y: UnsafeMutablePointer<Float>, count: Int) {
+        for i in 0 ..< count { y[i] = x[i] * factor }
     }
 
     // MARK: Element conversion

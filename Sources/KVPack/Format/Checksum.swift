@@ -25,6 +25,18 @@ public enum Checksum {
         return XXH3_64bits_withSeed(base, bytes.count, seed)
     }
 
+    /// XXH3-128 as 16 bytes (low 64 bits, then high, each little-endian): model fingerprints.
+    public static func xxh3_128(_ bytes: UnsafeRawBufferPointer) -> [UInt8] {
+        let h = bytes.withMemoryRebound(to: UInt8.self) { b -> XXH128_hash_t in
+            guard let base = b.baseAddress, b.count > 0 else { return withUnsafeBytes(of: UInt8(0)) { XXH3_128bits($0.baseAddress, 0) } }
+            return XXH3_128bits(base, b.count)
+        }
+        var out: [UInt8] = []
+        withUnsafeBytes(of: h.low64.littleEndian) { out += $0 }
+        withUnsafeBytes(of: h.high64.littleEndian) { out += $0 }
+        return out
+    }
+
     public static func xxh3(_ bytes: [UInt8], seed: UInt64 = 0) -> UInt64 {
         bytes.withUnsafeBytes { xxh3($0, seed: seed) }
     }

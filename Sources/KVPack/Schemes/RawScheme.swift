@@ -79,7 +79,7 @@ public struct RawScheme: KVScheme {
     public func queryStateSize(groupSize: Int) -> Int { groupSize * headDim }
 
     public func prepare(queries: UnsafePointer<Float>, groupSize: Int, scale: Float, into state: UnsafeMutablePointer<Float>) {
-        for i in 0 ..< groupSize * headDim { state[i] = queries[i] * scale }
+        RowKernels.scaled(queries, by: scale, into: state, count: groupSize * headDim)
     }
 
     public func scores(block: UnsafeRawBufferPointer, tokens: Range<Int>, state: UnsafePointer<Float>, groupSize: Int,

@@ -1,0 +1,102 @@
+import KVPack
+
+/// A conversation with a model whose KV cache lives in a KVPack file: started, continued for
+/// any number of turns, closed, and resumed later (in another process) from the file alone.
+public final class Conversation {
+    public let model: LlamaModel
+    public let session: KVCacheSession
+    /// Logits after the last token in the cache: where the next token is sampled from.
+    public private(set) var logits: [Float]
+
+    public var path: String { session.path }
+    public var tokenIDs: [UInt32] { session.tokenIDs }
+
+    private init(model: LlamaModel, session: KVCacheSession, logits: [Float]) {
+        self.model = model
+        self.session = session
+        self.logits = logits
+    }
+
+    /// The manifest a new file for `model` gets: its geometry and RoPE, keys after RoPE, the
+    /// model's fingerprint (checked on resume) and where the model came from.
+    public static func manifest(for model: LlamaModel, spec: SchemeSpec, segmentTokens: Int, producer: String,
+                                metadata: [Manifest.MetadataEntry] = []) -> (Manifest, [Blob]) {
+        let c = model.config
+        let plan = SchemePlan(spec: spec, layerCount: c.layerCount)
+        let m = Manifest(geometry: c.geometry, segmentTokens: segmentTokens,
+                         rope: RoPEConfig(theta: Double(c.ropeTheta), layout: .interleaved, keysArePostRoPE: true),
+                         maxPositions: UInt32(c.maxSequence), modelFingerprint: model.fingerprint,
+                         schemes: plan.schemes, layerSchemes: plan.layerSchemes, producer: producer,
+                         userMetadata: [.init("model.path", model.checkpoint.path), .init("model.format", model.checkpoint.format)] + metadata)
+        return (m, plan.blobs)
+    }
+
+    /// Starts a conversation in a new file and feeds `prompt` (one batched prefill).
+    public static func start(path: String, model: LlamaModel, spec: SchemeSpec, segmentTokens: Int = 64, prompt: [Int],
+                             options: WriterOptions = WriterOptions(), producer: String = "kvpack") throws -> Conversation {
+        guard !prompt.isEmpty else { throw ModelError(path, "a conversation starts with at least one token (BOS is 1)") }
+        let (manifest, blobs) = Self.manifest(for: model, spec: spec, segmentTokens: segmentTokens, producer: producer)
+        let session = try KVCacheSession.create(path: path, manifest: manifest, blobs: blobs, options: options)
+        let conversation = Conversation(model: model, session: session, logits: [])
+        try conversation.feed(prompt)
+        return conversation
+    }
+
+    /// Checks that `model` is the model `path` was written with, without modifying the file.
+    public static func checkModel(_ model: LlamaModel, matches path: String) throws {
+        let reader = try KVPackReader(path: path)
+        let m = reader.manifest
+        guard m.geometry == model.config.geometry else {
+            throw ModelError(path, "was written for \(m.geometry); the model \(model.checkpoint.path) has \(model.config.geometry)")
+        }
+        guard m.modelFingerprint == model.fingerprint else {
+            let recorded = m.userMetadata.first { $0.key == "model.path" }?.value ?? "an unrecorded path"
+            throw ModelError(path, "was written with a different model (fingerprint \(hexString(m.modelFingerprint)), from \(recorded)); \(model.checkpoint.path) has fingerprint \(hexString(model.fingerprint)). The file was not modified.")
+        }
+        guard reader.tokenCount > 0 else { throw ModelError(path, "holds no tokens to continue from") }
+    }
+
+    /// Continues the conversation in `path`. Past tokens are attended straight from the mapped
+    /// file; the logits to continue from are recomputed for the last token.
+    public static func resume(path: String, model: LlamaModel, options: WriterOptions = WriterOptions()) throws -> Conversation {
+        try checkModel(model, matches: path)
+        let session = try KVCacheSession.resume(path: path, options: options)
+        let last = Int(session.tokenIDs.last!)
+        let logits = try model.recomputeLast(tokenID: last, cache: session)
+        return Conversation(model: model, session: session, logits: logits)
+    }
+
+    /// Feeds tokens (a prompt, a user turn) as one batch.
+    public func feed(_ tokens: [Int]) throws {
+        try checkRoom(tokens.count)
+        logits = try model.forward(tokens: tokens, cache: session)
+    }
+
+    /// Samples `steps` tokens, feeding each back; calls `onToken` as each is chosen.
+    @discardableResult
+    public func generate(steps: Int, sampler: inout Sampler, onToken: (Int) -> Void = { _ in }) throws -> [Int] {
+        try checkRoom(steps)
+        var out: [Int] = []
+        for _ in 0 ..< steps {
+            let next = sampler.sample(logits)
+            logits = try model.forward(tokens: [next], cache: session)
+            out.append(next)
+            onToken(next)
+        }
+        return out
+    }
+
+    private func checkRoom(_ more: Int) throws {
+        let limit = model.config.maxSequence
+        if Int(session.nextPosition) + more > limit {
+            throw ModelError(path, "the conversation would reach position \(Int(session.nextPosition) + more), past the model's context of \(limit) tokens")
+        }
+    }
+
+    public func commit() throws { try session.commit() }
+    public func close() throws { try session.close() }
+}
+
+func hexString(_ bytes: [UInt8]) -> String {
+    bytes.map { String($0, radix: 16).count == 1 ? "0" + String($0, radix: 16) : String($0, radix: 16) }.joined()
+}
