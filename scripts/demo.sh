@@ -1,22 +1,42 @@
 #!/usr/bin/env bash
-# `make demo`: the main job end to end on bundled data. Writes into $2 (default demo-out/).
+# `make demo`: the main job end to end on the bundled model. Writes into $2 (default demo-out/).
 set -euo pipefail
 KVPACK=${1:-.build/release/kvpack}
 OUT=${2:-demo-out}
+MODEL=models/stories260K.bin
 mkdir -p "$OUT"
+rm -f "$OUT"/*.kvpack
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-step "Write a synthetic cache with the bundled model's geometry (stories260K: 5 layers, 8 query heads, 4 KV heads, head_dim 8)"
-"$KVPACK" synth "$OUT/synthetic.kvpack" --model stories260k --tokens 300 --segment-tokens 64 --commit-every 50 --scheme raw:f16 --overwrite
-step "Append 150 more tokens to the same file (resume)"
-"$KVPACK" synth "$OUT/synthetic.kvpack" --resume --tokens 150 --commit-every 25
-step "Describe it"
-"$KVPACK" info "$OUT/synthetic.kvpack"
-step "Validate it (every checksum, every value decoded)"
-"$KVPACK" validate --deep "$OUT/synthetic.kvpack"
-step "Attend over it straight from the mapped file, checked against a dense reference"
-"$KVPACK" attend "$OUT/synthetic.kvpack" --layer 3 --head 2 --query-seed 7 --check
-step "A llama-3-8b-shaped cache (4 of 32 layers), bf16 + zstd"
+step "Turn 1: start a conversation with stories260K (5 layers, GQA 8/4, head_dim 8); its KV cache is written to $OUT/chat.kvpack"
+"$KVPACK" generate --model "$MODEL" --save "$OUT/chat.kvpack" --steps 80 | tee "$OUT/chat.txt"
+step "Turn 2, a new process: resume from the file (past tokens attended straight from the mapped file)"
+"$KVPACK" generate --resume "$OUT/chat.kvpack" --steps 60 | tee -a "$OUT/chat.txt"
+step "Turn 3: feed three tokens as a 'user turn', then continue"
+"$KVPACK" generate --resume "$OUT/chat.kvpack" --prompt-tokens 13,431,400 --steps 40 | tee -a "$OUT/chat.txt"
+
+step "The same conversation without interruption gives the same tokens"
+"$KVPACK" generate --model "$MODEL" --save "$OUT/straight.kvpack" --steps 140 > "$OUT/straight.txt"
+"$KVPACK" generate --resume "$OUT/straight.kvpack" --prompt-tokens 13,431,400 --steps 40 >> "$OUT/straight.txt"
+tokens() { tr ',' '\n' < "$1" | grep -v '^$'; }
+"$KVPACK" attend "$OUT/chat.kvpack" --layer 4 --head 3 > "$OUT/a.txt"
+"$KVPACK" attend "$OUT/straight.kvpack" --layer 4 --head 3 > "$OUT/b.txt"
+if cmp -s <(tokens "$OUT/chat.txt") <(tokens "$OUT/straight.txt") && cmp -s "$OUT/a.txt" "$OUT/b.txt"; then
+  echo "identical: the same $(tokens "$OUT/chat.txt" | wc -l) generated tokens, and the same attention output from both files"
+else
+  echo "DIFFERENT"; exit 1
+fi
+
+step "Validate the conversation file (every checksum, every value decoded)"
+"$KVPACK" validate --deep "$OUT/chat.kvpack"
+step "Summarise it"
+"$KVPACK" info "$OUT/chat.kvpack"
+step "Attention over the file, checked against a dense reference"
+"$KVPACK" attend "$OUT/chat.kvpack" --layer 2 --head 1 --query-seed 7 --check
+
+step "What each scheme does to the model (teacher forcing over 1280 tokens of its own stories)"
+"$KVPACK" eval --model "$MODEL"
+
+step "The format at a real geometry: a llama-3-8b-shaped synthetic cache (4 of 32 layers), bf16 + zstd"
 "$KVPACK" synth "$OUT/llama.kvpack" --model llama-3-8b --layers 4 --tokens 1024 --scheme raw:bf16:zstd --overwrite
-"$KVPACK" info "$OUT/llama.kvpack"
-"$KVPACK" attend "$OUT/llama.kvpack" --layer 1 --head 5 --tokens "100..<1000" --check
+"$KVPACK" attend "$OUT/llama.kvpack" --layer 1 --head 5 --tokens "100..<1000" --check | tail -1

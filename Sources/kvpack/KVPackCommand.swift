@@ -18,5 +18,5 @@ struct KVPackCommand: ParsableCommand {
           e.g. raw:f32+v:raw:f16:zstd.
         """,
         version: KVPackVersion.string,
-        subcommands: [InfoCommand.self, ValidateCommand.self, AttendCommand.self, SynthCommand.self])
+        subcommands: [GenerateCommand.self, EvalCommand.self, InfoCommand.self, ValidateCommand.self, AttendCommand.self, SynthCommand.self])
 }

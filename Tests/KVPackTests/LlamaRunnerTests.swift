@@ -139,3 +139,45 @@ struct LlamaRunnerTests {
         if spec == "raw:f32" { #expect(Array(whole.tokens.prefix(64)) == pinnedGreedyTokens) }
     }
 }
+
+struct CheckpointFormatTests {
+    /// llama2.c's export.py `version1_export` layout, built from the legacy file: a 256-byte
+    /// header (magic "ak42", version 1, 7 int32, shared-classifier byte), then rms_att, rms_ffn,
+    /// rms_final, embedding, wq, wk, wv, wo, w1, w2, w3.
+    static func version1(fromLegacy legacy: [UInt8]) -> [UInt8] {
+        let c = bundledModel.config
+        let d = c.dim, L = c.layerCount, kv = c.kvDim, h = c.hiddenDim, V = c.vocabSize
+        var at = 28
+        func take(_ floats: Int) -> ArraySlice<UInt8> {
+            defer { at += 4 * floats }
+            return legacy[at ..< at + 4 * floats]
+        }
+        let emb = take(V * d), rmsAtt = take(L * d), wq = take(L * d * d), wk = take(L * kv * d), wv = take(L * kv * d)
+        let wo = take(L * d * d), rmsFFN = take(L * d), w1 = take(L * h * d), w2 = take(L * d * h), w3 = take(L * h * d)
+        let rmsFinal = take(d)
+        var out = ByteWriter()
+        out.write(UInt32(0x616B_3432))
+        out.write(Int32(1))
+        for v in [d, h, L, c.headCount, c.kvHeadCount, V, c.maxSequence] { out.write(Int32(v)) }
+        out.write(UInt8(1))
+        out.write(zeros: 256 - out.count)
+        for part in [rmsAtt, rmsFFN, rmsFinal, emb, wq, wk, wv, wo, w1, w2, w3] { out.write(bytes: part) }
+        return out.bytes
+    }
+
+    @Test("a version-1 llama2.c export of the same weights loads and decodes the same tokens")
+    func version1Export() throws {
+        let dir = temporaryDirectory()
+        writeBytes(Self.version1(fromLegacy: fileBytes(bundledModelPath)), to: dir + "/v1.bin")
+        let model = try LlamaModel(path: dir + "/v1.bin")
+        #expect(model.checkpoint.format == "llama2.c v1")
+        #expect(model.config == bundledModel.config)
+        let (tokens, _) = try greedy(model, cache: DenseKVCache(geometry: model.config.geometry), steps: 64)
+        #expect(tokens == pinnedGreedyTokens)
+        // Another export version is named, not misread.
+        var v2 = fileBytes(dir + "/v1.bin")
+        v2[4] = 2
+        writeBytes(v2, to: dir + "/v2.bin")
+        #expect { try Llama2CCheckpoint(path: dir + "/v2.bin") } throws: { "\($0)".contains("version 2 is not supported") }
+    }
+}

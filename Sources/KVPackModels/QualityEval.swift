@@ -1,0 +1,249 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import KVPack
+
+/// `kvpack eval`: what a scheme does to a real model. The model reads a fixed text twice per
+/// scheme, through a real file-backed session each time: once with a lossless raw f32 cache (the
+/// baseline) and once with the scheme. Teacher forcing: both runs see the same tokens.
+public enum QualityEval {
+    public struct Options: Sendable {
+        public var schemes: [String] = ["raw:f16", "raw:bf16"]
+        public var storyCount = 4
+        /// Tokens in all stories together (each story starts with BOS).
+        public var totalTokens = 1280
+        public var seed: UInt64 = 1
+        public var temperature: Float = 1
+        public var segmentTokens = 64
+        /// Attention-output error is measured at every n-th position.
+        public var attentionSampleEvery = 4
+        /// Files go here (kept for inspection).
+        public var directory: String
+        /// Testing aid: Gaussian noise, relative to each key row's RMS, added to keys before they
+        /// are stored, to show the metrics respond to a damaged cache.
+        public var keyNoise: Float = 0
+
+        public init(directory: String) { self.directory = directory }
+    }
+
+    public struct SchemeResult: Sendable, Codable {
+        public var spec: String
+        public var keyBitsPerElement: Double
+        public var valueBitsPerElement: Double
+        /// Whole files (manifest, index, blobs, tails, headers) per cached K/V element.
+        public var totalBitsPerElement: Double
+        public var compressionVsF16: Double
+        /// ||K_decoded - K|| / ||K|| over every stored key, K as the model produced it in this run.
+        public var keyRelativeError: Double
+        public var valueRelativeError: Double
+        /// ||attention(decoded) - attention(exact K/V)|| / ||attention(exact)|| at sampled positions.
+        public var attentionRelativeError: Double
+        public var perplexity: Double
+        public var perplexityDelta: Double
+        /// Positions where this run's greedy choice equals the baseline's.
+        public var greedyAgreement: Double
+    }
+
+    public struct Report: Sendable, Codable {
+        public var model: String
+        public var stories: Int
+        public var tokens: Int
+        public var temperature: Float
+        public var seed: UInt64
+        public var baseline: SchemeResult
+        public var schemes: [SchemeResult]
+    }
+
+    /// The evaluation text: `storyCount` stories sampled from BOS by the model itself.
+    public static func stories(model: LlamaModel, options: Options) throws -> [[Int]] {
+        let per = options.totalTokens / options.storyCount
+        guard per >= 2, per <= model.config.maxSequence else {
+            throw ModelError(model.checkpoint.path, "\(options.totalTokens) tokens in \(options.storyCount) stories gives \(per) per story; it must be 2...\(model.config.maxSequence)")
+        }
+        return try (0 ..< options.storyCount).map { s in
+            let cache = DenseKVCache(geometry: model.config.geometry)
+            var sampler = Sampler(temperature: options.temperature, seed: options.seed &+ UInt64(s))
+            var tokens = [1]
+            var logits = try model.forward(tokens: [1], cache: cache)
+            while tokens.count < per {
+                let next = sampler.sample(logits)
+                tokens.append(next)
+                if tokens.count < per { logits = try model.forward(tokens: [next], cache: cache) }
+            }
+            return tokens
+        }
+    }
+
+    public static func run(model: LlamaModel, options: Options, progress: (String) -> Void = { _ in }) throws -> Report {
+        let texts = try stories(model: model, options: options)
+        progress("stories: \(texts.count) x \(texts[0].count) tokens")
+        let baseline = try evaluate(spec: "raw:f32", model: model, texts: texts, options: options, noise: 0)
+        progress("raw:f32 baseline done")
+        var results: [SchemeResult] = []
+        for spec in options.schemes {
+            let run = try evaluate(spec: spec, model: model, texts: texts, options: options, noise: options.keyNoise)
+            results.append(run.result(baseline: baseline))
+            progress("\(spec) done")
+        }
+        return Report(model: model.checkpoint.path, stories: texts.count, tokens: texts.reduce(0) { $0 + $1.count },
+                      temperature: options.temperature, seed: options.seed,
+                      baseline: baseline.result(baseline: baseline), schemes: results)
+    }
+
+    /// Everything one scheme's pass over the texts measured.
+    struct Run {
+        var spec: String
+        var logits: [[Float]] = []          // per position with a next token, all stories
+        var targets: [Int] = []
+        var keyBytes = 0, valueBytes = 0, fileBytes = 0, elements = 0
+        var keyError = ErrorSum(), valueError = ErrorSum(), attentionError = ErrorSum()
+
+        func result(baseline: Run) -> SchemeResult {
+            let ppl = perplexity()
+            let agree = zip(logits, baseline.logits).filter { Sampler.argmax($0[...]) == Sampler.argmax($1[...]) }.count
+            let total = Double(fileBytes * 8) / Double(2 * elements)
+            return SchemeResult(spec: spec, keyBitsPerElement: Double(keyBytes * 8) / Double(elements),
+                                valueBitsPerElement: Double(valueBytes * 8) / Double(elements), totalBitsPerElement: total,
+                                compressionVsF16: 16 / total, keyRelativeError: keyError.relative,
+                                valueRelativeError: valueError.relative, attentionRelativeError: attentionError.relative,
+                                perplexity: ppl, perplexityDelta: ppl - baseline.perplexity(),
+                                greedyAgreement: Double(agree) / Double(max(logits.count, 1)))
+        }
+
+        func perplexity() -> Double {
+            var nll = 0.0
+            for (l, t) in zip(logits, targets) {
+                let m = Double(l.max() ?? 0)
+                let logSum = log(l.reduce(0.0) { $0 + exp(Double($1) - m) }) + m
+                nll += logSum - Double(l[t])
+            }
+            return exp(nll / Double(max(targets.count, 1)))
+        }
+    }
+
+    struct ErrorSum {
+        var difference = 0.0, reference = 0.0
+        var relative: Double { reference > 0 ? (difference / reference).squareRoot() : 0 }
+        mutating func add(_ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, _ n: Int) {
+            for i in 0 ..< n {
+                let d = Double(a[i]) - Double(b[i])
+                difference += d * d
+                reference += Double(b[i]) * Double(b[i])
+            }
+        }
+    }
+
+    static func evaluate(spec: String, model: LlamaModel, texts: [[Int]], options: Options, noise: Float) throws -> Run {
+        let g = model.config.geometry
+        let schemeSpec = try SchemeSpec.parse(spec, geometry: g)
+        var run = Run(spec: spec)
+        for (s, text) in texts.enumerated() {
+            let name = spec.map { $0.isLetter || $0.isNumber ? $0 : "_" }
+            let path = "\(options.directory)/eval-\(String(name))-story\(s)\(noise > 0 ? "-noisy" : "").kvpack"
+            let (manifest, blobs) = Conversation.manifest(for: model, spec: schemeSpec, segmentTokens: options.segmentTokens,
+                                                          producer: "kvpack eval")
+            var writerOptions = WriterOptions()
+            writerOptions.durability = .flush
+            writerOptions.overwrite = true
+            unlink(path)
+            let session = try KVCacheSession.create(path: path, manifest: manifest, blobs: blobs, options: writerOptions)
+            let recorder = RecordingCache(inner: session, noise: noise, seed: options.seed &+ UInt64(s), sampleEvery: options.attentionSampleEvery)
+            for (i, token) in text.enumerated() {
+                let logits = try model.forward(tokens: [token], cache: recorder)
+                if i + 1 < text.count {
+                    run.logits.append(logits)
+                    run.targets.append(text[i + 1])
+                }
+            }
+            try session.close()
+            run.attentionError.difference += recorder.attentionError.difference
+            run.attentionError.reference += recorder.attentionError.reference
+            // Reconstruction: what the finished file decodes to, against what the model produced.
+            let reader = try KVPackReader(path: path)
+            for layer in 0 ..< g.layerCount {
+                for head in 0 ..< g.kvHeadCount {
+                    for kind in KVKind.allCases {
+                        let decoded = try reader.decode(layer: layer, kvHead: head, kind: kind)
+                        let exact = recorder.exact(layer: layer, kvHead: head, kind: kind)
+                        decoded.withUnsafeBufferPointer { d in
+                            exact.withUnsafeBufferPointer { e in
+                                if kind == .key { run.keyError.add(d.baseAddress!, e.baseAddress!, d.count) } else { run.valueError.add(d.baseAddress!, e.baseAddress!, d.count) }
+                            }
+                        }
+                    }
+                }
+            }
+            let summary = try FileSummary(reader: reader)
+            run.keyBytes += summary.layers.reduce(0) { $0 + $1.keyBytes }
+            run.valueBytes += summary.layers.reduce(0) { $0 + $1.valueBytes }
+            run.fileBytes += summary.fileSize
+            run.elements += reader.tokenCount * g.headDim * g.kvHeadCount * g.layerCount
+        }
+        return run
+    }
+}
+
+/// Passes a forward pass through to a session, keeping the exact K/V rows the model produced
+/// (before any encoding) and measuring, at sampled positions, how far the session's attention is
+/// from dense attention over those exact rows.
+final class RecordingCache: KVCache {
+    let inner: KVCache
+    let noise: Float
+    var rng: SplitMix64
+    let sampleEvery: Int
+    /// [layer * kvHeads + head][token * headDim]
+    private var keys: [[Float]], values: [[Float]]
+    var attentionError = QualityEval.ErrorSum()
+    private var noisy: [Float]
+
+    init(inner: KVCache, noise: Float, seed: UInt64, sampleEvery: Int) {
+        self.inner = inner
+        self.noise = noise
+        rng = SplitMix64(seed: seed ^ 0xA77E)
+        self.sampleEvery = max(sampleEvery, 1)
+        let n = inner.geometry.layerCount * inner.geometry.kvHeadCount
+        keys = Array(repeating: [], count: n)
+        values = keys
+        noisy = []
+    }
+
+    var geometry: ModelGeometry { inner.geometry }
+    var tokenCount: Int { inner.tokenCount }
+    var batchPositions: [UInt32] { inner.batchPositions }
+    var nextPosition: UInt32 { inner.nextPosition }
+    func beginBatch(tokenIDs: [UInt32], positions: [UInt32]?) throws { try inner.beginBatch(tokenIDs: tokenIDs, positions: positions) }
+    func endBatch() throws { try inner.endBatch() }
+
+    func store(layer: Int, index: Int, keys k: UnsafePointer<Float>, values v: UnsafePointer<Float>) {
+        let g = geometry, d = g.headDim
+        for h in 0 ..< g.kvHeadCount {
+            keys[layer * g.kvHeadCount + h] += UnsafeBufferPointer(start: k + h * d, count: d)
+            values[layer * g.kvHeadCount + h] += UnsafeBufferPointer(start: v + h * d, count: d)
+        }
+        guard noise > 0 else { return inner.store(layer: layer, index: index, keys: k, values: v) }
+        let n = g.kvHeadCount * d
+        noisy = Array(UnsafeBufferPointer(start: k, count: n))
+        for h in 0 ..< g.kvHeadCount {
+            let row = noisy[h * d ..< (h + 1) * d]
+            let rms = (row.reduce(0) { $0 + $1 * $1 } / Float(d)).squareRoot()
+            for i in h * d ..< (h + 1) * d { noisy[i] += noise * rms * Float(rng.nextGaussian()) }
+        }
+        noisy.withUnsafeBufferPointer { inner.store(layer: layer, index: index, keys: $0.baseAddress!, values: v) }
+    }
+
+    func attend(layer: Int, kvHead: Int, queries: UnsafePointer<Float>, count: Int, scale: Float?,
+                output: UnsafeMutablePointer<Float>) throws {
+        try inner.attend(layer: layer, kvHead: kvHead, queries: queries, count: count, scale: scale, output: output)
+        guard count % sampleEvery == 0 else { return }
+        let g = geometry, d = g.headDim, i = layer * g.kvHeadCount + kvHead
+        let q = Array(UnsafeBufferPointer(start: queries, count: g.groupSize * d))
+        let reference = DenseAttention.reference(queries: q, keys: Array(keys[i][0 ..< count * d]), values: Array(values[i][0 ..< count * d]),
+                                                 groupSize: g.groupSize, headDim: d, scale: scale)
+        reference.withUnsafeBufferPointer { attentionError.add(output, $0.baseAddress!, $0.count) }
+    }
+
+    func exact(layer: Int, kvHead: Int, kind: KVKind) -> [Float] {
+        let i = layer * geometry.kvHeadCount + kvHead
+        return kind == .key ? keys[i] : values[i]
+    }
+}

@@ -1,0 +1,119 @@
+import ArgumentParser
+import Foundation
+import KVPack
+import KVPackModels
+
+struct GenerateCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "generate",
+        abstract: "Run a Llama model with its KV cache in a .kvpack file; start a conversation or continue one.",
+        discussion: """
+        Start:     kvpack generate --model models/stories260K.bin --save chat.kvpack --steps 80
+        Continue:  kvpack generate --resume chat.kvpack --steps 120
+
+        Each call is a turn: optional prompt tokens are fed as one batch, then --steps tokens are
+        sampled and fed back. New token ids are printed as they are produced. The cache is written
+        as it grows (a commit at every sealed segment, every --commit-every tokens, and at the end),
+        so a killed run leaves a file that resumes from its last commit. A resumed turn attends
+        over past tokens straight from the mapped file and continues exactly as an uninterrupted
+        run would (the same float operations, so the same tokens and logits).
+
+        The file records the model's fingerprint (XXH3-128 of the checkpoint) and path; resuming
+        with another model is refused and leaves the file untouched.
+        """)
+
+    @Option(help: "llama2.c checkpoint (legacy or version 1 export). With --resume, defaults to the one the file records.")
+    var model: String?
+    @Option(help: "Start a new conversation in this file.") var save: String?
+    @Option(help: "Continue the conversation in this file.") var resume: String?
+    @Option(help: "Comma-separated token ids to feed first (default for a new conversation: 1, BOS).")
+    var promptTokens: String?
+    @Option(help: "Tokens to generate.") var steps = 64
+    @Option(help: "Sampling temperature; 0 is greedy.") var temperature: Float = 0
+    @Option(help: "Sampling seed.") var seed: UInt64 = 1
+    @Option(help: "Scheme spec for a new file (see `kvpack --help`).") var scheme = "raw:f16"
+    @Option(help: "Tokens per sealed block, for a new file.") var segmentTokens = 64
+    @Option(help: "Also commit every N generated tokens (0: at seals and at the end only).") var commitEvery = 0
+    @Flag(help: "Do not fsync at commits (a commit then survives a crash of this process, not a power loss).") var noFsync = false
+    @Flag(help: "Replace the --save file if it exists.") var overwrite = false
+    @Flag(help: "Print a JSON summary instead of token ids.") var json = false
+
+    struct Summary: Codable {
+        var file: String
+        var model: String
+        var resumed: Bool
+        var prompt: [Int]
+        var generated: [Int]
+        var totalTokens: Int
+        var nextPosition: UInt32
+    }
+
+    func validate() throws {
+        guard (save == nil) != (resume == nil) else { throw ValidationError("give exactly one of --save FILE (new) and --resume FILE (continue)") }
+        guard steps >= 0, commitEvery >= 0 else { throw ValidationError("--steps and --commit-every must not be negative") }
+        if save != nil, model == nil { throw ValidationError("a new conversation needs --model") }
+    }
+
+    func run() throws {
+        let prompt = try parseTokens(promptTokens) ?? (resume == nil ? [1] : [])
+        var options = WriterOptions()
+        options.durability = noFsync ? .flush : .fsync
+        options.overwrite = overwrite
+        let conversation: Conversation
+        let modelPath: String
+        do {
+            if let save {
+                modelPath = absolute(model!)
+                let llama = try LlamaModel(path: modelPath)
+                let spec = try SchemeSpec.parse(scheme, geometry: llama.config.geometry)
+                conversation = try Conversation.start(path: save, model: llama, spec: spec, segmentTokens: segmentTokens,
+                                                      prompt: prompt, options: options, producer: "\(KVPackVersion.producer) generate")
+            } else {
+                let path = resume!
+                modelPath = try model.map(absolute) ?? recordedModel(path)
+                let llama = try LlamaModel(path: modelPath)
+                conversation = try Conversation.resume(path: path, model: llama, options: options)
+                if !prompt.isEmpty { try conversation.feed(prompt) }
+            }
+        } catch let e as KVPackError {
+            throw CLIError("\(save ?? resume!): \(e)")
+        }
+        var sampler = Sampler(temperature: temperature, seed: seed)
+        var produced = 0
+        let generated = try conversation.generate(steps: steps, sampler: &sampler) { token in
+            produced += 1
+            if !json {
+                FileHandle.standardOutput.write(Data("\(token)\(produced < steps ? "," : "\n")".utf8))
+            }
+            if commitEvery > 0, produced % commitEvery == 0 { try? conversation.commit() }
+        }
+        try conversation.close()
+        let total = conversation.tokenIDs.count
+        if json {
+            try printJSON(Summary(file: conversation.path, model: modelPath, resumed: resume != nil, prompt: prompt,
+                                  generated: generated, totalTokens: total, nextPosition: conversation.session.nextPosition))
+        } else {
+            printError("\(conversation.path): \(total) tokens (\(prompt.count) fed, \(generated.count) generated this turn), committed")
+        }
+    }
+
+    func parseTokens(_ text: String?) throws -> [Int]? {
+        guard let text else { return nil }
+        let parts = text.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }
+        let ids = parts.compactMap { Int($0) }
+        guard ids.count == parts.count else { throw ValidationError("--prompt-tokens takes comma-separated integers, got \"\(text)\"") }
+        return ids
+    }
+
+    func recordedModel(_ path: String) throws -> String {
+        let reader = try openReader(path)
+        guard let recorded = reader.manifest.userMetadata.first(where: { $0.key == "model.path" })?.value else {
+            throw CLIError("\(path) does not record its model; pass --model")
+        }
+        return recorded
+    }
+
+    func absolute(_ path: String) -> String {
+        path.hasPrefix("/") ? path : FileManager.default.currentDirectoryPath + "/" + path
+    }
+}

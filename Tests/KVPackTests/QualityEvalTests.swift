@@ -1,0 +1,48 @@
+import Foundation
+import Testing
+@testable import KVPack
+@testable import KVPackModels
+
+struct QualityEvalTests {
+    func report(schemes: [String], keyNoise: Float = 0) throws -> QualityEval.Report {
+        var o = QualityEval.Options(directory: temporaryDirectory())
+        o.schemes = schemes
+        o.storyCount = 2
+        o.totalTokens = 320
+        o.keyNoise = keyNoise
+        return try QualityEval.run(model: bundledModel, options: o)
+    }
+
+    @Test("eval measures lossless as lossless and f16/bf16 as small, ordered errors")
+    func losslessAndRaw() throws {
+        let r = try report(schemes: ["raw:f32", "raw:f16", "raw:bf16"])
+        #expect(r.tokens == 320)
+        let f32 = r.schemes[0], f16 = r.schemes[1], bf16 = r.schemes[2]
+        // raw:f32 is the baseline's encoding: every difference is exactly zero.
+        #expect(f32.keyRelativeError == 0 && f32.valueRelativeError == 0)
+        #expect(f32.perplexityDelta == 0)
+        #expect(f32.greedyAgreement == 1)
+        #expect(f32.keyBitsPerElement >= 32 && f32.keyBitsPerElement < 36)
+        // f16: rounding error ~2^-12 per element, perplexity essentially unchanged; the model's
+        // greedy choice only moves where its top two logits are within ~0.01 of each other.
+        #expect(f16.keyRelativeError > 1e-5 && f16.keyRelativeError < 1e-3)
+        #expect(abs(f16.perplexityDelta) < 0.001 * r.baseline.perplexity)
+        #expect(f16.greedyAgreement >= 0.98)
+        #expect(f16.keyBitsPerElement >= 16 && f16.keyBitsPerElement < 18)
+        #expect(abs(f16.compressionVsF16 - 16 / f16.totalBitsPerElement) < 1e-9)
+        // bf16 keeps 8 mantissa bits to f16's 11: about 8x the error.
+        #expect(bf16.keyRelativeError > 4 * f16.keyRelativeError)
+        #expect(bf16.attentionRelativeError > f16.attentionRelativeError)
+    }
+
+    @Test("a deliberately damaged cache raises every error the eval reports")
+    func damagedCache() throws {
+        let clean = try report(schemes: ["raw:f16"]).schemes[0]
+        let damaged = try report(schemes: ["raw:f16"], keyNoise: 0.2).schemes[0]
+        #expect(damaged.keyRelativeError > 0.1 && damaged.keyRelativeError < 0.35, "\(damaged.keyRelativeError)")
+        #expect(damaged.valueRelativeError < 1e-3)  // only keys were damaged
+        #expect(damaged.attentionRelativeError > 10 * clean.attentionRelativeError)
+        #expect(abs(damaged.perplexityDelta) > 10 * abs(clean.perplexityDelta))
+        #expect(damaged.greedyAgreement < clean.greedyAgreement)
+    }
+}
