@@ -258,14 +258,12 @@ public final class KVPackReader: @unchecked Sendable {
             // stored, so a chunk allocates nothing.
             let chunkStart = t
             func forEachSource(_ body: (ChunkSource) throws -> Void) rethrows {
-                if chunkStart < fileEnd {
-                    if chunkStart < sealedTokenCount {
-                        try body(.block(segment: segment, local: (chunkStart - segment * c) ..< (fileEnd - segment * c), at: 0))
-                    } else {
-                        for (i, piece) in state.tail.enumerated() {
-                            let lo = max(chunkStart, piece.tokenStart), hi = min(fileEnd, piece.tokenStart + piece.tokenCount)
-                            if lo < hi { try body(.tail(piece: i, local: (lo - piece.tokenStart) ..< (hi - piece.tokenStart), at: lo - chunkStart)) }
-                        }
+                try forEachChunk(chunkStart ..< fileEnd) { chunk in
+                    switch chunk {
+                    case let .block(segment, local):
+                        try body(.block(segment: segment, local: local, at: segment * c + local.lowerBound - chunkStart))
+                    case let .tail(piece, local):
+                        try body(.tail(piece: piece, local: local, at: state.tail[piece].tokenStart + local.lowerBound - chunkStart))
                     }
                 }
                 if chunkEnd > range.upperBound, let rows {

@@ -55,7 +55,7 @@ public struct FileSummary: Sendable, Codable {
         rope = m.rope
         segmentTokens = m.segmentTokens
         maxPositions = m.maxPositions
-        modelFingerprint = m.modelFingerprint.map { String($0, radix: 16).leftPadded(to: 2) }.joined()
+        modelFingerprint = Manifest.fingerprintText(m.modelFingerprint)
         producer = m.producer
         userMetadata = m.userMetadata
         tokenCount = reader.tokenCount

@@ -111,15 +111,15 @@ public enum Validator {
     /// After a damaged header it resynchronises on the next 64-byte boundary whose header
     /// verifies (the offset-seeded checksum makes false matches negligible).
     static func walkFrames(_ bytes: UnsafeRawBufferPointer, salt: UInt64, end: UInt64,
-                           report: inout ValidationReport) -> [UInt64: FrameTag] {
-        var frames: [UInt64: FrameTag] = [:]
+                           report: inout ValidationReport) -> [UInt64: (tag: FrameTag, size: Int)] {
+        var frames: [UInt64: (tag: FrameTag, size: Int)] = [:]
         var offset = UInt64(FileHeader.size)
         let align = UInt64(FileHeader.frameAlignment)
         while offset + UInt64(FrameHeader.size) <= end {
             do {
                 let h = try FrameHeader.decode(bytes, at: offset, limit: end, salt: salt, field: "frame")
                 report.framesWalked += 1
-                frames[offset] = h.tag
+                frames[offset] = (h.tag, Int(h.nextFrameOffset - offset))
                 if !FrameTag.known.contains(h.tag) {
                     if h.tag.isCritical {
                         report.add(.error, KVPackError(.unknownCriticalFrame, offset: offset, field: "frame.tag",
@@ -144,10 +144,12 @@ public enum Validator {
 
     /// Every frame the commit references must start where the linear walk found a frame of the
     /// expected kind (an index entry may not point into another frame's payload).
-    static func checkReferences(_ reader: KVPackReader, frames: [UInt64: FrameTag], report: inout ValidationReport) {
+    static func checkReferences(_ reader: KVPackReader, frames: [UInt64: (tag: FrameTag, size: Int)], report: inout ValidationReport) {
         let s = reader.state
+        var referenced: Set<UInt64> = [UInt64(FileHeader.size), s.commitOffset]
         func expect(_ offset: UInt64, _ tag: FrameTag, _ what: String) {
-            if frames[offset] != tag {
+            referenced.insert(offset)
+            if frames[offset]?.tag != tag {
                 report.add(.error, KVPackError.invalid(offset, "\(tag)", "\(what) at \(offset) is not a \(tag) frame found by the linear walk"))
             }
         }
@@ -155,8 +157,7 @@ public enum Validator {
         for p in s.tail { expect(p.frameOffset, .delta, "tail run") }
         for (id, offset) in s.blobFrames { expect(offset, .blob, "blob \(id)") }
         for offset in s.blockOffsets { expect(offset, .block, "block") }
-        let referenced = s.chain.count + s.tail.count + s.blobFrames.count + s.blockOffsets.count + 2  // + manifest, commit
-        report.supersededBytes = frames.count > referenced ? frames.count - referenced : 0
+        report.supersededBytes = frames.filter { !referenced.contains($0.key) }.reduce(0) { $0 + $1.value.size }
     }
 
     static func checkBlocks(_ reader: KVPackReader, deep: Bool, report: inout ValidationReport) {

@@ -51,7 +51,7 @@ public final class Conversation {
         }
         guard m.modelFingerprint == model.fingerprint else {
             let recorded = m.userMetadata.first { $0.key == "model.path" }?.value ?? "an unrecorded path"
-            throw ModelError(path, "was written with a different model (fingerprint \(hexString(m.modelFingerprint)), from \(recorded)); \(model.checkpoint.path) has fingerprint \(hexString(model.fingerprint)). The file was not modified.")
+            throw ModelError(path, "was written with a different model (fingerprint \(Manifest.fingerprintText(m.modelFingerprint)), from \(recorded)); \(model.checkpoint.path) has fingerprint \(Manifest.fingerprintText(model.fingerprint)). The file was not modified.")
         }
         guard reader.tokenCount > 0 else { throw ModelError(path, "holds no tokens to continue from") }
     }
@@ -74,14 +74,14 @@ public final class Conversation {
 
     /// Samples `steps` tokens, feeding each back; calls `onToken` as each is chosen.
     @discardableResult
-    public func generate(steps: Int, sampler: inout Sampler, onToken: (Int) -> Void = { _ in }) throws -> [Int] {
+    public func generate(steps: Int, sampler: inout Sampler, onToken: (Int) throws -> Void = { _ in }) throws -> [Int] {
         try checkRoom(steps)
         var out: [Int] = []
         for _ in 0 ..< steps {
             let next = sampler.sample(logits)
             logits = try model.forward(tokens: [next], cache: session)
             out.append(next)
-            onToken(next)
+            try onToken(next)
         }
         return out
     }
@@ -95,8 +95,4 @@ public final class Conversation {
 
     public func commit() throws { try session.commit() }
     public func close() throws { try session.close() }
-}
-
-func hexString(_ bytes: [UInt8]) -> String {
-    bytes.map { String($0, radix: 16).count == 1 ? "0" + String($0, radix: 16) : String($0, radix: 16) }.joined()
 }

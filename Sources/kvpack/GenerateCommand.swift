@@ -85,7 +85,7 @@ struct GenerateCommand: ParsableCommand {
             if !json {
                 FileHandle.standardOutput.write(Data("\(token)\(produced < steps ? "," : "\n")".utf8))
             }
-            if commitEvery > 0, produced % commitEvery == 0 { try? conversation.commit() }
+            if commitEvery > 0, produced % commitEvery == 0 { try conversation.commit() }
         }
         try conversation.close()
         let total = conversation.tokenIDs.count

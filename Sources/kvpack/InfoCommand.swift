@@ -6,7 +6,7 @@ struct InfoCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "info",
         abstract: "Describe a .kvpack file: geometry, schemes, tokens, sizes, bits per element.",
-        discussion: "Reads the header, manifest and index only; block payloads are not read. Use `validate` to check them.")
+        discussion: "Reads the header, manifest, index and (for sizes) each block's 64-byte header; block payloads are not read or checked. Use `validate` to check them.")
 
     @Argument(help: "The .kvpack file.") var file: String
     @Flag(help: "Print the description as JSON.") var json = false

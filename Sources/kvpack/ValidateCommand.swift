@@ -36,6 +36,7 @@ struct ValidateCommand: ParsableCommand {
             let tokens = report.tokenCount.map { "\($0) tokens, " } ?? ""
             let summary = "\(tokens)\(report.framesWalked) frames, \(report.blocksChecked) blocks checked"
                 + (deep ? ", \(report.valuesChecked) values decoded" : "")
+                + (report.supersededBytes > 0 ? ", \(report.supersededBytes) bytes in superseded frames" : "")
             print("\(file): \(report.isValid ? "valid" : "INVALID") (\(summary))")
         }
         if !report.isValid { throw ExitCode(1) }

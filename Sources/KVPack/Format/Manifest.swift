@@ -77,6 +77,11 @@ public struct Manifest: Sendable, Equatable {
         self.userMetadata = userMetadata
     }
 
+    /// A fingerprint as 32 hex digits.
+    public static func fingerprintText(_ bytes: [UInt8]) -> String {
+        bytes.map { String($0, radix: 16).leftPadded(to: 2) }.joined()
+    }
+
     public func schemeIndex(layer: Int, kind: KVKind) -> Int {
         kind == .key ? layerSchemes[layer].key : layerSchemes[layer].value
     }
