@@ -256,8 +256,12 @@ public final class KVPackReader: @unchecked Sendable {
             // A chunk is the part of one segment in [t, chunkEnd): block rows, then tail runs,
             // then appended rows, in token order. Scores land at (token - t). Enumerated, not
             // stored, so a chunk allocates nothing.
+            // `throws`, never `rethrows`: Swift 6.3.1 miscompiles a local rethrows function whose
+            // body passes through another rethrows call (swiftlang/swift#77809): the error is lost
+            // at -Onone and a crash at -O. The fuzzer found it (corpus/error-checksumMismatch__
+            // v1-fuzz-attend-lost-error.kvpack); no local function in this project uses rethrows.
             let chunkStart = t
-            func forEachSource(_ body: (ChunkSource) throws -> Void) rethrows {
+            func forEachSource(_ body: (ChunkSource) throws -> Void) throws {
                 try forEachChunk(chunkStart ..< fileEnd) { chunk in
                     switch chunk {
                     case let .block(segment, local):

@@ -167,6 +167,34 @@ struct BadInputTests {
         return nil
     }
 
+    @Test("attention over a damaged block throws the checksum error (regression: it was lost, then crashed)")
+    func attendOverDamagedBlock() throws {
+        var (bytes, _) = try Self.smallFile()
+        let block = try Self.frames(bytes).first { $0.tag == .block }!
+        bytes[Int(block.payloadOffset) + 3] ^= 0x10
+        let r = try KVPackReader(file: MappedFile(copying: bytes))
+        let id = r.geometry.streamID(Int(block.field32(32)))
+        let q = [Float](repeating: 1, count: r.geometry.groupSize * r.geometry.headDim)
+        #expect { try r.attend(layer: id.layer, kvHead: id.kvHead, queries: q) } throws: { error in
+            let e = error as? KVPackError
+            return e?.code == .checksumMismatch && e?.offset == block.offset + 24
+        }
+        // With rows appended from memory too (a live session's path).
+        let rows = [Float](repeating: 0.5, count: 3 * r.geometry.headDim)
+        var out = q
+        #expect(throws: KVPackError.self) {
+            try rows.withUnsafeBufferPointer { k in
+                try q.withUnsafeBufferPointer { qp in
+                    try out.withUnsafeMutableBufferPointer { o in
+                        try r.attend(layer: id.layer, kvHead: id.kvHead, queries: qp.baseAddress!,
+                                     appending: AppendedRows(keys: k.baseAddress!, values: k.baseAddress!, count: 3),
+                                     output: o.baseAddress!, workspace: AttentionWorkspace())
+                    }
+                }
+            }
+        }
+    }
+
     @Test("oversized counts and offsets are invalid fields, allocated from nothing")
     func lyingFields() throws {
         let (original, _) = try Self.smallFile()

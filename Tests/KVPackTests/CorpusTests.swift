@@ -35,16 +35,19 @@ struct CorpusTests {
             #expect(expect.hasPrefix("error-"))
             #expect(report.problems.contains { $0.severity == .error && $0.code == code }, "\(report.problems)")
         }
-        if report.isValid {
-            // Valid files also attend: every KV head of the first and last layer.
-            let r = try KVPackReader(path: path)
-            guard r.tokenCount > 0 else { return }
-            let g = r.geometry
-            for layer in Set([0, g.layerCount - 1]) {
-                for head in 0 ..< g.kvHeadCount {
-                    let q = [Float](repeating: 0.3, count: g.groupSize * g.headDim)
+        // Every file that opens is attended over, on every KV head of the first and last layer:
+        // damaged ones must fail with a KVPackError, never trap (fuzz regressions live here).
+        guard let r = try? KVPackReader(path: path), r.tokenCount > 0 else { return }
+        let g = r.geometry
+        for layer in Set([0, g.layerCount - 1]) {
+            for head in 0 ..< g.kvHeadCount {
+                let q = [Float](repeating: 0.3, count: g.groupSize * g.headDim)
+                do {
                     let out = try r.attend(layer: layer, kvHead: head, queries: q)
                     #expect(out.allSatisfy { $0.isFinite })
+                } catch {
+                    #expect(error is KVPackError)
+                    #expect(!report.isValid, "a valid file failed attention: \(error)")
                 }
             }
         }
