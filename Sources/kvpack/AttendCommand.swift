@@ -7,10 +7,7 @@ struct AttendCommand: ParsableCommand {
         commandName: "attend",
         abstract: "Debug: attention of random queries over one KV head, straight from the file.",
         discussion: """
-        Draws one query per query head of the KV head's GQA group (standard normal, from
-        --query-seed), runs the reader's attention over the token range, and prints the output
-        vectors. --check also computes a naive dense softmax over the decoded keys and values and
-        prints the largest relative difference.
+        Draws one query per query head of the KV head's GQA group (standard normal, from --query-seed), runs the reader's attention over the token range, and prints the output vectors. --check also computes a naive dense softmax over the decoded keys and values and prints the largest relative difference.
         """)
 
     @Argument(help: "The .kvpack file.") var file: String

@@ -8,17 +8,9 @@ struct EvalCommand: ParsableCommand {
         commandName: "eval",
         abstract: "Measure what each scheme does to a real model: size, reconstruction error, attention error, perplexity, agreement.",
         discussion: """
-        The model first samples its own evaluation text (--stories stories from BOS, --tokens in
-        all, fixed --seed). It then reads that text token by token (teacher forcing) through a
-        real file-backed cache, once with a lossless raw:f32 cache (the baseline) and once per
-        --scheme. Past tokens are attended through the reader, from the file.
+        The model first samples its own evaluation text (--stories stories from BOS, --tokens in all, fixed --seed). It then reads that text token by token (teacher forcing) through a real file-backed cache, once with a lossless raw:f32 cache (the baseline) and once per --scheme. Past tokens are attended through the reader, from the file.
 
-        Columns: bits per element of keys, of values, and of the whole files (every header,
-        index, tail and blob); compression against f16; relative K and V reconstruction error
-        (decoded file vs the rows the model produced in that run); relative attention-output
-        error at every 4th position (vs dense attention over those exact rows); perplexity of the
-        text and its difference from the baseline; and the share of positions whose greedy next
-        token matches the baseline's.
+        Columns: bits per element of keys, of values, and of the whole files (every header, index, tail and blob); compression against f16; relative K and V reconstruction error (decoded file vs the rows the model produced in that run); relative attention-output error at every 4th position (vs dense attention over those exact rows); perplexity of the text and its difference from the baseline; and the share of positions whose greedy next token matches the baseline's.
         """)
 
     @Option(help: "llama2.c checkpoint.") var model: String

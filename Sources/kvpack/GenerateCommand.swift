@@ -8,18 +8,12 @@ struct GenerateCommand: ParsableCommand {
         commandName: "generate",
         abstract: "Run a Llama model with its KV cache in a .kvpack file; start a conversation or continue one.",
         discussion: """
-        Start:     kvpack generate --model models/stories260K.bin --save chat.kvpack --steps 80
-        Continue:  kvpack generate --resume chat.kvpack --steps 120
+          kvpack generate --model M --save chat.kvpack --steps 80     (start)
+          kvpack generate --resume chat.kvpack --steps 120          (continue)
 
-        Each call is a turn: optional prompt tokens are fed as one batch, then --steps tokens are
-        sampled and fed back. New token ids are printed as they are produced. The cache is written
-        as it grows (a commit at every sealed segment, every --commit-every tokens, and at the end),
-        so a killed run leaves a file that resumes from its last commit. A resumed turn attends
-        over past tokens straight from the mapped file and continues exactly as an uninterrupted
-        run would (the same float operations, so the same tokens and logits).
+        Each call is a turn: optional prompt tokens are fed as one batch, then --steps tokens are sampled and fed back. New token ids are printed as they are produced. The cache is written as it grows (a commit at every sealed segment, every --commit-every tokens, and at the end), so a killed run leaves a file that resumes from its last commit. A resumed turn attends over past tokens straight from the mapped file and continues exactly as an uninterrupted run would (the same float operations, so the same tokens and logits).
 
-        The file records the model's fingerprint (XXH3-128 of the checkpoint) and path; resuming
-        with another model is refused and leaves the file untouched.
+        The file records the model's fingerprint (XXH3-128 of the checkpoint) and path; resuming with another model is refused and leaves the file untouched.
         """)
 
     @Option(help: "llama2.c checkpoint (legacy or version 1 export). With --resume, defaults to the one the file records.")

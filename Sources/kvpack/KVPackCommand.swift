@@ -7,10 +7,7 @@ struct KVPackCommand: ParsableCommand {
         commandName: "kvpack",
         abstract: "Store, inspect and attend over quantized transformer KV caches in .kvpack files.",
         discussion: """
-        A .kvpack file holds a model's key/value cache: per layer, per KV head, blocks of keys and
-        values in a chosen encoding, plus the model geometry, RoPE settings and token ids. Files
-        are append-only and crash-safe: a reader sees exactly the tokens of the last commit.
-        The format is specified in Spec/kvpack-format.md.
+        A .kvpack file holds a model's key/value cache: per layer, per KV head, blocks of keys and values in a chosen encoding, plus the model geometry, RoPE settings and token ids. Files are append-only and crash-safe: a reader sees exactly the tokens of the last commit. The format is specified in Spec/kvpack-format.md.
 
         Scheme specs (--scheme):
         \(SchemeSpec.help)

@@ -7,10 +7,7 @@ struct SynthCommand: ParsableCommand {
         commandName: "synth",
         abstract: "Write a synthetic cache with a real model's geometry and realistic statistics.",
         discussion: """
-        Keys get a per-channel bias and a few outlier channels of large magnitude, then RoPE by
-        position; values are unbiased, without outliers. Every token is a pure function of
-        --seed, so --resume appends exactly the tokens an uninterrupted run would have written.
-        Models: \(ModelPreset.all.map(\.name).joined(separator: ", ")).
+        Keys get a per-channel bias and a few outlier channels of large magnitude, then RoPE by position; values are unbiased, without outliers. Every token is a pure function of --seed, so --resume appends exactly the tokens an uninterrupted run would have written. Models: \(ModelPreset.all.map(\.name).joined(separator: ", ")).
         """)
 
     @Argument(help: "Output .kvpack file.") var output: String

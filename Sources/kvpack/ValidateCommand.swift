@@ -7,11 +7,7 @@ struct ValidateCommand: ParsableCommand {
         commandName: "validate",
         abstract: "Check a .kvpack file against the format specification.",
         discussion: """
-        Checks structure, bounds, alignment, checksums (every frame header and payload), version,
-        index consistency and scheme parameters. --deep also decodes every block and tail row and
-        reports NaN or infinite values and decoder errors. Each problem names its file offset and
-        field. Bytes after the last commit (a crashed writer's torn tail) are a warning, not an
-        error: readers ignore them.
+        Checks structure, bounds, alignment, checksums (every frame header and payload), version, index consistency and scheme parameters. --deep also decodes every block and tail row and reports NaN or infinite values and decoder errors. Each problem names its file offset and field. Bytes after the last commit (a crashed writer's torn tail) are a warning, not an error: readers ignore them.
 
         Exit status: 0 valid, 1 invalid, 2 unreadable (the file cannot be opened or mapped).
         """)

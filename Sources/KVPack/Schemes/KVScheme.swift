@@ -74,6 +74,8 @@ public protocol KVScheme: Sendable {
     static var name: String { get }
     /// Syntax of the spec arguments, for `--help`.
     static var specSyntax: String { get }
+    /// One line on what the scheme stores, for `--help`.
+    static var summary: String { get }
     /// Builds the descriptor for `role` from the spec's arguments (the parts after "name:").
     static func setup(arguments: [String], role: KVKind, geometry: ModelGeometry) throws -> SchemeSetup
 

@@ -7,7 +7,8 @@
 public struct RawScheme: KVScheme {
     public static let kind = SchemeKind.raw
     public static let name = "raw"
-    public static let specSyntax = "{f32|f16|bf16}[:zstd[=LEVEL]]   lossless rows, optionally zstd-compressed per block (default level 3)"
+    public static let specSyntax = "{f32|f16|bf16}[:zstd[=LEVEL]]"
+    public static let summary = "lossless rows, optionally one zstd frame per block (level 3 by default)"
 
     public let descriptor: SchemeDescriptor
     public let elementType: ElementType

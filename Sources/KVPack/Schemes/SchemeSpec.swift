@@ -51,7 +51,7 @@ public struct SchemeSpec: Sendable, Equatable, CustomStringConvertible {
     }
 
     public static var help: String {
-        SchemeRegistry.all.map { "  \($0.name):\($0.specSyntax)" }.joined(separator: "\n")
+        SchemeRegistry.all.map { "  \($0.name):\($0.specSyntax)\n      \($0.summary)" }.joined(separator: "\n")
     }
 }
 
