@@ -145,7 +145,6 @@ public enum QualityEval {
             var writerOptions = WriterOptions()
             writerOptions.durability = .flush
             writerOptions.overwrite = true
-            unlink(path)
             let session = try KVCacheSession.create(path: path, manifest: manifest, blobs: blobs, options: writerOptions)
             let recorder = RecordingCache(inner: session, noise: noise, seed: options.seed &+ UInt64(s), sampleEvery: options.attentionSampleEvery)
             for (i, token) in text.enumerated() {

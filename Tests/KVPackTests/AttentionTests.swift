@@ -40,14 +40,14 @@ struct AttentionTests {
         let reader = try KVPackReader(path: dir + "/a.kvpack")
         var rng = SplitMix64(seed: 2)
         let q = (0 ..< 4 * 64).map { _ in Float(rng.nextGaussian()) }
-        let want = DenseAttention.reference(queries: q, keys: data.stream(layer: 0, head: 0, kind: .key, tokens: 0 ..< 100),
-                                            values: data.stream(layer: 0, head: 0, kind: .value, tokens: 0 ..< 100), groupSize: 4, headDim: 64)
-        let got = try reader.attend(layer: 0, kvHead: 0, queries: q)
-        #expect(DenseAttention.maxRelativeError(got, want) < 1e-5)
+        func reference(scale: Float?) -> [Float] {
+            DenseAttention.reference(queries: q, keys: data.stream(layer: 0, head: 0, kind: .key, tokens: 0 ..< 100),
+                                     values: data.stream(layer: 0, head: 0, kind: .value, tokens: 0 ..< 100), groupSize: 4, headDim: 64,
+                                     scale: scale)
+        }
+        #expect(DenseAttention.maxRelativeError(try reader.attend(layer: 0, kvHead: 0, queries: q), reference(scale: nil)) < 1e-5)
         // A custom scale too.
-        let want2 = DenseAttention.reference(queries: q, keys: data.stream(layer: 0, head: 0, kind: .key, tokens: 0 ..< 100),
-                                             values: data.stream(layer: 0, head: 0, kind: .value, tokens: 0 ..< 100), groupSize: 4, headDim: 64, scale: 0.5)
-        #expect(DenseAttention.maxRelativeError(try reader.attend(layer: 0, kvHead: 0, queries: q, scale: 0.5), want2) < 1e-5)
+        #expect(DenseAttention.maxRelativeError(try reader.attend(layer: 0, kvHead: 0, queries: q, scale: 0.5), reference(scale: 0.5)) < 1e-5)
     }
 
     @Test("bad arguments are errors, not traps")
