@@ -22,7 +22,7 @@ public final class Conversation {
     public static func manifest(for model: LlamaModel, spec: SchemeSpec, segmentTokens: Int, producer: String,
                                 metadata: [Manifest.MetadataEntry] = []) -> (Manifest, [Blob]) {
         let c = model.config
-        let plan = SchemePlan(spec: spec, layerCount: c.layerCount)
+        let plan = SchemePlan(spec: spec)
         let m = Manifest(geometry: c.geometry, segmentTokens: segmentTokens,
                          rope: RoPEConfig(theta: Double(c.ropeTheta), layout: .interleaved, keysArePostRoPE: true),
                          maxPositions: UInt32(c.maxSequence), modelFingerprint: model.fingerprint,

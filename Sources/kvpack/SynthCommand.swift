@@ -48,7 +48,7 @@ struct SynthCommand: ParsableCommand {
                 geometry = writer.manifest.geometry
             } else {
                 let spec = try SchemeSpec.parse(scheme, geometry: geometry)
-                let plan = SchemePlan(spec: spec, layerCount: geometry.layerCount)
+                let plan = SchemePlan(spec: spec)
                 let manifest = Manifest(geometry: geometry, segmentTokens: segmentTokens, rope: preset.rope,
                                         maxPositions: preset.maxPositions, schemes: plan.schemes, layerSchemes: plan.layerSchemes,
                                         producer: "\(KVPackVersion.producer) synth",

@@ -13,7 +13,7 @@ struct SpecExampleTests {
     /// (ids 1, 72, 101) appended one by one, then one commit.
     static func build() throws -> [UInt8] {
         let g = ModelGeometry(layerCount: 1, queryHeadCount: 1, kvHeadCount: 1, headDim: 2)
-        let plan = SchemePlan(spec: try SchemeSpec.parse("raw:f16", geometry: g), layerCount: 1)
+        let plan = SchemePlan(spec: try SchemeSpec.parse("raw:f16", geometry: g))
         let m = Manifest(geometry: g, segmentTokens: 2, rope: RoPEConfig(theta: 10000, layout: .interleaved),
                          maxPositions: 512, schemes: plan.schemes, layerSchemes: plan.layerSchemes,
                          producer: "spec", userMetadata: [.init("lang", "en")])

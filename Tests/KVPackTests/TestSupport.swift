@@ -74,7 +74,7 @@ func rounded(_ x: Float, to type: ElementType) -> Float {
 }
 
 func makeManifest(_ g: ModelGeometry, segmentTokens: Int, spec: String, rope: RoPEConfig = .init(theta: 10000, layout: .interleaved)) throws -> (Manifest, [Blob]) {
-    let plan = SchemePlan(spec: try SchemeSpec.parse(spec, geometry: g), layerCount: g.layerCount)
+    let plan = SchemePlan(spec: try SchemeSpec.parse(spec, geometry: g))
     let m = Manifest(geometry: g, segmentTokens: segmentTokens, rope: rope, schemes: plan.schemes,
                      layerSchemes: plan.layerSchemes, producer: "kvpack tests")
     return (m, plan.blobs)

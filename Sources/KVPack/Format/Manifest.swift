@@ -4,8 +4,8 @@ public struct SchemeKind: RawRepresentable, Hashable, Sendable, Codable, CustomS
     public init(rawValue: UInt16) { self.rawValue = rawValue }
 
     public static let raw = SchemeKind(rawValue: 1)
-    // Reserved for the quantization schemes (Spec/ lists them): 2 int (KV-AdaQuant),
-    // 3 polar (PolarQuant), 4 svdq (SVDq), 5 nsn (NSNQuant).
+    public static let int = SchemeKind(rawValue: 2)
+    // Reserved (Spec/ lists them): 3 polar (PolarQuant), 4 svdq (SVDq), 5 nsn (NSNQuant).
 
     public var description: String {
         SchemeRegistry.type(for: self).map { $0.name } ?? "scheme#\(rawValue)"

@@ -54,9 +54,25 @@ public struct Blob: Sendable, Equatable {
 public struct SchemeSetup: Sendable {
     public var descriptor: SchemeDescriptor
     public var blobs: [Blob]
-    public init(descriptor: SchemeDescriptor, blobs: [Blob] = []) {
+    /// The file's segmentTokens this setup needs (a scheme's residual window, `int:...:r128`).
+    public var segmentTokens: Int?
+
+    public init(descriptor: SchemeDescriptor, blobs: [Blob] = [], segmentTokens: Int? = nil) {
         self.descriptor = descriptor
         self.blobs = blobs
+        self.segmentTokens = segmentTokens
+    }
+}
+
+/// A planner's answer for a spec like `int:auto:3.0`: the key and value setups of every layer,
+/// and why.
+public struct PlannedSchemes: Sendable {
+    public var layers: [LayerSetup]
+    public var rationale: [String]
+
+    public init(layers: [LayerSetup], rationale: [String]) {
+        self.layers = layers
+        self.rationale = rationale
     }
 }
 
@@ -78,6 +94,9 @@ public protocol KVScheme: Sendable {
     static var summary: String { get }
     /// Builds the descriptor for `role` from the spec's arguments (the parts after "name:").
     static func setup(arguments: [String], role: KVKind, geometry: ModelGeometry) throws -> SchemeSetup
+    /// For arguments that ask a planner (`auto:...`), the per-layer setups it chooses from
+    /// `calibration`; nil for arguments that need none.
+    static func plan(arguments: [String], geometry: ModelGeometry, calibration: CacheStatistics?) throws -> PlannedSchemes?
 
     /// Validates a descriptor read from a file and prepares the codec.
     init(descriptor: SchemeDescriptor, context: SchemeContext) throws
@@ -113,6 +132,7 @@ public protocol KVScheme: Sendable {
 }
 
 extension KVScheme {
+    public static func plan(arguments: [String], geometry: ModelGeometry, calibration: CacheStatistics?) throws -> PlannedSchemes? { nil }
     public var compressionLevel: Int32 { 0 }
     public func validate(block: UnsafeRawBufferPointer, tokens: Int) throws {}
     public func finishAccumulation(_ acc: UnsafeMutablePointer<Float>, groupSize: Int) {}
@@ -122,6 +142,7 @@ extension KVScheme {
 public enum SchemeRegistry {
     public static let all: [any KVScheme.Type] = [
         RawScheme.self,
+        IntScheme.self,
     ]
 
     public static func type(for kind: SchemeKind) -> (any KVScheme.Type)? {

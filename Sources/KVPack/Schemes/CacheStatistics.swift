@@ -1,0 +1,84 @@
+/// Per-layer magnitudes of a cache, for planners that split a bit budget between layers and
+/// between keys and values (KV-AdaQuant's observation: keys have larger norms and spectral norms,
+/// and their errors cost more). Length-independent: norms are per token.
+public struct CacheStatistics: Sendable, Codable, Equatable {
+    public struct Layer: Sendable, Codable, Equatable {
+        /// sqrt(mean over heads and tokens of ||row||^2): the RMS row norm (a Frobenius norm per token).
+        public var keyNorm: Double
+        public var valueNorm: Double
+        /// sqrt(mean over heads of lambda_max(X^T X / tokens)): the spectral norm per sqrt(token).
+        public var keySpectralNorm: Double
+        public var valueSpectralNorm: Double
+
+        public init(keyNorm: Double, valueNorm: Double, keySpectralNorm: Double, valueSpectralNorm: Double) {
+            self.keyNorm = keyNorm
+            self.valueNorm = valueNorm
+            self.keySpectralNorm = keySpectralNorm
+            self.valueSpectralNorm = valueSpectralNorm
+        }
+    }
+
+    public var tokens: Int
+    public var layers: [Layer]
+
+    public init(tokens: Int, layers: [Layer]) {
+        self.tokens = tokens
+        self.layers = layers
+    }
+
+    /// Statistics of rows supplied per (layer, KV head, K or V), each tokens x headDim floats.
+    public init(geometry: ModelGeometry, tokens: Int, rows: (Int, Int, KVKind) throws -> [Float]) rethrows {
+        self.tokens = tokens
+        var layers: [Layer] = []
+        for layer in 0 ..< geometry.layerCount {
+            var norm: [Double] = [0, 0], spectral: [Double] = [0, 0]
+            for head in 0 ..< geometry.kvHeadCount {
+                for kind in KVKind.allCases {
+                    let x = try rows(layer, head, kind)
+                    let k = Int(kind.rawValue)
+                    norm[k] += x.reduce(0.0) { $0 + Double($1) * Double($1) } / Double(max(tokens, 1))
+                    spectral[k] += Self.largestEigenvalue(rows: x, dim: geometry.headDim) / Double(max(tokens, 1))
+                }
+            }
+            let h = Double(geometry.kvHeadCount)
+            layers.append(Layer(keyNorm: (norm[0] / h).squareRoot(), valueNorm: (norm[1] / h).squareRoot(),
+                                keySpectralNorm: (spectral[0] / h).squareRoot(), valueSpectralNorm: (spectral[1] / h).squareRoot()))
+        }
+        self.layers = layers
+    }
+
+    /// Statistics of the tokens of a file (or of its first `tokens`).
+    public init(reader: KVPackReader, tokens: Int? = nil) throws {
+        let n = min(tokens ?? reader.tokenCount, reader.tokenCount)
+        try self.init(geometry: reader.geometry, tokens: n) { layer, head, kind in
+            try reader.decode(layer: layer, kvHead: head, kind: kind, tokens: 0 ..< n)
+        }
+    }
+
+    /// lambda_max of X^T X (X: rows x dim) by power iteration on the dim x dim Gram matrix.
+    static func largestEigenvalue(rows x: [Float], dim d: Int) -> Double {
+        let n = x.count / d
+        guard n > 0 else { return 0 }
+        var gram = [Double](repeating: 0, count: d * d)
+        for t in 0 ..< n {
+            for i in 0 ..< d {
+                let xi = Double(x[t * d + i])
+                if xi == 0 { continue }
+                for j in 0 ..< d { gram[i * d + j] += xi * Double(x[t * d + j]) }
+            }
+        }
+        var v = [Double](repeating: 1 / Double(d).squareRoot(), count: d)
+        var lambda = 0.0
+        for _ in 0 ..< 100 {
+            var w = [Double](repeating: 0, count: d)
+            for i in 0 ..< d { for j in 0 ..< d { w[i] += gram[i * d + j] * v[j] } }
+            let norm = w.reduce(0) { $0 + $1 * $1 }.squareRoot()
+            guard norm > 0 else { return 0 }
+            let next = norm
+            v = w.map { $0 / norm }
+            if abs(next - lambda) <= 1e-12 * next { lambda = next; break }
+            lambda = next
+        }
+        return lambda
+    }
+}

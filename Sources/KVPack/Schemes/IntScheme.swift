@@ -1,0 +1,454 @@
+/// KV-AdaQuant ("More for Keys, Less for Values", Hariri et al. 2025): asymmetric uniform integer
+/// codes with an f16 scale and f16 offset per group, keys and values with separate bit widths,
+/// optionally chosen per layer by a planner from a bit budget.
+///
+/// Parameters (8 bytes, Spec/ "Scheme 2: int"): bits u8 (1, 2, 3, 4, 8); grouping u8 (0: per
+/// token along head_dim, as the authors' code; 1: per channel over a run of tokens, as KIVI
+/// does for keys); groupSize u16 (head_dim elements, or tokens); 4 reserved bytes.
+///
+/// Block payload: codes, then scales, then offsets.
+/// - codes: segmentTokens rows of headDim * bits / 8 bytes; code i of a row occupies bits
+///   [i*bits, (i+1)*bits) counted from the least significant bit of the row's first byte, so
+///   every 8 codes fill exactly `bits` bytes.
+/// - scales, offsets: one f16 each per group, groups ordered (token, group along head_dim) or
+///   (token run, channel). An element decodes to scale * code + offset.
+/// The encoder rounds the offset down and the scale up to f16, so every value of a group lies in
+/// [offset, offset + scale * (2^bits - 1)] and decodes within scale / 2.
+public struct IntScheme: KVScheme {
+    public static let kind = SchemeKind.int
+    public static let name = "int"
+    public static let specSyntax = "k<B>v<B>[:g<N>][:kc<T>|kt<N>][:vc<T>|vt<N>][:r<T>]   or   int:auto:<BUDGET>[:spectral][options]"
+    public static let summary = "KV-AdaQuant: 1/2/3/4/8-bit codes, f16 scale+offset per group (gN: N head_dim elements per token; kcT/vcT: per channel over T tokens); rT: T-token f16 window; auto:BUDGET plans K/V bits per layer"
+
+    public static let supportedBits = [1, 2, 3, 4, 8]
+
+    enum Grouping: UInt8 {
+        case token = 0
+        case channel = 1
+    }
+
+    public let descriptor: SchemeDescriptor
+    public let compressesBlocks = false
+    public let bits: Int
+    let grouping: Grouping
+    let groupSize: Int
+    let headDim: Int
+    let segmentTokens: Int
+    let rowBytes: Int
+    let groupCount: Int
+    let levels: Float
+    let shifts: SIMD8<UInt64>
+    let mask: SIMD8<UInt64>
+
+    public static func descriptor(bits: Int, perChannelTokens: Int? = nil, groupSize: Int = 64, residual: ElementType = .float16) -> SchemeDescriptor {
+        let grouping: Grouping = perChannelTokens == nil ? .token : .channel
+        let size = perChannelTokens ?? groupSize
+        return SchemeDescriptor(kind: kind, residualType: residual,
+                                parameters: [UInt8(bits), grouping.rawValue, UInt8(size & 0xFF), UInt8(size >> 8), 0, 0, 0, 0])
+    }
+
+    // MARK: Spec
+
+    /// Options shared by `k4v2...` and `auto:...` specs.
+    struct Options {
+        var tokenGroup: Int?
+        var keyGrouping: (channel: Bool, size: Int)?
+        var valueGrouping: (channel: Bool, size: Int)?
+        var window: Int?
+
+        init(_ arguments: ArraySlice<String>) throws {
+            for arg in arguments {
+                func number(_ prefix: String) -> Int? { arg.hasPrefix(prefix) ? Int(arg.dropFirst(prefix.count)) : nil }
+                if let n = number("kc") { keyGrouping = (true, n) } else if let n = number("vc") { valueGrouping = (true, n) }
+                else if let n = number("kt") { keyGrouping = (false, n) } else if let n = number("vt") { valueGrouping = (false, n) }
+                else if let n = number("g") { tokenGroup = n } else if let n = number("r") { window = n }
+                else { throw KVPackError.argument("int: unknown argument \"\(arg)\" (expected gN, kcN, ktN, vcN, vtN or rN)") }
+            }
+            for n in [tokenGroup, keyGrouping?.size, valueGrouping?.size, window].compactMap({ $0 }) where !(1 ... 65535).contains(n) {
+                throw KVPackError.argument("int: group sizes and windows must be 1...65535, got \(n)")
+            }
+        }
+
+        func setup(bits: Int, role: KVKind, geometry: ModelGeometry) throws -> SchemeSetup {
+            guard IntScheme.supportedBits.contains(bits) else {
+                throw KVPackError.argument("int: \(bits) bits is not supported (1, 2, 3, 4 or 8)")
+            }
+            guard geometry.headDim % 8 == 0 else {
+                throw KVPackError.argument("int packs 8 codes at a time and needs head_dim to be a multiple of 8, got \(geometry.headDim)")
+            }
+            let grouping = role == .key ? keyGrouping : valueGrouping
+            let descriptor: SchemeDescriptor
+            if let grouping, grouping.channel {
+                descriptor = IntScheme.descriptor(bits: bits, perChannelTokens: grouping.size)
+            } else {
+                // Groups along head_dim hold at most head_dim elements (64 by default, as the authors').
+                let size = min(grouping?.size ?? tokenGroup ?? 64, geometry.headDim)
+                guard geometry.headDim % size == 0 else {
+                    throw KVPackError.argument("int: a group of \(size) elements does not divide head_dim \(geometry.headDim)")
+                }
+                descriptor = IntScheme.descriptor(bits: bits, groupSize: size)
+            }
+            return SchemeSetup(descriptor: descriptor, segmentTokens: window)
+        }
+    }
+
+    public static func setup(arguments: [String], role: KVKind, geometry: ModelGeometry) throws -> SchemeSetup {
+        guard let first = arguments.first, first.hasPrefix("k"), let v = first.firstIndex(of: "v"),
+              let kb = Int(first[first.index(after: first.startIndex) ..< v]), let vb = Int(first[first.index(after: v)...]) else {
+            throw KVPackError.argument("int needs bit widths first, as in int:k4v2 (or int:auto:3.0 with calibration), got \"int:\(arguments.joined(separator: ":"))\"")
+        }
+        return try Options(arguments.dropFirst()).setup(bits: role == .key ? kb : vb, role: role, geometry: geometry)
+    }
+
+    /// `auto:BUDGET[:spectral|:frobenius][options]`: KV-AdaQuant's planner. Each layer's key and
+    /// value matrices get a bit width from {1, 2, 3, 4, 8} so that the widths average BUDGET and
+    /// the modelled error sum(norm^2 * 2^(-2 bits)) is smallest: greedily, as the authors' code,
+    /// starting every matrix at 1 bit and repeatedly upgrading the one with the largest error
+    /// reduction per added bit. Norms are per-token Frobenius norms (default, as the authors) or
+    /// spectral norms of a calibration cache of the same model.
+    public static func plan(arguments: [String], geometry: ModelGeometry, calibration: CacheStatistics?) throws -> PlannedSchemes? {
+        guard arguments.first == "auto" else { return nil }
+        guard arguments.count >= 2, let budget = Double(arguments[1]), budget >= 1, budget <= 8 else {
+            throw KVPackError.argument("int:auto needs an average bit budget in 1...8, as in int:auto:3.0")
+        }
+        var rest = arguments.dropFirst(2)
+        var spectral = false
+        if let m = rest.first, m == "spectral" || m == "frobenius" {
+            spectral = m == "spectral"
+            rest = rest.dropFirst()
+        }
+        let options = try Options(rest)
+        guard let calibration else {
+            throw KVPackError.argument("int:auto needs calibration statistics of a cache of this model (kvpack eval uses its baseline run, kvpack generate its prompt, kvpack synth its first tokens; kvpack plan FILE shows a plan for an existing file)")
+        }
+        guard calibration.layers.count == geometry.layerCount else {
+            throw KVPackError.argument("int:auto: calibration has \(calibration.layers.count) layers, the model \(geometry.layerCount)")
+        }
+        var sensitivities: [Double] = []
+        for l in calibration.layers {
+            sensitivities += spectral ? [l.keySpectralNorm, l.valueSpectralNorm] : [l.keyNorm, l.valueNorm]
+        }
+        let widths = allocateBits(sensitivities: sensitivities, total: budget * Double(sensitivities.count), widths: supportedBits)
+        var layers: [LayerSetup] = []
+        let metric = spectral ? "spectral norm" : "norm"
+        var rationale = ["int:auto:\(budget): \(metric)s per token of a \(calibration.tokens)-token calibration cache; error modelled as \(metric)^2 * 2^(-2 bits); greedy allocation from 1 bit, widths {1,2,3,4,8}"]
+        for (i, l) in calibration.layers.enumerated() {
+            let kb = widths[2 * i], vb = widths[2 * i + 1]
+            layers.append(LayerSetup(key: try options.setup(bits: kb, role: .key, geometry: geometry),
+                                     value: try options.setup(bits: vb, role: .value, geometry: geometry)))
+            let (k, v) = spectral ? (l.keySpectralNorm, l.valueSpectralNorm) : (l.keyNorm, l.valueNorm)
+            rationale.append("layer \(i): key \(metric) \(format(k)), value \(metric) \(format(v)) (ratio \(format(k / max(v, 1e-30)))) -> K\(kb) V\(vb)")
+        }
+        let mean = Double(widths.reduce(0, +)) / Double(widths.count)
+        rationale.append("average \(format(mean)) bits per element of codes (budget \(budget)); group scales and offsets add 32 bits per group")
+        return PlannedSchemes(layers: layers, rationale: rationale)
+    }
+
+    /// Greedy rate-distortion allocation: error_i(b) = s_i^2 * 2^(-2b).
+    static func allocateBits(sensitivities: [Double], total: Double, widths: [Int]) -> [Int] {
+        let sorted = widths.sorted()
+        var bits = Array(repeating: sorted[0], count: sensitivities.count)
+        var used = Double(sorted[0] * sensitivities.count)
+        while true {
+            var best: (gain: Double, index: Int, next: Int)?
+            for (i, s) in sensitivities.enumerated() {
+                guard let next = sorted.first(where: { $0 > bits[i] }) else { continue }
+                let delta = Double(next - bits[i])
+                guard used + delta <= total + 1e-9 else { continue }
+                let gain = s * s * (pow2(-2 * bits[i]) - pow2(-2 * next)) / delta
+                if best == nil || gain > best!.gain * (1 + 1e-12) { best = (gain, i, next) }
+            }
+            guard let choice = best else { return bits }
+            used += Double(choice.next - bits[choice.index])
+            bits[choice.index] = choice.next
+        }
+    }
+
+    private static func pow2(_ e: Int) -> Double { e >= 0 ? Double(1 << e) : 1 / Double(1 << -e) }
+    private static func format(_ x: Double) -> String {
+        let r = (x * 1000).rounded() / 1000
+        return "\(r)"
+    }
+
+    // MARK: Codec
+
+    public init(descriptor: SchemeDescriptor, context: SchemeContext) throws {
+        let p = descriptor.parameters
+        guard p.count == 8 else {
+            throw KVPackError.invalid(nil, "parameters", "int takes 8 parameter bytes, found \(p.count)")
+        }
+        let bits = Int(p[0])
+        guard Self.supportedBits.contains(bits) else { throw KVPackError.invalid(nil, "int.bits", "is \(bits), must be 1, 2, 3, 4 or 8") }
+        guard let grouping = Grouping(rawValue: p[1]) else { throw KVPackError.invalid(nil, "int.grouping", "is \(p[1]), must be 0 (token) or 1 (channel)") }
+        let size = Int(p[2]) | Int(p[3]) << 8
+        let d = context.headDim, c = context.segmentTokens
+        guard d % 8 == 0 else { throw KVPackError.invalid(nil, "int.bits", "int needs head_dim to be a multiple of 8, the file has \(d)") }
+        switch grouping {
+        case .token:
+            guard size >= 1, d % size == 0 else {
+                throw KVPackError.invalid(nil, "int.groupSize", "is \(size); per-token groups must divide head_dim \(d)")
+            }
+        case .channel:
+            guard size >= 1, c % size == 0 else {
+                throw KVPackError.invalid(nil, "int.groupSize", "is \(size); per-channel groups of tokens must divide segmentTokens \(c)")
+            }
+        }
+        guard descriptor.blobIDs.isEmpty else {
+            throw KVPackError.invalid(nil, "blobIDs", "int uses no blobs, found \(descriptor.blobIDs.count)")
+        }
+        self.descriptor = descriptor
+        self.bits = bits
+        self.grouping = grouping
+        self.groupSize = size
+        headDim = d
+        segmentTokens = c
+        rowBytes = d * bits / 8
+        groupCount = grouping == .token ? c * (d / size) : (c / size) * d
+        levels = Float((1 << bits) - 1)
+        var s = SIMD8<UInt64>()
+        for i in 0 ..< 8 { s[i] = UInt64(i * bits) }
+        shifts = s
+        mask = SIMD8<UInt64>(repeating: (1 << UInt64(bits)) - 1)
+    }
+
+    public var specString: String {
+        let group = grouping == .token ? "g\(groupSize)" : "c\(groupSize)"
+        return "int:\(bits)bit:\(group)"
+    }
+
+    public func encodedBlockSize(tokens: Int) -> Int { tokens * rowBytes + 4 * groupCount }
+
+    var scalesOffset: Int { segmentTokens * rowBytes }
+    var offsetsOffset: Int { segmentTokens * rowBytes + 2 * groupCount }
+
+    /// The group of element (t, c) and the span of a group's members (for encoding).
+    @inline(__always)
+    func group(token t: Int, channel c: Int) -> Int {
+        grouping == .token ? t * (headDim / groupSize) + c / groupSize : (t / groupSize) * headDim + c
+    }
+
+    @inline(__always)
+    func scale(_ block: UnsafeRawPointer, _ g: Int) -> Float {
+        Float(Float16(bitPattern: block.loadUnaligned(fromByteOffset: scalesOffset + 2 * g, as: UInt16.self)))
+    }
+
+    @inline(__always)
+    func offset(_ block: UnsafeRawPointer, _ g: Int) -> Float {
+        Float(Float16(bitPattern: block.loadUnaligned(fromByteOffset: offsetsOffset + 2 * g, as: UInt16.self)))
+    }
+
+    public func encode(rows: UnsafePointer<Float>, tokens: Int, into block: UnsafeMutableRawBufferPointer) {
+        let out = block.baseAddress!
+        out.initializeMemory(as: UInt8.self, repeating: 0, count: block.count)
+        let d = headDim
+        // Members of group g: per token, a run of head_dim; per channel, a column over a token run.
+        for g in 0 ..< groupCount {
+            let members: [(Int, Int)]
+            if grouping == .token {
+                let per = d / groupSize
+                let t = g / per, c0 = (g % per) * groupSize
+                members = (0 ..< groupSize).map { (t, c0 + $0) }
+            } else {
+                let t0 = (g / d) * groupSize, c = g % d
+                members = (0 ..< groupSize).map { (t0 + $0, c) }
+            }
+            var lo = Float.infinity, hi = -Float.infinity
+            for (t, c) in members {
+                let x = Self.representable(rows[t * d + c])
+                lo = min(lo, x)
+                hi = max(hi, x)
+            }
+            let offset16 = Self.f16(lo, roundingUp: false)
+            let offset = Float(offset16)
+            let scale16 = Self.f16((hi - offset) / levels, roundingUp: true)
+            let scale = Float(scale16)
+            out.storeBytes(of: scale16.bitPattern, toByteOffset: scalesOffset + 2 * g, as: UInt16.self)
+            out.storeBytes(of: offset16.bitPattern, toByteOffset: offsetsOffset + 2 * g, as: UInt16.self)
+            guard scale > 0 else { continue }  // every member equals the offset: codes stay 0
+            for (t, c) in members {
+                let q = ((Self.representable(rows[t * d + c]) - offset) / scale).rounded(.toNearestOrEven)
+                let code = UInt64(min(max(q, 0), levels))
+                let bit = c * bits
+                // A code may straddle a byte boundary (3 bits): write it through a 16-bit window.
+                let at = t * rowBytes + bit / 8
+                let shifted = code << UInt64(bit % 8)
+                out.storeBytes(of: out.load(fromByteOffset: at, as: UInt8.self) | UInt8(truncatingIfNeeded: shifted), toByteOffset: at, as: UInt8.self)
+                if shifted > 0xFF {
+                    out.storeBytes(of: out.load(fromByteOffset: at + 1, as: UInt8.self) | UInt8(truncatingIfNeeded: shifted >> 8),
+                                   toByteOffset: at + 1, as: UInt8.self)
+                }
+            }
+        }
+    }
+
+    /// NaN encodes as 0 and magnitudes beyond f16's range saturate at +-65504 (scales and offsets
+    /// are f16).
+    static func representable(_ x: Float) -> Float { x.isNaN ? 0 : min(max(x, -65504), 65504) }
+
+    /// x rounded to f16 toward +infinity (`roundingUp`) or -infinity, within the finite range.
+    static func f16(_ x: Float, roundingUp: Bool) -> Float16 {
+        var h = Float16(min(max(x, -65504), 65504))
+        if roundingUp, Float(h) < x { h = h.nextUp }
+        if !roundingUp, Float(h) > x { h = h.nextDown }
+        return h.isFinite ? h : (h > 0 ? Float16.greatestFiniteMagnitude : -Float16.greatestFiniteMagnitude)
+    }
+
+    public func validate(block: UnsafeRawBufferPointer, tokens: Int) throws {
+        let p = block.baseAddress!
+        for g in 0 ..< groupCount {
+            let s = scale(p, g), o = offset(p, g)
+            guard s.isFinite, s >= 0, o.isFinite else {
+                throw KVPackError(.corruptPayload, field: "BLCK.int.scales",
+                                  "group \(g): scale \(s), offset \(o); scales must be finite and >= 0, offsets finite")
+            }
+        }
+    }
+
+    /// Codes of row `t` as floats. Each 8 codes are `bits` bytes, read as one little-endian word
+    /// (bytes past the payload are never read).
+    @inline(__always)
+    func unpack(_ block: UnsafeRawBufferPointer, row t: Int, into out: UnsafeMutablePointer<Float>) {
+        let base = block.baseAddress! + t * rowBytes
+        let available = block.count - t * rowBytes
+        let rawOut = UnsafeMutableRawPointer(out)
+        for chunk in 0 ..< headDim / 8 {
+            let at = chunk * bits
+            var word: UInt64 = 0
+            if at + 8 <= available {
+                word = UInt64(littleEndian: base.loadUnaligned(fromByteOffset: at, as: UInt64.self))
+            } else {
+                for i in 0 ..< bits { word |= UInt64(base.load(fromByteOffset: at + i, as: UInt8.self)) << UInt64(8 * i) }
+            }
+            let codes = (SIMD8<UInt64>(repeating: word) &>> shifts) & mask
+            rawOut.storeBytes(of: SIMD8<Float>(SIMD8<Int32>(truncatingIfNeeded: codes)), toByteOffset: 32 * chunk, as: SIMD8<Float>.self)
+        }
+    }
+
+    public func decode(block: UnsafeRawBufferPointer, tokens: Range<Int>, into out: UnsafeMutablePointer<Float>) {
+        let d = headDim, p = block.baseAddress!
+        for (row, t) in tokens.enumerated() {
+            let o = out + row * d
+            unpack(block, row: t, into: o)
+            for c in 0 ..< d {
+                let g = group(token: t, channel: c)
+                o[c] = scale(p, g) * o[c] + offset(p, g)
+            }
+        }
+    }
+
+    // MARK: Attention over codes
+
+    /// Per token: the scaled queries, then (per-token grouping) each query's sum over each group.
+    public func queryStateSize(groupSize g: Int) -> Int {
+        g * headDim + (grouping == .token ? g * (headDim / self.groupSize) : 0)
+    }
+
+    public func prepare(queries: UnsafePointer<Float>, groupSize g: Int, scale: Float, into state: UnsafeMutablePointer<Float>) {
+        RowKernels.scaled(queries, by: scale, into: state, count: g * headDim)
+        guard grouping == .token else { return }
+        let per = headDim / groupSize
+        let sums = state + g * headDim
+        for q in 0 ..< g {
+            for grp in 0 ..< per {
+                var s: Float = 0
+                for i in 0 ..< groupSize { s += state[q * headDim + grp * groupSize + i] }
+                sums[q * per + grp] = s
+            }
+        }
+    }
+
+    public func scores(block: UnsafeRawBufferPointer, tokens: Range<Int>, state: UnsafePointer<Float>, groupSize g: Int,
+                       into scores: UnsafeMutablePointer<Float>, stride: Int) {
+        let d = headDim, p = block.baseAddress!, lo = tokens.lowerBound
+        withUnsafeTemporaryAllocation(of: Float.self, capacity: d + g * d + g) { tmp in
+            let codes = tmp.baseAddress!
+            if grouping == .token {
+                let per = d / groupSize
+                let sums = state + g * d
+                for t in tokens {
+                    unpack(block, row: t, into: codes)
+                    for q in 0 ..< g {
+                        var total: Float = 0
+                        for grp in 0 ..< per {
+                            let gi = t * per + grp
+                            let dot = RowKernels.dot(state + q * d + grp * groupSize, codes + grp * groupSize, groupSize)
+                            total += scale(p, gi) * dot + offset(p, gi) * sums[q * per + grp]
+                        }
+                        scores[q * stride + (t - lo)] = total
+                    }
+                }
+            } else {
+                // Per token run j: q' = q * scale_j (per channel) and a constant q . offset_j.
+                let scaled = codes + d, constant = codes + d + g * d
+                var t = lo
+                while t < tokens.upperBound {
+                    let run = t / groupSize
+                    let end = min(tokens.upperBound, (run + 1) * groupSize)
+                    for q in 0 ..< g {
+                        var c0: Float = 0
+                        for c in 0 ..< d {
+                            let gi = run * d + c
+                            scaled[q * d + c] = state[q * d + c] * scale(p, gi)
+                            c0 += state[q * d + c] * offset(p, gi)
+                        }
+                        constant[q] = c0
+                    }
+                    for tt in t ..< end {
+                        unpack(block, row: tt, into: codes)
+                        for q in 0 ..< g { scores[q * stride + (tt - lo)] = RowKernels.dot(scaled + q * d, codes, d) + constant[q] }
+                    }
+                    t = end
+                }
+            }
+        }
+    }
+
+    public func accumulate(block: UnsafeRawBufferPointer, tokens: Range<Int>, weights: UnsafePointer<Float>, stride: Int,
+                           groupSize g: Int, into acc: UnsafeMutablePointer<Float>) {
+        let d = headDim, p = block.baseAddress!, lo = tokens.lowerBound
+        withUnsafeTemporaryAllocation(of: Float.self, capacity: d + g * d + g) { tmp in
+            let codes = tmp.baseAddress!
+            if grouping == .token {
+                let per = d / groupSize
+                for t in tokens {
+                    unpack(block, row: t, into: codes)
+                    for q in 0 ..< g {
+                        let w = weights[q * stride + (t - lo)]
+                        for grp in 0 ..< per {
+                            let gi = t * per + grp
+                            let a = acc + q * d + grp * groupSize
+                            RowKernels.axpy(w * scale(p, gi), codes + grp * groupSize, a, groupSize)
+                            let b = w * offset(p, gi)
+                            for i in 0 ..< groupSize { a[i] += b }
+                        }
+                    }
+                }
+            } else {
+                // Per token run j: sum_t w_t codes_t, then scale and offset once per channel.
+                let sums = codes + d, weightSums = codes + d + g * d
+                var t = lo
+                while t < tokens.upperBound {
+                    let run = t / groupSize
+                    let end = min(tokens.upperBound, (run + 1) * groupSize)
+                    sums.update(repeating: 0, count: g * d)
+                    weightSums.update(repeating: 0, count: g)
+                    for tt in t ..< end {
+                        unpack(block, row: tt, into: codes)
+                        for q in 0 ..< g {
+                            let w = weights[q * stride + (tt - lo)]
+                            RowKernels.axpy(w, codes, sums + q * d, d)
+                            weightSums[q] += w
+                        }
+                    }
+                    for q in 0 ..< g {
+                        for c in 0 ..< d {
+                            let gi = run * d + c
+                            acc[q * d + c] += scale(p, gi) * sums[q * d + c] + offset(p, gi) * weightSums[q]
+                        }
+                    }
+                    t = end
+                }
+            }
+        }
+    }
+}

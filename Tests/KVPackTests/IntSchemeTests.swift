@@ -1,0 +1,144 @@
+import Foundation
+import Testing
+@testable import KVPack
+
+struct IntSchemeTests {
+    static let geometry = ModelGeometry(layerCount: 2, queryHeadCount: 6, kvHeadCount: 2, headDim: 24)
+
+    static func scheme(_ d: SchemeDescriptor, segmentTokens: Int = 32, headDim: Int = 24) throws -> IntScheme {
+        var g = geometry
+        g.headDim = headDim
+        return try IntScheme(descriptor: d, context: SchemeContext(geometry: g, segmentTokens: segmentTokens, rope: .none, role: .key))
+    }
+
+    /// Rows with awkward content: wide ranges, constant groups, a huge value, a NaN.
+    static func rows(tokens: Int, dim: Int, seed: UInt64) -> [Float] {
+        var rng = SplitMix64(seed: seed)
+        var x = (0 ..< tokens * dim).map { _ in Float(rng.nextGaussian()) * Float(1 << (rng.next() % 6)) }
+        for c in 0 ..< dim { x[3 * dim + c] = 1.25 }  // a constant token (per-token groups)
+        for t in 0 ..< tokens { x[t * dim + 5] = -7.5 }  // a constant channel (per-channel groups)
+        x[7 * dim + 2] = 1e6      // saturates at f16's 65504
+        x[9 * dim + 11] = .nan    // encodes as 0
+        return x
+    }
+
+    @Test("decode error is at most half a quantization step, for every width and grouping",
+          arguments: [1, 2, 3, 4, 8])
+    func halfStepBound(bits: Int) throws {
+        let c = 32, d = 24
+        for descriptor in [IntScheme.descriptor(bits: bits, groupSize: 8), IntScheme.descriptor(bits: bits, groupSize: 24),
+                           IntScheme.descriptor(bits: bits, perChannelTokens: 8), IntScheme.descriptor(bits: bits, perChannelTokens: 32)] {
+            let s = try Self.scheme(descriptor, segmentTokens: c, headDim: d)
+            let x = Self.rows(tokens: c, dim: d, seed: UInt64(bits))
+            var block = [UInt8](repeating: 0xAA, count: s.encodedBlockSize(tokens: c))
+            x.withUnsafeBufferPointer { src in block.withUnsafeMutableBytes { s.encode(rows: src.baseAddress!, tokens: c, into: $0) } }
+            var out = [Float](repeating: 0, count: c * d)
+            try block.withUnsafeBytes { b in
+                try s.validate(block: b, tokens: c)
+                out.withUnsafeMutableBufferPointer { s.decode(block: b, tokens: 0 ..< c, into: $0.baseAddress!) }
+                for t in 0 ..< c {
+                    for ch in 0 ..< d {
+                        let g = s.group(token: t, channel: ch)
+                        let step = s.scale(b.baseAddress!, g)
+                        let want = IntScheme.representable(x[t * d + ch])
+                        let err = abs(out[t * d + ch] - want)
+                        // Half a step, plus the float rounding of scale * code + offset.
+                        #expect(err <= step / 2 + 4 * want.ulp, "bits \(bits) \(descriptor.parameters) t \(t) c \(ch): \(want) -> \(out[t * d + ch]), step \(step)")
+                    }
+                }
+                // A partial range decodes the same rows.
+                var part = [Float](repeating: 0, count: 5 * d)
+                part.withUnsafeMutableBufferPointer { s.decode(block: b, tokens: 10 ..< 15, into: $0.baseAddress!) }
+                #expect(part == Array(out[10 * d ..< 15 * d]))
+            }
+        }
+    }
+
+    @Test("bits per element: codes plus 32 bits per group")
+    func sizes() throws {
+        let s = try Self.scheme(IntScheme.descriptor(bits: 2, groupSize: 8), segmentTokens: 32, headDim: 24)
+        #expect(s.encodedBlockSize(tokens: 32) == 32 * 24 * 2 / 8 + 4 * 32 * 3)
+        let c = try Self.scheme(IntScheme.descriptor(bits: 3, perChannelTokens: 16), segmentTokens: 32, headDim: 24)
+        #expect(c.encodedBlockSize(tokens: 32) == 32 * 24 * 3 / 8 + 4 * 2 * 24)
+    }
+
+    static let specs = ["int:k4v2", "int:k3v1:g8", "int:k8v8:g24", "int:k2v4:kc8", "int:k1v3:vc16:kt12", "int:k4v4:kc32:vc32"]
+
+    @Test("attention over codes equals attention over the decoded cache to 1e-5", arguments: specs)
+    func attentionOverCodes(spec: String) throws {
+        let g = Self.geometry
+        let data = RandomKV(geometry: g, tokens: 150, seed: 31, maxExponent: 6)
+        let dir = temporaryDirectory()
+        try writeFile(dir + "/i.kvpack", data: data, segmentTokens: 32, spec: spec, batches: [7, 40, 1], commitsAfter: [7, 47, 120])
+        let reader = try KVPackReader(path: dir + "/i.kvpack")
+        #expect(Validator.validate(file: reader.file, path: spec, deep: true).problems.isEmpty)
+        var rng = SplitMix64(seed: 4)
+        for layer in 0 ..< 2 {
+            for head in 0 ..< 2 {
+                for range in [0 ..< 150, 31 ..< 97, 64 ..< 96, 140 ..< 150, 5 ..< 6] {
+                    let q = (0 ..< g.groupSize * g.headDim).map { _ in Float(rng.nextGaussian()) * 2 }
+                    let got = try reader.attend(layer: layer, kvHead: head, queries: q, tokens: range)
+                    let want = DenseAttention.reference(queries: q, keys: try reader.decode(layer: layer, kvHead: head, kind: .key, tokens: range),
+                                                        values: try reader.decode(layer: layer, kvHead: head, kind: .value, tokens: range),
+                                                        groupSize: g.groupSize, headDim: g.headDim)
+                    let err = DenseAttention.maxRelativeError(got, want)
+                    #expect(err < 1e-5, "\(spec) layer \(layer) head \(head) \(range): \(err)")
+                }
+            }
+        }
+        // The tail (last 22 tokens) is f16; sealed tokens are codes: their error is larger.
+        let k = try reader.decode(layer: 1, kvHead: 1, kind: .key)
+        let exact = data.stream(layer: 1, head: 1, kind: .key, tokens: 0 ..< 150)
+        let tailErr = zip(k[128 * 24 ..< 150 * 24], exact[128 * 24 ..< 150 * 24]).map { abs($0 - $1) }.max()!
+        #expect(tailErr <= exact[128 * 24 ..< 150 * 24].map { abs($0) }.max()! * 1e-3)
+    }
+
+    @Test("specs: widths per role, groupings, residual window, errors")
+    func specGrammar() throws {
+        let g = ModelGeometry(layerCount: 3, queryHeadCount: 4, kvHeadCount: 2, headDim: 64)
+        let s = try SchemeSpec.parse("int:k4v2:kc128:r128", geometry: g)
+        #expect(s.key.descriptor == IntScheme.descriptor(bits: 4, perChannelTokens: 128))
+        #expect(s.value.descriptor == IntScheme.descriptor(bits: 2, groupSize: 64))
+        #expect(s.segmentTokens == 128)
+        #expect(try s.segmentTokens(requested: nil, fallback: 64) == 128)
+        #expect(throws: KVPackError.self) { try s.segmentTokens(requested: 64, fallback: 64) }
+        #expect(try SchemeSpec.parse("int:k2v2:g32", geometry: g).key.descriptor == IntScheme.descriptor(bits: 2, groupSize: 32))
+        #expect(throws: KVPackError.self) { try SchemeSpec.parse("int:k5v2", geometry: g) }
+        #expect(throws: KVPackError.self) { try SchemeSpec.parse("int:k4v2:g48", geometry: g) }
+        #expect(throws: KVPackError.self) { try SchemeSpec.parse("int:k4v2:zz", geometry: g) }
+        #expect(throws: KVPackError.self) { try SchemeSpec.parse("int:auto:3.0", geometry: g) }  // no calibration
+        var small = g
+        small.headDim = 12
+        #expect(throws: KVPackError.self) { try SchemeSpec.parse("int:k4v2", geometry: small) }
+        // Keys f32 raw, values int: mixing works.
+        let mixed = try SchemeSpec.parse("raw:f16+v:int:k8v2", geometry: g)
+        #expect(mixed.value.descriptor == IntScheme.descriptor(bits: 2, groupSize: 64))
+    }
+
+    @Test("the planner gives keys more bits when their norms are larger, within the budget")
+    func planner() throws {
+        let g = ModelGeometry(layerCount: 4, queryHeadCount: 4, kvHeadCount: 2, headDim: 16)
+        // Layer norms: keys 10x values in layers 0-2, equal in layer 3.
+        let stats = CacheStatistics(tokens: 100, layers: [
+            .init(keyNorm: 20, valueNorm: 2, keySpectralNorm: 60, valueSpectralNorm: 3),
+            .init(keyNorm: 20, valueNorm: 2, keySpectralNorm: 60, valueSpectralNorm: 3),
+            .init(keyNorm: 20, valueNorm: 2, keySpectralNorm: 60, valueSpectralNorm: 3),
+            .init(keyNorm: 2, valueNorm: 2, keySpectralNorm: 3, valueSpectralNorm: 3),
+        ])
+        let spec = try SchemeSpec.parse("int:auto:3.0", geometry: g, calibration: stats)
+        let bits = spec.layers.map { (IntScheme.bitsOf($0.key), IntScheme.bitsOf($0.value)) }
+        let total = bits.reduce(0) { $0 + $1.0 + $1.1 }
+        #expect(total <= 3 * 8)
+        #expect(total >= 3 * 8 - 3)  // no room left for another upgrade
+        for l in 0 ..< 3 { #expect(bits[l].0 > bits[l].1, "layer \(l): K\(bits[l].0) V\(bits[l].1)") }
+        #expect(bits[3].0 == bits[3].1)
+        #expect(spec.rationale.count == 6)
+        // The authors' docstring example: more bits to more sensitive tensors, within the budget.
+        let three = IntScheme.allocateBits(sensitivities: [1.5, 2.0, 1.0], total: 12, widths: [1, 2, 3, 4, 8])
+        #expect(three.reduce(0, +) <= 12 && three[1] >= three[0] && three[0] >= three[2])
+    }
+}
+
+extension IntScheme {
+    static func bitsOf(_ setup: SchemeSetup) -> Int { Int(setup.descriptor.parameters[0]) }
+}
