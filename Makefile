@@ -53,7 +53,7 @@ fuzz: fuzz-build
 		-dict=Fuzz/kvpack.dict -artifact_prefix=fuzz-out/ fuzz-out/corpus corpus/
 
 # Regenerates the seed files in corpus/ (reproducible: fixed salts and seeds).
-corpus: build
+corpus: build pydeps
 	bash scripts/make-corpus.sh "$(KVPACK)" corpus
 
 clean:

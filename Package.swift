@@ -6,6 +6,7 @@ let package = Package(
     products: [
         .library(name: "KVPack", targets: ["KVPack"]),
         .library(name: "KVPackModels", targets: ["KVPackModels"]),
+        .library(name: "KVPackInterop", targets: ["KVPackInterop"]),
         .executable(name: "kvpack", targets: ["kvpack"]),
     ],
     dependencies: [
@@ -24,18 +25,24 @@ let package = Package(
             dependencies: ["KVPack"],
             path: "Sources/KVPackModels"
         ),
+        .target(
+            name: "KVPackInterop",
+            dependencies: ["KVPack"],
+            path: "Sources/KVPackInterop"
+        ),
         .executableTarget(
             name: "kvpack",
             dependencies: [
                 "KVPack",
                 "KVPackModels",
+                "KVPackInterop",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             path: "Sources/kvpack"
         ),
         .testTarget(
             name: "KVPackTests",
-            dependencies: ["KVPack", "KVPackModels", "kvpack"],
+            dependencies: ["KVPack", "KVPackModels", "KVPackInterop", "kvpack"],
             path: "Tests/KVPackTests"
         ),
     ]

@@ -4,13 +4,20 @@
 #   valid__NAME.kvpack          opens, validates (--deep) with no problem
 #   warn__NAME.kvpack           opens, validates with warnings only (e.g. a torn tail)
 #   error-CODE__NAME.kvpack     validate reports an error with that code
-# Bytes are reproducible: fixed seeds and salts.
+# Bytes are reproducible: fixed seeds and salts. Existing files are never replaced: they record
+# what earlier writers produced, and the reader must keep accepting them (Spec/ 3.1). Into an empty
+# directory the script writes what the current writer produces.
 set -euo pipefail
 KVPACK=${1:-.build/release/kvpack}
 OUT=${2:-corpus}
 mkdir -p "$OUT"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
+
+# Copies into the corpus unless a file of that name is already there.
+keep() {  # source name
+  if [ -e "$OUT/$2" ]; then echo "corpus: keeping existing $2"; else cp "$1" "$OUT/$2"; fi
+}
 
 synth() {  # name scheme extra-args...
   local name=$1 scheme=$2; shift 2
@@ -19,26 +26,48 @@ synth() {  # name scheme extra-args...
 }
 
 for s in f32 f16 bf16; do
-  synth "raw-$s" "raw:$s";        cp "$tmp/raw-$s.kvpack" "$OUT/valid__v1-raw-$s.kvpack"
-  synth "raw-$s-zstd" "raw:$s:zstd"; cp "$tmp/raw-$s-zstd.kvpack" "$OUT/valid__v1-raw-$s-zstd.kvpack"
+  synth "raw-$s" "raw:$s";        keep "$tmp/raw-$s.kvpack" "valid__v1-raw-$s.kvpack"
+  synth "raw-$s-zstd" "raw:$s:zstd"; keep "$tmp/raw-$s-zstd.kvpack" "valid__v1-raw-$s-zstd.kvpack"
 done
-synth mixed "raw:f32+v:raw:bf16:zstd=9"; cp "$tmp/mixed.kvpack" "$OUT/valid__v1-mixed-k-f32-v-bf16-zstd.kvpack"
+synth mixed "raw:f32+v:raw:bf16:zstd=9"; keep "$tmp/mixed.kvpack" "valid__v1-mixed-k-f32-v-bf16-zstd.kvpack"
+synth int-k4v2 "int:k4v2";            keep "$tmp/int-k4v2.kvpack" "valid__v1.1-int-k4v2.kvpack"
+synth int-k3v1-kc8 "int:k3v1:kc8:vc8"; keep "$tmp/int-k3v1-kc8.kvpack" "valid__v1.1-int-k3v1-per-channel.kvpack"
+synth int-auto "int:auto:3.0:kc8";     keep "$tmp/int-auto.kvpack" "valid__v1.1-int-auto-per-layer.kvpack"
+# An int block whose first scale is NaN behind valid checksums: a content error, not bit rot.
+python3 - "$tmp/int-k4v2.kvpack" "$tmp/nan-scale.kvpack" <<'PY'
+import sys, xxhash
+b = bytearray(open(sys.argv[1], 'rb').read())
+salt = int.from_bytes(b[24:32], 'little')
+off = 64
+while off + 64 <= len(b):
+    tag = bytes(b[off:off+4]); length = int.from_bytes(b[off+8:off+16], 'little')
+    if tag == b'BLCK':
+        # raw int block: 8 tokens x 8 dims x 4 bits = 32 bytes of codes, then the scales.
+        b[off + 64 + 32:off + 64 + 34] = (0x7E00).to_bytes(2, 'little')
+        b[off+24:off+32] = xxhash.xxh3_64_intdigest(bytes(b[off+64:off+64+length])).to_bytes(8, 'little')
+        b[off+56:off+64] = xxhash.xxh3_64_intdigest(bytes(b[off:off+56]), seed=salt ^ off).to_bytes(8, 'little')
+        break
+    off += 64 + (length + 63) // 64 * 64
+open(sys.argv[2], 'wb').write(b)
+PY
+keep "$tmp/nan-scale.kvpack" "error-corruptPayload__v1.1-int-nan-scale.kvpack"
 # An empty file: created, never appended to.
 "$KVPACK" synth "$tmp/empty.kvpack" --model stories260k --layers 1 --tokens 0 --salt 4242 --overwrite
-cp "$tmp/empty.kvpack" "$OUT/valid__v1-empty.kvpack"
+keep "$tmp/empty.kvpack" "valid__v1-empty.kvpack"
 
 base="$tmp/raw-f16.kvpack"
 size=$(stat -c %s "$base")
 # A writer that died mid-append: the committed file plus bytes it wrote but never committed.
-cp "$base" "$OUT/warn__v1-torn-tail.kvpack"
-dd if="$tmp/raw-f16-zstd.kvpack" bs=1 skip=1024 count=700 status=none >> "$OUT/warn__v1-torn-tail.kvpack"
+cp "$base" "$tmp/torn-tail.kvpack"
+dd if="$tmp/raw-f16-zstd.kvpack" bs=1 skip=1024 count=700 status=none >> "$tmp/torn-tail.kvpack"
+keep "$tmp/torn-tail.kvpack" "warn__v1-torn-tail.kvpack"
 # The last commit frame cut in half: the previous commit is used.
-head -c $((size - 32)) "$base" > "$OUT/warn__v1-torn-commit.kvpack"
+head -c $((size - 32)) "$base" > "$tmp/torn-commit.kvpack"; keep "$tmp/torn-commit.kvpack" "warn__v1-torn-commit.kvpack"
 # Truncations: inside the header, inside the manifest.
-head -c 40 "$base" > "$OUT/error-truncated__v1-cut-header.kvpack"
-head -c 100 "$base" > "$OUT/error-truncated__v1-cut-manifest.kvpack"
+head -c 40 "$base" > "$tmp/cut-header.kvpack"; keep "$tmp/cut-header.kvpack" "error-truncated__v1-cut-header.kvpack"
+head -c 100 "$base" > "$tmp/cut-manifest.kvpack"; keep "$tmp/cut-manifest.kvpack" "error-truncated__v1-cut-manifest.kvpack"
 # A flipped bit in a sealed block's payload (the first BLCK frame's payload starts 64 bytes in).
-python3 - "$base" "$OUT/error-checksumMismatch__v1-flipped-block-bit.kvpack" <<'PY'
+python3 - "$base" "$tmp/flipped.kvpack" <<'PY'
 import sys
 b = bytearray(open(sys.argv[1], 'rb').read())
 off = 64
@@ -50,10 +79,12 @@ while off + 64 <= len(b):
     off += 64 + (length + 63) // 64 * 64
 open(sys.argv[2], 'wb').write(b)
 PY
+keep "$tmp/flipped.kvpack" "error-checksumMismatch__v1-flipped-block-bit.kvpack"
 # Unknown major version.
-python3 - "$base" "$OUT/error-unsupportedVersion__v2-major.kvpack" <<'PY'
+python3 - "$base" "$tmp/v2.kvpack" <<'PY'
 import sys
 b = bytearray(open(sys.argv[1], 'rb').read()); b[8] = 2
 open(sys.argv[2], 'wb').write(b)
 PY
+keep "$tmp/v2.kvpack" "error-unsupportedVersion__v2-major.kvpack"
 echo "corpus: $(ls "$OUT" | wc -l) files in $OUT"

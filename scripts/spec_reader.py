@@ -104,6 +104,26 @@ def widen(raw, etype):
     raise FormatError(f"element type {etype}")
 
 
+def decode_int(payload, params, C, d):
+    """Scheme 2 (int), section 7.2 of the Spec: codes, then f16 scales, then f16 offsets."""
+    b, grouping, size = params[0], params[1], params[2] | params[3] << 8
+    groups = C * d // size
+    code_bytes = C * d * b // 8
+    if len(payload) != code_bytes + 4 * groups:
+        raise FormatError("int block size")
+    scales = np.frombuffer(payload[code_bytes:code_bytes + 2 * groups], dtype="<f2").astype(np.float32)
+    offsets = np.frombuffer(payload[code_bytes + 2 * groups:], dtype="<f2").astype(np.float32)
+    row_bytes = d * b // 8
+    out = np.zeros((C, d), np.float32)
+    for t in range(C):
+        row = int.from_bytes(payload[t * row_bytes:(t + 1) * row_bytes], "little")
+        for c in range(d):
+            code = (row >> (c * b)) & ((1 << b) - 1)
+            g = t * (d // size) + c // size if grouping == 0 else (t // size) * d + c
+            out[t, c] = np.float32(scales[g] * np.float32(code) + offsets[g])
+    return out.reshape(-1)
+
+
 def load(path):
     data = open(path, "rb").read()
     if len(data) < 64:
@@ -192,9 +212,8 @@ def load_commit(data, salt, m, cmit, streams, d, C, manifest_end):
     dctx = zstandard.ZstdDecompressor()
     for s in range(streams):
         sch = stream_scheme(s)
-        if sch["kind"] != 1:
+        if sch["kind"] not in (1, 2):
             raise FormatError(f"scheme kind {sch['kind']} not implemented here")
-        etype, codec = sch["params"][0], sch["params"][1]
         rows = []
         for seg in range(n // C):
             fr = Frame(data, blocks[(seg, s)], cmit.off, salt)
@@ -203,9 +222,13 @@ def load_commit(data, salt, m, cmit, streams, d, C, manifest_end):
             payload = fr.payload
             if fr.flags & 1:
                 payload = dctx.decompress(payload, max_output_size=fr.raw)
-            if len(payload) != C * d * WIDTH[etype]:
-                raise FormatError("block size")
-            rows.append(widen(payload, etype))
+            if sch["kind"] == 1:
+                etype = sch["params"][0]
+                if len(payload) != C * d * WIDTH[etype]:
+                    raise FormatError("block size")
+                rows.append(widen(payload, etype))
+            else:
+                rows.append(decode_int(payload, sch["params"], C, d))
         for fr in runs:  # sections in stream order, each padded to 64
             count = fr.f("I", 36)
             pos = 0

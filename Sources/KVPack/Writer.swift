@@ -133,7 +133,7 @@ public final class KVPackWriter {
         let salt = options.salt ?? UInt64.random(in: 1 ... .max)
         let writer = KVPackWriter(path: path, manifest: manifest, options: options, salt: salt, schemes: schemes, io: io)
         do {
-            try io.append(FileHeader(salt: salt).encoded())
+            try io.append(FileHeader(minor: manifest.requiredMinorVersion, salt: salt).encoded())
             try writer.writeFrame(tag: .manifest, payload: manifest.encoded())
             for blob in blobs {
                 let offset = try writer.writeBlob(blob)

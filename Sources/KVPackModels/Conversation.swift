@@ -23,12 +23,33 @@ public final class Conversation {
                                 metadata: [Manifest.MetadataEntry] = []) -> (Manifest, [Blob]) {
         let c = model.config
         let plan = SchemePlan(spec: spec)
+        let planNotes = spec.rationale.enumerated().map { Manifest.MetadataEntry("scheme.plan.\($0.offset)", $0.element) }
         let m = Manifest(geometry: c.geometry, segmentTokens: segmentTokens,
                          rope: RoPEConfig(theta: Double(c.ropeTheta), layout: .interleaved, keysArePostRoPE: true),
                          maxPositions: UInt32(c.maxSequence), modelFingerprint: model.fingerprint,
                          schemes: plan.schemes, layerSchemes: plan.layerSchemes, producer: producer,
-                         userMetadata: [.init("model.path", model.checkpoint.path), .init("model.format", model.checkpoint.format)] + metadata)
+                         userMetadata: [.init("model.path", model.checkpoint.path), .init("model.format", model.checkpoint.format),
+                                        .init("scheme.spec", spec.text)] + planNotes + metadata)
         return (m, plan.blobs)
+    }
+
+    /// Parses a scheme spec for `model`; a planner that needs calibration (`int:auto`) gets the
+    /// statistics of `prompt` run through an in-memory cache.
+    public static func parseSpec(_ text: String, model: LlamaModel, prompt: [Int]) throws -> SchemeSpec {
+        let g = model.config.geometry
+        do {
+            return try SchemeSpec.parse(text, geometry: g)
+        } catch let e as KVPackError where e.code == .needsCalibration {
+            guard prompt.count >= 8 else {
+                throw KVPackError(.needsCalibration, "\(e.message). Here the calibration would be the prompt, which has \(prompt.count) tokens; give at least 8 with --prompt-tokens")
+            }
+            let cache = DenseKVCache(geometry: g)
+            try model.forward(tokens: prompt, cache: cache)
+            let stats = CacheStatistics(geometry: g, tokens: prompt.count) { layer, head, kind in
+                Array(cache.rows(layer: layer, kvHead: head, kind: kind))
+            }
+            return try SchemeSpec.parse(text, geometry: g, calibration: stats)
+        }
     }
 
     /// Starts a conversation in a new file and feeds `prompt` (one batched prefill).

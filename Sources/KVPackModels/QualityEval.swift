@@ -42,6 +42,8 @@ public enum QualityEval {
         public var perplexityDelta: Double
         /// Positions where this run's greedy choice equals the baseline's.
         public var greedyAgreement: Double
+        /// How a planner chose per-layer settings (`int:auto:...`), if one did.
+        public var plan: [String]?
     }
 
     public struct Report: Sendable, Codable {
@@ -77,13 +79,19 @@ public enum QualityEval {
     public static func run(model: LlamaModel, options: Options, progress: (String) -> Void = { _ in }) throws -> Report {
         let texts = try stories(model: model, options: options)
         progress("stories: \(texts.count) x \(texts[0].count) tokens")
-        let baseline = try evaluate(spec: "raw:f32", model: model, texts: texts, options: options, noise: 0)
+        let g = model.config.geometry
+        let baseline = try evaluate(spec: try SchemeSpec.parse("raw:f32", geometry: g), model: model, texts: texts, options: options, noise: 0)
         progress("raw:f32 baseline done")
+        // Planners (int:auto) calibrate on the baseline's cache of the first story.
+        let calibration = try CacheStatistics(reader: KVPackReader(path: baseline.paths[0]))
         var results: [SchemeResult] = []
-        for spec in options.schemes {
+        for text in options.schemes {
+            let spec = try SchemeSpec.parse(text, geometry: g, calibration: calibration)
             let run = try evaluate(spec: spec, model: model, texts: texts, options: options, noise: options.keyNoise)
-            results.append(run.result(baseline: baseline))
-            progress("\(spec) done")
+            var result = run.result(baseline: baseline)
+            if !spec.rationale.isEmpty { result.plan = spec.rationale }
+            results.append(result)
+            progress("\(text) done")
         }
         return Report(model: model.checkpoint.path, stories: texts.count, tokens: texts.reduce(0) { $0 + $1.count },
                       temperature: options.temperature, seed: options.seed,
@@ -93,6 +101,7 @@ public enum QualityEval {
     /// Everything one scheme's pass over the texts measured.
     struct Run {
         var spec: String
+        var paths: [String] = []
         var logits: [[Float]] = []          // per position with a next token, all stories
         var targets: [Int] = []
         var keyBytes = 0, valueBytes = 0, fileBytes = 0, elements = 0
@@ -107,7 +116,7 @@ public enum QualityEval {
                                 compressionVsF16: 16 / total, keyRelativeError: keyError.relative,
                                 valueRelativeError: valueError.relative, attentionRelativeError: attentionError.relative,
                                 perplexity: ppl, perplexityDelta: ppl - baseline.perplexity(),
-                                greedyAgreement: Double(agree) / Double(max(logits.count, 1)))
+                                greedyAgreement: Double(agree) / Double(max(logits.count, 1)), plan: nil)
         }
 
         func perplexity() -> Double {
@@ -133,14 +142,15 @@ public enum QualityEval {
         }
     }
 
-    static func evaluate(spec: String, model: LlamaModel, texts: [[Int]], options: Options, noise: Float) throws -> Run {
+    static func evaluate(spec: SchemeSpec, model: LlamaModel, texts: [[Int]], options: Options, noise: Float) throws -> Run {
         let g = model.config.geometry
-        let schemeSpec = try SchemeSpec.parse(spec, geometry: g)
-        var run = Run(spec: spec)
+        var run = Run(spec: spec.text)
+        let segmentTokens = try spec.segmentTokens(requested: nil, fallback: options.segmentTokens)
         for (s, text) in texts.enumerated() {
-            let name = spec.map { $0.isLetter || $0.isNumber ? $0 : "_" }
+            let name = spec.text.map { $0.isLetter || $0.isNumber ? $0 : "_" }
             let path = "\(options.directory)/eval-\(String(name))-story\(s)\(noise > 0 ? "-noisy" : "").kvpack"
-            let (manifest, blobs) = Conversation.manifest(for: model, spec: schemeSpec, segmentTokens: options.segmentTokens,
+            run.paths.append(path)
+            let (manifest, blobs) = Conversation.manifest(for: model, spec: spec, segmentTokens: segmentTokens,
                                                           producer: "kvpack eval")
             var writerOptions = WriterOptions()
             writerOptions.durability = .flush

@@ -26,7 +26,7 @@ struct GenerateCommand: ParsableCommand {
     @Option(help: "Sampling temperature; 0 is greedy.") var temperature: Float = 0
     @Option(help: "Sampling seed.") var seed: UInt64 = 1
     @Option(help: "Scheme spec for a new file (see `kvpack --help`).") var scheme = "raw:f16"
-    @Option(help: "Tokens per sealed block, for a new file.") var segmentTokens = 64
+    @Option(help: "Tokens per sealed block, for a new file (default 64, or the scheme's residual window).") var segmentTokens: Int?
     @Option(help: "Also commit every N generated tokens (0: at seals and at the end only).") var commitEvery = 0
     @Flag(help: "Do not fsync at commits (a commit then survives a crash of this process, not a power loss).") var noFsync = false
     @Flag(help: "Replace the --save file if it exists.") var overwrite = false
@@ -59,8 +59,9 @@ struct GenerateCommand: ParsableCommand {
             if let save {
                 modelPath = absolute(model!)
                 let llama = try LlamaModel(path: modelPath)
-                let spec = try SchemeSpec.parse(scheme, geometry: llama.config.geometry)
-                conversation = try Conversation.start(path: save, model: llama, spec: spec, segmentTokens: segmentTokens,
+                let spec = try Conversation.parseSpec(scheme, model: llama, prompt: prompt)
+                conversation = try Conversation.start(path: save, model: llama, spec: spec,
+                                                      segmentTokens: try spec.segmentTokens(requested: segmentTokens, fallback: 64),
                                                       prompt: prompt, options: options, producer: "\(KVPackVersion.producer) generate")
             } else {
                 let path = resume!

@@ -39,10 +39,12 @@ struct InfoCommand: ParsableCommand {
         for e in s.userMetadata { print("metadata   \(e.key) = \(e.value)") }
         if s.blobCount > 0 { print("blobs      \(s.blobCount), \(formatBytes(s.blobBytes))") }
         print("")
-        print("layer  K scheme  K bytes        K bits/elt  V scheme  V bytes        V bits/elt")
+        let names = s.schemes.map { "#\($0.index) \($0.spec)" }
+        let width = max(10, (names.map(\.count).max() ?? 0) + 2)
+        print("layer  " + "K scheme".padded(width) + "K bytes        K bits/elt  " + "V scheme".padded(width) + "V bytes        V bits/elt")
         for l in s.layers {
-            print(String(l.layer).padded(7) + "#\(l.keyScheme)".padded(10) + formatBytes(l.keyBytes).padded(15)
-                + String(format: "%.3f", l.keyBitsPerElement).padded(12) + "#\(l.valueScheme)".padded(10)
+            print(String(l.layer).padded(7) + names[l.keyScheme].padded(width) + formatBytes(l.keyBytes).padded(15)
+                + String(format: "%.3f", l.keyBitsPerElement).padded(12) + names[l.valueScheme].padded(width)
                 + formatBytes(l.valueBytes).padded(15) + String(format: "%.3f", l.valueBitsPerElement))
         }
         print("")

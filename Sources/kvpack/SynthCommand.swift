@@ -16,7 +16,7 @@ struct SynthCommand: ParsableCommand {
     @Option(help: "Keep only the first N layers of the preset (smaller files).") var layers: Int?
     @Option(help: "Random seed.") var seed: UInt64 = 1
     @Option(help: "Scheme spec (see `kvpack --help`).") var scheme = "raw:f16"
-    @Option(help: "Tokens per sealed block.") var segmentTokens = 128
+    @Option(help: "Tokens per sealed block (default 128, or the scheme's residual window).") var segmentTokens: Int?
     @Option(help: "Commit every N tokens (0: once at the end).") var commitEvery = 0
     @Option(help: "Tokens per append call.") var batch = 64
     @Flag(help: "fsync at each commit (survive power loss, not only a crash).") var fsync = false
@@ -47,12 +47,15 @@ struct SynthCommand: ParsableCommand {
                 writer = try KVPackWriter.resume(path: output, options: options)
                 geometry = writer.manifest.geometry
             } else {
-                let spec = try SchemeSpec.parse(scheme, geometry: geometry)
+                let spec = try parseSpec(geometry: geometry, rope: preset.rope)
                 let plan = SchemePlan(spec: spec)
-                let manifest = Manifest(geometry: geometry, segmentTokens: segmentTokens, rope: preset.rope,
+                let notes = spec.rationale.enumerated().map { Manifest.MetadataEntry("scheme.plan.\($0.offset)", $0.element) }
+                let manifest = Manifest(geometry: geometry, segmentTokens: try spec.segmentTokens(requested: segmentTokens, fallback: 128),
+                                        rope: preset.rope,
                                         maxPositions: preset.maxPositions, schemes: plan.schemes, layerSchemes: plan.layerSchemes,
                                         producer: "\(KVPackVersion.producer) synth",
-                                        userMetadata: [.init("synth.model", model), .init("synth.seed", String(seed))])
+                                        userMetadata: [.init("synth.model", model), .init("synth.seed", String(seed)),
+                                                       .init("scheme.spec", scheme)] + notes)
                 writer = try KVPackWriter.create(path: output, manifest: manifest, blobs: plan.blobs, options: options)
             }
             let gen = SyntheticKV(geometry: geometry, rope: writer.manifest.rope, seed: seed)
@@ -89,6 +92,28 @@ struct SynthCommand: ParsableCommand {
             progress.finish()
         } catch let e as KVPackError {
             throw CLIError("\(output): \(e)")
+        }
+    }
+
+    /// A planner (`int:auto`) calibrates on the first 256 tokens of the same synthetic stream.
+    func parseSpec(geometry: ModelGeometry, rope: RoPEConfig) throws -> SchemeSpec {
+        do {
+            return try SchemeSpec.parse(scheme, geometry: geometry)
+        } catch let e as KVPackError where e.code == .needsCalibration {
+            let gen = SyntheticKV(geometry: geometry, rope: rope, seed: seed)
+            let n = max(1, min(tokens, 256)), d = geometry.headDim, per = geometry.layerCount * geometry.kvHeadCount * d
+            var k = [Float](repeating: 0, count: per * n), v = k
+            k.withUnsafeMutableBufferPointer { kp in
+                v.withUnsafeMutableBufferPointer { vp in
+                    for t in 0 ..< n { gen.token(t, position: t, keys: kp.baseAddress! + t * per, values: vp.baseAddress! + t * per) }
+                }
+            }
+            let stats = CacheStatistics(geometry: geometry, tokens: n) { layer, head, kind in
+                let src = kind == .key ? k : v
+                let o = (layer * geometry.kvHeadCount + head) * d
+                return (0 ..< n).flatMap { src[$0 * per + o ..< $0 * per + o + d] }
+            }
+            return try SchemeSpec.parse(scheme, geometry: geometry, calibration: stats)
         }
     }
 

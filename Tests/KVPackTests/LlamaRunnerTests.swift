@@ -122,8 +122,9 @@ struct LlamaRunnerTests {
         return (tokens, logits)
     }
 
+    /// Lossy schemes too: the session attends over exactly what the file holds at every step.
     @Test("persist and resume is exact: 200 tokens in one run equal 80 + 120 and 3 mixed turns",
-          arguments: ["raw:f32", "raw:f16", "raw:bf16:zstd"])
+          arguments: ["raw:f32", "raw:f16", "raw:bf16:zstd", "int:k4v2", "int:k2v2:kc16:vc32"])
     func persistAndResume(spec: String) throws {
         let dir = temporaryDirectory()
         let whole = try conversation(spec: spec, turns: [200], resumeBetween: false, dir: dir)

@@ -35,6 +35,16 @@ struct QualityEvalTests {
         #expect(bf16.attentionRelativeError > f16.attentionRelativeError)
     }
 
+    @Test("int: K4V2 costs the model less than K2V4 at the same budget, and the planner's plan is reported")
+    func moreForKeys() throws {
+        let r = try report(schemes: ["int:k4v2", "int:k2v4", "int:auto:3.0"])
+        let k4v2 = r.schemes[0], k2v4 = r.schemes[1], auto = r.schemes[2]
+        #expect(k4v2.perplexityDelta < k2v4.perplexityDelta)
+        #expect(k4v2.keyRelativeError < k2v4.keyRelativeError && k4v2.valueRelativeError > k2v4.valueRelativeError)
+        #expect(auto.plan?.count == 7)  // header, 5 layers, average
+        #expect(abs(auto.keyBitsPerElement + auto.valueBitsPerElement - k4v2.keyBitsPerElement - k4v2.valueBitsPerElement) < 0.5)
+    }
+
     @Test("a deliberately damaged cache raises every error the eval reports")
     func damagedCache() throws {
         let clean = try report(schemes: ["raw:f16"]).schemes[0]

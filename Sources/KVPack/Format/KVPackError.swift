@@ -26,6 +26,8 @@ public struct KVPackError: Error, CustomStringConvertible, Sendable, Equatable {
         case invalidArgument
         /// Another writer holds the file.
         case locked
+        /// A scheme spec asks a planner that needs statistics of a calibration cache.
+        case needsCalibration
     }
 
     public var code: Code

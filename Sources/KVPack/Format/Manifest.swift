@@ -10,6 +10,14 @@ public struct SchemeKind: RawRepresentable, Hashable, Sendable, Codable, CustomS
     public var description: String {
         SchemeRegistry.type(for: self).map { $0.name } ?? "scheme#\(rawValue)"
     }
+
+    /// The minor format version that defined this kind (Spec/ 7.2, 15).
+    public var introducedInMinor: UInt16 {
+        switch self {
+        case .raw: 0
+        default: 1
+        }
+    }
 }
 
 /// How one stream (a layer's keys or values) is encoded: the scheme's kind, its parameters
@@ -81,6 +89,9 @@ public struct Manifest: Sendable, Equatable {
     public static func fingerprintText(_ bytes: [UInt8]) -> String {
         bytes.map { String($0, radix: 16).leftPadded(to: 2) }.joined()
     }
+
+    /// The lowest minor version whose readers know every feature this manifest uses.
+    public var requiredMinorVersion: UInt16 { schemes.map(\.kind.introducedInMinor).max() ?? 0 }
 
     public func schemeIndex(layer: Int, kind: KVKind) -> Int {
         kind == .key ? layerSchemes[layer].key : layerSchemes[layer].value

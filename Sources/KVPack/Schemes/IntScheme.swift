@@ -119,7 +119,7 @@ public struct IntScheme: KVScheme {
         }
         let options = try Options(rest)
         guard let calibration else {
-            throw KVPackError.argument("int:auto needs calibration statistics of a cache of this model (kvpack eval uses its baseline run, kvpack generate its prompt, kvpack synth its first tokens; kvpack plan FILE shows a plan for an existing file)")
+            throw KVPackError(.needsCalibration, "int:auto needs calibration statistics of a cache of this model (kvpack eval uses its baseline run, kvpack generate its prompt, kvpack synth its first tokens; kvpack plan FILE shows a plan for an existing file)")
         }
         guard calibration.layers.count == geometry.layerCount else {
             throw KVPackError.argument("int:auto: calibration has \(calibration.layers.count) layers, the model \(geometry.layerCount)")

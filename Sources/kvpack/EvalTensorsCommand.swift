@@ -1,0 +1,50 @@
+import ArgumentParser
+import Foundation
+import KVPack
+import KVPackInterop
+
+struct EvalTensorsCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "eval-tensors",
+        abstract: "Reconstruction and attention error of schemes on real Q/K/V tensors (a directory of .npy files).",
+        discussion: """
+        DIR holds meta.json and q/k/v_layerNN.npy, as ../shared/kv-samples/smollm2-chat/ (SmolLM2-135M-Instruct, head_dim 64, a 613-token chat). Each scheme's file is written with the real writer and read back; K and V errors are relative Frobenius errors against the tensors; the attention error is the reader's attention over the encoded file, for the model's own queries at every reply position (causal), against dense attention over the original tensors.
+        """)
+
+    @Argument(help: "Directory with meta.json and the .npy tensors.") var directory: String
+    @Option(name: .customLong("scheme"), help: "Scheme spec; repeat for several.") var schemes: [String] = []
+    @Option(help: "Tokens per sealed block (unless a scheme sets its residual window).") var segmentTokens = 64
+    @Option(help: "Keep the written files here (default: a temporary directory, removed).") var keep: String?
+    @Flag(help: "Print JSON.") var json = false
+
+    static let defaultSchemes = ["raw:f16", "int:k8v8", "int:k4v4", "int:k4v2", "int:k2v4", "int:k2v2", "int:auto:3.0"]
+
+    func run() throws {
+        let samples: SampleTensors
+        do { samples = try SampleTensors(directory: directory) } catch { throw CLIError("\(error)") }
+        let work = keep ?? NSTemporaryDirectory() + "kvpack-tensors-\(getpid())"
+        try FileManager.default.createDirectory(atPath: work, withIntermediateDirectories: true)
+        defer { if keep == nil { try? FileManager.default.removeItem(atPath: work) } }
+        let report: TensorEval.Report
+        do {
+            report = try TensorEval.run(samples: samples, schemes: schemes.isEmpty ? Self.defaultSchemes : schemes,
+                                        segmentTokens: segmentTokens, directory: work) { if !json { printError("eval-tensors: \($0)") } }
+        } catch let e as KVPackError {
+            throw CLIError("eval-tensors: \(e)")
+        }
+        if json { return try printJSON(report) }
+        print("kvpack eval-tensors: \(samples.meta.model), \(report.tokens) tokens, \(samples.geometry)")
+        print("attention at positions \(report.positions)")
+        print("")
+        let header = ["scheme", "K bits", "V bits", "total bits", "K err", "V err", "attn err"]
+        var rows = [header]
+        for r in report.results {
+            rows.append([r.spec, String(format: "%.3f", r.keyBitsPerElement), String(format: "%.3f", r.valueBitsPerElement),
+                         String(format: "%.3f", r.totalBitsPerElement), String(format: "%.2e", r.keyRelativeError),
+                         String(format: "%.2e", r.valueRelativeError), String(format: "%.2e", r.attentionRelativeError)])
+        }
+        let widths = header.indices.map { c in rows.map { $0[c].count }.max()! }
+        for row in rows { print(row.enumerated().map { $1.padded(widths[$0]) }.joined(separator: "  ")) }
+        for r in report.results { for line in r.plan ?? [] { print("\(r.spec) plan: \(line)") } }
+    }
+}
