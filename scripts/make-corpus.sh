@@ -51,6 +51,22 @@ while off + 64 <= len(b):
 open(sys.argv[2], 'wb').write(b)
 PY
 keep "$tmp/nan-scale.kvpack" "error-corruptPayload__v1.1-int-nan-scale.kvpack"
+# A manifest claiming a GQA group of 16384 query heads and 65536-token segments, checksums valid:
+# before the group limits (Spec/ 12), one attention call over it allocated 4 GiB of score rows.
+"$KVPACK" synth "$tmp/tail-only.kvpack" --model stories260k --layers 1 --tokens 5 --segment-tokens 8 --salt 4242 --overwrite
+python3 - "$tmp/tail-only.kvpack" "$tmp/huge-group.kvpack" <<'PY'
+import sys, xxhash
+b = bytearray(open(sys.argv[1], 'rb').read())
+salt = int.from_bytes(b[24:32], 'little')
+off, length = 64, int.from_bytes(b[72:80], 'little')
+p = off + 64
+b[p + 4:p + 8] = (65536).to_bytes(4, 'little')    # queryHeadCount (kvHeadCount stays 4)
+b[p + 16:p + 20] = (65536).to_bytes(4, 'little')   # segmentTokens
+b[off+24:off+32] = xxhash.xxh3_64_intdigest(bytes(b[p:p+length])).to_bytes(8, 'little')
+b[off+56:off+64] = xxhash.xxh3_64_intdigest(bytes(b[off:off+56]), seed=salt ^ off).to_bytes(8, 'little')
+open(sys.argv[2], 'wb').write(b)
+PY
+keep "$tmp/huge-group.kvpack" "error-invalidField__v1-huge-gqa-group.kvpack"
 # An empty file: created, never appended to.
 "$KVPACK" synth "$tmp/empty.kvpack" --model stories260k --layers 1 --tokens 0 --salt 4242 --overwrite
 keep "$tmp/empty.kvpack" "valid__v1-empty.kvpack"

@@ -26,21 +26,19 @@ struct EvalCommand: ParsableCommand {
 
     func run() throws {
         let llama = try LlamaModel(path: model)
-        let directory = keep ?? NSTemporaryDirectory() + "kvpack-eval-\(getpid())"
-        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
-        defer { if keep == nil { try? FileManager.default.removeItem(atPath: directory) } }
-        var options = QualityEval.Options(directory: directory)
-        if !schemes.isEmpty { options.schemes = schemes }
-        options.totalTokens = tokens
-        options.storyCount = stories
-        options.seed = seed
-        options.temperature = temperature
-        options.segmentTokens = segmentTokens
-        let report: QualityEval.Report
-        do {
-            report = try QualityEval.run(model: llama, options: options) { if !json { printError("eval: \($0)") } }
-        } catch let e as KVPackError {
-            throw CLIError("eval: \(e)")
+        let report: QualityEval.Report = try withWorkDirectory(keep: keep, prefix: "kvpack-eval") { directory in
+            var options = QualityEval.Options(directory: directory)
+            if !schemes.isEmpty { options.schemes = schemes }
+            options.totalTokens = tokens
+            options.storyCount = stories
+            options.seed = seed
+            options.temperature = temperature
+            options.segmentTokens = segmentTokens
+            do {
+                return try QualityEval.run(model: llama, options: options) { if !json { printError("eval: \($0)") } }
+            } catch let e as KVPackError {
+                throw CLIError("eval: \(e)")
+            }
         }
         if json { return try printJSON(report) }
         print("kvpack eval: \(report.model)")
@@ -62,7 +60,6 @@ struct EvalCommand: ParsableCommand {
                 String(format: "%+.4f", r.perplexityDelta), String(format: "%.2f%%", 100 * r.greedyAgreement),
             ])
         }
-        let widths = header.indices.map { c in rows.map { $0[c].count }.max()! }
-        return rows.map { row in row.enumerated().map { $1.padded(widths[$0]) }.joined(separator: "  ") }.joined(separator: "\n")
+        return formatTable(rows)
     }
 }

@@ -22,15 +22,13 @@ struct EvalTensorsCommand: ParsableCommand {
     func run() throws {
         let samples: SampleTensors
         do { samples = try SampleTensors(directory: directory) } catch { throw CLIError("\(error)") }
-        let work = keep ?? NSTemporaryDirectory() + "kvpack-tensors-\(getpid())"
-        try FileManager.default.createDirectory(atPath: work, withIntermediateDirectories: true)
-        defer { if keep == nil { try? FileManager.default.removeItem(atPath: work) } }
-        let report: TensorEval.Report
-        do {
-            report = try TensorEval.run(samples: samples, schemes: schemes.isEmpty ? Self.defaultSchemes : schemes,
-                                        segmentTokens: segmentTokens, directory: work) { if !json { printError("eval-tensors: \($0)") } }
-        } catch let e as KVPackError {
-            throw CLIError("eval-tensors: \(e)")
+        let report: TensorEval.Report = try withWorkDirectory(keep: keep, prefix: "kvpack-tensors") { work in
+            do {
+                return try TensorEval.run(samples: samples, schemes: schemes.isEmpty ? Self.defaultSchemes : schemes,
+                                          segmentTokens: segmentTokens, directory: work) { if !json { printError("eval-tensors: \($0)") } }
+            } catch let e as KVPackError {
+                throw CLIError("eval-tensors: \(e)")
+            }
         }
         if json { return try printJSON(report) }
         print("kvpack eval-tensors: \(samples.meta.model), \(report.tokens) tokens, \(samples.geometry)")
@@ -43,8 +41,7 @@ struct EvalTensorsCommand: ParsableCommand {
                          String(format: "%.3f", r.totalBitsPerElement), String(format: "%.2e", r.keyRelativeError),
                          String(format: "%.2e", r.valueRelativeError), String(format: "%.2e", r.attentionRelativeError)])
         }
-        let widths = header.indices.map { c in rows.map { $0[c].count }.max()! }
-        for row in rows { print(row.enumerated().map { $1.padded(widths[$0]) }.joined(separator: "  ")) }
+        print(formatTable(rows))
         for r in report.results { for line in r.plan ?? [] { print("\(r.spec) plan: \(line)") } }
     }
 }

@@ -100,3 +100,17 @@ func formatBytes(_ n: Int) -> String {
     }
     return u == 0 ? "\(n) B" : String(format: "%.2f %@", v, units[u])
 }
+
+/// Rows of cells as left-aligned columns, two spaces apart (the first row is the header).
+func formatTable(_ rows: [[String]]) -> String {
+    let widths = rows[0].indices.map { c in rows.map { $0[c].count }.max()! }
+    return rows.map { row in row.enumerated().map { $1.padded(widths[$0]) }.joined(separator: "  ") }.joined(separator: "\n")
+}
+
+/// Runs `body` in `keep` (created if needed) or in a temporary directory removed afterwards.
+func withWorkDirectory<T>(keep: String?, prefix: String, _ body: (String) throws -> T) throws -> T {
+    let directory = keep ?? NSTemporaryDirectory() + "\(prefix)-\(getpid())"
+    try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+    defer { if keep == nil { try? FileManager.default.removeItem(atPath: directory) } }
+    return try body(directory)
+}

@@ -83,7 +83,9 @@ public enum Limits {
     public static let maxQueryHeads = 65536
     public static let maxHeadDim = 4096
     public static let maxSegmentTokens = 65536
-    /// segmentTokens x headDim, so one decoded block (f32) is at most 64 MiB.
+    /// segmentTokens x headDim, so one decoded block (f32) is at most 64 MiB; also bounds
+    /// (queryHeads / kvHeads) x segmentTokens and (queryHeads / kvHeads) x headDim, the score
+    /// rows and queries of one attention call.
     public static let maxBlockElements = 1 << 24
     public static let maxSchemes = 1024
     public static let maxTokens = Int(UInt32.max)

@@ -174,6 +174,13 @@ public struct Manifest: Sendable, Equatable {
             throw c.invalid("segmentTokens", at: base + 16,
                             "segmentTokens x headDim = \(segment * headDim) exceeds \(Limits.maxBlockElements)")
         }
+        // Attention keeps a score row per query of a GQA group for a whole segment, and the
+        // group's queries: both are bounded like a decoded block, so no claim sizes memory past it.
+        let group = qHeads / kvHeads
+        guard group * segment <= Limits.maxBlockElements, group * headDim <= Limits.maxBlockElements else {
+            throw c.invalid("queryHeadCount", at: base + 4,
+                            "a GQA group of \(group) query heads x max(segmentTokens \(segment), headDim \(headDim)) exceeds \(Limits.maxBlockElements)")
+        }
         let flags = try c.read(UInt32.self, "flags")
         guard flags & ~keysPostRoPEFlag == 0 else {
             throw c.invalid("flags", at: base + 20, "unknown bits \(hex64(UInt64(flags & ~keysPostRoPEFlag)))")
