@@ -11,7 +11,7 @@ FUZZ_SECONDS ?= 60
 FUZZ_BIN := Fuzz/kvpack-fuzz
 LIB_SOURCES := $(shell find Sources/KVPack -name '*.swift')
 
-.PHONY: all build setup pydeps test demo fuzz fuzz-build corpus clean
+.PHONY: all build setup pydeps test demo fuzz fuzz-build corpus bench-convert clean
 
 all: build
 
@@ -29,7 +29,7 @@ build: setup
 
 # The second, Python reader (scripts/spec_reader.py) the tests compare against needs these.
 pydeps:
-	@python3 -c 'import numpy, xxhash, zstandard' 2>/dev/null || python3 -m pip install --quiet numpy xxhash zstandard
+	@python3 -c 'import numpy, xxhash, zstandard, safetensors' 2>/dev/null || python3 -m pip install --quiet numpy xxhash zstandard safetensors
 
 test: setup pydeps
 	swift test $(SWIFT_FLAGS)
@@ -51,6 +51,10 @@ fuzz: fuzz-build
 	@mkdir -p fuzz-out/corpus
 	$(FUZZ_BIN) -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -rss_limit_mb=2048 -print_final_stats=1 \
 		-dict=Fuzz/kvpack.dict -artifact_prefix=fuzz-out/ fuzz-out/corpus corpus/
+
+# Peak memory of streaming passes over a 1 GiB cache (recorded in BENCHMARKS.md).
+bench-convert: build
+	bash scripts/bench-convert.sh "$(KVPACK)"
 
 # Regenerates the seed files in corpus/ (reproducible: fixed salts and seeds).
 corpus: build pydeps

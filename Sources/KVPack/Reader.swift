@@ -334,18 +334,34 @@ public final class KVPackReader: @unchecked Sendable {
         }
     }
 
+    /// Releases the mapped pages of a sealed segment's blocks (a streaming pass is done with them).
+    public func releasePages(segment: Int) {
+        guard segment >= 0, segment < tokenCount / segmentTokens else { return }
+        let offsets = state.blockOffsets[segment * geometry.streamCount ..< (segment + 1) * geometry.streamCount]
+        guard let lo = offsets.min(), let hi = offsets.max(),
+              let last = try? FrameHeader.decode(file.bytes, at: hi, limit: state.commitOffset, salt: header.salt) else { return }
+        file.releasePages(Int(lo) ..< Int(last.nextFrameOffset))
+    }
+
     // MARK: Sizes
 
-    /// Stored bytes of one stream: its sealed block frames (headers and payloads) and its
-    /// share of the tail rows.
-    public func storedBytes(stream: Int) throws -> Int {
-        var total = 0
+    /// Stored bytes of every stream: its sealed block frames (headers and payloads) and its share
+    /// of the tail rows. Reads each block's header (a segment at a time, releasing the pages, so
+    /// a summary of a large file does not leave it resident).
+    public func streamBytes() throws -> [Int] {
+        let streams = geometry.streamCount
+        var total = [Int](repeating: 0, count: streams)
         for segment in 0 ..< tokenCount / segmentTokens {
-            let offset = state.blockOffsets[segment * geometry.streamCount + stream]
-            let h = try FrameHeader.decode(file.bytes, at: offset, limit: state.commitOffset, salt: header.salt, field: "BLCK")
-            total += FrameHeader.size + Int(h.storedLength)
+            for stream in 0 ..< streams {
+                let offset = state.blockOffsets[segment * streams + stream]
+                let h = try FrameHeader.decode(file.bytes, at: offset, limit: state.commitOffset, salt: header.salt, field: "BLCK")
+                total[stream] += FrameHeader.size + Int(h.storedLength)
+            }
+            releasePages(segment: segment)
         }
-        for piece in state.tail.indices { total += tailRows(piece: piece, stream: stream).count }
+        for piece in state.tail.indices {
+            for stream in 0 ..< streams { total[stream] += tailRows(piece: piece, stream: stream).count }
+        }
         return total
     }
 

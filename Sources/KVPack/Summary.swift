@@ -73,11 +73,12 @@ public struct FileSummary: Sendable, Codable {
         let elements = Double(reader.tokenCount * g.headDim)
         var layers: [Layer] = []
         var cacheBytes = 0
+        let bytes = try reader.streamBytes()
         for l in 0 ..< g.layerCount {
             var kb = 0, vb = 0
             for h in 0 ..< g.kvHeadCount {
-                kb += try reader.storedBytes(stream: g.stream(layer: l, kvHead: h, kind: .key))
-                vb += try reader.storedBytes(stream: g.stream(layer: l, kvHead: h, kind: .value))
+                kb += bytes[g.stream(layer: l, kvHead: h, kind: .key)]
+                vb += bytes[g.stream(layer: l, kvHead: h, kind: .value)]
             }
             cacheBytes += kb + vb
             let perHead = elements * Double(g.kvHeadCount)

@@ -100,7 +100,7 @@ public enum Validator {
         }
 
         let walkEnd = reader.map { $0.state.commitEnd } ?? UInt64(bytes.count)
-        let frames = walkFrames(bytes, salt: header.salt, end: walkEnd, report: &report)
+        let frames = walkFrames(file, salt: header.salt, end: walkEnd, report: &report)
         guard let reader else { return report }
         checkReferences(reader, frames: frames, report: &report)
         checkBlocks(reader, deep: deep, report: &report)
@@ -110,12 +110,19 @@ public enum Validator {
     /// Walks every frame from the manifest to `end`, verifying headers and payload checksums.
     /// After a damaged header it resynchronises on the next 64-byte boundary whose header
     /// verifies (the offset-seeded checksum makes false matches negligible).
-    static func walkFrames(_ bytes: UnsafeRawBufferPointer, salt: UInt64, end: UInt64,
+    static func walkFrames(_ file: MappedFile, salt: UInt64, end: UInt64,
                            report: inout ValidationReport) -> [UInt64: (tag: FrameTag, size: Int)] {
+        let bytes = file.bytes
         var frames: [UInt64: (tag: FrameTag, size: Int)] = [:]
         var offset = UInt64(FileHeader.size)
         let align = UInt64(FileHeader.frameAlignment)
+        var released = 0
         while offset + UInt64(FrameHeader.size) <= end {
+            // Pages behind the walk are done with; keep a large file from staying resident.
+            if Int(offset) - released > 16 << 20 {
+                file.releasePages(released ..< Int(offset))
+                released = Int(offset)
+            }
             do {
                 let h = try FrameHeader.decode(bytes, at: offset, limit: end, salt: salt, field: "frame")
                 report.framesWalked += 1
@@ -180,6 +187,7 @@ public enum Validator {
                     report.add(.error, e)
                 } catch {}
             }
+            reader.releasePages(segment: segment)
         }
         guard deep else { return }
         for piece in reader.state.tail.indices {

@@ -148,7 +148,10 @@ public struct NpyArray: Sendable {
     }
 
     /// Version 1.0 bytes (2.0 when the header needs more than 65535 bytes), data 64-byte aligned.
-    public func encoded() -> [UInt8] {
+    public func encoded() -> [UInt8] { Self.header(dtype: dtype, shape: shape) + data }
+
+    /// The magic, version and header of an array; its data follows.
+    public static func header(dtype: DType, shape: [Int]) -> [UInt8] {
         let shapeText = shape.count == 1 ? "(\(shape[0]),)" : "(" + shape.map(String.init).joined(separator: ", ") + ")"
         var header = "{'descr': '\(dtype.rawValue)', 'fortran_order': False, 'shape': \(shapeText), }"
         let big = header.utf8.count + 12 > 65535
@@ -158,7 +161,7 @@ public struct NpyArray: Sendable {
         var out: [UInt8] = [0x93, 0x4E, 0x55, 0x4D, 0x50, 0x59, big ? 2 : 1, 0]
         let n = header.utf8.count
         out += big ? [UInt8(n & 0xFF), UInt8(n >> 8 & 0xFF), UInt8(n >> 16 & 0xFF), UInt8(n >> 24)] : [UInt8(n & 0xFF), UInt8(n >> 8)]
-        return out + Array(header.utf8) + data
+        return out + Array(header.utf8)
     }
 }
 

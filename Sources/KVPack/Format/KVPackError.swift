@@ -61,7 +61,7 @@ public struct KVPackError: Error, CustomStringConvertible, Sendable, Equatable {
         KVPackError(.invalidField, offset: offset, field: field, message)
     }
 
-    static func argument(_ message: String) -> KVPackError {
+    public static func argument(_ message: String) -> KVPackError {
         KVPackError(.invalidArgument, message)
     }
 }

@@ -46,6 +46,18 @@ public final class MappedFile: @unchecked Sendable {
         return UnsafeRawBufferPointer(start: p, count: source.count)
     }
 
+    /// Lets the kernel drop the pages of `range` from this process (they stay in the page cache
+    /// and fault back in if touched again): a streaming pass over a large file keeps its resident
+    /// memory bounded. A no-op for heap copies.
+    public func releasePages(_ range: Range<Int>) {
+        guard mapped, let base = bytes.baseAddress, !range.isEmpty else { return }
+        let page = Int(sysconf(Int32(_SC_PAGESIZE)))
+        let start = (max(range.lowerBound, 0) + page - 1) / page * page
+        let end = min(range.upperBound, bytes.count) / page * page
+        guard end > start else { return }
+        madvise(UnsafeMutableRawPointer(mutating: base) + start, end - start, MADV_DONTNEED)
+    }
+
     deinit {
         guard let base = bytes.baseAddress else { return }
         if mapped {

@@ -1,0 +1,237 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Rewrites a file in other schemes: `kvpack convert`.
+///
+/// Streaming: one output segment of every stream is decoded at a time and appended to a writer,
+/// and the source pages already read are released, so memory stays bounded by a few segments
+/// whatever the file size. The output is written under a temporary name and renamed when
+/// complete. Written against `KVScheme` only: a new scheme converts without changes here.
+public enum Converter {
+    public struct Options: Sendable {
+        /// Tokens per sealed block of the output (default: the spec's residual window, else the source's).
+        public var segmentTokens: Int?
+        public var overwrite = false
+        public var durability: WriterOptions.Durability = .fsync
+        /// Attention samples for the error report: (layer, KV head, random query) triples.
+        public var attentionSamples = 64
+        public var seed: UInt64 = 1
+        /// Called with (tokens done, tokens in all) as the conversion streams.
+        public var progress: (@Sendable (Int, Int) -> Void)?
+        public var tool = "kvpack"
+
+        public init() {}
+    }
+
+    public struct Bits: Sendable, Codable {
+        public var key: Double
+        public var value: Double
+        /// The whole file per cached K/V element.
+        public var total: Double
+    }
+
+    public struct Report: Sendable, Codable {
+        public var input: String
+        public var output: String
+        public var tokens: Int
+        public var inputSchemes: [String]
+        public var outputSchemes: [String]
+        public var before: Bits
+        public var after: Bits
+        /// ||decoded(out) - decoded(in)|| / ||decoded(in)|| over every key (value) of the file.
+        public var keyRelativeError: Double
+        public var valueRelativeError: Double
+        /// The same for attention outputs of `attentionSamples` random queries over all tokens.
+        public var attentionRelativeError: Double
+        public var attentionSamples: Int
+        public var plan: [String]?
+    }
+
+    /// Converts `input` to `output`: `spec` for the layers in `layers` (all when nil); other
+    /// layers keep the source's schemes (re-encoded).
+    public static func convert(input: String, output: String, spec: SchemeSpec, layers: Set<Int>? = nil,
+                               options: Options = Options()) throws -> Report {
+        if !options.overwrite, access(output, F_OK) == 0 {
+            throw KVPackError.argument("\(output) already exists (pass overwrite to replace it)")
+        }
+        let source = try KVPackReader(path: input)
+        let m = source.manifest, g = m.geometry
+        if let layers, let bad = layers.first(where: { !(0 ..< g.layerCount).contains($0) }) {
+            throw KVPackError.argument("layer \(bad) is outside the file's 0..<\(g.layerCount)")
+        }
+        guard spec.layers.count == g.layerCount else {
+            throw KVPackError.argument("the scheme spec was built for \(spec.layers.count) layers, the file has \(g.layerCount)")
+        }
+        // Target setups: the spec's where asked, the source's own descriptors (and blobs) elsewhere.
+        var setups: [(key: SchemeSetup, value: SchemeSetup)] = []
+        for l in 0 ..< g.layerCount {
+            if layers?.contains(l) ?? true {
+                setups.append((spec.layers[l].key, spec.layers[l].value))
+            } else {
+                func own(_ kind: KVKind) -> SchemeSetup {
+                    var d = m.schemes[m.schemeIndex(layer: l, kind: kind)]
+                    let blobs = d.blobIDs.compactMap { id in source.blobs.first { $0.id == id } }
+                    d.blobIDs = []
+                    return SchemeSetup(descriptor: d, blobs: blobs)
+                }
+                setups.append((own(.key), own(.value)))
+            }
+        }
+        let plan = SchemePlan(layers: setups)
+        let segmentTokens = try spec.segmentTokens(requested: options.segmentTokens, fallback: m.segmentTokens)
+        let manifest = Manifest(geometry: g, segmentTokens: segmentTokens, rope: m.rope, maxPositions: m.maxPositions,
+                                modelFingerprint: m.modelFingerprint, schemes: plan.schemes, layerSchemes: plan.layerSchemes,
+                                producer: "\(options.tool) convert",
+                                userMetadata: provenance(source: source, input: input, spec: spec, tool: options.tool))
+
+        let temp = "\(output).converting-\(getpid())-\(UInt32.random(in: 0 ... .max))"
+        do {
+            var writerOptions = WriterOptions()
+            writerOptions.durability = options.durability
+            let writer = try KVPackWriter.create(path: temp, manifest: manifest, blobs: plan.blobs, options: writerOptions)
+            try stream(from: source, to: writer, chunk: segmentTokens, progress: options.progress)
+            try writer.close()
+            guard rename(temp, output) == 0 else { throw KVPackError.ioError("rename to \(output)", path: temp) }
+            syncDirectory(of: output)
+        } catch {
+            unlink(temp)
+            throw error
+        }
+        source.file.releasePages(0 ..< source.fileSize)
+        return try report(source: source, input: input, output: output, spec: spec, options: options)
+    }
+
+    /// Decodes `chunk` tokens of every stream at a time and appends them.
+    static func stream(from source: KVPackReader, to writer: KVPackWriter, chunk: Int, progress: (@Sendable (Int, Int) -> Void)?) throws {
+        let g = source.geometry, d = g.headDim, n = source.tokenCount
+        let per = g.layerCount * g.kvHeadCount * chunk * d
+        var keys = [Float](repeating: 0, count: per), values = keys
+        let workspace = AttentionWorkspace()
+        let ids = source.tokenIDs, positions = source.positions
+        var released = 0
+        var start = 0
+        while start < n {
+            let t = min(chunk, n - start)
+            let range = start ..< start + t
+            try keys.withUnsafeMutableBufferPointer { kp in
+                try values.withUnsafeMutableBufferPointer { vp in
+                    for layer in 0 ..< g.layerCount {
+                        for head in 0 ..< g.kvHeadCount {
+                            let at = (layer * g.kvHeadCount + head) * t * d
+                            try source.decode(layer: layer, kvHead: head, kind: .key, tokens: range, into: kp.baseAddress! + at, workspace: workspace)
+                            try source.decode(layer: layer, kvHead: head, kind: .value, tokens: range, into: vp.baseAddress! + at, workspace: workspace)
+                        }
+                    }
+                }
+            }
+            try keys.withUnsafeBufferPointer { kp in
+                try values.withUnsafeBufferPointer { vp in
+                    try writer.append(tokenIDs: Array(ids[range]), positions: Array(positions[range]),
+                                      keys: UnsafeBufferPointer(rebasing: kp[0 ..< g.layerCount * g.kvHeadCount * t * d]),
+                                      values: UnsafeBufferPointer(rebasing: vp[0 ..< g.layerCount * g.kvHeadCount * t * d]),
+                                      layout: .layerHeadToken(g, tokens: t))
+                }
+            }
+            start += t
+            while (released + 1) * source.segmentTokens <= start {
+                source.releasePages(segment: released)
+                released += 1
+            }
+            progress?(start, n)
+        }
+    }
+
+    /// The source's metadata, with its scheme notes replaced and a `convert.N.*` record added.
+    static func provenance(source: KVPackReader, input: String, spec: SchemeSpec, tool: String) -> [Manifest.MetadataEntry] {
+        let m = source.manifest
+        var entries = m.userMetadata.filter { $0.key != "scheme.spec" && !$0.key.hasPrefix("scheme.plan.") }
+        let previous = entries.compactMap { e -> Int? in
+            guard e.key.hasPrefix("convert.") else { return nil }
+            return Int(e.key.dropFirst("convert.".count).prefix { $0.isNumber })
+        }
+        let n = (previous.max() ?? 0) + 1
+        entries += [
+            .init("convert.\(n).from", schemeSummary(source)),
+            .init("convert.\(n).source", input),
+            .init("convert.\(n).producer", m.producer),
+            .init("convert.\(n).tool", tool),
+            .init("scheme.spec", spec.text),
+        ]
+        entries += spec.rationale.enumerated().map { .init("scheme.plan.\($0.offset)", $0.element) }
+        return entries
+    }
+
+    /// "K raw:f16, V raw:f16" or, when layers differ, "layer 0 K ... V ...; layer 1 ...".
+    static func schemeSummary(_ reader: KVPackReader) -> String {
+        let m = reader.manifest
+        let perLayer = (0 ..< m.geometry.layerCount).map { l in
+            "K \(reader.schemes[m.layerSchemes[l].key].specString), V \(reader.schemes[m.layerSchemes[l].value].specString)"
+        }
+        return Set(perLayer).count == 1 ? perLayer[0] : perLayer.enumerated().map { "layer \($0.offset): \($0.element)" }.joined(separator: "; ")
+    }
+
+    static func bits(_ reader: KVPackReader) throws -> Bits {
+        let s = try FileSummary(reader: reader)
+        let elements = Double(reader.tokenCount * reader.geometry.headDim * reader.geometry.kvHeadCount * reader.geometry.layerCount)
+        guard elements > 0 else { return Bits(key: 0, value: 0, total: 0) }
+        return Bits(key: Double(s.layers.reduce(0) { $0 + $1.keyBytes } * 8) / elements,
+                    value: Double(s.layers.reduce(0) { $0 + $1.valueBytes } * 8) / elements,
+                    total: Double(s.fileSize * 8) / (2 * elements))
+    }
+
+    /// A second streaming pass: decoded output against decoded input, and sampled attention.
+    static func report(source: KVPackReader, input: String, output: String, spec: SchemeSpec, options: Options) throws -> Report {
+        let out = try KVPackReader(path: output)
+        let g = source.geometry, d = g.headDim, n = source.tokenCount
+        var kErr = (0.0, 0.0), vErr = (0.0, 0.0), aErr = (0.0, 0.0)
+        func add(_ acc: inout (Double, Double), _ got: UnsafePointer<Float>, _ want: UnsafePointer<Float>, _ count: Int) {
+            for i in 0 ..< count {
+                let diff = Double(got[i]) - Double(want[i])
+                acc.0 += diff * diff
+                acc.1 += Double(want[i]) * Double(want[i])
+            }
+        }
+        let workspace = AttentionWorkspace()
+        let chunk = max(source.segmentTokens, 1)
+        var a = [Float](repeating: 0, count: chunk * d), b = a
+        var start = 0
+        while start < n {
+            let range = start ..< min(n, start + chunk)
+            for layer in 0 ..< g.layerCount {
+                for head in 0 ..< g.kvHeadCount {
+                    for kind in KVKind.allCases {
+                        try a.withUnsafeMutableBufferPointer { ap in
+                            try b.withUnsafeMutableBufferPointer { bp in
+                                try source.decode(layer: layer, kvHead: head, kind: kind, tokens: range, into: ap.baseAddress!, workspace: workspace)
+                                try out.decode(layer: layer, kvHead: head, kind: kind, tokens: range, into: bp.baseAddress!, workspace: workspace)
+                                if kind == .key { add(&kErr, bp.baseAddress!, ap.baseAddress!, range.count * d) } else { add(&vErr, bp.baseAddress!, ap.baseAddress!, range.count * d) }
+                            }
+                        }
+                    }
+                }
+            }
+            source.releasePages(segment: start / source.segmentTokens)
+            out.file.releasePages(0 ..< out.fileSize)
+            start = range.upperBound
+        }
+        var rng = SplitMix64(seed: options.seed)
+        let samples = n > 0 ? options.attentionSamples : 0
+        for _ in 0 ..< samples {
+            let layer = Int(rng.next() % UInt64(g.layerCount)), head = Int(rng.next() % UInt64(g.kvHeadCount))
+            let q = (0 ..< g.groupSize * d).map { _ in Float(rng.nextGaussian()) }
+            let want = try source.attend(layer: layer, kvHead: head, queries: q)
+            let got = try out.attend(layer: layer, kvHead: head, queries: q)
+            want.withUnsafeBufferPointer { w in got.withUnsafeBufferPointer { add(&aErr, $0.baseAddress!, w.baseAddress!, w.count) } }
+            source.file.releasePages(0 ..< source.fileSize)
+            out.file.releasePages(0 ..< out.fileSize)
+        }
+        func relative(_ e: (Double, Double)) -> Double { e.1 > 0 ? (e.0 / e.1).squareRoot() : 0 }
+        let summary = { (r: KVPackReader) in (0 ..< r.manifest.schemes.count).map { r.schemes[$0].specString } }
+        return Report(input: input, output: output, tokens: n, inputSchemes: summary(source), outputSchemes: summary(out),
+                      before: try bits(source), after: try bits(out),
+                      keyRelativeError: relative(kErr), valueRelativeError: relative(vErr),
+                      attentionRelativeError: relative(aErr), attentionSamples: samples,
+                      plan: spec.rationale.isEmpty ? nil : spec.rationale)
+    }
+}

@@ -1,0 +1,99 @@
+import ArgumentParser
+import Foundation
+import KVPack
+
+struct ConvertCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "convert",
+        abstract: "Rewrite a .kvpack file in other schemes, streaming, and report what the conversion changed.",
+        discussion: """
+        Decodes one output segment of every stream at a time and re-encodes it, so memory stays bounded by a few segments whatever the file size. The output is written under a temporary name and renamed when complete: an interrupted conversion never leaves a partial OUT. Token ids, positions, the model fingerprint and user metadata are kept; the source's schemes, path, producer and this tool are recorded as convert.N.* metadata.
+
+        With --layers, only those layers take the new scheme; the others keep their own. int:auto:BUDGET calibrates on IN; --plan FILE takes a plan saved by `kvpack plan --json`.
+
+        The report: bits per element before and after (keys, values, whole file), the relative error the conversion added to keys and values (decoded OUT against decoded IN, every element), and to attention outputs for random queries over all tokens. Converting between lossless schemes that can represent the source (f16 to f32 and back, bf16 to f32) is bit-exact.
+        """)
+
+    @Argument(help: "Source .kvpack file.") var input: String
+    @Argument(help: "Output .kvpack file.") var output: String
+    @Option(help: "Scheme spec for the output (see `kvpack --help`).") var scheme: String?
+    @Option(help: "A plan saved by `kvpack plan --json` (instead of --scheme).") var plan: String?
+    @Option(help: "Layers to convert, e.g. 0-3,7 (default all).") var layers: String?
+    @Option(help: "Tokens per sealed block of the output (default: the scheme's window, else the source's).") var segmentTokens: Int?
+    @Option(help: "Random queries for the attention error.") var samples = 64
+    @Flag(help: "Replace OUT if it exists.") var overwrite = false
+    @Flag(help: "Do not fsync the output.") var noFsync = false
+    @Flag(help: "Print the report as JSON.") var json = false
+
+    struct SavedPlan: Decodable {
+        var spec: String
+        var statistics: CacheStatistics
+    }
+
+    func validate() throws {
+        guard (scheme == nil) != (plan == nil) else { throw ValidationError("give exactly one of --scheme and --plan") }
+    }
+
+    func run() throws {
+        let source = try openReader(input)
+        let g = source.geometry
+        let spec: SchemeSpec
+        do {
+            if let plan {
+                guard let data = FileManager.default.contents(atPath: plan) else { throw CLIError("\(plan) cannot be read") }
+                let saved = try JSONDecoder().decode(SavedPlan.self, from: data)
+                spec = try SchemeSpec.parse(saved.spec, geometry: g, calibration: saved.statistics)
+            } else {
+                do {
+                    spec = try SchemeSpec.parse(scheme!, geometry: g)
+                } catch let e as KVPackError where e.code == .needsCalibration {
+                    spec = try SchemeSpec.parse(scheme!, geometry: g, calibration: CacheStatistics(reader: source))
+                }
+            }
+        } catch let e as KVPackError {
+            throw CLIError("\(input): \(e)")
+        }
+        var options = Converter.Options()
+        options.segmentTokens = segmentTokens
+        options.overwrite = overwrite
+        options.durability = noFsync ? .flush : .fsync
+        options.attentionSamples = samples
+        options.tool = KVPackVersion.producer
+        let progress = Progress(label: "convert \(output)", total: source.tokenCount)
+        options.progress = { done, _ in progress.update(done) }
+        let report: Converter.Report
+        do {
+            report = try Converter.convert(input: input, output: output, spec: spec, layers: try parseLayers(layers, count: g.layerCount),
+                                           options: options)
+        } catch let e as KVPackError {
+            throw CLIError("convert: \(e)")
+        }
+        progress.finish()
+        if json { return try printJSON(report) }
+        print("\(output): \(report.tokens) tokens converted from \(input)")
+        print("schemes before: \(report.inputSchemes.joined(separator: ", "))")
+        print("schemes after:  \(report.outputSchemes.joined(separator: ", "))")
+        print(formatTable([
+            ["", "K bits", "V bits", "total bits"],
+            ["before", String(format: "%.3f", report.before.key), String(format: "%.3f", report.before.value), String(format: "%.3f", report.before.total)],
+            ["after", String(format: "%.3f", report.after.key), String(format: "%.3f", report.after.value), String(format: "%.3f", report.after.total)],
+        ]))
+        print(String(format: "error added: keys %.3e, values %.3e, attention %.3e (%d random queries)",
+                     report.keyRelativeError, report.valueRelativeError, report.attentionRelativeError, report.attentionSamples))
+        for line in report.plan ?? [] { print("plan: \(line)") }
+    }
+}
+
+/// "0-3,7" -> {0, 1, 2, 3, 7}, each within 0..<count.
+func parseLayers(_ text: String?, count: Int) throws -> Set<Int>? {
+    guard let text else { return nil }
+    var out = Set<Int>()
+    for part in text.split(separator: ",") {
+        let bounds = part.split(separator: "-").map { Int($0.trimmingCharacters(in: .whitespaces)) }
+        guard (1 ... 2).contains(bounds.count), let lo = bounds.first!, let hi = bounds.last!, lo <= hi, lo >= 0, hi < count else {
+            throw ValidationError("--layers: \"\(part)\" is not a layer or range within 0...\(count - 1)")
+        }
+        out.formUnion(lo ... hi)
+    }
+    return out
+}
