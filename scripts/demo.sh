@@ -34,8 +34,12 @@ step "Summarise it"
 step "Attention over the file, checked against a dense reference"
 "$KVPACK" attend "$OUT/chat.kvpack" --layer 2 --head 1 --query-seed 7 --check
 
+step "Convert the conversation to 4-bit keys and 2-bit values (KV-AdaQuant, keys grouped per channel), and back"
+"$KVPACK" convert "$OUT/chat.kvpack" "$OUT/chat-int.kvpack" --scheme int:k4v2:kc64 --overwrite
+"$KVPACK" generate --resume "$OUT/chat-int.kvpack" --steps 20
+
 step "What each scheme does to the model (teacher forcing over 1280 tokens of its own stories)"
-"$KVPACK" eval --model "$MODEL"
+"$KVPACK" eval --model "$MODEL" --scheme raw:f16 --scheme int:k4v2:kc64:vc64 --scheme int:k2v4:kc64:vc64 --scheme int:auto:3.0:kc64:vc64
 
 step "The format at a real geometry: a llama-3-8b-shaped synthetic cache (4 of 32 layers), bf16 + zstd"
 "$KVPACK" synth "$OUT/llama.kvpack" --model llama-3-8b --layers 4 --tokens 1024 --scheme raw:bf16:zstd --overwrite
