@@ -34,7 +34,7 @@ step "Summarise it"
 step "Attention over the file, checked against a dense reference"
 "$KVPACK" attend "$OUT/chat.kvpack" --layer 2 --head 1 --query-seed 7 --check
 
-step "Convert the conversation to 4-bit keys and 2-bit values (KV-AdaQuant, keys grouped per channel), and back"
+step "Convert the conversation to 4-bit keys and 2-bit values (KV-AdaQuant, keys grouped per channel) and keep talking from the converted file"
 "$KVPACK" convert "$OUT/chat.kvpack" "$OUT/chat-int.kvpack" --scheme int:k4v2:kc64 --overwrite
 "$KVPACK" generate --resume "$OUT/chat-int.kvpack" --steps 20
 
