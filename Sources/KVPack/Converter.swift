@@ -184,14 +184,7 @@ public enum Converter {
     static func report(source: KVPackReader, input: String, output: String, spec: SchemeSpec, options: Options) throws -> Report {
         let out = try KVPackReader(path: output)
         let g = source.geometry, d = g.headDim, n = source.tokenCount
-        var kErr = (0.0, 0.0), vErr = (0.0, 0.0), aErr = (0.0, 0.0)
-        func add(_ acc: inout (Double, Double), _ got: UnsafePointer<Float>, _ want: UnsafePointer<Float>, _ count: Int) {
-            for i in 0 ..< count {
-                let diff = Double(got[i]) - Double(want[i])
-                acc.0 += diff * diff
-                acc.1 += Double(want[i]) * Double(want[i])
-            }
-        }
+        var kErr = RelativeError(), vErr = RelativeError(), aErr = RelativeError()
         let workspace = AttentionWorkspace()
         let chunk = max(source.segmentTokens, 1)
         var a = [Float](repeating: 0, count: chunk * d), b = a
@@ -205,7 +198,7 @@ public enum Converter {
                             try b.withUnsafeMutableBufferPointer { bp in
                                 try source.decode(layer: layer, kvHead: head, kind: kind, tokens: range, into: ap.baseAddress!, workspace: workspace)
                                 try out.decode(layer: layer, kvHead: head, kind: kind, tokens: range, into: bp.baseAddress!, workspace: workspace)
-                                if kind == .key { add(&kErr, bp.baseAddress!, ap.baseAddress!, range.count * d) } else { add(&vErr, bp.baseAddress!, ap.baseAddress!, range.count * d) }
+                                if kind == .key { kErr.add(bp.baseAddress!, ap.baseAddress!, range.count * d) } else { vErr.add(bp.baseAddress!, ap.baseAddress!, range.count * d) }
                             }
                         }
                     }
@@ -222,16 +215,15 @@ public enum Converter {
             let q = (0 ..< g.groupSize * d).map { _ in Float(rng.nextGaussian()) }
             let want = try source.attend(layer: layer, kvHead: head, queries: q)
             let got = try out.attend(layer: layer, kvHead: head, queries: q)
-            want.withUnsafeBufferPointer { w in got.withUnsafeBufferPointer { add(&aErr, $0.baseAddress!, w.baseAddress!, w.count) } }
+            aErr.add(got, want)
             source.file.releasePages(0 ..< source.fileSize)
             out.file.releasePages(0 ..< out.fileSize)
         }
-        func relative(_ e: (Double, Double)) -> Double { e.1 > 0 ? (e.0 / e.1).squareRoot() : 0 }
         let summary = { (r: KVPackReader) in (0 ..< r.manifest.schemes.count).map { r.schemes[$0].specString } }
         return Report(input: input, output: output, tokens: n, inputSchemes: summary(source), outputSchemes: summary(out),
                       before: try bits(source), after: try bits(out),
-                      keyRelativeError: relative(kErr), valueRelativeError: relative(vErr),
-                      attentionRelativeError: relative(aErr), attentionSamples: samples,
+                      keyRelativeError: kErr.relative, valueRelativeError: vErr.relative,
+                      attentionRelativeError: aErr.relative, attentionSamples: samples,
                       plan: spec.rationale.isEmpty ? nil : spec.rationale)
     }
 }

@@ -150,13 +150,9 @@ public enum CacheInterop {
             throw KVPackError.argument("\(q) query heads is not a multiple of the cache's \(h.kvHeads) KV heads")
         }
         let g = ModelGeometry(layerCount: h.layers, queryHeadCount: q, kvHeadCount: h.kvHeads, headDim: h.headDim)
-        let spec: SchemeSpec
-        do {
-            spec = try SchemeSpec.parse(text, geometry: g)
-        } catch let e as KVPackError where e.code == .needsCalibration {
+        let spec = try SchemeSpec.parse(text, geometry: g) {
             let n = min(h.tokens, 1024)
-            let stats = try CacheStatistics(geometry: g, tokens: n) { try source.rows(layer: $0, kvHead: $1, kind: $2, tokens: 0 ..< n) }
-            spec = try SchemeSpec.parse(text, geometry: g, calibration: stats)
+            return try CacheStatistics(geometry: g, tokens: n) { try source.rows(layer: $0, kvHead: $1, kind: $2, tokens: 0 ..< n) }
         }
         let plan = SchemePlan(spec: spec)
         let c = try spec.segmentTokens(requested: segmentTokens, fallback: 128)

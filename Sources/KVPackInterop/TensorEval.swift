@@ -125,19 +125,13 @@ public enum TensorEval {
             try writer.close()
 
             let reader = try KVPackReader(path: path)
-            var kErr = (0.0, 0.0), vErr = (0.0, 0.0), aErr = (0.0, 0.0)
-            func add(_ acc: inout (Double, Double), _ got: [Float], _ want: ArraySlice<Float>) {
-                for (x, y) in zip(got, want) {
-                    acc.0 += Double(x - y) * Double(x - y)
-                    acc.1 += Double(y) * Double(y)
-                }
-            }
+            var kErr = RelativeError(), vErr = RelativeError(), aErr = RelativeError()
             let workspace = AttentionWorkspace()
             var out = [Float](repeating: 0, count: g.groupSize * d)
             for layer in 0 ..< measuredLayers {
                 for head in 0 ..< g.kvHeadCount {
-                    add(&kErr, try reader.decode(layer: layer, kvHead: head, kind: .key), samples.rows(layer: layer, kvHead: head, kind: .key))
-                    add(&vErr, try reader.decode(layer: layer, kvHead: head, kind: .value), samples.rows(layer: layer, kvHead: head, kind: .value))
+                    kErr.add(try reader.decode(layer: layer, kvHead: head, kind: .key), samples.rows(layer: layer, kvHead: head, kind: .key))
+                    vErr.add(try reader.decode(layer: layer, kvHead: head, kind: .value), samples.rows(layer: layer, kvHead: head, kind: .value))
                     for (i, p) in positions.enumerated() {
                         let q = query(samples, layer: layer, kvHead: head, position: p)
                         try q.withUnsafeBufferPointer { qp in
@@ -147,7 +141,7 @@ public enum TensorEval {
                             }
                         }
                         let at = (head * positions.count + i) * g.groupSize * d
-                        add(&aErr, out, reference[layer][at ..< at + g.groupSize * d])
+                        aErr.add(out, reference[layer][at ..< at + g.groupSize * d])
                     }
                 }
             }
@@ -157,8 +151,8 @@ public enum TensorEval {
                                   keyBitsPerElement: Double(summary.layers.reduce(0) { $0 + $1.keyBytes } * 8) / elements,
                                   valueBitsPerElement: Double(summary.layers.reduce(0) { $0 + $1.valueBytes } * 8) / elements,
                                   totalBitsPerElement: Double(summary.fileSize * 8) / (2 * elements),
-                                  keyRelativeError: (kErr.0 / kErr.1).squareRoot(), valueRelativeError: (vErr.0 / vErr.1).squareRoot(),
-                                  attentionRelativeError: (aErr.0 / aErr.1).squareRoot(),
+                                  keyRelativeError: kErr.relative, valueRelativeError: vErr.relative,
+                                  attentionRelativeError: aErr.relative,
                                   plan: spec.rationale.isEmpty ? nil : spec.rationale))
             progress("\(text) done")
         }

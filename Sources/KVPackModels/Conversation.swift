@@ -37,18 +37,15 @@ public final class Conversation {
     /// statistics of `prompt` run through an in-memory cache.
     public static func parseSpec(_ text: String, model: LlamaModel, prompt: [Int]) throws -> SchemeSpec {
         let g = model.config.geometry
-        do {
-            return try SchemeSpec.parse(text, geometry: g)
-        } catch let e as KVPackError where e.code == .needsCalibration {
+        return try SchemeSpec.parse(text, geometry: g) {
             guard prompt.count >= 8 else {
-                throw KVPackError(.needsCalibration, "\(e.message). Here the calibration would be the prompt, which has \(prompt.count) tokens; give at least 8 with --prompt-tokens")
+                throw KVPackError(.needsCalibration, "\(text) plans from calibration statistics, here those of the prompt, which has \(prompt.count) tokens; give at least 8 with --prompt-tokens")
             }
             let cache = DenseKVCache(geometry: g)
             try model.forward(tokens: prompt, cache: cache)
-            let stats = CacheStatistics(geometry: g, tokens: prompt.count) { layer, head, kind in
+            return CacheStatistics(geometry: g, tokens: prompt.count) { layer, head, kind in
                 Array(cache.rows(layer: layer, kvHead: head, kind: kind))
             }
-            return try SchemeSpec.parse(text, geometry: g, calibration: stats)
         }
     }
 

@@ -82,11 +82,10 @@ public enum QualityEval {
         let g = model.config.geometry
         let baseline = try evaluate(spec: try SchemeSpec.parse("raw:f32", geometry: g), model: model, texts: texts, options: options, noise: 0)
         progress("raw:f32 baseline done")
-        // Planners (int:auto) calibrate on the baseline's cache of the first story.
-        let calibration = try CacheStatistics(reader: KVPackReader(path: baseline.paths[0]))
         var results: [SchemeResult] = []
         for text in options.schemes {
-            let spec = try SchemeSpec.parse(text, geometry: g, calibration: calibration)
+            // Planners (int:auto) calibrate on the baseline's cache of the first story.
+            let spec = try SchemeSpec.parse(text, geometry: g) { try CacheStatistics(reader: KVPackReader(path: baseline.paths[0])) }
             let run = try evaluate(spec: spec, model: model, texts: texts, options: options, noise: options.keyNoise)
             var result = run.result(baseline: baseline)
             if !spec.rationale.isEmpty { result.plan = spec.rationale }
@@ -105,7 +104,7 @@ public enum QualityEval {
         var logits: [[Float]] = []          // per position with a next token, all stories
         var targets: [Int] = []
         var keyBytes = 0, valueBytes = 0, fileBytes = 0, elements = 0
-        var keyError = ErrorSum(), valueError = ErrorSum(), attentionError = ErrorSum()
+        var keyError = RelativeError(), valueError = RelativeError(), attentionError = RelativeError()
 
         func result(baseline: Run) -> SchemeResult {
             let ppl = perplexity()
@@ -127,18 +126,6 @@ public enum QualityEval {
                 nll += logSum - Double(l[t])
             }
             return exp(nll / Double(max(targets.count, 1)))
-        }
-    }
-
-    struct ErrorSum {
-        var difference = 0.0, reference = 0.0
-        var relative: Double { reference > 0 ? (difference / reference).squareRoot() : 0 }
-        mutating func add(_ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, _ n: Int) {
-            for i in 0 ..< n {
-                let d = Double(a[i]) - Double(b[i])
-                difference += d * d
-                reference += Double(b[i]) * Double(b[i])
-            }
         }
     }
 
@@ -165,8 +152,7 @@ public enum QualityEval {
                 }
             }
             try session.close()
-            run.attentionError.difference += recorder.attentionError.difference
-            run.attentionError.reference += recorder.attentionError.reference
+            run.attentionError.add(recorder.attentionError)
             // Reconstruction: what the finished file decodes to, against what the model produced.
             let reader = try KVPackReader(path: path)
             for layer in 0 ..< g.layerCount {
@@ -202,7 +188,7 @@ final class RecordingCache: KVCache {
     let sampleEvery: Int
     /// [layer * kvHeads + head][token * headDim]
     private var keys: [[Float]], values: [[Float]]
-    var attentionError = QualityEval.ErrorSum()
+    var attentionError = RelativeError()
     private var noisy: [Float]
 
     init(inner: KVCache, noise: Float, seed: UInt64, sampleEvery: Int) {

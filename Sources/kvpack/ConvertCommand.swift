@@ -44,11 +44,7 @@ struct ConvertCommand: ParsableCommand {
                 let saved = try JSONDecoder().decode(SavedPlan.self, from: data)
                 spec = try SchemeSpec.parse(saved.spec, geometry: g, calibration: saved.statistics)
             } else {
-                do {
-                    spec = try SchemeSpec.parse(scheme!, geometry: g)
-                } catch let e as KVPackError where e.code == .needsCalibration {
-                    spec = try SchemeSpec.parse(scheme!, geometry: g, calibration: CacheStatistics(reader: source))
-                }
+                spec = try SchemeSpec.parse(scheme!, geometry: g) { try CacheStatistics(reader: source) }
             }
         } catch let e as KVPackError {
             throw CLIError("\(input): \(e)")

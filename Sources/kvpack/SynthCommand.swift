@@ -97,9 +97,7 @@ struct SynthCommand: ParsableCommand {
 
     /// A planner (`int:auto`) calibrates on the first 256 tokens of the same synthetic stream.
     func parseSpec(geometry: ModelGeometry, rope: RoPEConfig) throws -> SchemeSpec {
-        do {
-            return try SchemeSpec.parse(scheme, geometry: geometry)
-        } catch let e as KVPackError where e.code == .needsCalibration {
+        try SchemeSpec.parse(scheme, geometry: geometry) {
             let gen = SyntheticKV(geometry: geometry, rope: rope, seed: seed)
             let n = max(1, min(tokens, 256)), d = geometry.headDim, per = geometry.layerCount * geometry.kvHeadCount * d
             var k = [Float](repeating: 0, count: per * n), v = k
@@ -108,12 +106,11 @@ struct SynthCommand: ParsableCommand {
                     for t in 0 ..< n { gen.token(t, position: t, keys: kp.baseAddress! + t * per, values: vp.baseAddress! + t * per) }
                 }
             }
-            let stats = CacheStatistics(geometry: geometry, tokens: n) { layer, head, kind in
+            return CacheStatistics(geometry: geometry, tokens: n) { layer, head, kind in
                 let src = kind == .key ? k : v
                 let o = (layer * geometry.kvHeadCount + head) * d
                 return (0 ..< n).flatMap { src[$0 * per + o ..< $0 * per + o + d] }
             }
-            return try SchemeSpec.parse(scheme, geometry: geometry, calibration: stats)
         }
     }
 

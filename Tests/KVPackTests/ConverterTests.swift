@@ -23,12 +23,7 @@ struct ConverterTests {
 
     func convert(_ input: String, _ output: String, _ spec: String, layers: Set<Int>? = nil, segmentTokens: Int? = nil) throws -> Converter.Report {
         let reader = try KVPackReader(path: input)
-        let parsed: SchemeSpec
-        do {
-            parsed = try SchemeSpec.parse(spec, geometry: reader.geometry)
-        } catch let e as KVPackError where e.code == .needsCalibration {
-            parsed = try SchemeSpec.parse(spec, geometry: reader.geometry, calibration: CacheStatistics(reader: reader))
-        }
+        let parsed = try SchemeSpec.parse(spec, geometry: reader.geometry) { try CacheStatistics(reader: reader) }
         var o = Converter.Options()
         o.durability = .flush
         o.segmentTokens = segmentTokens

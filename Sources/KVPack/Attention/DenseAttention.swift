@@ -38,3 +38,35 @@ public enum DenseAttention {
         return worst
     }
 }
+
+/// Accumulates ||got - want||^2 and ||want||^2 over many arrays: a relative Frobenius error, as
+/// eval, eval-tensors and convert report it.
+public struct RelativeError: Sendable {
+    public var difference = 0.0
+    public var reference = 0.0
+
+    public init() {}
+
+    public var relative: Double { reference > 0 ? (difference / reference).squareRoot() : 0 }
+
+    public mutating func add(_ got: UnsafePointer<Float>, _ want: UnsafePointer<Float>, _ count: Int) {
+        for i in 0 ..< count {
+            let d = Double(got[i]) - Double(want[i])
+            difference += d * d
+            reference += Double(want[i]) * Double(want[i])
+        }
+    }
+
+    public mutating func add(_ got: [Float], _ want: some Collection<Float>) {
+        for (x, y) in zip(got, want) {
+            let d = Double(x) - Double(y)
+            difference += d * d
+            reference += Double(y) * Double(y)
+        }
+    }
+
+    public mutating func add(_ other: RelativeError) {
+        difference += other.difference
+        reference += other.reference
+    }
+}

@@ -96,6 +96,15 @@ public struct SchemeSpec: Sendable, Equatable, CustomStringConvertible {
         return SchemeSpec(text: text, layers: layers, segmentTokens: hints.first, rationale: rationale)
     }
 
+    /// Parses `text`, calling `calibrate` only if a planner in it (`int:auto`) needs statistics.
+    public static func parse(_ text: String, geometry: ModelGeometry, calibrate: () throws -> CacheStatistics) throws -> SchemeSpec {
+        do {
+            return try parse(text, geometry: geometry)
+        } catch let e as KVPackError where e.code == .needsCalibration {
+            return try parse(text, geometry: geometry, calibration: calibrate())
+        }
+    }
+
     /// The segmentTokens a file for this spec uses: the spec's residual window, else `requested`,
     /// else `fallback`. A conflict between the spec and an explicit request is an error.
     public func segmentTokens(requested: Int?, fallback: Int) throws -> Int {
