@@ -57,10 +57,8 @@ public final class KVPackReader: @unchecked Sendable {
         var schemes: [any KVScheme] = []
         var tails: [RawScheme] = []
         for (i, d) in manifest.schemes.enumerated() {
-            let manifest = self.manifest
-            let role: KVKind = manifest.layerSchemes.contains { $0.key == i } ? .key : .value
-            let context = SchemeContext(geometry: manifest.geometry, segmentTokens: manifest.segmentTokens,
-                                        rope: manifest.rope, role: role, blobs: d.blobIDs.map { state.blobs[$0]! })
+            // The commit loader checked that every blob a descriptor names is listed.
+            let context = self.manifest.schemeContext(i, blobs: d.blobIDs.map { state.blobs[$0]! })
             do {
                 schemes.append(try SchemeRegistry.make(descriptor: d, context: context))
             } catch var e as KVPackError {

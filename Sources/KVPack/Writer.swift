@@ -156,14 +156,11 @@ public final class KVPackWriter {
             guard byID.updateValue(b, forKey: b.id) == nil else { throw KVPackError.argument("blob id \(b.id) is used twice") }
         }
         return try manifest.schemes.enumerated().map { i, d in
-            let role: KVKind = manifest.layerSchemes.contains { $0.key == i } ? .key : .value
             let named = try d.blobIDs.map { id in
                 guard let b = byID[id] else { throw KVPackError.argument("scheme \(i) names blob \(id), which was not supplied") }
                 return b
             }
-            let context = SchemeContext(geometry: manifest.geometry, segmentTokens: manifest.segmentTokens,
-                                        rope: manifest.rope, role: role, blobs: named)
-            return try SchemeRegistry.make(descriptor: d, context: context)
+            return try SchemeRegistry.make(descriptor: d, context: manifest.schemeContext(i, blobs: named))
         }
     }
 

@@ -90,6 +90,13 @@ public struct Manifest: Sendable, Equatable {
         bytes.map { String($0, radix: 16).leftPadded(to: 2) }.joined()
     }
 
+    /// What scheme `index` is built with: this file's geometry, segment size and RoPE, the role its
+    /// streams play (keys if any layer uses it for keys), and the blobs it names, in order.
+    public func schemeContext(_ index: Int, blobs: [Blob]) -> SchemeContext {
+        let role: KVKind = layerSchemes.contains { $0.key == index } ? .key : .value
+        return SchemeContext(geometry: geometry, segmentTokens: segmentTokens, rope: rope, role: role, blobs: blobs)
+    }
+
     /// The lowest minor version whose readers know every feature this manifest uses.
     public var requiredMinorVersion: UInt16 { schemes.map(\.kind.introducedInMinor).max() ?? 0 }
 
