@@ -28,7 +28,7 @@ public final class Conversation {
                          rope: RoPEConfig(theta: Double(c.ropeTheta), layout: .interleaved, keysArePostRoPE: true),
                          maxPositions: UInt32(c.maxSequence), modelFingerprint: model.fingerprint,
                          schemes: plan.schemes, layerSchemes: plan.layerSchemes, producer: producer,
-                         userMetadata: [.init("model.path", model.checkpoint.path), .init("model.format", model.checkpoint.format),
+                         userMetadata: [.init("model.path", model.path), .init("model.format", model.format),
                                         .init("scheme.spec", spec.text)] + planNotes + metadata)
         return (m, plan.blobs)
     }
@@ -53,11 +53,18 @@ public final class Conversation {
     public static func start(path: String, model: LlamaModel, spec: SchemeSpec, segmentTokens: Int = 64, prompt: [Int],
                              options: WriterOptions = WriterOptions(), producer: String = "kvpack") throws -> Conversation {
         guard !prompt.isEmpty else { throw ModelError(path, "a conversation starts with at least one token (BOS is 1)") }
-        let (manifest, blobs) = Self.manifest(for: model, spec: spec, segmentTokens: segmentTokens, producer: producer)
-        let session = try KVCacheSession.create(path: path, manifest: manifest, blobs: blobs, options: options)
-        let conversation = Conversation(model: model, session: session, logits: [])
+        let conversation = try create(path: path, model: model, spec: spec, segmentTokens: segmentTokens, options: options, producer: producer)
         try conversation.feed(prompt)
         return conversation
+    }
+
+    /// A new, empty conversation file (the first `feed` gives it tokens).
+    public static func create(path: String, model: LlamaModel, spec: SchemeSpec, segmentTokens: Int = 64,
+                              options: WriterOptions = WriterOptions(), producer: String = "kvpack",
+                              metadata: [Manifest.MetadataEntry] = []) throws -> Conversation {
+        let (manifest, blobs) = Self.manifest(for: model, spec: spec, segmentTokens: segmentTokens, producer: producer, metadata: metadata)
+        let session = try KVCacheSession.create(path: path, manifest: manifest, blobs: blobs, options: options)
+        return Conversation(model: model, session: session, logits: [])
     }
 
     /// Checks that `model` is the model `path` was written with, without modifying the file.
@@ -65,11 +72,11 @@ public final class Conversation {
         let reader = try KVPackReader(path: path)
         let m = reader.manifest
         guard m.geometry == model.config.geometry else {
-            throw ModelError(path, "was written for \(m.geometry); the model \(model.checkpoint.path) has \(model.config.geometry)")
+            throw ModelError(path, "was written for \(m.geometry); the model \(model.path) has \(model.config.geometry)")
         }
         guard m.modelFingerprint == model.fingerprint else {
             let recorded = m.userMetadata.first { $0.key == "model.path" }?.value ?? "an unrecorded path"
-            throw ModelError(path, "was written with a different model (fingerprint \(Manifest.fingerprintText(m.modelFingerprint)), from \(recorded)); \(model.checkpoint.path) has fingerprint \(Manifest.fingerprintText(model.fingerprint)). The file was not modified.")
+            throw ModelError(path, "was written with a different model (fingerprint \(Manifest.fingerprintText(m.modelFingerprint)), from \(recorded)); \(model.path) has fingerprint \(Manifest.fingerprintText(model.fingerprint)). The file was not modified.")
         }
         guard reader.tokenCount > 0 else { throw ModelError(path, "holds no tokens to continue from") }
     }
@@ -102,6 +109,23 @@ public final class Conversation {
             try onToken(next)
         }
         return out
+    }
+
+    /// Samples up to `maxSteps` tokens, feeding each back, and stops before feeding a token in
+    /// `stop` (returned as `stopped`; the caller decides what closes the turn).
+    public func generate(maxSteps: Int, sampler: inout Sampler, stop: Set<Int>,
+                         onToken: (Int) throws -> Void = { _ in }) throws -> (tokens: [Int], stopped: Int?) {
+        guard !logits.isEmpty else { throw ModelError(path, "nothing has been fed yet to generate from") }
+        var out: [Int] = []
+        for _ in 0 ..< maxSteps {
+            let next = sampler.sample(logits)
+            if stop.contains(next) { return (out, next) }
+            try checkRoom(1)
+            logits = try model.forward(tokens: [next], cache: session)
+            out.append(next)
+            try onToken(next)
+        }
+        return (out, nil)
     }
 
     private func checkRoom(_ more: Int) throws {

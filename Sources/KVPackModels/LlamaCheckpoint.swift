@@ -43,6 +43,10 @@ public struct Llama2CCheckpoint: @unchecked Sendable {
     public init(path: String) throws {
         let file: MappedFile
         do { file = try MappedFile(path: path) } catch { throw ModelError(path, "\(error)") }
+        try self.init(file: file, path: path)
+    }
+
+    public init(file: MappedFile, path: String) throws {
         self.path = path
         self.file = file
         let bytes = file.bytes
@@ -105,7 +109,4 @@ public struct Llama2CCheckpoint: @unchecked Sendable {
         self.tensors = tensors
         self.format = versioned ? "llama2.c v1" : "llama2.c legacy"
     }
-
-    /// XXH3-128 of the whole file: identifies the exact weights a cache was computed with.
-    public var fingerprint: [UInt8] { Checksum.xxh3_128(file.bytes) }
 }

@@ -3,65 +3,31 @@ import Glibc
 #endif
 import KVPack
 
-/// A dense row-major matrix [rows x cols] of f32 weights, in mapped memory.
-struct Matrix {
-    let rows: Int
-    let cols: Int
-    let data: UnsafePointer<Float>
-
-    /// Y[t] = W x X[t] for `count` input rows (stride cols) into output rows (stride rows). Each
-    /// weight row is read once per batch, not once per token.
-    func apply(_ x: UnsafePointer<Float>, count: Int, into y: UnsafeMutablePointer<Float>) {
-        for r in 0 ..< rows {
-            let w = data + r * cols
-            for t in 0 ..< count {
-                y[t * rows + r] = RowKernels.dot(w, x + t * cols, cols)
-            }
-        }
-    }
-}
-
-/// The Llama forward pass (RMSNorm, RoPE, grouped-query attention, SwiGLU), as llama2.c
-/// computes it, over any `KVCache`. Immutable after loading and safe to share between threads:
-/// the forward pass keeps its activations in locals.
+/// The Llama forward pass (RMSNorm, RoPE on adjacent pairs, grouped-query attention, SwiGLU),
+/// as llama2.c computes it, over any `KVCache`, for weights from a llama2.c checkpoint or a GGUF
+/// file. Immutable after loading and safe to share between threads: the forward pass keeps its
+/// activations in locals.
 public final class LlamaModel: @unchecked Sendable {
-    // @unchecked: the stored pointers address the read-only mapping `checkpoint` keeps alive.
+    // @unchecked: the weights address the read-only mapping `weights.file` keeps alive.
     public let config: LlamaConfig
-    public let checkpoint: Llama2CCheckpoint
-    let embedding: UnsafePointer<Float>
-    let rmsAttention: UnsafePointer<Float>
-    let rmsFFN: UnsafePointer<Float>
-    let rmsFinal: UnsafePointer<Float>
-    let wq: [Matrix], wk: [Matrix], wv: [Matrix], wo: [Matrix], w1: [Matrix], w2: [Matrix], w3: [Matrix]
-    let classifier: Matrix
+    public let weights: LlamaWeights
+    /// XXH3-128 of the whole model file: identifies the exact weights a cache was computed with.
+    public let fingerprint: [UInt8]
 
-    public init(checkpoint: Llama2CCheckpoint) {
-        self.checkpoint = checkpoint
-        let c = checkpoint.config
-        config = c
-        let t = checkpoint.tensors
-        func stack(_ name: String, rows: Int, cols: Int) -> [Matrix] {
-            (0 ..< c.layerCount).map { Matrix(rows: rows, cols: cols, data: t[name]! + $0 * rows * cols) }
-        }
-        embedding = t["embedding"]!
-        rmsAttention = t["rms_att"]!
-        rmsFFN = t["rms_ffn"]!
-        rmsFinal = t["rms_final"]!
-        wq = stack("wq", rows: c.dim, cols: c.dim)
-        wk = stack("wk", rows: c.kvDim, cols: c.dim)
-        wv = stack("wv", rows: c.kvDim, cols: c.dim)
-        wo = stack("wo", rows: c.dim, cols: c.dim)
-        w1 = stack("w1", rows: c.hiddenDim, cols: c.dim)
-        w2 = stack("w2", rows: c.dim, cols: c.hiddenDim)
-        w3 = stack("w3", rows: c.hiddenDim, cols: c.dim)
-        classifier = Matrix(rows: c.vocabSize, cols: c.dim, data: t["classifier"]!)
+    public var path: String { weights.path }
+    public var format: String { weights.format }
+    public var tokenizer: BPETokenizer? { weights.tokenizer }
+
+    public init(weights: LlamaWeights) {
+        self.weights = weights
+        config = weights.config
+        fingerprint = Checksum.xxh3_128(weights.file.bytes)
     }
 
+    /// Loads a llama2.c checkpoint or (by its magic) a GGUF file.
     public convenience init(path: String) throws {
-        self.init(checkpoint: try Llama2CCheckpoint(path: path))
+        self.init(weights: try LlamaWeights(path: path))
     }
-
-    public var fingerprint: [UInt8] { checkpoint.fingerprint }
 
     public enum Logits {
         /// Logits after the last token of the batch.
@@ -76,7 +42,7 @@ public final class LlamaModel: @unchecked Sendable {
     public func forward(tokens: [Int], cache: KVCache, logits which: Logits = .last) throws -> [Float] {
         guard !tokens.isEmpty else { return [] }
         for t in tokens where !(0 ..< config.vocabSize).contains(t) {
-            throw ModelError(checkpoint.path, "token id \(t) is outside the vocabulary 0..<\(config.vocabSize)")
+            throw ModelError(path, "token id \(t) is outside the vocabulary 0..<\(config.vocabSize)")
         }
         try cache.beginBatch(tokenIDs: tokens.map { UInt32($0) }, positions: nil)
         let positions = cache.batchPositions.map { Int($0) }
@@ -89,7 +55,7 @@ public final class LlamaModel: @unchecked Sendable {
     /// anything: a resumed conversation's starting point. The token's own keys and values are
     /// read back from the cache, so the result is what the original step produced.
     public func recomputeLast(tokenID: Int, cache: KVCache) throws -> [Float] {
-        guard cache.tokenCount > 0 else { throw ModelError(checkpoint.path, "the cache is empty") }
+        guard cache.tokenCount > 0 else { throw ModelError(path, "the cache is empty") }
         return try run(tokens: [tokenID], positions: [Int(cache.nextPosition) - 1], cache: cache, store: false, logits: .last)
     }
 
@@ -98,18 +64,19 @@ public final class LlamaModel: @unchecked Sendable {
         let n = tokens.count
         let dim = c.dim, kvDim = c.kvDim, hs = c.headDim, group = c.headCount / c.kvHeadCount
         let base = store ? cache.tokenCount : cache.tokenCount - 1
+        let w = weights
         var x = [Float](repeating: 0, count: n * dim)
         var xb = x, q = x, att = x, proj = x
         var k = [Float](repeating: 0, count: n * kvDim), v = k
         var h1 = [Float](repeating: 0, count: n * c.hiddenDim), h3 = h1
-        for (i, t) in tokens.enumerated() { x.withUnsafeMutableBufferPointer { $0.baseAddress!.advanced(by: i * dim).update(from: embedding + t * dim, count: dim) } }
+        for (i, t) in tokens.enumerated() { x.withUnsafeMutableBufferPointer { w.embedding.row(t, into: $0.baseAddress!.advanced(by: i * dim)) } }
 
         for layer in 0 ..< c.layerCount {
-            rmsnorm(x, weight: rmsAttention + layer * dim, rows: n, into: &xb)
+            rmsnorm(x, weight: w.rmsAttention[layer], rows: n, into: &xb)
             xb.withUnsafeBufferPointer { inp in
-                q.withUnsafeMutableBufferPointer { wq[layer].apply(inp.baseAddress!, count: n, into: $0.baseAddress!) }
-                k.withUnsafeMutableBufferPointer { wk[layer].apply(inp.baseAddress!, count: n, into: $0.baseAddress!) }
-                v.withUnsafeMutableBufferPointer { wv[layer].apply(inp.baseAddress!, count: n, into: $0.baseAddress!) }
+                q.withUnsafeMutableBufferPointer { w.wq[layer].apply(inp.baseAddress!, count: n, into: $0.baseAddress!) }
+                k.withUnsafeMutableBufferPointer { w.wk[layer].apply(inp.baseAddress!, count: n, into: $0.baseAddress!) }
+                v.withUnsafeMutableBufferPointer { w.wv[layer].apply(inp.baseAddress!, count: n, into: $0.baseAddress!) }
             }
             for i in 0 ..< n {
                 rope(&q, row: i, width: dim, position: positions[i])
@@ -133,28 +100,28 @@ public final class LlamaModel: @unchecked Sendable {
                     }
                 }
             }
-            att.withUnsafeBufferPointer { a in proj.withUnsafeMutableBufferPointer { wo[layer].apply(a.baseAddress!, count: n, into: $0.baseAddress!) } }
+            att.withUnsafeBufferPointer { a in proj.withUnsafeMutableBufferPointer { w.wo[layer].apply(a.baseAddress!, count: n, into: $0.baseAddress!) } }
             for i in 0 ..< n * dim { x[i] += proj[i] }
 
-            rmsnorm(x, weight: rmsFFN + layer * dim, rows: n, into: &xb)
+            rmsnorm(x, weight: w.rmsFFN[layer], rows: n, into: &xb)
             xb.withUnsafeBufferPointer { inp in
-                h1.withUnsafeMutableBufferPointer { w1[layer].apply(inp.baseAddress!, count: n, into: $0.baseAddress!) }
-                h3.withUnsafeMutableBufferPointer { w3[layer].apply(inp.baseAddress!, count: n, into: $0.baseAddress!) }
+                h1.withUnsafeMutableBufferPointer { w.w1[layer].apply(inp.baseAddress!, count: n, into: $0.baseAddress!) }
+                h3.withUnsafeMutableBufferPointer { w.w3[layer].apply(inp.baseAddress!, count: n, into: $0.baseAddress!) }
             }
             for i in 0 ..< h1.count {
                 let a = h1[i]
                 h1[i] = a / (1 + expf(-a)) * h3[i]
             }
-            h1.withUnsafeBufferPointer { hp in proj.withUnsafeMutableBufferPointer { w2[layer].apply(hp.baseAddress!, count: n, into: $0.baseAddress!) } }
+            h1.withUnsafeBufferPointer { hp in proj.withUnsafeMutableBufferPointer { w.w2[layer].apply(hp.baseAddress!, count: n, into: $0.baseAddress!) } }
             for i in 0 ..< n * dim { x[i] += proj[i] }
         }
 
         let first = which == .last ? n - 1 : 0
         let rows = n - first
         var final = [Float](repeating: 0, count: rows * dim)
-        rmsnorm(Array(x[first * dim ..< n * dim]), weight: rmsFinal, rows: rows, into: &final)
+        rmsnorm(Array(x[first * dim ..< n * dim]), weight: w.rmsFinal, rows: rows, into: &final)
         var out = [Float](repeating: 0, count: rows * c.vocabSize)
-        final.withUnsafeBufferPointer { f in out.withUnsafeMutableBufferPointer { classifier.apply(f.baseAddress!, count: rows, into: $0.baseAddress!) } }
+        final.withUnsafeBufferPointer { f in out.withUnsafeMutableBufferPointer { w.classifier.apply(f.baseAddress!, count: rows, into: $0.baseAddress!) } }
         return out
     }
 

@@ -60,7 +60,7 @@ public enum QualityEval {
     public static func stories(model: LlamaModel, options: Options) throws -> [[Int]] {
         let per = options.totalTokens / options.storyCount
         guard per >= 2, per <= model.config.maxSequence else {
-            throw ModelError(model.checkpoint.path, "\(options.totalTokens) tokens in \(options.storyCount) stories gives \(per) per story; it must be 2...\(model.config.maxSequence)")
+            throw ModelError(model.path, "\(options.totalTokens) tokens in \(options.storyCount) stories gives \(per) per story; it must be 2...\(model.config.maxSequence)")
         }
         return try (0 ..< options.storyCount).map { s in
             let cache = DenseKVCache(geometry: model.config.geometry)
@@ -92,7 +92,7 @@ public enum QualityEval {
             results.append(result)
             progress("\(text) done")
         }
-        return Report(model: model.checkpoint.path, stories: texts.count, tokens: texts.reduce(0) { $0 + $1.count },
+        return Report(model: model.path, stories: texts.count, tokens: texts.reduce(0) { $0 + $1.count },
                       temperature: options.temperature, seed: options.seed,
                       baseline: baseline.result(baseline: baseline), schemes: results)
     }

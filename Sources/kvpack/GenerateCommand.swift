@@ -65,7 +65,7 @@ struct GenerateCommand: ParsableCommand {
                                                       prompt: prompt, options: options, producer: "\(KVPackVersion.producer) generate")
             } else {
                 let path = resume!
-                modelPath = try model.map(absolute) ?? recordedModel(path)
+                modelPath = try model.map(absolute) ?? recordedModelPath(path)
                 let llama = try LlamaModel(path: modelPath)
                 conversation = try Conversation.resume(path: path, model: llama, options: options)
                 if !prompt.isEmpty { try conversation.feed(prompt) }
@@ -98,14 +98,6 @@ struct GenerateCommand: ParsableCommand {
         let ids = parts.compactMap { Int($0) }
         guard ids.count == parts.count else { throw ValidationError("--prompt-tokens takes comma-separated integers, got \"\(text)\"") }
         return ids
-    }
-
-    func recordedModel(_ path: String) throws -> String {
-        let reader = try openReader(path)
-        guard let recorded = reader.manifest.userMetadata.first(where: { $0.key == "model.path" })?.value else {
-            throw CLIError("\(path) does not record its model; pass --model")
-        }
-        return recorded
     }
 
     func absolute(_ path: String) -> String {

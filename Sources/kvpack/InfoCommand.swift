@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import KVPack
+import KVPackModels
 
 struct InfoCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -10,9 +11,12 @@ struct InfoCommand: ParsableCommand {
 
     @Argument(help: "The .kvpack file.") var file: String
     @Flag(help: "Print the description as JSON.") var json = false
+    @Flag(help: "Print the stored tokens as text (the transcript), decoded with the model's tokenizer.") var text = false
+    @Option(help: "With --text: the GGUF model whose tokenizer decodes the ids (default: the model the file records).") var model: String?
 
     func run() throws {
         let reader = try openReader(file)
+        if text { return try printTranscript(reader) }
         let s: FileSummary
         do { s = try FileSummary(reader: reader) } catch let e as KVPackError { throw CLIError("\(file): \(e)") }
         if json { return try printJSON(s) }
@@ -50,6 +54,19 @@ struct InfoCommand: ParsableCommand {
         print("")
         print(String(format: "bits per element: %.3f for K/V data (block headers and tail included), %.3f for the whole file",
                      s.cacheBitsPerElement, s.fileBitsPerElement))
+    }
+
+    func printTranscript(_ reader: KVPackReader) throws {
+        let path = try ModelLocator.resolve(model ?? recordedModelPath(file))
+        let weights = try LlamaWeights(path: path)
+        guard let tokenizer = weights.tokenizer else { throw CLIError("\(path) has no tokenizer to decode the token ids with; pass --model") }
+        let ids = reader.tokenIDs.map { Int($0) }
+        if let bad = ids.first(where: { !(0 ..< tokenizer.vocabulary.count).contains($0) }) {
+            throw CLIError("\(file): token id \(bad) is outside the vocabulary of \(path) (\(tokenizer.vocabulary.count) tokens)")
+        }
+        FileHandle.standardOutput.write(Data(tokenizer.decodeBytes(ids)))
+        if !ids.isEmpty { print("") }
+        printError("\(file): \(ids.count) tokens, decoded with \(path)")
     }
 
     /// "K0 V0 K1 V1 ..." shortened to "K0-4, V0-4" style runs.

@@ -114,3 +114,12 @@ func withWorkDirectory<T>(keep: String?, prefix: String, _ body: (String) throws
     defer { if keep == nil { try? FileManager.default.removeItem(atPath: directory) } }
     return try body(directory)
 }
+
+/// The model path a conversation file records (`model.path` metadata).
+func recordedModelPath(_ path: String) throws -> String {
+    let reader = try openReader(path)
+    guard let recorded = reader.manifest.userMetadata.first(where: { $0.key == "model.path" })?.value else {
+        throw CLIError("\(path) does not record its model; pass --model")
+    }
+    return recorded
+}

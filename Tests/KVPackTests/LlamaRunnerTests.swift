@@ -40,7 +40,7 @@ struct LlamaRunnerTests {
     func checkpoint() throws {
         let c = bundledModel.config
         #expect(c == LlamaConfig(dim: 64, hiddenDim: 172, layerCount: 5, headCount: 8, kvHeadCount: 4, vocabSize: 512, maxSequence: 512))
-        #expect(bundledModel.checkpoint.format == "llama2.c legacy")
+        #expect(bundledModel.format == "llama2.c legacy")
         // A truncated or padded file is refused with the sizes.
         let dir = temporaryDirectory()
         let bytes = fileBytes(bundledModelPath)
@@ -171,7 +171,7 @@ struct CheckpointFormatTests {
         let dir = temporaryDirectory()
         writeBytes(Self.version1(fromLegacy: fileBytes(bundledModelPath)), to: dir + "/v1.bin")
         let model = try LlamaModel(path: dir + "/v1.bin")
-        #expect(model.checkpoint.format == "llama2.c v1")
+        #expect(model.format == "llama2.c v1")
         #expect(model.config == bundledModel.config)
         let (tokens, _) = try greedy(model, cache: DenseKVCache(geometry: model.config.geometry), steps: 64)
         #expect(tokens == pinnedGreedyTokens)

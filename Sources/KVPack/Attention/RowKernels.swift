@@ -60,7 +60,7 @@ public enum RowKernels {
     // MARK: Element conversion
 
     @inline(__always)
-    static func widenFloat16(_ src: UnsafeRawPointer, _ dst: UnsafeMutablePointer<Float>, _ n: Int) {
+    public static func widenFloat16(_ src: UnsafeRawPointer, _ dst: UnsafeMutablePointer<Float>, _ n: Int) {
         let rd = UnsafeMutableRawPointer(dst)
         var i = 0
         while i + 8 <= n {

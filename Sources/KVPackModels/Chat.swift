@@ -1,0 +1,116 @@
+import KVPack
+
+/// ChatML, the template SmolLM2-Instruct (and many others) are trained on:
+/// `<|im_start|>role\ncontent<|im_end|>\n` per message, and `<|im_start|>assistant\n` to ask for
+/// a reply. Message text is encoded without parsing special tokens, so a user cannot end a turn
+/// by typing `<|im_end|>`.
+public struct ChatTemplate: Sendable {
+    public let tokenizer: BPETokenizer
+    public let imStart: Int
+    public let imEnd: Int
+    public let newline: [Int]
+    /// The system message the model's template inserts when the conversation has none.
+    public let defaultSystem: String?
+
+    public init(model: LlamaModel) throws {
+        guard let t = model.tokenizer else { throw ModelError(model.path, "has no tokenizer; chat needs a GGUF model with one") }
+        guard let start = t.id(of: "<|im_start|>"), let end = t.id(of: "<|im_end|>") else {
+            throw ModelError(model.path, "the vocabulary has no <|im_start|>/<|im_end|> tokens; chat supports ChatML models")
+        }
+        tokenizer = t
+        imStart = start
+        imEnd = end
+        newline = t.encode("\n")
+        defaultSystem = Self.defaultSystem(in: model.weights.chatTemplate)
+    }
+
+    /// The literal default system message of a ChatML Jinja template (SmolLM2's inserts one when
+    /// the first message is not a system message).
+    static func defaultSystem(in template: String?) -> String? {
+        guard let template, let open = template.firstRange(of: "<|im_start|>system\n") else { return nil }
+        guard let close = template[open.upperBound...].firstRange(of: "<|im_end|>") else { return nil }
+        let text = String(template[open.upperBound ..< close.lowerBound])
+        return text.contains("{{") || text.contains("{%") || text.isEmpty ? nil : text
+    }
+
+    public func message(role: String, _ content: String) -> [Int] {
+        [imStart] + tokenizer.encode(role + "\n" + content) + [imEnd] + newline
+    }
+
+    public var replyPrompt: [Int] { [imStart] + tokenizer.encode("assistant\n") }
+
+    /// What closes a reply whose `<|im_end|>` was sampled (or that was cut at the token limit).
+    public var replyEnd: [Int] { [imEnd] + newline }
+}
+
+/// A ChatML conversation whose KV cache lives in a .kvpack file: each turn feeds the user's
+/// message, streams the reply, and closes it with `<|im_end|>\n`, so the file's token ids are
+/// the complete transcript and the next turn (in this process or a later one) continues it.
+public final class Chat {
+    public let conversation: Conversation
+    public let template: ChatTemplate
+
+    public struct Turn: Sendable, Codable {
+        public var message: String
+        public var reply: String
+        public var promptTokens: Int
+        public var replyTokens: [Int]
+        public var prefillSeconds: Double
+        public var generateSeconds: Double
+        /// The reply stopped at the token limit rather than at `<|im_end|>`.
+        public var truncated: Bool
+    }
+
+    init(conversation: Conversation, template: ChatTemplate) {
+        self.conversation = conversation
+        self.template = template
+    }
+
+    /// A new file. Nothing is fed until the first turn (which carries the system message).
+    public static func start(path: String, model: LlamaModel, spec: SchemeSpec, segmentTokens: Int,
+                             options: WriterOptions, producer: String) throws -> Chat {
+        let template = try ChatTemplate(model: model)
+        let conversation = try Conversation.create(path: path, model: model, spec: spec, segmentTokens: segmentTokens,
+                                                   options: options, producer: producer,
+                                                   metadata: [.init("chat.template", "chatml")])
+        return Chat(conversation: conversation, template: template)
+    }
+
+    public static func resume(path: String, model: LlamaModel, options: WriterOptions) throws -> Chat {
+        let template = try ChatTemplate(model: model)
+        return Chat(conversation: try Conversation.resume(path: path, model: model, options: options), template: template)
+    }
+
+    /// Tokens the first turn feeds before the user's message: the system message, if any.
+    public func systemPrefix(_ system: String?) -> [Int] {
+        guard conversation.tokenIDs.isEmpty, let system, !system.isEmpty else { return [] }
+        return template.message(role: "system", system)
+    }
+
+    /// One turn: feeds `message` (after `prefix`) as one batch, then samples until
+    /// `<|im_end|>` or `maxTokens`, calling `onText` with each complete piece of UTF-8.
+    @discardableResult
+    public func turn(_ message: String, prefix: [Int] = [], maxTokens: Int, sampler: inout Sampler,
+                     clock: () -> Double, onText: (String) throws -> Void) throws -> Turn {
+        let prompt = prefix + template.message(role: "user", message) + template.replyPrompt
+        let t0 = clock()
+        try conversation.feed(prompt)
+        let t1 = clock()
+        var stream = UTF8Stream()
+        let tokenizer = template.tokenizer
+        let reply = try conversation.generate(maxSteps: maxTokens, sampler: &sampler, stop: [template.imEnd]) { token in
+            let text = stream.feed(tokenizer.decodeBytes([token], renderSpecial: false))
+            if !text.isEmpty { try onText(text) }
+        }
+        let rest = stream.flush()
+        if !rest.isEmpty { try onText(rest) }
+        let t2 = clock()
+        let truncated = reply.stopped == nil
+        try conversation.feed(template.replyEnd)
+        try conversation.commit()
+        return Turn(message: message, reply: tokenizer.decode(reply.tokens, renderSpecial: false), promptTokens: prompt.count,
+                    replyTokens: reply.tokens, prefillSeconds: t1 - t0, generateSeconds: t2 - t1, truncated: truncated)
+    }
+
+    public func close() throws { try conversation.close() }
+}

@@ -1,0 +1,184 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Dispatch
+import KVPack
+
+/// A row-major weight matrix [rows x cols] in mapped memory, in one of the encodings models ship
+/// in: f32 (llama2.c), f16, and ggml's block formats Q8_0, Q4_0 and Q4_1 (32 weights per block
+/// with an f16 scale, and for Q4_1 an f16 minimum). Products run on the encoded weights: each
+/// 32-weight block is expanded in registers, never into a dequantised copy of the matrix.
+struct WeightMatrix: @unchecked Sendable {
+    // @unchecked: `data` addresses a read-only mapping that the owning model keeps alive.
+    enum Encoding: Sendable, Equatable {
+        case f32, f16, q8_0, q4_0, q4_1
+    }
+
+    let rows: Int
+    let cols: Int
+    let encoding: Encoding
+    let data: UnsafeRawPointer
+    let rowBytes: Int
+
+    init(rows: Int, cols: Int, encoding: Encoding, data: UnsafeRawPointer) {
+        self.rows = rows
+        self.cols = cols
+        self.encoding = encoding
+        self.data = data
+        switch encoding {
+        case .f32: rowBytes = 4 * cols
+        case .f16: rowBytes = 2 * cols
+        case .q8_0: rowBytes = cols / 32 * 34
+        case .q4_0: rowBytes = cols / 32 * 18
+        case .q4_1: rowBytes = cols / 32 * 20
+        }
+    }
+
+    var isBlockQuantized: Bool { encoding == .q8_0 || encoding == .q4_0 || encoding == .q4_1 }
+
+    /// Worker threads for large products (rows are split between them; each output is computed
+    /// by one thread with the same operations, so results do not depend on the thread count).
+    /// `KVPACK_THREADS` overrides the default of one per core.
+    nonisolated(unsafe) static var threadCount: Int = {
+        if let text = getenv("KVPACK_THREADS").map({ String(cString: $0) }), let n = Int(text), n >= 1 { return min(n, 64) }
+        return max(1, min(sysconf(Int32(_SC_NPROCESSORS_ONLN)), 64))
+    }()
+
+    /// Y[t] = W x X[t] for `count` input rows (stride cols) into output rows (stride rows).
+    func apply(_ x: UnsafePointer<Float>, count: Int, into y: UnsafeMutablePointer<Float>) {
+        let work = rows * cols * count
+        let threads = work >= 1 << 18 ? Self.threadCount : 1
+        if threads == 1 { return applyRows(0 ..< rows, x, count: count, into: y) }
+        let chunk = (rows + threads * 4 - 1) / (threads * 4)
+        let chunks = (rows + chunk - 1) / chunk
+        // Sendable wrappers: each chunk writes disjoint outputs.
+        let xs = UncheckedPointer(x), ys = UncheckedMutablePointer(y)
+        DispatchQueue.concurrentPerform(iterations: chunks) { c in
+            let lo = c * chunk, hi = min(rows, lo + chunk)
+            applyRows(lo ..< hi, xs.p, count: count, into: ys.p)
+        }
+    }
+
+    private func applyRows(_ range: Range<Int>, _ x: UnsafePointer<Float>, count: Int, into y: UnsafeMutablePointer<Float>) {
+        switch encoding {
+        case .f32:
+            // llama2.c's order of operations (the pinned reference), one dot per row and token.
+            let w = data.assumingMemoryBound(to: Float.self)
+            for r in range {
+                for t in 0 ..< count { y[t * rows + r] = RowKernels.dot(w + r * cols, x + t * cols, cols) }
+            }
+        case .f16:
+            let scratch = UnsafeMutablePointer<Float>.allocate(capacity: cols)
+            defer { scratch.deallocate() }
+            for r in range {
+                RowKernels.widenFloat16(data + r * rowBytes, scratch, cols)
+                for t in 0 ..< count { y[t * rows + r] = RowKernels.dot(scratch, x + t * cols, cols) }
+            }
+        case .q8_0, .q4_0, .q4_1:
+            for r in range {
+                var t = 0
+                while t + 4 <= count {
+                    let s = blockDot4(row: r, x + t * cols, stride: cols)
+                    y[t * rows + r] = s.0
+                    y[(t + 1) * rows + r] = s.1
+                    y[(t + 2) * rows + r] = s.2
+                    y[(t + 3) * rows + r] = s.3
+                    t += 4
+                }
+                while t < count {
+                    y[t * rows + r] = blockDot1(row: r, x + t * cols)
+                    t += 1
+                }
+            }
+        }
+    }
+
+    /// Row `r` as floats.
+    func row(_ r: Int, into out: UnsafeMutablePointer<Float>) {
+        let p = data + r * rowBytes
+        switch encoding {
+        case .f32: out.update(from: p.assumingMemoryBound(to: Float.self), count: cols)
+        case .f16: RowKernels.widenFloat16(p, out, cols)
+        case .q8_0, .q4_0, .q4_1:
+            let raw = UnsafeMutableRawPointer(out)
+            for b in 0 ..< cols / 32 {
+                let w = expand(p + b * blockBytes)
+                raw.storeBytes(of: w.0, toByteOffset: 128 * b, as: SIMD8<Float>.self)
+                raw.storeBytes(of: w.1, toByteOffset: 128 * b + 32, as: SIMD8<Float>.self)
+                raw.storeBytes(of: w.2, toByteOffset: 128 * b + 64, as: SIMD8<Float>.self)
+                raw.storeBytes(of: w.3, toByteOffset: 128 * b + 96, as: SIMD8<Float>.self)
+            }
+        }
+    }
+
+    private var blockBytes: Int { encoding == .q8_0 ? 34 : encoding == .q4_0 ? 18 : 20 }
+
+    /// The 32 weights of the block at `p`, as ggml defines them: Q8_0 d*q (q int8), Q4_0
+    /// d*(q-8), Q4_1 d*q+m (q a nibble; byte j holds weight j low and weight j+16 high).
+    @inline(__always)
+    private func expand(_ p: UnsafeRawPointer) -> (SIMD8<Float>, SIMD8<Float>, SIMD8<Float>, SIMD8<Float>) {
+        let d = SIMD8<Float>(repeating: Float(p.loadUnaligned(as: Float16.self)))
+        switch encoding {
+        case .q8_0:
+            let q = p.loadUnaligned(fromByteOffset: 2, as: SIMD32<Int8>.self)
+            let lo = SIMD16<Int32>(truncatingIfNeeded: q.lowHalf), hi = SIMD16<Int32>(truncatingIfNeeded: q.highHalf)
+            return (d * SIMD8<Float>(lo.lowHalf), d * SIMD8<Float>(lo.highHalf), d * SIMD8<Float>(hi.lowHalf), d * SIMD8<Float>(hi.highHalf))
+        case .q4_0:
+            let q = p.loadUnaligned(fromByteOffset: 2, as: SIMD16<UInt8>.self)
+            let lo = SIMD16<Int32>(truncatingIfNeeded: q & 15) &- 8, hi = SIMD16<Int32>(truncatingIfNeeded: q &>> 4) &- 8
+            return (d * SIMD8<Float>(lo.lowHalf), d * SIMD8<Float>(lo.highHalf), d * SIMD8<Float>(hi.lowHalf), d * SIMD8<Float>(hi.highHalf))
+        default:
+            let m = SIMD8<Float>(repeating: Float(p.loadUnaligned(fromByteOffset: 2, as: Float16.self)))
+            let q = p.loadUnaligned(fromByteOffset: 4, as: SIMD16<UInt8>.self)
+            let lo = SIMD16<Int32>(truncatingIfNeeded: q & 15), hi = SIMD16<Int32>(truncatingIfNeeded: q &>> 4)
+            var a = m, b = m, c = m, e = m
+            a.addProduct(d, SIMD8<Float>(lo.lowHalf))
+            b.addProduct(d, SIMD8<Float>(lo.highHalf))
+            c.addProduct(d, SIMD8<Float>(hi.lowHalf))
+            e.addProduct(d, SIMD8<Float>(hi.highHalf))
+            return (a, b, c, e)
+        }
+    }
+
+    @inline(__always)
+    private func load8(_ x: UnsafePointer<Float>, _ i: Int) -> SIMD8<Float> {
+        UnsafeRawPointer(x).loadUnaligned(fromByteOffset: 4 * i, as: SIMD8<Float>.self)
+    }
+
+    /// One row against one input: the accumulation order of `RowKernels.dot` (16 at a time into
+    /// two accumulators), so it equals the dot product of the expanded row.
+    private func blockDot1(row r: Int, _ x: UnsafePointer<Float>) -> Float {
+        let p = data + r * rowBytes, bb = blockBytes
+        var a0 = SIMD8<Float>(), a1 = SIMD8<Float>()
+        for b in 0 ..< cols / 32 {
+            let w = expand(p + b * bb), i = 32 * b
+            a0.addProduct(w.0, load8(x, i)); a1.addProduct(w.1, load8(x, i + 8))
+            a0.addProduct(w.2, load8(x, i + 16)); a1.addProduct(w.3, load8(x, i + 24))
+        }
+        return (a0 + a1).sum()
+    }
+
+    /// One row against four inputs, expanding each block once; each input's result equals
+    /// `blockDot1`'s bit for bit (same operations in the same order).
+    private func blockDot4(row r: Int, _ x: UnsafePointer<Float>, stride: Int) -> (Float, Float, Float, Float) {
+        let p = data + r * rowBytes, bb = blockBytes
+        let x0 = x, x1 = x + stride, x2 = x + 2 * stride, x3 = x + 3 * stride
+        var a0 = SIMD8<Float>(), a1 = SIMD8<Float>(), b0 = SIMD8<Float>(), b1 = SIMD8<Float>()
+        var c0 = SIMD8<Float>(), c1 = SIMD8<Float>(), d0 = SIMD8<Float>(), d1 = SIMD8<Float>()
+        for b in 0 ..< cols / 32 {
+            let w = expand(p + b * bb), i = 32 * b
+            a0.addProduct(w.0, load8(x0, i)); a1.addProduct(w.1, load8(x0, i + 8))
+            b0.addProduct(w.0, load8(x1, i)); b1.addProduct(w.1, load8(x1, i + 8))
+            c0.addProduct(w.0, load8(x2, i)); c1.addProduct(w.1, load8(x2, i + 8))
+            d0.addProduct(w.0, load8(x3, i)); d1.addProduct(w.1, load8(x3, i + 8))
+            a0.addProduct(w.2, load8(x0, i + 16)); a1.addProduct(w.3, load8(x0, i + 24))
+            b0.addProduct(w.2, load8(x1, i + 16)); b1.addProduct(w.3, load8(x1, i + 24))
+            c0.addProduct(w.2, load8(x2, i + 16)); c1.addProduct(w.3, load8(x2, i + 24))
+            d0.addProduct(w.2, load8(x3, i + 16)); d1.addProduct(w.3, load8(x3, i + 24))
+        }
+        return ((a0 + a1).sum(), (b0 + b1).sum(), (c0 + c1).sum(), (d0 + d1).sum())
+    }
+}
+
+struct UncheckedPointer: @unchecked Sendable { let p: UnsafePointer<Float>; init(_ p: UnsafePointer<Float>) { self.p = p } }
+struct UncheckedMutablePointer: @unchecked Sendable { let p: UnsafeMutablePointer<Float>; init(_ p: UnsafeMutablePointer<Float>) { self.p = p } }
