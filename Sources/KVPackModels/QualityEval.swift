@@ -15,10 +15,15 @@ public enum QualityEval {
         public var seed: UInt64 = 1
         public var temperature: Float = 1
         public var segmentTokens = 64
-        /// Attention-output error is measured at every n-th position.
+        /// Attention-output error is measured at every n-th position (at least; long texts are
+        /// sampled at about 256 positions, since each sample costs a pass over the whole past).
         public var attentionSampleEvery = 4
         /// Files go here (kept for inspection).
         public var directory: String
+        /// A fixed text (token ids) to read instead of sampled stories: one sequence.
+        public var text: [Int]?
+        /// Where `text` came from, for the report.
+        public var textSource: String?
         /// Testing aid: Gaussian noise, relative to each key row's RMS, added to keys before they
         /// are stored, to show the metrics respond to a damaged cache.
         public var keyNoise: Float = 0
@@ -48,6 +53,8 @@ public enum QualityEval {
 
     public struct Report: Sendable, Codable {
         public var model: String
+        /// The fixed text read, if one was (else sampled stories).
+        public var text: String?
         public var stories: Int
         public var tokens: Int
         public var temperature: Float
@@ -77,8 +84,17 @@ public enum QualityEval {
     }
 
     public static func run(model: LlamaModel, options: Options, progress: (String) -> Void = { _ in }) throws -> Report {
-        let texts = try stories(model: model, options: options)
-        progress("stories: \(texts.count) x \(texts[0].count) tokens")
+        let texts: [[Int]]
+        if let text = options.text {
+            guard text.count >= 2, text.count <= model.config.maxSequence else {
+                throw ModelError(model.path, "the evaluation text has \(text.count) tokens; it must be 2...\(model.config.maxSequence) (the context)")
+            }
+            texts = [text]
+            progress("text: \(text.count) tokens from \(options.textSource ?? "the caller")")
+        } else {
+            texts = try stories(model: model, options: options)
+            progress("stories: \(texts.count) x \(texts[0].count) tokens")
+        }
         let g = model.config.geometry
         let baseline = try evaluate(spec: try SchemeSpec.parse("raw:f32", geometry: g), model: model, texts: texts, options: options, noise: 0)
         progress("raw:f32 baseline done")
@@ -92,7 +108,7 @@ public enum QualityEval {
             results.append(result)
             progress("\(text) done")
         }
-        return Report(model: model.path, stories: texts.count, tokens: texts.reduce(0) { $0 + $1.count },
+        return Report(model: model.path, text: options.text == nil ? nil : options.textSource, stories: texts.count, tokens: texts.reduce(0) { $0 + $1.count },
                       temperature: options.temperature, seed: options.seed,
                       baseline: baseline.result(baseline: baseline), schemes: results)
     }
@@ -101,31 +117,34 @@ public enum QualityEval {
     struct Run {
         var spec: String
         var paths: [String] = []
-        var logits: [[Float]] = []          // per position with a next token, all stories
-        var targets: [Int] = []
+        /// Per position with a next token (all stories): log-probability of that token, and the
+        /// greedy choice. Whole logit rows are not kept (49,152 floats a position for SmolLM2).
+        var targetLogProbs: [Double] = []
+        var greedy: [Int] = []
         var keyBytes = 0, valueBytes = 0, fileBytes = 0, elements = 0
         var keyError = RelativeError(), valueError = RelativeError(), attentionError = RelativeError()
 
         func result(baseline: Run) -> SchemeResult {
             let ppl = perplexity()
-            let agree = zip(logits, baseline.logits).filter { Sampler.argmax($0[...]) == Sampler.argmax($1[...]) }.count
+            let agree = zip(greedy, baseline.greedy).filter { $0 == $1 }.count
             let total = Double(fileBytes * 8) / Double(2 * elements)
             return SchemeResult(spec: spec, keyBitsPerElement: Double(keyBytes * 8) / Double(elements),
                                 valueBitsPerElement: Double(valueBytes * 8) / Double(elements), totalBitsPerElement: total,
                                 compressionVsF16: 16 / total, keyRelativeError: keyError.relative,
                                 valueRelativeError: valueError.relative, attentionRelativeError: attentionError.relative,
                                 perplexity: ppl, perplexityDelta: ppl - baseline.perplexity(),
-                                greedyAgreement: Double(agree) / Double(max(logits.count, 1)), plan: nil)
+                                greedyAgreement: Double(agree) / Double(max(greedy.count, 1)), plan: nil)
         }
 
         func perplexity() -> Double {
-            var nll = 0.0
-            for (l, t) in zip(logits, targets) {
-                let m = Double(l.max() ?? 0)
-                let logSum = log(l.reduce(0.0) { $0 + exp(Double($1) - m) }) + m
-                nll += logSum - Double(l[t])
-            }
-            return exp(nll / Double(max(targets.count, 1)))
+            exp(-targetLogProbs.reduce(0, +) / Double(max(targetLogProbs.count, 1)))
+        }
+
+        mutating func record(logits l: ArraySlice<Float>, target: Int) {
+            let m = Double(l.max() ?? 0)
+            let logSum = log(l.reduce(0.0) { $0 + exp(Double($1) - m) }) + m
+            targetLogProbs.append(Double(l[l.startIndex + target]) - logSum)
+            greedy.append(Sampler.argmax(l) - l.startIndex)
         }
     }
 
@@ -143,13 +162,19 @@ public enum QualityEval {
             writerOptions.durability = .flush
             writerOptions.overwrite = true
             let session = try KVCacheSession.create(path: path, manifest: manifest, blobs: blobs, options: writerOptions)
-            let recorder = RecordingCache(inner: session, noise: noise, seed: options.seed &+ UInt64(s), sampleEvery: options.attentionSampleEvery)
-            for (i, token) in text.enumerated() {
-                let logits = try model.forward(tokens: [token], cache: recorder)
-                if i + 1 < text.count {
-                    run.logits.append(logits)
-                    run.targets.append(text[i + 1])
+            let recorder = RecordingCache(inner: session, noise: noise, seed: options.seed &+ UInt64(s), sampleEvery: max(options.attentionSampleEvery, text.count / 256))
+            // Batches end where segments seal, so every token attends to exactly what it would
+            // token by token: earlier segments as the file encodes them, its own segment's rows
+            // in the scheme's residual type.
+            var at = 0
+            let vocab = model.config.vocabSize
+            while at < text.count {
+                let end = min(text.count, (at / segmentTokens + 1) * segmentTokens)
+                let logits = try model.forward(tokens: Array(text[at ..< end]), cache: recorder, logits: .all)
+                for i in at ..< end where i + 1 < text.count {
+                    run.record(logits: logits[(i - at) * vocab ..< (i - at + 1) * vocab], target: text[i + 1])
                 }
+                at = end
             }
             try session.close()
             run.attentionError.add(recorder.attentionError)
@@ -231,9 +256,13 @@ final class RecordingCache: KVCache {
         try inner.attend(layer: layer, kvHead: kvHead, queries: queries, count: count, scale: scale, output: output)
         guard count % sampleEvery == 0 else { return }
         let g = geometry, d = g.headDim, i = layer * g.kvHeadCount + kvHead
-        let q = Array(UnsafeBufferPointer(start: queries, count: g.groupSize * d))
-        let reference = DenseAttention.reference(queries: q, keys: Array(keys[i][0 ..< count * d]), values: Array(values[i][0 ..< count * d]),
-                                                 groupSize: g.groupSize, headDim: d, scale: scale)
+        let q = UnsafeBufferPointer(start: queries, count: g.groupSize * d)
+        let reference = keys[i].withUnsafeBufferPointer { k in
+            values[i].withUnsafeBufferPointer { v in
+                DenseAttention.reference(queries: q, keys: UnsafeBufferPointer(rebasing: k[0 ..< count * d]),
+                                         values: UnsafeBufferPointer(rebasing: v[0 ..< count * d]), groupSize: g.groupSize, headDim: d, scale: scale)
+            }
+        }
         reference.withUnsafeBufferPointer { attentionError.add(output, $0.baseAddress!, $0.count) }
     }
 

@@ -8,6 +8,16 @@ public enum DenseAttention {
     /// queries: groupSize x headDim; keys, values: tokens x headDim. Returns groupSize x headDim.
     public static func reference(queries: [Float], keys: [Float], values: [Float], groupSize: Int, headDim: Int,
                                  scale: Float? = nil) -> [Float] {
+        keys.withUnsafeBufferPointer { k in
+            values.withUnsafeBufferPointer { v in
+                queries.withUnsafeBufferPointer { q in reference(queries: q, keys: k, values: v, groupSize: groupSize, headDim: headDim, scale: scale) }
+            }
+        }
+    }
+
+    /// The same over borrowed rows (no copies of a long cache per call).
+    public static func reference(queries: UnsafeBufferPointer<Float>, keys: UnsafeBufferPointer<Float>, values: UnsafeBufferPointer<Float>,
+                                 groupSize: Int, headDim: Int, scale: Float? = nil) -> [Float] {
         let n = keys.count / headDim
         let s = Double(scale ?? 1 / Float(headDim).squareRoot())
         var out = [Float](repeating: 0, count: groupSize * headDim)
