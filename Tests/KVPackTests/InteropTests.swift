@@ -20,7 +20,7 @@ struct NpyTests {
         assert (x.reshape(-1) == np.arange(12, dtype=np.float32) * 0.5).all()
         print('ok')
         """
-        try NpyArray(floats: (0 ..< 12).map { Float($0) * 0.5 }, shape: [2, 2, 3]).encoded().withUnsafeBytes {
+        NpyArray(floats: (0 ..< 12).map { Float($0) * 0.5 }, shape: [2, 2, 3]).encoded().withUnsafeBytes {
             _ = FileManager.default.createFile(atPath: dir + "/ours.npy", contents: Data($0))
         }
         let p = Process()
