@@ -33,8 +33,13 @@ synth mixed "raw:f32+v:raw:bf16:zstd=9"; keep "$tmp/mixed.kvpack" "valid__v1-mix
 synth int-k4v2 "int:k4v2";            keep "$tmp/int-k4v2.kvpack" "valid__v1.1-int-k4v2.kvpack"
 synth int-k3v1-kc8 "int:k3v1:kc8:vc8"; keep "$tmp/int-k3v1-kc8.kvpack" "valid__v1.1-int-k3v1-per-channel.kvpack"
 synth int-auto "int:auto:3.0:kc8";     keep "$tmp/int-auto.kvpack" "valid__v1.1-int-auto-per-layer.kvpack"
-# An int block whose first scale is NaN behind valid checksums: a content error, not bit rot.
-python3 - "$tmp/int-k4v2.kvpack" "$tmp/nan-scale.kvpack" <<'PY'
+synth polar-r4a4 "polar:r4a4+v:int:k4v2";   keep "$tmp/polar-r4a4.kvpack" "valid__v1.2-polar-r4a4-v-int2.kvpack"
+synth polar-r2a3 "k:polar:r2a3:g4:half+v:polar:r8a8:adjacent"; keep "$tmp/polar-r2a3.kvpack" "valid__v1.2-polar-r2a3-half-g4.kvpack"
+# An int block and a polar block whose first scale is NaN behind valid checksums: content errors,
+# not bit rot. Both blocks (8 tokens, head_dim 8, 4-bit codes) hold 32 bytes of codes first.
+for pair in "int-k4v2 nan-scale" "polar-r4a4 polar-nan-scale"; do
+  set -- $pair
+python3 - "$tmp/$1.kvpack" "$tmp/$2.kvpack" <<'PY'
 import sys, xxhash
 b = bytearray(open(sys.argv[1], 'rb').read())
 salt = int.from_bytes(b[24:32], 'little')
@@ -42,7 +47,7 @@ off = 64
 while off + 64 <= len(b):
     tag = bytes(b[off:off+4]); length = int.from_bytes(b[off+8:off+16], 'little')
     if tag == b'BLCK':
-        # raw int block: 8 tokens x 8 dims x 4 bits = 32 bytes of codes, then the scales.
+        # 8 tokens x 8 dims x 4 bits = 32 bytes of codes (int; polar: 16 of angles, 16 of radii), then the scales.
         b[off + 64 + 32:off + 64 + 34] = (0x7E00).to_bytes(2, 'little')
         b[off+24:off+32] = xxhash.xxh3_64_intdigest(bytes(b[off+64:off+64+length])).to_bytes(8, 'little')
         b[off+56:off+64] = xxhash.xxh3_64_intdigest(bytes(b[off:off+56]), seed=salt ^ off).to_bytes(8, 'little')
@@ -50,7 +55,9 @@ while off + 64 <= len(b):
     off += 64 + (length + 63) // 64 * 64
 open(sys.argv[2], 'wb').write(b)
 PY
+done
 keep "$tmp/nan-scale.kvpack" "error-corruptPayload__v1.1-int-nan-scale.kvpack"
+keep "$tmp/polar-nan-scale.kvpack" "error-corruptPayload__v1.2-polar-nan-radius-scale.kvpack"
 # A manifest claiming a GQA group of 16384 query heads and 65536-token segments, checksums valid:
 # before the group limits (Spec/ 12), one attention call over it allocated 4 GiB of score rows.
 "$KVPACK" synth "$tmp/tail-only.kvpack" --model stories260k --layers 1 --tokens 5 --segment-tokens 8 --salt 4242 --overwrite

@@ -8,6 +8,7 @@ Usage: spec_reader.py FILE        prints JSON: geometry, token ids, positions, a
 Needs: numpy, xxhash, zstandard (pip).
 """
 import json
+import math
 import struct
 import sys
 
@@ -124,6 +125,36 @@ def decode_int(payload, params, C, d):
     return out.reshape(-1)
 
 
+def decode_polar(payload, params, C, d, rope_layout):
+    """Scheme 3 (polar), section 7.2 of the Spec: angle codes, radius codes, f16 scales, offsets."""
+    rb, ab, pairing = params[0], params[1], params[2]
+    L = (params[4] | params[5] << 8) or C
+    P, R = d // 2, C // L
+    pad8 = lambda bits: (bits + 63) // 64 * 8
+    A, B = pad8(C * P * ab), pad8(C * P * rb)
+    if len(payload) != A + B + 4 * R * P:
+        raise FormatError("polar block size")
+    angles = int.from_bytes(payload[:A], "little")
+    radii = int.from_bytes(payload[A:A + B], "little")
+    scales = np.frombuffer(payload[A + B:A + B + 2 * R * P], dtype="<f2").astype(np.float32)
+    offsets = np.frombuffer(payload[A + B + 2 * R * P:], dtype="<f2").astype(np.float32)
+    half = pairing == 1 or (pairing == 255 and rope_layout == 2)
+    table = [(np.float32(math.cos(2 * math.pi * a / (1 << ab))), np.float32(math.sin(2 * math.pi * a / (1 << ab))))
+             for a in range(1 << ab)]
+    out = np.zeros((C, d), np.float32)
+    for t in range(C):
+        for j in range(P):
+            i = t * P + j
+            a = (angles >> (i * ab)) & ((1 << ab) - 1)
+            rc = (radii >> (i * rb)) & ((1 << rb) - 1)
+            g = (t // L) * P + j
+            rhat = np.float32(scales[g] * np.float32(rc) + offsets[g])
+            x, y = (j, j + d // 2) if half else (2 * j, 2 * j + 1)
+            out[t, x] = np.float32(rhat * table[a][0])
+            out[t, y] = np.float32(rhat * table[a][1])
+    return out.reshape(-1)
+
+
 def load(path):
     data = open(path, "rb").read()
     if len(data) < 64:
@@ -212,7 +243,7 @@ def load_commit(data, salt, m, cmit, streams, d, C, manifest_end):
     dctx = zstandard.ZstdDecompressor()
     for s in range(streams):
         sch = stream_scheme(s)
-        if sch["kind"] not in (1, 2):
+        if sch["kind"] not in (1, 2, 3):
             raise FormatError(f"scheme kind {sch['kind']} not implemented here")
         rows = []
         for seg in range(n // C):
@@ -227,8 +258,10 @@ def load_commit(data, salt, m, cmit, streams, d, C, manifest_end):
                 if len(payload) != C * d * WIDTH[etype]:
                     raise FormatError("block size")
                 rows.append(widen(payload, etype))
-            else:
+            elif sch["kind"] == 2:
                 rows.append(decode_int(payload, sch["params"], C, d))
+            else:
+                rows.append(decode_polar(payload, sch["params"], C, d, m["rope_layout"]))
         for fr in runs:  # sections in stream order, each padded to 64
             count = fr.f("I", 36)
             pos = 0

@@ -5,7 +5,8 @@ public struct SchemeKind: RawRepresentable, Hashable, Sendable, Codable, CustomS
 
     public static let raw = SchemeKind(rawValue: 1)
     public static let int = SchemeKind(rawValue: 2)
-    // Reserved (Spec/ lists them): 3 polar (PolarQuant), 4 svdq (SVDq), 5 nsn (NSNQuant).
+    public static let polar = SchemeKind(rawValue: 3)
+    // Reserved (Spec/ lists them): 4 svdq (SVDq), 5 nsn (NSNQuant).
 
     public var description: String {
         SchemeRegistry.type(for: self).map { $0.name } ?? "scheme#\(rawValue)"
@@ -15,7 +16,8 @@ public struct SchemeKind: RawRepresentable, Hashable, Sendable, Codable, CustomS
     public var introducedInMinor: UInt16 {
         switch self {
         case .raw: 0
-        default: 1
+        case .int: 1
+        default: 2
         }
     }
 }

@@ -143,6 +143,7 @@ public enum SchemeRegistry {
     public static let all: [any KVScheme.Type] = [
         RawScheme.self,
         IntScheme.self,
+        PolarScheme.self,
     ]
 
     public static func type(for kind: SchemeKind) -> (any KVScheme.Type)? {

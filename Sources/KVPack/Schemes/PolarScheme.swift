@@ -1,0 +1,290 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// PolarQuant (Wu et al. 2025): each 2-D sub-vector of a key, paired as RoPE rotates them,
+/// becomes a radius and an angle. Outliers land in the radius, which gets an f16 range per
+/// (run of tokens, pair); the angle is bounded and is quantized uniformly over the full circle
+/// with no metadata. Attention builds, once per query, a table per pair over the angle codes,
+/// `T_j[a] = q_x cos(theta_a) + q_y sin(theta_a)`, so a score is sum_j rhat_j * T_j[a_j]: lookups
+/// and multiply-adds, no trigonometry per token.
+///
+/// Parameters (8 bytes, Spec/ "Scheme 3: polar"): radiusBits u8 (1...8), angleBits u8 (1...8),
+/// pairing u8 (0: adjacent (2j, 2j+1); 1: rotate-half (j, j + d/2); 255: as the manifest's RoPE
+/// layout says, adjacent when it says none), reserved u8 = 0, radiusGroup u16 (tokens per radius
+/// range; 0: the whole segment), reserved u16 = 0.
+///
+/// Block payload (P = head_dim / 2 pairs, S = segmentTokens, R = S / radiusGroup runs):
+/// angle codes (S * P codes of angleBits, a little-endian bit stream, code (t, j) at bit
+/// (t * P + j) * angleBits), zero-padded to a multiple of 8 bytes; radius codes likewise with
+/// radiusBits; then R * P f16 radius scales and R * P f16 radius offsets, run-major. Pair j of
+/// token t decodes to rhat * (cos_a, sin_a) with rhat = scale * code + offset and
+/// cos_a, sin_a = cos, sin(2 pi a / 2^angleBits) rounded to f32.
+public struct PolarScheme: KVScheme {
+    public static let kind = SchemeKind.polar
+    public static let name = "polar"
+    public static let specSyntax = "r<B>a<B>[:g<T>][:adjacent|:half]"
+    public static let summary = "PolarQuant: each RoPE pair as a B-bit radius (f16 range per T tokens and pair; default: per segment) and a B-bit angle over the circle; table-lookup attention. Pairs follow the manifest's RoPE layout unless :adjacent or :half"
+
+    public enum Pairing: UInt8, Sendable {
+        case adjacent = 0
+        case rotateHalf = 1
+        case fromManifest = 255
+    }
+
+    public let descriptor: SchemeDescriptor
+    public let compressesBlocks = false
+    public let radiusBits: Int
+    public let angleBits: Int
+    public let pairing: Pairing
+    let headDim: Int
+    let pairs: Int
+    let segmentTokens: Int
+    let radiusGroup: Int
+    let angleBytes: Int
+    let radiusBytes: Int
+    let runs: Int
+    /// cos and sin of each angle code's centre, interleaved: [cos_0, sin_0, cos_1, ...].
+    let angleTable: [Float]
+    /// Dimension of each pair's x and y: [x_0, y_0, x_1, y_1, ...].
+    let dims: [Int]
+
+    public static func descriptor(radiusBits: Int, angleBits: Int, pairing: Pairing = .fromManifest, radiusGroup: Int = 0,
+                                  residual: ElementType = .float16) -> SchemeDescriptor {
+        SchemeDescriptor(kind: kind, residualType: residual,
+                         parameters: [UInt8(radiusBits), UInt8(angleBits), pairing.rawValue, 0,
+                                      UInt8(radiusGroup & 0xFF), UInt8(radiusGroup >> 8), 0, 0])
+    }
+
+    public static func setup(arguments: [String], role: KVKind, geometry: ModelGeometry) throws -> SchemeSetup {
+        guard let first = arguments.first, first.hasPrefix("r"), let a = first.firstIndex(of: "a"),
+              let rb = Int(first[first.index(after: first.startIndex) ..< a]), let ab = Int(first[first.index(after: a)...]) else {
+            throw KVPackError.argument("polar needs radius and angle bits first, as in polar:r4a4, got \"polar:\(arguments.joined(separator: ":"))\"")
+        }
+        guard (1 ... 8).contains(rb), (1 ... 8).contains(ab) else {
+            throw KVPackError.argument("polar: radius and angle bits must be 1...8, got r\(rb)a\(ab)")
+        }
+        guard geometry.headDim % 2 == 0 else { throw KVPackError.argument("polar pairs dimensions and needs an even head_dim, got \(geometry.headDim)") }
+        var pairing = Pairing.fromManifest
+        var group = 0
+        for arg in arguments.dropFirst() {
+            if arg == "adjacent" { pairing = .adjacent }
+            else if arg == "half" { pairing = .rotateHalf }
+            else if arg.hasPrefix("g"), let n = Int(arg.dropFirst()), (1 ... 65535).contains(n) { group = n }
+            else { throw KVPackError.argument("polar: unknown argument \"\(arg)\" (expected gT with T in 1...65535, adjacent or half)") }
+        }
+        return SchemeSetup(descriptor: descriptor(radiusBits: rb, angleBits: ab, pairing: pairing, radiusGroup: group))
+    }
+
+    public init(descriptor: SchemeDescriptor, context: SchemeContext) throws {
+        let p = descriptor.parameters
+        guard p.count == 8 else { throw KVPackError.invalid(nil, "parameters", "polar takes 8 parameter bytes, found \(p.count)") }
+        let rb = Int(p[0]), ab = Int(p[1])
+        guard (1 ... 8).contains(rb) else { throw KVPackError.invalid(nil, "polar.radiusBits", "is \(rb), must be 1...8") }
+        guard (1 ... 8).contains(ab) else { throw KVPackError.invalid(nil, "polar.angleBits", "is \(ab), must be 1...8") }
+        guard let pairing = Pairing(rawValue: p[2]) else {
+            throw KVPackError.invalid(nil, "polar.pairing", "is \(p[2]), must be 0 (adjacent), 1 (rotate-half) or 255 (the manifest's RoPE layout)")
+        }
+        guard p[3] == 0, p[6] == 0, p[7] == 0 else { throw KVPackError.invalid(nil, "polar.reserved", "reserved parameter bytes must be 0") }
+        let d = context.headDim, s = context.segmentTokens
+        guard d % 2 == 0 else { throw KVPackError.invalid(nil, "polar", "needs an even head_dim, the file has \(d)") }
+        let stored = Int(p[4]) | Int(p[5]) << 8
+        let group = stored == 0 ? s : stored
+        guard s % group == 0 else {
+            throw KVPackError.invalid(nil, "polar.radiusGroup", "is \(group); radius groups of tokens must divide segmentTokens \(s)")
+        }
+        guard descriptor.blobIDs.isEmpty else { throw KVPackError.invalid(nil, "blobIDs", "polar uses no blobs, found \(descriptor.blobIDs.count)") }
+        self.descriptor = descriptor
+        radiusBits = rb
+        angleBits = ab
+        self.pairing = pairing
+        headDim = d
+        pairs = d / 2
+        segmentTokens = s
+        radiusGroup = group
+        runs = s / group
+        angleBytes = Self.paddedBytes(bits: s * pairs * ab)
+        radiusBytes = Self.paddedBytes(bits: s * pairs * rb)
+        let count = 1 << ab
+        angleTable = (0 ..< count).flatMap { a -> [Float] in
+            let theta = 2 * Double.pi * Double(a) / Double(count)
+            return [Float(cos(theta)), Float(sin(theta))]
+        }
+        let half = pairing == .rotateHalf || (pairing == .fromManifest && context.rope.layout == .rotateHalf)
+        dims = (0 ..< d / 2).flatMap { j in half ? [j, j + d / 2] : [2 * j, 2 * j + 1] }
+    }
+
+    static func paddedBytes(bits: Int) -> Int { (bits + 63) / 64 * 8 }
+
+    public var specString: String {
+        let pairs = pairing == .adjacent ? ":adjacent" : pairing == .rotateHalf ? ":half" : ""
+        return "polar:r\(radiusBits)a\(angleBits)" + (radiusGroup == segmentTokens ? "" : ":g\(radiusGroup)") + pairs
+    }
+
+    public func encodedBlockSize(tokens: Int) -> Int { angleBytes + radiusBytes + 4 * runs * pairs }
+
+    var scalesOffset: Int { angleBytes + radiusBytes }
+    var offsetsOffset: Int { angleBytes + radiusBytes + 2 * runs * pairs }
+
+    @inline(__always)
+    func radiusScale(_ p: UnsafeRawPointer, run: Int, pair j: Int) -> Float {
+        Float(Float16(bitPattern: p.loadUnaligned(fromByteOffset: scalesOffset + 2 * (run * pairs + j), as: UInt16.self)))
+    }
+
+    @inline(__always)
+    func radiusOffset(_ p: UnsafeRawPointer, run: Int, pair j: Int) -> Float {
+        Float(Float16(bitPattern: p.loadUnaligned(fromByteOffset: offsetsOffset + 2 * (run * pairs + j), as: UInt16.self)))
+    }
+
+    /// Code `index` of `bits` bits in the stream at `section`. The two bytes read are inside the
+    /// payload: every code stream is followed by at least the 4 * R * P bytes of radius ranges.
+    @inline(__always)
+    static func code(_ p: UnsafeRawPointer, section: Int, index: Int, bits: Int) -> Int {
+        let bit = index * bits
+        let word = UInt16(littleEndian: p.loadUnaligned(fromByteOffset: section + bit >> 3, as: UInt16.self))
+        return Int(word >> UInt16(bit & 7)) & ((1 << bits) - 1)
+    }
+
+    static func put(_ p: UnsafeMutableRawPointer, section: Int, index: Int, bits: Int, value: Int) {
+        let bit = index * bits
+        let at = section + bit >> 3
+        let shifted = UInt16(value) << UInt16(bit & 7)
+        p.storeBytes(of: p.load(fromByteOffset: at, as: UInt8.self) | UInt8(truncatingIfNeeded: shifted), toByteOffset: at, as: UInt8.self)
+        if shifted > 0xFF {
+            p.storeBytes(of: p.load(fromByteOffset: at + 1, as: UInt8.self) | UInt8(truncatingIfNeeded: shifted >> 8), toByteOffset: at + 1, as: UInt8.self)
+        }
+    }
+
+    public func encode(rows: UnsafePointer<Float>, tokens: Int, into block: UnsafeMutableRawBufferPointer) {
+        let out = block.baseAddress!
+        out.initializeMemory(as: UInt8.self, repeating: 0, count: block.count)
+        let d = headDim, angles = 1 << angleBits, levels = Float((1 << radiusBits) - 1)
+        let step = 2 * Double.pi / Double(angles)
+        withUnsafeTemporaryAllocation(of: Float.self, capacity: radiusGroup) { radii in
+            for run in 0 ..< runs {
+                for j in 0 ..< pairs {
+                    let t0 = run * radiusGroup
+                    var lo = Float.infinity, hi = -Float.infinity
+                    for i in 0 ..< radiusGroup {
+                        let t = t0 + i
+                        let x = IntScheme.representable(rows[t * d + dims[2 * j]]), y = IntScheme.representable(rows[t * d + dims[2 * j + 1]])
+                        let r = min((x * x + y * y).squareRoot(), 65504)
+                        radii[i] = r
+                        lo = min(lo, r)
+                        hi = max(hi, r)
+                        var theta = atan2(Double(y), Double(x))
+                        if theta < 0 { theta += 2 * Double.pi }
+                        let a = Int((theta / step).rounded()) % angles
+                        Self.put(out, section: 0, index: t * pairs + j, bits: angleBits, value: a)
+                    }
+                    let offset16 = IntScheme.f16(lo, roundingUp: false), offset = Float(offset16)
+                    let scale16 = IntScheme.f16((hi - offset) / levels, roundingUp: true), scale = Float(scale16)
+                    out.storeBytes(of: scale16.bitPattern, toByteOffset: scalesOffset + 2 * (run * pairs + j), as: UInt16.self)
+                    out.storeBytes(of: offset16.bitPattern, toByteOffset: offsetsOffset + 2 * (run * pairs + j), as: UInt16.self)
+                    guard scale > 0 else { continue }
+                    for i in 0 ..< radiusGroup {
+                        let q = ((radii[i] - offset) / scale).rounded(.toNearestOrEven)
+                        Self.put(out, section: angleBytes, index: (t0 + i) * pairs + j, bits: radiusBits, value: Int(min(max(q, 0), levels)))
+                    }
+                }
+            }
+        }
+    }
+
+    public func validate(block: UnsafeRawBufferPointer, tokens: Int) throws {
+        let p = block.baseAddress!
+        for run in 0 ..< runs {
+            for j in 0 ..< pairs {
+                let s = radiusScale(p, run: run, pair: j), o = radiusOffset(p, run: run, pair: j)
+                guard s.isFinite, s >= 0, o.isFinite else {
+                    throw KVPackError(.corruptPayload, field: "BLCK.polar.radius",
+                                      "run \(run) pair \(j): scale \(s), offset \(o); scales must be finite and >= 0, offsets finite")
+                }
+            }
+        }
+    }
+
+    /// rhat and the angle code of every pair of token `t`.
+    @inline(__always)
+    func unpack(_ p: UnsafeRawPointer, token t: Int, radii: UnsafeMutablePointer<Float>, angles: UnsafeMutablePointer<Int32>) {
+        let run = t / radiusGroup
+        for j in 0 ..< pairs {
+            let index = t * pairs + j
+            angles[j] = Int32(Self.code(p, section: 0, index: index, bits: angleBits))
+            let r = Float(Self.code(p, section: angleBytes, index: index, bits: radiusBits))
+            radii[j] = radiusScale(p, run: run, pair: j) * r + radiusOffset(p, run: run, pair: j)
+        }
+    }
+
+    public func decode(block: UnsafeRawBufferPointer, tokens: Range<Int>, into out: UnsafeMutablePointer<Float>) {
+        let p = block.baseAddress!, d = headDim
+        withUnsafeTemporaryAllocation(of: Float.self, capacity: pairs) { radii in
+            withUnsafeTemporaryAllocation(of: Int32.self, capacity: pairs) { angles in
+                for (row, t) in tokens.enumerated() {
+                    unpack(p, token: t, radii: radii.baseAddress!, angles: angles.baseAddress!)
+                    for j in 0 ..< pairs {
+                        let a = Int(angles[j])
+                        out[row * d + dims[2 * j]] = radii[j] * angleTable[2 * a]
+                        out[row * d + dims[2 * j + 1]] = radii[j] * angleTable[2 * a + 1]
+                    }
+                }
+            }
+        }
+    }
+
+    // MARK: Attention over codes
+
+    /// One table per (query, pair): 2^angleBits floats.
+    public func queryStateSize(groupSize g: Int) -> Int { g * pairs * (1 << angleBits) }
+
+    public func prepare(queries: UnsafePointer<Float>, groupSize g: Int, scale: Float, into state: UnsafeMutablePointer<Float>) {
+        let count = 1 << angleBits
+        for q in 0 ..< g {
+            for j in 0 ..< pairs {
+                let qx = scale * queries[q * headDim + dims[2 * j]], qy = scale * queries[q * headDim + dims[2 * j + 1]]
+                let table = state + (q * pairs + j) * count
+                for a in 0 ..< count { table[a] = qx * angleTable[2 * a] + qy * angleTable[2 * a + 1] }
+            }
+        }
+    }
+
+    public func scores(block: UnsafeRawBufferPointer, tokens: Range<Int>, state: UnsafePointer<Float>, groupSize g: Int,
+                       into scores: UnsafeMutablePointer<Float>, stride: Int) {
+        let p = block.baseAddress!, count = 1 << angleBits, lo = tokens.lowerBound
+        withUnsafeTemporaryAllocation(of: Float.self, capacity: pairs) { radii in
+            withUnsafeTemporaryAllocation(of: Int32.self, capacity: pairs) { angles in
+                let r = radii.baseAddress!, a = angles.baseAddress!
+                for t in tokens {
+                    unpack(p, token: t, radii: r, angles: a)
+                    for q in 0 ..< g {
+                        let tables = state + q * pairs * count
+                        var s: Float = 0
+                        for j in 0 ..< pairs { s += r[j] * tables[j * count + Int(a[j])] }
+                        scores[q * stride + (t - lo)] = s
+                    }
+                }
+            }
+        }
+    }
+
+    public func accumulate(block: UnsafeRawBufferPointer, tokens: Range<Int>, weights: UnsafePointer<Float>, stride: Int,
+                           groupSize g: Int, into acc: UnsafeMutablePointer<Float>) {
+        let p = block.baseAddress!, d = headDim, lo = tokens.lowerBound
+        withUnsafeTemporaryAllocation(of: Float.self, capacity: pairs) { radii in
+            withUnsafeTemporaryAllocation(of: Int32.self, capacity: pairs) { angles in
+                let r = radii.baseAddress!, a = angles.baseAddress!
+                for t in tokens {
+                    unpack(p, token: t, radii: r, angles: a)
+                    for q in 0 ..< g {
+                        let w = weights[q * stride + (t - lo)]
+                        for j in 0 ..< pairs {
+                            let wr = w * r[j], code = Int(a[j])
+                            acc[q * d + dims[2 * j]] += wr * angleTable[2 * code]
+                            acc[q * d + dims[2 * j + 1]] += wr * angleTable[2 * code + 1]
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,141 @@
+import Foundation
+import Testing
+@testable import KVPack
+
+struct PolarSchemeTests {
+    static let geometry = ModelGeometry(layerCount: 2, queryHeadCount: 6, kvHeadCount: 2, headDim: 24)
+
+    static func scheme(_ d: SchemeDescriptor, segmentTokens: Int = 32, layout: RoPELayout = .interleaved) throws -> PolarScheme {
+        try PolarScheme(descriptor: d, context: SchemeContext(geometry: geometry, segmentTokens: segmentTokens,
+                                                                rope: RoPEConfig(theta: 10000, layout: layout), role: .key))
+    }
+
+    /// The Spec's decoding, written out from its text with nothing shared with the scheme: bit
+    /// streams, f16 ranges, the angle table rounded from double.
+    static func specDecode(_ block: [UInt8], radiusBits rb: Int, angleBits ab: Int, segment s: Int, group: Int,
+                           headDim d: Int, half: Bool) -> [Float] {
+        let p = d / 2, runs = s / group
+        func padded(_ bits: Int) -> Int { (bits + 63) / 64 * 8 }
+        let angleBytes = padded(s * p * ab), radiusBytes = padded(s * p * rb)
+        func bitsAt(_ section: Int, _ index: Int, _ width: Int) -> Int {
+            var v = 0
+            for k in 0 ..< width {
+                let bit = index * width + k
+                v |= Int(block[section + bit / 8] >> UInt8(bit % 8) & 1) << k
+            }
+            return v
+        }
+        func half16(_ at: Int) -> Float { Float(Float16(bitPattern: UInt16(block[at]) | UInt16(block[at + 1]) << 8)) }
+        var out = [Float](repeating: 0, count: s * d)
+        for t in 0 ..< s {
+            for j in 0 ..< p {
+                let run = t / group
+                let scale = half16(angleBytes + radiusBytes + 2 * (run * p + j))
+                let offset = half16(angleBytes + radiusBytes + 2 * runs * p + 2 * (run * p + j))
+                let r = scale * Float(bitsAt(angleBytes, t * p + j, rb)) + offset
+                let theta = 2 * Double.pi * Double(bitsAt(0, t * p + j, ab)) / Double(1 << ab)
+                let (x, y) = half ? (j, j + d / 2) : (2 * j, 2 * j + 1)
+                out[t * d + x] = r * Float(cos(theta))
+                out[t * d + y] = r * Float(sin(theta))
+            }
+        }
+        return out
+    }
+
+    @Test("decoded keys are r(cos, sin) of the stored radius and angle codes; radius and angle errors are within half a step",
+          arguments: [(2, 3), (3, 4), (4, 4), (1, 1), (8, 8), (5, 7)])
+    func decode(rb: Int, ab: Int) throws {
+        let c = 32, d = 24
+        for (group, layout, pairing) in [(0, RoPELayout.interleaved, PolarScheme.Pairing.fromManifest), (8, .rotateHalf, .fromManifest),
+                                         (16, .interleaved, .rotateHalf), (4, .rotateHalf, .adjacent)] {
+            let s = try Self.scheme(PolarScheme.descriptor(radiusBits: rb, angleBits: ab, pairing: pairing, radiusGroup: group),
+                                    segmentTokens: c, layout: layout)
+            let half = pairing == .rotateHalf || (pairing == .fromManifest && layout == .rotateHalf)
+            let x = IntSchemeTests.rows(tokens: c, dim: d, seed: UInt64(rb * 10 + ab))
+            var block = [UInt8](repeating: 0xAA, count: s.encodedBlockSize(tokens: c))
+            x.withUnsafeBufferPointer { src in block.withUnsafeMutableBytes { s.encode(rows: src.baseAddress!, tokens: c, into: $0) } }
+            var out = [Float](repeating: 0, count: c * d)
+            try block.withUnsafeBytes { b in
+                try s.validate(block: b, tokens: c)
+                out.withUnsafeMutableBufferPointer { s.decode(block: b, tokens: 0 ..< c, into: $0.baseAddress!) }
+            }
+            let spec = Self.specDecode(block, radiusBits: rb, angleBits: ab, segment: c, group: group == 0 ? c : group, headDim: d, half: half)
+            #expect(out == spec, "r\(rb)a\(ab) group \(group) \(layout) \(pairing): decode differs from the Spec's formula")
+            let angleStep = 2 * Float.pi / Float(1 << ab)
+            for t in 0 ..< c {
+                for j in 0 ..< d / 2 {
+                    let (ix, iy) = half ? (j, j + d / 2) : (2 * j, 2 * j + 1)
+                    let ex = IntScheme.representable(x[t * d + ix]), ey = IntScheme.representable(x[t * d + iy])
+                    let r = min((ex * ex + ey * ey).squareRoot(), 65504), rhat = (out[t * d + ix] * out[t * d + ix] + out[t * d + iy] * out[t * d + iy]).squareRoot()
+                    let run = t / (group == 0 ? c : group)
+                    let step = block.withUnsafeBytes { s.radiusScale($0.baseAddress!, run: run, pair: j) }
+                    #expect(abs(r - rhat) <= step / 2 + 1e-5 * max(r, 1), "t \(t) pair \(j): radius \(r) -> \(rhat), step \(step)")
+                    if r > 1e-3, rhat > 1e-3 {
+                        var diff = atan2(out[t * d + iy], out[t * d + ix]) - atan2(ey, ex)
+                        diff = abs(remainder(diff, 2 * Float.pi))
+                        #expect(diff <= angleStep / 2 + 1e-4, "t \(t) pair \(j): angle error \(diff), step \(angleStep)")
+                    }
+                }
+            }
+        }
+    }
+
+    @Test("bits per element: (radius + angle bits) / 2, plus 32 bits per radius range of a pair")
+    func sizes() throws {
+        let s = try Self.scheme(PolarScheme.descriptor(radiusBits: 3, angleBits: 4), segmentTokens: 64)
+        #expect(s.encodedBlockSize(tokens: 64) == 64 * 12 * 4 / 8 + 64 * 12 * 3 / 8 + 4 * 12)
+        let g = try Self.scheme(PolarScheme.descriptor(radiusBits: 2, angleBits: 3, radiusGroup: 16), segmentTokens: 64)
+        #expect(g.encodedBlockSize(tokens: 64) == 288 + 192 + 4 * 4 * 12)
+    }
+
+    static let specs = ["polar:r4a4", "polar:r2a3+v:raw:f16", "polar:r3a4:g8:half+v:int:k4v2", "k:polar:r1a1:adjacent+v:polar:r8a8:g16"]
+
+    @Test("table-lookup attention equals attention over the decoded keys to 1e-5, across blocks and GQA groups", arguments: specs)
+    func attentionOverCodes(spec: String) throws {
+        let g = Self.geometry
+        let data = RandomKV(geometry: g, tokens: 150, seed: 41, maxExponent: 6)
+        let dir = temporaryDirectory()
+        try writeFile(dir + "/p.kvpack", data: data, segmentTokens: 32, spec: spec, batches: [7, 40, 1], commitsAfter: [7, 47, 120])
+        let reader = try KVPackReader(path: dir + "/p.kvpack")
+        #expect(reader.header.minor == 2)
+        #expect(Validator.validate(file: reader.file, path: spec, deep: true).problems.isEmpty)
+        var rng = SplitMix64(seed: 5)
+        for layer in 0 ..< 2 {
+            for head in 0 ..< 2 {
+                for range in [0 ..< 150, 31 ..< 97, 64 ..< 96, 140 ..< 150, 5 ..< 6] {
+                    let q = (0 ..< g.groupSize * g.headDim).map { _ in Float(rng.nextGaussian()) * 2 }
+                    let got = try reader.attend(layer: layer, kvHead: head, queries: q, tokens: range)
+                    let want = DenseAttention.reference(queries: q, keys: try reader.decode(layer: layer, kvHead: head, kind: .key, tokens: range),
+                                                        values: try reader.decode(layer: layer, kvHead: head, kind: .value, tokens: range),
+                                                        groupSize: g.groupSize, headDim: g.headDim)
+                    let err = DenseAttention.maxRelativeError(got, want)
+                    #expect(err < 1e-5, "\(spec) layer \(layer) head \(head) \(range): \(err)")
+                }
+            }
+        }
+    }
+
+    @Test("specs and descriptors: bits, groups, pairings; bad values are errors")
+    func grammar() throws {
+        let g = ModelGeometry(layerCount: 2, queryHeadCount: 4, kvHeadCount: 2, headDim: 64)
+        let s = try SchemeSpec.parse("polar:r3a4:g16:half+v:raw:f16", geometry: g)
+        #expect(s.key.descriptor == PolarScheme.descriptor(radiusBits: 3, angleBits: 4, pairing: .rotateHalf, radiusGroup: 16))
+        for bad in ["polar", "polar:r9a4", "polar:r4a0", "polar:r4", "polar:r4a4:g0", "polar:r4a4:zz"] {
+            #expect(throws: KVPackError.self, "\(bad)") { try SchemeSpec.parse(bad, geometry: g) }
+        }
+        var odd = g
+        odd.headDim = 7
+        #expect(throws: KVPackError.self) { try SchemeSpec.parse("polar:r4a4", geometry: odd) }
+        // Untrusted descriptors.
+        for params: [UInt8] in [[0, 4, 255, 0, 0, 0, 0, 0], [4, 9, 255, 0, 0, 0, 0, 0], [4, 4, 2, 0, 0, 0, 0, 0],
+                                [4, 4, 0, 1, 0, 0, 0, 0], [4, 4, 0, 0, 7, 0, 0, 0], [4, 4, 0, 0]] {
+            let d = SchemeDescriptor(kind: .polar, residualType: .float16, parameters: params, blobIDs: [])
+            #expect(throws: KVPackError.self, "\(params)") { try Self.scheme(d) }
+        }
+        // A block whose radius scale is NaN or negative is reported, not decoded into nonsense.
+        let sc = try Self.scheme(PolarScheme.descriptor(radiusBits: 2, angleBits: 2))
+        var block = [UInt8](repeating: 0, count: sc.encodedBlockSize(tokens: 32))
+        block[sc.scalesOffset + 1] = 0xFE   // f16 0xFE00: NaN
+        #expect(throws: KVPackError.self) { try block.withUnsafeBytes { try sc.validate(block: $0, tokens: 32) } }
+    }
+}
