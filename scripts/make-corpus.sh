@@ -35,6 +35,7 @@ synth int-k3v1-kc8 "int:k3v1:kc8:vc8"; keep "$tmp/int-k3v1-kc8.kvpack" "valid__v
 synth int-auto "int:auto:3.0:kc8";     keep "$tmp/int-auto.kvpack" "valid__v1.1-int-auto-per-layer.kvpack"
 synth polar-r4a4 "polar:r4a4+v:int:k4v2";   keep "$tmp/polar-r4a4.kvpack" "valid__v1.2-polar-r4a4-v-int2.kvpack"
 synth polar-r2a3 "k:polar:r2a3:g4:half+v:polar:r8a8:adjacent"; keep "$tmp/polar-r2a3.kvpack" "valid__v1.2-polar-r2a3-half-g4.kvpack"
+synth svdq "k:svdq:2+v:svdq:8-4-0-2:shared"; keep "$tmp/svdq.kvpack" "valid__v1.2-svdq-per-head-k-shared-v.kvpack"
 # An int block and a polar block whose first scale is NaN behind valid checksums: content errors,
 # not bit rot. Both blocks (8 tokens, head_dim 8, 4-bit codes) hold 32 bytes of codes first.
 for pair in "int-k4v2 nan-scale" "polar-r4a4 polar-nan-scale"; do

@@ -155,6 +155,33 @@ def decode_polar(payload, params, C, d, rope_layout):
     return out.reshape(-1)
 
 
+def decode_svdq(payload, params, C, d, basis):
+    """Scheme 4 (svdq), section 7.2 of the Spec: ranges, then one code stream per stored channel."""
+    rank = params[0] | params[1] << 8
+    widths = list(params[4:4 + rank])
+    scales = np.frombuffer(payload[:2 * rank], dtype="<f2").astype(np.float32)
+    offsets = np.frombuffer(payload[2 * rank:4 * rank], dtype="<f2").astype(np.float32)
+    pad8 = lambda bits: (bits + 63) // 64 * 8
+    out = np.zeros((C, d), np.float32)
+    at = 4 * rank
+    for c, w in enumerate(widths):
+        if w == 0:
+            continue
+        size = pad8(C * w)
+        if w == 16:
+            z = np.frombuffer(payload[at:at + 2 * C], dtype="<f2").astype(np.float32)
+        else:
+            bits = int.from_bytes(payload[at:at + size], "little")
+            codes = np.array([(bits >> (t * w)) & ((1 << w) - 1) for t in range(C)], np.float32)
+            z = (scales[c] * codes).astype(np.float32) + offsets[c]
+        # f32 products then f32 sums, channel by channel (no fused multiply-add).
+        out = out + (z[:, None] * basis[c][None, :]).astype(np.float32)
+        at += size
+    if at != len(payload):
+        raise FormatError("svdq block size")
+    return out.reshape(-1)
+
+
 def load(path):
     data = open(path, "rb").read()
     if len(data) < 64:
@@ -202,7 +229,7 @@ def load_commit(data, salt, m, cmit, streams, d, C, manifest_end):
         if not (manifest_end <= prev < off):
             raise FormatError("bad chain")
         limit, off = off, prev
-    ids, positions, blocks = [0] * n, [0] * n, {}
+    ids, positions, blocks, blobs = [0] * n, [0] * n, {}, {}
     end = n
     for fr in chain:
         b, l, t, e = struct.unpack_from("<4I", fr.payload, 0)
@@ -217,7 +244,15 @@ def load_commit(data, salt, m, cmit, streams, d, C, manifest_end):
             fo, seg, st = struct.unpack_from("<QII", fr.payload, pos)
             blocks[(seg, st)] = fo
             pos += 16
-        pos += 16 * l
+        for _ in range(l):  # section 7.3: BLOB frames, elements row-major
+            fo, blob_id = struct.unpack_from("<QI", fr.payload, pos)
+            bf = Frame(data, fo, cmit.off, salt)
+            if bf.tag != "BLOB" or bf.f("I", 32) != blob_id:
+                raise FormatError("blob")
+            etype, rank = bf.fields[38 - 32], bf.fields[39 - 32]
+            shape = [bf.f("I", 40 + 4 * i) for i in range(rank)]
+            blobs[blob_id] = widen(bf.payload, etype).reshape(shape)
+            pos += 16
         ids[first:first + t] = struct.unpack_from(f"<{t}I", fr.payload, pos)
         positions[first:first + t] = struct.unpack_from(f"<{t}I", fr.payload, pos + 4 * t)
     if end != 0 or len(blocks) != (n // C) * streams:
@@ -243,7 +278,7 @@ def load_commit(data, salt, m, cmit, streams, d, C, manifest_end):
     dctx = zstandard.ZstdDecompressor()
     for s in range(streams):
         sch = stream_scheme(s)
-        if sch["kind"] not in (1, 2, 3):
+        if sch["kind"] not in (1, 2, 3, 4):
             raise FormatError(f"scheme kind {sch['kind']} not implemented here")
         rows = []
         for seg in range(n // C):
@@ -260,8 +295,12 @@ def load_commit(data, salt, m, cmit, streams, d, C, manifest_end):
                 rows.append(widen(payload, etype))
             elif sch["kind"] == 2:
                 rows.append(decode_int(payload, sch["params"], C, d))
-            else:
+            elif sch["kind"] == 3:
                 rows.append(decode_polar(payload, sch["params"], C, d, m["rope_layout"]))
+            else:
+                basis = blobs[sch["blobs"][0]]
+                head = (s // 2) % m["kv_heads"]
+                rows.append(decode_svdq(payload, sch["params"], C, d, basis[0 if basis.shape[0] == 1 else head]))
         for fr in runs:  # sections in stream order, each padded to 64
             count = fr.f("I", 36)
             pos = 0

@@ -16,6 +16,8 @@ public final class KVPackReader: @unchecked Sendable {
     public let manifest: Manifest
     let state: CommitState
     let schemes: [any KVScheme]
+    /// The codec of each stream (`schemes[index].forKVHead(head)`).
+    let streamSchemes: [any KVScheme]
     /// Tail rows are attended with the raw kernels of each scheme's residual type.
     let tailKernels: [RawScheme]
     let verified: VerificationFlags
@@ -69,6 +71,8 @@ public final class KVPackReader: @unchecked Sendable {
             tails.append(try RawScheme(descriptor: RawScheme.descriptor(elementType: d.residualType), context: context))
         }
         self.schemes = schemes
+        let manifest = self.manifest, g = manifest.geometry
+        streamSchemes = (0 ..< g.streamCount).map { schemes[manifest.scheme(forStream: $0)].forKVHead(g.streamID($0).kvHead) }
         self.tailKernels = tails
         verified = VerificationFlags(count: state.blockOffsets.count)
     }
@@ -188,7 +192,7 @@ public final class KVPackReader: @unchecked Sendable {
             switch chunk {
             case let .block(segment, local):
                 let payload = try blockPayload(segment: segment, stream: stream, workspace: workspace)
-                schemes[schemeIndex].decode(block: payload, tokens: local, into: out + row * d)
+                streamSchemes[stream].decode(block: payload, tokens: local, into: out + row * d)
                 row += local.count
             case let .tail(piece, local):
                 tailKernels[schemeIndex].decode(block: tailRows(piece: piece, stream: stream), tokens: local, into: out + row * d)
@@ -232,7 +236,7 @@ public final class KVPackReader: @unchecked Sendable {
         let kStream = geometry.stream(layer: layer, kvHead: kvHead, kind: .key)
         let vStream = kStream + 1
         let kIndex = manifest.scheme(forStream: kStream), vIndex = manifest.scheme(forStream: vStream)
-        let kScheme = schemes[kIndex], vScheme = schemes[vIndex]
+        let kScheme = streamSchemes[kStream], vScheme = streamSchemes[vStream]
         let kTail = tailKernels[kIndex], vTail = tailKernels[vIndex]
         let s = scale ?? 1 / Float(d).squareRoot()
 

@@ -12,6 +12,7 @@ public struct FileSummary: Sendable, Codable {
         public var layer: Int
         public var keyScheme: Int
         public var valueScheme: Int
+        /// Blocks, tail rows and a share of the metadata blobs the layer's key descriptor uses.
         public var keyBytes: Int
         public var valueBytes: Int
         public var keyBitsPerElement: Double
@@ -74,8 +75,16 @@ public struct FileSummary: Sendable, Codable {
         var layers: [Layer] = []
         var cacheBytes = 0
         let bytes = try reader.streamBytes()
+        // Metadata blobs (SVDq's projections, ...) count toward the K or V bytes of the layers
+        // whose descriptors use them, split evenly between users.
+        var uses: [UInt32: Int] = [:]
+        for l in m.layerSchemes { for i in [l.key, l.value] { for id in m.schemes[i].blobIDs { uses[id, default: 0] += 1 } } }
+        let blobSizes = Dictionary(reader.blobs.map { ($0.id, $0.bytes.count + FrameHeader.size) }, uniquingKeysWith: { a, _ in a })
+        func blobShare(_ index: Int) -> Int {
+            m.schemes[index].blobIDs.reduce(0) { $0 + (blobSizes[$1] ?? 0) / max(uses[$1] ?? 1, 1) }
+        }
         for l in 0 ..< g.layerCount {
-            var kb = 0, vb = 0
+            var kb = blobShare(m.layerSchemes[l].key), vb = blobShare(m.layerSchemes[l].value)
             for h in 0 ..< g.kvHeadCount {
                 kb += bytes[g.stream(layer: l, kvHead: h, kind: .key)]
                 vb += bytes[g.stream(layer: l, kvHead: h, kind: .value)]

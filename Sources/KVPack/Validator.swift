@@ -178,7 +178,7 @@ public enum Validator {
                     let payload = try reader.blockPayload(segment: segment, stream: stream, workspace: workspace)
                     report.blocksChecked += 1
                     if deep {
-                        let scheme = reader.schemes[reader.manifest.scheme(forStream: stream)]
+                        let scheme = reader.streamSchemes[stream]
                         scheme.decode(block: payload, tokens: 0 ..< c, into: rows)
                         checkFinite(rows, c * g.headDim, first: segment * c, stream: stream, reader: reader,
                                     at: reader.state.blockOffsets[segment * g.streamCount + stream], report: &report)

@@ -73,6 +73,8 @@ public final class KVPackWriter {
     let options: WriterOptions
     let salt: UInt64
     let schemes: [any KVScheme]
+    /// The codec of each stream (`schemes[index].forKVHead(head)`).
+    let streamSchemes: [any KVScheme]
     private let io: FileAppender
 
     private let streamCount: Int
@@ -104,6 +106,8 @@ public final class KVPackWriter {
         self.options = options
         self.salt = salt
         self.schemes = schemes
+        let g = manifest.geometry
+        streamSchemes = (0 ..< g.streamCount).map { schemes[manifest.scheme(forStream: $0)].forKVHead(g.streamID($0).kvHead) }
         self.io = io
         streamCount = manifest.geometry.streamCount
         dim = manifest.geometry.headDim
@@ -260,8 +264,7 @@ public final class KVPackWriter {
     private func sealSegment() throws {
         let segment = UInt32(sealedTokenCount / segmentTokens)
         for stream in 0 ..< streamCount {
-            let schemeIndex = manifest.scheme(forStream: stream)
-            let scheme = schemes[schemeIndex]
+            let scheme = streamSchemes[stream]
             let size = scheme.encodedBlockSize(tokens: segmentTokens)
             encodeBuffer.reserve(size)
             let raw = UnsafeMutableRawBufferPointer(start: encodeBuffer.pointer, count: size)
@@ -270,7 +273,7 @@ public final class KVPackWriter {
             fields.set(32, UInt32(stream))
             fields.set(36, segment)
             fields.set(40, UInt32(segmentTokens))
-            fields.set(44, UInt16(schemeIndex))
+            fields.set(44, UInt16(manifest.scheme(forStream: stream)))
             let offset: UInt64
             if scheme.compressesBlocks {
                 let compressor = compressors[scheme.compressionLevel] ?? {

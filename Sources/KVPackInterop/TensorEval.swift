@@ -53,8 +53,10 @@ public struct SampleTensors {
         return (kind == .key ? keys : values)[layer][kvHead * n ..< (kvHead + 1) * n]
     }
 
-    public var statistics: CacheStatistics {
-        CacheStatistics(geometry: geometry, tokens: meta.tokens) { l, h, k in Array(rows(layer: l, kvHead: h, kind: k)) }
+    /// Statistics of the first `tokens` tokens.
+    public func statistics(tokens: Int) -> CacheStatistics {
+        let n = min(tokens, meta.tokens)
+        return CacheStatistics(geometry: geometry, tokens: n) { l, h, k in Array(rows(layer: l, kvHead: h, kind: k).prefix(n * geometry.headDim)) }
     }
 }
 
@@ -105,7 +107,8 @@ public enum TensorEval {
             reference.append(perLayer)
         }
         progress("dense reference: \(measuredLayers) layers x \(g.kvHeadCount) KV heads x \(positions.count) positions")
-        let calibration = samples.statistics
+        // Planners (svdq bases, int:auto norms) calibrate on the prompt, as a prefill would.
+        let calibration = samples.statistics(tokens: samples.meta.prompt_tokens)
         var results: [Result] = []
         for text in schemes {
             let spec = try SchemeSpec.parse(text, geometry: g, calibration: calibration)

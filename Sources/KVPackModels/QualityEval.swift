@@ -20,6 +20,8 @@ public enum QualityEval {
         public var attentionSampleEvery = 4
         /// Files go here (kept for inspection).
         public var directory: String
+        /// Planners calibrate on this many tokens from the start of the baseline's cache.
+        public var calibrationTokens = 512
         /// A fixed text (token ids) to read instead of sampled stories: one sequence.
         public var text: [Int]?
         /// Where `text` came from, for the report.
@@ -100,8 +102,11 @@ public enum QualityEval {
         progress("raw:f32 baseline done")
         var results: [SchemeResult] = []
         for text in options.schemes {
-            // Planners (int:auto) calibrate on the baseline's cache of the first story.
-            let spec = try SchemeSpec.parse(text, geometry: g) { try CacheStatistics(reader: KVPackReader(path: baseline.paths[0])) }
+            // Planners (int:auto norms, svdq bases) calibrate on the first `calibrationTokens` of
+            // the baseline's cache of the first story: what a prefill would give them.
+            let spec = try SchemeSpec.parse(text, geometry: g) {
+                try CacheStatistics(reader: KVPackReader(path: baseline.paths[0]), tokens: options.calibrationTokens)
+            }
             let run = try evaluate(spec: spec, model: model, texts: texts, options: options, noise: options.keyNoise)
             var result = run.result(baseline: baseline)
             if !spec.rationale.isEmpty { result.plan = spec.rationale }

@@ -9,7 +9,7 @@ struct ConvertCommand: ParsableCommand {
         discussion: """
         Decodes one output segment of every stream at a time and re-encodes it, so memory stays bounded by a few segments whatever the file size. The output is written under a temporary name and renamed when complete: an interrupted conversion never leaves a partial OUT. Token ids, positions, the model fingerprint and user metadata are kept; the source's schemes, path, producer and this tool are recorded as convert.N.* metadata.
 
-        With --layers, only those layers take the new scheme; the others keep their own. int:auto:BUDGET calibrates on IN; --plan FILE takes a plan saved by `kvpack plan --json`.
+        With --layers, only those layers take the new scheme; the others keep their own. Planners calibrate on IN's first 1,024 tokens (int:auto:BUDGET its norms, svdq its bases); --plan FILE takes a plan saved by `kvpack plan --json`.
 
         The report: bits per element before and after (keys, values, whole file), the relative error the conversion added to keys and values (decoded OUT against decoded IN, every element), and to attention outputs for random queries over all tokens. Converting between lossless schemes that can represent the source (f16 to f32 and back, bf16 to f32) is bit-exact.
         """)
@@ -44,7 +44,7 @@ struct ConvertCommand: ParsableCommand {
                 let saved = try JSONDecoder().decode(SavedPlan.self, from: data)
                 spec = try SchemeSpec.parse(saved.spec, geometry: g, calibration: saved.statistics)
             } else {
-                spec = try SchemeSpec.parse(scheme!, geometry: g) { try CacheStatistics(reader: source) }
+                spec = try SchemeSpec.parse(scheme!, geometry: g) { try CacheStatistics(reader: source, tokens: 1024) }
             }
         } catch let e as KVPackError {
             throw CLIError("\(input): \(e)")

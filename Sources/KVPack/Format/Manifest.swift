@@ -6,7 +6,8 @@ public struct SchemeKind: RawRepresentable, Hashable, Sendable, Codable, CustomS
     public static let raw = SchemeKind(rawValue: 1)
     public static let int = SchemeKind(rawValue: 2)
     public static let polar = SchemeKind(rawValue: 3)
-    // Reserved (Spec/ lists them): 4 svdq (SVDq), 5 nsn (NSNQuant).
+    public static let svdq = SchemeKind(rawValue: 4)
+    // Reserved (Spec/ lists it): 5 nsn (NSNQuant).
 
     public var description: String {
         SchemeRegistry.type(for: self).map { $0.name } ?? "scheme#\(rawValue)"

@@ -20,16 +20,35 @@ public struct CacheStatistics: Sendable, Codable, Equatable {
 
     public var tokens: Int
     public var layers: [Layer]
+    /// X^T X (headDim x headDim, row-major) of every stream, in stream order (layer, KV head,
+    /// K then V); empty when built from norms alone. SVDq's bases come from these.
+    public var grams: [[Double]]
 
-    public init(tokens: Int, layers: [Layer]) {
+    /// Saved plans (`kvpack plan --json`) keep the norms; Gram matrices are megabytes.
+    enum CodingKeys: String, CodingKey { case tokens, layers }
+
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        tokens = try c.decode(Int.self, forKey: .tokens)
+        layers = try c.decode([Layer].self, forKey: .layers)
+        grams = []
+    }
+
+    public init(tokens: Int, layers: [Layer], grams: [[Double]] = []) {
         self.tokens = tokens
         self.layers = layers
+        self.grams = grams
+    }
+
+    public func gram(layer: Int, kvHead: Int, kind: KVKind, geometry: ModelGeometry) -> [Double] {
+        grams[(layer * geometry.kvHeadCount + kvHead) * 2 + Int(kind.rawValue)]
     }
 
     /// Statistics of rows supplied per (layer, KV head, K or V), each tokens x headDim floats.
     public init(geometry: ModelGeometry, tokens: Int, rows: (Int, Int, KVKind) throws -> [Float]) rethrows {
         self.tokens = tokens
         var layers: [Layer] = []
+        var grams: [[Double]] = []
         for layer in 0 ..< geometry.layerCount {
             var norm: [Double] = [0, 0], spectral: [Double] = [0, 0]
             for head in 0 ..< geometry.kvHeadCount {
@@ -37,7 +56,9 @@ public struct CacheStatistics: Sendable, Codable, Equatable {
                     let x = try rows(layer, head, kind)
                     let k = Int(kind.rawValue)
                     norm[k] += x.reduce(0.0) { $0 + Double($1) * Double($1) } / Double(max(tokens, 1))
-                    spectral[k] += Self.largestEigenvalue(rows: x, dim: geometry.headDim) / Double(max(tokens, 1))
+                    let gram = Self.gram(rows: x, dim: geometry.headDim)
+                    grams.append(gram)
+                    spectral[k] += Self.largestEigenvalue(gram: gram, dim: geometry.headDim) / Double(max(tokens, 1))
                 }
             }
             let h = Double(geometry.kvHeadCount)
@@ -45,6 +66,7 @@ public struct CacheStatistics: Sendable, Codable, Equatable {
                                 keySpectralNorm: (spectral[0] / h).squareRoot(), valueSpectralNorm: (spectral[1] / h).squareRoot()))
         }
         self.layers = layers
+        self.grams = grams
     }
 
     /// Statistics of the tokens of a file (or of its first `tokens`).
@@ -56,18 +78,22 @@ public struct CacheStatistics: Sendable, Codable, Equatable {
         }
     }
 
-    /// lambda_max of X^T X (X: rows x dim) by power iteration on the dim x dim Gram matrix.
-    static func largestEigenvalue(rows x: [Float], dim d: Int) -> Double {
-        let n = x.count / d
-        guard n > 0 else { return 0 }
+    /// X^T X for X: rows x dim.
+    static func gram(rows x: [Float], dim d: Int) -> [Double] {
         var gram = [Double](repeating: 0, count: d * d)
-        for t in 0 ..< n {
+        for t in 0 ..< x.count / d {
             for i in 0 ..< d {
                 let xi = Double(x[t * d + i])
                 if xi == 0 { continue }
                 for j in 0 ..< d { gram[i * d + j] += xi * Double(x[t * d + j]) }
             }
         }
+        return gram
+    }
+
+    /// lambda_max of a Gram matrix by power iteration.
+    static func largestEigenvalue(gram: [Double], dim d: Int) -> Double {
+        guard gram.contains(where: { $0 != 0 }) else { return 0 }
         var v = [Double](repeating: 1 / Double(d).squareRoot(), count: d)
         var lambda = 0.0
         for _ in 0 ..< 100 {

@@ -129,6 +129,10 @@ public protocol KVScheme: Sendable {
                     groupSize: Int, into acc: UnsafeMutablePointer<Float>)
     /// Maps the accumulator back to value space (e.g. an inverse rotation), once per call.
     func finishAccumulation(_ acc: UnsafeMutablePointer<Float>, groupSize: Int)
+    /// The codec for one KV head's stream: schemes with per-head metadata (SVDq's per-head
+    /// bases) return an instance bound to that head's; others return themselves. Readers and
+    /// writers call it once per stream when they open a file.
+    func forKVHead(_ head: Int) -> any KVScheme
 }
 
 extension KVScheme {
@@ -136,6 +140,7 @@ extension KVScheme {
     public var compressionLevel: Int32 { 0 }
     public func validate(block: UnsafeRawBufferPointer, tokens: Int) throws {}
     public func finishAccumulation(_ acc: UnsafeMutablePointer<Float>, groupSize: Int) {}
+    public func forKVHead(_ head: Int) -> any KVScheme { self }
 }
 
 /// Every scheme this build implements. Adding a scheme: one file, one line here.
@@ -144,6 +149,7 @@ public enum SchemeRegistry {
         RawScheme.self,
         IntScheme.self,
         PolarScheme.self,
+        SVDqScheme.self,
     ]
 
     public static func type(for kind: SchemeKind) -> (any KVScheme.Type)? {

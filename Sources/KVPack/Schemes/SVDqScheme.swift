@@ -1,0 +1,404 @@
+/// SVDq (2025): keys projected onto the right singular vectors of a calibration cache's keys
+/// (latent channels ordered by singular value), each latent channel quantized with its own bit
+/// width falling with its singular value (e.g. 8,4,4,2,2,1,1,0,...) and its own range per block.
+/// Channels with 0 bits are not stored. Attention projects each query once into the latent
+/// space and scores against the latent codes, skipping 0-bit channels.
+///
+/// Parameters (Spec/ "Scheme 4: svdq"): rank u16 (latent channels kept, 1...headDim), basis u8
+/// (0: one basis per KV head; 1: one shared by the layer's KV heads), reserved u8 = 0, then rank
+/// bytes: each latent channel's width in {0, 1, 2, 3, 4, 5, 6, 8, 16} (16: the latent value as
+/// f16). One blob: the projection, f16, shape [bases, rank, headDim], row c of a basis being
+/// latent direction c.
+///
+/// Block payload: rank f16 scales, rank f16 offsets (0 for channels of width 0 or 16), then per
+/// latent channel of nonzero width, in order, its codes for the segment's tokens as a little-endian
+/// bit stream (16: f16 values), zero-padded to a multiple of 8 bytes.
+public struct SVDqScheme: KVScheme {
+    public static let kind = SchemeKind.svdq
+    public static let name = "svdq"
+    public static let specSyntax = "<AVG>|<W-W-...>[:r<RANK>][:shared]"
+    public static let summary = "SVDq: rows projected on the singular vectors of a calibration cache (the prefill); per-latent-channel widths falling with the singular value, from an average AVG bits (e.g. svdq:1.25) or given (svdq:8-4-4-2-2-1-1); f16 range per channel and block"
+
+    public static let widths = [0, 1, 2, 3, 4, 5, 6, 8, 16]
+
+    public let descriptor: SchemeDescriptor
+    public let compressesBlocks = false
+    public let rank: Int
+    public let channelBits: [Int]
+    public let sharedBasis: Bool
+    let headDim: Int
+    let segmentTokens: Int
+    let kvHeads: Int
+    /// Byte offset of each channel's code stream (-1: not stored).
+    let streamOffsets: [Int]
+    let blockBytes: Int
+    /// All bases: [bases][rank][headDim], widened from the f16 blob.
+    let allBases: [Float]
+    /// The basis this instance uses (a KV head's, after `forKVHead`).
+    let basisIndex: Int
+
+    // MARK: Spec
+
+    public static func descriptor(channelBits: [Int], sharedBasis: Bool, residual: ElementType = .float16) -> SchemeDescriptor {
+        let rank = channelBits.count
+        return SchemeDescriptor(kind: kind, residualType: residual,
+                                parameters: [UInt8(rank & 0xFF), UInt8(rank >> 8), sharedBasis ? 1 : 0, 0] + channelBits.map { UInt8($0) })
+    }
+
+    struct Arguments {
+        var average: Double?
+        var explicit: [Int]?
+        var rank: Int?
+        var shared = false
+
+        init(_ arguments: [String], headDim: Int) throws {
+            guard let first = arguments.first else {
+                throw KVPackError.argument("svdq needs an average width (svdq:1.25) or a list of widths (svdq:8-4-4-2-2-1-1)")
+            }
+            if first.contains("-") {
+                let parts = first.split(separator: "-").map { Int($0) }
+                guard !parts.isEmpty, parts.allSatisfy({ $0 != nil && SVDqScheme.widths.contains($0!) }) else {
+                    throw KVPackError.argument("svdq: widths \"\(first)\" must be dash-separated values from \(SVDqScheme.widths)")
+                }
+                explicit = parts.map { $0! }
+            } else {
+                guard let a = Double(first), a > 0, a <= 16 else {
+                    throw KVPackError.argument("svdq: the average width must be a number in (0, 16], got \"\(first)\"")
+                }
+                average = a
+            }
+            for arg in arguments.dropFirst() {
+                if arg == "shared" { shared = true }
+                else if arg.hasPrefix("r"), let n = Int(arg.dropFirst()), n >= 1 { rank = n }
+                else { throw KVPackError.argument("svdq: unknown argument \"\(arg)\" (expected rN or shared)") }
+            }
+            let r = rank ?? explicit?.count ?? headDim
+            guard r <= headDim else { throw KVPackError.argument("svdq: rank \(r) exceeds head_dim \(headDim)") }
+            if let e = explicit, e.count > headDim { throw KVPackError.argument("svdq: \(e.count) widths for head_dim \(headDim)") }
+            rank = r
+        }
+    }
+
+    public static func setup(arguments: [String], role: KVKind, geometry: ModelGeometry) throws -> SchemeSetup {
+        // `plan` answers every svdq spec; it is only reached without calibration.
+        _ = try plan(arguments: arguments, geometry: geometry, calibration: nil)
+        throw KVPackError.argument("svdq: unreachable")
+    }
+
+    /// The basis and widths of every layer from the calibration cache's Gram matrices (X^T X per
+    /// KV head). Widths: greedy rate-distortion over latent channels with error
+    /// sigma_c^2 * 2^(-2 b) (sigma_c^2 for a dropped channel), as KV-AdaQuant's allocator, unless
+    /// given explicitly.
+    public static func plan(arguments: [String], geometry: ModelGeometry, calibration: CacheStatistics?) throws -> PlannedSchemes? {
+        let d = geometry.headDim
+        let args = try Arguments(arguments, headDim: d)
+        guard let calibration else {
+            throw KVPackError(.needsCalibration, "svdq computes its basis from calibration rows (the prefill: kvpack eval uses the first tokens of its baseline, generate and chat the prompt, convert the source file's first tokens)")
+        }
+        guard calibration.grams.count == geometry.layerCount * geometry.kvHeadCount * 2 else {
+            throw KVPackError.argument("svdq: the calibration statistics carry no Gram matrices for this geometry")
+        }
+        let rank = args.rank!
+        // Plans are role-independent here; SchemeSpec asks for both roles and keeps what the
+        // spec's prefixes say. Key and value bases differ, so plan both.
+        var layers: [LayerSetup] = []
+        var rationale = ["svdq: bases from the Gram matrices of \(calibration.tokens) calibration tokens (X^T X, Jacobi eigendecomposition in double); \(args.shared ? "one basis per layer" : "one basis per KV head"), rank \(rank)"]
+        for layer in 0 ..< geometry.layerCount {
+            var setups: [SchemeSetup] = []
+            for kind in KVKind.allCases {
+                var bases: [[Double]] = []
+                var energy = [Double](repeating: 0, count: d)
+                let grams = (0 ..< geometry.kvHeadCount).map { calibration.gram(layer: layer, kvHead: $0, kind: kind, geometry: geometry) }
+                let sources: [[Double]] = args.shared ? [grams.reduce(into: [Double](repeating: 0, count: d * d)) { acc, g in for i in 0 ..< d * d { acc[i] += g[i] } }] : grams
+                for g in sources {
+                    let (values, vectors) = SymmetricEigen.decompose(g, dim: d)
+                    for c in 0 ..< d { energy[c] += max(values[c], 0) }
+                    bases.append(Array(vectors[0 ..< rank * d]))
+                }
+                let sigma = energy.prefix(rank).map { ($0 / Double(calibration.tokens * sources.count)).squareRoot() }
+                let bits: [Int]
+                if let e = args.explicit {
+                    bits = Array((e + [Int](repeating: 0, count: max(0, rank - e.count))).prefix(rank))
+                } else {
+                    bits = IntScheme.allocateBits(sensitivities: sigma, total: args.average! * Double(d), widths: widths)
+                }
+                var bytes: [UInt8] = []
+                bytes.reserveCapacity(bases.count * rank * d * 2)
+                for b in bases { for x in b { withUnsafeBytes(of: Float16(Float(x)).bitPattern.littleEndian) { bytes += $0 } } }
+                let blob = Blob(id: 0, kind: .projection, elementType: .float16, shape: [bases.count, rank, d], bytes: bytes)
+                setups.append(SchemeSetup(descriptor: descriptor(channelBits: bits, sharedBasis: args.shared), blobs: [blob]))
+                let mean = Double(bits.reduce(0, +)) / Double(d)
+                rationale.append("layer \(layer) \(kind == .key ? "K" : "V"): widths \(bits.map(String.init).joined(separator: "-")) (average \((mean * 1000).rounded() / 1000)); sigma \(sigma.prefix(4).map { "\(($0 * 100).rounded() / 100)" }.joined(separator: ", ")) ...")
+            }
+            layers.append(LayerSetup(key: setups[0], value: setups[1]))
+        }
+        return PlannedSchemes(layers: layers, rationale: rationale)
+    }
+
+    // MARK: Codec
+
+    public init(descriptor: SchemeDescriptor, context: SchemeContext) throws {
+        let p = descriptor.parameters
+        guard p.count >= 4 else { throw KVPackError.invalid(nil, "parameters", "svdq takes at least 4 parameter bytes, found \(p.count)") }
+        let rank = Int(p[0]) | Int(p[1]) << 8
+        let d = context.headDim
+        guard rank >= 1, rank <= d else { throw KVPackError.invalid(nil, "svdq.rank", "is \(rank), must be 1...headDim (\(d))") }
+        guard p[2] <= 1 else { throw KVPackError.invalid(nil, "svdq.basis", "is \(p[2]), must be 0 (per KV head) or 1 (shared)") }
+        guard p[3] == 0 else { throw KVPackError.invalid(nil, "svdq.reserved", "must be 0") }
+        guard p.count == 4 + rank else { throw KVPackError.invalid(nil, "parameters", "svdq with rank \(rank) takes \(4 + rank) parameter bytes, found \(p.count)") }
+        let bits = p[4...].map { Int($0) }
+        for (c, b) in bits.enumerated() where !Self.widths.contains(b) {
+            throw KVPackError.invalid(nil, "svdq.widths[\(c)]", "is \(b), must be one of \(Self.widths)")
+        }
+        let shared = p[2] == 1
+        let bases = shared ? 1 : context.geometry.kvHeadCount
+        guard context.blobs.count == 1, let blob = context.blobs.first else {
+            throw KVPackError.invalid(nil, "blobIDs", "svdq uses exactly one blob (the projection), found \(context.blobs.count)")
+        }
+        guard blob.kind == .projection, blob.elementType == .float16, blob.shape == [bases, rank, d] else {
+            throw KVPackError.invalid(nil, "svdq.projection", "blob \(blob.id) is \(blob.kind) \(blob.elementType) \(blob.shape); expected a f16 projection [\(bases), \(rank), \(d)]")
+        }
+        var widened = [Float](repeating: 0, count: bases * rank * d)
+        blob.bytes.withUnsafeBytes { b in widened.withUnsafeMutableBufferPointer { RowKernels.widenFloat16(b.baseAddress!, $0.baseAddress!, $0.count) } }
+        guard widened.allSatisfy(\.isFinite) else { throw KVPackError.invalid(nil, "svdq.projection", "blob \(blob.id) holds a non-finite value") }
+        self.descriptor = descriptor
+        self.rank = rank
+        channelBits = bits
+        sharedBasis = shared
+        headDim = d
+        segmentTokens = context.segmentTokens
+        kvHeads = context.geometry.kvHeadCount
+        allBases = widened
+        basisIndex = 0
+        var offsets: [Int] = []
+        var at = 4 * rank
+        for b in bits {
+            offsets.append(b == 0 ? -1 : at)
+            at += b == 0 ? 0 : PolarScheme.paddedBytes(bits: context.segmentTokens * b)
+        }
+        streamOffsets = offsets
+        blockBytes = at
+    }
+
+    private init(_ other: SVDqScheme, basis: Int) {
+        descriptor = other.descriptor
+        rank = other.rank
+        channelBits = other.channelBits
+        sharedBasis = other.sharedBasis
+        headDim = other.headDim
+        segmentTokens = other.segmentTokens
+        kvHeads = other.kvHeads
+        streamOffsets = other.streamOffsets
+        blockBytes = other.blockBytes
+        allBases = other.allBases
+        basisIndex = basis
+    }
+
+    public func forKVHead(_ head: Int) -> any KVScheme {
+        sharedBasis ? self : SVDqScheme(self, basis: head)
+    }
+
+    public var specString: String {
+        "svdq:" + channelBits.map(String.init).joined(separator: "-") + (sharedBasis ? ":shared" : "")
+    }
+
+    public func encodedBlockSize(tokens: Int) -> Int { blockBytes }
+
+    @inline(__always)
+    func scale(_ p: UnsafeRawPointer, _ c: Int) -> Float {
+        Float(Float16(bitPattern: p.loadUnaligned(fromByteOffset: 2 * c, as: UInt16.self)))
+    }
+
+    @inline(__always)
+    func offset(_ p: UnsafeRawPointer, _ c: Int) -> Float {
+        Float(Float16(bitPattern: p.loadUnaligned(fromByteOffset: 2 * (rank + c), as: UInt16.self)))
+    }
+
+    /// Latent value of channel c at token t.
+    @inline(__always)
+    func latent(_ p: UnsafeRawPointer, channel c: Int, token t: Int) -> Float {
+        let b = channelBits[c], at = streamOffsets[c]
+        if b == 16 { return Float(Float16(bitPattern: p.loadUnaligned(fromByteOffset: at + 2 * t, as: UInt16.self))) }
+        return scale(p, c) * Float(PolarScheme.code(p, section: at, index: t, bits: b)) + offset(p, c)
+    }
+
+    /// Pointer to latent direction c of this instance's basis.
+    @inline(__always)
+    func direction(_ base: UnsafePointer<Float>, _ c: Int) -> UnsafePointer<Float> { base + (basisIndex * rank + c) * headDim }
+
+    public func encode(rows: UnsafePointer<Float>, tokens: Int, into block: UnsafeMutableRawBufferPointer) {
+        let out = block.baseAddress!
+        out.initializeMemory(as: UInt8.self, repeating: 0, count: block.count)
+        let c = segmentTokens, d = headDim
+        allBases.withUnsafeBufferPointer { bp in
+            withUnsafeTemporaryAllocation(of: Float.self, capacity: c + c * d) { tmp in
+                let z = tmp.baseAddress!, clean = tmp.baseAddress! + c
+                for i in 0 ..< c * d { clean[i] = IntScheme.representable(rows[i]) }
+                for ch in 0 ..< rank where channelBits[ch] > 0 {
+                    let dir = direction(bp.baseAddress!, ch)
+                    for t in 0 ..< c { z[t] = IntScheme.representable(RowKernels.dot(dir, clean + t * d, d)) }
+                    let b = channelBits[ch], at = streamOffsets[ch]
+                    if b == 16 {
+                        for t in 0 ..< c { out.storeBytes(of: Float16(z[t]).bitPattern, toByteOffset: at + 2 * t, as: UInt16.self) }
+                        continue
+                    }
+                    var lo = Float.infinity, hi = -Float.infinity
+                    for t in 0 ..< c { lo = min(lo, z[t]); hi = max(hi, z[t]) }
+                    let levels = Float((1 << b) - 1)
+                    let offset16 = IntScheme.f16(lo, roundingUp: false), offset = Float(offset16)
+                    let scale16 = IntScheme.f16((hi - offset) / levels, roundingUp: true), scale = Float(scale16)
+                    out.storeBytes(of: scale16.bitPattern, toByteOffset: 2 * ch, as: UInt16.self)
+                    out.storeBytes(of: offset16.bitPattern, toByteOffset: 2 * (rank + ch), as: UInt16.self)
+                    guard scale > 0 else { continue }
+                    for t in 0 ..< c {
+                        let q = ((z[t] - offset) / scale).rounded(.toNearestOrEven)
+                        PolarScheme.put(out, section: at, index: t, bits: b, value: Int(min(max(q, 0), levels)))
+                    }
+                }
+            }
+        }
+    }
+
+    public func validate(block: UnsafeRawBufferPointer, tokens: Int) throws {
+        let p = block.baseAddress!
+        for c in 0 ..< rank where channelBits[c] > 0 {
+            if channelBits[c] == 16 {
+                for t in 0 ..< segmentTokens where !latent(p, channel: c, token: t).isFinite {
+                    throw KVPackError(.corruptPayload, field: "BLCK.svdq.latent", "channel \(c) token \(t) is not finite")
+                }
+                continue
+            }
+            let s = scale(p, c), o = offset(p, c)
+            guard s.isFinite, s >= 0, o.isFinite else {
+                throw KVPackError(.corruptPayload, field: "BLCK.svdq.ranges", "channel \(c): scale \(s), offset \(o); scales must be finite and >= 0, offsets finite")
+            }
+        }
+    }
+
+    public func decode(block: UnsafeRawBufferPointer, tokens: Range<Int>, into out: UnsafeMutablePointer<Float>) {
+        let p = block.baseAddress!, d = headDim
+        out.update(repeating: 0, count: tokens.count * d)
+        allBases.withUnsafeBufferPointer { bp in
+            for c in 0 ..< rank where channelBits[c] > 0 {
+                let dir = direction(bp.baseAddress!, c)
+                for (row, t) in tokens.enumerated() {
+                    // Multiply, then add: no fused multiply-add, so every reader gets these bits.
+                    let z = latent(p, channel: c, token: t), o = out + row * d
+                    for i in 0 ..< d { o[i] = o[i] + z * dir[i] }
+                }
+            }
+        }
+    }
+
+    // MARK: Attention over codes
+
+    /// Per query: its projection on each latent direction (scaled).
+    public func queryStateSize(groupSize g: Int) -> Int { g * rank }
+
+    public func prepare(queries: UnsafePointer<Float>, groupSize g: Int, scale: Float, into state: UnsafeMutablePointer<Float>) {
+        allBases.withUnsafeBufferPointer { bp in
+            for q in 0 ..< g {
+                for c in 0 ..< rank { state[q * rank + c] = scale * RowKernels.dot(direction(bp.baseAddress!, c), queries + q * headDim, headDim) }
+            }
+        }
+    }
+
+    public func scores(block: UnsafeRawBufferPointer, tokens: Range<Int>, state: UnsafePointer<Float>, groupSize g: Int,
+                       into scores: UnsafeMutablePointer<Float>, stride: Int) {
+        let p = block.baseAddress!, lo = tokens.lowerBound, n = tokens.count
+        for q in 0 ..< g { (scores + q * stride).update(repeating: 0, count: n) }
+        for c in 0 ..< rank where channelBits[c] > 0 {
+            let b = channelBits[c], at = streamOffsets[c]
+            if b == 16 {
+                for t in tokens {
+                    let z = Float(Float16(bitPattern: p.loadUnaligned(fromByteOffset: at + 2 * t, as: UInt16.self)))
+                    for q in 0 ..< g { scores[q * stride + (t - lo)] += state[q * rank + c] * z }
+                }
+                continue
+            }
+            // q'_c * (scale * code + offset): one multiply-add per code and query.
+            let s = scale(p, c), o = offset(p, c)
+            for q in 0 ..< g {
+                let w = state[q * rank + c] * s, k = state[q * rank + c] * o
+                let row = scores + q * stride
+                for t in tokens { row[t - lo] += w * Float(PolarScheme.code(p, section: at, index: t, bits: b)) + k }
+            }
+        }
+    }
+
+    /// The accumulator holds, per query, the latent sums in its first `rank` floats until
+    /// `finishAccumulation` maps them back through the basis.
+    public func accumulate(block: UnsafeRawBufferPointer, tokens: Range<Int>, weights: UnsafePointer<Float>, stride: Int,
+                           groupSize g: Int, into acc: UnsafeMutablePointer<Float>) {
+        let p = block.baseAddress!, lo = tokens.lowerBound, d = headDim
+        for c in 0 ..< rank where channelBits[c] > 0 {
+            for q in 0 ..< g {
+                var sum: Float = 0
+                for t in tokens { sum += weights[q * stride + (t - lo)] * latent(p, channel: c, token: t) }
+                acc[q * d + c] += sum
+            }
+        }
+    }
+
+    public func finishAccumulation(_ acc: UnsafeMutablePointer<Float>, groupSize g: Int) {
+        let d = headDim
+        allBases.withUnsafeBufferPointer { bp in
+            withUnsafeTemporaryAllocation(of: Float.self, capacity: d) { tmp in
+                let out = tmp.baseAddress!
+                for q in 0 ..< g {
+                    out.update(repeating: 0, count: d)
+                    for c in 0 ..< rank where channelBits[c] > 0 { RowKernels.axpy(acc[q * d + c], direction(bp.baseAddress!, c), out, d) }
+                    (acc + q * d).update(from: out, count: d)
+                }
+            }
+        }
+    }
+}
+
+/// Eigen-decomposition of a small symmetric matrix by cyclic Jacobi rotations, in double:
+/// accurate to rounding for the head_dim x head_dim Gram matrices SVDq needs (head_dim <= 256),
+/// no LAPACK dependency.
+public enum SymmetricEigen {
+    /// Eigenvalues in decreasing order and the matching unit eigenvectors, row-major
+    /// (row c is eigenvector c).
+    public static func decompose(_ matrix: [Double], dim n: Int) -> (values: [Double], vectors: [Double]) {
+        var a = matrix
+        var v = [Double](repeating: 0, count: n * n)
+        for i in 0 ..< n { v[i * n + i] = 1 }
+        let scale = max((0 ..< n).reduce(0.0) { $0 + abs(a[$1 * n + $1]) }, 1e-300)
+        for _ in 0 ..< 60 {
+            var off = 0.0
+            for i in 0 ..< n { for j in i + 1 ..< n { off += a[i * n + j] * a[i * n + j] } }
+            if off.squareRoot() <= 1e-15 * scale { break }
+            for p in 0 ..< n {
+                for q in p + 1 ..< n {
+                    let apq = a[p * n + q]
+                    if abs(apq) <= 1e-300 { continue }
+                    let theta = (a[q * n + q] - a[p * n + p]) / (2 * apq)
+                    let t = (theta >= 0 ? 1.0 : -1.0) / (abs(theta) + (theta * theta + 1).squareRoot())
+                    let c = 1 / (t * t + 1).squareRoot(), s = t * c
+                    for k in 0 ..< n {
+                        let akp = a[k * n + p], akq = a[k * n + q]
+                        a[k * n + p] = c * akp - s * akq
+                        a[k * n + q] = s * akp + c * akq
+                    }
+                    for k in 0 ..< n {
+                        let apk = a[p * n + k], aqk = a[q * n + k]
+                        a[p * n + k] = c * apk - s * aqk
+                        a[q * n + k] = s * apk + c * aqk
+                    }
+                    for k in 0 ..< n {
+                        let vkp = v[k * n + p], vkq = v[k * n + q]
+                        v[k * n + p] = c * vkp - s * vkq
+                        v[k * n + q] = s * vkp + c * vkq
+                    }
+                }
+            }
+        }
+        // Columns of v are eigenvectors; order by eigenvalue, largest first.
+        let order = (0 ..< n).sorted { a[$0 * n + $0] > a[$1 * n + $1] }
+        var vectors = [Double](repeating: 0, count: n * n)
+        for (row, col) in order.enumerated() { for k in 0 ..< n { vectors[row * n + k] = v[k * n + col] } }
+        return (order.map { a[$0 * n + $0] }, vectors)
+    }
+}

@@ -1,0 +1,131 @@
+import Foundation
+import Testing
+@testable import KVPack
+
+struct SVDqSchemeTests {
+    static let geometry = ModelGeometry(layerCount: 2, queryHeadCount: 6, kvHeadCount: 2, headDim: 24)
+
+    @Test("Jacobi eigendecomposition: orthonormal vectors, A = V^T diag V, values in decreasing order")
+    func eigen() throws {
+        var rng = SplitMix64(seed: 3)
+        for n in [1, 2, 7, 24, 64] {
+            let x = (0 ..< 3 * n * n).map { _ in rng.nextGaussian() }
+            var a = [Double](repeating: 0, count: n * n)
+            for t in 0 ..< 3 * n { for i in 0 ..< n { for j in 0 ..< n { a[i * n + j] += x[t * n + i] * x[t * n + j] } } }
+            let (values, v) = SymmetricEigen.decompose(a, dim: n)
+            #expect(zip(values, values.dropFirst()).allSatisfy { $0 >= $1 })
+            let scale = a.map(abs).max()!
+            for i in 0 ..< n {
+                for j in 0 ..< n {
+                    var dot = 0.0, rebuilt = 0.0
+                    for k in 0 ..< n { dot += v[i * n + k] * v[j * n + k]; rebuilt += v[k * n + i] * values[k] * v[k * n + j] }
+                    #expect(abs(dot - (i == j ? 1 : 0)) < 1e-10, "n \(n): v\(i).v\(j) = \(dot)")
+                    #expect(abs(rebuilt - a[i * n + j]) < 1e-10 * scale, "n \(n): A[\(i)][\(j)]")
+                }
+            }
+        }
+    }
+
+    static func write(_ spec: String, data: RandomKV, dir: String) throws -> KVPackReader {
+        let path = dir + "/" + String(spec.map { $0.isLetter || $0.isNumber ? $0 : "_" }) + ".kvpack"
+        // The basis comes from the first 40 tokens, as a 40-token prefill would give it.
+        let stats = CacheStatistics(geometry: data.geometry, tokens: 40) { l, h, k in
+            Array(data.stream(layer: l, head: h, kind: k, tokens: 0 ..< 40))
+        }
+        let parsed = try SchemeSpec.parse(spec, geometry: data.geometry, calibration: stats)
+        let plan = SchemePlan(spec: parsed)
+        let manifest = Manifest(geometry: data.geometry, segmentTokens: 32, rope: RoPEConfig(theta: 10000, layout: .interleaved),
+                                schemes: plan.schemes, layerSchemes: plan.layerSchemes, producer: "test")
+        let w = try KVPackWriter.create(path: path, manifest: manifest, blobs: plan.blobs, options: testOptions())
+        for (t, n) in [(0, 7), (7, 80), (87, 63)] {
+            try w.append(tokenIDs: (t ..< t + n).map { UInt32($0) },
+                         keys: data.batch(data.keys, from: t, to: t + n), values: data.batch(data.values, from: t, to: t + n),
+                         layout: .layerTokenHead(data.geometry, tokens: n))
+            try w.commit()
+        }
+        try w.close()
+        return try KVPackReader(path: path)
+    }
+
+    @Test("all channels at 16 bits: lossless up to f16 rounding (of the basis and the latents)")
+    func lossless() throws {
+        let data = RandomKV(geometry: Self.geometry, tokens: 150, seed: 8, maxExponent: 6)
+        let reader = try Self.write("svdq:16", data: data, dir: temporaryDirectory())
+        #expect(reader.header.minor == 2)
+        for layer in 0 ..< 2 {
+            for head in 0 ..< 2 {
+                for kind in KVKind.allCases {
+                    let got = try reader.decode(layer: layer, kvHead: head, kind: kind, tokens: 0 ..< 128)
+                    let want = data.stream(layer: layer, head: head, kind: kind, tokens: 0 ..< 128)
+                    var e = RelativeError()
+                    got.withUnsafeBufferPointer { g in want.withUnsafeBufferPointer { e.add(g.baseAddress!, $0.baseAddress!, g.count) } }
+                    #expect(e.relative < 2e-3, "layer \(layer) head \(head) \(kind): \(e.relative)")
+                }
+            }
+        }
+    }
+
+    static let specs = ["svdq:2", "svdq:1.25+v:raw:f16", "k:svdq:3:shared+v:int:k4v4", "svdq:8-4-4-2-2-1-1:r10+v:svdq:16-0-5"]
+
+    @Test("projected-query attention equals attention over the reconstructed keys to 1e-5, across blocks and GQA groups", arguments: specs)
+    func attention(spec: String) throws {
+        let g = Self.geometry
+        let data = RandomKV(geometry: g, tokens: 150, seed: 12, maxExponent: 6)
+        let reader = try Self.write(spec, data: data, dir: temporaryDirectory())
+        #expect(Validator.validate(file: reader.file, path: spec, deep: true).problems.isEmpty)
+        var rng = SplitMix64(seed: 6)
+        for layer in 0 ..< 2 {
+            for head in 0 ..< 2 {
+                for range in [0 ..< 150, 31 ..< 97, 64 ..< 96, 140 ..< 150, 5 ..< 6] {
+                    let q = (0 ..< g.groupSize * g.headDim).map { _ in Float(rng.nextGaussian()) * 2 }
+                    let got = try reader.attend(layer: layer, kvHead: head, queries: q, tokens: range)
+                    let want = DenseAttention.reference(queries: q, keys: try reader.decode(layer: layer, kvHead: head, kind: .key, tokens: range),
+                                                        values: try reader.decode(layer: layer, kvHead: head, kind: .value, tokens: range),
+                                                        groupSize: g.groupSize, headDim: g.headDim)
+                    let err = DenseAttention.maxRelativeError(got, want)
+                    #expect(err < 1e-5, "\(spec) layer \(layer) head \(head) \(range): \(err)")
+                }
+            }
+        }
+        // Fewer bits, more error: the decoded keys are a lossy projection, not a copy.
+        let k = try reader.decode(layer: 1, kvHead: 1, kind: .key, tokens: 0 ..< 128)
+        let exact = data.stream(layer: 1, head: 1, kind: .key, tokens: 0 ..< 128)
+        var e = RelativeError()
+        k.withUnsafeBufferPointer { a in exact.withUnsafeBufferPointer { e.add(a.baseAddress!, $0.baseAddress!, a.count) } }
+        #expect(e.relative > 1e-3 && e.relative < 1)
+    }
+
+    @Test("specs and descriptors: averages, explicit widths, ranks; bad values are errors")
+    func grammar() throws {
+        let g = Self.geometry
+        let data = RandomKV(geometry: g, tokens: 40, seed: 1)
+        let stats = CacheStatistics(geometry: g, tokens: 40) { l, h, k in Array(data.stream(layer: l, head: h, kind: k, tokens: 0 ..< 40)) }
+        #expect { try SchemeSpec.parse("svdq:2", geometry: g) } throws: { ($0 as? KVPackError)?.code == .needsCalibration }
+        let s = try SchemeSpec.parse("svdq:8-4-2:shared", geometry: g, calibration: stats)
+        #expect(s.key.descriptor == SVDqScheme.descriptor(channelBits: [8, 4, 2], sharedBasis: true))
+        #expect(s.key.blobs.first?.shape == [1, 3, 24])
+        let avg = try SchemeSpec.parse("svdq:2", geometry: g, calibration: stats)
+        let bits = avg.key.descriptor.parameters[4...].map { Int($0) }
+        #expect(bits.reduce(0, +) <= 2 * 24 && bits.count == 24)
+        #expect(zip(bits, bits.dropFirst()).allSatisfy { $0 >= $1 }, "widths fall with the singular value: \(bits)")
+        #expect(avg.key.blobs.first?.shape == [2, 24, 24])
+        for bad in ["svdq", "svdq:0", "svdq:17", "svdq:8-7-4", "svdq:2:r30", "svdq:2:zz", "svdq:1-1-1-1-1-1-1-1-1-1-1-1-1-1-1-1-1-1-1-1-1-1-1-1-1"] {
+            #expect(throws: KVPackError.self, "\(bad)") { try SchemeSpec.parse(bad, geometry: g, calibration: stats) }
+        }
+        // Untrusted descriptors and blobs.
+        let blob = s.key.blobs[0]
+        func make(_ params: [UInt8], _ blobs: [Blob]) throws -> SVDqScheme {
+            try SVDqScheme(descriptor: SchemeDescriptor(kind: .svdq, residualType: .float16, parameters: params, blobIDs: []),
+                           context: SchemeContext(geometry: g, segmentTokens: 32, rope: .none, role: .key, blobs: blobs))
+        }
+        _ = try make([3, 0, 1, 0, 8, 4, 2], [blob])
+        for (params, blobs) in [([3, 0, 1, 0, 8, 4], [blob]), ([3, 0, 1, 0, 8, 4, 7], [blob]), ([0, 0, 1, 0], [blob]),
+                                ([3, 0, 0, 0, 8, 4, 2], [blob]), ([3, 0, 2, 0, 8, 4, 2], [blob]), ([3, 0, 1, 0, 8, 4, 2], []),
+                                ([25, 0, 1, 0] + [UInt8](repeating: 1, count: 25), [blob])] as [([UInt8], [Blob])] {
+            #expect(throws: KVPackError.self, "\(params)") { try make(params, blobs) }
+        }
+        var nan = blob
+        nan.bytes[0] = 0x00; nan.bytes[1] = 0x7E
+        #expect(throws: KVPackError.self) { try make([3, 0, 1, 0, 8, 4, 2], [nan]) }
+    }
+}
