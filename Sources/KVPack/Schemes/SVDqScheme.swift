@@ -106,26 +106,30 @@ public struct SVDqScheme: KVScheme {
         for layer in 0 ..< geometry.layerCount {
             var setups: [SchemeSetup] = []
             for kind in KVKind.allCases {
-                var bases: [[Double]] = []
+                var bases: [[Double]] = []   // each the full eigenvector matrix, rows = directions
                 var energy = [Double](repeating: 0, count: d)
                 let grams = (0 ..< geometry.kvHeadCount).map { calibration.gram(layer: layer, kvHead: $0, kind: kind, geometry: geometry) }
                 let sources: [[Double]] = args.shared ? [grams.reduce(into: [Double](repeating: 0, count: d * d)) { acc, g in for i in 0 ..< d * d { acc[i] += g[i] } }] : grams
                 for g in sources {
                     let (values, vectors) = SymmetricEigen.decompose(g, dim: d)
                     for c in 0 ..< d { energy[c] += max(values[c], 0) }
-                    bases.append(Array(vectors[0 ..< rank * d]))
+                    bases.append(vectors)
                 }
                 let sigma = energy.prefix(rank).map { ($0 / Double(calibration.tokens * sources.count)).squareRoot() }
-                let bits: [Int]
+                var bits: [Int]
                 if let e = args.explicit {
                     bits = Array((e + [Int](repeating: 0, count: max(0, rank - e.count))).prefix(rank))
                 } else {
                     bits = IntScheme.allocateBits(sensitivities: sigma, total: args.average! * Double(d), widths: widths)
                 }
+                // Trailing 0-width channels need no basis rows: the rank stops at the last stored one.
+                while bits.count > 1, bits.last == 0 { bits.removeLast() }
+                let kept = bits.count
+                bases = bases.map { Array($0[0 ..< kept * d]) }
                 var bytes: [UInt8] = []
                 bytes.reserveCapacity(bases.count * rank * d * 2)
                 for b in bases { for x in b { withUnsafeBytes(of: Float16(Float(x)).bitPattern.littleEndian) { bytes += $0 } } }
-                let blob = Blob(id: 0, kind: .projection, elementType: .float16, shape: [bases.count, rank, d], bytes: bytes)
+                let blob = Blob(id: 0, kind: .projection, elementType: .float16, shape: [bases.count, kept, d], bytes: bytes)
                 setups.append(SchemeSetup(descriptor: descriptor(channelBits: bits, sharedBasis: args.shared), blobs: [blob]))
                 let mean = Double(bits.reduce(0, +)) / Double(d)
                 rationale.append("layer \(layer) \(kind == .key ? "K" : "V"): widths \(bits.map(String.init).joined(separator: "-")) (average \((mean * 1000).rounded() / 1000)); sigma \(sigma.prefix(4).map { "\(($0 * 100).rounded() / 100)" }.joined(separator: ", ")) ...")
@@ -242,11 +246,8 @@ public struct SVDqScheme: KVScheme {
                         for t in 0 ..< c { out.storeBytes(of: Float16(z[t]).bitPattern, toByteOffset: at + 2 * t, as: UInt16.self) }
                         continue
                     }
-                    var lo = Float.infinity, hi = -Float.infinity
-                    for t in 0 ..< c { lo = min(lo, z[t]); hi = max(hi, z[t]) }
-                    let levels = Float((1 << b) - 1)
-                    let offset16 = IntScheme.f16(lo, roundingUp: false), offset = Float(offset16)
-                    let scale16 = IntScheme.f16((hi - offset) / levels, roundingUp: true), scale = Float(scale16)
+                    let (scale16, offset16) = Self.fitRange(z, count: c, bits: b)
+                    let scale = Float(scale16), offset = Float(offset16), levels = Float((1 << b) - 1)
                     out.storeBytes(of: scale16.bitPattern, toByteOffset: 2 * ch, as: UInt16.self)
                     out.storeBytes(of: offset16.bitPattern, toByteOffset: 2 * (rank + ch), as: UInt16.self)
                     guard scale > 0 else { continue }
@@ -257,6 +258,49 @@ public struct SVDqScheme: KVScheme {
                 }
             }
         }
+    }
+
+    /// Scale and offset (f16) for `count` latent values at `bits`: the min/max range, then a few
+    /// rounds of least-squares refitting (codes fixed, fit scale and offset; requantize), kept
+    /// only while the squared error falls. At 1 and 2 bits the min/max levels sit in the tails
+    /// and cost more than dropping the channel (1 bit: about 3x its energy); the refit moves
+    /// them to the conditional means (about 0.36x).
+    static func fitRange(_ z: UnsafePointer<Float>, count n: Int, bits: Int) -> (Float16, Float16) {
+        var lo = Float.infinity, hi = -Float.infinity
+        for t in 0 ..< n { lo = min(lo, z[t]); hi = max(hi, z[t]) }
+        let levels = Float((1 << bits) - 1)
+        var offset = IntScheme.f16(lo, roundingUp: false)
+        var scale = IntScheme.f16((hi - Float(offset)) / levels, roundingUp: true)
+        func error(_ s: Float16, _ o: Float16) -> Double {
+            let sf = Float(s), of = Float(o)
+            guard sf > 0 else { return (0 ..< n).reduce(0.0) { $0 + Double(z[$1] - of) * Double(z[$1] - of) } }
+            var e = 0.0
+            for t in 0 ..< n {
+                let q = min(max(((z[t] - of) / sf).rounded(.toNearestOrEven), 0), levels)
+                let r = Double(z[t]) - Double(sf * q + of)
+                e += r * r
+            }
+            return e
+        }
+        var best = error(scale, offset)
+        guard Float(scale) > 0 else { return (scale, offset) }
+        for _ in 0 ..< 6 {
+            var sq = 0.0, sqq = 0.0, sz = 0.0, sqz = 0.0
+            for t in 0 ..< n {
+                let q = Double(min(max(((z[t] - Float(offset)) / Float(scale)).rounded(.toNearestOrEven), 0), levels))
+                sq += q; sqq += q * q; sz += Double(z[t]); sqz += q * Double(z[t])
+            }
+            let det = Double(n) * sqq - sq * sq
+            guard det > 0 else { break }
+            let s = (Double(n) * sqz - sq * sz) / det, o = (sz - s * sq) / Double(n)
+            guard s > 0, s.isFinite, o.isFinite else { break }
+            let s16 = Float16(Float(s)), o16 = Float16(Float(o))
+            guard s16.isFinite, o16.isFinite, Float(s16) > 0 else { break }
+            let e = error(s16, o16)
+            guard e < best else { break }
+            (scale, offset, best) = (s16, o16, e)
+        }
+        return (scale, offset)
     }
 
     public func validate(block: UnsafeRawBufferPointer, tokens: Int) throws {
