@@ -7,7 +7,7 @@ public struct SchemeKind: RawRepresentable, Hashable, Sendable, Codable, CustomS
     public static let int = SchemeKind(rawValue: 2)
     public static let polar = SchemeKind(rawValue: 3)
     public static let svdq = SchemeKind(rawValue: 4)
-    // Reserved (Spec/ lists it): 5 nsn (NSNQuant).
+    public static let nsn = SchemeKind(rawValue: 5)
 
     public var description: String {
         SchemeRegistry.type(for: self).map { $0.name } ?? "scheme#\(rawValue)"

@@ -150,6 +150,7 @@ public enum SchemeRegistry {
         IntScheme.self,
         PolarScheme.self,
         SVDqScheme.self,
+        NSNScheme.self,
     ]
 
     public static func type(for kind: SchemeKind) -> (any KVScheme.Type)? {
