@@ -18,7 +18,8 @@ public struct SchemeKind: RawRepresentable, Hashable, Sendable, Codable, CustomS
         switch self {
         case .raw: 0
         case .int: 1
-        default: 2
+        case .polar, .svdq: 2
+        default: 3
         }
     }
 }

@@ -1,0 +1,111 @@
+import Foundation
+import Testing
+@testable import KVPack
+
+struct NSNSchemeTests {
+    static let geometry = ModelGeometry(layerCount: 2, queryHeadCount: 6, kvHeadCount: 2, headDim: 24)
+
+    static func scheme(bits: Int, headDim: Int, segmentTokens: Int = 32) throws -> NSNScheme {
+        var g = geometry
+        g.headDim = headDim
+        let setup = try NSNScheme.setup(arguments: ["\(bits)"], role: .key, geometry: g)
+        var blob = setup.blobs[0]
+        blob.id = 1
+        return try NSNScheme(descriptor: setup.descriptor, context: SchemeContext(geometry: g, segmentTokens: segmentTokens, rope: .none,
+                                                                                   role: .key, blobs: [blob]))
+    }
+
+    @Test("the transform inverts to float error without quantization, for power-of-two and block-diagonal head dims",
+          arguments: [8, 24, 40, 64, 96, 128])
+    func transformInverts(d: Int) throws {
+        let s = try Self.scheme(bits: 1, headDim: d)
+        #expect(s.hadamardBlocks.map(\.1).reduce(0, +) == d)
+        var rng = SplitMix64(seed: UInt64(d))
+        let c = 32
+        let x = (0 ..< c * d).map { _ in Float(rng.nextGaussian()) * 3 + 0.5 }
+        // Normalize, shift, normalize, rotate; then the inverse with the exact (unquantized) y.
+        var unit = x
+        var n1 = [Float](repeating: 0, count: c)
+        for t in 0 ..< c {
+            n1[t] = (x[t * d ..< (t + 1) * d].reduce(0) { $0 + $1 * $1 }).squareRoot()
+            for i in 0 ..< d { unit[t * d + i] /= n1[t] }
+        }
+        let mean = (0 ..< d).map { i in (0 ..< c).reduce(Float(0)) { $0 + unit[$1 * d + i] } / Float(c) }
+        var worst: Float = 0
+        for t in 0 ..< c {
+            var y = (0 ..< d).map { unit[t * d + $0] - mean[$0] }
+            let n2 = (y.reduce(0) { $0 + $1 * $1 }).squareRoot()
+            y = y.map { $0 * Float(d).squareRoot() / n2 }
+            y.withUnsafeMutableBufferPointer { s.rotate($0.baseAddress!) }
+            // Rotation preserves the norm: unit variance per element.
+            let variance = y.reduce(0) { $0 + $1 * $1 } / Float(d)
+            #expect(abs(variance - 1) < 1e-4)
+            y.withUnsafeMutableBufferPointer { s.unrotate($0.baseAddress!) }
+            for i in 0 ..< d {
+                let back = n1[t] * (n2 * y[i] / Float(d).squareRoot() + mean[i])
+                worst = max(worst, abs(back - x[t * d + i]) / (abs(x[t * d + i]) + 1))
+            }
+        }
+        #expect(worst < 1e-5, "head_dim \(d): \(worst)")
+    }
+
+    static let specs = ["nsn:1", "nsn:2", "nsn:2+v:raw:f16", "k:int:k4v4+v:nsn:1:seed7"]
+
+    @Test("lookup-table attention equals attention over the decoded cache to 1e-5, across blocks and GQA groups", arguments: specs)
+    func attention(spec: String) throws {
+        let g = Self.geometry
+        let data = RandomKV(geometry: g, tokens: 150, seed: 51, maxExponent: 6)
+        let dir = temporaryDirectory()
+        try writeFile(dir + "/n.kvpack", data: data, segmentTokens: 32, spec: spec, batches: [7, 40, 1], commitsAfter: [7, 47, 120])
+        let reader = try KVPackReader(path: dir + "/n.kvpack")
+        #expect(reader.header.minor == 3)
+        #expect(Validator.validate(file: reader.file, path: spec, deep: true).problems.isEmpty)
+        var rng = SplitMix64(seed: 9)
+        for layer in 0 ..< 2 {
+            for head in 0 ..< 2 {
+                for range in [0 ..< 150, 31 ..< 97, 64 ..< 96, 140 ..< 150, 5 ..< 6] {
+                    let q = (0 ..< g.groupSize * g.headDim).map { _ in Float(rng.nextGaussian()) * 2 }
+                    let got = try reader.attend(layer: layer, kvHead: head, queries: q, tokens: range)
+                    let want = DenseAttention.reference(queries: q, keys: try reader.decode(layer: layer, kvHead: head, kind: .key, tokens: range),
+                                                        values: try reader.decode(layer: layer, kvHead: head, kind: .value, tokens: range),
+                                                        groupSize: g.groupSize, headDim: g.headDim)
+                    let err = DenseAttention.maxRelativeError(got, want)
+                    #expect(err < 1e-5, "\(spec) layer \(layer) head \(head) \(range): \(err)")
+                }
+            }
+        }
+        // Quantized, so not a copy, but far better than nothing.
+        let kind: KVKind = spec.hasSuffix("raw:f16") ? .key : .value
+        let v = try reader.decode(layer: 0, kvHead: 1, kind: kind, tokens: 0 ..< 128)
+        let exact = data.stream(layer: 0, head: 1, kind: kind, tokens: 0 ..< 128)
+        var e = RelativeError()
+        v.withUnsafeBufferPointer { a in exact.withUnsafeBufferPointer { e.add(a.baseAddress!, $0.baseAddress!, a.count) } }
+        #expect(e.relative > 1e-3 && e.relative < (spec.contains("nsn:1") ? 0.7 : 0.5), "\(kind) error \(e.relative)")
+    }
+
+    @Test("the codebook recipe is deterministic; a codebook whose hash mismatches, or of the wrong shape, is refused")
+    func codebook() throws {
+        let a = NSNScheme.fitCodebook(bits: 2, seed: 5, samples: 4096, rounds: 5)
+        let b = NSNScheme.fitCodebook(bits: 2, seed: 5, samples: 4096, rounds: 5)
+        #expect(a == b && a.count == 256 * 8 && a.allSatisfy { $0 >= 0 })
+        #expect(NSNScheme.fitCodebook(bits: 1, seed: 5, samples: 4096, rounds: 5) != a)
+        let g = Self.geometry
+        let setup = try NSNScheme.setup(arguments: ["2"], role: .key, geometry: g)
+        func make(_ blob: Blob) throws -> NSNScheme {
+            try NSNScheme(descriptor: setup.descriptor, context: SchemeContext(geometry: g, segmentTokens: 32, rope: .none, role: .key, blobs: [blob]))
+        }
+        _ = try make(setup.blobs[0])
+        var changed = setup.blobs[0]
+        changed.bytes[100] ^= 1
+        #expect { try make(changed) } throws: { ($0 as? KVPackError)?.field?.contains("codebookHash") == true }
+        var shape = setup.blobs[0]
+        shape.shape = [128, 16]
+        #expect(throws: KVPackError.self) { try make(shape) }
+        for bad in ["nsn", "nsn:3", "nsn:2:zz"] {
+            #expect(throws: KVPackError.self, "\(bad)") { try SchemeSpec.parse(bad, geometry: g) }
+        }
+        var odd = g
+        odd.headDim = 12
+        #expect(throws: KVPackError.self) { try SchemeSpec.parse("nsn:1", geometry: odd) }
+    }
+}
