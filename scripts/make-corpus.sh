@@ -36,6 +36,26 @@ synth int-auto "int:auto:3.0:kc8";     keep "$tmp/int-auto.kvpack" "valid__v1.1-
 synth polar-r4a4 "polar:r4a4+v:int:k4v2";   keep "$tmp/polar-r4a4.kvpack" "valid__v1.2-polar-r4a4-v-int2.kvpack"
 synth polar-r2a3 "k:polar:r2a3:g4:half+v:polar:r8a8:adjacent"; keep "$tmp/polar-r2a3.kvpack" "valid__v1.2-polar-r2a3-half-g4.kvpack"
 synth svdq "k:svdq:2+v:svdq:8-4-0-2:shared"; keep "$tmp/svdq.kvpack" "valid__v1.2-svdq-per-head-k-shared-v.kvpack"
+synth nsn1 "nsn:1";                      keep "$tmp/nsn1.kvpack" "valid__v1.3-nsn-1bit.kvpack"
+synth nsn2 "k:nsn:2:seed9+v:nsn:1";      keep "$tmp/nsn2.kvpack" "valid__v1.3-nsn-2bit-k-1bit-v.kvpack"
+# The codebook blob changed behind valid frame checksums: its hash no longer matches the
+# descriptor's, and the reader must refuse the file rather than decode with the wrong codewords.
+python3 - "$tmp/nsn1.kvpack" "$tmp/nsn-hash.kvpack" <<'PY'
+import sys, xxhash
+b = bytearray(open(sys.argv[1], 'rb').read())
+salt = int.from_bytes(b[24:32], 'little')
+off = 64
+while off + 64 <= len(b):
+    tag = bytes(b[off:off+4]); length = int.from_bytes(b[off+8:off+16], 'little')
+    if tag == b'BLOB':
+        b[off + 64 + 5] ^= 0x01   # one bit of the first codebook entry
+        b[off+24:off+32] = xxhash.xxh3_64_intdigest(bytes(b[off+64:off+64+length])).to_bytes(8, 'little')
+        b[off+56:off+64] = xxhash.xxh3_64_intdigest(bytes(b[off:off+56]), seed=salt ^ off).to_bytes(8, 'little')
+        break
+    off += 64 + (length + 63) // 64 * 64
+open(sys.argv[2], 'wb').write(b)
+PY
+keep "$tmp/nsn-hash.kvpack" "error-invalidField__v1.3-nsn-codebook-hash-mismatch.kvpack"
 # An int block and a polar block whose first scale is NaN behind valid checksums: content errors,
 # not bit rot. Both blocks (8 tokens, head_dim 8, 4-bit codes) hold 32 bytes of codes first.
 for pair in "int-k4v2 nan-scale" "polar-r4a4 polar-nan-scale"; do

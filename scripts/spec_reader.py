@@ -182,6 +182,67 @@ def decode_svdq(payload, params, C, d, basis):
     return out.reshape(-1)
 
 
+def splitmix64(seed):
+    state = seed
+    while True:
+        state = (state + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        yield z ^ (z >> 31)
+
+
+def hadamard(x):
+    """Section 7.2, scheme 5: block-diagonal, power-of-two pieces largest first, f32 butterflies."""
+    d, a = len(x), 0
+    while a < d:
+        m = 1
+        while m * 2 <= d - a:
+            m *= 2
+        h = 1
+        while h < m:
+            for i in range(0, m, 2 * h):
+                for j in range(i, i + h):
+                    p, q = x[a + j], x[a + j + h]
+                    x[a + j], x[a + j + h] = np.float32(p + q), np.float32(p - q)
+            h *= 2
+        norm = np.float32(1) / np.sqrt(np.float32(m))
+        for j in range(m):
+            x[a + j] = np.float32(x[a + j] * norm)
+        a += m
+
+
+def decode_nsn(payload, params, C, d, codebook):
+    """Scheme 5 (nsn): norms, mean, codes; rotate back; rescale."""
+    bits = params[0]
+    seed = int.from_bytes(bytes(params[8:16]), "little")
+    gen = splitmix64(seed)
+    signs = [np.float32(-1 if next(gen) >> 63 else 1) for _ in range(d)]
+    P = d // 8
+    if len(payload) != 4 * C + 2 * d + C * P * bits:
+        raise FormatError("nsn block size")
+    n1 = np.frombuffer(payload[:2 * C], dtype="<f2").astype(np.float32)
+    n2 = np.frombuffer(payload[2 * C:4 * C], dtype="<f2").astype(np.float32)
+    mu = np.frombuffer(payload[4 * C:4 * C + 2 * d], dtype="<f2").astype(np.float32)
+    codes = payload[4 * C + 2 * d:]
+    inv_root = np.float32(1) / np.sqrt(np.float32(d))
+    out = np.zeros((C, d), np.float32)
+    for t in range(C):
+        y = []
+        for s in range(P):
+            if bits == 1:
+                y += list(codebook[codes[t * P + s]])
+            else:
+                sign_byte, m = codes[(t * P + s) * 2], codes[(t * P + s) * 2 + 1]
+                y += [np.float32(-v) if sign_byte >> j & 1 else v for j, v in enumerate(codebook[m])]
+        y = [np.float32(v) for v in y]
+        hadamard(y)
+        for i in range(d):
+            v = np.float32(y[i] * signs[i])
+            out[t, i] = np.float32(n1[t] * np.float32(np.float32(n2[t] * np.float32(v * inv_root)) + mu[i]))
+    return out.reshape(-1)
+
+
 def load(path):
     data = open(path, "rb").read()
     if len(data) < 64:
@@ -278,7 +339,7 @@ def load_commit(data, salt, m, cmit, streams, d, C, manifest_end):
     dctx = zstandard.ZstdDecompressor()
     for s in range(streams):
         sch = stream_scheme(s)
-        if sch["kind"] not in (1, 2, 3, 4):
+        if sch["kind"] not in (1, 2, 3, 4, 5):
             raise FormatError(f"scheme kind {sch['kind']} not implemented here")
         rows = []
         for seg in range(n // C):
@@ -297,6 +358,11 @@ def load_commit(data, salt, m, cmit, streams, d, C, manifest_end):
                 rows.append(decode_int(payload, sch["params"], C, d))
             elif sch["kind"] == 3:
                 rows.append(decode_polar(payload, sch["params"], C, d, m["rope_layout"]))
+            elif sch["kind"] == 5:
+                book = blobs[sch["blobs"][0]]
+                if xxhash.xxh3_64_intdigest(book.astype("<f4").tobytes()) != int.from_bytes(bytes(sch["params"][16:24]), "little"):
+                    raise FormatError("nsn codebook hash")
+                rows.append(decode_nsn(payload, sch["params"], C, d, book))
             else:
                 basis = blobs[sch["blobs"][0]]
                 head = (s // 2) % m["kv_heads"]
