@@ -42,6 +42,7 @@ public struct NSNScheme: KVScheme {
     let codebook: [Float]
     /// +1 / -1 per dimension.
     let signs: [Float]
+    let search: NearestSearch
     /// Power-of-two pieces of the block-diagonal Hadamard transform, as (start, size).
     let hadamardBlocks: [(Int, Int)]
 
@@ -95,7 +96,7 @@ public struct NSNScheme: KVScheme {
 
     /// Index of the entry nearest to the 8 floats at `v` (squared distance; first on ties).
     @inline(__always)
-    static func nearest(_ v: UnsafePointer<Float>, _ codebook: UnsafePointer<Float>) -> Int {
+    public static func nearest(_ v: UnsafePointer<Float>, _ codebook: UnsafePointer<Float>) -> Int {
         let x = UnsafeRawPointer(v).loadUnaligned(as: SIMD8<Float>.self)
         let c = UnsafeRawPointer(codebook)
         var best = 0
@@ -106,6 +107,57 @@ public struct NSNScheme: KVScheme {
             if dist < bestDistance { bestDistance = dist; best = e }
         }
         return best
+    }
+
+    /// Nearest-entry search laid out for SIMD: the codebook transposed (8 rows of 256) and each
+    /// entry's half squared norm, so that nearest = argmax over e of x . c_e - |c_e|^2 / 2,
+    /// eight entries per vector operation (about 10x the speed of 256 separate distances).
+    public struct NearestSearch: Sendable {
+        let transposed: [Float]
+        let halfNorms: [Float]
+
+        public init(codebook: [Float]) {
+            var t = [Float](repeating: 0, count: 8 * 256), h = [Float](repeating: 0, count: 256)
+            for e in 0 ..< 256 {
+                for j in 0 ..< 8 {
+                    t[j * 256 + e] = codebook[e * 8 + j]
+                    h[e] += codebook[e * 8 + j] * codebook[e * 8 + j] / 2
+                }
+            }
+            transposed = t
+            halfNorms = h
+        }
+
+        public func nearest(_ x: UnsafePointer<Float>) -> Int {
+            transposed.withUnsafeBytes { tb in
+                halfNorms.withUnsafeBytes { hb in
+                    let t = tb.baseAddress!, h = hb.baseAddress!
+                    var best = SIMD8<Float>(repeating: -.infinity), bestBlock = SIMD8<Int32>(repeating: 0)
+                    let x0 = SIMD8<Float>(repeating: x[0]), x1 = SIMD8<Float>(repeating: x[1]), x2 = SIMD8<Float>(repeating: x[2])
+                    let x3 = SIMD8<Float>(repeating: x[3]), x4 = SIMD8<Float>(repeating: x[4]), x5 = SIMD8<Float>(repeating: x[5])
+                    let x6 = SIMD8<Float>(repeating: x[6]), x7 = SIMD8<Float>(repeating: x[7])
+                    @inline(__always) func row(_ j: Int, _ block: Int) -> SIMD8<Float> {
+                        t.loadUnaligned(fromByteOffset: 1024 * j + 32 * block, as: SIMD8<Float>.self)
+                    }
+                    for block in 0 ..< 32 {
+                        var score = -h.loadUnaligned(fromByteOffset: 32 * block, as: SIMD8<Float>.self)
+                        score.addProduct(x0, row(0, block)); score.addProduct(x1, row(1, block))
+                        score.addProduct(x2, row(2, block)); score.addProduct(x3, row(3, block))
+                        score.addProduct(x4, row(4, block)); score.addProduct(x5, row(5, block))
+                        score.addProduct(x6, row(6, block)); score.addProduct(x7, row(7, block))
+                        let better = score .> best
+                        best.replace(with: score, where: better)
+                        bestBlock.replace(with: SIMD8<Int32>(repeating: Int32(block)), where: better)
+                    }
+                    var index = 0, value = -Float.infinity
+                    for lane in 0 ..< 8 {
+                        let e = Int(bestBlock[lane]) * 8 + lane
+                        if best[lane] > value || (best[lane] == value && e < index) { value = best[lane]; index = e }
+                    }
+                    return index
+                }
+            }
+        }
     }
 
     public static func codebookBlob(_ codebook: [Float]) -> Blob {
@@ -174,6 +226,7 @@ public struct NSNScheme: KVScheme {
         pieces = d / Self.pieceDim
         codeBytes = pieces * bits
         codebook = book
+        search = NearestSearch(codebook: book)
         var rng = SplitMix64(seed: seed)
         signs = (0 ..< d).map { _ in rng.next() >> 63 == 1 ? -1 : 1 }
         var blocks: [(Int, Int)] = []
@@ -282,7 +335,7 @@ public struct NSNScheme: KVScheme {
                     for s in 0 ..< pieces {
                         let piece = y + s * Self.pieceDim
                         if bits == 1 {
-                            codes.storeBytes(of: UInt8(Self.nearest(piece, book)), toByteOffset: s, as: UInt8.self)
+                            codes.storeBytes(of: UInt8(search.nearest(piece)), toByteOffset: s, as: UInt8.self)
                         } else {
                             var signBits: UInt8 = 0
                             var magnitude = SIMD8<Float>()
@@ -290,7 +343,7 @@ public struct NSNScheme: KVScheme {
                                 if piece[j] < 0 { signBits |= 1 << UInt8(j) }
                                 magnitude[j] = abs(piece[j])
                             }
-                            let m = withUnsafePointer(to: &magnitude) { $0.withMemoryRebound(to: Float.self, capacity: 8) { Self.nearest($0, book) } }
+                            let m = withUnsafePointer(to: &magnitude) { $0.withMemoryRebound(to: Float.self, capacity: 8) { search.nearest($0) } }
                             codes.storeBytes(of: signBits, toByteOffset: 2 * s, as: UInt8.self)
                             codes.storeBytes(of: UInt8(m), toByteOffset: 2 * s + 1, as: UInt8.self)
                         }
