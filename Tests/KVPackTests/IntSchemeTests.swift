@@ -72,20 +72,7 @@ struct IntSchemeTests {
         try writeFile(dir + "/i.kvpack", data: data, segmentTokens: 32, spec: spec, batches: [7, 40, 1], commitsAfter: [7, 47, 120])
         let reader = try KVPackReader(path: dir + "/i.kvpack")
         #expect(Validator.validate(file: reader.file, path: spec, deep: true).problems.isEmpty)
-        var rng = SplitMix64(seed: 4)
-        for layer in 0 ..< 2 {
-            for head in 0 ..< 2 {
-                for range in [0 ..< 150, 31 ..< 97, 64 ..< 96, 140 ..< 150, 5 ..< 6] {
-                    let q = (0 ..< g.groupSize * g.headDim).map { _ in Float(rng.nextGaussian()) * 2 }
-                    let got = try reader.attend(layer: layer, kvHead: head, queries: q, tokens: range)
-                    let want = DenseAttention.reference(queries: q, keys: try reader.decode(layer: layer, kvHead: head, kind: .key, tokens: range),
-                                                        values: try reader.decode(layer: layer, kvHead: head, kind: .value, tokens: range),
-                                                        groupSize: g.groupSize, headDim: g.headDim)
-                    let err = DenseAttention.maxRelativeError(got, want)
-                    #expect(err < 1e-5, "\(spec) layer \(layer) head \(head) \(range): \(err)")
-                }
-            }
-        }
+        try expectAttentionMatchesDecoded(reader, label: spec, seed: 4)
         // The tail (last 22 tokens) is f16; sealed tokens are codes: their error is larger.
         let k = try reader.decode(layer: 1, kvHead: 1, kind: .key)
         let exact = data.stream(layer: 1, head: 1, kind: .key, tokens: 0 ..< 150)

@@ -60,20 +60,7 @@ struct NSNSchemeTests {
         let reader = try KVPackReader(path: dir + "/n.kvpack")
         #expect(reader.header.minor == 3)
         #expect(Validator.validate(file: reader.file, path: spec, deep: true).problems.isEmpty)
-        var rng = SplitMix64(seed: 9)
-        for layer in 0 ..< 2 {
-            for head in 0 ..< 2 {
-                for range in [0 ..< 150, 31 ..< 97, 64 ..< 96, 140 ..< 150, 5 ..< 6] {
-                    let q = (0 ..< g.groupSize * g.headDim).map { _ in Float(rng.nextGaussian()) * 2 }
-                    let got = try reader.attend(layer: layer, kvHead: head, queries: q, tokens: range)
-                    let want = DenseAttention.reference(queries: q, keys: try reader.decode(layer: layer, kvHead: head, kind: .key, tokens: range),
-                                                        values: try reader.decode(layer: layer, kvHead: head, kind: .value, tokens: range),
-                                                        groupSize: g.groupSize, headDim: g.headDim)
-                    let err = DenseAttention.maxRelativeError(got, want)
-                    #expect(err < 1e-5, "\(spec) layer \(layer) head \(head) \(range): \(err)")
-                }
-            }
-        }
+        try expectAttentionMatchesDecoded(reader, label: spec, seed: 9)
         // Quantized, so not a copy, but far better than nothing.
         let kind: KVKind = spec.hasSuffix("raw:f16") ? .key : .value
         let v = try reader.decode(layer: 0, kvHead: 1, kind: kind, tokens: 0 ..< 128)

@@ -99,20 +99,7 @@ struct PolarSchemeTests {
         let reader = try KVPackReader(path: dir + "/p.kvpack")
         #expect(reader.header.minor == 2)
         #expect(Validator.validate(file: reader.file, path: spec, deep: true).problems.isEmpty)
-        var rng = SplitMix64(seed: 5)
-        for layer in 0 ..< 2 {
-            for head in 0 ..< 2 {
-                for range in [0 ..< 150, 31 ..< 97, 64 ..< 96, 140 ..< 150, 5 ..< 6] {
-                    let q = (0 ..< g.groupSize * g.headDim).map { _ in Float(rng.nextGaussian()) * 2 }
-                    let got = try reader.attend(layer: layer, kvHead: head, queries: q, tokens: range)
-                    let want = DenseAttention.reference(queries: q, keys: try reader.decode(layer: layer, kvHead: head, kind: .key, tokens: range),
-                                                        values: try reader.decode(layer: layer, kvHead: head, kind: .value, tokens: range),
-                                                        groupSize: g.groupSize, headDim: g.headDim)
-                    let err = DenseAttention.maxRelativeError(got, want)
-                    #expect(err < 1e-5, "\(spec) layer \(layer) head \(head) \(range): \(err)")
-                }
-            }
-        }
+        try expectAttentionMatchesDecoded(reader, label: spec, seed: 5)
     }
 
     @Test("specs and descriptors: bits, groups, pairings; bad values are errors")

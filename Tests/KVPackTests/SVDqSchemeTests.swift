@@ -73,20 +73,7 @@ struct SVDqSchemeTests {
         let data = RandomKV(geometry: g, tokens: 150, seed: 12, maxExponent: 6)
         let reader = try Self.write(spec, data: data, dir: temporaryDirectory())
         #expect(Validator.validate(file: reader.file, path: spec, deep: true).problems.isEmpty)
-        var rng = SplitMix64(seed: 6)
-        for layer in 0 ..< 2 {
-            for head in 0 ..< 2 {
-                for range in [0 ..< 150, 31 ..< 97, 64 ..< 96, 140 ..< 150, 5 ..< 6] {
-                    let q = (0 ..< g.groupSize * g.headDim).map { _ in Float(rng.nextGaussian()) * 2 }
-                    let got = try reader.attend(layer: layer, kvHead: head, queries: q, tokens: range)
-                    let want = DenseAttention.reference(queries: q, keys: try reader.decode(layer: layer, kvHead: head, kind: .key, tokens: range),
-                                                        values: try reader.decode(layer: layer, kvHead: head, kind: .value, tokens: range),
-                                                        groupSize: g.groupSize, headDim: g.headDim)
-                    let err = DenseAttention.maxRelativeError(got, want)
-                    #expect(err < 1e-5, "\(spec) layer \(layer) head \(head) \(range): \(err)")
-                }
-            }
-        }
+        try expectAttentionMatchesDecoded(reader, label: spec, seed: 6)
         // Fewer bits, more error: the decoded keys are a lossy projection, not a copy.
         let k = try reader.decode(layer: 1, kvHead: 1, kind: .key, tokens: 0 ..< 128)
         let exact = data.stream(layer: 1, head: 1, kind: .key, tokens: 0 ..< 128)

@@ -164,3 +164,25 @@ func runKVPack(_ args: [String]) throws -> (Int32, String, String) {
     p.waitUntilExit()
     return (p.terminationStatus, String(decoding: o, as: UTF8.self), String(decoding: e, as: UTF8.self))
 }
+
+/// Attention over a file's encoded blocks against dense attention over what the reader decodes,
+/// for random queries, every (layer, KV head) of a 2-layer, 2-head file, over ranges that start,
+/// end and lie inside blocks: what every scheme's kernels must agree on (to 1e-5).
+func expectAttentionMatchesDecoded(_ reader: KVPackReader, label: String, seed: UInt64,
+                                   ranges: [Range<Int>] = [0 ..< 150, 31 ..< 97, 64 ..< 96, 140 ..< 150, 5 ..< 6]) throws {
+    let g = reader.geometry
+    var rng = SplitMix64(seed: seed)
+    for layer in 0 ..< g.layerCount {
+        for head in 0 ..< g.kvHeadCount {
+            for range in ranges {
+                let q = (0 ..< g.groupSize * g.headDim).map { _ in Float(rng.nextGaussian()) * 2 }
+                let got = try reader.attend(layer: layer, kvHead: head, queries: q, tokens: range)
+                let want = DenseAttention.reference(queries: q, keys: try reader.decode(layer: layer, kvHead: head, kind: .key, tokens: range),
+                                                    values: try reader.decode(layer: layer, kvHead: head, kind: .value, tokens: range),
+                                                    groupSize: g.groupSize, headDim: g.headDim)
+                let err = DenseAttention.maxRelativeError(got, want)
+                #expect(err < 1e-5, "\(label) layer \(layer) head \(head) \(range): \(err)")
+            }
+        }
+    }
+}
