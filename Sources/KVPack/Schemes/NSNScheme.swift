@@ -422,7 +422,8 @@ public struct NSNScheme: KVScheme {
                        into scores: UnsafeMutablePointer<Float>, stride: Int) {
         let p = block.baseAddress!, d = headDim, c = segmentTokens, lo = tokens.lowerBound
         codebook.withUnsafeBytes { book in
-            withUnsafeTemporaryAllocation(of: Float.self, capacity: g) { meanTerms in
+            withUnsafeTemporaryAllocation(of: Float.self, capacity: g + d) { tmp in
+                let meanTerms = tmp.baseAddress!, y = tmp.baseAddress! + g
                 // q . mu once per block and query.
                 for q in 0 ..< g {
                     let st = state + q * stateStride
@@ -433,6 +434,8 @@ public struct NSNScheme: KVScheme {
                 for t in tokens {
                     let codes = p + codesOffset + t * codeBytes
                     let n1 = f16(p, 2 * t), n2 = f16(p, 2 * (c + t))
+                    // 2 bits: expand the token's codewords once, then one dot product per query.
+                    if bits == 2 { codewords(p, token: t, book: book.baseAddress!, into: y) }
                     for q in 0 ..< g {
                         let st = state + q * stateStride
                         var dot: Float = 0
@@ -440,12 +443,7 @@ public struct NSNScheme: KVScheme {
                             let tables = st + 2 * d
                             for s in 0 ..< pieces { dot += tables[s * Self.entries + Int(codes.load(fromByteOffset: s, as: UInt8.self))] }
                         } else {
-                            var acc = SIMD8<Float>()
-                            for s in 0 ..< pieces {
-                                acc.addProduct(codeword(codes, piece: s, book: book.baseAddress!),
-                                               UnsafeRawPointer(st).loadUnaligned(fromByteOffset: 32 * s, as: SIMD8<Float>.self))
-                            }
-                            dot = acc.sum()
+                            dot = RowKernels.dot(st, y, d)
                         }
                         scores[q * stride + (t - lo)] = n1 * (n2 * dot + meanTerms[q])
                     }
@@ -461,23 +459,18 @@ public struct NSNScheme: KVScheme {
         let p = block.baseAddress!, d = headDim, c = segmentTokens, lo = tokens.lowerBound
         let invRoot = 1 / Float(d).squareRoot()
         codebook.withUnsafeBytes { book in
-            withUnsafeTemporaryAllocation(of: Float.self, capacity: d + g) { tmp in
-                let mean = tmp.baseAddress!, meanWeights = mean + d
+            withUnsafeTemporaryAllocation(of: Float.self, capacity: 2 * d + g) { tmp in
+                let mean = tmp.baseAddress!, y = mean + d, meanWeights = y + d
                 for i in 0 ..< d { mean[i] = f16(p, meanOffset + 2 * i) }
                 rotate(mean)
                 for q in 0 ..< g { meanWeights[q] = 0 }
                 for t in tokens {
-                    let codes = p + codesOffset + t * codeBytes
                     let n1 = f16(p, 2 * t), n2 = f16(p, 2 * (c + t))
+                    codewords(p, token: t, book: book.baseAddress!, into: y)
                     for q in 0 ..< g {
                         let w = weights[q * stride + (t - lo)] * n1
                         meanWeights[q] += w
-                        let a = UnsafeMutableRawPointer(acc + q * d), wv = SIMD8<Float>(repeating: w * n2 * invRoot)
-                        for s in 0 ..< pieces {
-                            var v = a.loadUnaligned(fromByteOffset: 32 * s, as: SIMD8<Float>.self)
-                            v.addProduct(wv, codeword(codes, piece: s, book: book.baseAddress!))
-                            a.storeBytes(of: v, toByteOffset: 32 * s, as: SIMD8<Float>.self)
-                        }
+                        RowKernels.axpy(w * n2 * invRoot, y, acc + q * d, d)
                     }
                 }
                 for q in 0 ..< g { RowKernels.axpy(meanWeights[q], mean, acc + q * d, d) }
