@@ -320,8 +320,7 @@ public struct NSNScheme: KVScheme {
                 out.storeBytes(of: m.bitPattern, toByteOffset: meanOffset + 2 * i, as: UInt16.self)
                 mean[i] = Float(m)
             }
-            codebook.withUnsafeBufferPointer { bookPointer in
-                let book = bookPointer.baseAddress!
+            do {
                 for t in 0 ..< c {
                     // Normalize again, rotate, scale to unit variance.
                     var ss: Float = 0
