@@ -10,8 +10,10 @@ DEMO_DIR ?= demo-out
 FUZZ_SECONDS ?= 60
 FUZZ_BIN := Fuzz/kvpack-fuzz
 LIB_SOURCES := $(shell find Sources/KVPack -name '*.swift')
+MODEL_SOURCES := $(shell find Sources/KVPackModels -name '*.swift')
+GGUF_FUZZ_BIN := Fuzz/gguf-fuzz
 
-.PHONY: all build setup native-deps models pydeps test demo fuzz fuzz-build corpus bench-convert clean
+.PHONY: all build setup native-deps models pydeps test demo fuzz fuzz-build fuzz-gguf corpus bench-convert clean
 
 all: build
 
@@ -61,6 +63,18 @@ fuzz: fuzz-build
 	$(FUZZ_BIN) -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -rss_limit_mb=2048 -print_final_stats=1 \
 		-dict=Fuzz/kvpack.dict -artifact_prefix=fuzz-out/ fuzz-out/corpus corpus/
 
+# libFuzzer + AddressSanitizer over the GGUF model reader, weights, tokenizer and one forward
+# pass, seeded with Fuzz/gguf-seeds (tiny models written by the gguf Python package).
+$(GGUF_FUZZ_BIN): $(LIB_SOURCES) $(MODEL_SOURCES) Fuzz/GGUFFuzzTarget.swift
+	swiftc -sanitize=fuzzer,address -parse-as-library -O -g -target-cpu $(SWIFT_CPU) -module-name KVPack \
+		-suppress-warnings -I Sources/CZstd -I Sources/CXXHash -lzstd -lxxhash \
+		$(LIB_SOURCES) $(MODEL_SOURCES) Fuzz/GGUFFuzzTarget.swift -o $@
+
+fuzz-gguf: setup $(GGUF_FUZZ_BIN)
+	@mkdir -p fuzz-out/gguf-corpus
+	$(GGUF_FUZZ_BIN) -max_total_time=$(FUZZ_SECONDS) -max_len=131072 -rss_limit_mb=2048 -print_final_stats=1 \
+		-dict=Fuzz/gguf.dict -artifact_prefix=fuzz-out/gguf- fuzz-out/gguf-corpus Fuzz/gguf-seeds/
+
 # Peak memory of streaming passes over a 1 GiB cache (recorded in BENCHMARKS.md).
 bench-convert: build
 	bash scripts/bench-convert.sh "$(KVPACK)"
@@ -70,4 +84,4 @@ corpus: build pydeps
 	bash scripts/make-corpus.sh "$(KVPACK)" corpus
 
 clean:
-	rm -rf .build $(FUZZ_BIN) fuzz-out $(DEMO_DIR)
+	rm -rf .build $(FUZZ_BIN) $(GGUF_FUZZ_BIN) fuzz-out $(DEMO_DIR)
