@@ -80,8 +80,7 @@ public struct GGUFFile: @unchecked Sendable {
     static let maxStringBytes = 1 << 20
 
     public init(path: String) throws {
-        let file: MappedFile
-        do { file = try MappedFile(path: path) } catch { throw ModelError(path, "\(error)") }
+        let file = try ModelError.map(path)
         try self.init(file: file, path: path)
     }
 

@@ -23,6 +23,11 @@ public struct LlamaConfig: Sendable, Equatable, Codable {
 public struct ModelError: Error, CustomStringConvertible {
     public var description: String
     init(_ path: String, _ message: String) { description = "\(path): \(message)" }
+
+    /// Maps a model file, reporting a failure as a model error naming the file.
+    static func map(_ path: String) throws -> MappedFile {
+        do { return try MappedFile(path: path) } catch { throw ModelError(path, "\(error)") }
+    }
 }
 
 /// Dense f32 weights of a llama2.c checkpoint, mapped from the file.
@@ -41,8 +46,7 @@ public struct Llama2CCheckpoint: @unchecked Sendable {
     let tensors: [String: UnsafePointer<Float>]
 
     public init(path: String) throws {
-        let file: MappedFile
-        do { file = try MappedFile(path: path) } catch { throw ModelError(path, "\(error)") }
+        let file = try ModelError.map(path)
         try self.init(file: file, path: path)
     }
 

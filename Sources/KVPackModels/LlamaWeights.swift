@@ -22,8 +22,7 @@ public struct LlamaWeights: @unchecked Sendable {
 
     /// A llama2.c checkpoint or, if the file starts with "GGUF", a GGUF Llama model.
     public init(path: String) throws {
-        let file: MappedFile
-        do { file = try MappedFile(path: path) } catch { throw ModelError(path, "\(error)") }
+        let file = try ModelError.map(path)
         if file.bytes.count >= 4, file.bytes.loadUnaligned(as: UInt32.self) == 0x4655_4747 {
             try self.init(gguf: GGUFFile(file: file, path: path))
         } else {
