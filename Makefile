@@ -13,7 +13,7 @@ LIB_SOURCES := $(shell find Sources/KVPack -name '*.swift')
 MODEL_SOURCES := $(shell find Sources/KVPackModels -name '*.swift')
 GGUF_FUZZ_BIN := Fuzz/gguf-fuzz
 
-.PHONY: all build setup native-deps models pydeps test demo fuzz fuzz-build fuzz-gguf corpus bench-convert clean
+.PHONY: all build setup native-deps models pydeps test demo fuzz fuzz-build fuzz-gguf corpus bench bench-convert clean
 
 all: build
 
@@ -75,6 +75,11 @@ fuzz-gguf: setup $(GGUF_FUZZ_BIN)
 	$(GGUF_FUZZ_BIN) -max_total_time=$(FUZZ_SECONDS) -max_len=131072 -rss_limit_mb=2048 -print_final_stats=1 \
 		-dict=Fuzz/gguf.dict -artifact_prefix=fuzz-out/gguf- fuzz-out/gguf-corpus Fuzz/gguf-seeds/
 
+# Attention over every scheme against dense baselines and the machine's floors, writer throughput
+# (BENCHMARKS.md "Speed"). Not a test: timings vary from run to run.
+bench: build
+	$(KVPACK) bench | tee bench-out.txt
+
 # Peak memory of streaming passes over a 1 GiB cache (recorded in BENCHMARKS.md).
 bench-convert: build
 	bash scripts/bench-convert.sh "$(KVPACK)"
@@ -84,4 +89,4 @@ corpus: build pydeps
 	bash scripts/make-corpus.sh "$(KVPACK)" corpus
 
 clean:
-	rm -rf .build $(FUZZ_BIN) $(GGUF_FUZZ_BIN) fuzz-out $(DEMO_DIR)
+	rm -rf .build $(FUZZ_BIN) $(GGUF_FUZZ_BIN) fuzz-out $(DEMO_DIR) bench-out.txt
