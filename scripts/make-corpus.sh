@@ -38,45 +38,38 @@ synth polar-r2a3 "k:polar:r2a3:g4:half+v:polar:r8a8:adjacent"; keep "$tmp/polar-
 synth svdq "k:svdq:2+v:svdq:8-4-0-2:shared"; keep "$tmp/svdq.kvpack" "valid__v1.2-svdq-per-head-k-shared-v.kvpack"
 synth nsn1 "nsn:1";                      keep "$tmp/nsn1.kvpack" "valid__v1.3-nsn-1bit.kvpack"
 synth nsn2 "k:nsn:2:seed9+v:nsn:1";      keep "$tmp/nsn2.kvpack" "valid__v1.3-nsn-2bit-k-1bit-v.kvpack"
-# The codebook blob changed behind valid frame checksums: its hash no longer matches the
+# Rewrites bytes of the first frame tagged TAG, at PAYLOAD_OFFSET into its payload, and then its
+# checksums, so the damage sits behind valid frame checksums: OP is set:HEX (store those bytes) or
+# xor:HEX (flip those bits).
+patch_first_frame() {  # in out tag payload-offset op
+python3 - "$@" <<'PY'
+import sys, xxhash
+src, dst, tag, at, op = sys.argv[1], sys.argv[2], sys.argv[3].encode(), int(sys.argv[4]), sys.argv[5]
+b = bytearray(open(src, 'rb').read())
+salt = int.from_bytes(b[24:32], 'little')
+off = 64
+while off + 64 <= len(b):
+    length = int.from_bytes(b[off+8:off+16], 'little')
+    if bytes(b[off:off+4]) == tag:
+        kind, data = op.split(':')
+        for i, v in enumerate(bytes.fromhex(data)):
+            b[off + 64 + at + i] = v if kind == 'set' else b[off + 64 + at + i] ^ v
+        b[off+24:off+32] = xxhash.xxh3_64_intdigest(bytes(b[off+64:off+64+length])).to_bytes(8, 'little')
+        b[off+56:off+64] = xxhash.xxh3_64_intdigest(bytes(b[off:off+56]), seed=salt ^ off).to_bytes(8, 'little')
+        break
+    off += 64 + (length + 63) // 64 * 64
+open(dst, 'wb').write(b)
+PY
+}
+# The codebook blob changed (one bit of its first entry): its hash no longer matches the
 # descriptor's, and the reader must refuse the file rather than decode with the wrong codewords.
-python3 - "$tmp/nsn1.kvpack" "$tmp/nsn-hash.kvpack" <<'PY'
-import sys, xxhash
-b = bytearray(open(sys.argv[1], 'rb').read())
-salt = int.from_bytes(b[24:32], 'little')
-off = 64
-while off + 64 <= len(b):
-    tag = bytes(b[off:off+4]); length = int.from_bytes(b[off+8:off+16], 'little')
-    if tag == b'BLOB':
-        b[off + 64 + 5] ^= 0x01   # one bit of the first codebook entry
-        b[off+24:off+32] = xxhash.xxh3_64_intdigest(bytes(b[off+64:off+64+length])).to_bytes(8, 'little')
-        b[off+56:off+64] = xxhash.xxh3_64_intdigest(bytes(b[off:off+56]), seed=salt ^ off).to_bytes(8, 'little')
-        break
-    off += 64 + (length + 63) // 64 * 64
-open(sys.argv[2], 'wb').write(b)
-PY
+patch_first_frame "$tmp/nsn1.kvpack" "$tmp/nsn-hash.kvpack" BLOB 5 xor:01
 keep "$tmp/nsn-hash.kvpack" "error-invalidField__v1.3-nsn-codebook-hash-mismatch.kvpack"
-# An int block and a polar block whose first scale is NaN behind valid checksums: content errors,
-# not bit rot. Both blocks (8 tokens, head_dim 8, 4-bit codes) hold 32 bytes of codes first.
-for pair in "int-k4v2 nan-scale" "polar-r4a4 polar-nan-scale"; do
-  set -- $pair
-python3 - "$tmp/$1.kvpack" "$tmp/$2.kvpack" <<'PY'
-import sys, xxhash
-b = bytearray(open(sys.argv[1], 'rb').read())
-salt = int.from_bytes(b[24:32], 'little')
-off = 64
-while off + 64 <= len(b):
-    tag = bytes(b[off:off+4]); length = int.from_bytes(b[off+8:off+16], 'little')
-    if tag == b'BLCK':
-        # 8 tokens x 8 dims x 4 bits = 32 bytes of codes (int; polar: 16 of angles, 16 of radii), then the scales.
-        b[off + 64 + 32:off + 64 + 34] = (0x7E00).to_bytes(2, 'little')
-        b[off+24:off+32] = xxhash.xxh3_64_intdigest(bytes(b[off+64:off+64+length])).to_bytes(8, 'little')
-        b[off+56:off+64] = xxhash.xxh3_64_intdigest(bytes(b[off:off+56]), seed=salt ^ off).to_bytes(8, 'little')
-        break
-    off += 64 + (length + 63) // 64 * 64
-open(sys.argv[2], 'wb').write(b)
-PY
-done
+# An int block and a polar block whose first scale is NaN (f16 0x7E00): content errors, not bit
+# rot. Both blocks (8 tokens, head_dim 8, 4-bit codes) hold 32 bytes of codes first (polar: 16 of
+# angles, 16 of radii), then the scales.
+patch_first_frame "$tmp/int-k4v2.kvpack" "$tmp/nan-scale.kvpack" BLCK 32 set:007e
+patch_first_frame "$tmp/polar-r4a4.kvpack" "$tmp/polar-nan-scale.kvpack" BLCK 32 set:007e
 keep "$tmp/nan-scale.kvpack" "error-corruptPayload__v1.1-int-nan-scale.kvpack"
 keep "$tmp/polar-nan-scale.kvpack" "error-corruptPayload__v1.2-polar-nan-radius-scale.kvpack"
 # A manifest claiming a GQA group of 16384 query heads and 65536-token segments, checksums valid:
