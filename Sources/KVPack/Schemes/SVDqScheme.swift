@@ -375,11 +375,15 @@ public struct SVDqScheme: KVScheme {
     public func accumulate(block: UnsafeRawBufferPointer, tokens: Range<Int>, weights: UnsafePointer<Float>, stride: Int,
                            groupSize g: Int, into acc: UnsafeMutablePointer<Float>) {
         let p = block.baseAddress!, lo = tokens.lowerBound, d = headDim
-        for c in 0 ..< rank where channelBits[c] > 0 {
-            for q in 0 ..< g {
-                var sum: Float = 0
-                for t in tokens { sum += weights[q * stride + (t - lo)] * latent(p, channel: c, token: t) }
-                acc[q * d + c] += sum
+        withUnsafeTemporaryAllocation(of: Float.self, capacity: g) { sums in
+            for c in 0 ..< rank where channelBits[c] > 0 {
+                // Each latent value is decoded once and shared by the group's queries.
+                for q in 0 ..< g { sums[q] = 0 }
+                for t in tokens {
+                    let z = latent(p, channel: c, token: t)
+                    for q in 0 ..< g { sums[q] += weights[q * stride + (t - lo)] * z }
+                }
+                for q in 0 ..< g { acc[q * d + c] += sums[q] }
             }
         }
     }
