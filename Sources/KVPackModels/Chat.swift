@@ -78,7 +78,9 @@ public final class Chat {
 
     public static func resume(path: String, model: LlamaModel, options: WriterOptions) throws -> Chat {
         let template = try ChatTemplate(model: model)
-        return Chat(conversation: try Conversation.resume(path: path, model: model, options: options), template: template)
+        // A turn always feeds the user's message first, so the last token's logits are not needed.
+        return Chat(conversation: try Conversation.resume(path: path, model: model, options: options, recomputeLogits: false),
+                    template: template)
     }
 
     /// Tokens the first turn feeds before the user's message: the system message, if any.

@@ -83,11 +83,14 @@ public final class Conversation {
 
     /// Continues the conversation in `path`. Past tokens are attended straight from the mapped
     /// file; the logits to continue from are recomputed for the last token.
-    public static func resume(path: String, model: LlamaModel, options: WriterOptions = WriterOptions()) throws -> Conversation {
+    /// `recomputeLogits: false` skips that forward step for callers that feed new tokens before
+    /// sampling (a chat's next user turn); `generate` then refuses until something is fed.
+    public static func resume(path: String, model: LlamaModel, options: WriterOptions = WriterOptions(),
+                              recomputeLogits: Bool = true) throws -> Conversation {
         try checkModel(model, matches: path)
         let session = try KVCacheSession.resume(path: path, options: options)
         let last = Int(session.tokenIDs.last!)
-        let logits = try model.recomputeLast(tokenID: last, cache: session)
+        let logits = recomputeLogits ? try model.recomputeLast(tokenID: last, cache: session) : []
         return Conversation(model: model, session: session, logits: logits)
     }
 
@@ -100,6 +103,7 @@ public final class Conversation {
     /// Samples `steps` tokens, feeding each back; calls `onToken` as each is chosen.
     @discardableResult
     public func generate(steps: Int, sampler: inout Sampler, onToken: (Int) throws -> Void = { _ in }) throws -> [Int] {
+        guard steps == 0 || !logits.isEmpty else { throw ModelError(path, "nothing has been fed yet to generate from") }
         try checkRoom(steps)
         var out: [Int] = []
         for _ in 0 ..< steps {
