@@ -254,7 +254,8 @@ public final class KVPackReader: @unchecked Sendable {
         while t < end {
             let segment = t / c
             let chunkEnd = min(end, (segment + 1) * c)
-            let fileEnd = min(chunkEnd, range.upperBound)
+            // Past the file's range (appended rows spanning later segments) the file part is empty.
+            let fileEnd = max(t, min(chunkEnd, range.upperBound))
             // A chunk is the part of one segment in [t, chunkEnd): block rows, then tail runs,
             // then appended rows, in token order. Scores land at (token - t). Enumerated, not
             // stored, so a chunk allocates nothing.

@@ -149,7 +149,7 @@ public enum QualityEval {
             let m = Double(l.max() ?? 0)
             let logSum = log(l.reduce(0.0) { $0 + exp(Double($1) - m) }) + m
             targetLogProbs.append(Double(l[l.startIndex + target]) - logSum)
-            greedy.append(Sampler.argmax(l) - l.startIndex)
+            greedy.append(Sampler.argmax(l))
         }
     }
 
