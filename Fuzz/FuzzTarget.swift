@@ -19,6 +19,7 @@ func exercise(_ file: MappedFile) {
     _ = Validator.validate(file: file, path: "fuzz", deep: true)
     guard let reader = try? KVPackReader(file: file) else { return }
     _ = try? FileSummary(reader: reader)
+    _ = try? reader.tokenSelection()
     let g = reader.geometry
     let workspace = AttentionWorkspace()
     let queries = [Float](repeating: 0.25, count: g.groupSize * g.headDim)

@@ -291,6 +291,7 @@ def load_commit(data, salt, m, cmit, streams, d, C, manifest_end):
             raise FormatError("bad chain")
         limit, off = off, prev
     ids, positions, blocks, blobs = [0] * n, [0] * n, {}, {}
+    selection = None
     end = n
     for fr in chain:
         b, l, t, e = struct.unpack_from("<4I", fr.payload, 0)
@@ -316,6 +317,16 @@ def load_commit(data, salt, m, cmit, streams, d, C, manifest_end):
             pos += 16
         ids[first:first + t] = struct.unpack_from(f"<{t}I", fr.payload, pos)
         positions[first:first + t] = struct.unpack_from(f"<{t}I", fr.payload, pos + 4 * t)
+        pos += 8 * t
+        for _ in range(e):  # section 10.1: extension entries; 10.3: the one ancillary kind we know
+            fo, tag = struct.unpack_from("<Q4s", fr.payload, pos)
+            pos += 16
+            if tag == b"tsel":
+                if selection is not None:
+                    raise FormatError("two tsel frames")
+                selection = parse_tsel(Frame(data, fo, cmit.off, salt), n)
+            elif not (tag[0] & 0x20):
+                raise FormatError(f"unknown critical frame {tag!r}")
     if end != 0 or len(blocks) != (n // C) * streams:
         raise FormatError("index incomplete")
 
@@ -375,14 +386,41 @@ def load_commit(data, salt, m, cmit, streams, d, C, manifest_end):
             size = count * d * WIDTH[sch["residual"]]
             rows.append(widen(fr.payload[pos:pos + size], sch["residual"]))
         out[s] = np.concatenate(rows) if rows else np.zeros(0, np.float32)
-    return dict(tokens=n, ids=list(ids), positions=list(positions), streams=out)
+    return dict(tokens=n, ids=list(ids), positions=list(positions), streams=out, selection=selection)
+
+
+def parse_tsel(fr, n):
+    # Section 10.3: type fields, then a payload of exactly 24 + 9k + S + kS bytes.
+    if fr.tag != "tsel" or fr.flags != 0:
+        raise FormatError("tsel frame")
+    k, N, H = fr.f("I", 32), fr.f("I", 36), fr.f("I", 40)
+    policy, anchor = fr.fields[44 - 32], fr.fields[45 - 32]
+    S = (H + 7) // 8
+    if k > n or k > N or H > 1 << 20 or policy not in (1, 2, 3) or anchor not in range(1, 6):
+        raise FormatError("tsel fields")
+    if fr.stored != 24 + 9 * k + S + k * S:
+        raise FormatError("tsel size")
+    p = fr.payload
+    params = struct.unpack_from("<5I", p, 0)
+    index = list(struct.unpack_from(f"<{k}I", p, 24))
+    if any(b <= a for a, b in zip(index, index[1:])) or any(i >= N for i in index):
+        raise FormatError("tsel sourceIndex")
+    importance = list(struct.unpack_from(f"<{k}I", p, 24 + 4 * k))
+    reasons = list(p[24 + 8 * k:24 + 9 * k])
+    if any(r not in (1, 2, 3, 4) for r in reasons):
+        raise FormatError("tsel reason")
+    at = 24 + 9 * k
+    return dict(kept=k, source_tokens=N, signature_bits=H, policy=policy, anchor=anchor, anchor_seed=fr.f("Q", 48),
+                budget=params[0], representatives=params[1], recent=params[2], sink=params[3], window=params[4],
+                source_index=index, importance_bits=importance, reasons=reasons,
+                anchor_bits=list(p[at:at + S]), signatures=list(p[at + S:at + S + k * S]))
 
 
 def main():
     m, state = load(sys.argv[1])
     print(json.dumps(dict(
         layers=m["layers"], kv_heads=m["kv_heads"], head_dim=m["head_dim"], producer=m["producer"],
-        tokens=state["tokens"], ids=state["ids"], positions=state["positions"],
+        tokens=state["tokens"], ids=state["ids"], positions=state["positions"], selection=state["selection"],
         streams=[state["streams"][s].view(np.uint32).tolist() for s in sorted(state["streams"])])))
 
 

@@ -77,6 +77,18 @@ public final class KVPackReader: @unchecked Sendable {
         verified = VerificationFlags(count: state.blockOffsets.count)
     }
 
+    /// Whether the commit lists a token selection (a pruned file).
+    public var hasTokenSelection: Bool { state.selectionOffset != nil }
+
+    /// The token selection this file's first tokens come from (`kvpack prune`), read and checked
+    /// now: nil when the file lists none. Damage to it is an error here (and in `validate`) but
+    /// never stops the tokens from being read, since attention does not depend on it.
+    public func tokenSelection() throws -> TokenSelection? {
+        guard let at = state.selectionOffset else { return nil }
+        let h = try FrameHeader.decode(file.bytes, at: at, limit: state.commitOffset, salt: header.salt, field: "tsel")
+        return try TokenSelection.decode(header: h, file: file.bytes, fileTokens: tokenCount)
+    }
+
     // MARK: Per-stream information
 
     public func scheme(layer: Int, kind: KVKind) -> any KVScheme {

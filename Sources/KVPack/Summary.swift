@@ -41,6 +41,8 @@ public struct FileSummary: Sendable, Codable {
     public var layers: [Layer]
     public var blobCount: Int
     public var blobBytes: Int
+    /// What a pruned file's `tsel` frame says (or why it cannot be read); nil when there is none.
+    public var tokenSelection: String?
     /// Key+value payload bits per cached element (block headers and tail rows included).
     public var cacheBitsPerElement: Double
     /// The whole file's bits per cached element (manifest, index, blobs, superseded frames too).
@@ -99,6 +101,7 @@ public struct FileSummary: Sendable, Codable {
         self.layers = layers
         blobCount = reader.blobs.count
         blobBytes = reader.blobBytes
+        do { tokenSelection = try reader.tokenSelection()?.summary } catch { tokenSelection = "unreadable: \(error)" }
         let all = elements * Double(g.streamCount)
         cacheBitsPerElement = all > 0 ? Double(cacheBytes * 8) / all : 0
         fileBitsPerElement = all > 0 ? Double(fileSize * 8) / all : 0

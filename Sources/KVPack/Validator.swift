@@ -104,6 +104,7 @@ public enum Validator {
         guard let reader else { return report }
         checkReferences(reader, frames: frames, report: &report)
         checkBlocks(reader, deep: deep, report: &report)
+        do { _ = try reader.tokenSelection() } catch let e as KVPackError { report.add(.error, e) } catch {}
         return report
     }
 
@@ -164,6 +165,7 @@ public enum Validator {
         for p in s.tail { expect(p.frameOffset, .delta, "tail run") }
         for (id, offset) in s.blobFrames { expect(offset, .blob, "blob \(id)") }
         for offset in s.blockOffsets { expect(offset, .block, "block") }
+        if let offset = s.selectionOffset { expect(offset, TokenSelection.tag, "token selection") }
         report.supersededBytes = frames.filter { !referenced.contains($0.key) }.reduce(0) { $0 + $1.value.size }
     }
 

@@ -25,6 +25,9 @@ public struct WriterOptions: Sendable {
     /// On resume, accept a file whose newest commit is damaged by falling back to an older one
     /// (the damaged commit's bytes are then truncated away).
     public var discardDamagedCommits = false
+    /// The file header records at least this minor version (a file that will hold a `tsel`
+    /// frame, which needs 1.4, is created with 4).
+    public var minimumMinorVersion: UInt16 = 0
     /// Called after each sealed segment with the tokens appended so far (progress display).
     public var onSeal: (@Sendable (Int) -> Void)?
 
@@ -76,6 +79,8 @@ public final class KVPackWriter {
     /// The codec of each stream (`schemes[index].forKVHead(head)`).
     let streamSchemes: [any KVScheme]
     private let io: FileAppender
+    /// The minor version in the file header.
+    let minorVersion: UInt16
 
     private let streamCount: Int
     private let dim: Int
@@ -97,11 +102,14 @@ public final class KVPackWriter {
     /// Index frames since (and including) the last FULL one, newest first.
     private var chain: [IndexChainLink] = []
     private var closed = false
+    private var hasSelection = false
 
     public var isDirty: Bool { tokenCount != committedTokenCount || !pending.isEmpty }
 
-    private init(path: String, manifest: Manifest, options: WriterOptions, salt: UInt64, schemes: [any KVScheme], io: FileAppender) {
+    private init(path: String, manifest: Manifest, options: WriterOptions, salt: UInt64, minorVersion: UInt16,
+                 schemes: [any KVScheme], io: FileAppender) {
         self.path = path
+        self.minorVersion = minorVersion
         self.manifest = manifest
         self.options = options
         self.salt = salt
@@ -135,9 +143,10 @@ public final class KVPackWriter {
         let temp = "\(path).tmp-\(getpid())-\(UInt32.random(in: 0 ... .max))"
         let io = try FileAppender.open(path: temp, create: true)
         let salt = options.salt ?? UInt64.random(in: 1 ... .max)
-        let writer = KVPackWriter(path: path, manifest: manifest, options: options, salt: salt, schemes: schemes, io: io)
+        let minor = max(manifest.requiredMinorVersion, options.minimumMinorVersion)
+        let writer = KVPackWriter(path: path, manifest: manifest, options: options, salt: salt, minorVersion: minor, schemes: schemes, io: io)
         do {
-            try io.append(FileHeader(minor: manifest.requiredMinorVersion, salt: salt).encoded())
+            try io.append(FileHeader(minor: minor, salt: salt).encoded())
             try writer.writeFrame(tag: .manifest, payload: manifest.encoded())
             for blob in blobs {
                 let offset = try writer.writeBlob(blob)
@@ -183,7 +192,7 @@ public final class KVPackWriter {
                 }
             }
             writer = KVPackWriter(path: path, manifest: reader.manifest, options: options, salt: reader.header.salt,
-                                  schemes: reader.schemes, io: io)
+                                  minorVersion: reader.header.minor, schemes: reader.schemes, io: io)
             try writer.restore(from: reader)
             commitEnd = reader.state.commitEnd
         }
@@ -201,6 +210,7 @@ public final class KVPackWriter {
         deltaHead = s.tail.last?.frameOffset ?? 0
         commitSerial = s.commitSerial + 1
         chain = s.chain
+        hasSelection = s.selectionOffset != nil
         for piece in s.tail.indices {
             let p = s.tail[piece]
             for stream in 0 ..< streamCount {
@@ -259,6 +269,22 @@ public final class KVPackWriter {
                 try append(tokenIDs: tokenIDs, positions: positions, keys: k, values: v, layout: layout)
             }
         }
+    }
+
+    /// Records which tokens of a longer sequence this file's first `selection.keptCount` tokens
+    /// are (a `tsel` frame, listed by the next index). Those tokens must have been appended; the
+    /// next commit makes the record visible. A file holds at most one; it needs format 1.4, so
+    /// the file must have been created with `minimumMinorVersion` 4 or more.
+    public func attach(selection: TokenSelection) throws {
+        guard !closed else { throw KVPackError.argument("the writer is closed") }
+        guard minorVersion >= 4 else {
+            throw KVPackError.argument("a token selection needs format 1.4; this file records 1.\(minorVersion) (create it with minimumMinorVersion 4)")
+        }
+        guard !hasSelection else { throw KVPackError.argument("the file already holds a token selection") }
+        try selection.validate(fileTokens: tokenCount)
+        let offset = try writeFrame(tag: TokenSelection.tag, fields: selection.headerFields, payload: selection.encodedPayload())
+        pending.extensions.append(ExtensionEntry(frameOffset: offset, tag: TokenSelection.tag))
+        hasSelection = true
     }
 
     private func sealSegment() throws {
@@ -384,18 +410,20 @@ public final class KVPackWriter {
             let blocks = sources.reduce(pending.blocks.count) { $0 + $1.blockCount }
             let blobs = sources.reduce(pending.blobs.count) { $0 + $1.blobCount }
             let tokens = sources.reduce(pending.tokenIDs.count) { $0 + $1.tokenCount }
-            link = try writeStreamedIndex(fields: fields, prelude: indexPrelude(blocks: blocks, blobs: blobs, tokens: tokens, extensions: 0),
-                                          sources: sources, pendingSections: parts, counts: (blocks, blobs, tokens))
+            let extensions = sources.reduce(pending.extensions.count) { $0 + $1.extensionCount }
+            link = try writeStreamedIndex(fields: fields, prelude: indexPrelude(blocks: blocks, blobs: blobs, tokens: tokens, extensions: extensions),
+                                          sources: sources, pendingSections: parts, counts: (blocks, blobs, tokens, extensions))
             chain = [link]
         } else {
             fields.set(32, chain[0].offset)
             fields.set(48, UInt32(firstToken))
-            var payload = indexPrelude(blocks: pending.blocks.count, blobs: pending.blobs.count, tokens: pending.tokenIDs.count, extensions: 0)
+            var payload = indexPrelude(blocks: pending.blocks.count, blobs: pending.blobs.count, tokens: pending.tokenIDs.count,
+                                       extensions: pending.extensions.count)
             for p in parts { payload += p }
             let offset = try writeFrame(tag: .index, fields: fields.words, payload: payload)
             link = IndexChainLink(offset: offset, isFull: false, sections: sectionRanges(offset: offset, parts: parts),
                                   blockCount: pending.blocks.count, blobCount: pending.blobs.count,
-                                  tokenCount: pending.tokenIDs.count, extensionCount: 0, payloadSize: UInt64(payload.count))
+                                  tokenCount: pending.tokenIDs.count, extensionCount: pending.extensions.count, payloadSize: UInt64(payload.count))
             chain.insert(link, at: 0)
         }
         pending.removeAll()
@@ -414,7 +442,7 @@ public final class KVPackWriter {
     /// (oldest first), read back from the file, then the pending entries. Streamed through a
     /// small buffer, so rewriting the index never holds it in memory.
     private func writeStreamedIndex(fields: FrameHeader.FieldPacker, prelude: [UInt8], sources: [IndexChainLink],
-                                    pendingSections: [[UInt8]], counts: (Int, Int, Int)) throws -> IndexChainLink {
+                                    pendingSections: [[UInt8]], counts: (Int, Int, Int, Int)) throws -> IndexChainLink {
         try io.padToAlignment()
         let offset = io.end
         try io.appendZeros(FrameHeader.size)
@@ -448,7 +476,7 @@ public final class KVPackWriter {
                                  payloadChecksum: hasher.digest, fields: fields.words)
         try io.patch(at: offset, header.encoded(salt: salt))
         return IndexChainLink(offset: offset, isFull: true, sections: sections, blockCount: counts.0, blobCount: counts.1,
-                              tokenCount: counts.2, extensionCount: 0, payloadSize: length)
+                              tokenCount: counts.2, extensionCount: counts.3, payloadSize: length)
     }
 
     // MARK: Frames

@@ -39,6 +39,7 @@ struct InfoCommand: ParsableCommand {
         }
         print("producer   \(s.producer)")
         print("commit     #\(s.commitSerial) at offset \(s.commitOffset)")
+        if let selection = s.tokenSelection { print("selection  \(selection)") }
         for note in s.recoveryNotes { print("recovery   \(note)") }
         for e in s.userMetadata { print("metadata   \(e.key) = \(e.value)") }
         if s.blobCount > 0 { print("blobs      \(s.blobCount), \(formatBytes(s.blobBytes))") }

@@ -11,6 +11,23 @@ struct SecondReaderTests {
         var ids: [UInt32]
         var positions: [UInt32]
         var streams: [[UInt32]]
+        var selection: Selection?
+    }
+
+    /// Section 10.3 as the Python reader parses it.
+    struct Selection: Decodable {
+        var kept: Int
+        var source_tokens: Int
+        var signature_bits: Int
+        var policy: UInt8
+        var anchor: UInt8
+        var anchor_seed: UInt64
+        var budget, representatives, recent, sink, window: Int
+        var source_index: [Int]
+        var importance_bits: [UInt32]
+        var reasons: [UInt8]
+        var anchor_bits: [UInt8]
+        var signatures: [UInt8]
     }
 
     static let files: [String] = CorpusTests.files.filter { $0.hasPrefix("valid") || $0.hasPrefix("warn") }.map { "corpus/" + $0 }
@@ -35,6 +52,18 @@ struct SecondReaderTests {
         #expect(python.tokens == reader.tokenCount)
         #expect(python.ids == reader.tokenIDs)
         #expect(python.positions == reader.positions)
+        let selection = try reader.tokenSelection()
+        #expect((python.selection == nil) == (selection == nil), "\(file): the readers disagree on whether there is a tsel frame")
+        if let py = python.selection, let s = selection {
+            let p = s.parameters
+            #expect(py.kept == s.keptCount && py.source_tokens == s.sourceTokenCount && py.signature_bits == s.signatureBits)
+            #expect(py.policy == p.policy.rawValue && py.anchor == p.anchor.rawValue && py.anchor_seed == p.anchorSeed)
+            let pyParameters: [Int] = [py.budget, py.representatives, py.recent, py.sink, py.window]
+            let swiftParameters: [Int] = [p.budget, p.representatives, p.recentWindow, p.sinkTokens, p.observationWindow]
+            #expect(pyParameters == swiftParameters)
+            #expect(py.source_index == s.kept && py.importance_bits == s.importance.map(\.bitPattern))
+            #expect(py.reasons == s.reasons.map(\.rawValue) && py.anchor_bits == s.anchor && py.signatures == s.signatures)
+        }
         let g = reader.geometry
         #expect(python.streams.count == g.streamCount)
         for s in 0 ..< min(python.streams.count, g.streamCount) {

@@ -59,6 +59,8 @@ struct CommitState: Sendable {
     var tail: [TailPiece]
     /// Newest first, ending with the FULL frame.
     var chain: [IndexChainLink]
+    /// The `tsel` frame the chain lists, if any (parsed on demand: it is ancillary).
+    var selectionOffset: UInt64?
     var notes: [RecoveryNote]
 
     var commitEnd: UInt64 { commitOffset + UInt64(FrameHeader.size) }
@@ -196,6 +198,7 @@ struct CommitLoader {
 
         var blobs: [UInt32: Blob] = [:]
         var blobFrames: [UInt32: UInt64] = [:]
+        var selectionOffset: UInt64?
         for f in frames {
             for i in 0 ..< f.blobCount {
                 let e = f.blob(i)
@@ -214,11 +217,17 @@ struct CommitLoader {
             for i in 0 ..< f.extensionCount {
                 let e = f.extensionEntry(i)
                 let entryAt = f.entryOffset(sectionStart: f.extensionsStart, i)
-                if e.tag.isCritical {
+                if e.tag == TokenSelection.tag {
+                    try checkReference(e.frameOffset, before: f.header.offset, at: entryAt, field: "INDX.extension.frameOffset")
+                    guard selectionOffset == nil else {
+                        throw KVPackError.invalid(entryAt, "INDX.extension", "a second tsel frame is listed; a file holds at most one")
+                    }
+                    selectionOffset = e.frameOffset
+                } else if e.tag.isCritical {
                     throw KVPackError(.unknownCriticalFrame, offset: entryAt, field: "INDX.extension.tag",
                                       "the index references a \(e.tag) frame, a critical kind this reader does not know")
                 }
-                // Ancillary references are skipped: this reader knows no ancillary frames.
+                // Other ancillary references are skipped: this reader knows no other ancillary frames.
             }
         }
         for (i, d) in manifest.schemes.enumerated() {
@@ -237,7 +246,7 @@ struct CommitLoader {
         }
         return CommitState(commitOffset: at, commitSerial: serial, tokenCount: tokenCount, blockOffsets: blockOffsets,
                            blobs: blobs, blobFrames: blobFrames, tokenIDs: tokenIDs, positions: positions,
-                           tail: tail, chain: links, notes: [])
+                           tail: tail, chain: links, selectionOffset: selectionOffset, notes: [])
     }
 
     /// A referenced frame starts on the grid, after the manifest, and its header ends before

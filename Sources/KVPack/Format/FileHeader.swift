@@ -6,7 +6,7 @@ public struct FileHeader: Sendable, Equatable {
     public static let magic: [UInt8] = [0x89, 0x4B, 0x56, 0x50, 0x0D, 0x0A, 0x1A, 0x0A]
     public static let currentMajor: UInt16 = 1
     /// The newest minor version this library implements; each file records the lowest one it needs.
-    public static let currentMinor: UInt16 = 3
+    public static let currentMinor: UInt16 = 4
     /// Frames start on multiples of this, so payloads (64 bytes after a frame start) are
     /// 64-byte aligned in a mapping of the file.
     public static let frameAlignment = 64

@@ -29,7 +29,7 @@ public struct FrameTag: RawRepresentable, Hashable, Sendable, CustomStringConver
     public static let index = FrameTag("INDX")
     public static let commit = FrameTag("CMIT")
 
-    public static let known: [FrameTag] = [.manifest, .blob, .block, .delta, .index, .commit]
+    public static let known: [FrameTag] = [.manifest, .blob, .block, .delta, .index, .commit, TokenSelection.tag]
 }
 
 /// The 64-byte header in front of every frame (Spec/: "Frames").

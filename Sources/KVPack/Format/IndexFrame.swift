@@ -123,12 +123,13 @@ struct PendingIndex {
     var blobs: [BlobEntry] = []
     var tokenIDs: [UInt32] = []
     var positions: [UInt32] = []
+    var extensions: [ExtensionEntry] = []
 
-    var isEmpty: Bool { blocks.isEmpty && blobs.isEmpty && tokenIDs.isEmpty }
-    var entryCount: Int { blocks.count + blobs.count + tokenIDs.count }
+    var isEmpty: Bool { blocks.isEmpty && blobs.isEmpty && tokenIDs.isEmpty && extensions.isEmpty }
+    var entryCount: Int { blocks.count + blobs.count + tokenIDs.count + extensions.count }
 
     var payloadSize: UInt64 {
-        IndexFrame.payloadSize(blocks: blocks.count, blobs: blobs.count, tokens: tokenIDs.count, extensions: 0)
+        IndexFrame.payloadSize(blocks: blocks.count, blobs: blobs.count, tokens: tokenIDs.count, extensions: extensions.count)
     }
 
     /// The five sections as bytes, in the order of `IndexFrame.sections`.
@@ -149,7 +150,13 @@ struct PendingIndex {
         for id in tokenIDs { t.write(id) }
         var p = ByteWriter(capacity: positions.count * 4)
         for pos in positions { p.write(pos) }
-        return [b.bytes, l.bytes, t.bytes, p.bytes, []]
+        var x = ByteWriter(capacity: extensions.count * 16)
+        for e in extensions {
+            x.write(e.frameOffset)
+            x.write(e.tag.rawValue)
+            x.write(UInt32(0))
+        }
+        return [b.bytes, l.bytes, t.bytes, p.bytes, x.bytes]
     }
 
     mutating func removeAll() {
@@ -157,6 +164,7 @@ struct PendingIndex {
         blobs.removeAll(keepingCapacity: true)
         tokenIDs.removeAll(keepingCapacity: true)
         positions.removeAll(keepingCapacity: true)
+        extensions.removeAll(keepingCapacity: true)
     }
 }
 
