@@ -65,6 +65,18 @@ PY
 # descriptor's, and the reader must refuse the file rather than decode with the wrong codewords.
 patch_first_frame "$tmp/nsn1.kvpack" "$tmp/nsn-hash.kvpack" BLOB 5 xor:01
 keep "$tmp/nsn-hash.kvpack" "error-invalidField__v1.3-nsn-codebook-hash-mismatch.kvpack"
+
+# A pruned file (format 1.4, tsel frame): a real stories260K cache (greedy, deterministic), pruned
+# by KVCrush to 40% in int:k4v2. Run from inside $tmp so the recorded source path is fixed.
+model=$(realpath ../shared/models/stories260K.bin)
+kvpack_abs=$(realpath "$KVPACK")
+"$KVPACK" generate --model ../shared/models/stories260K.bin --save "$tmp/gen.kvpack" --steps 47 --segment-tokens 8 --no-fsync > /dev/null
+(cd "$tmp" && "$kvpack_abs" prune gen.kvpack crush.kvpack --budget 0.4 --scheme int:k4v2 --recent 4 --window 8 \
+  --segment-tokens 8 --salt 4242 --no-fsync --model "$model" > /dev/null 2>&1)
+keep "$tmp/crush.kvpack" "valid__v1.4-kvcrush-40pct-int-k4v2.kvpack"
+# ... whose second source index is patched to 0 (no longer increasing), behind valid checksums.
+patch_first_frame "$tmp/crush.kvpack" "$tmp/crush-index.kvpack" tsel 28 set:00000000
+keep "$tmp/crush-index.kvpack" "error-invalidField__v1.4-tsel-source-index-not-increasing.kvpack"
 # An int block and a polar block whose first scale is NaN (f16 0x7E00): content errors, not bit
 # rot. Both blocks (8 tokens, head_dim 8, 4-bit codes) hold 32 bytes of codes first (polar: 16 of
 # angles, 16 of radii), then the scales.

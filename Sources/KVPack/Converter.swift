@@ -20,6 +20,8 @@ public enum Converter {
         /// Called with (tokens done, tokens in all) as the conversion streams.
         public var progress: (@Sendable (Int, Int) -> Void)?
         public var tool = "kvpack"
+        /// The output's salt (random unless set; set it for reproducible bytes).
+        public var salt: UInt64?
 
         public init() {}
     }
@@ -49,14 +51,20 @@ public enum Converter {
     }
 
     /// Converts `input` to `output`: `spec` for the layers in `layers` (all when nil); other
-    /// layers keep the source's schemes (re-encoded).
+    /// layers keep the source's schemes (re-encoded). With a `selection` (`kvpack prune`), the
+    /// output holds only the selected tokens of the source's first `selection.sourceTokenCount`,
+    /// at their original positions, and records the selection (a `tsel` frame, format 1.4).
     public static func convert(input: String, output: String, spec: SchemeSpec, layers: Set<Int>? = nil,
-                               options: Options = Options()) throws -> Report {
+                               selection: TokenSelection? = nil, options: Options = Options()) throws -> Report {
         if !options.overwrite, access(output, F_OK) == 0 {
             throw KVPackError.argument("\(output) already exists (pass overwrite to replace it)")
         }
         let source = try KVPackReader(path: input)
         let m = source.manifest, g = m.geometry
+        if let selection, selection.sourceTokenCount > source.tokenCount {
+            throw KVPackError.argument("the selection chooses from \(selection.sourceTokenCount) tokens; \(input) has \(source.tokenCount)")
+        }
+        let tokens = selection?.kept ?? Array(0 ..< source.tokenCount)
         if let layers, let bad = layers.first(where: { !(0 ..< g.layerCount).contains($0) }) {
             throw KVPackError.argument("layer \(bad) is outside the file's 0..<\(g.layerCount)")
         }
@@ -82,15 +90,18 @@ public enum Converter {
         let segmentTokens = try spec.segmentTokens(requested: options.segmentTokens, fallback: m.segmentTokens)
         let manifest = Manifest(geometry: g, segmentTokens: segmentTokens, rope: m.rope, maxPositions: m.maxPositions,
                                 modelFingerprint: m.modelFingerprint, schemes: plan.schemes, layerSchemes: plan.layerSchemes,
-                                producer: "\(options.tool) convert",
-                                userMetadata: provenance(source: source, input: input, spec: spec, tool: options.tool))
+                                producer: selection == nil ? "\(options.tool) convert" : options.tool,
+                                userMetadata: provenance(source: source, input: input, spec: layers?.isEmpty == true ? nil : spec, tool: options.tool))
 
         let temp = "\(output).converting-\(getpid())-\(UInt32.random(in: 0 ... .max))"
         do {
             var writerOptions = WriterOptions()
             writerOptions.durability = options.durability
+            writerOptions.salt = options.salt
+            if selection != nil { writerOptions.minimumMinorVersion = 4 }
             let writer = try KVPackWriter.create(path: temp, manifest: manifest, blobs: plan.blobs, options: writerOptions)
-            try stream(from: source, to: writer, chunk: segmentTokens, progress: options.progress)
+            try stream(from: source, tokens: tokens, to: writer, chunk: segmentTokens, progress: options.progress)
+            if let selection { try writer.attach(selection: selection) }
             try writer.close()
             guard rename(temp, output) == 0 else { throw KVPackError.ioError("rename to \(output)", path: temp) }
             syncDirectory(of: output)
@@ -99,12 +110,30 @@ public enum Converter {
             throw error
         }
         source.file.releasePages(0 ..< source.fileSize)
-        return try report(source: source, input: input, output: output, spec: spec, options: options)
+        return try report(source: source, tokens: tokens, input: input, output: output, spec: spec, options: options)
     }
 
-    /// Decodes `chunk` tokens of every stream at a time and appends them.
-    static func stream(from source: KVPackReader, to writer: KVPackWriter, chunk: Int, progress: (@Sendable (Int, Int) -> Void)?) throws {
-        let g = source.geometry, d = g.headDim, n = source.tokenCount
+    /// Decodes the rows of source tokens `indices` (ascending) into `out`, `indices.count x
+    /// headDim` floats, one decode call per run of consecutive tokens.
+    static func decodeRows(_ source: KVPackReader, layer: Int, kvHead: Int, kind: KVKind, indices: ArraySlice<Int>,
+                           into out: UnsafeMutablePointer<Float>, workspace: AttentionWorkspace) throws {
+        let d = source.geometry.headDim
+        var i = indices.startIndex, written = 0
+        while i < indices.endIndex {
+            var j = i + 1
+            while j < indices.endIndex, indices[j] == indices[j - 1] + 1 { j += 1 }
+            try source.decode(layer: layer, kvHead: kvHead, kind: kind, tokens: indices[i] ..< indices[j - 1] + 1,
+                              into: out + written * d, workspace: workspace)
+            written += j - i
+            i = j
+        }
+    }
+
+    /// Decodes `chunk` of the source tokens `tokens` (ascending) of every stream at a time and
+    /// appends them with their ids and positions.
+    static func stream(from source: KVPackReader, tokens: [Int], to writer: KVPackWriter, chunk: Int,
+                       progress: (@Sendable (Int, Int) -> Void)?) throws {
+        let g = source.geometry, d = g.headDim, n = tokens.count
         let per = g.layerCount * g.kvHeadCount * chunk * d
         var keys = [Float](repeating: 0, count: per), values = keys
         let workspace = AttentionWorkspace()
@@ -113,28 +142,28 @@ public enum Converter {
         var start = 0
         while start < n {
             let t = min(chunk, n - start)
-            let range = start ..< start + t
+            let picked = tokens[start ..< start + t]
             try keys.withUnsafeMutableBufferPointer { kp in
                 try values.withUnsafeMutableBufferPointer { vp in
                     for layer in 0 ..< g.layerCount {
                         for head in 0 ..< g.kvHeadCount {
                             let at = (layer * g.kvHeadCount + head) * t * d
-                            try source.decode(layer: layer, kvHead: head, kind: .key, tokens: range, into: kp.baseAddress! + at, workspace: workspace)
-                            try source.decode(layer: layer, kvHead: head, kind: .value, tokens: range, into: vp.baseAddress! + at, workspace: workspace)
+                            try decodeRows(source, layer: layer, kvHead: head, kind: .key, indices: picked, into: kp.baseAddress! + at, workspace: workspace)
+                            try decodeRows(source, layer: layer, kvHead: head, kind: .value, indices: picked, into: vp.baseAddress! + at, workspace: workspace)
                         }
                     }
                 }
             }
             try keys.withUnsafeBufferPointer { kp in
                 try values.withUnsafeBufferPointer { vp in
-                    try writer.append(tokenIDs: Array(ids[range]), positions: Array(positions[range]),
+                    try writer.append(tokenIDs: picked.map { ids[$0] }, positions: picked.map { positions[$0] },
                                       keys: UnsafeBufferPointer(rebasing: kp[0 ..< g.layerCount * g.kvHeadCount * t * d]),
                                       values: UnsafeBufferPointer(rebasing: vp[0 ..< g.layerCount * g.kvHeadCount * t * d]),
                                       layout: .layerHeadToken(g, tokens: t))
                 }
             }
             start += t
-            while (released + 1) * source.segmentTokens <= start {
+            while (released + 1) * source.segmentTokens <= picked.last! + 1 {
                 source.releasePages(segment: released)
                 released += 1
             }
@@ -143,9 +172,10 @@ public enum Converter {
     }
 
     /// The source's metadata, with its scheme notes replaced and a `convert.N.*` record added.
-    static func provenance(source: KVPackReader, input: String, spec: SchemeSpec, tool: String) -> [Manifest.MetadataEntry] {
+    /// A nil `spec` (no layer re-planned) keeps the source's scheme notes.
+    static func provenance(source: KVPackReader, input: String, spec: SchemeSpec?, tool: String) -> [Manifest.MetadataEntry] {
         let m = source.manifest
-        var entries = m.userMetadata.filter { $0.key != "scheme.spec" && !$0.key.hasPrefix("scheme.plan.") }
+        var entries = m.userMetadata.filter { spec == nil || ($0.key != "scheme.spec" && !$0.key.hasPrefix("scheme.plan.")) }
         let previous = entries.compactMap { e -> Int? in
             guard e.key.hasPrefix("convert.") else { return nil }
             return Int(e.key.dropFirst("convert.".count).prefix { $0.isNumber })
@@ -156,9 +186,11 @@ public enum Converter {
             .init("convert.\(n).source", input),
             .init("convert.\(n).producer", m.producer),
             .init("convert.\(n).tool", tool),
-            .init("scheme.spec", spec.text),
         ]
-        entries += spec.rationale.enumerated().map { .init("scheme.plan.\($0.offset)", $0.element) }
+        if let spec {
+            entries.append(.init("scheme.spec", spec.text))
+            entries += spec.rationale.enumerated().map { .init("scheme.plan.\($0.offset)", $0.element) }
+        }
         return entries
     }
 
@@ -181,9 +213,12 @@ public enum Converter {
     }
 
     /// A second streaming pass: decoded output against decoded input, and sampled attention.
-    static func report(source: KVPackReader, input: String, output: String, spec: SchemeSpec, options: Options) throws -> Report {
+    /// With a token subset, output token i is compared with source token `tokens[i]`, and
+    /// attention over the output with dense attention over those source rows.
+    static func report(source: KVPackReader, tokens: [Int], input: String, output: String, spec: SchemeSpec, options: Options) throws -> Report {
         let out = try KVPackReader(path: output)
-        let g = source.geometry, d = g.headDim, n = source.tokenCount
+        let g = source.geometry, d = g.headDim, n = tokens.count
+        let subset = n != source.tokenCount
         var kErr = RelativeError(), vErr = RelativeError(), aErr = RelativeError()
         let workspace = AttentionWorkspace()
         let chunk = max(source.segmentTokens, 1)
@@ -196,7 +231,7 @@ public enum Converter {
                     for kind in KVKind.allCases {
                         try a.withUnsafeMutableBufferPointer { ap in
                             try b.withUnsafeMutableBufferPointer { bp in
-                                try source.decode(layer: layer, kvHead: head, kind: kind, tokens: range, into: ap.baseAddress!, workspace: workspace)
+                                try decodeRows(source, layer: layer, kvHead: head, kind: kind, indices: tokens[range], into: ap.baseAddress!, workspace: workspace)
                                 try out.decode(layer: layer, kvHead: head, kind: kind, tokens: range, into: bp.baseAddress!, workspace: workspace)
                                 if kind == .key { kErr.add(bp.baseAddress!, ap.baseAddress!, range.count * d) } else { vErr.add(bp.baseAddress!, ap.baseAddress!, range.count * d) }
                             }
@@ -204,7 +239,7 @@ public enum Converter {
                     }
                 }
             }
-            source.releasePages(segment: start / source.segmentTokens)
+            if !subset { source.releasePages(segment: start / source.segmentTokens) }
             out.file.releasePages(0 ..< out.fileSize)
             start = range.upperBound
         }
@@ -213,17 +248,28 @@ public enum Converter {
         for _ in 0 ..< samples {
             let layer = Int(rng.next() % UInt64(g.layerCount)), head = Int(rng.next() % UInt64(g.kvHeadCount))
             let q = (0 ..< g.groupSize * d).map { _ in Float(rng.nextGaussian()) }
-            let want = try source.attend(layer: layer, kvHead: head, queries: q)
+            let want = subset ? try denseAttention(source, tokens: tokens, layer: layer, kvHead: head, queries: q)
+                : try source.attend(layer: layer, kvHead: head, queries: q)
             let got = try out.attend(layer: layer, kvHead: head, queries: q)
             aErr.add(got, want)
             source.file.releasePages(0 ..< source.fileSize)
             out.file.releasePages(0 ..< out.fileSize)
         }
+        if subset { source.file.releasePages(0 ..< source.fileSize) }
         let summary = { (r: KVPackReader) in (0 ..< r.manifest.schemes.count).map { r.schemes[$0].specString } }
         return Report(input: input, output: output, tokens: n, inputSchemes: summary(source), outputSchemes: summary(out),
                       before: try bits(source), after: try bits(out),
                       keyRelativeError: kErr.relative, valueRelativeError: vErr.relative,
                       attentionRelativeError: aErr.relative, attentionSamples: samples,
                       plan: spec.rationale.isEmpty ? nil : spec.rationale)
+    }
+
+    /// Attention over the decoded rows of source tokens `tokens` (exact softmax, in double).
+    static func denseAttention(_ source: KVPackReader, tokens: [Int], layer: Int, kvHead: Int, queries: [Float]) throws -> [Float] {
+        let d = source.geometry.headDim, workspace = AttentionWorkspace()
+        var k = [Float](repeating: 0, count: tokens.count * d), v = k
+        try k.withUnsafeMutableBufferPointer { try decodeRows(source, layer: layer, kvHead: kvHead, kind: .key, indices: tokens[...], into: $0.baseAddress!, workspace: workspace) }
+        try v.withUnsafeMutableBufferPointer { try decodeRows(source, layer: layer, kvHead: kvHead, kind: .value, indices: tokens[...], into: $0.baseAddress!, workspace: workspace) }
+        return DenseAttention.reference(queries: queries, keys: k, values: v, groupSize: source.geometry.groupSize, headDim: d)
     }
 }

@@ -23,6 +23,15 @@ struct EvalCommand: ParsableCommand {
     @Option(help: "Temperature for sampling the text.") var temperature: Float = 1
     @Option(help: "Tokens per sealed block.") var segmentTokens = 64
     @Option(help: "Keep the evaluation files in this directory (default: a temporary one, removed).") var keep: String?
+    @Option(help: ArgumentHelp("Evaluate token selection instead of schemes, at these budgets (fractions, e.g. 0.5,0.25,0.1): kvcrush against keeping the most important and the most recent tokens.", discussion: "At each --prune-at point P the lossless baseline's first P tokens are pruned (as `kvpack prune` does) and the model reads the next --continuation tokens over the pruned file; their perplexity and greedy agreement are compared with the baseline's at the same positions.")) var prune: String?
+    @Option(help: "Prune points in tokens, comma-separated (default: every 512 while a continuation fits; half the text when shorter than 1,024).") var pruneAt: String?
+    @Option(help: "Tokens read after each prune point.") var continuation = 256
+    @Option(help: "Scheme of the pruned files (raw:f32 measures pruning alone; e.g. int:k4v2 measures both).") var pruneScheme = "raw:f32"
+    @Option(help: "Pruning: query positions observed before each prune point.") var window = 32
+    @Option(help: "Pruning: most recent tokens always kept.") var recent = 16
+    @Option(help: "Pruning: first tokens always kept.") var sink = 1
+    @Option(help: "Pruning: KVCrush anchor (random, zeros, ones, alternating, mean).") var anchor = "random"
+    @Option(help: "Pruning: KVCrush representatives as a share of the budget.") var representativeShare = 0.25
     @Flag(help: "Print JSON.") var json = false
 
     func run() throws {
@@ -39,6 +48,7 @@ struct EvalCommand: ParsableCommand {
         } else if text != nil {
             throw CLIError("eval: \(model) has no tokenizer, so it cannot read --text; it samples its own stories")
         }
+        if let prune { return try runPrune(llama, budgets: prune, text: fixedText) }
         let report: QualityEval.Report = try withWorkDirectory(keep: keep, prefix: "kvpack-eval") { directory in
             var options = QualityEval.Options(directory: directory)
             if !schemes.isEmpty { options.schemes = schemes }
@@ -80,5 +90,66 @@ struct EvalCommand: ParsableCommand {
             ])
         }
         return formatTable(rows)
+    }
+
+    func runPrune(_ llama: LlamaModel, budgets text: String, text fixed: (ids: [Int], source: String)?) throws {
+        let budgets = try text.split(separator: ",").map { part -> Double in
+            guard let b = Double(part.trimmingCharacters(in: .whitespaces)), b > 0, b <= 1 else {
+                throw ValidationError("--prune: \"\(part)\" is not a fraction in (0, 1]")
+            }
+            return b
+        }
+        let points = try pruneAt.map { list in
+            try list.split(separator: ",").map { part -> Int in
+                guard let p = Int(part.trimmingCharacters(in: .whitespaces)) else { throw ValidationError("--prune-at: \"\(part)\" is not a token count") }
+                return p
+            }
+        }
+        guard let anchorKind = TokenSelection.Anchor(name: anchor) else { throw ValidationError("--anchor: random, zeros, ones, alternating or mean") }
+        guard (0 ... 1).contains(representativeShare) else { throw ValidationError("--representative-share is within 0...1") }
+        let ids: [Int], source: String
+        if let fixed {
+            (ids, source) = fixed
+        } else {
+            // A model without a tokenizer reads one story it samples itself, as long as its context allows.
+            var o = QualityEval.Options(directory: "")
+            o.storyCount = 1
+            o.totalTokens = min(tokens ?? llama.config.maxSequence, llama.config.maxSequence)
+            o.seed = seed
+            o.temperature = temperature
+            ids = try QualityEval.stories(model: llama, options: o)[0]
+            source = "a story sampled from BOS (seed \(seed), temperature \(temperature))"
+        }
+        let report: PruneEval.Report = try withWorkDirectory(keep: keep, prefix: "kvpack-eval-prune") { directory in
+            var options = PruneEval.Options(directory: directory)
+            options.budgets = budgets
+            options.points = points
+            options.continuation = continuation
+            options.storage = pruneScheme
+            options.segmentTokens = segmentTokens
+            options.selection.observationWindow = window
+            options.selection.recentWindow = recent
+            options.selection.sinkTokens = sink
+            options.selection.anchor = anchorKind
+            options.selection.anchorSeed = seed
+            options.representativeShare = representativeShare
+            do {
+                return try PruneEval.run(model: llama, text: ids, textSource: source, options: options) { if !json { printError("eval: \($0)") } }
+            } catch let e as KVPackError {
+                throw CLIError("eval: \(e)")
+            }
+        }
+        if json { return try printJSON(report) }
+        print("kvpack eval --prune: \(report.model)")
+        print("text: \(report.text), \(report.tokens) tokens; pruned at \(report.points.map(String.init).joined(separator: ", ")), then \(report.continuation) tokens read over the pruned cache (\(report.storage))")
+        print("selection: last \(report.observationWindow) queries observed; sink \(report.sinkTokens), recent \(report.recentWindow) always kept; kvcrush anchor \(report.anchor), \(Int(100 * representativeShare))% of the budget as representatives")
+        print("")
+        var rows = [["policy", "budget", "kept", "ppl", "dense ppl", "Δppl", "agree"]]
+        for r in report.results {
+            rows.append([r.policy, String(format: "%.0f%%", 100 * r.budget), String(format: "%.1f%%", 100 * r.keptFraction),
+                         String(format: "%.4f", r.perplexity), String(format: "%.4f", r.baselinePerplexity),
+                         String(format: "%+.4f", r.perplexityDelta), String(format: "%.2f%%", 100 * r.greedyAgreement)])
+        }
+        print(formatTable(rows))
     }
 }
