@@ -98,6 +98,34 @@ public struct SyntheticKV: Sendable {
         }
     }
 
+    /// Elements (ids, key and value floats) of tokens `tokens` of `reader` whose bits differ from
+    /// this generator's: 0 for a lossless f32 file the generator wrote at positions = indices.
+    public func mismatches(in reader: KVPackReader, tokens: Range<Int>) throws -> Int {
+        let g = geometry
+        let per = g.layerCount * g.kvHeadCount * g.headDim
+        var wantK = [Float](repeating: 0, count: per * tokens.count), wantV = wantK
+        wantK.withUnsafeMutableBufferPointer { k in
+            wantV.withUnsafeMutableBufferPointer { v in
+                for (i, t) in tokens.enumerated() { token(t, position: t, keys: k.baseAddress! + i * per, values: v.baseAddress! + i * per) }
+            }
+        }
+        var mismatches = zip(reader.tokenIDs[tokens], tokens.map(tokenID)).filter { $0 != $1 }.count
+        for layer in 0 ..< g.layerCount {
+            for head in 0 ..< g.kvHeadCount {
+                let k = try reader.decode(layer: layer, kvHead: head, kind: .key, tokens: tokens)
+                let v = try reader.decode(layer: layer, kvHead: head, kind: .value, tokens: tokens)
+                for i in 0 ..< tokens.count {
+                    let src = i * per + (layer * g.kvHeadCount + head) * g.headDim
+                    for c in 0 ..< g.headDim {
+                        if k[i * g.headDim + c].bitPattern != wantK[src + c].bitPattern { mismatches += 1 }
+                        if v[i * g.headDim + c].bitPattern != wantV[src + c].bitPattern { mismatches += 1 }
+                    }
+                }
+            }
+        }
+        return mismatches
+    }
+
     /// A token id stream for synthetic files (deterministic, in 0..<32000).
     public func tokenID(_ index: Int) -> UInt32 {
         UInt32(Self.mix(seed, 0x70CE, UInt64(index), 7) % 32000)

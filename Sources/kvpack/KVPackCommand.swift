@@ -15,5 +15,5 @@ struct KVPackCommand: ParsableCommand {
           e.g. raw:f32+v:raw:f16:zstd.
         """,
         version: KVPackVersion.string,
-        subcommands: [ChatCommand.self, GenerateCommand.self, BenchCommand.self, CodebookCommand.self, ConvertCommand.self, ImportCommand.self, ExportCommand.self, EvalCommand.self, EvalTensorsCommand.self, PlanCommand.self, PruneCommand.self, InfoCommand.self, ValidateCommand.self, AttendCommand.self, SynthCommand.self])
+        subcommands: [ChatCommand.self, GenerateCommand.self, BenchCommand.self, CodebookCommand.self, ConvertCommand.self, ImportCommand.self, ExportCommand.self, EvalCommand.self, EvalTensorsCommand.self, PlanCommand.self, PruneCommand.self, InfoCommand.self, TortureCommand.self, ValidateCommand.self, AttendCommand.self, SynthCommand.self])
 }

@@ -86,29 +86,6 @@ func appendSynthetic(_ writer: KVPackWriter, gen: SyntheticKV, tokens: Range<Int
 
 /// Every stream of `reader` equals the synthetic generator's output, bit for bit.
 func expectSyntheticContent(_ reader: KVPackReader, tokens: Range<Int>, seed: UInt64 = CrashTests.seed) throws {
-    let g = reader.geometry
-    let gen = SyntheticKV(geometry: g, rope: reader.manifest.rope, seed: seed)
-    let per = g.layerCount * g.kvHeadCount * g.headDim
-    var wantK = [Float](repeating: 0, count: per * tokens.count), wantV = wantK
-    wantK.withUnsafeMutableBufferPointer { k in
-        wantV.withUnsafeMutableBufferPointer { v in
-            for (i, t) in tokens.enumerated() { gen.token(t, position: t, keys: k.baseAddress! + i * per, values: v.baseAddress! + i * per) }
-        }
-    }
-    #expect(Array(reader.tokenIDs[tokens]) == tokens.map(gen.tokenID))
-    var mismatches = 0
-    for layer in 0 ..< g.layerCount {
-        for head in 0 ..< g.kvHeadCount {
-            let k = try reader.decode(layer: layer, kvHead: head, kind: .key, tokens: tokens)
-            let v = try reader.decode(layer: layer, kvHead: head, kind: .value, tokens: tokens)
-            for i in 0 ..< tokens.count {
-                let src = i * per + (layer * g.kvHeadCount + head) * g.headDim
-                for c in 0 ..< g.headDim {
-                    if k[i * g.headDim + c].bitPattern != wantK[src + c].bitPattern { mismatches += 1 }
-                    if v[i * g.headDim + c].bitPattern != wantV[src + c].bitPattern { mismatches += 1 }
-                }
-            }
-        }
-    }
-    #expect(mismatches == 0)
+    let gen = SyntheticKV(geometry: reader.geometry, rope: reader.manifest.rope, seed: seed)
+    #expect(try gen.mismatches(in: reader, tokens: tokens) == 0)
 }

@@ -1,0 +1,73 @@
+import Foundation
+import Testing
+@testable import KVPack
+
+/// One writer at a time (a flock), and readers that see a consistent commit while it appends.
+@Suite(.serialized)
+struct ConcurrencyTests {
+    static let g = ModelGeometry(layerCount: 2, queryHeadCount: 2, kvHeadCount: 1, headDim: 4)
+
+    func append(_ w: KVPackWriter, _ data: RandomKV, _ range: Range<Int>) throws {
+        try w.append(tokenIDs: range.map { UInt32($0) }, keys: data.batch(data.keys, from: range.lowerBound, to: range.upperBound),
+                     values: data.batch(data.values, from: range.lowerBound, to: range.upperBound),
+                     layout: .layerTokenHead(Self.g, tokens: range.count))
+    }
+
+    @Test("a second writer is refused with a clear error, in this process and in another; the lock goes with the first")
+    func secondWriterRefused() throws {
+        let dir = temporaryDirectory()
+        let path = dir + "/w.kvpack"
+        let (m, blobs) = try makeManifest(Self.g, segmentTokens: 4, spec: "raw:f32")
+        let data = RandomKV(geometry: Self.g, tokens: 30, seed: 3)
+        let first = try KVPackWriter.create(path: path, manifest: m, blobs: blobs, options: testOptions())
+        try append(first, data, 0 ..< 10)
+        try first.commit()
+        do {
+            _ = try KVPackWriter.resume(path: path, options: testOptions())
+            Issue.record("a second writer in the same process was not refused")
+        } catch let e as KVPackError {
+            #expect(e.code == .locked && e.message.contains("another process"), "\(e)")
+        }
+        let (status, _, err) = try runKVPack(["synth", path, "--resume", "--tokens", "5"])
+        #expect(status != 0 && err.contains("writer lock"), "\(err)")
+        try append(first, data, 10 ..< 20)
+        try first.close()
+        // Released at close: the next writer appends.
+        let second = try KVPackWriter.resume(path: path, options: testOptions())
+        try append(second, data, 20 ..< 30)
+        try second.close()
+        #expect(try KVPackReader(path: path).tokenCount == 30)
+    }
+
+    @Test("a reader opened while a writer appends sees exactly the last commit it observed; reopening sees later ones")
+    func readerDuringAppends() throws {
+        let dir = temporaryDirectory()
+        let path = dir + "/r.kvpack"
+        let (m, blobs) = try makeManifest(Self.g, segmentTokens: 4, spec: "int:k4v2")
+        let data = RandomKV(geometry: Self.g, tokens: 60, seed: 5)
+        let writer = try KVPackWriter.create(path: path, manifest: m, blobs: blobs, options: testOptions())
+        var committed = 0
+        var readers: [(KVPackReader, Int, [Float])] = []
+        for step in 0 ..< 20 {
+            try append(writer, data, step * 3 ..< step * 3 + 3)
+            // Between commits the uncommitted rows are invisible.
+            let mid = try KVPackReader(path: path)
+            #expect(mid.tokenCount == committed, "step \(step): saw \(mid.tokenCount) tokens, last commit \(committed)")
+            if step % 2 == 1 {
+                try writer.commit()
+                committed = step * 3 + 3
+            }
+            let r = try KVPackReader(path: path)
+            #expect(r.tokenCount == committed)
+            readers.append((r, committed, try r.decode(layer: 1, kvHead: 0, kind: .key)))
+        }
+        try writer.close()
+        // Old readers keep reading their own commit, unchanged by everything appended since.
+        for (r, n, keys) in readers {
+            #expect(r.tokenCount == n)
+            #expect(try r.decode(layer: 1, kvHead: 0, kind: .key) == keys)
+            #expect(Validator.validate(file: r.file, path: path).isValid)
+        }
+        #expect(try KVPackReader(path: path).tokenCount == 60)
+    }
+}

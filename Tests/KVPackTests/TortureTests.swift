@@ -1,0 +1,28 @@
+import Foundation
+import Testing
+@testable import KVPack
+
+/// The CI-sized runs of `kvpack torture` (`make torture` runs the long ones): writers killed at
+/// random points, and a file cut at every byte offset.
+@Suite(.serialized)
+struct TortureTests {
+    struct KillResult: Decodable { var points, passed, lostCommits, notACommitPoint, invalid, wrongContent, appendFailed: Int }
+    struct TornResult: Decodable { var cuts, openedAtCommit, refused, failures: Int; var commitsSeen: [Int] }
+
+    @Test("60 writers SIGKILLed at random points: every file opens at a commit at or after the last acknowledged, validates, holds what was written, and accepts appends")
+    func killAnywhere() throws {
+        let (status, out, err) = try runKVPack(["torture", "kill", "--points", "60", "--seed", "7", "--json"])
+        #expect(status == 0, "\(err)")
+        let r = try JSONDecoder().decode(KillResult.self, from: Data(out.utf8))
+        #expect(r.points == 60 && r.passed == 60, "\(out) \(err)")
+    }
+
+    @Test("a file cut at every byte offset opens at one of its commits with that commit's content, or is refused")
+    func tornAtEveryByte() throws {
+        let (status, out, err) = try runKVPack(["torture", "torn", "--scheme", "int:k4v2", "--json"])
+        #expect(status == 0, "\(err)")
+        let r = try JSONDecoder().decode(TornResult.self, from: Data(out.utf8))
+        #expect(r.failures == 0 && r.cuts == r.openedAtCommit + r.refused)
+        #expect(r.commitsSeen == Array(stride(from: 0, through: 40, by: 5)), "every commit is reached by some cut")
+    }
+}
