@@ -13,7 +13,7 @@ LIB_SOURCES := $(shell find Sources/KVPack -name '*.swift')
 MODEL_SOURCES := $(shell find Sources/KVPackModels -name '*.swift')
 GGUF_FUZZ_BIN := Fuzz/gguf-fuzz
 
-.PHONY: all build setup native-deps models pydeps test demo fuzz fuzz-build fuzz-gguf corpus bench bench-convert clean
+.PHONY: all build setup native-deps models pydeps test demo fuzz fuzz-build fuzz-gguf corpus bench bench-convert torture sanitize clean
 
 all: build
 
@@ -48,7 +48,9 @@ test: setup pydeps
 demo: build
 	@bash scripts/demo.sh "$(KVPACK)" "$(DEMO_DIR)"
 
-# libFuzzer + AddressSanitizer over the reader and validator, seeded with corpus/.
+# libFuzzer + AddressSanitizer over the reader and validator, seeded with corpus/ (files) and
+# Fuzz/gen-seeds/ (recipes: inputs starting 0xA5 make the writer produce a well-formed file of any
+# scheme, then apply the input's byte edits; see GeneratedFile in Fuzz/FuzzTarget.swift).
 # New inputs go to fuzz-out/corpus (corpus/ keeps only the curated seeds); crashes to fuzz-out/.
 fuzz-build: setup $(FUZZ_BIN)
 
@@ -61,7 +63,7 @@ $(FUZZ_BIN): $(LIB_SOURCES) Fuzz/FuzzTarget.swift
 fuzz: fuzz-build
 	@mkdir -p fuzz-out/corpus
 	$(FUZZ_BIN) -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -rss_limit_mb=2048 -print_final_stats=1 \
-		-dict=Fuzz/kvpack.dict -artifact_prefix=fuzz-out/ fuzz-out/corpus corpus/
+		-dict=Fuzz/kvpack.dict -artifact_prefix=fuzz-out/ fuzz-out/corpus corpus/ Fuzz/gen-seeds/
 
 # libFuzzer + AddressSanitizer over the GGUF model reader, weights, tokenizer and one forward
 # pass, seeded with Fuzz/gguf-seeds (tiny models written by the gguf Python package).
@@ -84,9 +86,25 @@ bench: build
 bench-convert: build
 	bash scripts/bench-convert.sh "$(KVPACK)"
 
+# Long hardening runs (FUZZING.md records their output; the test suite runs short versions):
+# 1,000 writers SIGKILLed at random points, a file cut at every byte offset, every bit of a small
+# file flipped, and 20,000 random bit flips in a 1.5 MB file of lossy schemes.
+TORTURE_POINTS ?= 1000
+torture: build
+	$(KVPACK) torture kill --points $(TORTURE_POINTS) | tee torture-out.txt
+	$(KVPACK) torture torn --scheme int:k4v2 | tee -a torture-out.txt
+	$(KVPACK) torture bitrot | tee -a torture-out.txt
+	$(KVPACK) torture bitrot --tokens 2000 --flips 20000 --scheme k:nsn:2+v:int:k4v2 | tee -a torture-out.txt
+
+# The test suite under AddressSanitizer, then ThreadSanitizer (debug builds in their own build
+# directories; about 10 minutes each on 2 cores).
+sanitize: setup pydeps
+	swift test --sanitize=address --scratch-path .build/asan
+	swift test --sanitize=thread --scratch-path .build/tsan
+
 # Regenerates the seed files in corpus/ (reproducible: fixed salts and seeds).
 corpus: build pydeps
 	bash scripts/make-corpus.sh "$(KVPACK)" corpus
 
 clean:
-	rm -rf .build $(FUZZ_BIN) $(GGUF_FUZZ_BIN) fuzz-out $(DEMO_DIR) bench-out.txt
+	rm -rf .build $(FUZZ_BIN) $(GGUF_FUZZ_BIN) fuzz-out $(DEMO_DIR) bench-out.txt torture-out.txt

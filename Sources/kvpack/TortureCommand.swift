@@ -133,15 +133,7 @@ struct TortureCommand: ParsableCommand {
             // The file accepts appends, and the result validates.
             do {
                 let writer = try KVPackWriter.resume(path: path, options: { var o = WriterOptions(); o.durability = .flush; return o }())
-                let g = reader.geometry
-                let per = g.layerCount * g.kvHeadCount * g.headDim
-                var keys = [Float](repeating: 0, count: per), values = keys
-                for t in n ..< n + 11 {
-                    keys.withUnsafeMutableBufferPointer { k in
-                        values.withUnsafeMutableBufferPointer { v in gen.token(t, position: t, keys: k.baseAddress!, values: v.baseAddress!) }
-                    }
-                    try writer.append(tokenIDs: [gen.tokenID(t)], keys: keys, values: values, layout: .layerTokenHead(g, tokens: 1))
-                }
+                try TortureCommand.append(writer, gen, tokens: n ..< n + 11)
                 try writer.close()
                 let grown = try KVPackReader(path: path)
                 guard grown.tokenCount == n + 11, Validator.validate(file: grown.file, path: path, deep: true).problems.isEmpty else {
@@ -171,17 +163,24 @@ struct TortureCommand: ParsableCommand {
         options.salt = 0x7041
         let writer = try KVPackWriter.create(path: path, manifest: manifest, blobs: plan.blobs, options: options)
         let gen = SyntheticKV(geometry: g, rope: preset.rope, seed: seed)
+        try append(writer, gen, tokens: 0 ..< tokens, commitEvery: 5)
+        try writer.close()
+        return gen
+    }
+
+    /// Appends the generator's tokens one at a time (positions = indices), committing after
+    /// every `commitEvery`-th.
+    static func append(_ writer: KVPackWriter, _ gen: SyntheticKV, tokens: Range<Int>, commitEvery: Int = 0) throws {
+        let g = gen.geometry
         let per = g.layerCount * g.kvHeadCount * g.headDim
         var keys = [Float](repeating: 0, count: per), values = keys
-        for t in 0 ..< tokens {
+        for t in tokens {
             keys.withUnsafeMutableBufferPointer { k in
                 values.withUnsafeMutableBufferPointer { v in gen.token(t, position: t, keys: k.baseAddress!, values: v.baseAddress!) }
             }
             try writer.append(tokenIDs: [gen.tokenID(t)], keys: keys, values: values, layout: .layerTokenHead(g, tokens: 1))
-            if t % 5 == 4 { try writer.commit() }
+            if commitEvery > 0, t % commitEvery == commitEvery - 1 { try writer.commit() }
         }
-        try writer.close()
-        return gen
     }
 
     /// Token ids, positions and every decoded value's bits, or nil when the bytes do not open or decode.

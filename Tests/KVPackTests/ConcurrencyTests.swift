@@ -5,7 +5,7 @@ import Testing
 /// One writer at a time (a flock), and readers that see a consistent commit while it appends.
 @Suite(.serialized)
 struct ConcurrencyTests {
-    static let g = ModelGeometry(layerCount: 2, queryHeadCount: 2, kvHeadCount: 1, headDim: 4)
+    static let g = ModelGeometry(layerCount: 2, queryHeadCount: 2, kvHeadCount: 1, headDim: 8)
 
     func append(_ w: KVPackWriter, _ data: RandomKV, _ range: Range<Int>) throws {
         try w.append(tokenIDs: range.map { UInt32($0) }, keys: data.batch(data.keys, from: range.lowerBound, to: range.upperBound),

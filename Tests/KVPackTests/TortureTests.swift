@@ -3,10 +3,11 @@ import Testing
 @testable import KVPack
 
 /// The CI-sized runs of `kvpack torture` (`make torture` runs the long ones): writers killed at
-/// random points, and a file cut at every byte offset.
+/// random points (raw f32 with and without zstd, bf16, int:k4v2; f32 content checked bit for
+/// bit against the generator), and a file cut at every byte offset.
 @Suite(.serialized)
 struct TortureTests {
-    struct KillResult: Decodable { var points, passed, lostCommits, notACommitPoint, invalid, wrongContent, appendFailed: Int }
+    struct KillResult: Decodable { var points, passed, killedWhileWriting, lostCommits, notACommitPoint, invalid, wrongContent, appendFailed: Int }
     struct TornResult: Decodable { var cuts, openedAtCommit, refused, failures: Int; var commitsSeen: [Int] }
 
     @Test("60 writers SIGKILLed at random points: every file opens at a commit at or after the last acknowledged, validates, holds what was written, and accepts appends")
@@ -15,6 +16,7 @@ struct TortureTests {
         #expect(status == 0, "\(err)")
         let r = try JSONDecoder().decode(KillResult.self, from: Data(out.utf8))
         #expect(r.points == 60 && r.passed == 60, "\(out) \(err)")
+        #expect(r.killedWhileWriting == 60, "each writer must still have been running when killed")
     }
 
     @Test("a file cut at every byte offset opens at one of its commits with that commit's content, or is refused")
