@@ -16,7 +16,7 @@ struct PruneCommand: ParsableCommand {
 
         OUT holds the kept tokens, in order, at their original positions (so it resumes exactly where IN left off), encoded in --scheme (default: IN's schemes), plus a tsel frame recording the selection: source indices, importance, signatures, anchor and parameters (`kvpack info OUT` shows it). Streaming: one output segment of every stream is decoded at a time; OUT is written under a temporary name and renamed when complete.
 
-        The budget is a fraction (0.25), a percentage (25%) or a token count (400). --scheme also takes the combined form crush:BUDGET+SCHEME, e.g. crush:0.25+int:k4v2. Pruning an already pruned file (or one resumed and grown since) selects again from all its tokens.
+        The budget is a fraction (0.25), a percentage (25%) or a token count (400). --scheme also takes the combined form crush:BUDGET+SCHEME, e.g. crush:0.25+int:k4v2. Pruning an already pruned file (or one resumed and grown since) selects again from all its tokens; `kvpack prune F F --overwrite --budget B` re-applies pruning in place (atomically: readers that have F open keep their version).
         """)
 
     @Argument(help: "Source .kvpack file (a cache made by kvpack chat, generate or eval).") var input: String

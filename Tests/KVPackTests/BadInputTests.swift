@@ -246,6 +246,56 @@ struct BadInputTests {
         #expect(e != nil)
     }
 
+    @Test("references into other frames' payloads, to the wrong kind of frame, twice to one frame, or backwards in a cycle are errors")
+    func crossedReferences() throws {
+        let (original, _) = try Self.smallFile()
+        let frames = try Self.frames(original)
+        let blocks = frames.filter { $0.tag == .block }
+        let chain = try KVPackReader(file: MappedFile(copying: original)).state.chain
+        let link = try #require(chain.first { $0.blockCount > 1 })
+        let listing = try #require(frames.first { $0.offset == link.offset })
+        let newestIndex = try #require(frames.first { $0.offset == chain[0].offset })
+        func problems(_ bytes: [UInt8]) -> [String] {
+            let report = Validator.validate(file: MappedFile(copying: bytes), path: "x", deep: true)
+            return report.problems.filter { $0.severity == .error }.map(\.description)
+        }
+        func attendAll(_ bytes: [UInt8]) -> Bool {
+            guard let r = try? KVPackReader(file: MappedFile(copying: bytes)) else { return false }
+            for l in 0 ..< r.geometry.layerCount {
+                if (try? r.attend(layer: l, kvHead: 0, queries: [Float](repeating: 1, count: 8))) == nil { return false }
+            }
+            return true
+        }
+        // Block entry 1 names the frame entry 0 names (two entries, one frame).
+        var twice = original
+        Self.reseal(&twice, frame: listing, salt: Self.salt, payload: { p in
+            let first = p[16 ..< 24]
+            p.replaceSubrange(32 ..< 40, with: first)
+        })
+        #expect(!problems(twice).isEmpty)
+        #expect(!attendAll(twice), "a block read through the wrong entry must not decode as if it were right")
+        // A block entry pointing into another block's payload (64-aligned, so on the frame grid).
+        let big = try #require(blocks.first { $0.storedLength >= 64 } ?? blocks.first)
+        var inside = original
+        Self.reseal(&inside, frame: listing, salt: Self.salt, payload: { Self.put(big.payloadOffset, at: 16, in: &$0) })
+        #expect(problems(inside).contains { $0.contains("BLCK") }, "\(problems(inside))")
+        // The tail pointer naming an index frame instead of a DLTA frame.
+        var wrongKind = original
+        Self.reseal(&wrongKind, frame: newestIndex, salt: Self.salt, header: { h in h.fields.1 = listing.offset < newestIndex.offset ? listing.offset : 64 })
+        let e = Self.damage(wrongKind)
+        #expect(e != nil)
+        // The newest index made incremental and pointing at itself (a cycle): that commit is
+        // refused, not followed forever; the reader falls back to an older commit.
+        var cycle = original
+        Self.reseal(&cycle, frame: newestIndex, salt: Self.salt, header: { h in
+            h.fields.0 = newestIndex.offset
+            h.fields.2 &= 0x0000_0000_FFFF_FFFF  // flags (offset 52) = 0: not FULL
+        })
+        let reader = try? KVPackReader(file: MappedFile(copying: cycle))
+        #expect(reader == nil || reader!.commitOffset < newestIndex.offset, "the cyclic chain's commit must not load")
+        #expect(reader?.recoveryNotes.contains { if case .skippedCommit = $0 { true } else { false } } ?? true)
+    }
+
     @Test("unknown critical frames are errors; unknown ancillary frames are skipped")
     func unknownFrames() throws {
         let (original, _) = try Self.smallFile()

@@ -70,4 +70,43 @@ struct ConcurrencyTests {
         }
         #expect(try KVPackReader(path: path).tokenCount == 60)
     }
+
+    @Test("readers in this process follow a writer in another process: each sees a whole commit, at or after the last one announced")
+    func readerOfAnotherProcess() throws {
+        let dir = temporaryDirectory()
+        let path = dir + "/x.kvpack"
+        let child = Process()
+        child.executableURL = URL(fileURLWithPath: kvpackBinary)
+        child.arguments = ["synth", path, "--model", "stories260k", "--layers", "2", "--tokens", "3000", "--segment-tokens", "16",
+                           "--scheme", "raw:f32", "--batch", "5", "--commit-every", "7", "--seed", "4", "--print-commits"]
+        let out = Pipe()
+        child.standardOutput = out
+        child.standardError = FileHandle.nullDevice
+        try child.run()
+        var buffer = "", announced = 0, checks = 0, grew = Set<Int>()
+        while true {
+            let data = out.fileHandleForReading.availableData
+            if data.isEmpty { break }
+            buffer += String(decoding: data, as: UTF8.self)
+            while let nl = buffer.firstIndex(of: "\n") {
+                let line = buffer[..<nl]
+                buffer.removeSubrange(...nl)
+                guard line.hasPrefix("committed "), let n = Int(line.dropFirst(10)) else { continue }
+                announced = n
+                guard n % 70 == 0 || n == 3000 else { continue }
+                let reader = try KVPackReader(path: path)
+                let seen = reader.tokenCount
+                #expect(seen >= announced && (seen % 7 == 0 || seen == 3000), "saw \(seen) tokens after commit \(announced) was announced")
+                let gen = SyntheticKV(geometry: reader.geometry, rope: reader.manifest.rope, seed: 4)
+                #expect(try gen.mismatches(in: reader, tokens: max(0, seen - 40) ..< seen) == 0)
+                grew.insert(seen)
+                checks += 1
+            }
+        }
+        child.waitUntilExit()
+        #expect(child.terminationStatus == 0)
+        // The writer may outrun the pipe; at least some readers must have caught it mid-file.
+        #expect(checks >= 20 && grew.contains { $0 < 3000 }, "readers refreshed \(checks) times, saw \(grew.sorted())")
+        #expect(try KVPackReader(path: path).tokenCount == 3000)
+    }
 }

@@ -28,6 +28,13 @@ struct PruneCommandTests {
         #expect(grown.tokenCount == 48 && grown.positions.last == 160, "new tokens continue at the source's positions")
         #expect(try grown.tokenSelection() == selection)
         _ = o3
+        // Re-applied in place at this commit: half of the 48 tokens, chosen from all of them.
+        let (s5, _, e5) = try runKVPack(["prune", dir + "/b.kvpack", dir + "/b.kvpack", "--budget", "0.5", "--overwrite", "--no-fsync"])
+        #expect(s5 == 0, "\(e5)")
+        let again = try KVPackReader(path: dir + "/b.kvpack")
+        #expect(again.tokenCount == 24 && again.positions.last == 160)
+        #expect(try again.tokenSelection()?.sourceTokenCount == 48)
+        #expect(Validator.validate(file: again.file, path: "b", deep: true).problems.isEmpty)
         // A budget outside (0, 1] or a bad policy is refused before anything is written.
         let (s4, _, e4) = try runKVPack(["prune", dir + "/a.kvpack", dir + "/c.kvpack", "--budget", "1.5"])
         #expect(s4 != 0 && e4.contains("budget"), "\(e4)")
