@@ -103,11 +103,10 @@ public enum PruneEval {
                     var t = tallies[key(policy, budget)] ?? Tally()
                     let vocab = model.config.vocabSize
                     for i in point ..< end - 1 {
-                        var run = QualityEval.Run(spec: "")
-                        run.record(logits: logits[(i - point) * vocab ..< (i - point + 1) * vocab], target: text[i + 1])
-                        t.logProbs.append(run.targetLogProbs[0])
+                        let s = QualityEval.Run.score(logits: logits[(i - point) * vocab ..< (i - point + 1) * vocab], target: text[i + 1])
+                        t.logProbs.append(s.logProb)
                         t.base.append(baseline.targetLogProbs[i])
-                        if run.greedy[0] == baseline.greedy[i] { t.agree += 1 }
+                        if s.greedy == baseline.greedy[i] { t.agree += 1 }
                     }
                     t.kept += selection.keptCount
                     t.context += point

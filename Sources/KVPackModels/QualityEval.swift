@@ -146,10 +146,16 @@ public enum QualityEval {
         }
 
         mutating func record(logits l: ArraySlice<Float>, target: Int) {
+            let s = Self.score(logits: l, target: target)
+            targetLogProbs.append(s.logProb)
+            greedy.append(s.greedy)
+        }
+
+        /// log p(target) under softmax(logits), and the greedy choice.
+        static func score(logits l: ArraySlice<Float>, target: Int) -> (logProb: Double, greedy: Int) {
             let m = Double(l.max() ?? 0)
             let logSum = log(l.reduce(0.0) { $0 + exp(Double($1) - m) }) + m
-            targetLogProbs.append(Double(l[l.startIndex + target]) - logSum)
-            greedy.append(Sampler.argmax(l))
+            return (Double(l[l.startIndex + target]) - logSum, Sampler.argmax(l))
         }
     }
 
