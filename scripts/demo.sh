@@ -53,6 +53,11 @@ step "Convert the conversation to 4-bit keys and 2-bit values (KV-AdaQuant, keys
 "$KVPACK" convert "$OUT/chat.kvpack" "$OUT/chat-int.kvpack" --scheme int:k4v2:kc64 --overwrite
 "$KVPACK" generate --resume "$OUT/chat-int.kvpack" --steps 20
 
+step "Prune the conversation to half its tokens with KVCrush (attention signatures), in int:k4v2, and keep talking: positions continue where it ended"
+"$KVPACK" prune "$OUT/chat.kvpack" "$OUT/chat-pruned.kvpack" --scheme crush:0.5+int:k4v2 --overwrite
+"$KVPACK" info "$OUT/chat-pruned.kvpack" | grep -E "^(tokens|selection)"
+"$KVPACK" generate --resume "$OUT/chat-pruned.kvpack" --steps 20
+
 step "What each scheme does to the model (teacher forcing over 1280 tokens of its own stories)"
 "$KVPACK" eval --model "$MODEL" --scheme raw:f16 --scheme int:k4v2:kc64:vc64 --scheme int:k2v4:kc64:vc64 --scheme int:auto:3.0:kc64:vc64
 
