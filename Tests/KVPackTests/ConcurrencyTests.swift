@@ -7,12 +7,6 @@ import Testing
 struct ConcurrencyTests {
     static let g = ModelGeometry(layerCount: 2, queryHeadCount: 2, kvHeadCount: 1, headDim: 8)
 
-    func append(_ w: KVPackWriter, _ data: RandomKV, _ range: Range<Int>) throws {
-        try w.append(tokenIDs: range.map { UInt32($0) }, keys: data.batch(data.keys, from: range.lowerBound, to: range.upperBound),
-                     values: data.batch(data.values, from: range.lowerBound, to: range.upperBound),
-                     layout: .layerTokenHead(Self.g, tokens: range.count))
-    }
-
     @Test("a second writer is refused with a clear error, in this process and in another; the lock goes with the first")
     func secondWriterRefused() throws {
         let dir = temporaryDirectory()
@@ -20,7 +14,7 @@ struct ConcurrencyTests {
         let (m, blobs) = try makeManifest(Self.g, segmentTokens: 4, spec: "raw:f32")
         let data = RandomKV(geometry: Self.g, tokens: 30, seed: 3)
         let first = try KVPackWriter.create(path: path, manifest: m, blobs: blobs, options: testOptions())
-        try append(first, data, 0 ..< 10)
+        try data.append(to: first, 0 ..< 10)
         try first.commit()
         do {
             _ = try KVPackWriter.resume(path: path, options: testOptions())
@@ -30,11 +24,11 @@ struct ConcurrencyTests {
         }
         let (status, _, err) = try runKVPack(["synth", path, "--resume", "--tokens", "5"])
         #expect(status != 0 && err.contains("writer lock"), "\(err)")
-        try append(first, data, 10 ..< 20)
+        try data.append(to: first, 10 ..< 20)
         try first.close()
         // Released at close: the next writer appends.
         let second = try KVPackWriter.resume(path: path, options: testOptions())
-        try append(second, data, 20 ..< 30)
+        try data.append(to: second, 20 ..< 30)
         try second.close()
         #expect(try KVPackReader(path: path).tokenCount == 30)
     }
@@ -49,7 +43,7 @@ struct ConcurrencyTests {
         var committed = 0
         var readers: [(KVPackReader, Int, [Float])] = []
         for step in 0 ..< 20 {
-            try append(writer, data, step * 3 ..< step * 3 + 3)
+            try data.append(to: writer, step * 3 ..< step * 3 + 3)
             // Between commits the uncommitted rows are invisible.
             let mid = try KVPackReader(path: path)
             #expect(mid.tokenCount == committed, "step \(step): saw \(mid.tokenCount) tokens, last commit \(committed)")

@@ -66,12 +66,7 @@ struct IntSchemeTests {
 
     @Test("attention over codes equals attention over the decoded cache to 1e-5", arguments: specs)
     func attentionOverCodes(spec: String) throws {
-        let g = Self.geometry
-        let data = RandomKV(geometry: g, tokens: 150, seed: 31, maxExponent: 6)
-        let dir = temporaryDirectory()
-        try writeFile(dir + "/i.kvpack", data: data, segmentTokens: 32, spec: spec, batches: [7, 40, 1], commitsAfter: [7, 47, 120])
-        let reader = try KVPackReader(path: dir + "/i.kvpack")
-        #expect(Validator.validate(file: reader.file, path: spec, deep: true).problems.isEmpty)
+        let (reader, data) = try writeSchemeTestFile(Self.geometry, spec: spec, seed: 31)
         try expectAttentionMatchesDecoded(reader, label: spec, seed: 4)
         // The tail (last 22 tokens) is f16; sealed tokens are codes: their error is larger.
         let k = try reader.decode(layer: 1, kvHead: 1, kind: .key)

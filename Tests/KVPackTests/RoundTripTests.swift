@@ -141,8 +141,7 @@ struct RoundTripTests {
         let (m, _) = try makeManifest(g, segmentTokens: 32, spec: "raw:f16:zstd")
         var w = try KVPackWriter.create(path: path, manifest: m, options: testOptions())
         for (from, to) in [(0, 45), (45, 46), (46, 100), (100, 150)] {
-            try w.append(tokenIDs: (from ..< to).map { UInt32($0) }, keys: data.batch(data.keys, from: from, to: to),
-                         values: data.batch(data.values, from: from, to: to), layout: .layerTokenHead(g, tokens: to - from))
+            try data.append(to: w, from ..< to)
             try w.close()
             w = try KVPackWriter.resume(path: path, options: testOptions())
             #expect(w.tokenCount == to)

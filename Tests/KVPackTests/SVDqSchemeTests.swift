@@ -38,9 +38,7 @@ struct SVDqSchemeTests {
                                 schemes: plan.schemes, layerSchemes: plan.layerSchemes, producer: "test")
         let w = try KVPackWriter.create(path: path, manifest: manifest, blobs: plan.blobs, options: testOptions())
         for (t, n) in [(0, 7), (7, 80), (87, 63)] {
-            try w.append(tokenIDs: (t ..< t + n).map { UInt32($0) },
-                         keys: data.batch(data.keys, from: t, to: t + n), values: data.batch(data.values, from: t, to: t + n),
-                         layout: .layerTokenHead(data.geometry, tokens: n))
+            try data.append(to: w, t ..< t + n)
             try w.commit()
         }
         try w.close()

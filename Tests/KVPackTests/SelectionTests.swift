@@ -162,8 +162,7 @@ struct SelectionTests {
         let g = Self.geometry
         let more = RandomKV(geometry: g, tokens: 50, seed: 12)
         for t in 0 ..< 50 {
-            try writer.append(tokenIDs: [UInt32(t)], positions: [last + 1 + UInt32(t)], keys: more.batch(more.keys, from: t, to: t + 1),
-                              values: more.batch(more.values, from: t, to: t + 1), layout: .layerTokenHead(g, tokens: 1))
+            try more.append(to: writer, t ..< t + 1, positions: [last + 1 + UInt32(t)])
             if t % 3 == 0 { try writer.commit() }
         }
         #expect(throws: KVPackError.self) { try writer.attach(selection: selection) }

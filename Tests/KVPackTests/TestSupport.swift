@@ -40,6 +40,15 @@ struct RandomKV {
         range.flatMap { row(kind == .key ? keys : values, layer: layer, token: $0, head: head) }
     }
 
+    /// Appends tokens `range` to `writer` (ids `id(t)`, positions default to the writer's).
+    func append(to writer: KVPackWriter, _ range: Range<Int>, positions: [UInt32]? = nil,
+                id: (Int) -> UInt32 = { UInt32($0) }) throws {
+        try writer.append(tokenIDs: range.map(id), positions: positions,
+                          keys: batch(keys, from: range.lowerBound, to: range.upperBound),
+                          values: batch(values, from: range.lowerBound, to: range.upperBound),
+                          layout: .layerTokenHead(geometry, tokens: range.count))
+    }
+
     /// The floats of tokens [from, to) as a contiguous layerTokenHead batch.
     func batch(_ data: [Float], from: Int, to: Int) -> [Float] {
         var out: [Float] = []
@@ -98,14 +107,24 @@ func writeFile(_ path: String, data: RandomKV, segmentTokens: Int, spec: String,
     while t < data.tokens {
         let n = min(batches[i % batches.count], data.tokens - t)
         i += 1
-        try w.append(tokenIDs: (t ..< t + n).map { UInt32($0 * 7 % 501) },
-                     keys: data.batch(data.keys, from: t, to: t + n), values: data.batch(data.values, from: t, to: t + n),
-                     layout: .layerTokenHead(data.geometry, tokens: n))
+        try data.append(to: w, t ..< t + n) { UInt32($0 * 7 % 501) }
         t += n
         if commitsAfter.contains(t) { try w.commit() }
     }
     try w.close()
     return w
+}
+
+/// The file every scheme's attention-over-codes test starts from: 150 random tokens in `spec`,
+/// segments of 32, written in uneven batches with commits, so it has sealed blocks, an index
+/// chain and a tail; checked to validate (deep) without a problem.
+func writeSchemeTestFile(_ g: ModelGeometry, spec: String, seed: UInt64) throws -> (reader: KVPackReader, data: RandomKV) {
+    let data = RandomKV(geometry: g, tokens: 150, seed: seed, maxExponent: 6)
+    let path = temporaryDirectory() + "/scheme.kvpack"
+    try writeFile(path, data: data, segmentTokens: 32, spec: spec, batches: [7, 40, 1], commitsAfter: [7, 47, 120])
+    let reader = try KVPackReader(path: path)
+    #expect(Validator.validate(file: reader.file, path: spec, deep: true).problems.isEmpty, "\(spec)")
+    return (reader, data)
 }
 
 func fileBytes(_ path: String) -> [UInt8] { Array(FileManager.default.contents(atPath: path)!) }
