@@ -61,18 +61,36 @@ struct OnlineSoftmax {
     /// Turns `count` scores per query (row g at scores + g*stride) into unnormalised weights
     /// exp(s - max), in place, updating the running max, sum and accumulators.
     func absorb(scores: UnsafeMutablePointer<Float>, stride: Int, count: Int) {
+        let vectorEnd = count & ~7
         for g in 0 ..< groupSize {
             let row = scores + g * stride
+            let raw = UnsafeMutableRawPointer(row)
+            // Scalar: the generic pointwiseMax is an out-of-line call per vector.
             var chunkMax = -Float.infinity
             for t in 0 ..< count where row[t] > chunkMax { chunkMax = row[t] }
             let oldMax = runMax[g]
             let newMax = max(oldMax, chunkMax)
-            var sum: Float = 0
-            for t in 0 ..< count {
-                let w = expf(row[t] - newMax)
-                row[t] = w
-                sum += w
+            let shift = SIMD8<Float>(repeating: newMax)
+            var sums = SIMD8<Float>()
+            var t = 0
+            while t < vectorEnd {
+                let w = TileKernels.exp(raw.loadUnaligned(fromByteOffset: 4 * t, as: SIMD8<Float>.self) - shift)
+                raw.storeBytes(of: w, toByteOffset: 4 * t, as: SIMD8<Float>.self)
+                sums += w
+                t += 8
             }
+            if t < count {
+                // The last partial vector goes through the same exp, so a weight does not depend
+                // on where its token falls in the chunk.
+                var x = SIMD8<Float>(repeating: -.infinity)
+                for i in 0 ..< count - t { x[i] = row[t + i] - newMax }
+                let w = TileKernels.exp(x)
+                for i in 0 ..< count - t {
+                    row[t + i] = w[i]
+                    sums[i] += w[i]
+                }
+            }
+            let sum = sums.sum()
             if newMax > oldMax {
                 let correction = oldMax == -.infinity ? 0 : expf(oldMax - newMax)
                 runSum[g] *= correction

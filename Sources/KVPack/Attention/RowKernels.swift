@@ -161,14 +161,47 @@ public enum RowKernels {
         }
     }
 
+    /// Calls `body(firstToken, count, tile)` for runs of rows [tokens] as f32 tiles: f32 rows in
+    /// place, others widened into one stack tile of `TileKernels.tileRows(dim:)` rows.
+    @inline(__always)
+    static func forEachTile(_ rows: UnsafeRawPointer, type: ElementType, dim: Int, tokens: Range<Int>,
+                            _ body: (Int, Int, UnsafePointer<Float>) -> Void) {
+        let rowBytes = dim * type.byteWidth, per = TileKernels.tileRows(dim: dim)
+        if type == .float32 {
+            var t = tokens.lowerBound
+            while t < tokens.upperBound {
+                let n = min(per, tokens.upperBound - t)
+                body(t, n, (rows + t * rowBytes).assumingMemoryBound(to: Float.self))
+                t += n
+            }
+            return
+        }
+        withUnsafeTemporaryAllocation(of: Float.self, capacity: per * dim) { scratch in
+            let tile = scratch.baseAddress!
+            var t = tokens.lowerBound
+            while t < tokens.upperBound {
+                let n = min(per, tokens.upperBound - t)
+                if type == .float16 { widenFloat16(rows + t * rowBytes, tile, n * dim) } else { widenBFloat16(rows + t * rowBytes, tile, n * dim) }
+                body(t, n, tile)
+                t += n
+            }
+        }
+    }
+
     static func scores(rows: UnsafeRawPointer, type: ElementType, dim: Int, tokens: Range<Int>,
                        queries: UnsafePointer<Float>, groupSize: Int,
                        into out: UnsafeMutablePointer<Float>, stride: Int) {
         let base = tokens.lowerBound
-        forEachRow(rows, type: type, dim: dim, tokens: tokens) { t, k in
-            for g in 0 ..< groupSize {
-                out[g * stride + (t - base)] = dot(queries + g * dim, k, dim)
+        guard dim % 8 == 0 else {
+            forEachRow(rows, type: type, dim: dim, tokens: tokens) { t, k in
+                for g in 0 ..< groupSize {
+                    out[g * stride + (t - base)] = dot(queries + g * dim, k, dim)
+                }
             }
+            return
+        }
+        forEachTile(rows, type: type, dim: dim, tokens: tokens) { t, n, tile in
+            TileKernels.scores(tile: tile, count: n, dim: dim, queries: queries, groupSize: groupSize, into: out + (t - base), stride: stride)
         }
     }
 
@@ -176,10 +209,17 @@ public enum RowKernels {
                            weights: UnsafePointer<Float>, stride: Int, groupSize: Int,
                            into acc: UnsafeMutablePointer<Float>) {
         let base = tokens.lowerBound
-        forEachRow(rows, type: type, dim: dim, tokens: tokens) { t, v in
-            for g in 0 ..< groupSize {
-                axpy(weights[g * stride + (t - base)], v, acc + g * dim, dim)
+        guard dim % 8 == 0 else {
+            forEachRow(rows, type: type, dim: dim, tokens: tokens) { t, v in
+                for g in 0 ..< groupSize {
+                    axpy(weights[g * stride + (t - base)], v, acc + g * dim, dim)
+                }
             }
+            return
+        }
+        forEachTile(rows, type: type, dim: dim, tokens: tokens) { t, n, tile in
+            TileKernels.accumulate(tile: tile, count: n, dim: dim, weights: weights + (t - base), stride: stride,
+                                   groupSize: groupSize, into: acc)
         }
     }
 }

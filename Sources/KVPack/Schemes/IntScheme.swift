@@ -39,6 +39,11 @@ public struct IntScheme: KVScheme {
     let levels: Float
     let shifts: SIMD8<UInt64>
     let mask: SIMD8<UInt64>
+    let shifts32: SIMD8<UInt32>
+    let mask32: SIMD8<UInt32>
+    /// Whether rows decode through `decodeTile` (every layout the writer makes: per-token groups
+    /// of whole 8-channel chunks, or per-channel groups).
+    let tiled: Bool
 
     public static func descriptor(bits: Int, perChannelTokens: Int? = nil, groupSize: Int = 64, residual: ElementType = .float16) -> SchemeDescriptor {
         let grouping: Grouping = perChannelTokens == nil ? .token : .channel
@@ -209,6 +214,9 @@ public struct IntScheme: KVScheme {
         for i in 0 ..< 8 { s[i] = UInt64(i * bits) }
         shifts = s
         mask = SIMD8<UInt64>(repeating: (1 << UInt64(bits)) - 1)
+        shifts32 = SIMD8<UInt32>(truncatingIfNeeded: s)
+        mask32 = SIMD8<UInt32>(repeating: (1 << UInt32(bits)) - 1)
+        tiled = grouping == .channel || size % 8 == 0
     }
 
     public var specString: String {
@@ -326,6 +334,10 @@ public struct IntScheme: KVScheme {
 
     public func decode(block: UnsafeRawBufferPointer, tokens: Range<Int>, into out: UnsafeMutablePointer<Float>) {
         let d = headDim, p = block.baseAddress!
+        if tiled {
+            decodeTile(p, from: tokens.lowerBound, count: tokens.count, into: out)
+            return
+        }
         for (row, t) in tokens.enumerated() {
             let o = out + row * d
             unpack(block, row: t, into: o)
@@ -336,9 +348,47 @@ public struct IntScheme: KVScheme {
         }
     }
 
+    /// Rows [t0, t0 + n) of a sealed block, decoded into `tile` (n x headDim f32), 8 codes per
+    /// step in vector registers: one little-endian load of the `bits` bytes holding them,
+    /// per-lane shifts, and the exponent trick for the int-to-float conversion. A load may read
+    /// up to 3 bytes past a row's codes: the scales and offsets (4 bytes per group, at least
+    /// one group) follow the codes in every block, so it stays inside the payload.
+    @inline(__always)
+    func decodeTile(_ p: UnsafeRawPointer, from t0: Int, count n: Int, into tile: UnsafeMutablePointer<Float>) {
+        let d = headDim, chunks = d / 8, out = UnsafeMutableRawPointer(tile)
+        let exponent = SIMD8<UInt32>(repeating: 0x4B00_0000), bias = SIMD8<Float>(repeating: 8_388_608)
+        let perToken = d / groupSize
+        for row in 0 ..< n {
+            let t = t0 + row
+            let codes = p + t * rowBytes
+            let o = out + 4 * d * row
+            for j in 0 ..< chunks {
+                let word: SIMD8<UInt32>
+                if bits == 8 {
+                    word = SIMD8<UInt32>(truncatingIfNeeded: codes.loadUnaligned(fromByteOffset: 8 * j, as: SIMD8<UInt8>.self))
+                } else {
+                    word = (SIMD8<UInt32>(repeating: codes.loadUnaligned(fromByteOffset: j * bits, as: UInt32.self)) &>> shifts32) & mask32
+                }
+                let x = unsafeBitCast(word | exponent, to: SIMD8<Float>.self) - bias
+                let sc: SIMD8<Float>, of: SIMD8<Float>
+                if grouping == .channel {
+                    let g = (t / groupSize) * d + 8 * j
+                    sc = SIMD8<Float>(p.loadUnaligned(fromByteOffset: scalesOffset + 2 * g, as: SIMD8<Float16>.self))
+                    of = SIMD8<Float>(p.loadUnaligned(fromByteOffset: offsetsOffset + 2 * g, as: SIMD8<Float16>.self))
+                } else {
+                    let g = t * perToken + (8 * j) / groupSize
+                    sc = SIMD8<Float>(repeating: scale(p, g))
+                    of = SIMD8<Float>(repeating: offset(p, g))
+                }
+                o.storeBytes(of: of.addingProduct(x, sc), toByteOffset: 32 * j, as: SIMD8<Float>.self)
+            }
+        }
+    }
+
     // MARK: Attention over codes
 
-    /// Per token: the scaled queries, then (per-token grouping) each query's sum over each group.
+    /// The scaled queries, then (per-token grouping without a tile path) each query's sum over
+    /// each group.
     public func queryStateSize(groupSize g: Int) -> Int {
         g * headDim + (grouping == .token ? g * (headDim / self.groupSize) : 0)
     }
@@ -360,44 +410,36 @@ public struct IntScheme: KVScheme {
     public func scores(block: UnsafeRawBufferPointer, tokens: Range<Int>, state: UnsafePointer<Float>, groupSize g: Int,
                        into scores: UnsafeMutablePointer<Float>, stride: Int) {
         let d = headDim, p = block.baseAddress!, lo = tokens.lowerBound
-        withUnsafeTemporaryAllocation(of: Float.self, capacity: d + g * d + g) { tmp in
-            let codes = tmp.baseAddress!
-            if grouping == .token {
-                let per = d / groupSize
-                let sums = state + g * d
-                for t in tokens {
-                    unpack(block, row: t, into: codes)
-                    for q in 0 ..< g {
-                        var total: Float = 0
-                        for grp in 0 ..< per {
-                            let gi = t * per + grp
-                            let dot = RowKernels.dot(state + q * d + grp * groupSize, codes + grp * groupSize, groupSize)
-                            total += scale(p, gi) * dot + offset(p, gi) * sums[q * per + grp]
-                        }
-                        scores[q * stride + (t - lo)] = total
-                    }
-                }
-            } else {
-                // Per token run j: q' = q * scale_j (per channel) and a constant q . offset_j.
-                let scaled = codes + d, constant = codes + d + g * d
+        if tiled {
+            let per = TileKernels.tileRows(dim: d)
+            withUnsafeTemporaryAllocation(of: Float.self, capacity: per * d) { buffer in
+                let tile = buffer.baseAddress!
                 var t = lo
                 while t < tokens.upperBound {
-                    let run = t / groupSize
-                    let end = min(tokens.upperBound, (run + 1) * groupSize)
-                    for q in 0 ..< g {
-                        var c0: Float = 0
-                        for c in 0 ..< d {
-                            let gi = run * d + c
-                            scaled[q * d + c] = state[q * d + c] * scale(p, gi)
-                            c0 += state[q * d + c] * offset(p, gi)
-                        }
-                        constant[q] = c0
+                    let n = min(per, tokens.upperBound - t)
+                    decodeTile(p, from: t, count: n, into: tile)
+                    TileKernels.scores(tile: tile, count: n, dim: d, queries: state, groupSize: g, into: scores + (t - lo), stride: stride)
+                    t += n
+                }
+            }
+            return
+        }
+        // Per-token groups narrower than 8 channels (no writer default makes them).
+        let per = d / groupSize
+        let sums = state + g * d
+        withUnsafeTemporaryAllocation(of: Float.self, capacity: d) { tmp in
+            let codes = tmp.baseAddress!
+            for t in tokens {
+                unpack(block, row: t, into: codes)
+                for q in 0 ..< g {
+                    var total: Float = 0
+                    for grp in 0 ..< per {
+                        let gi = t * per + grp
+                        var dot: Float = 0
+                        for i in grp * groupSize ..< (grp + 1) * groupSize { dot += state[q * d + i] * codes[i] }
+                        total += scale(p, gi) * dot + offset(p, gi) * sums[q * per + grp]
                     }
-                    for tt in t ..< end {
-                        unpack(block, row: tt, into: codes)
-                        for q in 0 ..< g { scores[q * stride + (tt - lo)] = RowKernels.dot(scaled + q * d, codes, d) + constant[q] }
-                    }
-                    t = end
+                    scores[q * stride + (t - lo)] = total
                 }
             }
         }
@@ -405,49 +447,16 @@ public struct IntScheme: KVScheme {
 
     public func accumulate(block: UnsafeRawBufferPointer, tokens: Range<Int>, weights: UnsafePointer<Float>, stride: Int,
                            groupSize g: Int, into acc: UnsafeMutablePointer<Float>) {
-        let d = headDim, p = block.baseAddress!, lo = tokens.lowerBound
-        withUnsafeTemporaryAllocation(of: Float.self, capacity: d + g * d + g) { tmp in
-            let codes = tmp.baseAddress!
-            if grouping == .token {
-                let per = d / groupSize
-                for t in tokens {
-                    unpack(block, row: t, into: codes)
-                    for q in 0 ..< g {
-                        let w = weights[q * stride + (t - lo)]
-                        for grp in 0 ..< per {
-                            let gi = t * per + grp
-                            let a = acc + q * d + grp * groupSize
-                            RowKernels.axpy(w * scale(p, gi), codes + grp * groupSize, a, groupSize)
-                            let b = w * offset(p, gi)
-                            for i in 0 ..< groupSize { a[i] += b }
-                        }
-                    }
-                }
-            } else {
-                // Per token run j: sum_t w_t codes_t, then scale and offset once per channel.
-                let sums = codes + d, weightSums = codes + d + g * d
-                var t = lo
-                while t < tokens.upperBound {
-                    let run = t / groupSize
-                    let end = min(tokens.upperBound, (run + 1) * groupSize)
-                    sums.update(repeating: 0, count: g * d)
-                    weightSums.update(repeating: 0, count: g)
-                    for tt in t ..< end {
-                        unpack(block, row: tt, into: codes)
-                        for q in 0 ..< g {
-                            let w = weights[q * stride + (tt - lo)]
-                            RowKernels.axpy(w, codes, sums + q * d, d)
-                            weightSums[q] += w
-                        }
-                    }
-                    for q in 0 ..< g {
-                        for c in 0 ..< d {
-                            let gi = run * d + c
-                            acc[q * d + c] += scale(p, gi) * sums[q * d + c] + offset(p, gi) * weightSums[q]
-                        }
-                    }
-                    t = end
-                }
+        let d = headDim, lo = tokens.lowerBound
+        let per = TileKernels.tileRows(dim: d)
+        withUnsafeTemporaryAllocation(of: Float.self, capacity: per * d) { buffer in
+            let tile = buffer.baseAddress!
+            var t = lo
+            while t < tokens.upperBound {
+                let n = min(per, tokens.upperBound - t)
+                decode(block: block, tokens: t ..< t + n, into: tile)
+                TileKernels.accumulate(tile: tile, count: n, dim: d, weights: weights + (t - lo), stride: stride, groupSize: g, into: acc)
+                t += n
             }
         }
     }
