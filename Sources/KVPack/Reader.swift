@@ -382,3 +382,78 @@ public final class KVPackReader: @unchecked Sendable {
 
     public var blobBytes: Int { state.blobs.values.reduce(0) { $0 + $1.bytes.count + FrameHeader.size } }
 }
+
+// MARK: A whole layer
+
+import Dispatch
+
+extension KVPackReader {
+    /// Attention for every KV head of `layer`: `queries` and `output` hold kvHeads x groupSize x
+    /// headDim floats (query head h at h * headDim). With more than one workspace, KV heads are
+    /// split across that many threads (one workspace each; heads are independent, and the reader
+    /// is safe to share). The result does not depend on the thread count.
+    public func attendLayer(_ layer: Int, queries: UnsafePointer<Float>, tokens: Range<Int>? = nil, scale: Float? = nil,
+                            output: UnsafeMutablePointer<Float>, workspaces: [AttentionWorkspace]) throws {
+        guard !workspaces.isEmpty else { throw KVPackError.argument("attendLayer needs at least one workspace") }
+        let g = geometry, per = g.groupSize * g.headDim, heads = g.kvHeadCount
+        let threads = min(workspaces.count, heads)
+        if threads == 1 {
+            for h in 0 ..< heads {
+                try attend(layer: layer, kvHead: h, queries: queries + h * per, tokens: tokens, scale: scale,
+                           output: output + h * per, workspace: workspaces[0])
+            }
+            return
+        }
+        // Each thread takes a contiguous run of heads and writes only its own output rows.
+        let failures = LayerFailures(count: threads)
+        let q = UnsafeSendablePointer(queries), o = UnsafeSendableMutablePointer(output)
+        let spaces = WorkspaceHandoff(workspaces)
+        DispatchQueue.concurrentPerform(iterations: threads) { worker in
+            let first = worker * heads / threads, last = (worker + 1) * heads / threads
+            do {
+                for h in first ..< last {
+                    try attend(layer: layer, kvHead: h, queries: q.pointer + h * per, tokens: tokens, scale: scale,
+                               output: o.pointer + h * per, workspace: spaces.workspaces[worker])
+                }
+            } catch {
+                failures.record(error, worker: worker)
+            }
+        }
+        if let error = failures.first { throw error }
+    }
+}
+
+/// Raw pointers handed to worker threads that touch disjoint rows.
+private struct UnsafeSendablePointer: @unchecked Sendable {
+    let pointer: UnsafePointer<Float>
+    init(_ p: UnsafePointer<Float>) { pointer = p }
+}
+
+private struct UnsafeSendableMutablePointer: @unchecked Sendable {
+    let pointer: UnsafeMutablePointer<Float>
+    init(_ p: UnsafeMutablePointer<Float>) { pointer = p }
+}
+
+/// Workspaces handed to workers: worker i uses only workspaces[i].
+private struct WorkspaceHandoff: @unchecked Sendable {
+    let workspaces: [AttentionWorkspace]
+    init(_ w: [AttentionWorkspace]) { workspaces = w }
+}
+
+/// One error slot per worker; the first worker's error (in worker order) is reported.
+private final class LayerFailures: @unchecked Sendable {
+    // @unchecked: each worker writes only its own slot; read after concurrentPerform returns.
+    private let errors: UnsafeMutablePointer<Error?>
+    private let count: Int
+    init(count: Int) {
+        self.count = count
+        errors = .allocate(capacity: count)
+        errors.initialize(repeating: nil, count: count)
+    }
+    deinit {
+        errors.deinitialize(count: count)
+        errors.deallocate()
+    }
+    func record(_ error: Error, worker: Int) { errors[worker] = error }
+    var first: Error? { (0 ..< count).lazy.compactMap { self.errors[$0] }.first }
+}

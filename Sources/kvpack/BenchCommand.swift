@@ -5,97 +5,245 @@ import KVPack
 struct BenchCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bench",
-        abstract: "Measure decode-step attention over encoded files against dense baselines and the machine's floors, and writer throughput.",
+        abstract: "Measure decode-step attention over encoded files against dense baselines and the machine's floors, writer throughput, and resume latency.",
         discussion: """
-        One run, side by side: the machine's single-core streaming read bandwidth and peak multiply-add rate; then, for each --tokens count, a synthetic cache of one layer of --model's geometry (llama-3-8b: 8 KV heads, head_dim 128, GQA group 4) written in every --scheme (writer throughput in MB/s of f16 input), and the time of one decode step of attention for KV head 0 (all query heads of its group, every token) over the mapped file in the page cache (median of --repeat). Baselines: dense f16 and f32 rows in memory (a heap copy of a raw file, read by the same SIMD row kernels). Each scheme's floor is the larger of (bytes of its codes and metadata read) / bandwidth and (4 * group * head_dim flops per token) / peak rate.
+        One run, side by side:
 
-        Columns: bytes per token and head (K+V), attention time, effective bandwidth, floor, time / floor, dense f16 time / time (speed-up), writer MB/s. Timing is never a test; this command is how figures in BENCHMARKS.md are made (`make bench`).
+        1. The machine: single-core streaming read bandwidth (a 256 MiB buffer) and peak f32 multiply-add rate.
+
+        2. For each --tokens count: one layer of --model's geometry (llama-3-8b: 8 KV heads, head_dim 128, GQA group 4) of synthetic RoPE'd keys and values, written in every --scheme (writer throughput, MB/s of f16 input). Then one decode step of attention for every KV head of the layer (all query heads of each GQA group, every token) over each file, mapped and in the page cache. Files are measured round-robin, --repeat rounds, so a slow moment of a shared machine hits all of them; the best round is reported (and the median). Baselines: dense f16 and f32 rows in memory (a heap copy of a raw file) read by the same SIMD kernels. Each scheme's floor is the larger of (bytes of its codes and metadata) / bandwidth and (4 x group x head_dim flops per token) / peak rate. With --threads N > 1 the layer is also timed with its KV heads split across N threads.
+
+        3. Resume latency: a 32-layer file of --resume-scheme at each --resume-tokens count: time to open it and produce the first attention output (layer 0, KV head 0, all tokens), cold (page cache dropped, when this process may) and warm, against one full decode step (every layer and head) and against reading every byte of the file; and the reader's anonymous (heap) memory, which is what it holds beyond the page cache.
+
+        Columns of the attention table: bytes per token and KV head (K+V), attention time per KV head (best round; median in brackets), effective bandwidth, floor, time / floor, dense f16 time / time, writer MB/s. --write FILE replaces the section between the `kvpack bench` markers of FILE (BENCHMARKS.md) with this output. Timing is never a test.
         """)
 
     @Option(help: "Geometry preset (llama-3-8b, smollm2-135m, stories260k, ...).") var model = "llama-3-8b"
-    @Option(name: .customLong("tokens"), help: "Cache lengths; repeat (default 4096 and 32768).") var tokenCounts: [Int] = []
+    @Option(name: .customLong("tokens"), help: "Cache lengths; repeat (default 4096, 32768 and 131072).") var tokenCounts: [Int] = []
     @Option(name: .customLong("scheme"), help: "Schemes to measure; repeat (default: one of each).") var schemes: [String] = []
-    @Option(name: .customLong("repeat"), help: "Timed repetitions per measurement (the median is reported).") var repetitions = 7
+    @Option(name: .customLong("repeat"), help: "Timed rounds per measurement.") var repetitions = 9
+    @Option(help: "Also time the layer with its KV heads split across this many threads (1: only single-threaded).") var threads = 1
+    @Option(name: .customLong("resume-tokens"), help: "Token counts of the 32-layer resume-latency files; repeat (default 4096 and 131072; 0 skips).")
+    var resumeTokens: [Int] = []
+    @Option(name: .customLong("resume-scheme"), help: "Scheme of the resume-latency files.") var resumeScheme = "int:k4v2:kc64"
+    @Option(help: "Replace the `kvpack bench` section of this Markdown file with the results.") var write: String?
     @Option(help: "Keep the files in this directory (default: a temporary one, removed).") var keep: String?
 
     static let defaultSchemes = ["raw:f16", "raw:bf16", "int:k8v8:kc64", "int:k4v4:kc64", "int:k4v2:kc64", "int:k2v2:kc64",
                                  "polar:r4a4+v:raw:f16", "svdq:2:shared+v:raw:f16", "nsn:2", "nsn:1"]
 
+    /// Everything printed, for --write.
+    final class Report {
+        var lines: [String] = []
+        func say(_ s: String = "") {
+            print(s)
+            fflush(nil)   // every stream: progress shows when piped to tee
+            lines.append(s)
+        }
+    }
+
     func run() throws {
         guard let preset = ModelPreset.named(model) else { throw CLIError("unknown model preset \(model)") }
+        guard repetitions >= 1, threads >= 1 else { throw CLIError("--repeat and --threads must be at least 1") }
         var g = preset.geometry
         g.layerCount = 1
-        let counts = tokenCounts.isEmpty ? [4096, 32768] : tokenCounts
+        let counts = tokenCounts.isEmpty ? [4096, 32768, 131_072] : tokenCounts
         let specs = schemes.isEmpty ? Self.defaultSchemes : schemes
+        let resumeCounts = resumeTokens.isEmpty ? [4096, 131_072] : resumeTokens.filter { $0 > 0 }
+        let report = Report()
         let machine = Self.measureMachine()
-        print(String(format: "machine: %@, single-core read bandwidth %.2f GB/s, peak multiply-add %.1f GFLOP/s (f32, one core)",
-                     Self.cpuName(), machine.bandwidth / 1e9, machine.flops / 1e9))
-        print("geometry: one layer of \(preset.name): \(g.kvHeadCount) KV heads, head_dim \(g.headDim), GQA group \(g.groupSize); attention for KV head 0 over every token\n")
+        report.say(String(format: "machine: %@, %d cores, single-core read bandwidth %.2f GB/s, peak multiply-add %.1f GFLOP/s (f32, one core)",
+                          Self.cpuName(), ProcessInfo.processInfo.activeProcessorCount, machine.bandwidth / 1e9, machine.flops / 1e9))
+        report.say("geometry: one layer of \(preset.name): \(g.kvHeadCount) KV heads, head_dim \(g.headDim), GQA group \(g.groupSize); a decode step attends every KV head over every token; times are per KV head")
         try withWorkDirectory(keep: keep, prefix: "kvpack-bench") { dir in
             for n in counts {
-                var rows = [["scheme", "tokens", "B/token/head", "attention", "GB/s", "floor", "x floor", "vs f16", "writer MB/s"]]
-                let data = Self.generate(geometry: g, rope: preset.rope, tokens: n)
-                var denseF16: Double = 0
-                // Dense baselines: raw rows in memory.
-                for (label, spec) in [("dense f16 (memory)", "raw:f16"), ("dense f32 (memory)", "raw:f32")] {
-                    let path = "\(dir)/dense-\(n).kvpack"
-                    _ = try Self.write(path: path, spec: spec, geometry: g, rope: preset.rope, data: data, tokens: n)
-                    let mapped = try MappedFile(path: path)
-                    let file = withExtendedLifetime(mapped) { MappedFile(copying: mapped.bytes) }
-                    let reader = try KVPackReader(file: file, path: path)
-                    let r = try measure(reader, n: n, machine: machine)
-                    if spec == "raw:f16" { denseF16 = r.seconds }
-                    rows.append([label, "\(n)", "\(r.bytesPerToken)", Self.time(r.seconds), String(format: "%.2f", r.gbps),
-                                 Self.time(r.floor), String(format: "%.2f", r.seconds / r.floor), String(format: "%.2f", denseF16 / r.seconds), "-"])
-                    try? FileManager.default.removeItem(atPath: path)
-                }
-                for spec in specs {
-                    let path = "\(dir)/bench-\(n)-\(spec.map { $0.isLetter || $0.isNumber ? $0 : "_" }.map(String.init).joined()).kvpack"
-                    let writeSeconds = try Self.write(path: path, spec: spec, geometry: g, rope: preset.rope, data: data, tokens: n)
-                    let reader = try KVPackReader(path: path)
-                    let r = try measure(reader, n: n, machine: machine)
-                    let inputMB = Double(n * g.kvHeadCount * g.headDim * 2 * 2) / 1e6
-                    rows.append([spec, "\(n)", "\(r.bytesPerToken)", Self.time(r.seconds), String(format: "%.2f", r.gbps),
-                                 Self.time(r.floor), String(format: "%.2f", r.seconds / r.floor), String(format: "%.2f", denseF16 / r.seconds),
-                                 String(format: "%.0f", inputMB / writeSeconds)])
-                    try? FileManager.default.removeItem(atPath: path)
-                }
-                print(formatTable(rows))
-                print("")
+                try attentionTable(dir: dir, preset: preset, geometry: g, tokens: n, specs: specs, machine: machine, report: report)
             }
+            if !resumeCounts.isEmpty {
+                try resumeTable(dir: dir, preset: preset, tokens: resumeCounts, report: report)
+            }
+        }
+        if let write { try Self.replaceSection(of: write, with: report.lines, command: CommandLine.arguments) }
+    }
+
+    // MARK: Attention
+
+    final class Entry {
+        let label: String
+        let reader: KVPackReader
+        let bytesPerToken: Int
+        let streamBytes: Int
+        let writerMBps: Double?
+        var times: [Double] = []
+        var threadedTimes: [Double] = []
+        init(label: String, reader: KVPackReader, streamBytes: Int, tokens: Int, writerMBps: Double?) {
+            self.label = label
+            self.reader = reader
+            self.streamBytes = streamBytes
+            self.bytesPerToken = streamBytes / (tokens * reader.geometry.kvHeadCount)
+            self.writerMBps = writerMBps
         }
     }
 
-    struct Result {
-        var seconds: Double
-        var bytesPerToken: Int
-        var gbps: Double
-        var floor: Double
-    }
-
-    func measure(_ reader: KVPackReader, n: Int, machine: (bandwidth: Double, flops: Double)) throws -> Result {
-        let g = reader.geometry
-        let bytes = try reader.streamBytes()
-        let streamBytes = bytes[g.stream(layer: 0, kvHead: 0, kind: .key)] + bytes[g.stream(layer: 0, kvHead: 0, kind: .value)]
+    func attentionTable(dir: String, preset: ModelPreset, geometry g: ModelGeometry, tokens n: Int, specs: [String],
+                        machine: (bandwidth: Double, flops: Double), report: Report) throws {
+        let data = Self.generate(geometry: g, rope: preset.rope, tokens: n)
+        var entries: [Entry] = []
+        for (label, spec) in [("dense f16 (memory)", "raw:f16"), ("dense f32 (memory)", "raw:f32")] {
+            let path = "\(dir)/dense-\(n).kvpack"
+            _ = try Self.write(path: path, spec: spec, geometry: g, rope: preset.rope, data: data, tokens: n)
+            let mapped = try MappedFile(path: path)
+            let file = withExtendedLifetime(mapped) { MappedFile(copying: mapped.bytes) }
+            let reader = try KVPackReader(file: file, path: path)
+            entries.append(Entry(label: label, reader: reader, streamBytes: try reader.streamBytes().reduce(0, +), tokens: n, writerMBps: nil))
+            try? FileManager.default.removeItem(atPath: path)
+        }
+        let inputMB = Double(n * g.kvHeadCount * g.headDim * 2 * 2) / 1e6
+        for spec in specs {
+            let path = "\(dir)/bench-\(n)-\(spec.map { $0.isLetter || $0.isNumber ? $0 : "_" }.map(String.init).joined()).kvpack"
+            let seconds = try Self.write(path: path, spec: spec, geometry: g, rope: preset.rope, data: data, tokens: n)
+            let reader = try KVPackReader(path: path)
+            entries.append(Entry(label: spec, reader: reader, streamBytes: try reader.streamBytes().reduce(0, +), tokens: n,
+                                 writerMBps: inputMB / seconds))
+            // Unlinked now, mapped until the reader goes: the space returns when the table is done.
+            try? FileManager.default.removeItem(atPath: path)
+        }
+        // One set of queries for every file: kvHeads x group x headDim.
         var rng = SplitMix64(seed: 5)
-        let q = (0 ..< g.groupSize * g.headDim).map { _ in Float(rng.nextGaussian()) }
+        let q = (0 ..< g.kvHeadCount * g.groupSize * g.headDim).map { _ in Float(rng.nextGaussian()) }
         var out = [Float](repeating: 0, count: q.count)
-        let workspace = AttentionWorkspace()
-        var times: [Double] = []
+        let single = [AttentionWorkspace()]
+        let pool = (0 ..< threads).map { _ in AttentionWorkspace() }
         try q.withUnsafeBufferPointer { qp in
             try out.withUnsafeMutableBufferPointer { op in
-                for i in 0 ..< repetitions + 1 {
-                    let t0 = DispatchTime.now().uptimeNanoseconds
-                    try reader.attend(layer: 0, kvHead: 0, queries: qp.baseAddress!, tokens: 0 ..< n, output: op.baseAddress!, workspace: workspace)
-                    let t1 = DispatchTime.now().uptimeNanoseconds
-                    if i > 0 { times.append(Double(t1 - t0) * 1e-9) }   // the first run warms caches and checks blocks
+                // A first pass checks every block's checksum and warms the caches.
+                for e in entries { try e.reader.attendLayer(0, queries: qp.baseAddress!, output: op.baseAddress!, workspaces: single) }
+                for _ in 0 ..< repetitions {
+                    for e in entries {
+                        e.times.append(try Self.seconds {
+                            try e.reader.attendLayer(0, queries: qp.baseAddress!, output: op.baseAddress!, workspaces: single)
+                        } / Double(g.kvHeadCount))
+                        if threads > 1 {
+                            e.threadedTimes.append(try Self.seconds {
+                                try e.reader.attendLayer(0, queries: qp.baseAddress!, output: op.baseAddress!, workspaces: pool)
+                            } / Double(g.kvHeadCount))
+                        }
+                    }
                 }
             }
         }
-        let median = times.sorted()[times.count / 2]
         let flops = Double(4 * g.groupSize * g.headDim * n)
-        let floor = max(Double(streamBytes) / machine.bandwidth, flops / machine.flops)
-        return Result(seconds: median, bytesPerToken: streamBytes / n, gbps: Double(streamBytes) / median / 1e9, floor: floor)
+        let dense = entries[0].times.min()!
+        var header = ["scheme", "tokens", "B/token/head", "attention (median)", "GB/s", "floor", "x floor", "vs f16"]
+        if threads > 1 { header.append("\(threads) threads") }
+        header.append("writer MB/s")
+        var rows = [header]
+        for e in entries {
+            let best = e.times.min()!, median = e.times.sorted()[e.times.count / 2]
+            let perHeadBytes = Double(e.streamBytes) / Double(g.kvHeadCount)
+            let floor = max(perHeadBytes / machine.bandwidth, flops / machine.flops)
+            var row = [e.label, "\(n)", "\(e.bytesPerToken)", "\(Self.time(best)) (\(Self.time(median)))",
+                       String(format: "%.2f", perHeadBytes / best / 1e9), Self.time(floor),
+                       String(format: "%.2f", best / floor), String(format: "%.2f", dense / best)]
+            if threads > 1 { row.append(String(format: "%.2fx", best / e.threadedTimes.min()!)) }
+            row.append(e.writerMBps.map { String(format: "%.0f", $0) } ?? "-")
+            rows.append(row)
+        }
+        report.say("")
+        report.say(formatTable(rows))
+    }
+
+    // MARK: Resume latency
+
+    func resumeTable(dir: String, preset: ModelPreset, tokens counts: [Int], report: Report) throws {
+        var g = preset.geometry
+        g.layerCount = 32
+        let canDrop = FileManager.default.isWritableFile(atPath: "/proc/sys/vm/drop_caches")
+        var rows = [["tokens", "file", "open cold", "open+1st attn cold", "open warm", "1st attn warm", "decode step (32 layers)",
+                     "read whole file", "reader heap", "page cache mapped"]]
+        for n in counts {
+            var one = g
+            one.layerCount = 1
+            let data = Self.generate(geometry: one, rope: preset.rope, tokens: n)
+            let path = "\(dir)/resume-\(n).kvpack"
+            // Every layer gets the same rows: encoding cost and file size are those of real layers.
+            _ = try Self.write(path: path, spec: resumeScheme, geometry: g, rope: preset.rope, data: data, tokens: n, layerStride: 0)
+            let size = (try FileManager.default.attributesOfItem(atPath: path)[.size] as? Int) ?? 0
+            var rng = SplitMix64(seed: 9)
+            let q = (0 ..< g.kvHeadCount * g.groupSize * g.headDim).map { _ in Float(rng.nextGaussian()) }
+            var out = [Float](repeating: 0, count: q.count)
+            let workspace = AttentionWorkspace()
+            var cold: (open: Double, first: Double)?
+            var warmOpen = Double.infinity, warmFirst = Double.infinity, step = Double.infinity, readAll = Double.infinity
+            var heap = 0, mapped = 0
+            try q.withUnsafeBufferPointer { qp in
+                try out.withUnsafeMutableBufferPointer { op in
+                    func openAndAttend() throws -> (Double, Double, KVPackReader) {
+                        let t0 = DispatchTime.now().uptimeNanoseconds
+                        let reader = try KVPackReader(path: path)
+                        let t1 = DispatchTime.now().uptimeNanoseconds
+                        try reader.attend(layer: 0, kvHead: 0, queries: qp.baseAddress!, output: op.baseAddress!, workspace: workspace)
+                        let t2 = DispatchTime.now().uptimeNanoseconds
+                        return (Double(t1 - t0) * 1e-9, Double(t2 - t0) * 1e-9, reader)
+                    }
+                    if canDrop, Self.dropPageCache() {
+                        let (o, f, _) = try openAndAttend()
+                        cold = (o, f)
+                    }
+                    for _ in 0 ..< max(3, repetitions / 3) {
+                        let anonBefore = Self.memoryStatus("RssAnon")
+                        let (o, f, reader) = try openAndAttend()
+                        warmOpen = min(warmOpen, o)
+                        warmFirst = min(warmFirst, f - o)
+                        let workspaces = [workspace]
+                        step = min(step, try Self.seconds {
+                            for layer in 0 ..< g.layerCount {
+                                try reader.attendLayer(layer, queries: qp.baseAddress!, output: op.baseAddress!, workspaces: workspaces)
+                            }
+                        })
+                        heap = max(heap, Self.memoryStatus("RssAnon") - anonBefore)
+                        mapped = max(mapped, Self.memoryStatus("RssFile"))
+                        readAll = min(readAll, try Self.seconds { try Self.readEveryByte(path) })
+                    }
+                }
+            }
+            rows.append(["\(n)", Self.bytes(size), cold.map { Self.time($0.open) } ?? "-", cold.map { Self.time($0.first) } ?? "-",
+                         Self.time(warmOpen), Self.time(warmFirst), Self.time(step), Self.time(readAll), Self.bytes(heap), Self.bytes(mapped)])
+            try? FileManager.default.removeItem(atPath: path)
+        }
+        report.say("")
+        report.say("resume latency: \(g.layerCount) layers of \(preset.name), \(resumeScheme); cold = page cache dropped first" + (canDrop ? "" : " (not permitted here: '-')"))
+        report.say("")
+        report.say(formatTable(rows))
+    }
+
+    /// Sums every 8-byte word of a mapped file: the cost of reading it all (it is in the page
+    /// cache after the first pass).
+    static func readEveryByte(_ path: String) throws {
+        let file = try MappedFile(path: path)
+        let bytes = file.bytes
+        let base = bytes.baseAddress!
+        var acc = SIMD4<UInt64>()
+        var i = 0
+        while i + 32 <= bytes.count {
+            acc &+= base.loadUnaligned(fromByteOffset: i, as: SIMD4<UInt64>.self)
+            i += 32
+        }
+        if acc == SIMD4(repeating: 0x1234_5678) { print("") }   // keeps the loop
+    }
+
+    static func dropPageCache() -> Bool {
+        sync()
+        return FileManager.default.createFile(atPath: "/proc/sys/vm/drop_caches", contents: Data("3\n".utf8))
+            || (try? "3\n".write(toFile: "/proc/sys/vm/drop_caches", atomically: false, encoding: .utf8)) != nil
+    }
+
+    /// A field of /proc/self/status in bytes (0 where unavailable).
+    static func memoryStatus(_ field: String) -> Int {
+        guard let text = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8),
+              let line = text.split(separator: "\n").first(where: { $0.hasPrefix(field + ":") }),
+              let kb = line.split(separator: " ").compactMap({ Int($0) }).first else { return 0 }
+        return kb * 1024
     }
 
     // MARK: Data and files
@@ -113,9 +261,10 @@ struct BenchCommand: ParsableCommand {
         return (k, v)
     }
 
-    /// Writes the cache in `spec` (planners calibrate on the first 512 tokens); returns seconds.
+    /// Writes the cache in `spec` (planners calibrate on the first 512 tokens); every layer reads
+    /// `data` at `layerStride` (0: the same rows). Returns seconds.
     static func write(path: String, spec text: String, geometry g: ModelGeometry, rope: RoPEConfig,
-                      data: (keys: [Float], values: [Float]), tokens n: Int) throws -> Double {
+                      data: (keys: [Float], values: [Float]), tokens n: Int, layerStride: Int = 0) throws -> Double {
         let per = g.kvHeadCount * g.headDim
         let calibration = min(n, 512)
         let spec = try SchemeSpec.parse(text, geometry: g) {
@@ -141,12 +290,17 @@ struct BenchCommand: ParsableCommand {
         let writer = try KVPackWriter.create(path: path, manifest: manifest, blobs: plan.blobs, options: options)
         let batch = 1024
         var t = 0
-        while t < n {
-            let m = min(batch, n - t)
-            try writer.append(tokenIDs: [UInt32](repeating: 1, count: m), keys: Array(data.keys[t * per ..< (t + m) * per]),
-                              values: Array(data.values[t * per ..< (t + m) * per]),
-                              layout: KVBatchLayout(layerStride: per, tokenStride: per, headStride: g.headDim))
-            t += m
+        try data.keys.withUnsafeBufferPointer { kp in
+            try data.values.withUnsafeBufferPointer { vp in
+                while t < n {
+                    let m = min(batch, n - t)
+                    try writer.append(tokenIDs: [UInt32](repeating: 1, count: m),
+                                      keys: UnsafeBufferPointer(rebasing: kp[t * per ..< (t + m) * per]),
+                                      values: UnsafeBufferPointer(rebasing: vp[t * per ..< (t + m) * per]),
+                                      layout: KVBatchLayout(layerStride: layerStride, tokenStride: per, headStride: g.headDim))
+                    t += m
+                }
+            }
         }
         try writer.close()
         return Double(DispatchTime.now().uptimeNanoseconds - start) * 1e-9
@@ -207,7 +361,41 @@ struct BenchCommand: ParsableCommand {
         return line.split(separator: ":", maxSplits: 1).last.map { $0.trimmingCharacters(in: .whitespaces) } ?? "unknown CPU"
     }
 
+    static func seconds(_ body: () throws -> Void) rethrows -> Double {
+        let t0 = DispatchTime.now().uptimeNanoseconds
+        try body()
+        return Double(DispatchTime.now().uptimeNanoseconds - t0) * 1e-9
+    }
+
     static func time(_ s: Double) -> String {
-        s >= 1e-3 ? String(format: "%.2f ms", s * 1e3) : String(format: "%.1f us", s * 1e6)
+        s >= 1 ? String(format: "%.2f s", s) : s >= 1e-3 ? String(format: "%.2f ms", s * 1e3) : String(format: "%.1f us", s * 1e6)
+    }
+
+    static func bytes(_ n: Int) -> String {
+        n >= 1 << 30 ? String(format: "%.2f GiB", Double(n) / 1_073_741_824)
+            : n >= 1 << 20 ? String(format: "%.1f MiB", Double(n) / 1_048_576) : String(format: "%.0f KiB", Double(n) / 1024)
+    }
+
+    // MARK: Report
+
+    static let beginMarker = "<!-- kvpack bench: begin (generated by `kvpack bench --write`; edits inside are replaced) -->"
+    static let endMarker = "<!-- kvpack bench: end -->"
+
+    /// Replaces the text between the markers (appending both when absent) with the command line,
+    /// the date and the output in a code block.
+    static func replaceSection(of path: String, with lines: [String], command: [String]) throws {
+        let existing = (try? String(contentsOfFile: path, encoding: .utf8)) ?? ""
+        let formatter = ISO8601DateFormatter()
+        formatter.formatOptions = [.withFullDate]
+        let args = command.dropFirst().map { $0.contains(" ") ? "'\($0)'" : $0 }.joined(separator: " ")
+        let body = [beginMarker, "", "    kvpack \(args)", "", "Run on \(formatter.string(from: Date())).", "", "```"] + lines + ["```", endMarker]
+        var text: String
+        if let b = existing.range(of: beginMarker), let e = existing.range(of: endMarker), b.upperBound <= e.lowerBound {
+            text = existing.replacingCharacters(in: b.lowerBound ..< e.upperBound, with: body.joined(separator: "\n"))
+        } else {
+            text = existing + (existing.hasSuffix("\n") || existing.isEmpty ? "" : "\n") + "\n" + body.joined(separator: "\n") + "\n"
+        }
+        try text.write(toFile: path, atomically: true, encoding: .utf8)
+        print("wrote the results into \(path)")
     }
 }

@@ -249,20 +249,21 @@ public struct IntScheme: KVScheme {
         let out = block.baseAddress!
         out.initializeMemory(as: UInt8.self, repeating: 0, count: block.count)
         let d = headDim
-        // Members of group g: per token, a run of head_dim; per channel, a column over a token run.
+        // Members of group g: per token, a run of head_dim; per channel, a column over a token
+        // run. Walked as (first element, step) so encoding allocates nothing.
+        let per = d / groupSize
         for g in 0 ..< groupCount {
-            let members: [(Int, Int)]
+            let first: Int, step: Int
             if grouping == .token {
-                let per = d / groupSize
-                let t = g / per, c0 = (g % per) * groupSize
-                members = (0 ..< groupSize).map { (t, c0 + $0) }
+                first = (g / per) * d + (g % per) * groupSize
+                step = 1
             } else {
-                let t0 = (g / d) * groupSize, c = g % d
-                members = (0 ..< groupSize).map { (t0 + $0, c) }
+                first = (g / d) * groupSize * d + g % d
+                step = d
             }
             var lo = Float.infinity, hi = -Float.infinity
-            for (t, c) in members {
-                let x = Self.representable(rows[t * d + c])
+            for i in 0 ..< groupSize {
+                let x = Self.representable(rows[first + i * step])
                 lo = min(lo, x)
                 hi = max(hi, x)
             }
@@ -273,13 +274,15 @@ public struct IntScheme: KVScheme {
             out.storeBytes(of: scale16.bitPattern, toByteOffset: scalesOffset + 2 * g, as: UInt16.self)
             out.storeBytes(of: offset16.bitPattern, toByteOffset: offsetsOffset + 2 * g, as: UInt16.self)
             guard scale > 0 else { continue }  // every member equals the offset: codes stay 0
-            for (t, c) in members {
-                let q = ((Self.representable(rows[t * d + c]) - offset) / scale).rounded(.toNearestOrEven)
-                let code = UInt64(min(max(q, 0), levels))
+            for i in 0 ..< groupSize {
+                let element = first + i * step
+                let t = element / d, c = element % d
+                let q = ((Self.representable(rows[element]) - offset) / scale).rounded(.toNearestOrEven)
+                let code = UInt32(min(max(q, 0), levels))
                 let bit = c * bits
                 // A code may straddle a byte boundary (3 bits): write it through a 16-bit window.
                 let at = t * rowBytes + bit / 8
-                let shifted = code << UInt64(bit % 8)
+                let shifted = code << UInt32(bit % 8)
                 out.storeBytes(of: out.load(fromByteOffset: at, as: UInt8.self) | UInt8(truncatingIfNeeded: shifted), toByteOffset: at, as: UInt8.self)
                 if shifted > 0xFF {
                     out.storeBytes(of: out.load(fromByteOffset: at + 1, as: UInt8.self) | UInt8(truncatingIfNeeded: shifted >> 8),
@@ -349,40 +352,66 @@ public struct IntScheme: KVScheme {
     }
 
     /// Rows [t0, t0 + n) of a sealed block, decoded into `tile` (n x headDim f32), 8 codes per
-    /// step in vector registers: one little-endian load of the `bits` bytes holding them,
-    /// per-lane shifts, and the exponent trick for the int-to-float conversion. A load may read
-    /// up to 3 bytes past a row's codes: the scales and offsets (4 bytes per group, at least
-    /// one group) follow the codes in every block, so it stays inside the payload.
+    /// step in vector registers.
     @inline(__always)
     func decodeTile(_ p: UnsafeRawPointer, from t0: Int, count n: Int, into tile: UnsafeMutablePointer<Float>) {
-        let d = headDim, chunks = d / 8, out = UnsafeMutableRawPointer(tile)
-        let exponent = SIMD8<UInt32>(repeating: 0x4B00_0000), bias = SIMD8<Float>(repeating: 8_388_608)
-        let perToken = d / groupSize
+        let d = headDim
+        if grouping == .channel {
+            // Scales and offsets of a token run are converted to f32 once, then shared by its rows.
+            withUnsafeTemporaryAllocation(of: SIMD8<Float>.self, capacity: d / 4) { buffer in
+                let sc = buffer.baseAddress!, of = sc + d / 8
+                var t = t0
+                while t < t0 + n {
+                    let run = t / groupSize
+                    let end = min(t0 + n, (run + 1) * groupSize)
+                    for j in 0 ..< d / 8 {
+                        let g = run &* d &+ 8 &* j
+                        sc[j] = SIMD8<Float>(p.loadUnaligned(fromByteOffset: scalesOffset &+ 2 &* g, as: SIMD8<Float16>.self))
+                        of[j] = SIMD8<Float>(p.loadUnaligned(fromByteOffset: offsetsOffset &+ 2 &* g, as: SIMD8<Float16>.self))
+                    }
+                    for row in t ..< end {
+                        let codes = p + row &* rowBytes
+                        let o = UnsafeMutableRawPointer(tile + (row - t0) &* d)
+                        for j in 0 ..< d / 8 {
+                            o.storeBytes(of: of[j].addingProduct(codeValues(codes, chunk: j), sc[j]), toByteOffset: 32 &* j, as: SIMD8<Float>.self)
+                        }
+                    }
+                    t = end
+                }
+            }
+            return
+        }
+        let perToken = d / groupSize, chunksPerGroup = groupSize / 8
         for row in 0 ..< n {
             let t = t0 + row
-            let codes = p + t * rowBytes
-            let o = out + 4 * d * row
-            for j in 0 ..< chunks {
-                let word: SIMD8<UInt32>
-                if bits == 8 {
-                    word = SIMD8<UInt32>(truncatingIfNeeded: codes.loadUnaligned(fromByteOffset: 8 * j, as: SIMD8<UInt8>.self))
-                } else {
-                    word = (SIMD8<UInt32>(repeating: codes.loadUnaligned(fromByteOffset: j * bits, as: UInt32.self)) &>> shifts32) & mask32
+            let codes = p + t &* rowBytes
+            let o = UnsafeMutableRawPointer(tile + row &* d)
+            var j = 0
+            for grp in 0 ..< perToken {
+                let g = t &* perToken &+ grp
+                let sc = SIMD8<Float>(repeating: scale(p, g)), of = SIMD8<Float>(repeating: offset(p, g))
+                for _ in 0 ..< chunksPerGroup {
+                    o.storeBytes(of: of.addingProduct(codeValues(codes, chunk: j), sc), toByteOffset: 32 &* j, as: SIMD8<Float>.self)
+                    j &+= 1
                 }
-                let x = unsafeBitCast(word | exponent, to: SIMD8<Float>.self) - bias
-                let sc: SIMD8<Float>, of: SIMD8<Float>
-                if grouping == .channel {
-                    let g = (t / groupSize) * d + 8 * j
-                    sc = SIMD8<Float>(p.loadUnaligned(fromByteOffset: scalesOffset + 2 * g, as: SIMD8<Float16>.self))
-                    of = SIMD8<Float>(p.loadUnaligned(fromByteOffset: offsetsOffset + 2 * g, as: SIMD8<Float16>.self))
-                } else {
-                    let g = t * perToken + (8 * j) / groupSize
-                    sc = SIMD8<Float>(repeating: scale(p, g))
-                    of = SIMD8<Float>(repeating: offset(p, g))
-                }
-                o.storeBytes(of: of.addingProduct(x, sc), toByteOffset: 32 * j, as: SIMD8<Float>.self)
             }
         }
+    }
+
+    /// Codes 8j ..< 8j+8 of a row as floats: one little-endian load of the `bits` bytes holding
+    /// them, per-lane shifts, and the exponent trick for the int-to-float conversion (Swift's
+    /// SIMD conversions compile to calls). A load may read up to 3 bytes past a row's codes: the
+    /// scales and offsets (4 bytes per group, at least one group) follow the codes in every
+    /// block, so it stays inside the payload.
+    @inline(__always)
+    func codeValues(_ codes: UnsafeRawPointer, chunk j: Int) -> SIMD8<Float> {
+        let word: SIMD8<UInt32>
+        if bits == 8 {
+            word = SIMD8<UInt32>(truncatingIfNeeded: codes.loadUnaligned(fromByteOffset: 8 &* j, as: SIMD8<UInt8>.self))
+        } else {
+            word = (SIMD8<UInt32>(repeating: codes.loadUnaligned(fromByteOffset: j &* bits, as: UInt32.self)) &>> shifts32) & mask32
+        }
+        return unsafeBitCast(word | SIMD8(repeating: 0x4B00_0000), to: SIMD8<Float>.self) - SIMD8(repeating: 8_388_608)
     }
 
     // MARK: Attention over codes
