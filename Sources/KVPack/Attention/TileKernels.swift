@@ -15,6 +15,37 @@ public enum TileKernels {
     @inline(__always)
     public static func tileRows(dim d: Int) -> Int { min(64, max(4, 4096 / max(d, 1))) }
 
+    /// Runs of rows [tokens] decoded by `decode` into one stack tile, then handed to `body`
+    /// (first token, count, tile). For schemes whose fast path is "decode a tile, then the
+    /// shared kernels".
+    @inline(__always)
+    public static func byTiles(dim d: Int, tokens: Range<Int>, decode: (Range<Int>, UnsafeMutablePointer<Float>) -> Void,
+                               _ body: (Int, Int, UnsafePointer<Float>) -> Void) {
+        let per = tileRows(dim: d)
+        withUnsafeTemporaryAllocation(of: Float.self, capacity: per * d) { buffer in
+            let tile = buffer.baseAddress!
+            var t = tokens.lowerBound
+            while t < tokens.upperBound {
+                let n = min(per, tokens.upperBound - t)
+                decode(t ..< t + n, tile)
+                body(t, n, tile)
+                t += n
+            }
+        }
+    }
+
+    /// Rows [tokens] decoded one at a time (head dimensions that are not a multiple of 8).
+    @inline(__always)
+    public static func byRows(dim d: Int, tokens: Range<Int>, decode: (Range<Int>, UnsafeMutablePointer<Float>) -> Void,
+                              _ body: (Int, UnsafePointer<Float>) -> Void) {
+        withUnsafeTemporaryAllocation(of: Float.self, capacity: d) { buffer in
+            for t in tokens {
+                decode(t ..< t + 1, buffer.baseAddress!)
+                body(t, buffer.baseAddress!)
+            }
+        }
+    }
+
     // MARK: Scores
 
     /// out[q * stride + t] = queries[q] . tile[t] for t < count, q < groupSize.

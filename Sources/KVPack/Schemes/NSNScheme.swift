@@ -23,7 +23,7 @@ public struct NSNScheme: KVScheme {
     public static let kind = SchemeKind.nsn
     public static let name = "nsn"
     public static let specSyntax = "<1|2>[:seed<S>]"
-    public static let summary = "NSNQuant: normalize-shift-normalize, random-sign Hadamard, then a universal Gaussian codebook per 8 dims (1 bit: 256 entries; 2 bits: 8 signs + 256 magnitudes); per token two f16 norms, per block the f16 mean; lookup-table attention"
+    public static let summary = "NSNQuant: normalize-shift-normalize, random-sign Hadamard, then a universal Gaussian codebook per 8 dims (1 bit: 256 entries; 2 bits: 8 signs + 256 magnitudes); per token two f16 norms, per block the f16 mean; attention in the rotated domain"
 
     public static let pieceDim = 8
     public static let entries = 256
@@ -392,63 +392,61 @@ public struct NSNScheme: KVScheme {
 
     // MARK: Attention over codes
 
-    /// Per query: the rotated query (scaled, divided by sqrt(d)), then the unrotated scaled query
-    /// (for the mean term), then, for 1 bit, a 256-entry table per piece.
-    public func queryStateSize(groupSize g: Int) -> Int { g * (2 * headDim + (bits == 1 ? pieces * Self.entries : 0)) }
-
-    var stateStride: Int { 2 * headDim + (bits == 1 ? pieces * Self.entries : 0) }
+    /// The rotated queries (scaled, divided by sqrt(d)) of the whole group, then the unrotated
+    /// scaled queries (for the mean term). Rows are decoded a tile at a time in the rotated
+    /// domain, codewords times their token's norms, and scored and accumulated by the shared
+    /// tile kernels; the 1-bit per-query tables of earlier versions cost a lookup per piece,
+    /// query and token and measured slower.
+    public func queryStateSize(groupSize g: Int) -> Int { 2 * g * headDim }
 
     public func prepare(queries: UnsafePointer<Float>, groupSize g: Int, scale: Float, into state: UnsafeMutablePointer<Float>) {
         let d = headDim, invRoot = 1 / Float(d).squareRoot()
-        codebook.withUnsafeBytes { book in
-            for q in 0 ..< g {
-                let st = state + q * stateStride
-                for i in 0 ..< d { st[i] = queries[q * d + i] * scale; st[d + i] = st[i] }
-                // q . D H y = (H D q) . y: rotate the query once.
-                rotate(st)
-                for i in 0 ..< d { st[i] *= invRoot }
-                guard bits == 1 else { continue }
-                let tables = st + 2 * d
-                for s in 0 ..< pieces {
-                    let qs = UnsafeRawPointer(st).loadUnaligned(fromByteOffset: 32 * s, as: SIMD8<Float>.self)
-                    for e in 0 ..< Self.entries {
-                        tables[s * Self.entries + e] = (qs * book.baseAddress!.loadUnaligned(fromByteOffset: 32 * e, as: SIMD8<Float>.self)).sum()
-                    }
-                }
-            }
+        for q in 0 ..< g {
+            let rotated = state + q * d, plain = state + (g + q) * d
+            for i in 0 ..< d { plain[i] = queries[q * d + i] * scale; rotated[i] = plain[i] }
+            // q . D H y = (H D q) . y: rotate the query once.
+            rotate(rotated)
+            for i in 0 ..< d { rotated[i] *= invRoot }
         }
+    }
+
+    /// Rows [t0, t0 + n) in the rotated domain, codeword times `factor(n1, n2)` of the token.
+    @inline(__always)
+    func rotatedRows(_ p: UnsafeRawPointer, book: UnsafeRawPointer, from t0: Int, count n: Int, into tile: UnsafeMutablePointer<Float>,
+                     factor: (Float, Float) -> Float) {
+        let c = segmentTokens, out = UnsafeMutableRawPointer(tile)
+        for r in 0 ..< n {
+            let t = t0 + r
+            let f = SIMD8<Float>(repeating: factor(f16(p, 2 * t), f16(p, 2 * (c + t))))
+            let codes = p + codesOffset + t * codeBytes
+            let o = out + 4 * headDim * r
+            for s in 0 ..< pieces { o.storeBytes(of: codeword(codes, piece: s, book: book) * f, toByteOffset: 32 * s, as: SIMD8<Float>.self) }
+        }
+    }
+
+    /// `count` f16 values at byte `at` as floats (norms and means are stored consecutively).
+    @inline(__always)
+    func widen(_ p: UnsafeRawPointer, at: Int, count: Int, into out: UnsafeMutablePointer<Float>) {
+        RowKernels.widenFloat16(p + at, out, count)
     }
 
     public func scores(block: UnsafeRawBufferPointer, tokens: Range<Int>, state: UnsafePointer<Float>, groupSize g: Int,
                        into scores: UnsafeMutablePointer<Float>, stride: Int) {
-        let p = block.baseAddress!, d = headDim, c = segmentTokens, lo = tokens.lowerBound
+        let p = block.baseAddress!, d = headDim, lo = tokens.lowerBound, n = tokens.count
         codebook.withUnsafeBytes { book in
-            withUnsafeTemporaryAllocation(of: Float.self, capacity: g + d) { tmp in
-                let meanTerms = tmp.baseAddress!, y = tmp.baseAddress! + g
+            withUnsafeTemporaryAllocation(of: Float.self, capacity: g + d + n) { tmp in
+                let meanTerms = tmp.baseAddress!, mean = meanTerms + g, n1 = mean + d
+                widen(p, at: meanOffset, count: d, into: mean)
+                widen(p, at: 2 * lo, count: n, into: n1)
                 // q . mu once per block and query.
-                for q in 0 ..< g {
-                    let st = state + q * stateStride
-                    var m: Float = 0
-                    for i in 0 ..< d { m += st[d + i] * f16(p, meanOffset + 2 * i) }
-                    meanTerms[q] = m
+                for q in 0 ..< g { meanTerms[q] = RowKernels.dot(state + (g + q) * d, mean, d) }
+                // score = n1 (n2 (q' . y) + q . mu) = q' . (n1 n2 y) + n1 (q . mu)
+                TileKernels.byTiles(dim: d, tokens: tokens, decode: { range, tile in
+                    rotatedRows(p, book: book.baseAddress!, from: range.lowerBound, count: range.count, into: tile) { $0 * $1 }
+                }) { t, n, tile in
+                    TileKernels.scores(tile: tile, count: n, dim: d, queries: state, groupSize: g, into: scores + (t - lo), stride: stride)
                 }
-                for t in tokens {
-                    let codes = p + codesOffset + t * codeBytes
-                    let n1 = f16(p, 2 * t), n2 = f16(p, 2 * (c + t))
-                    // 2 bits: expand the token's codewords once, then one dot product per query.
-                    if bits == 2 { codewords(p, token: t, book: book.baseAddress!, into: y) }
-                    for q in 0 ..< g {
-                        let st = state + q * stateStride
-                        var dot: Float = 0
-                        if bits == 1 {
-                            let tables = st + 2 * d
-                            for s in 0 ..< pieces { dot += tables[s * Self.entries + Int(codes.load(fromByteOffset: s, as: UInt8.self))] }
-                        } else {
-                            dot = RowKernels.dot(st, y, d)
-                        }
-                        scores[q * stride + (t - lo)] = n1 * (n2 * dot + meanTerms[q])
-                    }
-                }
+                for q in 0 ..< g { RowKernels.axpy(meanTerms[q], n1, scores + q * stride, n) }
             }
         }
     }
@@ -457,24 +455,22 @@ public struct NSNScheme: KVScheme {
     /// block mean rotated the same way) until `finishAccumulation` rotates it back.
     public func accumulate(block: UnsafeRawBufferPointer, tokens: Range<Int>, weights: UnsafePointer<Float>, stride: Int,
                            groupSize g: Int, into acc: UnsafeMutablePointer<Float>) {
-        let p = block.baseAddress!, d = headDim, c = segmentTokens, lo = tokens.lowerBound
+        let p = block.baseAddress!, d = headDim, lo = tokens.lowerBound, n = tokens.count
         let invRoot = 1 / Float(d).squareRoot()
         codebook.withUnsafeBytes { book in
-            withUnsafeTemporaryAllocation(of: Float.self, capacity: 2 * d + g) { tmp in
-                let mean = tmp.baseAddress!, y = mean + d, meanWeights = y + d
-                for i in 0 ..< d { mean[i] = f16(p, meanOffset + 2 * i) }
+            withUnsafeTemporaryAllocation(of: Float.self, capacity: d + n) { tmp in
+                let mean = tmp.baseAddress!, n1 = mean + d
+                widen(p, at: meanOffset, count: d, into: mean)
+                widen(p, at: 2 * lo, count: n, into: n1)
                 rotate(mean)
-                for q in 0 ..< g { meanWeights[q] = 0 }
-                for t in tokens {
-                    let n1 = f16(p, 2 * t), n2 = f16(p, 2 * (c + t))
-                    codewords(p, token: t, book: book.baseAddress!, into: y)
-                    for q in 0 ..< g {
-                        let w = weights[q * stride + (t - lo)] * n1
-                        meanWeights[q] += w
-                        RowKernels.axpy(w * n2 * invRoot, y, acc + q * d, d)
-                    }
+                // v = n1 (n2 y / sqrt(d) + mu): the y part through the tile kernels, the mu part
+                // as one weight per query.
+                TileKernels.byTiles(dim: d, tokens: tokens, decode: { range, tile in
+                    rotatedRows(p, book: book.baseAddress!, from: range.lowerBound, count: range.count, into: tile) { $0 * ($1 * invRoot) }
+                }) { t, n, tile in
+                    TileKernels.accumulate(tile: tile, count: n, dim: d, weights: weights + (t - lo), stride: stride, groupSize: g, into: acc)
                 }
-                for q in 0 ..< g { RowKernels.axpy(meanWeights[q], mean, acc + q * d, d) }
+                for q in 0 ..< g { RowKernels.axpy(RowKernels.dot(weights + q * stride, n1, n), mean, acc + q * d, d) }
             }
         }
     }

@@ -5,9 +5,8 @@ import Glibc
 /// PolarQuant (Wu et al. 2025): each 2-D sub-vector of a key, paired as RoPE rotates them,
 /// becomes a radius and an angle. Outliers land in the radius, which gets an f16 range per
 /// (run of tokens, pair); the angle is bounded and is quantized uniformly over the full circle
-/// with no metadata. Attention builds, once per query, a table per pair over the angle codes,
-/// `T_j[a] = q_x cos(theta_a) + q_y sin(theta_a)`, so a score is sum_j rhat_j * T_j[a_j]: lookups
-/// and multiply-adds, no trigonometry per token.
+/// with no metadata. Decoding needs no trigonometry: cos and sin of every angle code come from a
+/// table of 2^angleBits entries built once.
 ///
 /// Parameters (8 bytes, Spec/ "Scheme 3: polar"): radiusBits u8 (1...8), angleBits u8 (1...8),
 /// pairing u8 (0: adjacent (2j, 2j+1); 1: rotate-half (j, j + d/2); 255: as the manifest's RoPE
@@ -204,28 +203,78 @@ public struct PolarScheme: KVScheme {
         }
     }
 
-    /// rhat and the angle code of every pair of token `t`.
-    @inline(__always)
-    func unpack(_ p: UnsafeRawPointer, token t: Int, radii: UnsafeMutablePointer<Float>, angles: UnsafeMutablePointer<Int32>) {
-        let run = t / radiusGroup
-        for j in 0 ..< pairs {
-            let index = t * pairs + j
-            angles[j] = Int32(Self.code(p, section: 0, index: index, bits: angleBits))
-            let r = Float(Self.code(p, section: angleBytes, index: index, bits: radiusBits))
-            radii[j] = radiusScale(p, run: run, pair: j) * r + radiusOffset(p, run: run, pair: j)
+    public func decode(block: UnsafeRawBufferPointer, tokens: Range<Int>, into out: UnsafeMutablePointer<Float>) {
+        let p = block.baseAddress!, d = headDim
+        if pairs % 8 == 0, Self.vectorBits(angleBits), Self.vectorBits(radiusBits) {
+            return decodeVector(p, tokens: tokens, into: out)
+        }
+        angleTable.withUnsafeBufferPointer { table in
+            dims.withUnsafeBufferPointer { dims in
+                for (row, t) in tokens.enumerated() {
+                    let run = t / radiusGroup, o = out + row * d
+                    for j in 0 ..< pairs {
+                        let index = t * pairs + j
+                        let a = Self.code(p, section: 0, index: index, bits: angleBits)
+                        let r = radiusScale(p, run: run, pair: j) * Float(Self.code(p, section: angleBytes, index: index, bits: radiusBits))
+                            + radiusOffset(p, run: run, pair: j)
+                        o[dims[2 * j]] = r * table[2 * a]
+                        o[dims[2 * j + 1]] = r * table[2 * a + 1]
+                    }
+                }
+            }
         }
     }
 
-    public func decode(block: UnsafeRawBufferPointer, tokens: Range<Int>, into out: UnsafeMutablePointer<Float>) {
-        let p = block.baseAddress!, d = headDim
-        withUnsafeTemporaryAllocation(of: Float.self, capacity: pairs) { radii in
-            withUnsafeTemporaryAllocation(of: Int32.self, capacity: pairs) { angles in
-                for (row, t) in tokens.enumerated() {
-                    unpack(p, token: t, radii: radii.baseAddress!, angles: angles.baseAddress!)
-                    for j in 0 ..< pairs {
-                        let a = Int(angles[j])
-                        out[row * d + dims[2 * j]] = radii[j] * angleTable[2 * a]
-                        out[row * d + dims[2 * j + 1]] = radii[j] * angleTable[2 * a + 1]
+    /// Widths whose 8 codes `codes8` reads in one load.
+    static func vectorBits(_ b: Int) -> Bool { b <= 4 || b == 8 }
+
+    /// Codes index ..< index + 8 (index a multiple of 8, so they start on a byte) of a stream.
+    /// Reads at most 4 bytes past the last code of the radius stream: the f16 ranges follow it.
+    @inline(__always)
+    static func codes8(_ p: UnsafeRawPointer, section: Int, index: Int, bits: Int) -> SIMD8<UInt32> {
+        let at = section &+ (index &* bits) &>> 3
+        if bits == 8 { return SIMD8<UInt32>(truncatingIfNeeded: p.loadUnaligned(fromByteOffset: at, as: SIMD8<UInt8>.self)) }
+        let shifts = SIMD8<UInt32>(0, 1, 2, 3, 4, 5, 6, 7) &* UInt32(bits)
+        return (SIMD8<UInt32>(repeating: p.loadUnaligned(fromByteOffset: at, as: UInt32.self)) &>> shifts) & SIMD8(repeating: (1 << UInt32(bits)) - 1)
+    }
+
+    /// The same values as the scalar path, 8 pairs per step for codes and radii; cos and sin are
+    /// one lookup per pair.
+    func decodeVector(_ p: UnsafeRawPointer, tokens: Range<Int>, into out: UnsafeMutablePointer<Float>) {
+        let d = headDim, groups = pairs / 8
+        let exponent = SIMD8<UInt32>(repeating: 0x4B00_0000), bias = SIMD8<Float>(repeating: 8_388_608)
+        angleTable.withUnsafeBufferPointer { table in
+            dims.withUnsafeBufferPointer { dims in
+                withUnsafeTemporaryAllocation(of: SIMD8<Float>.self, capacity: 2 * groups) { lanes in
+                    withUnsafeTemporaryAllocation(of: SIMD8<UInt32>.self, capacity: groups) { codeLanes in
+                        let radii = UnsafeMutableRawPointer(lanes.baseAddress!).assumingMemoryBound(to: Float.self)
+                        let angles = UnsafeMutableRawPointer(codeLanes.baseAddress!).assumingMemoryBound(to: UInt32.self)
+                        let adjacent = dims[1] == 1
+                        for (row, t) in tokens.enumerated() {
+                            let run = t / radiusGroup, o = out + row * d
+                            for k in 0 ..< groups {
+                                let index = t &* pairs &+ 8 &* k, range = run &* pairs &+ 8 &* k
+                                codeLanes[k] = Self.codes8(p, section: 0, index: index, bits: angleBits)
+                                let code = unsafeBitCast(Self.codes8(p, section: angleBytes, index: index, bits: radiusBits) | exponent,
+                                                         to: SIMD8<Float>.self) - bias
+                                let scale = SIMD8<Float>(p.loadUnaligned(fromByteOffset: scalesOffset &+ 2 &* range, as: SIMD8<Float16>.self))
+                                let offset = SIMD8<Float>(p.loadUnaligned(fromByteOffset: offsetsOffset &+ 2 &* range, as: SIMD8<Float16>.self))
+                                lanes[k] = scale * code + offset
+                            }
+                            if adjacent {
+                                for j in 0 ..< pairs {
+                                    let a = Int(angles[j]), r = radii[j]
+                                    o[2 &* j] = r * table[2 &* a]
+                                    o[2 &* j &+ 1] = r * table[2 &* a &+ 1]
+                                }
+                            } else {
+                                for j in 0 ..< pairs {
+                                    let a = Int(angles[j]), r = radii[j]
+                                    o[dims[2 &* j]] = r * table[2 &* a]
+                                    o[dims[2 &* j &+ 1]] = r * table[2 &* a &+ 1]
+                                }
+                            }
+                        }
                     }
                 }
             }
@@ -234,57 +283,38 @@ public struct PolarScheme: KVScheme {
 
     // MARK: Attention over codes
 
-    /// One table per (query, pair): 2^angleBits floats.
-    public func queryStateSize(groupSize g: Int) -> Int { g * pairs * (1 << angleBits) }
+    /// The scaled queries. Rows are decoded a tile at a time (one lookup of cos and sin per pair)
+    /// and scored by the shared tile kernels: the paper's per-query tables cost a lookup per
+    /// pair, query and token, and measured about 10x slower than decoding once per token.
+    public func queryStateSize(groupSize g: Int) -> Int { g * headDim }
 
     public func prepare(queries: UnsafePointer<Float>, groupSize g: Int, scale: Float, into state: UnsafeMutablePointer<Float>) {
-        let count = 1 << angleBits
-        for q in 0 ..< g {
-            for j in 0 ..< pairs {
-                let qx = scale * queries[q * headDim + dims[2 * j]], qy = scale * queries[q * headDim + dims[2 * j + 1]]
-                let table = state + (q * pairs + j) * count
-                for a in 0 ..< count { table[a] = qx * angleTable[2 * a] + qy * angleTable[2 * a + 1] }
-            }
-        }
+        RowKernels.scaled(queries, by: scale, into: state, count: g * headDim)
     }
 
     public func scores(block: UnsafeRawBufferPointer, tokens: Range<Int>, state: UnsafePointer<Float>, groupSize g: Int,
                        into scores: UnsafeMutablePointer<Float>, stride: Int) {
-        let p = block.baseAddress!, count = 1 << angleBits, lo = tokens.lowerBound
-        withUnsafeTemporaryAllocation(of: Float.self, capacity: pairs) { radii in
-            withUnsafeTemporaryAllocation(of: Int32.self, capacity: pairs) { angles in
-                let r = radii.baseAddress!, a = angles.baseAddress!
-                for t in tokens {
-                    unpack(p, token: t, radii: r, angles: a)
-                    for q in 0 ..< g {
-                        let tables = state + q * pairs * count
-                        var s: Float = 0
-                        for j in 0 ..< pairs { s += r[j] * tables[j * count + Int(a[j])] }
-                        scores[q * stride + (t - lo)] = s
-                    }
-                }
+        let d = headDim, lo = tokens.lowerBound
+        guard d % 8 == 0 else {
+            return TileKernels.byRows(dim: d, tokens: tokens, decode: { decode(block: block, tokens: $0, into: $1) }) { t, row in
+                for q in 0 ..< g { scores[q * stride + (t - lo)] = RowKernels.dot(state + q * d, row, d) }
             }
+        }
+        TileKernels.byTiles(dim: d, tokens: tokens, decode: { decode(block: block, tokens: $0, into: $1) }) { t, n, tile in
+            TileKernels.scores(tile: tile, count: n, dim: d, queries: state, groupSize: g, into: scores + (t - lo), stride: stride)
         }
     }
 
     public func accumulate(block: UnsafeRawBufferPointer, tokens: Range<Int>, weights: UnsafePointer<Float>, stride: Int,
                            groupSize g: Int, into acc: UnsafeMutablePointer<Float>) {
-        let p = block.baseAddress!, d = headDim, lo = tokens.lowerBound
-        withUnsafeTemporaryAllocation(of: Float.self, capacity: pairs) { radii in
-            withUnsafeTemporaryAllocation(of: Int32.self, capacity: pairs) { angles in
-                let r = radii.baseAddress!, a = angles.baseAddress!
-                for t in tokens {
-                    unpack(p, token: t, radii: r, angles: a)
-                    for q in 0 ..< g {
-                        let w = weights[q * stride + (t - lo)]
-                        for j in 0 ..< pairs {
-                            let wr = w * r[j], code = Int(a[j])
-                            acc[q * d + dims[2 * j]] += wr * angleTable[2 * code]
-                            acc[q * d + dims[2 * j + 1]] += wr * angleTable[2 * code + 1]
-                        }
-                    }
-                }
+        let d = headDim, lo = tokens.lowerBound
+        guard d % 8 == 0 else {
+            return TileKernels.byRows(dim: d, tokens: tokens, decode: { decode(block: block, tokens: $0, into: $1) }) { t, row in
+                for q in 0 ..< g { RowKernels.axpy(weights[q * stride + (t - lo)], row, acc + q * d, d) }
             }
+        }
+        TileKernels.byTiles(dim: d, tokens: tokens, decode: { decode(block: block, tokens: $0, into: $1) }) { t, n, tile in
+            TileKernels.accumulate(tile: tile, count: n, dim: d, weights: weights + (t - lo), stride: stride, groupSize: g, into: acc)
         }
     }
 }
