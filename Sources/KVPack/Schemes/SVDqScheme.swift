@@ -347,25 +347,97 @@ public struct SVDqScheme: KVScheme {
         }
     }
 
+    /// Latent values of channel c at tokens t ..< t + 8 (t a multiple of 8, so the codes start
+    /// on a byte), computed as `latent` computes each: one load of the 8 codes where it stays
+    /// inside the payload (the last channel's last codes are read one at a time).
+    @inline(__always)
+    func latent8(_ p: UnsafeRawPointer, channel c: Int, bits b: Int, at: Int, token t: Int) -> SIMD8<Float> {
+        if b == 16 { return SIMD8<Float>(p.loadUnaligned(fromByteOffset: at &+ 2 &* t, as: SIMD8<Float16>.self)) }
+        if b == 8 || (b <= 4 && at &+ (t &* b) &>> 3 &+ 4 <= blockBytes) {
+            let codes = PolarScheme.codes8(p, section: at, index: t, bits: b)
+            let x = unsafeBitCast(codes | SIMD8(repeating: 0x4B00_0000), to: SIMD8<Float>.self) - SIMD8(repeating: 8_388_608)
+            return SIMD8(repeating: scale(p, c)) * x + SIMD8(repeating: offset(p, c))
+        }
+        return latent8Slow(p, channel: c, token: t)
+    }
+
+    @inline(never)
+    func latent8Slow(_ p: UnsafeRawPointer, channel c: Int, token t: Int) -> SIMD8<Float> {
+        var z = SIMD8<Float>()
+        for i in 0 ..< 8 { z[i] = latent(p, channel: c, token: t + i) }
+        return z
+    }
+
+    /// Tokens [lo, hi) split into an unaligned head, whole aligned runs of 8, and a tail.
+    @inline(__always)
+    static func aligned(_ tokens: Range<Int>) -> Range<Int> {
+        let start = min(tokens.upperBound, (tokens.lowerBound + 7) & ~7)
+        return start ..< max(start, tokens.upperBound & ~7)
+    }
+
+    /// Calls `body` for the tokens of `tokens` outside `vector` (`aligned(tokens)`): the
+    /// unaligned head and tail.
+    @inline(__always)
+    static func forEdges(_ tokens: Range<Int>, _ vector: Range<Int>, _ body: (Int) -> Void) {
+        for t in tokens.lowerBound ..< vector.lowerBound { body(t) }
+        for t in vector.upperBound ..< tokens.upperBound { body(t) }
+    }
+
     public func scores(block: UnsafeRawBufferPointer, tokens: Range<Int>, state: UnsafePointer<Float>, groupSize g: Int,
                        into scores: UnsafeMutablePointer<Float>, stride: Int) {
         let p = block.baseAddress!, lo = tokens.lowerBound, n = tokens.count
+        let vector = Self.aligned(tokens)
         for q in 0 ..< g { (scores + q * stride).update(repeating: 0, count: n) }
         for c in 0 ..< rank where channelBits[c] > 0 {
-            let b = channelBits[c], at = streamOffsets[c]
-            if b == 16 {
-                for t in tokens {
-                    let z = Float(Float16(bitPattern: p.loadUnaligned(fromByteOffset: at + 2 * t, as: UInt16.self)))
-                    for q in 0 ..< g { scores[q * stride + (t - lo)] += state[q * rank + c] * z }
-                }
-                continue
+            Self.forEdges(tokens, vector) { t in
+                let z = latent(p, channel: c, token: t)
+                for q in 0 ..< g { scores[q * stride + (t - lo)] += state[q * rank + c] * z }
             }
-            // q'_c * (scale * code + offset): one multiply-add per code and query.
-            let s = scale(p, c), o = offset(p, c)
-            for q in 0 ..< g {
-                let w = state[q * rank + c] * s, k = state[q * rank + c] * o
-                let row = scores + q * stride
-                for t in tokens { row[t - lo] += w * Float(PolarScheme.code(p, section: at, index: t, bits: b)) + k }
+        }
+        // Channel-major codes: 8 tokens x 4 queries of scores stay in registers while every
+        // latent channel is decoded once (8 tokens per vector step) and multiplied in. Shift and
+        // mask vectors per width are built once per call.
+        withUnsafeTemporaryAllocation(of: SIMD8<UInt32>.self, capacity: 18) { table in
+            let lanes = SIMD8<UInt32>(0, 1, 2, 3, 4, 5, 6, 7)
+            for w in 0 ..< 9 {
+                table[2 * w] = lanes &* UInt32(w)
+                table[2 * w + 1] = SIMD8(repeating: (1 << UInt32(w)) &- 1)
+            }
+            channelBits.withUnsafeBufferPointer { bits in
+                streamOffsets.withUnsafeBufferPointer { sections in
+                    var q0 = 0
+                    while q0 < g {
+                        let live = min(4, g - q0)
+                        var t = vector.lowerBound
+                        while t < vector.upperBound {
+                            var a0 = SIMD8<Float>(), a1 = a0, a2 = a0, a3 = a0
+                            for c in 0 ..< rank {
+                                let b = bits[c], at = sections[c]
+                                if b == 0 { continue }
+                                let x: SIMD8<Float>
+                                if b <= 4 && at &+ (t &* b) &>> 3 &+ 4 <= blockBytes {
+                                    let word = p.loadUnaligned(fromByteOffset: at &+ (t &* b) &>> 3, as: UInt32.self)
+                                    let codes = (SIMD8<UInt32>(repeating: word) &>> table[2 &* b]) & table[2 &* b &+ 1]
+                                    let f = unsafeBitCast(codes | SIMD8(repeating: 0x4B00_0000), to: SIMD8<Float>.self) - SIMD8(repeating: 8_388_608)
+                                    x = SIMD8(repeating: scale(p, c)) * f + SIMD8(repeating: offset(p, c))
+                                } else {
+                                    x = latent8(p, channel: c, bits: b, at: at, token: t)
+                                }
+                                let s = state + (q0 &* rank &+ c)
+                                a0.addProduct(SIMD8(repeating: s[0]), x)
+                                a1.addProduct(SIMD8(repeating: live > 1 ? s[rank] : 0), x)
+                                a2.addProduct(SIMD8(repeating: live > 2 ? s[2 &* rank] : 0), x)
+                                a3.addProduct(SIMD8(repeating: live > 3 ? s[3 &* rank] : 0), x)
+                            }
+                            for q in 0 ..< live {
+                                UnsafeMutableRawPointer(scores + (q0 + q) * stride + (t - lo))
+                                    .storeBytes(of: q == 0 ? a0 : q == 1 ? a1 : q == 2 ? a2 : a3, as: SIMD8<Float>.self)
+                            }
+                            t += 8
+                        }
+                        q0 += 4
+                    }
+                }
             }
         }
     }
@@ -375,15 +447,47 @@ public struct SVDqScheme: KVScheme {
     public func accumulate(block: UnsafeRawBufferPointer, tokens: Range<Int>, weights: UnsafePointer<Float>, stride: Int,
                            groupSize g: Int, into acc: UnsafeMutablePointer<Float>) {
         let p = block.baseAddress!, lo = tokens.lowerBound, d = headDim
-        withUnsafeTemporaryAllocation(of: Float.self, capacity: g) { sums in
+        let vector = Self.aligned(tokens)
+        withUnsafeTemporaryAllocation(of: SIMD8<UInt32>.self, capacity: 18) { table in
+            let lanes = SIMD8<UInt32>(0, 1, 2, 3, 4, 5, 6, 7)
+            for w in 0 ..< 9 {
+                table[2 * w] = lanes &* UInt32(w)
+                table[2 * w + 1] = SIMD8(repeating: (1 << UInt32(w)) &- 1)
+            }
             for c in 0 ..< rank where channelBits[c] > 0 {
-                // Each latent value is decoded once and shared by the group's queries.
-                for q in 0 ..< g { sums[q] = 0 }
-                for t in tokens {
-                    let z = latent(p, channel: c, token: t)
-                    for q in 0 ..< g { sums[q] += weights[q * stride + (t - lo)] * z }
+                let b = channelBits[c], at = streamOffsets[c]
+                // Each latent value is decoded once and shared by the group's queries (four at
+                // a time, their sums in registers).
+                var q0 = 0
+                while q0 < g {
+                    let live = min(4, g - q0)
+                    let w0 = weights + q0 * stride - lo, w1 = live > 1 ? w0 + stride : w0
+                    let w2 = live > 2 ? w0 + 2 * stride : w0, w3 = live > 3 ? w0 + 3 * stride : w0
+                    var a0 = SIMD8<Float>(), a1 = a0, a2 = a0, a3 = a0
+                    var t = vector.lowerBound
+                    while t < vector.upperBound {
+                        let x: SIMD8<Float>
+                        if b <= 4 && at &+ (t &* b) &>> 3 &+ 4 <= blockBytes {
+                            let word = p.loadUnaligned(fromByteOffset: at &+ (t &* b) &>> 3, as: UInt32.self)
+                            let codes = (SIMD8<UInt32>(repeating: word) &>> table[2 &* b]) & table[2 &* b &+ 1]
+                            let f = unsafeBitCast(codes | SIMD8(repeating: 0x4B00_0000), to: SIMD8<Float>.self) - SIMD8(repeating: 8_388_608)
+                            x = SIMD8(repeating: scale(p, c)) * f + SIMD8(repeating: offset(p, c))
+                        } else {
+                            x = latent8(p, channel: c, bits: b, at: at, token: t)
+                        }
+                        a0.addProduct(UnsafeRawPointer(w0 + t).loadUnaligned(as: SIMD8<Float>.self), x)
+                        a1.addProduct(UnsafeRawPointer(w1 + t).loadUnaligned(as: SIMD8<Float>.self), x)
+                        a2.addProduct(UnsafeRawPointer(w2 + t).loadUnaligned(as: SIMD8<Float>.self), x)
+                        a3.addProduct(UnsafeRawPointer(w3 + t).loadUnaligned(as: SIMD8<Float>.self), x)
+                        t += 8
+                    }
+                    for q in 0 ..< live { acc[(q0 + q) * d + c] += (q == 0 ? a0 : q == 1 ? a1 : q == 2 ? a2 : a3).sum() }
+                    q0 += 4
                 }
-                for q in 0 ..< g { acc[q * d + c] += sums[q] }
+                Self.forEdges(tokens, vector) { t in
+                    let z = latent(p, channel: c, token: t)
+                    for q in 0 ..< g { acc[q * d + c] += weights[q * stride + (t - lo)] * z }
+                }
             }
         }
     }
