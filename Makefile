@@ -80,7 +80,7 @@ fuzz-gguf: setup $(GGUF_FUZZ_BIN)
 # Attention over every scheme against dense baselines and the machine's floors, writer throughput
 # (BENCHMARKS.md "Speed"). Not a test: timings vary from run to run.
 bench: build
-	$(KVPACK) bench | tee bench-out.txt
+	$(KVPACK) bench --threads 2 --write BENCHMARKS.md | tee bench-out.txt
 
 # Peak memory of streaming passes over a 1 GiB cache (recorded in BENCHMARKS.md).
 bench-convert: build

@@ -77,6 +77,15 @@ public final class KVPackReader: @unchecked Sendable {
         verified = VerificationFlags(count: state.blockOffsets.count)
     }
 
+    /// Bytes of heap the reader holds beyond the mapped file: the block index, token ids and
+    /// positions, blobs and per-block verification flags (counted from the arrays; small
+    /// objects ignored). Everything else a reader touches is the file's pages.
+    public var heapBytes: Int {
+        state.blockOffsets.count * 8 + state.tokenIDs.count * 4 + state.positions.count * 4
+            + state.blobs.values.reduce(0) { $0 + $1.bytes.count } + state.tail.count * (32 + 8 * geometry.streamCount)
+            + verified.count
+    }
+
     /// Whether the commit lists a token selection (a pruned file).
     public var hasTokenSelection: Bool { state.selectionOffset != nil }
 

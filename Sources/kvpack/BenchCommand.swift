@@ -13,7 +13,7 @@ struct BenchCommand: ParsableCommand {
 
         2. For each --tokens count: one layer of --model's geometry (llama-3-8b: 8 KV heads, head_dim 128, GQA group 4) of synthetic RoPE'd keys and values, written in every --scheme (writer throughput, MB/s of f16 input). Then one decode step of attention for every KV head of the layer (all query heads of each GQA group, every token) over each file, mapped and in the page cache. Files are measured round-robin, --repeat rounds, so a slow moment of a shared machine hits all of them; the best round is reported (and the median). Baselines: dense f16 and f32 rows in memory (a heap copy of a raw file) read by the same SIMD kernels. Each scheme's floor is the larger of (bytes of its codes and metadata) / bandwidth and (4 x group x head_dim flops per token) / peak rate. With --threads N > 1 the layer is also timed with its KV heads split across N threads.
 
-        3. Resume latency: a 32-layer file of --resume-scheme at each --resume-tokens count: time to open it and produce the first attention output (layer 0, KV head 0, all tokens), cold (page cache dropped, when this process may) and warm, against one full decode step (every layer and head) and against reading every byte of the file; and the reader's anonymous (heap) memory, which is what it holds beyond the page cache.
+        3. Resume latency: a 32-layer file of --resume-scheme at each --resume-tokens count: time to open it and produce the first attention output (layer 0, KV head 0, all tokens), cold (page cache dropped, when this process may) and warm, against a full decode step (every layer and head; the first after opening also verifies every block's checksum) and against reading every byte of the file; and the heap the reader holds (its index arrays, blobs and flags), which is all it holds beyond the file's pages.
 
         Columns of the attention table: bytes per token and KV head (K+V), attention time per KV head (best round; median in brackets), effective bandwidth, floor, time / floor, dense f16 time / time, writer MB/s. --write FILE replaces the section between the `kvpack bench` markers of FILE (BENCHMARKS.md) with this output. Timing is never a test.
         """)
@@ -159,7 +159,7 @@ struct BenchCommand: ParsableCommand {
         var g = preset.geometry
         g.layerCount = 32
         let canDrop = FileManager.default.isWritableFile(atPath: "/proc/sys/vm/drop_caches")
-        var rows = [["tokens", "file", "open cold", "open+1st attn cold", "open warm", "1st attn warm", "decode step (32 layers)",
+        var rows = [["tokens", "file", "open cold", "open+1st attn cold", "open warm", "1st attn warm", "1st decode step", "next decode step",
                      "read whole file", "reader heap", "page cache mapped"]]
         for n in counts {
             var one = g
@@ -174,7 +174,8 @@ struct BenchCommand: ParsableCommand {
             var out = [Float](repeating: 0, count: q.count)
             let workspace = AttentionWorkspace()
             var cold: (open: Double, first: Double)?
-            var warmOpen = Double.infinity, warmFirst = Double.infinity, step = Double.infinity, readAll = Double.infinity
+            var warmOpen = Double.infinity, warmFirst = Double.infinity, firstStep = Double.infinity, step = Double.infinity
+            var readAll = Double.infinity
             var heap = 0, mapped = 0
             try q.withUnsafeBufferPointer { qp in
                 try out.withUnsafeMutableBufferPointer { op in
@@ -191,24 +192,28 @@ struct BenchCommand: ParsableCommand {
                         cold = (o, f)
                     }
                     for _ in 0 ..< max(3, repetitions / 3) {
-                        let anonBefore = Self.memoryStatus("RssAnon")
                         let (o, f, reader) = try openAndAttend()
                         warmOpen = min(warmOpen, o)
                         warmFirst = min(warmFirst, f - o)
                         let workspaces = [workspace]
-                        step = min(step, try Self.seconds {
-                            for layer in 0 ..< g.layerCount {
-                                try reader.attendLayer(layer, queries: qp.baseAddress!, output: op.baseAddress!, workspaces: workspaces)
+                        func decodeStep() throws -> Double {
+                            try Self.seconds {
+                                for layer in 0 ..< g.layerCount {
+                                    try reader.attendLayer(layer, queries: qp.baseAddress!, output: op.baseAddress!, workspaces: workspaces)
+                                }
                             }
-                        })
-                        heap = max(heap, Self.memoryStatus("RssAnon") - anonBefore)
+                        }
+                        // The first step after opening also verifies every block's checksum.
+                        firstStep = min(firstStep, try decodeStep())
+                        step = min(step, try decodeStep())
+                        heap = reader.heapBytes
                         mapped = max(mapped, Self.memoryStatus("RssFile"))
                         readAll = min(readAll, try Self.seconds { try Self.readEveryByte(path) })
                     }
                 }
             }
             rows.append(["\(n)", Self.bytes(size), cold.map { Self.time($0.open) } ?? "-", cold.map { Self.time($0.first) } ?? "-",
-                         Self.time(warmOpen), Self.time(warmFirst), Self.time(step), Self.time(readAll), Self.bytes(heap), Self.bytes(mapped)])
+                         Self.time(warmOpen), Self.time(warmFirst), Self.time(firstStep), Self.time(step), Self.time(readAll), Self.bytes(heap), Self.bytes(mapped)])
             try? FileManager.default.removeItem(atPath: path)
         }
         report.say("")

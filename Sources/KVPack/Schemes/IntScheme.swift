@@ -273,7 +273,7 @@ public struct IntScheme: KVScheme {
             let scale = Float(scale16)
             out.storeBytes(of: scale16.bitPattern, toByteOffset: scalesOffset + 2 * g, as: UInt16.self)
             out.storeBytes(of: offset16.bitPattern, toByteOffset: offsetsOffset + 2 * g, as: UInt16.self)
-            guard scale > 0 else { continue }  // every member equals the offset: codes stay 0
+            guard scale > 0, !tiled else { continue }  // scale 0: every member equals the offset, codes stay 0
             for i in 0 ..< groupSize {
                 let element = first + i * step
                 let t = element / d, c = element % d
@@ -290,8 +290,53 @@ public struct IntScheme: KVScheme {
                 }
             }
         }
+        if tiled { encodeCodes(rows, out) }
     }
 
+    /// Codes of every row once the scales and offsets are stored: 8 elements per vector step,
+    /// with the same operations as the scalar path (so the same codes): NaN to 0, magnitudes
+    /// clamped to f16's range, (x - offset) / scale rounded to nearest even, clamped to
+    /// [0, levels], 0 where the scale is 0. Integer vector ops stand in for float clamps (which
+    /// compile to calls).
+    func encodeCodes(_ rows: UnsafePointer<Float>, _ out: UnsafeMutableRawPointer) {
+        let d = headDim, per = d / groupSize
+        let magnitude = SIMD8<Int32>(repeating: 0x7FFF_FFFF), largest = SIMD8<Int32>(repeating: 0x477F_E000)   // 65504
+        let infinity = SIMD8<Int32>(repeating: 0x7F80_0000), top = unsafeBitCast(SIMD8<Float>(repeating: levels), to: SIMD8<Int32>.self)
+        let source = UnsafeRawPointer(rows)
+        for t in 0 ..< segmentTokens {
+            for j in 0 ..< d / 8 {
+                var ix = unsafeBitCast(source.loadUnaligned(fromByteOffset: 4 * (t * d + 8 * j), as: SIMD8<Float>.self), to: SIMD8<Int32>.self)
+                ix &= ~((infinity &- (ix & magnitude)) &>> 31)                       // NaN -> +0
+                let ax = ix & magnitude, big = (largest &- ax) &>> 31
+                ix = (ax & ~big) | (largest & big) | (ix & ~magnitude)               // |x| <= 65504
+                let sc: SIMD8<Float>, of: SIMD8<Float>
+                if grouping == .channel {
+                    let g = (t / groupSize) * d + 8 * j
+                    sc = SIMD8<Float>(out.loadUnaligned(fromByteOffset: scalesOffset + 2 * g, as: SIMD8<Float16>.self))
+                    of = SIMD8<Float>(out.loadUnaligned(fromByteOffset: offsetsOffset + 2 * g, as: SIMD8<Float16>.self))
+                } else {
+                    let g = t * per + (8 * j) / groupSize
+                    sc = SIMD8(repeating: scale(UnsafeRawPointer(out), g))
+                    of = SIMD8(repeating: offset(UnsafeRawPointer(out), g))
+                }
+                let q = ((unsafeBitCast(ix, to: SIMD8<Float>.self) - of) / sc).rounded(.toNearestOrEven)
+                var iq = unsafeBitCast(q, to: SIMD8<Int32>.self)
+                iq &= ~(iq &>> 31)                                                   // < 0 (and -0) -> 0
+                let over = (top &- iq) &>> 31
+                iq = (iq & ~over) | (top & over)                                     // > levels -> levels
+                let live = unsafeBitCast((SIMD8<Int32>() &- unsafeBitCast(sc, to: SIMD8<Int32>.self)) &>> 31, to: SIMD8<UInt32>.self)
+                let codes = unsafeBitCast(unsafeBitCast(iq, to: SIMD8<Float>.self) + SIMD8(repeating: 8_388_608), to: SIMD8<UInt32>.self)
+                    & SIMD8(repeating: 0x7F_FFFF) & live
+                let at = t * rowBytes + j * bits
+                if bits == 8 {
+                    out.storeBytes(of: SIMD8<UInt8>(truncatingIfNeeded: codes), toByteOffset: at, as: SIMD8<UInt8>.self)
+                } else {
+                    let word = (codes &<< shifts32).wrappedSum()
+                    for b in 0 ..< bits { out.storeBytes(of: UInt8(truncatingIfNeeded: word >> UInt32(8 * b)), toByteOffset: at + b, as: UInt8.self) }
+                }
+            }
+        }
+    }
     /// NaN encodes as 0 and magnitudes beyond f16's range saturate at +-65504 (scales and offsets
     /// are f16).
     static func representable(_ x: Float) -> Float { x.isNaN ? 0 : min(max(x, -65504), 65504) }

@@ -1,0 +1,109 @@
+import Foundation
+import Testing
+@testable import KVPack
+
+/// The shared attention kernels against plain loops, and the properties exact resume relies on.
+struct TileKernelTests {
+    static func randomFloats(_ n: Int, _ rng: inout SplitMix64) -> [Float] { (0 ..< n).map { _ in Float(rng.nextGaussian()) } }
+
+    @Test("tile scores and accumulation equal plain loops for every group size, width and row count",
+          arguments: [(1, 8), (2, 8), (3, 64), (4, 128), (5, 40), (4, 96), (7, 256)])
+    func matchesPlainLoops(group g: Int, dim d: Int) {
+        var rng = SplitMix64(seed: UInt64(g * 1000 + d))
+        for n in [1, 3, 4, 5, 17, 64] {
+            let tile = Self.randomFloats(n * d, &rng), queries = Self.randomFloats(g * d, &rng)
+            let stride = n + 3
+            var scores = [Float](repeating: .nan, count: g * stride)
+            TileKernels.scores(tile: tile, count: n, dim: d, queries: queries, groupSize: g, into: &scores, stride: stride)
+            let weights = Self.randomFloats(g * stride, &rng)
+            let start = Self.randomFloats(g * d, &rng)
+            var acc = start
+            TileKernels.accumulate(tile: tile, count: n, dim: d, weights: weights, stride: stride, groupSize: g, into: &acc)
+            for q in 0 ..< g {
+                for t in 0 ..< n {
+                    var s: Double = 0
+                    for c in 0 ..< d { s += Double(queries[q * d + c]) * Double(tile[t * d + c]) }
+                    #expect(abs(Double(scores[q * stride + t]) - s) <= 1e-5 * max(1, abs(s)) * Double(d).squareRoot(), "g \(g) d \(d) n \(n) q \(q) t \(t)")
+                }
+                // Lanes past `count` are not written.
+                for t in n ..< stride { #expect(scores[q * stride + t].isNaN) }
+                for c in 0 ..< d {
+                    var s = Double(start[q * d + c])
+                    for t in 0 ..< n { s += Double(weights[q * stride + t]) * Double(tile[t * d + c]) }
+                    #expect(abs(Double(acc[q * d + c]) - s) <= 1e-5 * max(1, abs(s)) * Double(n).squareRoot(), "g \(g) d \(d) n \(n)")
+                }
+            }
+        }
+    }
+
+    @Test("a token's score and the accumulated sum do not depend on how rows are split into tiles")
+    func splitInvariance() {
+        let g = 4, d = 128, n = 37
+        var rng = SplitMix64(seed: 3)
+        let tile = Self.randomFloats(n * d, &rng), queries = Self.randomFloats(g * d, &rng), weights = Self.randomFloats(g * n, &rng)
+        var whole = [Float](repeating: 0, count: g * n), accWhole = [Float](repeating: 0, count: g * d)
+        TileKernels.scores(tile: tile, count: n, dim: d, queries: queries, groupSize: g, into: &whole, stride: n)
+        TileKernels.accumulate(tile: tile, count: n, dim: d, weights: weights, stride: n, groupSize: g, into: &accWhole)
+        for cut in [1, 2, 5, 13, 36] {
+            var split = [Float](repeating: 0, count: g * n), accSplit = [Float](repeating: 0, count: g * d)
+            tile.withUnsafeBufferPointer { tp in
+                weights.withUnsafeBufferPointer { wp in
+                    split.withUnsafeMutableBufferPointer { sp in
+                        for (from, to) in [(0, cut), (cut, n)] {
+                            TileKernels.scores(tile: tp.baseAddress! + from * d, count: to - from, dim: d, queries: queries, groupSize: g,
+                                               into: sp.baseAddress! + from, stride: n)
+                            TileKernels.accumulate(tile: tp.baseAddress! + from * d, count: to - from, dim: d, weights: wp.baseAddress! + from,
+                                                   stride: n, groupSize: g, into: &accSplit)
+                        }
+                    }
+                }
+            }
+            #expect(split == whole, "cut at \(cut): scores must be bit-identical")
+            #expect(accSplit == accWhole, "cut at \(cut): accumulation must be bit-identical")
+        }
+    }
+
+    @Test("the vector exp is within 3 ulp of expf over softmax's range, and 0-ish below -87")
+    func exponential() {
+        var worst: Float = 0
+        var x: Float = -90
+        while x <= 0 {
+            let v = TileKernels.exp(SIMD8(repeating: x))
+            let want = expf(x)
+            if x >= -87 {
+                let ulps = abs(v[0] - want) / want.ulp
+                worst = max(worst, ulps)
+            } else {
+                #expect(v[0] >= 0 && v[0] < 1e-37)
+            }
+            x += 0.000_731
+        }
+        #expect(worst <= 3, "worst error \(worst) ulp")
+        // Far below the clamp: tiny, never garbage from exponent wrap-around.
+        let far = TileKernels.exp(SIMD8(-1e30, -1e6, -1000, -88, -87, -1, 0, -0.5))
+        for i in 0 ..< 4 { #expect(far[i] >= 0 && far[i] < 1e-37) }
+        #expect(abs(far[6] - 1) == 0)
+    }
+
+    @Test("a layer attended on several threads equals it attended on one, bit for bit", arguments: ["int:k4v2:kc16", "nsn:2", "raw:f16"])
+    func threadedLayer(spec: String) throws {
+        let g = ModelGeometry(layerCount: 2, queryHeadCount: 12, kvHeadCount: 3, headDim: 16)
+        let (reader, _) = try writeSchemeTestFile(g, spec: spec, seed: 12)
+        var rng = SplitMix64(seed: 4)
+        let q = Self.randomFloats(g.queryHeadCount * g.headDim, &rng)
+        for layer in 0 ..< 2 {
+            var one = [Float](repeating: 0, count: q.count), many = one
+            try reader.attendLayer(layer, queries: q, output: &one, workspaces: [AttentionWorkspace()])
+            try reader.attendLayer(layer, queries: q, output: &many, workspaces: [AttentionWorkspace(), AttentionWorkspace(), AttentionWorkspace()])
+            #expect(one == many)
+            for h in 0 ..< g.kvHeadCount {
+                let per = g.groupSize * g.headDim
+                let single = try reader.attend(layer: layer, kvHead: h, queries: Array(q[h * per ..< (h + 1) * per]))
+                #expect(Array(one[h * per ..< (h + 1) * per]) == single)
+            }
+        }
+        var out = [Float](repeating: 0, count: q.count)
+        #expect(throws: KVPackError.self) { try reader.attendLayer(0, queries: q, output: &out, workspaces: []) }
+        #expect(throws: KVPackError.self) { try reader.attendLayer(2, queries: q, output: &out, workspaces: [AttentionWorkspace(), AttentionWorkspace()]) }
+    }
+}
