@@ -27,6 +27,7 @@ struct BenchCommand: ParsableCommand {
     var resumeTokens: [Int] = []
     @Option(name: .customLong("resume-scheme"), help: "Scheme of the resume-latency files.") var resumeScheme = "int:k4v2:kc64"
     @Option(help: "Replace the `kvpack bench` section of this Markdown file with the results.") var write: String?
+    @Option(name: .customLong("segment-tokens"), help: "Tokens per sealed block (segment) of the files written.") var segmentTokens = 64
     @Option(help: "Keep the files in this directory (default: a temporary one, removed).") var keep: String?
 
     static let defaultSchemes = ["raw:f16", "raw:bf16", "int:k8v8:kc64", "int:k4v4:kc64", "int:k4v2:kc64", "int:k2v2:kc64",
@@ -89,9 +90,12 @@ struct BenchCommand: ParsableCommand {
                         machine: (bandwidth: Double, flops: Double), report: Report) throws {
         let data = Self.generate(geometry: g, rope: preset.rope, tokens: n)
         var entries: [Entry] = []
-        for (label, spec) in [("dense f16 (memory)", "raw:f16"), ("dense f32 (memory)", "raw:f32")] {
+        // KVPACK_BENCH_ONLY_SCHEMES=1 leaves the baselines out (for profiling one scheme).
+        let baselines = ProcessInfo.processInfo.environment["KVPACK_BENCH_ONLY_SCHEMES"] == nil
+            ? [("dense f16 (memory)", "raw:f16"), ("dense f32 (memory)", "raw:f32")] : []
+        for (label, spec) in baselines {
             let path = "\(dir)/dense-\(n).kvpack"
-            _ = try Self.write(path: path, spec: spec, geometry: g, rope: preset.rope, data: data, tokens: n)
+            _ = try Self.write(path: path, spec: spec, geometry: g, rope: preset.rope, data: data, tokens: n, segmentTokens: segmentTokens)
             let mapped = try MappedFile(path: path)
             let file = withExtendedLifetime(mapped) { MappedFile(copying: mapped.bytes) }
             let reader = try KVPackReader(file: file, path: path)
@@ -101,7 +105,7 @@ struct BenchCommand: ParsableCommand {
         let inputMB = Double(n * g.kvHeadCount * g.headDim * 2 * 2) / 1e6
         for spec in specs {
             let path = "\(dir)/bench-\(n)-\(spec.map { $0.isLetter || $0.isNumber ? $0 : "_" }.map(String.init).joined()).kvpack"
-            let seconds = try Self.write(path: path, spec: spec, geometry: g, rope: preset.rope, data: data, tokens: n)
+            let seconds = try Self.write(path: path, spec: spec, geometry: g, rope: preset.rope, data: data, tokens: n, segmentTokens: segmentTokens)
             let reader = try KVPackReader(path: path)
             entries.append(Entry(label: spec, reader: reader, streamBytes: try reader.streamBytes().reduce(0, +), tokens: n,
                                  writerMBps: inputMB / seconds))
@@ -133,7 +137,7 @@ struct BenchCommand: ParsableCommand {
             }
         }
         let flops = Double(4 * g.groupSize * g.headDim * n)
-        let dense = entries[0].times.min()!
+        let dense = baselines.isEmpty ? Double.nan : entries[0].times.min()!
         var header = ["scheme", "tokens", "B/token/head", "attention (median)", "GB/s", "floor", "x floor", "vs f16"]
         if threads > 1 { header.append("\(threads) threads") }
         header.append("writer MB/s")
@@ -167,7 +171,8 @@ struct BenchCommand: ParsableCommand {
             let data = Self.generate(geometry: one, rope: preset.rope, tokens: n)
             let path = "\(dir)/resume-\(n).kvpack"
             // Every layer gets the same rows: encoding cost and file size are those of real layers.
-            _ = try Self.write(path: path, spec: resumeScheme, geometry: g, rope: preset.rope, data: data, tokens: n, layerStride: 0)
+            _ = try Self.write(path: path, spec: resumeScheme, geometry: g, rope: preset.rope, data: data, tokens: n, layerStride: 0,
+                               segmentTokens: segmentTokens)
             let size = (try FileManager.default.attributesOfItem(atPath: path)[.size] as? Int) ?? 0
             var rng = SplitMix64(seed: 9)
             let q = (0 ..< g.kvHeadCount * g.groupSize * g.headDim).map { _ in Float(rng.nextGaussian()) }
@@ -269,7 +274,7 @@ struct BenchCommand: ParsableCommand {
     /// Writes the cache in `spec` (planners calibrate on the first 512 tokens); every layer reads
     /// `data` at `layerStride` (0: the same rows). Returns seconds.
     static func write(path: String, spec text: String, geometry g: ModelGeometry, rope: RoPEConfig,
-                      data: (keys: [Float], values: [Float]), tokens n: Int, layerStride: Int = 0) throws -> Double {
+                      data: (keys: [Float], values: [Float]), tokens n: Int, layerStride: Int = 0, segmentTokens requested: Int) throws -> Double {
         let per = g.kvHeadCount * g.headDim
         let calibration = min(n, 512)
         let spec = try SchemeSpec.parse(text, geometry: g) {
@@ -285,7 +290,7 @@ struct BenchCommand: ParsableCommand {
             }
         }
         let plan = SchemePlan(spec: spec)
-        let segmentTokens = try spec.segmentTokens(requested: nil, fallback: 64)
+        let segmentTokens = try spec.segmentTokens(requested: nil, fallback: requested)
         let manifest = Manifest(geometry: g, segmentTokens: segmentTokens, rope: rope,
                                 schemes: plan.schemes, layerSchemes: plan.layerSchemes, producer: "\(KVPackVersion.producer) bench")
         var options = WriterOptions()
