@@ -485,16 +485,8 @@ public struct IntScheme: KVScheme {
                        into scores: UnsafeMutablePointer<Float>, stride: Int) {
         let d = headDim, p = block.baseAddress!, lo = tokens.lowerBound
         if tiled {
-            let per = TileKernels.tileRows(dim: d)
-            withUnsafeTemporaryAllocation(of: Float.self, capacity: per * d) { buffer in
-                let tile = buffer.baseAddress!
-                var t = lo
-                while t < tokens.upperBound {
-                    let n = min(per, tokens.upperBound - t)
-                    decodeTile(p, from: t, count: n, into: tile)
-                    TileKernels.scores(tile: tile, count: n, dim: d, queries: state, groupSize: g, into: scores + (t - lo), stride: stride)
-                    t += n
-                }
+            TileKernels.byTiles(dim: d, tokens: tokens, decode: { decodeTile(p, from: $0.lowerBound, count: $0.count, into: $1) }) { t, n, tile in
+                TileKernels.scores(tile: tile, count: n, dim: d, queries: state, groupSize: g, into: scores + (t - lo), stride: stride)
             }
             return
         }
@@ -522,16 +514,8 @@ public struct IntScheme: KVScheme {
     public func accumulate(block: UnsafeRawBufferPointer, tokens: Range<Int>, weights: UnsafePointer<Float>, stride: Int,
                            groupSize g: Int, into acc: UnsafeMutablePointer<Float>) {
         let d = headDim, lo = tokens.lowerBound
-        let per = TileKernels.tileRows(dim: d)
-        withUnsafeTemporaryAllocation(of: Float.self, capacity: per * d) { buffer in
-            let tile = buffer.baseAddress!
-            var t = lo
-            while t < tokens.upperBound {
-                let n = min(per, tokens.upperBound - t)
-                decode(block: block, tokens: t ..< t + n, into: tile)
-                TileKernels.accumulate(tile: tile, count: n, dim: d, weights: weights + (t - lo), stride: stride, groupSize: g, into: acc)
-                t += n
-            }
+        TileKernels.byTiles(dim: d, tokens: tokens, decode: { decode(block: block, tokens: $0, into: $1) }) { t, n, tile in
+            TileKernels.accumulate(tile: tile, count: n, dim: d, weights: weights + (t - lo), stride: stride, groupSize: g, into: acc)
         }
     }
 }

@@ -347,17 +347,32 @@ public struct SVDqScheme: KVScheme {
         }
     }
 
-    /// Latent values of channel c at tokens t ..< t + 8 (t a multiple of 8, so the codes start
-    /// on a byte), computed as `latent` computes each: one load of the 8 codes where it stays
-    /// inside the payload (the last channel's last codes are read one at a time).
+    /// Per width w in 0...8: the lane shifts (lane * w), then the mask (2^w - 1), for `latent8`.
     @inline(__always)
-    func latent8(_ p: UnsafeRawPointer, channel c: Int, bits b: Int, at: Int, token t: Int) -> SIMD8<Float> {
-        if b == 16 { return SIMD8<Float>(p.loadUnaligned(fromByteOffset: at &+ 2 &* t, as: SIMD8<Float16>.self)) }
-        if b == 8 || (b <= 4 && at &+ (t &* b) &>> 3 &+ 4 <= blockBytes) {
-            let codes = PolarScheme.codes8(p, section: at, index: t, bits: b)
-            let x = unsafeBitCast(codes | SIMD8(repeating: 0x4B00_0000), to: SIMD8<Float>.self) - SIMD8(repeating: 8_388_608)
-            return SIMD8(repeating: scale(p, c)) * x + SIMD8(repeating: offset(p, c))
+    static func withShiftTable<R>(_ body: (UnsafeMutableBufferPointer<SIMD8<UInt32>>) -> R) -> R {
+        withUnsafeTemporaryAllocation(of: SIMD8<UInt32>.self, capacity: 18) { table in
+            let lanes = SIMD8<UInt32>(0, 1, 2, 3, 4, 5, 6, 7)
+            for w in 0 ..< 9 {
+                table[2 * w] = lanes &* UInt32(w)
+                table[2 * w + 1] = SIMD8(repeating: (1 << UInt32(w)) &- 1)
+            }
+            return body(table)
         }
+    }
+
+    /// Latent values of channel c at tokens t ..< t + 8 (t a multiple of 8, so the codes start
+    /// on a byte), computed as `latent` computes each: widths up to 4 with one 4-byte load where
+    /// it stays inside the payload, shifted by `shifts` (`withShiftTable`); f16 channels with one
+    /// 16-byte load; anything else (5, 6, 8 bits; the last channel's last codes) one code at a time.
+    @inline(__always)
+    func latent8(_ p: UnsafeRawPointer, channel c: Int, bits b: Int, at: Int, token t: Int, shifts: UnsafePointer<SIMD8<UInt32>>) -> SIMD8<Float> {
+        if b <= 4 && at &+ (t &* b) &>> 3 &+ 4 <= blockBytes {
+            let word = p.loadUnaligned(fromByteOffset: at &+ (t &* b) &>> 3, as: UInt32.self)
+            let codes = (SIMD8<UInt32>(repeating: word) &>> shifts[2 &* b]) & shifts[2 &* b &+ 1]
+            let f = unsafeBitCast(codes | SIMD8(repeating: 0x4B00_0000), to: SIMD8<Float>.self) - SIMD8(repeating: 8_388_608)
+            return SIMD8(repeating: scale(p, c)) * f + SIMD8(repeating: offset(p, c))
+        }
+        if b == 16 { return SIMD8<Float>(p.loadUnaligned(fromByteOffset: at &+ 2 &* t, as: SIMD8<Float16>.self)) }
         return latent8Slow(p, channel: c, token: t)
     }
 
@@ -397,12 +412,7 @@ public struct SVDqScheme: KVScheme {
         // Channel-major codes: 8 tokens x 4 queries of scores stay in registers while every
         // latent channel is decoded once (8 tokens per vector step) and multiplied in. Shift and
         // mask vectors per width are built once per call.
-        withUnsafeTemporaryAllocation(of: SIMD8<UInt32>.self, capacity: 18) { table in
-            let lanes = SIMD8<UInt32>(0, 1, 2, 3, 4, 5, 6, 7)
-            for w in 0 ..< 9 {
-                table[2 * w] = lanes &* UInt32(w)
-                table[2 * w + 1] = SIMD8(repeating: (1 << UInt32(w)) &- 1)
-            }
+        Self.withShiftTable { table in
             channelBits.withUnsafeBufferPointer { bits in
                 streamOffsets.withUnsafeBufferPointer { sections in
                     var q0 = 0
@@ -414,15 +424,7 @@ public struct SVDqScheme: KVScheme {
                             for c in 0 ..< rank {
                                 let b = bits[c], at = sections[c]
                                 if b == 0 { continue }
-                                let x: SIMD8<Float>
-                                if b <= 4 && at &+ (t &* b) &>> 3 &+ 4 <= blockBytes {
-                                    let word = p.loadUnaligned(fromByteOffset: at &+ (t &* b) &>> 3, as: UInt32.self)
-                                    let codes = (SIMD8<UInt32>(repeating: word) &>> table[2 &* b]) & table[2 &* b &+ 1]
-                                    let f = unsafeBitCast(codes | SIMD8(repeating: 0x4B00_0000), to: SIMD8<Float>.self) - SIMD8(repeating: 8_388_608)
-                                    x = SIMD8(repeating: scale(p, c)) * f + SIMD8(repeating: offset(p, c))
-                                } else {
-                                    x = latent8(p, channel: c, bits: b, at: at, token: t)
-                                }
+                                let x = latent8(p, channel: c, bits: b, at: at, token: t, shifts: table.baseAddress!)
                                 let s = state + (q0 &* rank &+ c)
                                 a0.addProduct(SIMD8(repeating: s[0]), x)
                                 a1.addProduct(SIMD8(repeating: live > 1 ? s[rank] : 0), x)
@@ -448,12 +450,7 @@ public struct SVDqScheme: KVScheme {
                            groupSize g: Int, into acc: UnsafeMutablePointer<Float>) {
         let p = block.baseAddress!, lo = tokens.lowerBound, d = headDim
         let vector = Self.aligned(tokens)
-        withUnsafeTemporaryAllocation(of: SIMD8<UInt32>.self, capacity: 18) { table in
-            let lanes = SIMD8<UInt32>(0, 1, 2, 3, 4, 5, 6, 7)
-            for w in 0 ..< 9 {
-                table[2 * w] = lanes &* UInt32(w)
-                table[2 * w + 1] = SIMD8(repeating: (1 << UInt32(w)) &- 1)
-            }
+        Self.withShiftTable { table in
             for c in 0 ..< rank where channelBits[c] > 0 {
                 let b = channelBits[c], at = streamOffsets[c]
                 // Each latent value is decoded once and shared by the group's queries (four at
@@ -466,15 +463,7 @@ public struct SVDqScheme: KVScheme {
                     var a0 = SIMD8<Float>(), a1 = a0, a2 = a0, a3 = a0
                     var t = vector.lowerBound
                     while t < vector.upperBound {
-                        let x: SIMD8<Float>
-                        if b <= 4 && at &+ (t &* b) &>> 3 &+ 4 <= blockBytes {
-                            let word = p.loadUnaligned(fromByteOffset: at &+ (t &* b) &>> 3, as: UInt32.self)
-                            let codes = (SIMD8<UInt32>(repeating: word) &>> table[2 &* b]) & table[2 &* b &+ 1]
-                            let f = unsafeBitCast(codes | SIMD8(repeating: 0x4B00_0000), to: SIMD8<Float>.self) - SIMD8(repeating: 8_388_608)
-                            x = SIMD8(repeating: scale(p, c)) * f + SIMD8(repeating: offset(p, c))
-                        } else {
-                            x = latent8(p, channel: c, bits: b, at: at, token: t)
-                        }
+                        let x = latent8(p, channel: c, bits: b, at: at, token: t, shifts: table.baseAddress!)
                         a0.addProduct(UnsafeRawPointer(w0 + t).loadUnaligned(as: SIMD8<Float>.self), x)
                         a1.addProduct(UnsafeRawPointer(w1 + t).loadUnaligned(as: SIMD8<Float>.self), x)
                         a2.addProduct(UnsafeRawPointer(w2 + t).loadUnaligned(as: SIMD8<Float>.self), x)
