@@ -16,6 +16,8 @@ struct BenchCommand: ParsableCommand {
         3. Resume latency: a 32-layer file of --resume-scheme at each --resume-tokens count: time to open it and produce the first attention output (layer 0, KV head 0, all tokens), cold (page cache dropped, when this process may) and warm, against a full decode step (every layer and head; the first after opening also verifies every block's checksum) and against reading every byte of the file; and the heap the reader holds (its index arrays, blobs and flags), which is all it holds beyond the file's pages.
 
         Columns of the attention table: bytes per token and KV head (K+V), attention time per KV head (best round; median in brackets), effective bandwidth, floor, time / floor, dense f16 time / time, writer MB/s. --write FILE replaces the section between the `kvpack bench` markers of FILE (BENCHMARKS.md) with this output. Timing is never a test.
+
+        Profiling one scheme: KVPACK_BENCH_ONLY_SCHEMES=1 leaves the dense baselines out (their ratio columns then read nan), e.g. `KVPACK_BENCH_ONLY_SCHEMES=1 perf record kvpack bench --tokens 32768 --scheme int:k2v2:kc64 --repeat 60 --resume-tokens 0`.
         """)
 
     @Option(help: "Geometry preset (llama-3-8b, smollm2-135m, stories260k, ...).") var model = "llama-3-8b"
