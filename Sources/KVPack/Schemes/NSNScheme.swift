@@ -43,6 +43,11 @@ public struct NSNScheme: KVScheme {
     /// +1 / -1 per dimension.
     let signs: [Float]
     let search: NearestSearch
+    /// For each sign byte, the 8 lanes' sign-bit masks (bit j of the byte -> bit 31 of lane j):
+    /// one 8 KiB table, so a 2-bit codeword's signs cost a load and an XOR.
+    static let signMasks: [SIMD8<UInt32>] = (0 ..< 256).map { b in
+        (SIMD8<UInt32>(repeating: UInt32(b)) &>> SIMD8<UInt32>(0, 1, 2, 3, 4, 5, 6, 7) & 1) &<< 31
+    }
     /// Power-of-two pieces of the block-diagonal Hadamard transform, as (start, size).
     let hadamardBlocks: [(Int, Int)]
 
@@ -287,15 +292,15 @@ public struct NSNScheme: KVScheme {
 
     /// The 8 floats of codeword `piece` of token t's codes.
     @inline(__always)
-    func codeword(_ codes: UnsafeRawPointer, piece s: Int, book: UnsafeRawPointer) -> SIMD8<Float> {
+    func codeword(_ codes: UnsafeRawPointer, piece s: Int, book: UnsafeRawPointer, signs: UnsafeRawPointer) -> SIMD8<Float> {
         if bits == 1 {
             return book.loadUnaligned(fromByteOffset: 32 * Int(codes.load(fromByteOffset: s, as: UInt8.self)), as: SIMD8<Float>.self)
         }
         let signBits = codes.load(fromByteOffset: 2 * s, as: UInt8.self), m = codes.load(fromByteOffset: 2 * s + 1, as: UInt8.self)
         let magnitude = book.loadUnaligned(fromByteOffset: 32 * Int(m), as: SIMD8<UInt32>.self)
-        // Sign bit j of the byte moved to bit 31 of lane j and XORed in: integer vector ops only
-        // (SIMD masks and `replacing` compile to per-lane code here and cost 5x).
-        let flip = ((SIMD8<UInt32>(repeating: UInt32(signBits)) &>> SIMD8<UInt32>(0, 1, 2, 3, 4, 5, 6, 7)) & 1) &<< 31
+        // Sign bit j of the byte XORed into bit 31 of lane j: integer vector ops only (SIMD masks
+        // and `replacing` compile to per-lane code here and cost 5x).
+        let flip = signs.loadUnaligned(fromByteOffset: 32 * Int(signBits), as: SIMD8<UInt32>.self)
         return unsafeBitCast(magnitude ^ flip, to: SIMD8<Float>.self)
     }
 
@@ -369,10 +374,10 @@ public struct NSNScheme: KVScheme {
 
     /// y^ of token t (rotated domain, unit variance) into `y`.
     @inline(__always)
-    func codewords(_ p: UnsafeRawPointer, token t: Int, book: UnsafeRawPointer, into y: UnsafeMutablePointer<Float>) {
+    func codewords(_ p: UnsafeRawPointer, token t: Int, book: UnsafeRawPointer, signs: UnsafeRawPointer, into y: UnsafeMutablePointer<Float>) {
         let codes = p + codesOffset + t * codeBytes
         for s in 0 ..< pieces {
-            UnsafeMutableRawPointer(y).storeBytes(of: codeword(codes, piece: s, book: book), toByteOffset: 32 * s, as: SIMD8<Float>.self)
+            UnsafeMutableRawPointer(y).storeBytes(of: codeword(codes, piece: s, book: book, signs: signs), toByteOffset: 32 * s, as: SIMD8<Float>.self)
         }
     }
 
@@ -380,13 +385,15 @@ public struct NSNScheme: KVScheme {
         let p = block.baseAddress!, d = headDim, c = segmentTokens
         let invRoot = 1 / Float(d).squareRoot()
         codebook.withUnsafeBytes { book in
+        Self.signMasks.withUnsafeBytes { signs in
             for (row, t) in tokens.enumerated() {
                 let o = out + row * d
-                codewords(p, token: t, book: book.baseAddress!, into: o)
+                codewords(p, token: t, book: book.baseAddress!, signs: signs.baseAddress!, into: o)
                 unrotate(o)
                 let n1 = f16(p, 2 * t), n2 = f16(p, 2 * (c + t))
                 for i in 0 ..< d { o[i] = n1 * (n2 * (o[i] * invRoot) + f16(p, meanOffset + 2 * i)) }
             }
+        }
         }
     }
 
@@ -412,15 +419,15 @@ public struct NSNScheme: KVScheme {
 
     /// Rows [t0, t0 + n) in the rotated domain, codeword times `factor(n1, n2)` of the token.
     @inline(__always)
-    func rotatedRows(_ p: UnsafeRawPointer, book: UnsafeRawPointer, from t0: Int, count n: Int, into tile: UnsafeMutablePointer<Float>,
-                     factor: (Float, Float) -> Float) {
+    func rotatedRows(_ p: UnsafeRawPointer, book: UnsafeRawPointer, signs: UnsafeRawPointer, from t0: Int, count n: Int,
+                     into tile: UnsafeMutablePointer<Float>, factor: (Float, Float) -> Float) {
         let c = segmentTokens, out = UnsafeMutableRawPointer(tile)
         for r in 0 ..< n {
             let t = t0 + r
             let f = SIMD8<Float>(repeating: factor(f16(p, 2 * t), f16(p, 2 * (c + t))))
             let codes = p + codesOffset + t * codeBytes
             let o = out + 4 * headDim * r
-            for s in 0 ..< pieces { o.storeBytes(of: codeword(codes, piece: s, book: book) * f, toByteOffset: 32 * s, as: SIMD8<Float>.self) }
+            for s in 0 ..< pieces { o.storeBytes(of: codeword(codes, piece: s, book: book, signs: signs) * f, toByteOffset: 32 * s, as: SIMD8<Float>.self) }
         }
     }
 
@@ -434,6 +441,7 @@ public struct NSNScheme: KVScheme {
                        into scores: UnsafeMutablePointer<Float>, stride: Int) {
         let p = block.baseAddress!, d = headDim, lo = tokens.lowerBound, n = tokens.count
         codebook.withUnsafeBytes { book in
+        Self.signMasks.withUnsafeBytes { signs in
             withUnsafeTemporaryAllocation(of: Float.self, capacity: g + d + n) { tmp in
                 let meanTerms = tmp.baseAddress!, mean = meanTerms + g, n1 = mean + d
                 widen(p, at: meanOffset, count: d, into: mean)
@@ -442,12 +450,13 @@ public struct NSNScheme: KVScheme {
                 for q in 0 ..< g { meanTerms[q] = RowKernels.dot(state + (g + q) * d, mean, d) }
                 // score = n1 (n2 (q' . y) + q . mu) = q' . (n1 n2 y) + n1 (q . mu)
                 TileKernels.byTiles(dim: d, tokens: tokens, decode: { range, tile in
-                    rotatedRows(p, book: book.baseAddress!, from: range.lowerBound, count: range.count, into: tile) { $0 * $1 }
+                    rotatedRows(p, book: book.baseAddress!, signs: signs.baseAddress!, from: range.lowerBound, count: range.count, into: tile) { $0 * $1 }
                 }) { t, n, tile in
                     TileKernels.scores(tile: tile, count: n, dim: d, queries: state, groupSize: g, into: scores + (t - lo), stride: stride)
                 }
                 for q in 0 ..< g { RowKernels.axpy(meanTerms[q], n1, scores + q * stride, n) }
             }
+        }
         }
     }
 
@@ -458,6 +467,7 @@ public struct NSNScheme: KVScheme {
         let p = block.baseAddress!, d = headDim, lo = tokens.lowerBound, n = tokens.count
         let invRoot = 1 / Float(d).squareRoot()
         codebook.withUnsafeBytes { book in
+        Self.signMasks.withUnsafeBytes { signs in
             withUnsafeTemporaryAllocation(of: Float.self, capacity: d + n) { tmp in
                 let mean = tmp.baseAddress!, n1 = mean + d
                 widen(p, at: meanOffset, count: d, into: mean)
@@ -466,12 +476,13 @@ public struct NSNScheme: KVScheme {
                 // v = n1 (n2 y / sqrt(d) + mu): the y part through the tile kernels, the mu part
                 // as one weight per query.
                 TileKernels.byTiles(dim: d, tokens: tokens, decode: { range, tile in
-                    rotatedRows(p, book: book.baseAddress!, from: range.lowerBound, count: range.count, into: tile) { $0 * ($1 * invRoot) }
+                    rotatedRows(p, book: book.baseAddress!, signs: signs.baseAddress!, from: range.lowerBound, count: range.count, into: tile) { $0 * ($1 * invRoot) }
                 }) { t, n, tile in
                     TileKernels.accumulate(tile: tile, count: n, dim: d, weights: weights + (t - lo), stride: stride, groupSize: g, into: acc)
                 }
                 for q in 0 ..< g { RowKernels.axpy(RowKernels.dot(weights + q * stride, n1, n), mean, acc + q * d, d) }
             }
+        }
         }
     }
 
