@@ -176,16 +176,7 @@ public enum RowKernels {
             }
             return
         }
-        withUnsafeTemporaryAllocation(of: Float.self, capacity: per * dim) { scratch in
-            let tile = scratch.baseAddress!
-            var t = tokens.lowerBound
-            while t < tokens.upperBound {
-                let n = min(per, tokens.upperBound - t)
-                if type == .float16 { widenFloat16(rows + t * rowBytes, tile, n * dim) } else { widenBFloat16(rows + t * rowBytes, tile, n * dim) }
-                body(t, n, tile)
-                t += n
-            }
-        }
+        TileKernels.byTiles(dim: dim, tokens: tokens, decode: { widen(rows + $0.lowerBound * rowBytes, from: type, $1, $0.count * dim) }, body)
     }
 
     static func scores(rows: UnsafeRawPointer, type: ElementType, dim: Int, tokens: Range<Int>,

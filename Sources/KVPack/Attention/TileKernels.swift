@@ -8,8 +8,9 @@
 /// - accumulate: two queries x 32 channels per pass, the accumulators held in registers across
 ///   every token of the tile, each weight broadcast once.
 ///
-/// Tiles are row-major, `dim` floats per row, `dim` a multiple of 8 (callers fall back to the
-/// row kernels otherwise). No allocation, no generics, no closures.
+/// Tiles are row-major, `dim` floats per row, `dim` a multiple of 8 (`scores(decodedBy:...)` and
+/// `accumulate(decodedBy:...)` fall back to one row at a time otherwise). The kernels themselves
+/// allocate nothing and take no closures; the tile walkers take the scheme's decoder as one.
 public enum TileKernels {
     /// Rows per tile for head dimension `d`: about 16 KiB of f32, at most 64 rows.
     @inline(__always)
@@ -43,6 +44,38 @@ public enum TileKernels {
                 decode(t ..< t + 1, buffer.baseAddress!)
                 body(t, buffer.baseAddress!)
             }
+        }
+    }
+
+    /// Scores of rows [tokens] that `decode` writes (block-relative token range, destination):
+    /// a tile at a time, or one row at a time when `dim` is not a multiple of 8.
+    /// out[q * stride + (t - tokens.lowerBound)] = queries[q] . row t.
+    @inline(__always)
+    public static func scores(decodedBy decode: (Range<Int>, UnsafeMutablePointer<Float>) -> Void, dim d: Int, tokens: Range<Int>,
+                              queries: UnsafePointer<Float>, groupSize g: Int, into out: UnsafeMutablePointer<Float>, stride: Int) {
+        let lo = tokens.lowerBound
+        guard d % 8 == 0 else {
+            return byRows(dim: d, tokens: tokens, decode: decode) { t, row in
+                for q in 0 ..< g { out[q * stride + (t - lo)] = RowKernels.dot(queries + q * d, row, d) }
+            }
+        }
+        byTiles(dim: d, tokens: tokens, decode: decode) { t, n, tile in
+            scores(tile: tile, count: n, dim: d, queries: queries, groupSize: g, into: out + (t - lo), stride: stride)
+        }
+    }
+
+    /// Accumulation of rows [tokens] that `decode` writes, as `scores(decodedBy:...)` walks them.
+    @inline(__always)
+    public static func accumulate(decodedBy decode: (Range<Int>, UnsafeMutablePointer<Float>) -> Void, dim d: Int, tokens: Range<Int>,
+                                  weights: UnsafePointer<Float>, stride: Int, groupSize g: Int, into acc: UnsafeMutablePointer<Float>) {
+        let lo = tokens.lowerBound
+        guard d % 8 == 0 else {
+            return byRows(dim: d, tokens: tokens, decode: decode) { t, row in
+                for q in 0 ..< g { RowKernels.axpy(weights[q * stride + (t - lo)], row, acc + q * d, d) }
+            }
+        }
+        byTiles(dim: d, tokens: tokens, decode: decode) { t, n, tile in
+            accumulate(tile: tile, count: n, dim: d, weights: weights + (t - lo), stride: stride, groupSize: g, into: acc)
         }
     }
 

@@ -464,12 +464,12 @@ public struct IntScheme: KVScheme {
     /// The scaled queries, then (per-token grouping without a tile path) each query's sum over
     /// each group.
     public func queryStateSize(groupSize g: Int) -> Int {
-        g * headDim + (grouping == .token ? g * (headDim / self.groupSize) : 0)
+        g * headDim + (tiled ? 0 : g * (headDim / self.groupSize))
     }
 
     public func prepare(queries: UnsafePointer<Float>, groupSize g: Int, scale: Float, into state: UnsafeMutablePointer<Float>) {
         RowKernels.scaled(queries, by: scale, into: state, count: g * headDim)
-        guard grouping == .token else { return }
+        guard !tiled else { return }
         let per = headDim / groupSize
         let sums = state + g * headDim
         for q in 0 ..< g {
@@ -485,10 +485,8 @@ public struct IntScheme: KVScheme {
                        into scores: UnsafeMutablePointer<Float>, stride: Int) {
         let d = headDim, p = block.baseAddress!, lo = tokens.lowerBound
         if tiled {
-            TileKernels.byTiles(dim: d, tokens: tokens, decode: { decodeTile(p, from: $0.lowerBound, count: $0.count, into: $1) }) { t, n, tile in
-                TileKernels.scores(tile: tile, count: n, dim: d, queries: state, groupSize: g, into: scores + (t - lo), stride: stride)
-            }
-            return
+            return TileKernels.scores(decodedBy: { decodeTile(p, from: $0.lowerBound, count: $0.count, into: $1) }, dim: d, tokens: tokens,
+                                      queries: state, groupSize: g, into: scores, stride: stride)
         }
         // Per-token groups narrower than 8 channels (no writer default makes them).
         let per = d / groupSize
@@ -501,8 +499,7 @@ public struct IntScheme: KVScheme {
                     var total: Float = 0
                     for grp in 0 ..< per {
                         let gi = t * per + grp
-                        var dot: Float = 0
-                        for i in grp * groupSize ..< (grp + 1) * groupSize { dot += state[q * d + i] * codes[i] }
+                        let dot = RowKernels.dot(state + q * d + grp * groupSize, codes + grp * groupSize, groupSize)
                         total += scale(p, gi) * dot + offset(p, gi) * sums[q * per + grp]
                     }
                     scores[q * stride + (t - lo)] = total
@@ -513,9 +510,7 @@ public struct IntScheme: KVScheme {
 
     public func accumulate(block: UnsafeRawBufferPointer, tokens: Range<Int>, weights: UnsafePointer<Float>, stride: Int,
                            groupSize g: Int, into acc: UnsafeMutablePointer<Float>) {
-        let d = headDim, lo = tokens.lowerBound
-        TileKernels.byTiles(dim: d, tokens: tokens, decode: { decode(block: block, tokens: $0, into: $1) }) { t, n, tile in
-            TileKernels.accumulate(tile: tile, count: n, dim: d, weights: weights + (t - lo), stride: stride, groupSize: g, into: acc)
-        }
+        TileKernels.accumulate(decodedBy: { decode(block: block, tokens: $0, into: $1) }, dim: headDim, tokens: tokens,
+                               weights: weights, stride: stride, groupSize: g, into: acc)
     }
 }

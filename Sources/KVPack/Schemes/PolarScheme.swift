@@ -285,7 +285,7 @@ public struct PolarScheme: KVScheme {
 
     /// The scaled queries. Rows are decoded a tile at a time (one lookup of cos and sin per pair)
     /// and scored by the shared tile kernels: the paper's per-query tables cost a lookup per
-    /// pair, query and token, and measured about 10x slower than decoding once per token.
+    /// pair, query and token, and measured about 3x slower than decoding once per token.
     public func queryStateSize(groupSize g: Int) -> Int { g * headDim }
 
     public func prepare(queries: UnsafePointer<Float>, groupSize g: Int, scale: Float, into state: UnsafeMutablePointer<Float>) {
@@ -294,27 +294,13 @@ public struct PolarScheme: KVScheme {
 
     public func scores(block: UnsafeRawBufferPointer, tokens: Range<Int>, state: UnsafePointer<Float>, groupSize g: Int,
                        into scores: UnsafeMutablePointer<Float>, stride: Int) {
-        let d = headDim, lo = tokens.lowerBound
-        guard d % 8 == 0 else {
-            return TileKernels.byRows(dim: d, tokens: tokens, decode: { decode(block: block, tokens: $0, into: $1) }) { t, row in
-                for q in 0 ..< g { scores[q * stride + (t - lo)] = RowKernels.dot(state + q * d, row, d) }
-            }
-        }
-        TileKernels.byTiles(dim: d, tokens: tokens, decode: { decode(block: block, tokens: $0, into: $1) }) { t, n, tile in
-            TileKernels.scores(tile: tile, count: n, dim: d, queries: state, groupSize: g, into: scores + (t - lo), stride: stride)
-        }
+        TileKernels.scores(decodedBy: { decode(block: block, tokens: $0, into: $1) }, dim: headDim, tokens: tokens,
+                           queries: state, groupSize: g, into: scores, stride: stride)
     }
 
     public func accumulate(block: UnsafeRawBufferPointer, tokens: Range<Int>, weights: UnsafePointer<Float>, stride: Int,
                            groupSize g: Int, into acc: UnsafeMutablePointer<Float>) {
-        let d = headDim, lo = tokens.lowerBound
-        guard d % 8 == 0 else {
-            return TileKernels.byRows(dim: d, tokens: tokens, decode: { decode(block: block, tokens: $0, into: $1) }) { t, row in
-                for q in 0 ..< g { RowKernels.axpy(weights[q * stride + (t - lo)], row, acc + q * d, d) }
-            }
-        }
-        TileKernels.byTiles(dim: d, tokens: tokens, decode: { decode(block: block, tokens: $0, into: $1) }) { t, n, tile in
-            TileKernels.accumulate(tile: tile, count: n, dim: d, weights: weights + (t - lo), stride: stride, groupSize: g, into: acc)
-        }
+        TileKernels.accumulate(decodedBy: { decode(block: block, tokens: $0, into: $1) }, dim: headDim, tokens: tokens,
+                               weights: weights, stride: stride, groupSize: g, into: acc)
     }
 }

@@ -362,13 +362,19 @@ public struct SVDqScheme: KVScheme {
 
     /// Latent values of channel c at tokens t ..< t + 8 (t a multiple of 8, so the codes start
     /// on a byte), computed as `latent` computes each: widths up to 4 with one 4-byte load where
-    /// it stays inside the payload, shifted by `shifts` (`withShiftTable`); f16 channels with one
-    /// 16-byte load; anything else (5, 6, 8 bits; the last channel's last codes) one code at a time.
+    /// it stays inside the payload, shifted by `shifts` (`withShiftTable`); 8 bits with one 8-byte
+    /// load (its 8 codes); f16 channels with one 16-byte load; anything else (5 and 6 bits, the
+    /// last channel's last codes below 8 bits) one code at a time.
     @inline(__always)
     func latent8(_ p: UnsafeRawPointer, channel c: Int, bits b: Int, at: Int, token t: Int, shifts: UnsafePointer<SIMD8<UInt32>>) -> SIMD8<Float> {
         if b <= 4 && at &+ (t &* b) &>> 3 &+ 4 <= blockBytes {
             let word = p.loadUnaligned(fromByteOffset: at &+ (t &* b) &>> 3, as: UInt32.self)
             let codes = (SIMD8<UInt32>(repeating: word) &>> shifts[2 &* b]) & shifts[2 &* b &+ 1]
+            let f = unsafeBitCast(codes | SIMD8(repeating: 0x4B00_0000), to: SIMD8<Float>.self) - SIMD8(repeating: 8_388_608)
+            return SIMD8(repeating: scale(p, c)) * f + SIMD8(repeating: offset(p, c))
+        }
+        if b == 8 {
+            let codes = SIMD8<UInt32>(truncatingIfNeeded: p.loadUnaligned(fromByteOffset: at &+ t, as: SIMD8<UInt8>.self))
             let f = unsafeBitCast(codes | SIMD8(repeating: 0x4B00_0000), to: SIMD8<Float>.self) - SIMD8(repeating: 8_388_608)
             return SIMD8(repeating: scale(p, c)) * f + SIMD8(repeating: offset(p, c))
         }
