@@ -6,7 +6,10 @@
 #   error-CODE__NAME.kvpack     validate reports an error with that code
 # Bytes are reproducible: fixed seeds and salts. Existing files are never replaced: they record
 # what earlier writers produced, and the reader must keep accepting them (Spec/ 3.1). Into an empty
-# directory the script writes what the current writer produces.
+# directory the script writes what the current writer produces. Names below say v1 (the version
+# they were first written in); a file the current writer produces in another major version is
+# kept under that version's name (valid__v1.1-int-k4v2 -> valid__v2-int-k4v2), so running the
+# script after a major bump adds the new version's files beside the old ones.
 set -euo pipefail
 KVPACK=${1:-.build/release/kvpack}
 OUT=${2:-corpus}
@@ -16,7 +19,12 @@ trap 'rm -rf "$tmp"' EXIT
 
 # Copies into the corpus unless a file of that name is already there.
 keep() {  # source name
-  if [ -e "$OUT/$2" ]; then echo "corpus: keeping existing $2"; else cp "$1" "$OUT/$2"; fi
+  local name=$2 major
+  major=$(od -An -tu2 -j8 -N2 "$1" 2>/dev/null | tr -d ' ')
+  if [ -n "$major" ] && [ "$major" != 1 ] && [ "$(stat -c %s "$1")" -ge 64 ]; then
+    name=$(echo "$name" | sed -E "s/__v1(\.[0-9]+)?-/__v$major-/")
+  fi
+  if [ -e "$OUT/$name" ]; then echo "corpus: keeping existing $name"; else cp "$1" "$OUT/$name"; fi
 }
 
 synth() {  # name scheme extra-args...
@@ -129,11 +137,36 @@ while off + 64 <= len(b):
 open(sys.argv[2], 'wb').write(b)
 PY
 keep "$tmp/flipped.kvpack" "error-checksumMismatch__v1-flipped-block-bit.kvpack"
-# Unknown major version.
-python3 - "$base" "$tmp/v2.kvpack" <<'PY'
+# Version 2: a flipped bit in the first segment table's payload (a checksum error of the call that
+# first reaches segment 0, not of opening), and a segment table whose first block offset names
+# the table itself, behind valid checksums (an invalid field, caught before anything is read there).
+python3 - "$base" "$tmp/segt-flipped.kvpack" "$tmp/segt-offset.kvpack" <<'PY'
+import sys, xxhash
+b = bytearray(open(sys.argv[1], 'rb').read())
+if b[8] == 2:
+    salt = int.from_bytes(b[24:32], 'little')
+    off = 64
+    while off + 64 <= len(b):
+        tag = bytes(b[off:off+4]); length = int.from_bytes(b[off+8:off+16], 'little')
+        if tag == b'SEGT':
+            flipped = bytearray(b); flipped[off + 64 + 3] ^= 0x10
+            open(sys.argv[2], 'wb').write(flipped)
+            b[off + 64:off + 72] = off.to_bytes(8, 'little')
+            b[off+24:off+32] = xxhash.xxh3_64_intdigest(bytes(b[off+64:off+64+length])).to_bytes(8, 'little')
+            b[off+56:off+64] = xxhash.xxh3_64_intdigest(bytes(b[off:off+56]), seed=salt ^ off).to_bytes(8, 'little')
+            open(sys.argv[3], 'wb').write(b)
+            break
+        off += 64 + (length + 63) // 64 * 64
+PY
+if [ -e "$tmp/segt-flipped.kvpack" ]; then
+  keep "$tmp/segt-flipped.kvpack" "error-checksumMismatch__v2-flipped-segment-table-bit.kvpack"
+  keep "$tmp/segt-offset.kvpack" "error-invalidField__v2-segment-table-block-offset.kvpack"
+fi
+# Unknown major version (3: this reader implements 1 and 2).
+python3 - "$base" "$tmp/v3.kvpack" <<'PY'
 import sys
-b = bytearray(open(sys.argv[1], 'rb').read()); b[8] = 2
+b = bytearray(open(sys.argv[1], 'rb').read()); b[8] = 3
 open(sys.argv[2], 'wb').write(b)
 PY
-keep "$tmp/v2.kvpack" "error-unsupportedVersion__v2-major.kvpack"
+if [ ! -e "$OUT/error-unsupportedVersion__v3-major.kvpack" ]; then cp "$tmp/v3.kvpack" "$OUT/error-unsupportedVersion__v3-major.kvpack"; fi
 echo "corpus: $(ls "$OUT" | wc -l) files in $OUT"

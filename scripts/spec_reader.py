@@ -250,7 +250,7 @@ def load(path):
     if data[:8] != MAGIC:
         raise FormatError("bad magic")
     major = u("H", data, 8)
-    if major != 1:
+    if major not in (1, 2):
         raise FormatError(f"major {major}")
     if xxhash.xxh3_64_intdigest(data[:56]) != u("Q", data, 56):
         raise FormatError("header checksum")
@@ -267,14 +267,14 @@ def load(path):
     while p >= mani.next:
         if data[p:p + 4] == b"CMIT":
             try:
-                return m, load_commit(data, salt, m, Frame(data, p, len(data), salt), streams, d, C, mani.next)
+                return m, load_commit(data, salt, m, Frame(data, p, len(data), salt), streams, d, C, mani.next, major)
             except FormatError:
                 pass
         p -= 64
     raise FormatError("no valid commit")
 
 
-def load_commit(data, salt, m, cmit, streams, d, C, manifest_end):
+def load_commit(data, salt, m, cmit, streams, d, C, manifest_end, major):
     index_off = cmit.f("Q", 32)
     n = cmit.f("I", 40)
     chain = []
@@ -292,20 +292,37 @@ def load_commit(data, salt, m, cmit, streams, d, C, manifest_end):
         limit, off = off, prev
     ids, positions, blocks, blobs = [0] * n, [0] * n, {}, {}
     selection = None
-    end = n
+    # Version 1 frames tile the tokens [0, n); version 2 frames tile the segments [0, n // C).
+    end = n if major == 1 else n // C
     for fr in chain:
         b, l, t, e = struct.unpack_from("<4I", fr.payload, 0)
-        if 16 + 16 * (b + l + e) + 8 * t != fr.stored:
+        if 16 + 16 * (b + l + e) + 8 * t != fr.stored or (major == 2 and t != 0):
             raise FormatError("index size")
         first = fr.f("I", 48)
-        if first + t != end:
-            raise FormatError("token tiling")
+        if first + (t if major == 1 else b) != end:
+            raise FormatError("token tiling" if major == 1 else "segment tiling")
         end = first
         pos = 16
-        for _ in range(b):
+        for i in range(b):
             fo, seg, st = struct.unpack_from("<QII", fr.payload, pos)
-            blocks[(seg, st)] = fo
             pos += 16
+            if major == 1:
+                blocks[(seg, st)] = fo
+                continue
+            # Section 8.1: a segment table, its block offsets and tokens.
+            if seg != first + i:
+                raise FormatError("segment entry order")
+            tf = Frame(data, fo, fr.off, salt)
+            if (tf.tag != "SEGT" or tf.flags or tf.f("I", 32) != seg or tf.f("I", 36) != streams
+                    or tf.f("I", 40) != C or tf.stored != 8 * streams + 8 * C):
+                raise FormatError("segment table")
+            for st in range(streams):
+                bo = u("Q", tf.payload, 8 * st)
+                if bo % 64 or bo < manifest_end or bo + 64 > tf.off:
+                    raise FormatError("segment table block offset")
+                blocks[(seg, st)] = bo
+            ids[seg * C:(seg + 1) * C] = struct.unpack_from(f"<{C}I", tf.payload, 8 * streams)
+            positions[seg * C:(seg + 1) * C] = struct.unpack_from(f"<{C}I", tf.payload, 8 * streams + 4 * C)
         for _ in range(l):  # section 7.3: BLOB frames, elements row-major
             fo, blob_id = struct.unpack_from("<QI", fr.payload, pos)
             bf = Frame(data, fo, cmit.off, salt)
@@ -344,6 +361,9 @@ def load_commit(data, salt, m, cmit, streams, d, C, manifest_end):
         if fr.tag != "DLTA" or start + count != tend or start < S:
             raise FormatError("tail")
         runs.insert(0, fr)
+        if major == 2:  # section 9: version 2 runs start with their token ids and positions
+            ids[start:start + count] = struct.unpack_from(f"<{count}I", fr.payload, 0)
+            positions[start:start + count] = struct.unpack_from(f"<{count}I", fr.payload, 4 * count)
         tend, tlimit, toff = start, fr.off, fr.f("Q", 40)
 
     out = {}
@@ -380,7 +400,7 @@ def load_commit(data, salt, m, cmit, streams, d, C, manifest_end):
                 rows.append(decode_svdq(payload, sch["params"], C, d, basis[0 if basis.shape[0] == 1 else head]))
         for fr in runs:  # sections in stream order, each padded to 64
             count = fr.f("I", 36)
-            pos = 0
+            pos = 0 if major == 1 else round_up(8 * count)
             for s2 in range(s):
                 pos += round_up(count * d * WIDTH[stream_scheme(s2)["residual"]])
             size = count * d * WIDTH[sch["residual"]]

@@ -22,6 +22,8 @@ public enum Converter {
         public var tool = "kvpack"
         /// The output's salt (random unless set; set it for reproducible bytes).
         public var salt: UInt64?
+        /// Major format version of the output (2 by default; 1 for readers older than 2.0).
+        public var formatVersion: UInt16 = FileHeader.currentMajor
 
         public init() {}
     }
@@ -98,6 +100,7 @@ public enum Converter {
             var writerOptions = WriterOptions()
             writerOptions.durability = options.durability
             writerOptions.salt = options.salt
+            writerOptions.majorVersion = options.formatVersion
             if selection != nil { writerOptions.minimumMinorVersion = 4 }
             let writer = try KVPackWriter.create(path: temp, manifest: manifest, blobs: plan.blobs, options: writerOptions)
             try stream(from: source, tokens: tokens, to: writer, chunk: segmentTokens, progress: options.progress)
@@ -137,7 +140,7 @@ public enum Converter {
         let per = g.layerCount * g.kvHeadCount * chunk * d
         var keys = [Float](repeating: 0, count: per), values = keys
         let workspace = AttentionWorkspace()
-        let ids = source.tokenIDs, positions = source.positions
+        let (ids, positions) = try source.tokens(0 ..< source.tokenCount)
         var released = 0
         var start = 0
         while start < n {

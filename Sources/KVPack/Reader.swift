@@ -6,7 +6,9 @@ import Glibc
 ///
 /// Opening reads the header, the manifest, the commit's index chain and the tail, and checks
 /// them; block payloads are not touched until a decode or attention call first reads them,
-/// when their header and checksum are verified once. Safe to share between threads; each
+/// when their header and checksum are verified once. In a version 2 file the index lists one
+/// segment table per sealed segment, and each table (block offsets, token ids, positions) is
+/// also verified on first use, so opening costs the same at 4K tokens as at 128K. Safe to share between threads; each
 /// thread passes its own `AttentionWorkspace`.
 public final class KVPackReader: @unchecked Sendable {
     // @unchecked: every stored property is immutable after init except `verified`, which is atomic.
@@ -21,14 +23,19 @@ public final class KVPackReader: @unchecked Sendable {
     /// Tail rows are attended with the raw kernels of each scheme's residual type.
     let tailKernels: [RawScheme]
     let verified: VerificationFlags
+    /// Version 2: which segment tables have been verified.
+    let tablesVerified: VerificationFlags
     let manifestEnd: UInt64
 
     public var geometry: ModelGeometry { manifest.geometry }
     public var tokenCount: Int { state.tokenCount }
     public var segmentTokens: Int { manifest.segmentTokens }
     public var sealedTokenCount: Int { tokenCount / segmentTokens * segmentTokens }
-    public var tokenIDs: [UInt32] { state.tokenIDs }
-    public var positions: [UInt32] { state.positions }
+    /// Every token id, in order. A version 2 file keeps them in its segment tables, which this
+    /// reads (and verifies) on first use: O(tokens), unlike opening.
+    public var tokenIDs: [UInt32] { get throws { try tokens(0 ..< tokenCount).ids } }
+    /// The RoPE position each token was encoded at.
+    public var positions: [UInt32] { get throws { try tokens(0 ..< tokenCount).positions } }
     public var blobs: [Blob] { state.blobs.values.sorted { $0.id < $1.id } }
     public var recoveryNotes: [RecoveryNote] { state.notes }
     public var commitOffset: UInt64 { state.commitOffset }
@@ -53,7 +60,7 @@ public final class KVPackReader: @unchecked Sendable {
         try m.verifyPayload(in: bytes, field: "MANI")
         manifest = try Manifest.decode(m.storedPayload(in: bytes), base: m.payloadOffset)
         manifestEnd = m.nextFrameOffset
-        let loader = CommitLoader(file: bytes, salt: header.salt, manifest: manifest, manifestEnd: manifestEnd)
+        let loader = CommitLoader(file: bytes, major: header.major, salt: header.salt, manifest: manifest, manifestEnd: manifestEnd)
         let state = try loader.loadNewest()
         self.state = state
         var schemes: [any KVScheme] = []
@@ -74,16 +81,18 @@ public final class KVPackReader: @unchecked Sendable {
         let manifest = self.manifest, g = manifest.geometry
         streamSchemes = (0 ..< g.streamCount).map { schemes[manifest.scheme(forStream: $0)].forKVHead(g.streamID($0).kvHead) }
         self.tailKernels = tails
-        verified = VerificationFlags(count: state.blockOffsets.count)
+        // Bounded by the file size: the commit loader checked that the bytes can hold the blocks.
+        verified = VerificationFlags(count: state.tokenCount / manifest.segmentTokens * g.streamCount)
+        tablesVerified = VerificationFlags(count: state.segmentTables.count)
     }
 
     /// Bytes of heap the reader holds beyond the mapped file: the block index, token ids and
     /// positions, blobs and per-block verification flags (counted from the arrays; small
     /// objects ignored). Everything else a reader touches is the file's pages.
     public var heapBytes: Int {
-        state.blockOffsets.count * 8 + state.tokenIDs.count * 4 + state.positions.count * 4
+        state.blockOffsets.count * 8 + state.segmentTables.count * 8 + state.tokenIDs.count * 4 + state.positions.count * 4
             + state.blobs.values.reduce(0) { $0 + $1.bytes.count } + state.tail.count * (32 + 8 * geometry.streamCount)
-            + verified.count
+            + verified.count + tablesVerified.count
     }
 
     /// Whether the commit lists a token selection (a pruned file).
@@ -119,12 +128,88 @@ public final class KVPackReader: @unchecked Sendable {
         }
     }
 
+    // MARK: Segment tables (version 2)
+
+    /// The verified payload of a sealed segment's table: `streamCount` u64 block offsets, then
+    /// `segmentTokens` u32 token ids and as many u32 positions (Spec/ 8.1).
+    func segmentTable(_ segment: Int) throws -> UnsafeRawBufferPointer {
+        let offset = state.segmentTables[segment]
+        let bytes = file.bytes
+        let h = try FrameHeader.decode(bytes, at: offset, limit: state.commitOffset, salt: header.salt, field: "SEGT")
+        guard h.tag == .segmentTable else { throw KVPackError.invalid(offset, "SEGT.tag", "expected a SEGT frame, found \(h.tag)") }
+        guard !h.isCompressed else { throw KVPackError.invalid(offset + 4, "SEGT.flags", "segment tables are never compressed") }
+        guard h.field32(32) == UInt32(segment) else {
+            throw KVPackError.invalid(offset + 32, "SEGT.segment", "is \(h.field32(32)); the index lists this frame as segment \(segment)")
+        }
+        let streams = geometry.streamCount, c = segmentTokens
+        guard Int(h.field32(36)) == streams else {
+            throw KVPackError.invalid(offset + 36, "SEGT.streamCount", "is \(h.field32(36)), the manifest has \(streams) streams")
+        }
+        guard Int(h.field32(40)) == c else {
+            throw KVPackError.invalid(offset + 40, "SEGT.tokenCount", "is \(h.field32(40)), a sealed segment holds segmentTokens = \(c)")
+        }
+        let expected = UInt64(8 * streams + 8 * c)
+        guard h.storedLength == expected else {
+            throw KVPackError.invalid(offset + 8, "SEGT.storedLength", "is \(h.storedLength); \(streams) block offsets and \(c) tokens take \(expected)")
+        }
+        if !tablesVerified.isSet(segment) {
+            try h.verifyPayload(in: bytes, field: "SEGT")
+            tablesVerified.set(segment)
+        }
+        return h.storedPayload(in: bytes)
+    }
+
+    /// Where the block of (segment, stream) starts: from the version 1 index, or from the
+    /// segment's table, whose entries are checked here, before anything is read at them.
+    func blockOffset(segment: Int, stream: Int) throws -> UInt64 {
+        if state.major == 1 { return state.blockOffsets[segment * geometry.streamCount + stream] }
+        let table = try segmentTable(segment)
+        let offset = table.loadLE(8 * stream, as: UInt64.self)
+        let tableOffset = state.segmentTables[segment]
+        guard offset % UInt64(FileHeader.frameAlignment) == 0, offset >= manifestEnd, offset < tableOffset,
+              tableOffset - offset >= UInt64(FrameHeader.size) else {
+            throw KVPackError.invalid(tableOffset + UInt64(FrameHeader.size + 8 * stream), "SEGT.blockOffset[\(stream)]",
+                                      "\(offset) is not a frame offset between the manifest end \(manifestEnd) and the table at \(tableOffset)")
+        }
+        return offset
+    }
+
+    /// Token ids and positions of `range` (checked against the file's tokens).
+    public func tokens(_ range: Range<Int>) throws -> (ids: [UInt32], positions: [UInt32]) {
+        try checkTokens(range)
+        if state.major == 1 { return (Array(state.tokenIDs[range]), Array(state.positions[range])) }
+        var ids: [UInt32] = [], positions: [UInt32] = []
+        ids.reserveCapacity(range.count)
+        positions.reserveCapacity(range.count)
+        let c = segmentTokens
+        func take(_ bytes: UnsafeRawBufferPointer, ids at: Int, positions pat: Int, _ local: Range<Int>) {
+            for i in local {
+                ids.append(bytes.loadLE(at + 4 * i, as: UInt32.self))
+                positions.append(bytes.loadLE(pat + 4 * i, as: UInt32.self))
+            }
+        }
+        try forEachChunk(range) { chunk in
+            switch chunk {
+            case let .block(segment, local):
+                let table = try segmentTable(segment)
+                let streams = geometry.streamCount
+                take(table, ids: 8 * streams, positions: 8 * streams + 4 * c, local)
+            case let .tail(piece, local):
+                let p = state.tail[piece]
+                // Version 2 runs always have a token section (the loader set it).
+                let at = p.tokenSection ?? 0
+                take(file.bytes, ids: at, positions: at + 4 * p.tokenCount, local)
+            }
+        }
+        return (ids, positions)
+    }
+
     // MARK: Block access
 
     /// The verified payload of a sealed block, decompressed into `workspace` when compressed.
     func blockPayload(segment: Int, stream: Int, workspace: AttentionWorkspace) throws -> UnsafeRawBufferPointer {
         let slot = segment * geometry.streamCount + stream
-        let offset = state.blockOffsets[slot]
+        let offset = try blockOffset(segment: segment, stream: stream)
         let bytes = file.bytes
         let h = try FrameHeader.decode(bytes, at: offset, limit: state.commitOffset, salt: header.salt, field: "BLCK")
         let schemeIndex = manifest.scheme(forStream: stream)
@@ -360,9 +445,11 @@ public final class KVPackReader: @unchecked Sendable {
 
     /// Releases the mapped pages of a sealed segment's blocks (a streaming pass is done with them).
     public func releasePages(segment: Int) {
-        guard segment >= 0, segment < tokenCount / segmentTokens else { return }
-        let offsets = state.blockOffsets[segment * geometry.streamCount ..< (segment + 1) * geometry.streamCount]
-        guard let lo = offsets.min(), let hi = offsets.max(),
+        guard segment >= 0, segment < tokenCount / segmentTokens,
+              let offsets = try? (0 ..< geometry.streamCount).map({ try blockOffset(segment: segment, stream: $0) }) else { return }
+        // A version 2 segment's table follows its blocks.
+        let table = state.major == 1 ? [] : [state.segmentTables[segment]]
+        guard let lo = offsets.min(), let hi = (offsets + table).max(),
               let last = try? FrameHeader.decode(file.bytes, at: hi, limit: state.commitOffset, salt: header.salt) else { return }
         file.releasePages(Int(lo) ..< Int(last.nextFrameOffset))
     }
@@ -377,7 +464,7 @@ public final class KVPackReader: @unchecked Sendable {
         var total = [Int](repeating: 0, count: streams)
         for segment in 0 ..< tokenCount / segmentTokens {
             for stream in 0 ..< streams {
-                let offset = state.blockOffsets[segment * streams + stream]
+                let offset = try blockOffset(segment: segment, stream: stream)
                 let h = try FrameHeader.decode(file.bytes, at: offset, limit: state.commitOffset, salt: header.salt, field: "BLCK")
                 total[stream] += FrameHeader.size + Int(h.storedLength)
             }

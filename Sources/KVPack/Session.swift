@@ -36,7 +36,7 @@ public final class KVCacheSession {
     /// The position the next token takes: one past the last stored position.
     public private(set) var nextPosition: UInt32
 
-    private init(path: String, writer: KVPackWriter, reader: KVPackReader) {
+    private init(path: String, writer: KVPackWriter, reader: KVPackReader) throws {
         self.path = path
         self.writer = writer
         self.reader = reader
@@ -48,8 +48,9 @@ public final class KVCacheSession {
         mirror = .allocate(capacity: streamCount * capacity * dim)
         roundTrip = .allocate(byteCount: 4 * dim, alignment: 64)
         mirrorStart = reader.tokenCount
-        tokenIDs = reader.tokenIDs
-        nextPosition = reader.positions.last.map { $0 + 1 } ?? 0
+        let tokens = try reader.tokens(0 ..< reader.tokenCount)
+        tokenIDs = tokens.ids
+        nextPosition = tokens.positions.last.map { $0 + 1 } ?? 0
     }
 
     deinit {
@@ -60,13 +61,13 @@ public final class KVCacheSession {
     /// Starts a new file.
     public static func create(path: String, manifest: Manifest, blobs: [Blob] = [], options: WriterOptions = WriterOptions()) throws -> KVCacheSession {
         let writer = try KVPackWriter.create(path: path, manifest: manifest, blobs: blobs, options: options)
-        return KVCacheSession(path: path, writer: writer, reader: try KVPackReader(path: path))
+        return try KVCacheSession(path: path, writer: writer, reader: KVPackReader(path: path))
     }
 
     /// Continues a file: its committed tokens are attended from the mapped file.
     public static func resume(path: String, options: WriterOptions = WriterOptions()) throws -> KVCacheSession {
         let writer = try KVPackWriter.resume(path: path, options: options)
-        return KVCacheSession(path: path, writer: writer, reader: try KVPackReader(path: path))
+        return try KVCacheSession(path: path, writer: writer, reader: KVPackReader(path: path))
     }
 
     private func row(stream: Int, index: Int) -> UnsafeMutablePointer<Float> {

@@ -64,8 +64,8 @@ public struct FileSummary: Sendable, Codable {
         tokenCount = reader.tokenCount
         sealedTokens = reader.sealedTokenCount
         tailTokens = reader.tokenCount - reader.sealedTokenCount
-        firstTokenIDs = Array(reader.tokenIDs.prefix(16))
-        positionsAreIndices = reader.positions.enumerated().allSatisfy { UInt32($0.offset) == $0.element }
+        firstTokenIDs = try reader.tokens(0 ..< min(16, reader.tokenCount)).ids
+        positionsAreIndices = try reader.positions.enumerated().allSatisfy { UInt32($0.offset) == $0.element }
         commitSerial = reader.commitSerial
         commitOffset = reader.commitOffset
         recoveryNotes = reader.recoveryNotes.map(\.description)

@@ -109,7 +109,7 @@ public struct SyntheticKV: Sendable {
                 for (i, t) in tokens.enumerated() { token(t, position: t, keys: k.baseAddress! + i * per, values: v.baseAddress! + i * per) }
             }
         }
-        var mismatches = zip(reader.tokenIDs[tokens], tokens.map(tokenID)).filter { $0 != $1 }.count
+        var mismatches = zip(try reader.tokens(tokens).ids, tokens.map(tokenID)).filter { $0 != $1 }.count
         for layer in 0 ..< g.layerCount {
             for head in 0 ..< g.kvHeadCount {
                 let k = try reader.decode(layer: layer, kvHead: head, kind: .key, tokens: tokens)

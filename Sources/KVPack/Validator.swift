@@ -165,6 +165,17 @@ public enum Validator {
         for p in s.tail { expect(p.frameOffset, .delta, "tail run") }
         for (id, offset) in s.blobFrames { expect(offset, .blob, "blob \(id)") }
         for offset in s.blockOffsets { expect(offset, .block, "block") }
+        for (segment, table) in s.segmentTables.enumerated() {
+            expect(table, .segmentTable, "segment table \(segment)")
+            for stream in 0 ..< reader.geometry.streamCount {
+                do {
+                    expect(try reader.blockOffset(segment: segment, stream: stream), .block, "block")
+                } catch let e as KVPackError {
+                    report.add(.error, e)
+                    break
+                } catch { break }
+            }
+        }
         if let offset = s.selectionOffset { expect(offset, TokenSelection.tag, "token selection") }
         report.supersededBytes = frames.filter { !referenced.contains($0.key) }.reduce(0) { $0 + $1.value.size }
     }
@@ -183,7 +194,7 @@ public enum Validator {
                         let scheme = reader.streamSchemes[stream]
                         scheme.decode(block: payload, tokens: 0 ..< c, into: rows)
                         checkFinite(rows, c * g.headDim, first: segment * c, stream: stream, reader: reader,
-                                    at: reader.state.blockOffsets[segment * g.streamCount + stream], report: &report)
+                                    at: (try? reader.blockOffset(segment: segment, stream: stream)) ?? 0, report: &report)
                     }
                 } catch let e as KVPackError {
                     report.add(.error, e)

@@ -25,8 +25,12 @@ public struct WriterOptions: Sendable {
     /// On resume, accept a file whose newest commit is damaged by falling back to an older one
     /// (the damaged commit's bytes are then truncated away).
     public var discardDamagedCommits = false
-    /// The file header records at least this minor version (a file that will hold a `tsel`
-    /// frame, which needs 1.4, is created with 4).
+    /// The major format version of a created file: 2 (the default) keeps opening constant-time
+    /// with segment tables; 1 writes files that readers of version 1 can open. A resumed file
+    /// keeps its own version.
+    public var majorVersion: UInt16 = FileHeader.currentMajor
+    /// Version 1 files: the header records at least this minor version (a file that will hold a
+    /// `tsel` frame, which needs 1.4, is created with 4). Version 2 defines everything at 2.0.
     public var minimumMinorVersion: UInt16 = 0
     /// Called after each sealed segment with the tokens appended so far (progress display).
     public var onSeal: (@Sendable (Int) -> Void)?
@@ -79,7 +83,8 @@ public final class KVPackWriter {
     /// The codec of each stream (`schemes[index].forKVHead(head)`).
     let streamSchemes: [any KVScheme]
     private let io: FileAppender
-    /// The minor version in the file header.
+    /// The version in the file header.
+    let majorVersion: UInt16
     let minorVersion: UInt16
 
     private let streamCount: Int
@@ -99,6 +104,10 @@ public final class KVPackWriter {
     private var deltaHead: UInt64 = 0
     private var commitSerial: UInt64 = 0
     private var pending = PendingIndex()
+    /// Version 2: ids and positions of the tokens of the open segment (they go to its segment
+    /// table when it seals, and to tail runs before that).
+    private var openTokenIDs: [UInt32] = []
+    private var openPositions: [UInt32] = []
     /// Index frames since (and including) the last FULL one, newest first.
     private var chain: [IndexChainLink] = []
     private var closed = false
@@ -106,9 +115,10 @@ public final class KVPackWriter {
 
     public var isDirty: Bool { tokenCount != committedTokenCount || !pending.isEmpty }
 
-    private init(path: String, manifest: Manifest, options: WriterOptions, salt: UInt64, minorVersion: UInt16,
+    private init(path: String, manifest: Manifest, options: WriterOptions, salt: UInt64, majorVersion: UInt16, minorVersion: UInt16,
                  schemes: [any KVScheme], io: FileAppender) {
         self.path = path
+        self.majorVersion = majorVersion
         self.minorVersion = minorVersion
         self.manifest = manifest
         self.options = options
@@ -124,6 +134,10 @@ public final class KVPackWriter {
         openRows = UnsafeMutableRawPointer.allocate(byteCount: max(4 * count, 64), alignment: 64)
             .bindMemory(to: Float.self, capacity: count)
         openRows.initialize(repeating: 0, count: count)
+        if majorVersion >= 2 {
+            openTokenIDs.reserveCapacity(segmentTokens)
+            openPositions.reserveCapacity(segmentTokens)
+        }
     }
 
     deinit {
@@ -136,6 +150,9 @@ public final class KVPackWriter {
     /// durable) for `manifest`, embedding `blobs` (every blob the schemes name).
     public static func create(path: String, manifest: Manifest, blobs: [Blob] = [], options: WriterOptions = WriterOptions()) throws -> KVPackWriter {
         try manifest.validateForWriting()
+        guard FileHeader.supportedMajors.contains(options.majorVersion) else {
+            throw KVPackError.argument("format version \(options.majorVersion) is not one this library writes (\(FileHeader.supportedMajors))")
+        }
         let schemes = try makeSchemes(manifest: manifest, blobs: blobs)
         if !options.overwrite, access(path, F_OK) == 0 {
             throw KVPackError.argument("\(path) already exists (pass overwrite to replace it)")
@@ -143,10 +160,12 @@ public final class KVPackWriter {
         let temp = "\(path).tmp-\(getpid())-\(UInt32.random(in: 0 ... .max))"
         let io = try FileAppender.open(path: temp, create: true)
         let salt = options.salt ?? UInt64.random(in: 1 ... .max)
-        let minor = max(manifest.requiredMinorVersion, options.minimumMinorVersion)
-        let writer = KVPackWriter(path: path, manifest: manifest, options: options, salt: salt, minorVersion: minor, schemes: schemes, io: io)
+        let major = options.majorVersion
+        let minor = major == 1 ? max(manifest.requiredMinorVersion, options.minimumMinorVersion) : 0
+        let writer = KVPackWriter(path: path, manifest: manifest, options: options, salt: salt, majorVersion: major, minorVersion: minor,
+                                  schemes: schemes, io: io)
         do {
-            try io.append(FileHeader(minor: minor, salt: salt).encoded())
+            try io.append(FileHeader(major: major, minor: minor, salt: salt).encoded())
             try writer.writeFrame(tag: .manifest, payload: manifest.encoded())
             for blob in blobs {
                 let offset = try writer.writeBlob(blob)
@@ -192,7 +211,7 @@ public final class KVPackWriter {
                 }
             }
             writer = KVPackWriter(path: path, manifest: reader.manifest, options: options, salt: reader.header.salt,
-                                  minorVersion: reader.header.minor, schemes: reader.schemes, io: io)
+                                  majorVersion: reader.header.major, minorVersion: reader.header.minor, schemes: reader.schemes, io: io)
             try writer.restore(from: reader)
             commitEnd = reader.state.commitEnd
         }
@@ -211,6 +230,11 @@ public final class KVPackWriter {
         commitSerial = s.commitSerial + 1
         chain = s.chain
         hasSelection = s.selectionOffset != nil
+        if majorVersion >= 2 {
+            let open = try reader.tokens(sealedTokenCount ..< tokenCount)
+            openTokenIDs = open.ids
+            openPositions = open.positions
+        }
         for piece in s.tail.indices {
             let p = s.tail[piece]
             for stream in 0 ..< streamCount {
@@ -255,8 +279,14 @@ public final class KVPackWriter {
                     openRow(stream: stream + 1, row: row).update(from: vBase + src, count: dim)
                 }
             }
-            pending.tokenIDs.append(tokenIDs[i])
-            pending.positions.append(positions?[i] ?? UInt32(tokenCount))
+            let position = positions?[i] ?? UInt32(tokenCount)
+            if majorVersion == 1 {
+                pending.tokenIDs.append(tokenIDs[i])
+                pending.positions.append(position)
+            } else {
+                openTokenIDs.append(tokenIDs[i])
+                openPositions.append(position)
+            }
             tokenCount += 1
             if tokenCount - sealedTokenCount == segmentTokens { try sealSegment() }
         }
@@ -277,7 +307,7 @@ public final class KVPackWriter {
     /// the file must have been created with `minimumMinorVersion` 4 or more.
     public func attach(selection: TokenSelection) throws {
         guard !closed else { throw KVPackError.argument("the writer is closed") }
-        guard minorVersion >= 4 else {
+        guard majorVersion >= 2 || minorVersion >= 4 else {
             throw KVPackError.argument("a token selection needs format 1.4; this file records 1.\(minorVersion) (create it with minimumMinorVersion 4)")
         }
         guard !hasSelection else { throw KVPackError.argument("the file already holds a token selection") }
@@ -289,6 +319,8 @@ public final class KVPackWriter {
 
     private func sealSegment() throws {
         let segment = UInt32(sealedTokenCount / segmentTokens)
+        var blockOffsets: [UInt64] = []
+        if majorVersion >= 2 { blockOffsets.reserveCapacity(streamCount) }
         for stream in 0 ..< streamCount {
             let scheme = streamSchemes[stream]
             let size = scheme.encodedBlockSize(tokens: segmentTokens)
@@ -313,12 +345,36 @@ public final class KVPackWriter {
             } else {
                 offset = try writeFrame(tag: .block, fields: fields.words, payload: UnsafeRawBufferPointer(raw), rawLength: size)
             }
-            pending.blocks.append(BlockEntry(frameOffset: offset, segment: segment, stream: UInt32(stream)))
+            if majorVersion == 1 {
+                pending.blocks.append(BlockEntry(frameOffset: offset, segment: segment, stream: UInt32(stream)))
+            } else {
+                blockOffsets.append(offset)
+            }
+        }
+        if majorVersion >= 2 {
+            let table = try writeSegmentTable(segment: segment, blockOffsets: blockOffsets)
+            pending.blocks.append(BlockEntry(frameOffset: table, segment: segment, stream: 0))
+            openTokenIDs.removeAll(keepingCapacity: true)
+            openPositions.removeAll(keepingCapacity: true)
         }
         sealedTokenCount += segmentTokens
         persistedTailEnd = sealedTokenCount
         deltaHead = 0
         options.onSeal?(tokenCount)
+    }
+
+    /// A version 2 segment table (Spec/ 8.1): where each stream's block is, and the segment's
+    /// token ids and positions, so a reader finds any of them without reading the index whole.
+    private func writeSegmentTable(segment: UInt32, blockOffsets: [UInt64]) throws -> UInt64 {
+        var w = ByteWriter(capacity: 8 * streamCount + 8 * segmentTokens)
+        for offset in blockOffsets { w.write(offset) }
+        for id in openTokenIDs { w.write(id) }
+        for position in openPositions { w.write(position) }
+        var fields = FrameHeader.FieldPacker()
+        fields.set(32, segment)
+        fields.set(36, UInt32(streamCount))
+        fields.set(40, UInt32(segmentTokens))
+        return try writeFrame(tag: .segmentTable, fields: fields.words, payload: w.bytes)
     }
 
     // MARK: Commit
@@ -366,7 +422,9 @@ public final class KVPackWriter {
         let count = tokenCount - persistedTailEnd
         var sizes: [Int] = []
         sizes.reserveCapacity(streamCount)
-        var total = 0
+        // Version 2 runs start with their tokens' ids and positions.
+        let tokenBytes = majorVersion >= 2 ? roundUp(8 * count, to: FileHeader.frameAlignment) : 0
+        var total = tokenBytes
         for stream in 0 ..< streamCount {
             let type = schemes[manifest.scheme(forStream: stream)].descriptor.residualType
             let n = roundUp(count * dim * type.byteWidth, to: FileHeader.frameAlignment)
@@ -376,7 +434,11 @@ public final class KVPackWriter {
         tailBuffer.reserve(total)
         let base = tailBuffer.pointer
         base.initializeMemory(as: UInt8.self, repeating: 0, count: total)
-        var at = 0
+        for i in 0 ..< (tokenBytes > 0 ? count : 0) {
+            (base + 4 * i).storeBytes(of: openTokenIDs[first + i].littleEndian, as: UInt32.self)
+            (base + 4 * (count + i)).storeBytes(of: openPositions[first + i].littleEndian, as: UInt32.self)
+        }
+        var at = tokenBytes
         for stream in 0 ..< streamCount {
             let type = schemes[manifest.scheme(forStream: stream)].descriptor.residualType
             RowKernels.narrow(openRow(stream: stream, row: first), to: type, base + at, count * dim)
@@ -398,7 +460,8 @@ public final class KVPackWriter {
         let incremental = chain.filter { !$0.isFull }.reduce(UInt64(0)) { $0 + $1.payloadSize }
         let fullSize = chain.last?.payloadSize ?? 0
         let full = chain.isEmpty || chain.count >= options.maxIndexChain || incremental + pending.payloadSize > fullSize
-        let firstToken = tokenCount - pending.tokenIDs.count
+        // Version 1 frames start at a token, version 2 frames at a segment.
+        let firstToken = majorVersion == 1 ? tokenCount - pending.tokenIDs.count : sealedTokenCount / segmentTokens - pending.blocks.count
         let parts = pending.sectionBytes()
         var fields = FrameHeader.FieldPacker()
         fields.set(40, tailOffset)

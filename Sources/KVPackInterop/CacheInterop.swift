@@ -200,8 +200,8 @@ public enum CacheInterop {
                         "rope_layout": m.rope.layout.description, "keys_post_rope": String(m.rope.keysArePostRoPE)]
         let workspace = AttentionWorkspace()
         try SafetensorsWriter.write(path: path, entries: entries, metadata: metadata) { i in
-            if i == entries.count - 2 { return int64Bytes(reader.tokenIDs.map { Int64($0) }) }
-            if i == entries.count - 1 { return int64Bytes(reader.positions.map { Int64($0) }) }
+            if i == entries.count - 2 { return try int64Bytes(reader.tokenIDs.map { Int64($0) }) }
+            if i == entries.count - 1 { return try int64Bytes(reader.positions.map { Int64($0) }) }
             let layer = i / 2, kind: KVKind = i % 2 == 0 ? .key : .value
             var out: [UInt8] = []
             var rows = [Float](repeating: 0, count: n * g.headDim)
@@ -240,7 +240,7 @@ public enum CacheInterop {
         let m = reader.manifest
         let meta = NpyDirectoryCache.Meta(layers: g.layerCount, heads: g.queryHeadCount, kv_heads: g.kvHeadCount, head_dim: g.headDim,
                                           rope_theta: m.rope.theta, rope_layout: m.rope.layout.description, tokens: n,
-                                          token_ids: reader.tokenIDs.map { Int($0) }, positions: reader.positions.map { Int($0) })
+                                          token_ids: try reader.tokenIDs.map { Int($0) }, positions: try reader.positions.map { Int($0) })
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
         try encoder.encode(meta).write(to: URL(fileURLWithPath: directory + "/meta.json"))

@@ -20,8 +20,8 @@ public enum AttentionObserver {
             throw KVPackError.argument("cannot observe \(n) tokens of a cache of \(reader.tokenCount)")
         }
         let w = min(max(window, 1), n)
-        let cache = ObservingCache(reader: reader, prefix: n - w, total: n)
-        try model.forward(tokens: reader.tokenIDs[n - w ..< n].map { Int($0) }, cache: cache)
+        let cache = try ObservingCache(reader: reader, prefix: n - w, total: n)
+        try model.forward(tokens: reader.tokens(n - w ..< n).ids.map { Int($0) }, cache: cache)
         return AttentionObservation(heads: g.layerCount * g.queryHeadCount, tokens: n, queries: w, weights: cache.weights)
     }
 }
@@ -45,9 +45,12 @@ final class ObservingCache: KVCache {
     private var prefixKeys: [Float], prefixValues: [Float]
     private var scores: [Float]
     private let workspace = AttentionWorkspace()
+    /// The file's positions of tokens [0, total).
+    private let filePositions: [UInt32]
 
-    init(reader: KVPackReader, prefix: Int, total: Int) {
+    init(reader: KVPackReader, prefix: Int, total: Int) throws {
         self.reader = reader
+        filePositions = try reader.tokens(0 ..< total).positions
         self.prefix = prefix
         self.total = total
         geometry = reader.geometry
@@ -61,12 +64,12 @@ final class ObservingCache: KVCache {
     }
 
     var tokenCount: Int { prefix }
-    var nextPosition: UInt32 { reader.positions[prefix + staged - 1] &+ 1 }
+    var nextPosition: UInt32 { filePositions[prefix + staged - 1] &+ 1 }
 
     func beginBatch(tokenIDs: [UInt32], positions: [UInt32]?) throws {
         guard tokenIDs.count == total - prefix else { throw KVPackError.argument("the observer re-reads exactly \(total - prefix) tokens") }
         staged = tokenIDs.count
-        batchPositions = positions ?? Array(reader.positions[prefix ..< total])
+        batchPositions = positions ?? Array(filePositions[prefix ..< total])
     }
 
     func endBatch() throws {}

@@ -21,6 +21,8 @@ struct ConvertCommand: ParsableCommand {
     @Option(help: "Layers to convert, e.g. 0-3,7 (default all).") var layers: String?
     @Option(help: "Tokens per sealed block of the output (default: the scheme's window, else the source's).") var segmentTokens: Int?
     @Option(help: "Random queries for the attention error.") var samples = 64
+    @Option(help: "Format major version of the output: 2 (opens in constant time) or 1 (for readers older than KVPack 2.0).")
+    var formatVersion: UInt16 = FileHeader.currentMajor
     @Flag(help: "Replace OUT if it exists.") var overwrite = false
     @Flag(help: "Do not fsync the output.") var noFsync = false
     @Flag(help: "Print the report as JSON.") var json = false
@@ -54,6 +56,8 @@ struct ConvertCommand: ParsableCommand {
         options.overwrite = overwrite
         options.durability = noFsync ? .flush : .fsync
         options.attentionSamples = samples
+        guard FileHeader.supportedMajors.contains(formatVersion) else { throw ValidationError("--format-version must be 1 or 2") }
+        options.formatVersion = formatVersion
         options.tool = KVPackVersion.producer
         let progress = Progress(label: "convert \(output)", total: source.tokenCount)
         options.progress = { done, _ in progress.update(done) }

@@ -61,7 +61,7 @@ struct InfoCommand: ParsableCommand {
         let path = try ModelLocator.resolve(model ?? recordedModelPath(file))
         let weights = try LlamaWeights(path: path)
         guard let tokenizer = weights.tokenizer else { throw CLIError("\(path) has no tokenizer to decode the token ids with; pass --model") }
-        let ids = reader.tokenIDs.map { Int($0) }
+        let ids = try reader.tokenIDs.map { Int($0) }
         if let bad = ids.first(where: { !(0 ..< tokenizer.vocabulary.count).contains($0) }) {
             throw CLIError("\(file): token id \(bad) is outside the vocabulary of \(path) (\(tokenizer.vocabulary.count) tokens)")
         }

@@ -23,6 +23,8 @@ struct SynthCommand: ParsableCommand {
     @Flag(help: "Replace OUTPUT if it exists.") var overwrite = false
     @Flag(help: "Append to an existing OUTPUT instead of creating it.") var resume = false
     @Option(help: "Fixed per-file salt (reproducible bytes).") var salt: UInt64?
+    @Option(help: "Format major version of a new file: 2, or 1 for readers older than KVPack 2.0 (--resume keeps the file's).")
+    var formatVersion: UInt16 = FileHeader.currentMajor
     @Flag(help: ArgumentHelp("Print `committed N` after each commit.", visibility: .hidden)) var printCommits = false
 
     func run() throws {
@@ -39,6 +41,8 @@ struct SynthCommand: ParsableCommand {
         options.durability = fsync ? .fsync : .flush
         options.overwrite = overwrite
         options.salt = salt
+        guard FileHeader.supportedMajors.contains(formatVersion) else { throw ValidationError("--format-version must be 1 or 2") }
+        options.majorVersion = formatVersion
         let progress = Progress(label: "synth \(output)", total: tokens)
 
         do {

@@ -127,7 +127,7 @@ struct TortureCommand: ParsableCommand {
             if scheme.hasPrefix("raw:f32") {
                 let bad = try gen.mismatches(in: reader, tokens: 0 ..< n)
                 if bad > 0 { return (killed, n, .content, "\(bad) elements differ from what the writer appended") }
-            } else if zip(reader.tokenIDs, (0 ..< n).map(gen.tokenID)).contains(where: { $0 != $1 }) {
+            } else if try zip(reader.tokenIDs, (0 ..< n).map(gen.tokenID)).contains(where: { $0 != $1 }) {
                 return (killed, n, .content, "token ids differ from what the writer appended")
             }
             // The file accepts appends, and the result validates.
@@ -185,8 +185,8 @@ struct TortureCommand: ParsableCommand {
 
     /// Token ids, positions and every decoded value's bits, or nil when the bytes do not open or decode.
     static func content(_ file: MappedFile) -> [[UInt32]]? {
-        guard let r = try? KVPackReader(file: file) else { return nil }
-        var out = [r.tokenIDs, r.positions]
+        guard let r = try? KVPackReader(file: file), let tokens = try? r.tokens(0 ..< r.tokenCount) else { return nil }
+        var out = [tokens.ids, tokens.positions]
         for l in 0 ..< r.geometry.layerCount {
             for h in 0 ..< r.geometry.kvHeadCount {
                 for kind in KVKind.allCases {

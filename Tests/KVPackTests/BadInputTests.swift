@@ -6,12 +6,12 @@ import Testing
 struct BadInputTests {
     /// A small valid file: 2 layers, 1 KV head, head_dim 4, segments of 4, 11 tokens committed in
     /// three steps (so it has sealed blocks, a tail of 3 rows in two runs, and an index chain).
-    static func smallFile(spec: String = "raw:f16", salt: UInt64 = 0x5EED) throws -> (bytes: [UInt8], data: RandomKV) {
+    static func smallFile(spec: String = "raw:f16", salt: UInt64 = 0x5EED, major: UInt16 = FileHeader.currentMajor) throws -> (bytes: [UInt8], data: RandomKV) {
         let g = ModelGeometry(layerCount: 2, queryHeadCount: 2, kvHeadCount: 1, headDim: 4)
         let data = RandomKV(geometry: g, tokens: 11, seed: 4, maxExponent: 6)
         let dir = temporaryDirectory()
         try writeFile(dir + "/s.kvpack", data: data, segmentTokens: 4, spec: spec, batches: [5, 4, 2], commitsAfter: [5, 9],
-                      options: testOptions(salt: salt))
+                      options: testOptions(salt: salt, major: major))
         return (fileBytes(dir + "/s.kvpack"), data)
     }
 
@@ -82,9 +82,9 @@ struct BadInputTests {
         png.replaceSubrange(0 ..< 8, with: [0x89, 0x50, 0x4E, 0x47, 0x0D, 0x0A, 0x1A, 0x0A])
         #expect(openError(png)?.code == .badMagic)
 
-        var v2 = bytes
-        Self.put(UInt16(2), at: 8, in: &v2)
-        let e = openError(v2)
+        var v3 = bytes
+        Self.put(UInt16(3), at: 8, in: &v3)
+        let e = openError(v3)
         #expect(e?.code == .unsupportedVersion)
         #expect(e?.offset == 8)
         #expect(e?.field == "header.major")
@@ -195,9 +195,9 @@ struct BadInputTests {
         }
     }
 
-    @Test("oversized counts and offsets are invalid fields, allocated from nothing")
-    func lyingFields() throws {
-        let (original, _) = try Self.smallFile()
+    @Test("oversized counts and offsets are invalid fields, allocated from nothing", arguments: [UInt16(1), 2])
+    func lyingFields(major: UInt16) throws {
+        let (original, _) = try Self.smallFile(major: major)
         let frames = try Self.frames(original)
         let index = frames.last { $0.tag == .index }!
         let commit = frames.last { $0.tag == .commit }!
@@ -211,7 +211,7 @@ struct BadInputTests {
         var tokens = original
         Self.reseal(&tokens, frame: commit, salt: Self.salt, header: { h in h.fields.1 = UInt64(UInt32.max) })
         e = Self.damage(tokens)
-        #expect(e?.code == .invalidField && e?.field == "INDX.firstToken", "\(String(describing: e))")
+        #expect(e?.code == .invalidField && e?.field == (major == 1 ? "INDX.firstToken" : "INDX.firstSegment"), "\(String(describing: e))")
 
         var offset = original
         Self.reseal(&offset, frame: commit, salt: Self.salt, header: { h in h.fields.0 = UInt64.max - 63 })
@@ -225,7 +225,7 @@ struct BadInputTests {
         let listing = try #require(frames.first { $0.offset == link.offset })
         Self.reseal(&entry, frame: listing, salt: Self.salt, payload: { Self.put(UInt64.max - 63, at: 16, in: &$0) })
         e = Self.damage(entry)
-        #expect(e?.code == .invalidField && e?.field == "INDX.block.frameOffset", "\(String(describing: e))")
+        #expect(e?.code == .invalidField && e?.field == (major == 1 ? "INDX.block.frameOffset" : "INDX.segment.frameOffset"), "\(String(describing: e))")
         #expect(e?.offset == listing.payloadOffset + 16)
 
         var dim = original
@@ -246,9 +246,10 @@ struct BadInputTests {
         #expect(e != nil)
     }
 
-    @Test("references into other frames' payloads, to the wrong kind of frame, twice to one frame, or backwards in a cycle are errors")
-    func crossedReferences() throws {
-        let (original, _) = try Self.smallFile()
+    @Test("references into other frames' payloads, to the wrong kind of frame, twice to one frame, or backwards in a cycle are errors",
+          arguments: [UInt16(1), 2])
+    func crossedReferences(major: UInt16) throws {
+        let (original, _) = try Self.smallFile(major: major)
         let frames = try Self.frames(original)
         let blocks = frames.filter { $0.tag == .block }
         let chain = try KVPackReader(file: MappedFile(copying: original)).state.chain
@@ -278,7 +279,8 @@ struct BadInputTests {
         let big = try #require(blocks.first { $0.storedLength >= 64 } ?? blocks.first)
         var inside = original
         Self.reseal(&inside, frame: listing, salt: Self.salt, payload: { Self.put(big.payloadOffset, at: 16, in: &$0) })
-        #expect(problems(inside).contains { $0.contains("BLCK") }, "\(problems(inside))")
+        // Version 2 index entries name segment tables.
+        #expect(problems(inside).contains { $0.contains(major == 1 ? "BLCK" : "SEGT") }, "\(problems(inside))")
         // The tail pointer naming an index frame instead of a DLTA frame.
         var wrongKind = original
         Self.reseal(&wrongKind, frame: newestIndex, salt: Self.salt, header: { h in h.fields.1 = listing.offset < newestIndex.offset ? listing.offset : 64 })
@@ -296,9 +298,9 @@ struct BadInputTests {
         #expect(reader?.recoveryNotes.contains { if case .skippedCommit = $0 { true } else { false } } ?? true)
     }
 
-    @Test("unknown critical frames are errors; unknown ancillary frames are skipped")
-    func unknownFrames() throws {
-        let (original, _) = try Self.smallFile()
+    @Test("unknown critical frames are errors; unknown ancillary frames are skipped", arguments: [UInt16(1), 2])
+    func unknownFrames(major: UInt16) throws {
+        let (original, _) = try Self.smallFile(major: major)
         let frames = try Self.frames(original)
         let index = frames.last { $0.tag == .index }!
         let commit = frames.last { $0.tag == .commit }!
@@ -316,7 +318,8 @@ struct BadInputTests {
             var f = FrameHeader.FieldPacker()
             f.set(32, index.offset)
             f.set(40, index.field64(40))
-            f.set(48, UInt32(11))
+            // The new frame lists nothing: it starts at token 11 (version 1) or segment 2 (version 2).
+            f.set(48, UInt32(major == 1 ? 11 : 2))
             let newIndex = Self.appendFrame(&b, tag: .index, fields: f, payload: payload, salt: Self.salt)
             var c = FrameHeader.FieldPacker()
             c.set(32, newIndex)
@@ -369,7 +372,7 @@ struct BadInputTests {
     /// Token ids, positions and every decoded value, or nil when the file does not open.
     static func content(_ file: MappedFile) throws -> [[UInt32]]? {
         guard let r = try? KVPackReader(file: file) else { return nil }
-        var out = [r.tokenIDs, r.positions]
+        var out = [try r.tokenIDs, try r.positions]
         for l in 0 ..< r.geometry.layerCount {
             for kind in KVKind.allCases {
                 guard let v = try? r.decode(layer: l, kvHead: 0, kind: kind) else { return nil }

@@ -98,7 +98,7 @@ struct LlamaRunnerTests {
         #expect(tokens == pinnedGreedyTokens)
         let r = try KVPackReader(path: dir + "/s.kvpack")
         #expect(r.tokenCount == 65)
-        #expect(r.tokenIDs.map { Int($0) } == [1] + pinnedGreedyTokens)
+        #expect(try r.tokenIDs.map { Int($0) } == [1] + pinnedGreedyTokens)
     }
 
     /// Runs turns of `steps` tokens; with `resumeBetween`, each turn after the first reopens the

@@ -117,8 +117,10 @@ struct SelectionTests {
     func attentionOverKeptTokens() throws {
         let (source, out, selection, _) = try Self.pruned(spec: "raw:f32")
         #expect(out.tokenCount == selection.keptCount)
-        #expect(out.positions == selection.kept.map { source.positions[$0] }, "original positions are kept")
-        #expect(out.tokenIDs == selection.kept.map { source.tokenIDs[$0] })
+        let sourcePositions = try source.positions
+        #expect(try out.positions == selection.kept.map { sourcePositions[$0] }, "original positions are kept")
+        let sourceTokenIDs = try source.tokenIDs
+        #expect(try out.tokenIDs == selection.kept.map { sourceTokenIDs[$0] })
         let g = Self.geometry
         var rng = SplitMix64(seed: 5)
         for layer in 0 ..< g.layerCount {
@@ -139,11 +141,11 @@ struct SelectionTests {
         }
     }
 
-    @Test("a pruned file records its selection (format 1.4), validates, and composes with lossy schemes")
+    @Test("a pruned file records its selection (format 1.4 or 2.0), validates, and composes with lossy schemes")
     func selectionRecord() throws {
         for spec in ["raw:f16", "int:k4v2", "polar:r3a4+v:int:k4v2"] {
             let (_, out, selection, _) = try Self.pruned(spec: spec, policy: .importance, budget: 33)
-            #expect(out.header.minor == 4)
+            #expect(out.header.major == 2 && out.header.minor == 0, "2.0 defines tsel")
             #expect(try out.tokenSelection() == selection, "\(spec)")
             #expect(Validator.validate(file: out.file, path: "out", deep: true).isValid)
             #expect(try FileSummary(reader: out).tokenSelection?.hasPrefix("importance: tokens 0..<33 are 33 of 150") == true)
@@ -155,7 +157,7 @@ struct SelectionTests {
     func resumeAndPruneAgain() throws {
         let (_, out, selection, dir) = try Self.pruned(spec: "raw:f32")
         let path = dir + "/out.kvpack"
-        let last = out.positions.last!
+        let last = try out.positions.last!
         var options = testOptions()
         options.maxIndexChain = 2
         let writer = try KVPackWriter.resume(path: path, options: options)
@@ -177,15 +179,17 @@ struct SelectionTests {
         o.durability = .flush
         _ = try Converter.convert(input: path, output: dir + "/again.kvpack", spec: SchemeSpec.parse("raw:f32", geometry: g), selection: again, options: o)
         let twice = try KVPackReader(path: dir + "/again.kvpack")
-        #expect(twice.positions == again.kept.map { grown.positions[$0] })
+        let grownPositions = try grown.positions
+        #expect(try twice.positions == again.kept.map { grownPositions[$0] })
         #expect(try twice.tokenSelection()?.sourceTokenCount == grown.tokenCount)
     }
 
-    @Test("a writer refuses a selection on a file created before 1.4, and an inconsistent one")
+    @Test("a writer refuses a selection on a version 1 file created before 1.4, and an inconsistent one")
     func writerChecks() throws {
         let dir = temporaryDirectory()
         let data = RandomKV(geometry: Self.geometry, tokens: 20, seed: 1)
-        let w = try writeFile(dir + "/a.kvpack", data: data, segmentTokens: 8, spec: "raw:f16", batches: [20])
+        let w = try writeFile(dir + "/a.kvpack", data: data, segmentTokens: 8, spec: "raw:f16", batches: [20],
+                              options: testOptions(major: 1))
         _ = w
         let writer = try KVPackWriter.resume(path: dir + "/a.kvpack", options: testOptions())
         let s = KVCrush.select(Self.observation(tokens: 20), parameters: Self.parameters(.recent, budget: 10))

@@ -124,7 +124,7 @@ struct SmolLM2ChatTests {
         try chat.close()
         // The file is the ChatML transcript: system, user, assistant, each closed.
         let reader = try KVPackReader(path: dir + "/pinned.kvpack")
-        let text = chat.template.tokenizer.decode(reader.tokenIDs.map { Int($0) })
+        let text = chat.template.tokenizer.decode(try reader.tokenIDs.map { Int($0) })
         #expect(text == "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\nThe capital of France is Paris.<|im_end|>\n")
     }
 
@@ -146,7 +146,7 @@ struct SmolLM2ChatTests {
         #expect((single["turns"] as! [[String: Any]]).map { $0["reply"] as! String } == replies)
         let a = try KVPackReader(path: one), b = try KVPackReader(path: three)
         #expect(a.tokenCount > 64)   // past a sealed segment
-        #expect(a.tokenIDs == b.tokenIDs)
+        #expect(try a.tokenIDs == b.tokenIDs)
         for layer in [0, 29] {
             #expect(try a.decode(layer: layer, kvHead: 1, kind: .key) == b.decode(layer: layer, kvHead: 1, kind: .key))
         }

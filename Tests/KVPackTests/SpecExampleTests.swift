@@ -70,19 +70,23 @@ struct SpecExampleTests {
         #expect(r.header.salt == 0x1122_3344_5566_7788)
         #expect(r.tokenCount == 3)
         #expect(r.sealedTokenCount == 2)
-        #expect(r.tokenIDs == [1, 72, 101])
-        #expect(r.positions == [0, 1, 2])
+        #expect(try r.tokenIDs == [1, 72, 101])
+        #expect(try r.positions == [0, 1, 2])
         #expect(r.manifest.producer == "spec")
         #expect(r.manifest.userMetadata == [.init("lang", "en")])
         #expect(try r.decode(layer: 0, kvHead: 0, kind: .key) == [1, 2, 3, 4, 5, 6])
         #expect(try r.decode(layer: 0, kvHead: 0, kind: .value) == [0.5, -0.25, 1, -0.25, 1.5, -0.25])
-        // Documented offsets: blocks at 0x1C0 (K) and 0x240 (V), tail run at 0x2C0, index at
-        // 0x380, commit at 0x440; the first (empty) commit at 0x180 is superseded.
-        #expect(r.state.blockOffsets == [0x1C0, 0x240])
-        #expect(r.state.tail.map(\.frameOffset) == [0x2C0])
-        #expect(r.state.chain.map(\.offset) == [0x380])
-        #expect(r.commitOffset == 0x440)
-        #expect(r.fileSize == 0x480)
+        // Documented offsets: blocks at 0x1C0 (K) and 0x240 (V), their segment table at 0x2C0,
+        // tail run at 0x340, index at 0x440, commit at 0x4C0; the first (empty) commit at 0x180
+        // is superseded.
+        #expect(r.header.major == 2 && r.header.minor == 0)
+        #expect(r.state.segmentTables == [0x2C0])
+        #expect(try r.blockOffset(segment: 0, stream: 0) == 0x1C0)
+        #expect(try r.blockOffset(segment: 0, stream: 1) == 0x240)
+        #expect(r.state.tail.map(\.frameOffset) == [0x340])
+        #expect(r.state.chain.map(\.offset) == [0x440])
+        #expect(r.commitOffset == 0x4C0)
+        #expect(r.fileSize == 0x500)
         #expect(Validator.validate(file: r.file, path: "example", deep: true).problems.isEmpty)
     }
 }

@@ -89,10 +89,11 @@ func makeManifest(_ g: ModelGeometry, segmentTokens: Int, spec: String, rope: Ro
     return (m, plan.blobs)
 }
 
-func testOptions(salt: UInt64? = nil) -> WriterOptions {
+func testOptions(salt: UInt64? = nil, major: UInt16 = FileHeader.currentMajor) -> WriterOptions {
     var o = WriterOptions()
     o.durability = .flush
     o.salt = salt
+    o.majorVersion = major
     return o
 }
 

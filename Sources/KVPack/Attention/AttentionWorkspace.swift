@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import Synchronization
 
 /// Scratch memory for decode and attention calls: score rows, prepared queries, the online-
@@ -87,6 +90,10 @@ struct GrowableBytes: ~Copyable {
 }
 
 /// Per-block "payload verified" flags shared by every thread using one reader.
+///
+/// The storage comes from `calloc`: a large zeroed allocation is mapped zero pages, so creating
+/// flags for a million blocks costs nothing at open and only the pages of flags actually set
+/// become resident (opening a version 2 file stays independent of its size).
 final class VerificationFlags: @unchecked Sendable {
     // @unchecked: the storage is only touched through atomics.
     private let flags: UnsafeMutablePointer<Atomic<UInt8>>
@@ -94,14 +101,12 @@ final class VerificationFlags: @unchecked Sendable {
 
     init(count: Int) {
         self.count = count
-        flags = .allocate(capacity: max(count, 1))
-        for i in 0 ..< count { (flags + i).initialize(to: Atomic(0)) }
+        // Atomic<UInt8> is a frozen wrapper of one byte: zero bytes are Atomic(0).
+        guard let raw = calloc(max(count, 1), 1) else { fatalError("out of memory for \(count) verification flags") }
+        flags = raw.bindMemory(to: Atomic<UInt8>.self, capacity: max(count, 1))
     }
 
-    deinit {
-        flags.deinitialize(count: count)
-        flags.deallocate()
-    }
+    deinit { free(flags) }
 
     func isSet(_ i: Int) -> Bool { flags[i].load(ordering: .acquiring) != 0 }
     func set(_ i: Int) { flags[i].store(1, ordering: .releasing) }

@@ -29,6 +29,8 @@ struct TailPiece: Sendable {
     var tokenCount: Int
     /// Absolute file offset of each stream's rows.
     var streamOffsets: [Int]
+    /// Version 2: absolute file offset of the run's token ids (its positions follow them).
+    var tokenSection: Int?
 }
 
 /// An index frame of the commit's chain, as the writer needs it to rewrite a FULL index.
@@ -46,13 +48,18 @@ struct IndexChainLink: Sendable {
 
 /// The committed state of a file: everything a reader needs, validated against the bytes.
 struct CommitState: Sendable {
+    var major: UInt16
     var commitOffset: UInt64
     var commitSerial: UInt64
     var tokenCount: Int
-    /// Block frame offsets, `[segment * streamCount + stream]`.
+    /// Version 1: block frame offsets, `[segment * streamCount + stream]`, checked at open.
+    /// Empty in version 2, where segment tables list them and are checked on first use.
     var blockOffsets: [UInt64]
+    /// Version 2: the segment table (`SEGT`) frame of each sealed segment. Empty in version 1.
+    var segmentTables: [UInt64]
     var blobs: [UInt32: Blob]
     var blobFrames: [UInt32: UInt64]
+    /// Version 1 only (version 2 reads them from segment tables and tail runs on demand).
     var tokenIDs: [UInt32]
     var positions: [UInt32]
     /// Ordered by tokenStart; tiles [sealedTokens, tokenCount).
@@ -69,6 +76,7 @@ struct CommitState: Sendable {
 /// Finds and loads the newest commit whose state verifies (Spec/: "Opening a file").
 struct CommitLoader {
     let file: UnsafeRawBufferPointer
+    let major: UInt16
     let salt: UInt64
     let manifest: Manifest
     let manifestEnd: UInt64
@@ -134,7 +142,7 @@ struct CommitLoader {
         var offset = indexOffset
         var limit = at
         while true {
-            let frame = try IndexFrame.load(file, at: offset, limit: limit, salt: salt)
+            let frame = try IndexFrame.load(file, at: offset, limit: limit, salt: salt, major: major)
             guard frame.header.nextFrameOffset <= limit else {
                 throw KVPackError.invalid(offset + 8, "INDX.storedLength", "frame runs past its successor at \(limit)")
             }
@@ -149,50 +157,59 @@ struct CommitLoader {
             offset = prev
         }
 
-        // Token ranges tile [0, tokenCount): newest frame ends at tokenCount, each older one
-        // ends where its successor begins, the FULL one begins at 0.
-        var end = tokenCount
+        let segments = tokenCount / manifest.segmentTokens
+        // Version 1: token ranges tile [0, tokenCount). Version 2: segment ranges tile
+        // [0, segments). The newest frame ends at the end, each older one ends where its
+        // successor begins, the FULL one begins at 0 (checked when it loaded).
+        var end = major == 1 ? tokenCount : segments
         for f in frames {
-            guard Int(f.firstToken) + f.tokenCount == end else {
-                throw KVPackError.invalid(f.header.offset + 48, "INDX.firstToken",
-                                          "covers tokens \(f.firstToken)..<\(Int(f.firstToken) + f.tokenCount) but must end at \(end)")
+            let count = major == 1 ? f.tokenCount : f.blockCount
+            guard Int(f.firstToken) + count == end else {
+                let what = major == 1 ? "tokens" : "segments"
+                throw KVPackError.invalid(f.header.offset + 48, major == 1 ? "INDX.firstToken" : "INDX.firstSegment",
+                                          "covers \(what) \(f.firstToken)..<\(Int(f.firstToken) + count) but must end at \(end)")
             }
             end = Int(f.firstToken)
         }
-        // end == 0 now: the FULL frame starts at 0 (checked when it loaded).
 
-        var tokenIDs = [UInt32](repeating: 0, count: tokenCount)
-        var positions = [UInt32](repeating: 0, count: tokenCount)
-        for f in frames {
-            let first = Int(f.firstToken)
-            for i in 0 ..< f.tokenCount {
-                tokenIDs[first + i] = f.tokenID(i)
-                positions[first + i] = f.position(i)
+        var tokenIDs: [UInt32] = []
+        var positions: [UInt32] = []
+        var blockOffsets: [UInt64] = []
+        var segmentTables: [UInt64] = []
+        if major == 1 {
+            tokenIDs = [UInt32](repeating: 0, count: tokenCount)
+            positions = [UInt32](repeating: 0, count: tokenCount)
+            for f in frames {
+                let first = Int(f.firstToken)
+                for i in 0 ..< f.tokenCount {
+                    tokenIDs[first + i] = f.tokenID(i)
+                    positions[first + i] = f.position(i)
+                }
             }
-        }
-
-        let segments = tokenCount / manifest.segmentTokens
-        let (expectedBlocks, overflow) = segments.multipliedReportingOverflow(by: streamCount)
-        let listedBlocks = frames.reduce(0) { $0 + $1.blockCount }
-        guard !overflow, listedBlocks == expectedBlocks else {
-            throw KVPackError.invalid(frames[0].header.payloadOffset, "INDX.blockCount",
-                                      "the chain lists \(listedBlocks) blocks; \(segments) sealed segments x \(streamCount) streams need \(expectedBlocks)")
-        }
-        var blockOffsets = [UInt64](repeating: 0, count: expectedBlocks)
-        for f in frames {
-            for i in 0 ..< f.blockCount {
-                let e = f.block(i)
-                let entryAt = f.entryOffset(sectionStart: f.blocksStart, i)
-                guard Int(e.segment) < segments, Int(e.stream) < streamCount else {
-                    throw KVPackError.invalid(entryAt, "INDX.block.segment",
-                                              "segment \(e.segment) stream \(e.stream) out of range (\(segments) sealed segments, \(streamCount) streams)")
+            blockOffsets = try loadBlockEntries(frames, segments: segments)
+        } else {
+            // Every block is its own frame of at least 64 bytes before the commit: a claim of more
+            // blocks than that cannot be true, and would make a reader size its per-block state
+            // from a number the bytes do not back.
+            let (blocks, overflow) = segments.multipliedReportingOverflow(by: streamCount)
+            guard !overflow, blocks <= Int(at / UInt64(FrameHeader.size)) else {
+                throw KVPackError.invalid(at + 40, "CMIT.tokenCount",
+                                          "\(segments) sealed segments x \(streamCount) streams need more block frames than the \(at) bytes before the commit can hold")
+            }
+            // The ranges tile [0, segments), so the chain lists exactly `segments` entries.
+            segmentTables = [UInt64](repeating: 0, count: segments)
+            for f in frames {
+                for i in 0 ..< f.blockCount {
+                    let e = f.block(i)
+                    let entryAt = f.entryOffset(sectionStart: f.blocksStart, i)
+                    let segment = Int(f.firstToken) + i
+                    guard Int(e.segment) == segment else {
+                        throw KVPackError.invalid(entryAt + 8, "INDX.segment.segment",
+                                                  "is \(e.segment); entry \(i) of a frame starting at segment \(f.firstToken) names segment \(segment)")
+                    }
+                    try checkReference(e.frameOffset, before: f.header.offset, at: entryAt, field: "INDX.segment.frameOffset")
+                    segmentTables[segment] = e.frameOffset
                 }
-                try checkReference(e.frameOffset, before: f.header.offset, at: entryAt, field: "INDX.block.frameOffset")
-                let slot = Int(e.segment) * streamCount + Int(e.stream)
-                guard blockOffsets[slot] == 0 else {
-                    throw KVPackError.invalid(entryAt, "INDX.block", "segment \(e.segment) stream \(e.stream) is listed twice")
-                }
-                blockOffsets[slot] = e.frameOffset
             }
         }
 
@@ -244,9 +261,37 @@ struct CommitLoader {
                            blockCount: f.blockCount, blobCount: f.blobCount, tokenCount: f.tokenCount,
                            extensionCount: f.extensionCount, payloadSize: f.header.storedLength)
         }
-        return CommitState(commitOffset: at, commitSerial: serial, tokenCount: tokenCount, blockOffsets: blockOffsets,
-                           blobs: blobs, blobFrames: blobFrames, tokenIDs: tokenIDs, positions: positions,
+        return CommitState(major: major, commitOffset: at, commitSerial: serial, tokenCount: tokenCount, blockOffsets: blockOffsets,
+                           segmentTables: segmentTables, blobs: blobs, blobFrames: blobFrames, tokenIDs: tokenIDs, positions: positions,
                            tail: tail, chain: links, selectionOffset: selectionOffset, notes: [])
+    }
+
+    /// Version 1: the block entries of the whole chain name every (segment, stream) once.
+    func loadBlockEntries(_ frames: [IndexFrame], segments: Int) throws -> [UInt64] {
+        let (expectedBlocks, overflow) = segments.multipliedReportingOverflow(by: streamCount)
+        let listedBlocks = frames.reduce(0) { $0 + $1.blockCount }
+        guard !overflow, listedBlocks == expectedBlocks else {
+            throw KVPackError.invalid(frames[0].header.payloadOffset, "INDX.blockCount",
+                                      "the chain lists \(listedBlocks) blocks; \(segments) sealed segments x \(streamCount) streams need \(expectedBlocks)")
+        }
+        var blockOffsets = [UInt64](repeating: 0, count: expectedBlocks)
+        for f in frames {
+            for i in 0 ..< f.blockCount {
+                let e = f.block(i)
+                let entryAt = f.entryOffset(sectionStart: f.blocksStart, i)
+                guard Int(e.segment) < segments, Int(e.stream) < streamCount else {
+                    throw KVPackError.invalid(entryAt, "INDX.block.segment",
+                                              "segment \(e.segment) stream \(e.stream) out of range (\(segments) sealed segments, \(streamCount) streams)")
+                }
+                try checkReference(e.frameOffset, before: f.header.offset, at: entryAt, field: "INDX.block.frameOffset")
+                let slot = Int(e.segment) * streamCount + Int(e.stream)
+                guard blockOffsets[slot] == 0 else {
+                    throw KVPackError.invalid(entryAt, "INDX.block", "segment \(e.segment) stream \(e.stream) is listed twice")
+                }
+                blockOffsets[slot] = e.frameOffset
+            }
+        }
+        return blockOffsets
     }
 
     /// A referenced frame starts on the grid, after the manifest, and its header ends before
@@ -337,6 +382,9 @@ struct CommitLoader {
             var streamOffsets: [Int] = []
             streamOffsets.reserveCapacity(streamCount)
             var cursor = Int(h.payloadOffset)
+            // Version 2 runs start with their tokens: ids, then positions, padded to 64 bytes.
+            let tokenSection = major == 1 ? nil : cursor
+            if major != 1 { cursor += roundUp(8 * count, to: FileHeader.frameAlignment) }
             for s in 0 ..< streamCount {
                 streamOffsets.append(cursor)
                 cursor += roundUp(sectionBytes(stream: s, tokens: count), to: FileHeader.frameAlignment)
@@ -346,7 +394,8 @@ struct CommitLoader {
                                           "is \(h.storedLength); \(count) rows of \(streamCount) streams need \(UInt64(cursor) - h.payloadOffset)")
             }
             try h.verifyPayload(in: file, field: "DLTA")
-            pieces.append(TailPiece(frameOffset: offset, tokenStart: start, tokenCount: count, streamOffsets: streamOffsets))
+            pieces.append(TailPiece(frameOffset: offset, tokenStart: start, tokenCount: count, streamOffsets: streamOffsets,
+                                    tokenSection: tokenSection))
             if start == sealed { break }
             end = start
             limit = offset

@@ -4,9 +4,13 @@ public struct FileHeader: Sendable, Equatable {
     /// `\x89 K V P \r \n \x1a \n`: the high byte catches 7-bit transports, CR LF and LF catch
     /// newline conversion, 0x1A stops DOS `type` (the PNG signature's reasoning).
     public static let magic: [UInt8] = [0x89, 0x4B, 0x56, 0x50, 0x0D, 0x0A, 0x1A, 0x0A]
-    public static let currentMajor: UInt16 = 1
-    /// The newest minor version this library implements; each file records the lowest one it needs.
-    public static let currentMinor: UInt16 = 4
+    /// The major version new files are written in (Spec/ 15: 2.0 made opening constant-time).
+    public static let currentMajor: UInt16 = 2
+    /// Every major version this library reads (and can append to).
+    public static let supportedMajors: ClosedRange<UInt16> = 1 ... 2
+    /// The newest minor version this library implements for each major; each file records the
+    /// lowest one it needs.
+    public static func newestMinor(major: UInt16) -> UInt16 { major == 1 ? 4 : 0 }
     /// Frames start on multiples of this, so payloads (64 bytes after a frame start) are
     /// 64-byte aligned in a mapping of the file.
     public static let frameAlignment = 64
@@ -17,7 +21,7 @@ public struct FileHeader: Sendable, Equatable {
     /// a frame copied to another offset or another file does not verify.
     public var salt: UInt64
 
-    public init(major: UInt16 = FileHeader.currentMajor, minor: UInt16 = FileHeader.currentMinor, salt: UInt64) {
+    public init(major: UInt16 = FileHeader.currentMajor, minor: UInt16, salt: UInt64) {
         self.major = major
         self.minor = minor
         self.salt = salt
@@ -53,9 +57,9 @@ public struct FileHeader: Sendable, Equatable {
         }
         let major = bytes.loadLE(8, as: UInt16.self)
         let minor = bytes.loadLE(10, as: UInt16.self)
-        guard major == currentMajor else {
+        guard supportedMajors.contains(major) else {
             throw KVPackError(.unsupportedVersion, offset: 8, field: "header.major",
-                              "file is KVPack \(major).\(minor); this reader implements major version \(currentMajor)")
+                              "file is KVPack \(major).\(minor); this reader implements major versions \(supportedMajors.lowerBound) to \(supportedMajors.upperBound)")
         }
         let stored = bytes.loadLE(56, as: UInt64.self)
         let actual = Checksum.xxh3(UnsafeRawBufferPointer(rebasing: bytes[0 ..< 56]))
@@ -65,16 +69,16 @@ public struct FileHeader: Sendable, Equatable {
         }
         let headerSize = bytes.loadLE(12, as: UInt32.self)
         guard headerSize == size else {
-            throw KVPackError.invalid(12, "header.headerSize", "is \(headerSize), version 1 requires 64")
+            throw KVPackError.invalid(12, "header.headerSize", "is \(headerSize), must be 64")
         }
         let alignment = bytes.loadLE(16, as: UInt32.self)
         guard alignment == frameAlignment else {
-            throw KVPackError.invalid(16, "header.frameAlignment", "is \(alignment), version 1 requires 64")
+            throw KVPackError.invalid(16, "header.frameAlignment", "is \(alignment), must be 64")
         }
         let flags = bytes.loadLE(20, as: UInt32.self)
         guard flags == 0 else {
             throw KVPackError.invalid(20, "header.fileFlags",
-                                      "has unknown bits \(hex64(UInt64(flags))); no file flags are defined in version 1")
+                                      "has unknown bits \(hex64(UInt64(flags))); no file flags are defined")
         }
         return FileHeader(major: major, minor: minor, salt: bytes.loadLE(24, as: UInt64.self))
     }

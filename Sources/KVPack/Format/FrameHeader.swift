@@ -28,8 +28,10 @@ public struct FrameTag: RawRepresentable, Hashable, Sendable, CustomStringConver
     public static let delta = FrameTag("DLTA")
     public static let index = FrameTag("INDX")
     public static let commit = FrameTag("CMIT")
+    /// A sealed segment's table of block offsets and tokens (version 2).
+    public static let segmentTable = FrameTag("SEGT")
 
-    public static let known: [FrameTag] = [.manifest, .blob, .block, .delta, .index, .commit, TokenSelection.tag]
+    public static let known: [FrameTag] = [.manifest, .blob, .block, .delta, .index, .commit, .segmentTable, TokenSelection.tag]
 }
 
 /// The 64-byte header in front of every frame (Spec/: "Frames").

@@ -1,4 +1,5 @@
-/// One sealed block as listed by an index frame.
+/// One sealed block as listed by a version 1 index frame; in version 2 the entry names a
+/// segment table (`SEGT`) and `stream` is reserved (0).
 public struct BlockEntry: Hashable, Sendable {
     public var frameOffset: UInt64
     public var segment: UInt32
@@ -18,8 +19,9 @@ public struct ExtensionEntry: Hashable, Sendable {
     public var tag: FrameTag
 }
 
-/// An `INDX` frame (Spec/: "Index frames"): the blocks, blobs and tokens added since the
-/// previous index frame (or since the start of the file, for a FULL one).
+/// An `INDX` frame (Spec/: "Index frames"): the blocks (version 1) or segment tables (version 2),
+/// blobs and tokens (version 1 only) added since the previous index frame (or since the start of
+/// the file, for a FULL one).
 struct IndexFrame {
     static let fullFlag: UInt32 = 1
     static let preludeSize = 16
@@ -28,6 +30,7 @@ struct IndexFrame {
     var header: FrameHeader
     var prevIndexOffset: UInt64 { header.field64(32) }
     var tailOffset: UInt64 { header.field64(40) }
+    /// Version 1: the first token whose id this frame lists. Version 2: the segment of its first entry.
     var firstToken: UInt32 { header.field32(48) }
     var flags: UInt32 { header.field32(52) }
     var isFull: Bool { flags & Self.fullFlag != 0 }
@@ -49,7 +52,7 @@ struct IndexFrame {
     }
 
     /// Reads, verifies (header and payload checksums) and sizes an index frame.
-    static func load(_ file: UnsafeRawBufferPointer, at offset: UInt64, limit: UInt64, salt: UInt64) throws -> IndexFrame {
+    static func load(_ file: UnsafeRawBufferPointer, at offset: UInt64, limit: UInt64, salt: UInt64, major: UInt16) throws -> IndexFrame {
         let header = try FrameHeader.decode(file, at: offset, limit: limit, salt: salt, field: "INDX")
         guard header.tag == .index else {
             throw KVPackError.invalid(offset, "INDX.tag", "expected an INDX frame, found \(header.tag)")
@@ -64,6 +67,10 @@ struct IndexFrame {
         let blobs = Int(try c.read(UInt32.self, "blobCount"))
         let tokens = Int(try c.read(UInt32.self, "tokenCount"))
         let exts = Int(try c.read(UInt32.self, "extensionCount"))
+        guard major == 1 || tokens == 0 else {
+            throw KVPackError.invalid(header.payloadOffset + 8, "INDX.reserved",
+                                      "is \(tokens); version 2 index frames list no tokens (segment tables and tail runs hold them), must be 0")
+        }
         let expected = payloadSize(blocks: blocks, blobs: blobs, tokens: tokens, extensions: exts)
         guard expected == header.storedLength else {
             throw KVPackError.invalid(header.payloadOffset, "INDX.blockCount",
@@ -75,7 +82,8 @@ struct IndexFrame {
             throw KVPackError.invalid(offset + 52, "INDX.flags", "unknown bits \(hex64(UInt64(frame.flags & ~fullFlag)))")
         }
         if frame.isFull, frame.firstToken != 0 {
-            throw KVPackError.invalid(offset + 48, "INDX.firstToken", "a FULL index starts at token 0, this one says \(frame.firstToken)")
+            let name = major == 1 ? "firstToken" : "firstSegment", what = major == 1 ? "token" : "segment"
+            throw KVPackError.invalid(offset + 48, "INDX.\(name)", "a FULL index starts at \(what) 0, this one says \(frame.firstToken)")
         }
         if frame.isFull, frame.prevIndexOffset != 0 {
             throw KVPackError.invalid(offset + 32, "INDX.prevIndexOffset", "a FULL index has no predecessor, this one names \(frame.prevIndexOffset)")
