@@ -25,6 +25,8 @@ public final class KVPackReader: @unchecked Sendable {
     let verified: VerificationFlags
     /// Version 2: which segment tables have been verified.
     let tablesVerified: VerificationFlags
+    /// Streams whose pages attention has asked the kernel for (`prefetchOnce`).
+    let prefetched: VerificationFlags
     let manifestEnd: UInt64
 
     public var geometry: ModelGeometry { manifest.geometry }
@@ -84,6 +86,7 @@ public final class KVPackReader: @unchecked Sendable {
         // Bounded by the file size: the commit loader checked that the bytes can hold the blocks.
         verified = VerificationFlags(count: state.tokenCount / manifest.segmentTokens * g.streamCount)
         tablesVerified = VerificationFlags(count: state.segmentTables.count)
+        prefetched = VerificationFlags(count: g.streamCount)
     }
 
     /// Bytes of heap the reader holds beyond the mapped file: the block index, token ids and
@@ -94,6 +97,10 @@ public final class KVPackReader: @unchecked Sendable {
             + state.blobs.values.reduce(0) { $0 + $1.bytes.count } + state.tail.count * (32 + 8 * geometry.streamCount)
             + verified.count + tablesVerified.count
     }
+
+    /// Bytes of the index frames opening read and verified (the commit's chain, headers
+    /// included): every block and token in version 1, 16 bytes per segment in version 2.
+    public var indexBytes: Int { state.chain.reduce(0) { $0 + FrameHeader.size + Int($1.payloadSize) } }
 
     /// Whether the commit lists a token selection (a pruned file).
     public var hasTokenSelection: Bool { state.selectionOffset != nil }
@@ -202,6 +209,43 @@ public final class KVPackReader: @unchecked Sendable {
             }
         }
         return (ids, positions)
+    }
+
+    // MARK: Prefetch
+
+    /// The first time attention reaches `streams` (a freshly opened, probably cold file), asks
+    /// the kernel for every page the pass will read over `segments`: segment tables first
+    /// (version 2), then the blocks, one request per segment when the streams' blocks lie
+    /// together (they do: a segment's blocks are written in stream order). Without it each of
+    /// thousands of small blocks is a page fault waiting on its own read and pulling in
+    /// read-around pages of other streams. Once per stream per reader: later passes are warm.
+    func prefetchOnce(streams: Range<Int>, segments: Range<Int>) {
+        guard file.isMapped, !segments.isEmpty, !streams.isEmpty, !prefetched.isSet(streams.lowerBound) else { return }
+        for stream in streams { prefetched.set(stream) }
+        if state.major != 1 {
+            let tableBytes = FrameHeader.size + 8 * geometry.streamCount + 8 * segmentTokens
+            for s in segments where !tablesVerified.isSet(s) {
+                let at = Int(state.segmentTables[s])
+                file.willNeed(at ..< at + tableBytes)
+            }
+        }
+        // A compressed block is at most about its raw size: a bound for the request, not a promise.
+        func frameBytes(_ stream: Int) -> Int {
+            FrameHeader.size + roundUp(streamSchemes[stream].encodedBlockSize(tokens: segmentTokens), to: FileHeader.frameAlignment)
+        }
+        let first = streams.lowerBound, last = streams.upperBound - 1
+        let span = streams.reduce(0) { $0 + frameBytes($1) }
+        for s in segments {
+            guard let lo = try? blockOffset(segment: s, stream: first), let hi = try? blockOffset(segment: s, stream: last) else { return }
+            if hi >= lo, Int(hi - lo) < 2 * span {
+                file.willNeed(Int(lo) ..< Int(hi) + frameBytes(last))
+            } else {
+                for stream in streams {
+                    guard let at = try? blockOffset(segment: s, stream: stream) else { return }
+                    file.willNeed(Int(at) ..< Int(at) + frameBytes(stream))
+                }
+            }
+        }
     }
 
     // MARK: Block access
@@ -345,6 +389,7 @@ public final class KVPackReader: @unchecked Sendable {
         let kScheme = streamSchemes[kStream], vScheme = streamSchemes[vStream]
         let kTail = tailKernels[kIndex], vTail = tailKernels[vIndex]
         let s = scale ?? 1 / Float(d).squareRoot()
+        prefetchOnce(streams: kStream ..< vStream + 1, segments: sealedSegments(range))
 
         workspace.reserve(scores: g * c, keyState: kScheme.queryStateSize(groupSize: g), tailState: g * d, acc: g * d, group: g)
         let scores = workspace.scores.pointer
@@ -421,6 +466,12 @@ public final class KVPackReader: @unchecked Sendable {
         softmax.finish(into: output)
     }
 
+    /// The sealed segments `tokens` touches.
+    func sealedSegments(_ tokens: Range<Int>) -> Range<Int> {
+        let c = segmentTokens, end = min(tokens.upperBound, sealedTokenCount)
+        return end > tokens.lowerBound ? tokens.lowerBound / c ..< (end + c - 1) / c : 0 ..< 0
+    }
+
     /// Where the rows of part of a chunk come from; `at` is their offset in the chunk's scores.
     private enum ChunkSource {
         case block(segment: Int, local: Range<Int>, at: Int)
@@ -493,6 +544,13 @@ extension KVPackReader {
         guard !workspaces.isEmpty else { throw KVPackError.argument("attendLayer needs at least one workspace") }
         let g = geometry, per = g.groupSize * g.headDim, heads = g.kvHeadCount
         let threads = min(workspaces.count, heads)
+        try checkStream(layer: layer, kvHead: 0)
+        // All the layer's blocks of a segment lie together: one prefetch request per segment.
+        let range = tokens ?? 0 ..< tokenCount
+        if range.lowerBound >= 0, range.upperBound <= tokenCount {
+            let first = g.stream(layer: layer, kvHead: 0, kind: .key)
+            prefetchOnce(streams: first ..< first + 2 * heads, segments: sealedSegments(range))
+        }
         if threads == 1 {
             for h in 0 ..< heads {
                 try attend(layer: layer, kvHead: h, queries: queries + h * per, tokens: tokens, scale: scale,

@@ -13,7 +13,7 @@ struct BenchCommand: ParsableCommand {
 
         2. For each --tokens count: one layer of --model's geometry (llama-3-8b: 8 KV heads, head_dim 128, GQA group 4) of synthetic RoPE'd keys and values, written in every --scheme (writer throughput, MB/s of f16 input). Then one decode step of attention for every KV head of the layer (all query heads of each GQA group, every token) over each file, mapped and in the page cache. Files are measured round-robin, --repeat rounds, so a slow moment of a shared machine hits all of them; the best round is reported (and the median). Baselines: dense f16 and f32 rows in memory (a heap copy of a raw file) read by the same SIMD kernels. Each scheme's floor is the larger of (bytes of its codes and metadata) / bandwidth and (4 x group x head_dim flops per token) / peak rate. With --threads N > 1 the layer is also timed with its KV heads split across N threads.
 
-        3. Resume latency: a 32-layer file of --resume-scheme at each --resume-tokens count: time to open it and produce the first attention output (layer 0, KV head 0, all tokens), cold (page cache dropped, when this process may) and warm, against a full decode step (every layer and head; the first after opening also verifies every block's checksum) and against reading every byte of the file; and the heap the reader holds (its index arrays, blobs and flags), which is all it holds beyond the file's pages.
+        3. Resume latency: a 32-layer file of --resume-scheme at each --resume-tokens count, in format 1.x and 2.x: the index bytes opening reads, time to open it and produce the first attention output (layer 0, KV head 0, all tokens), cold (page cache dropped, when this process may) and warm, against a full decode step (every layer and head; the first after opening also verifies every block's checksum) and against reading every byte of the file; and the heap the reader holds (its index arrays, blobs and flags), which is all it holds beyond the file's pages.
 
         Columns of the attention table: bytes per token and KV head (K+V), attention time per KV head (best round; median in brackets), effective bandwidth, floor, time / floor, dense f16 time / time, writer MB/s. --write FILE replaces the section between the `kvpack bench` markers of FILE (BENCHMARKS.md) with this output. Timing is never a test.
 
@@ -170,69 +170,78 @@ struct BenchCommand: ParsableCommand {
         var g = preset.geometry
         g.layerCount = 32
         let canDrop = FileManager.default.isWritableFile(atPath: "/proc/sys/vm/drop_caches")
-        var rows = [["tokens", "file", "open cold", "open+1st attn cold", "open warm", "1st attn warm", "1st decode step", "next decode step",
-                     "read whole file", "reader heap", "page cache mapped"]]
+        var rows = [["tokens", "format", "file", "index read at open", "open cold", "open+1st attn cold", "open warm", "1st attn warm",
+                     "1st decode step", "next decode step", "read whole file", "reader heap", "page cache mapped"]]
         for n in counts {
             var one = g
             one.layerCount = 1
             let data = Self.generate(geometry: one, rope: preset.rope, tokens: n)
-            let path = "\(dir)/resume-\(n).kvpack"
-            printError("bench: writing a \(g.layerCount)-layer \(resumeScheme) file of \(n) tokens")
-            // Every layer gets the same rows: encoding cost and file size are those of real layers.
-            _ = try Self.write(path: path, spec: resumeScheme, geometry: g, rope: preset.rope, data: data, tokens: n, layerStride: 0,
-                               segmentTokens: segmentTokens)
-            let size = (try FileManager.default.attributesOfItem(atPath: path)[.size] as? Int) ?? 0
-            var rng = SplitMix64(seed: 9)
-            let q = (0 ..< g.kvHeadCount * g.groupSize * g.headDim).map { _ in Float(rng.nextGaussian()) }
-            var out = [Float](repeating: 0, count: q.count)
-            let workspace = AttentionWorkspace()
-            var cold: (open: Double, first: Double)?
-            var warmOpen = Double.infinity, warmFirst = Double.infinity, firstStep = Double.infinity, step = Double.infinity
-            var readAll = Double.infinity
-            var heap = 0, mapped = 0
-            try q.withUnsafeBufferPointer { qp in
-                try out.withUnsafeMutableBufferPointer { op in
-                    func openAndAttend() throws -> (Double, Double, KVPackReader) {
-                        let t0 = DispatchTime.now().uptimeNanoseconds
-                        let reader = try KVPackReader(path: path)
-                        let t1 = DispatchTime.now().uptimeNanoseconds
-                        try reader.attend(layer: 0, kvHead: 0, queries: qp.baseAddress!, output: op.baseAddress!, workspace: workspace)
-                        let t2 = DispatchTime.now().uptimeNanoseconds
-                        return (Double(t1 - t0) * 1e-9, Double(t2 - t0) * 1e-9, reader)
-                    }
-                    if canDrop, Self.dropPageCache() {
-                        let (o, f, _) = try openAndAttend()
-                        cold = (o, f)
-                    }
-                    for _ in 0 ..< max(3, repetitions / 3) {
-                        let (o, f, reader) = try openAndAttend()
-                        warmOpen = min(warmOpen, o)
-                        warmFirst = min(warmFirst, f - o)
-                        let workspaces = [workspace]
-                        func decodeStep() throws -> Double {
-                            try Self.seconds {
-                                for layer in 0 ..< g.layerCount {
-                                    try reader.attendLayer(layer, queries: qp.baseAddress!, output: op.baseAddress!, workspaces: workspaces)
-                                }
-                            }
-                        }
-                        // The first step after opening also verifies every block's checksum.
-                        firstStep = min(firstStep, try decodeStep())
-                        step = min(step, try decodeStep())
-                        heap = reader.heapBytes
-                        mapped = max(mapped, Self.memoryStatus("RssFile"))
-                        readAll = min(readAll, try Self.seconds { try Self.readEveryByte(path) })
-                    }
-                }
+            // Version 1 (whole index verified at open) beside version 2 (segment tables on first use).
+            for major in FileHeader.supportedMajors {
+                let path = "\(dir)/resume-\(n)-v\(major).kvpack"
+                printError("bench: writing a \(g.layerCount)-layer \(resumeScheme) file of \(n) tokens, format \(major)")
+                // Every layer gets the same rows: encoding cost and file size are those of real layers.
+                _ = try Self.write(path: path, spec: resumeScheme, geometry: g, rope: preset.rope, data: data, tokens: n, layerStride: 0,
+                                   segmentTokens: segmentTokens, formatVersion: major)
+                rows.append(["\(n)", "\(major).x"] + (try resumeRow(path: path, geometry: g, canDrop: canDrop)))
+                try? FileManager.default.removeItem(atPath: path)
             }
-            rows.append(["\(n)", Self.bytes(size), cold.map { Self.time($0.open) } ?? "-", cold.map { Self.time($0.first) } ?? "-",
-                         Self.time(warmOpen), Self.time(warmFirst), Self.time(firstStep), Self.time(step), Self.time(readAll), Self.bytes(heap), Self.bytes(mapped)])
-            try? FileManager.default.removeItem(atPath: path)
         }
         report.say("")
         report.say("resume latency: \(g.layerCount) layers of \(preset.name), \(resumeScheme); cold = page cache dropped first" + (canDrop ? "" : " (not permitted here: '-')"))
         report.say("")
         report.say(formatTable(rows))
+    }
+
+    /// One file's resume-latency cells, from "file" on.
+    func resumeRow(path: String, geometry g: ModelGeometry, canDrop: Bool) throws -> [String] {
+        let size = (try FileManager.default.attributesOfItem(atPath: path)[.size] as? Int) ?? 0
+        var rng = SplitMix64(seed: 9)
+        let q = (0 ..< g.kvHeadCount * g.groupSize * g.headDim).map { _ in Float(rng.nextGaussian()) }
+        var out = [Float](repeating: 0, count: q.count)
+        let workspace = AttentionWorkspace()
+        var cold: (open: Double, first: Double)?
+        var warmOpen = Double.infinity, warmFirst = Double.infinity, firstStep = Double.infinity, step = Double.infinity
+        var readAll = Double.infinity
+        var heap = 0, mapped = 0, index = 0
+        try q.withUnsafeBufferPointer { qp in
+            try out.withUnsafeMutableBufferPointer { op in
+                func openAndAttend() throws -> (Double, Double, KVPackReader) {
+                    let t0 = DispatchTime.now().uptimeNanoseconds
+                    let reader = try KVPackReader(path: path)
+                    let t1 = DispatchTime.now().uptimeNanoseconds
+                    try reader.attend(layer: 0, kvHead: 0, queries: qp.baseAddress!, output: op.baseAddress!, workspace: workspace)
+                    let t2 = DispatchTime.now().uptimeNanoseconds
+                    return (Double(t1 - t0) * 1e-9, Double(t2 - t0) * 1e-9, reader)
+                }
+                if canDrop, Self.dropPageCache() {
+                    let (o, f, _) = try openAndAttend()
+                    cold = (o, f)
+                }
+                for _ in 0 ..< max(3, repetitions / 3) {
+                    let (o, f, reader) = try openAndAttend()
+                    warmOpen = min(warmOpen, o)
+                    warmFirst = min(warmFirst, f - o)
+                    let workspaces = [workspace]
+                    func decodeStep() throws -> Double {
+                        try Self.seconds {
+                            for layer in 0 ..< g.layerCount {
+                                try reader.attendLayer(layer, queries: qp.baseAddress!, output: op.baseAddress!, workspaces: workspaces)
+                            }
+                        }
+                    }
+                    // The first step after opening also verifies every block's checksum.
+                    firstStep = min(firstStep, try decodeStep())
+                    step = min(step, try decodeStep())
+                    heap = reader.heapBytes
+                    index = reader.indexBytes
+                    mapped = max(mapped, Self.memoryStatus("RssFile"))
+                    readAll = min(readAll, try Self.seconds { try Self.readEveryByte(path) })
+                }
+            }
+        }
+        return [Self.bytes(size), Self.bytes(index), cold.map { Self.time($0.open) } ?? "-", cold.map { Self.time($0.first) } ?? "-",
+                Self.time(warmOpen), Self.time(warmFirst), Self.time(firstStep), Self.time(step), Self.time(readAll), Self.bytes(heap), Self.bytes(mapped)]
     }
 
     /// Sums every 8-byte word of a mapped file: the cost of reading it all (it is in the page
@@ -282,7 +291,8 @@ struct BenchCommand: ParsableCommand {
     /// Writes the cache in `spec` (planners calibrate on the first 512 tokens); every layer reads
     /// `data` at `layerStride` (0: the same rows). Returns seconds.
     static func write(path: String, spec text: String, geometry g: ModelGeometry, rope: RoPEConfig,
-                      data: (keys: [Float], values: [Float]), tokens n: Int, layerStride: Int = 0, segmentTokens requested: Int) throws -> Double {
+                      data: (keys: [Float], values: [Float]), tokens n: Int, layerStride: Int = 0, segmentTokens requested: Int,
+                      formatVersion: UInt16 = FileHeader.currentMajor) throws -> Double {
         let per = g.kvHeadCount * g.headDim
         let calibration = min(n, 512)
         let spec = try SchemeSpec.parse(text, geometry: g) {
@@ -304,6 +314,7 @@ struct BenchCommand: ParsableCommand {
         var options = WriterOptions()
         options.durability = .flush
         options.overwrite = true
+        options.majorVersion = formatVersion
         let start = DispatchTime.now().uptimeNanoseconds
         let writer = try KVPackWriter.create(path: path, manifest: manifest, blobs: plan.blobs, options: options)
         let batch = 1024

@@ -131,4 +131,22 @@ struct FormatVersionTests {
         }
     }
 
+    @Test("attention over a cold mapped file (first use prefetches pages) equals attention after it; a bad layer is an error")
+    func prefetchedAttention() throws {
+        let (path, _) = try Self.write(major: 2)
+        let g = Self.geometry
+        let q = (0 ..< g.kvHeadCount * g.groupSize * g.headDim).map { Float($0 % 7) * 0.1 - 0.3 }
+        var first = [Float](repeating: 0, count: q.count), again = first
+        let r = try KVPackReader(path: path)
+        try q.withUnsafeBufferPointer { qp in
+            try first.withUnsafeMutableBufferPointer { try r.attendLayer(1, queries: qp.baseAddress!, output: $0.baseAddress!, workspaces: [AttentionWorkspace()]) }
+            try again.withUnsafeMutableBufferPointer { try r.attendLayer(1, queries: qp.baseAddress!, output: $0.baseAddress!, workspaces: [AttentionWorkspace()]) }
+            #expect(throws: KVPackError.self) {
+                try first.withUnsafeMutableBufferPointer { try r.attendLayer(2, queries: qp.baseAddress!, output: $0.baseAddress!, workspaces: [AttentionWorkspace()]) }
+            }
+        }
+        #expect(first == again)
+        let one = try r.attend(layer: 1, kvHead: 1, queries: Array(q[g.groupSize * g.headDim ..< 2 * g.groupSize * g.headDim]))
+        #expect(one == Array(first[g.groupSize * g.headDim ..< 2 * g.groupSize * g.headDim]))
+    }
 }
