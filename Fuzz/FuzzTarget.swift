@@ -29,12 +29,14 @@ func exercise(_ file: MappedFile) {
     guard let reader = try? KVPackReader(file: file) else { return }
     _ = try? FileSummary(reader: reader)
     _ = try? reader.tokenSelection()
+    let n = reader.tokenCount
+    _ = try? reader.tokens(0 ..< n)
+    _ = try? reader.tokens(n / 2 ..< n)
     let g = reader.geometry
     let workspace = AttentionWorkspace()
     let queries = [Float](repeating: 0.25, count: g.groupSize * g.headDim)
     var output = [Float](repeating: 0, count: g.groupSize * g.headDim)
     // Bounded work per input: a few streams, whole range and a range that cuts blocks.
-    let n = reader.tokenCount
     for layer in Set([0, g.layerCount - 1]) {
         for head in Set([0, g.kvHeadCount - 1]) {
             for range in [0 ..< n, n / 3 ..< n - n / 4] where !range.isEmpty {
@@ -45,6 +47,16 @@ func exercise(_ file: MappedFile) {
                     }
                 }
                 _ = try? reader.decode(layer: layer, kvHead: head, kind: .value, tokens: range)
+            }
+        }
+    }
+    // Every KV head of the last layer at once (its own prefetch path), then a layer out of range.
+    let all = [Float](repeating: 0.25, count: g.kvHeadCount * g.groupSize * g.headDim)
+    var out = all
+    all.withUnsafeBufferPointer { q in
+        out.withUnsafeMutableBufferPointer { o in
+            for layer in [g.layerCount - 1, g.layerCount] where n > 0 {
+                _ = try? reader.attendLayer(layer, queries: q.baseAddress!, output: o.baseAddress!, workspaces: [workspace])
             }
         }
     }
@@ -78,8 +90,10 @@ enum GeneratedFile {
         let prune = input[10] & 1 == 1
         let seed = input.loadUnaligned(fromByteOffset: 11, as: UInt32.self)
         let rope = RoPEConfig(theta: 10000, layout: input[15] & 1 == 0 ? .interleaved : .rotateHalf)
+        // Bit 1 of byte 10 picks format 1.x instead of 2.x: both index layouts get mutated.
+        let major: UInt16 = input[10] & 2 == 0 ? 2 : 1
         guard let bytes = try? write(g, segment: segment, tokens: tokens, spec: spec, commitEvery: commitEvery, rope: rope,
-                                     seed: UInt64(seed), prune: prune) else { return }
+                                     seed: UInt64(seed), prune: prune, major: major) else { return }
         var edited = bytes
         var at = headerBytes
         while at + 5 <= input.count, !edited.isEmpty {
@@ -99,7 +113,7 @@ enum GeneratedFile {
 
     /// The file the recipe describes, written by the real writer (and pruned by the converter).
     static func write(_ g: ModelGeometry, segment: Int, tokens: Int, spec text: String, commitEvery: Int, rope: RoPEConfig,
-                      seed: UInt64, prune: Bool) throws -> [UInt8] {
+                      seed: UInt64, prune: Bool, major: UInt16) throws -> [UInt8] {
         let gen = SyntheticKV(geometry: g, rope: rope, seed: seed)
         let per = g.layerCount * g.kvHeadCount * g.headDim
         var keys = [Float](repeating: 0, count: per * tokens), values = keys
@@ -127,6 +141,7 @@ enum GeneratedFile {
         options.durability = .flush
         options.overwrite = true
         options.salt = seed | 1
+        options.majorVersion = major
         let writer = try KVPackWriter.create(path: path, manifest: manifest, blobs: plan.blobs, options: options)
         for t in 0 ..< tokens {
             let row: Range<Int> = t * per ..< (t + 1) * per
@@ -150,6 +165,7 @@ enum GeneratedFile {
             o.overwrite = true
             o.attentionSamples = 0
             o.salt = seed | 1
+            o.formatVersion = major
             _ = try Converter.convert(input: path, output: path + ".pruned", spec: spec, selection: selection, options: o)
             defer { unlink(path + ".pruned") }
             return try contents(path + ".pruned")

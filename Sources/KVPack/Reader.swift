@@ -220,7 +220,8 @@ public final class KVPackReader: @unchecked Sendable {
     /// thousands of small blocks is a page fault waiting on its own read and pulling in
     /// read-around pages of other streams. Once per stream per reader: later passes are warm.
     func prefetchOnce(streams: Range<Int>, segments: Range<Int>) {
-        guard file.isMapped, !segments.isEmpty, !streams.isEmpty, !prefetched.isSet(streams.lowerBound) else { return }
+        // Runs for heap copies too (willNeed is then a no-op), so tests and the fuzzer exercise it.
+        guard !segments.isEmpty, !streams.isEmpty, !prefetched.isSet(streams.lowerBound) else { return }
         for stream in streams { prefetched.set(stream) }
         if state.major != 1 {
             let tableBytes = FrameHeader.size + 8 * geometry.streamCount + 8 * segmentTokens
