@@ -221,8 +221,9 @@ public final class KVPackReader: @unchecked Sendable {
     /// read-around pages of other streams. Once per stream per reader: later passes are warm.
     /// On a warm file the requests cost little next to the pass itself (measured: the first
     /// decode step at 128K tokens, 3.7 s with them and without); a residency check (`mincore`
-    /// on sample blocks) was tried and dropped: opening and the tables' own reads make sampled
-    /// pages resident in a cold file, so it skipped the prefetch exactly when it was needed.
+    /// on sample blocks) was tried and dropped: in a cold file the sampled blocks already read
+    /// as resident (most likely read-around from reading the segment tables), so it skipped
+    /// the prefetch exactly when it was needed (cold open + first attention back to 1.2-1.6 s).
     func prefetchOnce(streams: Range<Int>, segments: Range<Int>) {
         // Runs for heap copies too (willNeed is then a no-op), so tests and the fuzzer exercise it.
         guard !segments.isEmpty, !streams.isEmpty, !prefetched.isSet(streams.lowerBound) else { return }
