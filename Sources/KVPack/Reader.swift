@@ -95,7 +95,7 @@ public final class KVPackReader: @unchecked Sendable {
     public var heapBytes: Int {
         state.blockOffsets.count * 8 + state.segmentTables.count * 8 + state.tokenIDs.count * 4 + state.positions.count * 4
             + state.blobs.values.reduce(0) { $0 + $1.bytes.count } + state.tail.count * (32 + 8 * geometry.streamCount)
-            + verified.count + tablesVerified.count
+            + verified.byteCount + tablesVerified.byteCount + prefetched.byteCount
     }
 
     /// Bytes of the index frames opening read and verified (the commit's chain, headers
