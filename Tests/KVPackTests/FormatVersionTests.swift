@@ -12,21 +12,12 @@ struct FormatVersionTests {
     static func write(major: UInt16, spec: String = "raw:f16", tokens: Int = 43) throws -> (path: String, data: RandomKV) {
         let data = RandomKV(geometry: geometry, tokens: tokens, seed: 17, maxExponent: 6)
         let path = temporaryDirectory() + "/v\(major).kvpack"
-        let (m, blobs) = try makeManifest(geometry, segmentTokens: 4, spec: spec)
-        let w = try KVPackWriter.create(path: path, manifest: m, blobs: blobs, options: testOptions(salt: 99, major: major))
-        var t = 0
-        for n in [5, 9, 1, 17, 9, 2] where t < tokens {
-            let end = min(tokens, t + n)
-            try data.append(to: w, t ..< end, positions: (t ..< end).map { UInt32(3 * $0 + 1) }) { UInt32($0 * 7 % 501) }
-            t = end
-            try w.commit()
-        }
-        if t < tokens {
-            try data.append(to: w, t ..< tokens, positions: (t ..< tokens).map { UInt32(3 * $0 + 1) }) { UInt32($0 * 7 % 501) }
-        }
-        try w.close()
+        try writeFile(path, data: data, segmentTokens: 4, spec: spec, batches: [5, 9, 1, 17, 9, 2], commitsAfter: [5, 14, 15, 32, 41],
+                      position: position, options: testOptions(salt: 99, major: major))
         return (path, data)
     }
+
+    static func position(_ t: Int) -> UInt32 { UInt32(3 * t + 1) }
 
     static func content(_ r: KVPackReader) throws -> [[Float]] {
         var out: [[Float]] = []
@@ -50,7 +41,7 @@ struct FormatVersionTests {
         #expect(r.state.chain.reduce(0) { $0 + $1.blockCount } == 10)
         #expect(r.state.tail.count == 2, "the tail is two runs (commits at 41 and 43)")
         let ids: [UInt32] = (0 ..< 43).map { UInt32($0 * 7 % 501) }
-        let positions: [UInt32] = (0 ..< 43).map { UInt32(3 * $0 + 1) }
+        let positions: [UInt32] = (0 ..< 43).map(Self.position)
         #expect(try r.tokenIDs == ids)
         #expect(try r.positions == positions)
         // Ranges that start and end inside segments and inside the tail.
@@ -67,7 +58,6 @@ struct FormatVersionTests {
         let (p2, _) = try Self.write(major: 2, spec: spec, tokens: 30)
         for (path, major) in [(p1, UInt16(1)), (p2, 2)] {
             let w = try KVPackWriter.resume(path: path, options: testOptions())
-            try data.append(to: w, 30 ..< 30) // nothing: resuming alone must not change the version
             try w.close()
             let r = try KVPackReader(path: path)
             #expect(r.header.major == major)
@@ -76,7 +66,7 @@ struct FormatVersionTests {
         let more = RandomKV(geometry: Self.geometry, tokens: 43, seed: 17, maxExponent: 6)
         for path in [p1, p2] {
             let w = try KVPackWriter.resume(path: path, options: testOptions())
-            try more.append(to: w, 30 ..< 43, positions: (30 ..< 43).map { UInt32(3 * $0 + 1) }) { UInt32($0 * 7 % 501) }
+            try more.append(to: w, 30 ..< 43, positions: (30 ..< 43).map(Self.position)) { UInt32($0 * 7 % 501) }
             try w.close()
         }
         let a = try KVPackReader(path: p1), b = try KVPackReader(path: p2)

@@ -97,10 +97,11 @@ func testOptions(salt: UInt64? = nil, major: UInt16 = FileHeader.currentMajor) -
     return o
 }
 
-/// Writes `data` in uneven batches with commits at the given token counts.
+/// Writes `data` in uneven batches with commits at the given token counts; token t has id
+/// 7t mod 501 and position `position(t)` (the writer's default, t, when nil).
 @discardableResult
 func writeFile(_ path: String, data: RandomKV, segmentTokens: Int, spec: String, batches: [Int], commitsAfter: Set<Int> = [],
-               options: WriterOptions = testOptions()) throws -> KVPackWriter {
+               position: ((Int) -> UInt32)? = nil, options: WriterOptions = testOptions()) throws -> KVPackWriter {
     let (m, blobs) = try makeManifest(data.geometry, segmentTokens: segmentTokens, spec: spec)
     let w = try KVPackWriter.create(path: path, manifest: m, blobs: blobs, options: options)
     var t = 0
@@ -108,7 +109,7 @@ func writeFile(_ path: String, data: RandomKV, segmentTokens: Int, spec: String,
     while t < data.tokens {
         let n = min(batches[i % batches.count], data.tokens - t)
         i += 1
-        try data.append(to: w, t ..< t + n) { UInt32($0 * 7 % 501) }
+        try data.append(to: w, t ..< t + n, positions: position.map { (t ..< t + n).map($0) }) { UInt32($0 * 7 % 501) }
         t += n
         if commitsAfter.contains(t) { try w.commit() }
     }

@@ -165,9 +165,9 @@ struct CommitLoader {
         for f in frames {
             let count = major == 1 ? f.tokenCount : f.blockCount
             guard Int(f.firstToken) + count == end else {
-                let what = major == 1 ? "tokens" : "segments"
-                throw KVPackError.invalid(f.header.offset + 48, major == 1 ? "INDX.firstToken" : "INDX.firstSegment",
-                                          "covers \(what) \(f.firstToken)..<\(Int(f.firstToken) + count) but must end at \(end)")
+                let first = IndexFrame.firstField(major: major)
+                throw KVPackError.invalid(f.header.offset + 48, first.field,
+                                          "covers \(first.unit)s \(f.firstToken)..<\(Int(f.firstToken) + count) but must end at \(end)")
             }
             end = Int(f.firstToken)
         }

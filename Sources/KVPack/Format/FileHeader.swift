@@ -6,11 +6,9 @@ public struct FileHeader: Sendable, Equatable {
     public static let magic: [UInt8] = [0x89, 0x4B, 0x56, 0x50, 0x0D, 0x0A, 0x1A, 0x0A]
     /// The major version new files are written in (Spec/ 15: 2.0 made opening constant-time).
     public static let currentMajor: UInt16 = 2
-    /// Every major version this library reads (and can append to).
+    /// Every major version this library reads (and can append to). Each file records the lowest
+    /// minor version of its major that it needs (1.0 to 1.4; 2.0).
     public static let supportedMajors: ClosedRange<UInt16> = 1 ... 2
-    /// The newest minor version this library implements for each major; each file records the
-    /// lowest one it needs.
-    public static func newestMinor(major: UInt16) -> UInt16 { major == 1 ? 4 : 0 }
     /// Frames start on multiples of this, so payloads (64 bytes after a frame start) are
     /// 64-byte aligned in a mapping of the file.
     public static let frameAlignment = 64

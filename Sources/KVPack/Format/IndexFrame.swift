@@ -32,6 +32,11 @@ struct IndexFrame {
     var tailOffset: UInt64 { header.field64(40) }
     /// Version 1: the first token whose id this frame lists. Version 2: the segment of its first entry.
     var firstToken: UInt32 { header.field32(48) }
+
+    /// The name of header field 48 in error messages, and what it counts.
+    static func firstField(major: UInt16) -> (field: String, unit: String) {
+        major == 1 ? ("INDX.firstToken", "token") : ("INDX.firstSegment", "segment")
+    }
     var flags: UInt32 { header.field32(52) }
     var isFull: Bool { flags & Self.fullFlag != 0 }
 
@@ -82,8 +87,8 @@ struct IndexFrame {
             throw KVPackError.invalid(offset + 52, "INDX.flags", "unknown bits \(hex64(UInt64(frame.flags & ~fullFlag)))")
         }
         if frame.isFull, frame.firstToken != 0 {
-            let name = major == 1 ? "firstToken" : "firstSegment", what = major == 1 ? "token" : "segment"
-            throw KVPackError.invalid(offset + 48, "INDX.\(name)", "a FULL index starts at \(what) 0, this one says \(frame.firstToken)")
+            let first = firstField(major: major)
+            throw KVPackError.invalid(offset + 48, first.field, "a FULL index starts at \(first.unit) 0, this one says \(frame.firstToken)")
         }
         if frame.isFull, frame.prevIndexOffset != 0 {
             throw KVPackError.invalid(offset + 32, "INDX.prevIndexOffset", "a FULL index has no predecessor, this one names \(frame.prevIndexOffset)")

@@ -50,27 +50,28 @@ public final class MappedFile: @unchecked Sendable {
     /// and fault back in if touched again): a streaming pass over a large file keeps its resident
     /// memory bounded. A no-op for heap copies.
     public func releasePages(_ range: Range<Int>) {
-        guard mapped, let base = bytes.baseAddress, !range.isEmpty else { return }
-        let page = Int(sysconf(Int32(_SC_PAGESIZE)))
-        let start = (max(range.lowerBound, 0) + page - 1) / page * page
-        let end = min(range.upperBound, bytes.count) / page * page
-        guard end > start else { return }
-        madvise(UnsafeMutableRawPointer(mutating: base) + start, end - start, MADV_DONTNEED)
+        // Only pages wholly inside the range: a neighbour's bytes must not be dropped.
+        advise(range, MADV_DONTNEED, wholePagesOnly: true)
     }
 
     /// Asks the kernel to start reading the pages of `range` now (`MADV_WILLNEED`), without
     /// waiting: many small scattered reads queued together finish far sooner than the same reads
     /// faulted in one at a time. A no-op for heap copies.
     public func willNeed(_ range: Range<Int>) {
-        guard mapped, let base = bytes.baseAddress, !range.isEmpty else { return }
-        let page = Int(sysconf(Int32(_SC_PAGESIZE)))
-        let start = max(range.lowerBound, 0) / page * page
-        let end = min(range.upperBound, bytes.count)
-        guard end > start else { return }
-        madvise(UnsafeMutableRawPointer(mutating: base) + start, end - start, MADV_WILLNEED)
+        advise(range, MADV_WILLNEED, wholePagesOnly: false)
     }
 
-    var isMapped: Bool { mapped }
+    /// `madvise` over the pages of `range` within the mapping: only the pages wholly inside it,
+    /// or every page it touches.
+    private func advise(_ range: Range<Int>, _ advice: Int32, wholePagesOnly: Bool) {
+        guard mapped, let base = bytes.baseAddress, !range.isEmpty else { return }
+        let page = Int(sysconf(Int32(_SC_PAGESIZE)))
+        let lower = max(range.lowerBound, 0), upper = min(range.upperBound, bytes.count)
+        let start = wholePagesOnly ? (lower + page - 1) / page * page : lower / page * page
+        let end = wholePagesOnly ? upper / page * page : upper
+        guard end > start else { return }
+        madvise(UnsafeMutableRawPointer(mutating: base) + start, end - start, advice)
+    }
 
     deinit {
         guard let base = bytes.baseAddress else { return }
