@@ -11,6 +11,7 @@ FUZZ_SECONDS ?= 60
 FUZZ_BIN := Fuzz/kvpack-fuzz
 LIB_SOURCES := $(shell find Sources/KVPack -name '*.swift')
 MODEL_SOURCES := $(shell find Sources/KVPackModels -name '*.swift')
+LAB_SOURCES := $(shell find Sources/KVPackLab -name '*.swift')
 GGUF_FUZZ_BIN := Fuzz/gguf-fuzz
 
 .PHONY: all build setup native-deps models pydeps test demo fuzz fuzz-build fuzz-gguf corpus bench bench-convert torture sanitize clean
@@ -54,11 +55,11 @@ demo: build
 # New inputs go to fuzz-out/corpus (corpus/ keeps only the curated seeds); crashes to fuzz-out/.
 fuzz-build: setup $(FUZZ_BIN)
 
-$(FUZZ_BIN): $(LIB_SOURCES) Fuzz/FuzzTarget.swift
+$(FUZZ_BIN): $(LIB_SOURCES) $(LAB_SOURCES) Fuzz/FuzzTarget.swift
 	swiftc -sanitize=fuzzer,address -parse-as-library -O -g -D KVPACK_FUZZING \
-		-target-cpu $(SWIFT_CPU) -module-name KVPack \
+		-target-cpu $(SWIFT_CPU) -module-name KVPack -suppress-warnings \
 		-I Sources/CZstd -I Sources/CXXHash -lzstd -lxxhash \
-		$(LIB_SOURCES) Fuzz/FuzzTarget.swift -o $@
+		$(LIB_SOURCES) $(LAB_SOURCES) Fuzz/FuzzTarget.swift -o $@
 
 fuzz: fuzz-build
 	@mkdir -p fuzz-out/corpus

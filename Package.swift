@@ -25,6 +25,13 @@ let package = Package(
             dependencies: ["KVPack"],
             path: "Sources/KVPackModels"
         ),
+        // Lab code: synthetic caches, model presets, the torture harness. Not a product: the
+        // shipped library carries none of it; the CLI, the tests and the fuzzers use it.
+        .target(
+            name: "KVPackLab",
+            dependencies: ["KVPack"],
+            path: "Sources/KVPackLab"
+        ),
         .target(
             name: "KVPackInterop",
             dependencies: ["KVPack"],
@@ -36,13 +43,14 @@ let package = Package(
                 "KVPack",
                 "KVPackModels",
                 "KVPackInterop",
+                "KVPackLab",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             path: "Sources/kvpack"
         ),
         .testTarget(
             name: "KVPackTests",
-            dependencies: ["KVPack", "KVPackModels", "KVPackInterop", "kvpack"],
+            dependencies: ["KVPack", "KVPackModels", "KVPackInterop", "KVPackLab", "kvpack"],
             path: "Tests/KVPackTests"
         ),
     ]

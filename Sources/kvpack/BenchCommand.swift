@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import KVPack
+import KVPackLab
 
 struct BenchCommand: ParsableCommand {
     static let configuration = CommandConfiguration(

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import KVPack
+import KVPackLab
 
 /// Hardening harnesses with counts to record (FUZZING.md): kill a writer anywhere, tear its last
 /// writes, rot its bits.

@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 @testable import KVPack
+import KVPackLab
 
 /// One writer at a time (a flock), and readers that see a consistent commit while it appends.
 @Suite(.serialized)
