@@ -134,15 +134,14 @@ enum GeneratedFile {
                 return rows
             }
         }
-        let plan = SchemePlan(spec: spec)
-        let manifest = Manifest(geometry: g, segmentTokens: try spec.segmentTokens(requested: segment, fallback: segment), rope: rope,
-                                schemes: plan.schemes, layerSchemes: plan.layerSchemes, producer: "fuzz")
+        var file = NewFile(geometry: g, rope: rope, schemes: spec, producer: "fuzz")
+        file.segmentTokens = segment
         var options = WriterOptions()
         options.durability = .flush
         options.overwrite = true
         options.salt = seed | 1
         options.majorVersion = major
-        let writer = try KVPackWriter.create(path: path, manifest: manifest, blobs: plan.blobs, options: options)
+        let writer = try KVPackWriter.create(path: path, file: file, options: options)
         for t in 0 ..< tokens {
             let row: Range<Int> = t * per ..< (t + 1) * per
             let k: [Float] = Array(keys[row]), v: [Float] = Array(values[row])

@@ -21,7 +21,9 @@ trap 'rm -rf "$tmp"' EXIT
 keep() {  # source name
   local name=$2 major
   major=$(od -An -tu2 -j8 -N2 "$1" 2>/dev/null | tr -d ' ')
-  if [ -n "$major" ] && [ "$major" != 1 ] && [ "$(stat -c %s "$1")" -ge 64 ]; then
+  # The major is at bytes 8-9: any file that reaches them says which writer made it (a cut
+  # header included).
+  if [ -n "$major" ] && [ "$major" != 1 ] && [ "$(stat -c %s "$1")" -ge 10 ]; then
     name=$(echo "$name" | sed -E "s/__v1(\.[0-9]+)?-/__v$major-/")
   fi
   if [ -e "$OUT/$name" ]; then echo "corpus: keeping existing $name"; else cp "$1" "$OUT/$name"; fi

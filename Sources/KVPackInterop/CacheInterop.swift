@@ -154,12 +154,12 @@ public enum CacheInterop {
             let n = min(h.tokens, 1024)
             return try CacheStatistics(geometry: g, tokens: n) { try source.rows(layer: $0, kvHead: $1, kind: $2, tokens: 0 ..< n) }
         }
-        let plan = SchemePlan(spec: spec)
-        let c = try spec.segmentTokens(requested: segmentTokens, fallback: 128)
-        let manifest = Manifest(geometry: g, segmentTokens: c, rope: rope, schemes: plan.schemes, layerSchemes: plan.layerSchemes,
-                                producer: producer, userMetadata: [.init("scheme.spec", text)]
-                                    + spec.rationale.enumerated().map { .init("scheme.plan.\($0.offset)", $0.element) })
-        let writer = try KVPackWriter.create(path: path, manifest: manifest, blobs: plan.blobs, options: options)
+        var file = NewFile(geometry: g, rope: rope, schemes: spec, producer: producer)
+        file.segmentTokens = segmentTokens
+        file.defaultSegmentTokens = 128
+        file.metadata = spec.metadata
+        let c = try file.resolvedSegmentTokens()
+        let writer = try KVPackWriter.create(path: path, file: file, options: options)
         let ids = source.tokenIDs, positions = source.positions
         var start = 0
         while start < h.tokens {

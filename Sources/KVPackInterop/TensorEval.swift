@@ -113,14 +113,13 @@ public enum TensorEval {
         for text in schemes {
             let spec = try SchemeSpec.parse(text, geometry: g, calibration: calibration)
             let path = directory + "/tensors-" + String(text.map { $0.isLetter || $0.isNumber ? $0 : "_" }) + ".kvpack"
-            let plan = SchemePlan(spec: spec)
-            let manifest = Manifest(geometry: g, segmentTokens: try spec.segmentTokens(requested: nil, fallback: segmentTokens),
-                                    rope: RoPEConfig(theta: samples.meta.rope_theta, layout: .interleaved),
-                                    schemes: plan.schemes, layerSchemes: plan.layerSchemes, producer: "kvpack eval-tensors")
+            var file = NewFile(geometry: g, rope: RoPEConfig(theta: samples.meta.rope_theta, layout: .interleaved), schemes: spec,
+                               producer: "kvpack eval-tensors")
+            file.defaultSegmentTokens = segmentTokens   // the spec's residual window wins
             var options = WriterOptions()
             options.durability = .flush
             options.overwrite = true
-            let writer = try KVPackWriter.create(path: path, manifest: manifest, blobs: plan.blobs, options: options)
+            let writer = try KVPackWriter.create(path: path, file: file, options: options)
             // [layer][head][token][d]: the .npy layout stacked by layer.
             let keys = samples.keys.flatMap { $0 }, values = samples.values.flatMap { $0 }
             try writer.append(tokenIDs: samples.meta.token_ids.map { UInt32($0) }, keys: keys, values: values,

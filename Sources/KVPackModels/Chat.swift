@@ -77,9 +77,15 @@ public final class Chat {
     }
 
     public static func resume(path: String, model: LlamaModel, options: WriterOptions) throws -> Chat {
+        try resume(reader: KVPackReader(path: path), model: model, options: options)
+    }
+
+    /// Continues the chat in the file `reader` has open (mapped once, from the model check to the
+    /// first token).
+    public static func resume(reader: KVPackReader, model: LlamaModel, options: WriterOptions) throws -> Chat {
         let template = try ChatTemplate(model: model)
         // A turn always feeds the user's message first, so the last token's logits are not needed.
-        return Chat(conversation: try Conversation.resume(path: path, model: model, options: options, recomputeLogits: false),
+        return Chat(conversation: try Conversation.resume(reader: reader, model: model, options: options, recomputeLogits: false),
                     template: template)
     }
 

@@ -17,20 +17,18 @@ public final class Conversation {
         self.logits = logits
     }
 
-    /// The manifest a new file for `model` gets: its geometry and RoPE, keys after RoPE, the
-    /// model's fingerprint (checked on resume) and where the model came from.
-    public static func manifest(for model: LlamaModel, spec: SchemeSpec, segmentTokens: Int, producer: String,
-                                metadata: [Manifest.MetadataEntry] = []) -> (Manifest, [Blob]) {
+    /// What a new file for `model` is: its geometry and RoPE, keys after RoPE, the model's
+    /// fingerprint (checked on resume) and where the model came from.
+    public static func newFile(for model: LlamaModel, spec: SchemeSpec, segmentTokens: Int, producer: String,
+                               metadata: [Manifest.MetadataEntry] = []) -> NewFile {
         let c = model.config
-        let plan = SchemePlan(spec: spec)
-        let planNotes = spec.rationale.enumerated().map { Manifest.MetadataEntry("scheme.plan.\($0.offset)", $0.element) }
-        let m = Manifest(geometry: c.geometry, segmentTokens: segmentTokens,
-                         rope: RoPEConfig(theta: Double(c.ropeTheta), layout: .interleaved, keysArePostRoPE: true),
-                         maxPositions: UInt32(c.maxSequence), modelFingerprint: model.fingerprint,
-                         schemes: plan.schemes, layerSchemes: plan.layerSchemes, producer: producer,
-                         userMetadata: [.init("model.path", model.path), .init("model.format", model.format),
-                                        .init("scheme.spec", spec.text)] + planNotes + metadata)
-        return (m, plan.blobs)
+        var file = NewFile(geometry: c.geometry, rope: RoPEConfig(theta: Double(c.ropeTheta), layout: .interleaved, keysArePostRoPE: true),
+                           schemes: spec, producer: producer)
+        file.segmentTokens = segmentTokens
+        file.maxPositions = UInt32(c.maxSequence)
+        file.modelFingerprint = model.fingerprint
+        file.metadata = [.init("model.path", model.path), .init("model.format", model.format)] + spec.metadata + metadata
+        return file
     }
 
     /// Parses a scheme spec for `model`; a planner that needs calibration (`int:auto`) gets the
@@ -62,14 +60,19 @@ public final class Conversation {
     public static func create(path: String, model: LlamaModel, spec: SchemeSpec, segmentTokens: Int = 64,
                               options: WriterOptions = WriterOptions(), producer: String = "kvpack",
                               metadata: [Manifest.MetadataEntry] = []) throws -> Conversation {
-        let (manifest, blobs) = Self.manifest(for: model, spec: spec, segmentTokens: segmentTokens, producer: producer, metadata: metadata)
-        let session = try KVCacheSession.create(path: path, manifest: manifest, blobs: blobs, options: options)
+        let file = newFile(for: model, spec: spec, segmentTokens: segmentTokens, producer: producer, metadata: metadata)
+        let session = try KVCacheSession.create(path: path, file: file, options: options)
         return Conversation(model: model, session: session, logits: [])
     }
 
     /// Checks that `model` is the model `path` was written with, without modifying the file.
     public static func checkModel(_ model: LlamaModel, matches path: String) throws {
-        let reader = try KVPackReader(path: path)
+        try checkModel(model, matches: KVPackReader(path: path))
+    }
+
+    /// Checks that `model` is the model the file `reader` has open was written with.
+    public static func checkModel(_ model: LlamaModel, matches reader: KVPackReader) throws {
+        let path = reader.path ?? "the file"
         let m = reader.manifest
         guard m.geometry == model.config.geometry else {
             throw ModelError(path, "was written for \(m.geometry); the model \(model.path) has \(model.config.geometry)")
@@ -87,8 +90,15 @@ public final class Conversation {
     /// sampling (a chat's next user turn); `generate` then refuses until something is fed.
     public static func resume(path: String, model: LlamaModel, options: WriterOptions = WriterOptions(),
                               recomputeLogits: Bool = true) throws -> Conversation {
-        try checkModel(model, matches: path)
-        let session = try KVCacheSession.resume(path: path, options: options)
+        try resume(reader: KVPackReader(path: path), model: model, options: options, recomputeLogits: recomputeLogits)
+    }
+
+    /// Continues the conversation in the file `reader` has open: the model is checked against
+    /// it, then the session writes and attends through that one mapping of the file.
+    public static func resume(reader: KVPackReader, model: LlamaModel, options: WriterOptions = WriterOptions(),
+                              recomputeLogits: Bool = true) throws -> Conversation {
+        try checkModel(model, matches: reader)
+        let session = try KVCacheSession.resume(reader: reader, options: options)
         let last = Int(session.tokenIDs.last!)
         let logits = recomputeLogits ? try model.recomputeLast(tokenID: last, cache: session) : []
         return Conversation(model: model, session: session, logits: logits)

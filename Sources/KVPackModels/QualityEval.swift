@@ -167,12 +167,11 @@ public enum QualityEval {
             let name = spec.text.map { $0.isLetter || $0.isNumber ? $0 : "_" }
             let path = "\(options.directory)/eval-\(String(name))-story\(s)\(noise > 0 ? "-noisy" : "").kvpack"
             run.paths.append(path)
-            let (manifest, blobs) = Conversation.manifest(for: model, spec: spec, segmentTokens: segmentTokens,
-                                                          producer: "kvpack eval")
+            let file = Conversation.newFile(for: model, spec: spec, segmentTokens: segmentTokens, producer: "kvpack eval")
             var writerOptions = WriterOptions()
             writerOptions.durability = .flush
             writerOptions.overwrite = true
-            let session = try KVCacheSession.create(path: path, manifest: manifest, blobs: blobs, options: writerOptions)
+            let session = try KVCacheSession.create(path: path, file: file, options: writerOptions)
             let recorder = RecordingCache(inner: session, noise: noise, seed: options.seed &+ UInt64(s), sampleEvery: max(options.attentionSampleEvery, text.count / 256))
             // Batches end where segments seal, so every token attends to exactly what it would
             // token by token: earlier segments as the file encodes them, its own segment's rows

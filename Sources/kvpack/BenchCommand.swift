@@ -308,16 +308,14 @@ struct BenchCommand: ParsableCommand {
                 return rows
             }
         }
-        let plan = SchemePlan(spec: spec)
-        let segmentTokens = try spec.segmentTokens(requested: nil, fallback: requested)
-        let manifest = Manifest(geometry: g, segmentTokens: segmentTokens, rope: rope,
-                                schemes: plan.schemes, layerSchemes: plan.layerSchemes, producer: "\(KVPackVersion.producer) bench")
+        var file = NewFile(geometry: g, rope: rope, schemes: spec, producer: "\(KVPackVersion.producer) bench")
+        file.defaultSegmentTokens = requested   // the spec's residual window wins
         var options = WriterOptions()
         options.durability = .flush
         options.overwrite = true
         options.majorVersion = formatVersion
         let start = DispatchTime.now().uptimeNanoseconds
-        let writer = try KVPackWriter.create(path: path, manifest: manifest, blobs: plan.blobs, options: options)
+        let writer = try KVPackWriter.create(path: path, file: file, options: options)
         let batch = 1024
         var t = 0
         try data.keys.withUnsafeBufferPointer { kp in

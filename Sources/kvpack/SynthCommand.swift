@@ -53,15 +53,12 @@ struct SynthCommand: ParsableCommand {
                 geometry = writer.manifest.geometry
             } else {
                 let spec = try parseSpec(geometry: geometry, rope: preset.rope)
-                let plan = SchemePlan(spec: spec)
-                let notes = spec.rationale.enumerated().map { Manifest.MetadataEntry("scheme.plan.\($0.offset)", $0.element) }
-                let manifest = Manifest(geometry: geometry, segmentTokens: try spec.segmentTokens(requested: segmentTokens, fallback: 128),
-                                        rope: preset.rope,
-                                        maxPositions: preset.maxPositions, schemes: plan.schemes, layerSchemes: plan.layerSchemes,
-                                        producer: "\(KVPackVersion.producer) synth",
-                                        userMetadata: [.init("synth.model", model), .init("synth.seed", String(seed)),
-                                                       .init("scheme.spec", scheme)] + notes)
-                writer = try KVPackWriter.create(path: output, manifest: manifest, blobs: plan.blobs, options: options)
+                var file = NewFile(geometry: geometry, rope: preset.rope, schemes: spec, producer: "\(KVPackVersion.producer) synth")
+                file.segmentTokens = segmentTokens
+                file.defaultSegmentTokens = 128
+                file.maxPositions = preset.maxPositions
+                file.metadata = [.init("synth.model", model), .init("synth.seed", String(seed))] + spec.metadata
+                writer = try KVPackWriter.create(path: output, file: file, options: options)
             }
             let gen = SyntheticKV(geometry: geometry, rope: writer.manifest.rope, seed: seed)
             let start = writer.tokenCount

@@ -154,15 +154,14 @@ struct TortureCommand: ParsableCommand {
     static func smallFile(_ path: String, scheme: String, tokens: Int, seed: UInt64) throws -> SyntheticKV {
         var g = preset.geometry
         g.layerCount = 2
-        let spec = try SchemeSpec.parse(scheme, geometry: g)
-        let plan = SchemePlan(spec: spec)
-        let manifest = Manifest(geometry: g, segmentTokens: 8, rope: preset.rope, maxPositions: preset.maxPositions,
-                                schemes: plan.schemes, layerSchemes: plan.layerSchemes, producer: "kvpack torture")
+        var file = NewFile(geometry: g, rope: preset.rope, schemes: try SchemeSpec.parse(scheme, geometry: g), producer: "kvpack torture")
+        file.segmentTokens = 8
+        file.maxPositions = preset.maxPositions
         var options = WriterOptions()
         options.durability = .flush
         options.overwrite = true
         options.salt = 0x7041
-        let writer = try KVPackWriter.create(path: path, manifest: manifest, blobs: plan.blobs, options: options)
+        let writer = try KVPackWriter.create(path: path, file: file, options: options)
         let gen = SyntheticKV(geometry: g, rope: preset.rope, seed: seed)
         try append(writer, gen, tokens: 0 ..< tokens, commitEvery: 5)
         try writer.close()

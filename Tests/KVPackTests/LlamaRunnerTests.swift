@@ -90,9 +90,9 @@ struct LlamaRunnerTests {
     @Test("the file-backed session decodes greedily like the in-memory cache", arguments: ["raw:f32", "raw:f32:zstd"])
     func sessionMatchesDense(spec: String) throws {
         let dir = temporaryDirectory()
-        let (m, blobs) = Conversation.manifest(for: bundledModel, spec: try SchemeSpec.parse(spec, geometry: bundledModel.config.geometry),
-                                               segmentTokens: 16, producer: "test")
-        let session = try KVCacheSession.create(path: dir + "/s.kvpack", manifest: m, blobs: blobs, options: testOptions())
+        let file = Conversation.newFile(for: bundledModel, spec: try SchemeSpec.parse(spec, geometry: bundledModel.config.geometry),
+                                        segmentTokens: 16, producer: "test")
+        let session = try KVCacheSession.create(path: dir + "/s.kvpack", file: file, options: testOptions())
         let (tokens, _) = try greedy(bundledModel, cache: session, steps: 64)
         try session.close()
         #expect(tokens == pinnedGreedyTokens)

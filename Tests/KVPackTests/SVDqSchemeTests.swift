@@ -33,10 +33,9 @@ struct SVDqSchemeTests {
             Array(data.stream(layer: l, head: h, kind: k, tokens: 0 ..< 40))
         }
         let parsed = try SchemeSpec.parse(spec, geometry: data.geometry, calibration: stats)
-        let plan = SchemePlan(spec: parsed)
-        let manifest = Manifest(geometry: data.geometry, segmentTokens: 32, rope: RoPEConfig(theta: 10000, layout: .interleaved),
-                                schemes: plan.schemes, layerSchemes: plan.layerSchemes, producer: "test")
-        let w = try KVPackWriter.create(path: path, manifest: manifest, blobs: plan.blobs, options: testOptions())
+        var file = NewFile(geometry: data.geometry, rope: RoPEConfig(theta: 10000, layout: .interleaved), schemes: parsed, producer: "test")
+        file.segmentTokens = 32
+        let w = try KVPackWriter.create(path: path, file: file, options: testOptions())
         for (t, n) in [(0, 7), (7, 80), (87, 63)] {
             try data.append(to: w, t ..< t + n)
             try w.commit()

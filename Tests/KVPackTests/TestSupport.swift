@@ -83,10 +83,9 @@ func rounded(_ x: Float, to type: ElementType) -> Float {
 }
 
 func makeManifest(_ g: ModelGeometry, segmentTokens: Int, spec: String, rope: RoPEConfig = .init(theta: 10000, layout: .interleaved)) throws -> (Manifest, [Blob]) {
-    let plan = SchemePlan(spec: try SchemeSpec.parse(spec, geometry: g))
-    let m = Manifest(geometry: g, segmentTokens: segmentTokens, rope: rope, schemes: plan.schemes,
-                     layerSchemes: plan.layerSchemes, producer: "kvpack tests")
-    return (m, plan.blobs)
+    var file = NewFile(geometry: g, rope: rope, schemes: try SchemeSpec.parse(spec, geometry: g), producer: "kvpack tests")
+    file.segmentTokens = segmentTokens
+    return try file.manifest()
 }
 
 func testOptions(salt: UInt64? = nil, major: UInt16 = FileHeader.currentMajor) -> WriterOptions {

@@ -36,16 +36,6 @@ public enum ElementType: UInt8, Sendable, CaseIterable, Codable, CustomStringCon
         }
     }
 
-    /// Little-endian bytes of `values` in this type (f32, f16 or bf16; rounding to nearest even).
-    public func encode(_ values: [Float]) -> [UInt8] {
-        precondition(isFloatingPoint, "only floating-point types encode floats")
-        var out = [UInt8](repeating: 0, count: values.count * byteWidth)
-        values.withUnsafeBufferPointer { src in
-            out.withUnsafeMutableBytes { RowKernels.narrow(src.baseAddress!, to: self, $0.baseAddress!, values.count) }
-        }
-        return out
-    }
-
     public init?(name: String) {
         guard let t = Self.allCases.first(where: { $0.description == name }) else { return nil }
         self = t

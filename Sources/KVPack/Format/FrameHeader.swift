@@ -49,10 +49,14 @@ public struct FrameHeader: Sendable, Equatable {
     public var rawLength: UInt64
     public var payloadChecksum: UInt64
     /// Bytes 32..<56, whose meaning depends on the tag, as three little-endian words.
-    public var fields: (UInt64, UInt64, UInt64)
+    public var fields: TypeFields
+    /// Header bytes 32..<56 as three little-endian words. Each frame kind's file (BlockFrame,
+    /// SegmentTable, TailRun, Blob, IndexFrame, CommitFrame, TokenSelection) names its fields and
+    /// is the only place their offsets are read or written.
+    public typealias TypeFields = (UInt64, UInt64, UInt64)
 
     public init(offset: UInt64, tag: FrameTag, flags: UInt32 = 0, storedLength: UInt64, rawLength: UInt64,
-                payloadChecksum: UInt64, fields: (UInt64, UInt64, UInt64) = (0, 0, 0)) {
+                payloadChecksum: UInt64, fields: TypeFields = (0, 0, 0)) {
         self.offset = offset
         self.tag = tag
         self.flags = flags
@@ -75,7 +79,7 @@ public struct FrameHeader: Sendable, Equatable {
         payloadOffset + roundUp(storedLength, to: UInt64(FileHeader.frameAlignment))
     }
 
-    // Type-specific fields, addressed by their byte offset within the header (32..<56).
+    // Type fields by their byte offset within the header (32..<56): for the frame kinds' files only.
     func field64(_ at: Int) -> UInt64 {
         switch at {
         case 32: fields.0
@@ -90,7 +94,7 @@ public struct FrameHeader: Sendable, Equatable {
 
     /// Packs little-endian sub-fields into the three type-specific words.
     struct FieldPacker {
-        private(set) var words: (UInt64, UInt64, UInt64) = (0, 0, 0)
+        private(set) var words: TypeFields = (0, 0, 0)
         mutating func set(_ at: Int, _ value: some FixedWidthInteger) {
             let width = value.bitWidth
             let shift = UInt64(8 * (at & 7))

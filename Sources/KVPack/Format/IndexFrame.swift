@@ -56,6 +56,16 @@ struct IndexFrame {
         UInt64(preludeSize) + UInt64(entrySize) * (UInt64(blocks) + UInt64(blobs) + UInt64(extensions)) + 8 * UInt64(tokens)
     }
 
+    /// The frame's type fields: a FULL frame has no predecessor and starts at 0.
+    static func typeFields(prevIndexOffset: UInt64, tailOffset: UInt64, first: Int, isFull: Bool) -> FrameHeader.TypeFields {
+        var f = FrameHeader.FieldPacker()
+        f.set(32, prevIndexOffset)
+        f.set(40, tailOffset)
+        f.set(48, UInt32(first))
+        f.set(52, isFull ? fullFlag : 0)
+        return f.words
+    }
+
     /// Reads, verifies (header and payload checksums) and sizes an index frame.
     static func load(_ file: UnsafeRawBufferPointer, at offset: UInt64, limit: UInt64, salt: UInt64, major: UInt16) throws -> IndexFrame {
         let header = try FrameHeader.decode(file, at: offset, limit: limit, salt: salt, field: "INDX")
@@ -127,6 +137,38 @@ struct IndexFrame {
     var sections: [Range<Int>] {
         [blocksStart ..< blobsStart, blobsStart ..< tokenIDsStart, tokenIDsStart ..< positionsStart,
          positionsStart ..< extensionsStart, extensionsStart ..< payload.count]
+    }
+}
+
+/// An index frame of the commit's chain, as the writer needs it to rewrite a FULL index.
+struct IndexChainLink: Sendable {
+    var offset: UInt64
+    var isFull: Bool
+    /// Absolute file byte ranges of the five sections (blocks, blobs, token ids, positions, extensions).
+    var sections: [Range<UInt64>]
+    var blockCount: Int
+    var blobCount: Int
+    var tokenCount: Int
+    var extensionCount: Int
+    var payloadSize: UInt64
+
+    init(offset: UInt64, isFull: Bool, sections: [Range<UInt64>], blockCount: Int, blobCount: Int, tokenCount: Int,
+         extensionCount: Int, payloadSize: UInt64) {
+        self.offset = offset
+        self.isFull = isFull
+        self.sections = sections
+        self.blockCount = blockCount
+        self.blobCount = blobCount
+        self.tokenCount = tokenCount
+        self.extensionCount = extensionCount
+        self.payloadSize = payloadSize
+    }
+
+    init(frame f: IndexFrame) {
+        self.init(offset: f.header.offset, isFull: f.isFull,
+                  sections: f.sections.map { f.header.payloadOffset + UInt64($0.lowerBound) ..< f.header.payloadOffset + UInt64($0.upperBound) },
+                  blockCount: f.blockCount, blobCount: f.blobCount, tokenCount: f.tokenCount,
+                  extensionCount: f.extensionCount, payloadSize: f.header.storedLength)
     }
 }
 

@@ -9,9 +9,19 @@ public struct SchemeKind: RawRepresentable, Hashable, Sendable, Codable, CustomS
     public static let svdq = SchemeKind(rawValue: 4)
     public static let nsn = SchemeKind(rawValue: 5)
 
-    public var description: String {
-        SchemeRegistry.type(for: self).map { $0.name } ?? "scheme#\(rawValue)"
+    /// The name specs use for the kind (Spec 7.2's registry), nil for a number not registered.
+    public var name: String? {
+        switch self {
+        case .raw: "raw"
+        case .int: "int"
+        case .polar: "polar"
+        case .svdq: "svdq"
+        case .nsn: "nsn"
+        default: nil
+        }
     }
+
+    public var description: String { name ?? "scheme#\(rawValue)" }
 
     /// The minor format version that defined this kind (Spec/ 7.2, 15).
     public var introducedInMinor: UInt16 {
@@ -94,13 +104,6 @@ public struct Manifest: Sendable, Equatable {
         bytes.map { String($0, radix: 16).leftPadded(to: 2) }.joined()
     }
 
-    /// What scheme `index` is built with: this file's geometry, segment size and RoPE, the role its
-    /// streams play (keys if any layer uses it for keys), and the blobs it names, in order.
-    public func schemeContext(_ index: Int, blobs: [Blob]) -> SchemeContext {
-        let role: KVKind = layerSchemes.contains { $0.key == index } ? .key : .value
-        return SchemeContext(geometry: geometry, segmentTokens: segmentTokens, rope: rope, role: role, blobs: blobs)
-    }
-
     /// The lowest minor version whose readers know every feature this manifest uses.
     public var requiredMinorVersion: UInt16 { schemes.map(\.kind.introducedInMinor).max() ?? 0 }
 
@@ -162,6 +165,19 @@ public struct Manifest: Sendable, Equatable {
     public func validateForWriting() throws {
         let copy = try encoded().withUnsafeBytes { try Manifest.decode($0, base: 0) }
         guard copy == self else { throw KVPackError.argument("manifest does not survive encoding (a field is out of range)") }
+    }
+
+    /// Reads the manifest frame, which must be the first frame of the file: header and payload
+    /// checksums, tag, then the payload. Returns the frame's header too (where it ends is where
+    /// the other frames may start).
+    static func readFrame(_ file: UnsafeRawBufferPointer, salt: UInt64) throws -> (manifest: Manifest, frame: FrameHeader) {
+        let m = try FrameHeader.decode(file, at: UInt64(FileHeader.size), limit: UInt64(file.count), salt: salt, field: "MANI")
+        guard m.tag == .manifest else {
+            throw KVPackError.invalid(m.offset, "MANI.tag", "the first frame must be the manifest, found \(m.tag)")
+        }
+        guard !m.isCompressed else { throw KVPackError.invalid(m.offset + 4, "MANI.flags", "the manifest is never compressed") }
+        try m.verifyPayload(in: file, field: "MANI")
+        return (try decode(m.storedPayload(in: file), base: m.payloadOffset), m)
     }
 
     /// Parses an untrusted manifest payload. `base` is the payload's file offset.

@@ -139,7 +139,7 @@ public struct TokenSelection: Sendable, Equatable {
     }
 
     /// Type fields of the frame header (offsets 32..55).
-    var headerFields: (UInt64, UInt64, UInt64) {
+    var typeFields: FrameHeader.TypeFields {
         var f = FrameHeader.FieldPacker()
         f.set(32, UInt32(keptCount))
         f.set(36, UInt32(sourceTokenCount))

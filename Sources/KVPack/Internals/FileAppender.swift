@@ -58,6 +58,13 @@ final class FileAppender {
         return FileAppender(path: path, fd: fd, end: UInt64(st.st_size))
     }
 
+    /// The open file's device and inode.
+    func identity() throws -> FileIdentity {
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { throw KVPackError.ioError("fstat", path: path) }
+        return FileIdentity(st)
+    }
+
     func append(_ bytes: UnsafeRawBufferPointer) throws {
         var src = bytes
         while !src.isEmpty {
@@ -141,18 +148,4 @@ final class FileAppender {
         guard ftruncate(fd, off_t(length)) == 0 else { throw KVPackError.ioError("ftruncate", path: path) }
         end = length
     }
-}
-
-/// fsync of a directory, so a rename or a new file's directory entry is durable.
-func syncDirectory(of path: String) {
-    let dir: String
-    if let slash = path.lastIndex(of: "/") {
-        dir = slash == path.startIndex ? "/" : String(path[..<slash])
-    } else {
-        dir = "."
-    }
-    let fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-    guard fd >= 0 else { return }
-    fsync(fd)
-    Glibc.close(fd)
 }

@@ -10,6 +10,9 @@ public final class MappedFile: @unchecked Sendable {
     // @unchecked: the memory is never written after init and is unmapped only in deinit.
     public let bytes: UnsafeRawBufferPointer
     private let mapped: Bool
+    /// Which file was mapped (nil for a heap copy): a writer resuming from a reader checks that
+    /// it holds the lock of the same file.
+    let identity: FileIdentity?
 
     public init(path: String) throws {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
@@ -18,6 +21,7 @@ public final class MappedFile: @unchecked Sendable {
         var st = stat()
         guard fstat(fd, &st) == 0 else { throw KVPackError.ioError("fstat", path: path) }
         let size = Int(st.st_size)
+        identity = FileIdentity(st)
         if size == 0 {
             bytes = Self.alignedCopy(UnsafeRawBufferPointer(start: nil, count: 0))
             mapped = false
@@ -33,11 +37,13 @@ public final class MappedFile: @unchecked Sendable {
     public init(copying source: UnsafeRawBufferPointer) {
         bytes = Self.alignedCopy(source)
         mapped = false
+        identity = nil
     }
 
     public init(copying array: [UInt8]) {
         bytes = array.withUnsafeBytes { Self.alignedCopy($0) }
         mapped = false
+        identity = nil
     }
 
     private static func alignedCopy(_ source: UnsafeRawBufferPointer) -> UnsafeRawBufferPointer {
@@ -80,6 +86,17 @@ public final class MappedFile: @unchecked Sendable {
         } else {
             UnsafeMutableRawPointer(mutating: base).deallocate()
         }
+    }
+}
+
+/// A file's device and inode: the same file whatever path or descriptor reaches it.
+struct FileIdentity: Equatable {
+    var device: UInt64
+    var inode: UInt64
+
+    init(_ st: stat) {
+        device = UInt64(st.st_dev)
+        inode = UInt64(st.st_ino)
     }
 }
 

@@ -1,7 +1,3 @@
-#if canImport(Glibc)
-import Glibc
-#endif
-
 /// The textbook attention the kernels are checked against: full scores, max-subtracted softmax,
 /// weighted sum, in Double. Slow on purpose; for tests and `kvpack attend --check`.
 public enum DenseAttention {
@@ -29,7 +25,7 @@ public enum DenseAttention {
                 scores[t] = dot * s
             }
             let m = scores.max() ?? 0
-            let w = scores.map { exp($0 - m) }
+            let w = scores.map { LibM.exp($0 - m) }
             let total = w.reduce(0, +)
             for i in 0 ..< headDim {
                 var acc = 0.0

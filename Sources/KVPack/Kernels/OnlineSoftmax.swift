@@ -1,7 +1,3 @@
-#if canImport(Glibc)
-import Glibc
-#endif
-
 /// In-memory f32 rows attended after a file's tokens: `count` rows of headDim floats each,
 /// token-major. The memory must stay valid for the call.
 public struct AppendedRows {
@@ -92,7 +88,7 @@ struct OnlineSoftmax {
             }
             let sum = sums.sum()
             if newMax > oldMax {
-                let correction = oldMax == -.infinity ? 0 : expf(oldMax - newMax)
+                let correction = oldMax == -.infinity ? 0 : LibM.expf(oldMax - newMax)
                 runSum[g] *= correction
                 RowKernels.scale(blockAcc + g * dim, by: correction, dim)
                 RowKernels.scale(tailAcc + g * dim, by: correction, dim)

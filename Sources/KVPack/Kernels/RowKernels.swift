@@ -214,3 +214,15 @@ public enum RowKernels {
         }
     }
 }
+
+extension ElementType {
+    /// Little-endian bytes of `values` in this type (f32, f16 or bf16; rounding to nearest even).
+    public func encode(_ values: [Float]) -> [UInt8] {
+        precondition(isFloatingPoint, "only floating-point types encode floats")
+        var out = [UInt8](repeating: 0, count: values.count * byteWidth)
+        values.withUnsafeBufferPointer { src in
+            out.withUnsafeMutableBytes { RowKernels.narrow(src.baseAddress!, to: self, $0.baseAddress!, values.count) }
+        }
+        return out
+    }
+}

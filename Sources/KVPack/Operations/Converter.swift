@@ -1,7 +1,3 @@
-#if canImport(Glibc)
-import Glibc
-#endif
-
 /// Rewrites a file in other schemes: `kvpack convert`.
 ///
 /// Streaming: one output segment of every stream is decoded at a time and appended to a writer,
@@ -58,9 +54,7 @@ public enum Converter {
     /// at their original positions, and records the selection (a `tsel` frame, format 1.4).
     public static func convert(input: String, output: String, spec: SchemeSpec, layers: Set<Int>? = nil,
                                selection: TokenSelection? = nil, options: Options = Options()) throws -> Report {
-        if !options.overwrite, access(output, F_OK) == 0 {
-            throw KVPackError.argument("\(output) already exists (pass overwrite to replace it)")
-        }
+        let replacement = try AtomicReplacement(destination: output, overwrite: options.overwrite, label: "converting")
         let source = try KVPackReader(path: input)
         let m = source.manifest, g = m.geometry
         if let selection, selection.sourceTokenCount > source.tokenCount {
@@ -88,28 +82,30 @@ public enum Converter {
                 setups.append((own(.key), own(.value)))
             }
         }
-        let plan = SchemePlan(layers: setups)
-        let segmentTokens = try spec.segmentTokens(requested: options.segmentTokens, fallback: m.segmentTokens)
-        let manifest = Manifest(geometry: g, segmentTokens: segmentTokens, rope: m.rope, maxPositions: m.maxPositions,
-                                modelFingerprint: m.modelFingerprint, schemes: plan.schemes, layerSchemes: plan.layerSchemes,
-                                producer: selection == nil ? "\(options.tool) convert" : options.tool,
-                                userMetadata: provenance(source: source, input: input, spec: layers?.isEmpty == true ? nil : spec, tool: options.tool))
-
-        let temp = "\(output).converting-\(getpid())-\(UInt32.random(in: 0 ... .max))"
+        let layerSetups = setups.map { LayerSetup(key: $0.key, value: $0.value) }
+        var file = NewFile(geometry: g, rope: m.rope,
+                           schemes: SchemeSpec(text: spec.text, layers: layerSetups, segmentTokens: spec.segmentTokens, rationale: spec.rationale),
+                           producer: selection == nil ? "\(options.tool) convert" : options.tool)
+        // Without a request, the source's segment size (unless the spec's window sets one).
+        file.segmentTokens = options.segmentTokens
+        file.defaultSegmentTokens = m.segmentTokens
+        file.maxPositions = m.maxPositions
+        file.modelFingerprint = m.modelFingerprint
+        file.metadata = provenance(source: source, input: input, spec: layers?.isEmpty == true ? nil : spec, tool: options.tool)
+        let segmentTokens = try file.resolvedSegmentTokens()
         do {
             var writerOptions = WriterOptions()
             writerOptions.durability = options.durability
             writerOptions.salt = options.salt
             writerOptions.majorVersion = options.formatVersion
             if selection != nil { writerOptions.minimumMinorVersion = 4 }
-            let writer = try KVPackWriter.create(path: temp, manifest: manifest, blobs: plan.blobs, options: writerOptions)
+            let writer = try KVPackWriter.create(path: replacement.temporaryPath, file: file, options: writerOptions)
             try stream(from: source, tokens: tokens, to: writer, chunk: segmentTokens, progress: options.progress)
             if let selection { try writer.attach(selection: selection) }
             try writer.close()
-            guard rename(temp, output) == 0 else { throw KVPackError.ioError("rename to \(output)", path: temp) }
-            syncDirectory(of: output)
+            try replacement.commit()
         } catch {
-            unlink(temp)
+            replacement.discard()
             throw error
         }
         source.file.releasePages(0 ..< source.fileSize)

@@ -20,13 +20,13 @@ public final class KVCacheSession {
     private let streamCount: Int
     private let residualTypes: [ElementType]
     /// streams x capacity x dim floats: rows of tokens [mirrorStart, tokenCount + staged).
-    private var mirror: UnsafeMutablePointer<Float>
+    private var mirror: AlignedFloats
     private var capacity: Int
     private var mirrorStart: Int
     private var staged = 0
     private var stagedIDs: [UInt32] = []
     private var stagedPositions: [UInt32] = []
-    private var roundTrip: UnsafeMutableRawPointer
+    private let roundTrip: AlignedBytes
     public let workspace = AttentionWorkspace()
 
     /// Tokens appended to the file (committed or not), not counting a batch in progress.
@@ -45,33 +45,46 @@ public final class KVCacheSession {
         streamCount = g.streamCount
         residualTypes = (0 ..< g.streamCount).map { writer.manifest.schemes[writer.manifest.scheme(forStream: $0)].residualType }
         capacity = writer.manifest.segmentTokens
-        mirror = .allocate(capacity: streamCount * capacity * dim)
-        roundTrip = .allocate(byteCount: 4 * dim, alignment: 64)
+        mirror = AlignedFloats(count: streamCount * capacity * dim)
+        roundTrip = AlignedBytes(count: 4 * dim)
         mirrorStart = reader.tokenCount
         let tokens = try reader.tokens(0 ..< reader.tokenCount)
         tokenIDs = tokens.ids
         nextPosition = tokens.positions.last.map { $0 + 1 } ?? 0
     }
 
-    deinit {
-        mirror.deallocate()
-        roundTrip.deallocate()
+    /// Starts a new file for a model and its planned schemes (see `NewFile`).
+    public static func create(path: String, file: NewFile, options: WriterOptions = WriterOptions()) throws -> KVCacheSession {
+        let (manifest, blobs) = try file.manifest()
+        return try create(path: path, manifest: manifest, blobs: blobs, options: options)
     }
 
-    /// Starts a new file.
+    /// Starts a new file from a manifest you built.
     public static func create(path: String, manifest: Manifest, blobs: [Blob] = [], options: WriterOptions = WriterOptions()) throws -> KVCacheSession {
         let writer = try KVPackWriter.create(path: path, manifest: manifest, blobs: blobs, options: options)
         return try KVCacheSession(path: path, writer: writer, reader: KVPackReader(path: path))
     }
 
-    /// Continues a file: its committed tokens are attended from the mapped file.
+    /// Continues a file: takes the writer lock, maps the file once, and attends its committed
+    /// tokens through that mapping.
     public static func resume(path: String, options: WriterOptions = WriterOptions()) throws -> KVCacheSession {
-        let writer = try KVPackWriter.resume(path: path, options: options)
-        return try KVCacheSession(path: path, writer: writer, reader: KVPackReader(path: path))
+        let io = try FileAppender.open(path: path, create: false)
+        let reader = try KVPackReader(path: path)
+        let writer = try KVPackWriter.resume(io: io, reader: reader, options: options)
+        return try KVCacheSession(path: path, writer: writer, reader: reader)
+    }
+
+    /// Continues the file `reader` has open (a caller that read the file first, to check its
+    /// model, say): the writer resumes from that reader's commit and the session attends through
+    /// the same mapping, so the file is mapped once. Throws `locked` if the file changed since
+    /// the reader opened it.
+    public static func resume(reader: KVPackReader, options: WriterOptions = WriterOptions()) throws -> KVCacheSession {
+        let writer = try KVPackWriter.resume(reader: reader, options: options)
+        return try KVCacheSession(path: writer.path, writer: writer, reader: reader)
     }
 
     private func row(stream: Int, index: Int) -> UnsafeMutablePointer<Float> {
-        mirror + (stream * capacity + index) * dim
+        mirror.pointer + (stream * capacity + index) * dim
     }
 
     /// Begins a batch of tokens; positions default to consecutive ones after the last.
@@ -91,12 +104,11 @@ public final class KVCacheSession {
     public var batchPositions: [UInt32] { stagedPositions }
 
     private func grow(to newCapacity: Int) {
-        let bigger = UnsafeMutablePointer<Float>.allocate(capacity: streamCount * newCapacity * dim)
+        let bigger = AlignedFloats(count: streamCount * newCapacity * dim)
         let used = (tokenCount - mirrorStart) * dim
         for s in 0 ..< streamCount {
-            (bigger + s * newCapacity * dim).update(from: mirror + s * capacity * dim, count: used)
+            (bigger.pointer + s * newCapacity * dim).update(from: mirror.pointer + s * capacity * dim, count: used)
         }
-        mirror.deallocate()
         mirror = bigger
         capacity = newCapacity
     }
@@ -116,8 +128,8 @@ public final class KVCacheSession {
         if type == .float32 {
             dst.update(from: src, count: dim)
         } else {
-            RowKernels.narrow(src, to: type, roundTrip, dim)
-            RowKernels.widen(roundTrip, from: type, dst, dim)
+            RowKernels.narrow(src, to: type, roundTrip.pointer, dim)
+            RowKernels.widen(roundTrip.pointer, from: type, dst, dim)
         }
     }
 

@@ -22,30 +22,6 @@ public enum RecoveryNote: Sendable, Equatable, CustomStringConvertible {
     }
 }
 
-/// One run of unsealed rows of every stream, in a DLTA frame.
-struct TailPiece: Sendable {
-    var frameOffset: UInt64
-    var tokenStart: Int
-    var tokenCount: Int
-    /// Absolute file offset of each stream's rows.
-    var streamOffsets: [Int]
-    /// Version 2: absolute file offset of the run's token ids (its positions follow them).
-    var tokenSection: Int?
-}
-
-/// An index frame of the commit's chain, as the writer needs it to rewrite a FULL index.
-struct IndexChainLink: Sendable {
-    var offset: UInt64
-    var isFull: Bool
-    /// Absolute file byte ranges of the five sections (blocks, blobs, token ids, positions, extensions).
-    var sections: [Range<UInt64>]
-    var blockCount: Int
-    var blobCount: Int
-    var tokenCount: Int
-    var extensionCount: Int
-    var payloadSize: UInt64
-}
-
 /// The committed state of a file: everything a reader needs, validated against the bytes.
 struct CommitState: Sendable {
     var major: UInt16
@@ -63,7 +39,7 @@ struct CommitState: Sendable {
     var tokenIDs: [UInt32]
     var positions: [UInt32]
     /// Ordered by tokenStart; tiles [sealedTokens, tokenCount).
-    var tail: [TailPiece]
+    var tail: [TailRun]
     /// Newest first, ending with the FULL frame.
     var chain: [IndexChainLink]
     /// The `tsel` frame the chain lists, if any (parsed on demand: it is ancillary).
@@ -126,15 +102,8 @@ struct CommitLoader {
 
     func load(commit: FrameHeader) throws -> CommitState {
         let at = commit.offset
-        guard commit.storedLength == 0, !commit.isCompressed else {
-            throw KVPackError.invalid(at + 8, "CMIT.storedLength", "a commit has no payload, this one claims \(commit.storedLength) bytes")
-        }
-        let indexOffset = commit.field64(32)
-        let tokenCount = Int(commit.field32(40))
-        let serial = commit.field64(48)
-        guard indexOffset >= manifestEnd, indexOffset < at else {
-            throw KVPackError.invalid(at + 32, "CMIT.indexOffset", "\(indexOffset) is not between the manifest end \(manifestEnd) and the commit \(at)")
-        }
+        let frame = try CommitFrame.decode(commit, manifestEnd: manifestEnd)
+        let indexOffset = frame.indexOffset, tokenCount = frame.tokenCount, serial = frame.serial
 
         // Walk the index chain back to a FULL frame. Offsets strictly decrease and every frame
         // ends before its successor starts, so the walk ends and frames cannot overlap.
@@ -224,7 +193,7 @@ struct CommitLoader {
                 guard blobs[e.blobID] == nil else {
                     throw KVPackError.invalid(entryAt, "INDX.blob.blobID", "blob \(e.blobID) is listed twice")
                 }
-                let blob = try loadBlob(at: e.frameOffset, limit: f.header.offset)
+                let blob = try Blob.decode(file, at: e.frameOffset, limit: f.header.offset, salt: salt)
                 guard blob.id == e.blobID else {
                     throw KVPackError.invalid(e.frameOffset + 32, "BLOB.blobID", "is \(blob.id) but the index lists it as \(e.blobID)")
                 }
@@ -255,12 +224,7 @@ struct CommitLoader {
 
         let tail = try loadTail(newest: frames[0], tokenCount: tokenCount, sealed: segments * manifest.segmentTokens)
 
-        let links = frames.map { f in
-            IndexChainLink(offset: f.header.offset, isFull: f.isFull,
-                           sections: f.sections.map { f.header.payloadOffset + UInt64($0.lowerBound) ..< f.header.payloadOffset + UInt64($0.upperBound) },
-                           blockCount: f.blockCount, blobCount: f.blobCount, tokenCount: f.tokenCount,
-                           extensionCount: f.extensionCount, payloadSize: f.header.storedLength)
-        }
+        let links = frames.map(IndexChainLink.init(frame:))
         return CommitState(major: major, commitOffset: at, commitSerial: serial, tokenCount: tokenCount, blockOffsets: blockOffsets,
                            segmentTables: segmentTables, blobs: blobs, blobFrames: blobFrames, tokenIDs: tokenIDs, positions: positions,
                            tail: tail, chain: links, selectionOffset: selectionOffset, notes: [])
@@ -303,50 +267,7 @@ struct CommitLoader {
         }
     }
 
-    func loadBlob(at offset: UInt64, limit: UInt64) throws -> Blob {
-        let h = try FrameHeader.decode(file, at: offset, limit: limit, salt: salt, field: "BLOB")
-        guard h.tag == .blob else { throw KVPackError.invalid(offset, "BLOB.tag", "expected a BLOB frame, found \(h.tag)") }
-        guard !h.isCompressed else { throw KVPackError.invalid(offset + 4, "BLOB.flags", "blobs are never compressed in version 1") }
-        try h.verifyPayload(in: file, field: "BLOB")
-        let kindRaw = h.field16(36)
-        guard let kind = Blob.Kind(rawValue: kindRaw) else {
-            throw KVPackError.invalid(offset + 36, "BLOB.kind", "is \(kindRaw), not a defined blob kind")
-        }
-        let typeRaw = h.field8(38)
-        guard let type = ElementType(rawValue: typeRaw) else {
-            throw KVPackError.invalid(offset + 38, "BLOB.elementType", "is \(typeRaw), not a defined element type")
-        }
-        let rank = Int(h.field8(39))
-        guard (1 ... 4).contains(rank) else { throw KVPackError.invalid(offset + 39, "BLOB.rank", "is \(rank), must be 1...4") }
-        var shape: [Int] = []
-        var elements: UInt64 = 1
-        for i in 0 ..< 4 {
-            let dim = UInt64(h.field32(40 + 4 * i))
-            if i < rank {
-                guard dim >= 1 else { throw KVPackError.invalid(offset + UInt64(40 + 4 * i), "BLOB.shape[\(i)]", "is 0") }
-                elements = elements.multipliedReportingOverflow(by: dim).partialValue
-                guard elements <= h.storedLength else {
-                    throw KVPackError.invalid(offset + UInt64(40 + 4 * i), "BLOB.shape", "describes more elements than the payload holds")
-                }
-                shape.append(Int(dim))
-            } else if dim != 0 {
-                throw KVPackError.invalid(offset + UInt64(40 + 4 * i), "BLOB.shape[\(i)]", "is \(dim) beyond rank \(rank); must be 0")
-            }
-        }
-        guard elements * UInt64(type.byteWidth) == h.storedLength else {
-            throw KVPackError.invalid(offset + 8, "BLOB.storedLength",
-                                      "is \(h.storedLength), shape \(shape) of \(type) needs \(elements * UInt64(type.byteWidth))")
-        }
-        return Blob(id: h.field32(32), kind: kind, elementType: type, shape: shape, bytes: Array(h.storedPayload(in: file)))
-    }
-
-    /// Bytes of one stream's section of a DLTA payload, before padding.
-    func sectionBytes(stream: Int, tokens: Int) -> Int {
-        let scheme = manifest.schemes[manifest.scheme(forStream: stream)]
-        return tokens * manifest.geometry.headDim * scheme.residualType.byteWidth
-    }
-
-    func loadTail(newest: IndexFrame, tokenCount: Int, sealed: Int) throws -> [TailPiece] {
+    func loadTail(newest: IndexFrame, tokenCount: Int, sealed: Int) throws -> [TailRun] {
         let tailAt = newest.header.offset + 40
         var offset = newest.tailOffset
         if tokenCount == sealed {
@@ -355,47 +276,15 @@ struct CommitLoader {
             }
             return []
         }
-        var pieces: [TailPiece] = []
+        var pieces: [TailRun] = []
         var end = tokenCount
         var limit = newest.header.offset
         while true {
             try checkReference(offset, before: limit, at: tailAt, field: "INDX.tailOffset")
             let h = try FrameHeader.decode(file, at: offset, limit: limit, salt: salt, field: "DLTA")
-            guard h.tag == .delta else { throw KVPackError.invalid(offset, "DLTA.tag", "expected a DLTA frame, found \(h.tag)") }
-            guard !h.isCompressed else { throw KVPackError.invalid(offset + 4, "DLTA.flags", "tail rows are never compressed in version 1") }
-            let start = Int(h.field32(32))
-            let count = Int(h.field32(36))
-            let prev = h.field64(40)
-            let streams = Int(h.field32(48))
-            guard count >= 1, start + count == end, start >= sealed else {
-                throw KVPackError.invalid(offset + 32, "DLTA.tokenStart",
-                                          "covers \(start)..<\(start + count); the tail needs a run ending at \(end) within \(sealed)..<\(tokenCount)")
-            }
-            guard streams == streamCount else {
-                throw KVPackError.invalid(offset + 48, "DLTA.streamCount", "is \(streams), the manifest has \(streamCount) streams")
-            }
-            // Every section pads to at least 64 bytes: check the claim before allocating per stream.
-            guard h.storedLength / UInt64(FileHeader.frameAlignment) >= UInt64(streamCount) else {
-                throw KVPackError.invalid(offset + 8, "DLTA.storedLength",
-                                          "\(h.storedLength) bytes cannot hold sections for \(streamCount) streams")
-            }
-            var streamOffsets: [Int] = []
-            streamOffsets.reserveCapacity(streamCount)
-            var cursor = Int(h.payloadOffset)
-            // Version 2 runs start with their tokens: ids, then positions, padded to 64 bytes.
-            let tokenSection = major == 1 ? nil : cursor
-            if major != 1 { cursor += roundUp(8 * count, to: FileHeader.frameAlignment) }
-            for s in 0 ..< streamCount {
-                streamOffsets.append(cursor)
-                cursor += roundUp(sectionBytes(stream: s, tokens: count), to: FileHeader.frameAlignment)
-            }
-            guard UInt64(cursor) - h.payloadOffset == h.storedLength else {
-                throw KVPackError.invalid(offset + 8, "DLTA.storedLength",
-                                          "is \(h.storedLength); \(count) rows of \(streamCount) streams need \(UInt64(cursor) - h.payloadOffset)")
-            }
-            try h.verifyPayload(in: file, field: "DLTA")
-            pieces.append(TailPiece(frameOffset: offset, tokenStart: start, tokenCount: count, streamOffsets: streamOffsets,
-                                    tokenSection: tokenSection))
+            let run = try TailRun.decode(h, in: file, manifest: manifest, major: major, end: end, sealed: sealed, committed: tokenCount)
+            pieces.append(run)
+            let start = run.tokenStart, prev = run.prevDeltaOffset
             if start == sealed { break }
             end = start
             limit = offset

@@ -16,7 +16,6 @@
 /// [offset, offset + scale * (2^bits - 1)] and decodes within scale / 2.
 public struct IntScheme: KVScheme {
     public static let kind = SchemeKind.int
-    public static let name = "int"
     public static let specSyntax = "k<B>v<B>[:g<N>][:kc<T>|kt<N>][:vc<T>|vt<N>][:r<T>]   or   int:auto:<BUDGET>[:spectral][options]"
     public static let summary = "KV-AdaQuant: 1/2/3/4/8-bit codes, f16 scale+offset per group (gN: N head_dim elements per token; kcT/vcT: per channel over T tokens); rT: T-token f16 window; auto:BUDGET plans K/V bits per layer"
 
@@ -111,7 +110,7 @@ public struct IntScheme: KVScheme {
     /// starting every matrix at 1 bit and repeatedly upgrading the one with the largest error
     /// reduction per added bit. Norms are per-token Frobenius norms (default, as the authors) or
     /// spectral norms of a calibration cache of the same model.
-    public static func plan(arguments: [String], geometry: ModelGeometry, calibration: CacheStatistics?) throws -> PlannedSchemes? {
+    public static func planner(arguments: [String], geometry: ModelGeometry) throws -> SchemePlanner? {
         guard arguments.first == "auto" else { return nil }
         guard arguments.count >= 2, let budget = Double(arguments[1]), budget >= 1, budget <= 8 else {
             throw KVPackError.argument("int:auto needs an average bit budget in 1...8, as in int:auto:3.0")
@@ -123,30 +122,33 @@ public struct IntScheme: KVScheme {
             rest = rest.dropFirst()
         }
         let options = try Options(rest)
-        guard let calibration else {
-            throw KVPackError(.needsCalibration, "int:auto needs calibration statistics of a cache of this model (kvpack eval uses its baseline run, kvpack generate its prompt, kvpack synth its first tokens; kvpack plan FILE shows a plan for an existing file)")
+        // Checked now, so a bad option is reported before any calibration runs.
+        _ = try options.setup(bits: 1, role: .key, geometry: geometry)
+        _ = try options.setup(bits: 1, role: .value, geometry: geometry)
+        let needs = "int:auto needs calibration statistics of a cache of this model (kvpack eval uses its baseline run, kvpack generate its prompt, kvpack synth its first tokens; kvpack plan FILE shows a plan for an existing file)"
+        return SchemePlanner(needs: needs) { calibration in
+            guard calibration.layers.count == geometry.layerCount else {
+                throw KVPackError.argument("int:auto: calibration has \(calibration.layers.count) layers, the model \(geometry.layerCount)")
+            }
+            var sensitivities: [Double] = []
+            for l in calibration.layers {
+                sensitivities += spectral ? [l.keySpectralNorm, l.valueSpectralNorm] : [l.keyNorm, l.valueNorm]
+            }
+            let widths = allocateBits(sensitivities: sensitivities, total: budget * Double(sensitivities.count), widths: supportedBits)
+            var layers: [LayerSetup] = []
+            let metric = spectral ? "spectral norm" : "norm"
+            var rationale = ["int:auto:\(budget): \(metric)s per token of a \(calibration.tokens)-token calibration cache; error modelled as \(metric)^2 * 2^(-2 bits); greedy allocation from 1 bit, widths {1,2,3,4,8}"]
+            for (i, l) in calibration.layers.enumerated() {
+                let kb = widths[2 * i], vb = widths[2 * i + 1]
+                layers.append(LayerSetup(key: try options.setup(bits: kb, role: .key, geometry: geometry),
+                                         value: try options.setup(bits: vb, role: .value, geometry: geometry)))
+                let (k, v) = spectral ? (l.keySpectralNorm, l.valueSpectralNorm) : (l.keyNorm, l.valueNorm)
+                rationale.append("layer \(i): key \(metric) \(format(k)), value \(metric) \(format(v)) (ratio \(format(k / max(v, 1e-30)))) -> K\(kb) V\(vb)")
+            }
+            let mean = Double(widths.reduce(0, +)) / Double(widths.count)
+            rationale.append("average \(format(mean)) bits per element of codes (budget \(budget)); group scales and offsets add 32 bits per group")
+            return PlannedSchemes(layers: layers, rationale: rationale)
         }
-        guard calibration.layers.count == geometry.layerCount else {
-            throw KVPackError.argument("int:auto: calibration has \(calibration.layers.count) layers, the model \(geometry.layerCount)")
-        }
-        var sensitivities: [Double] = []
-        for l in calibration.layers {
-            sensitivities += spectral ? [l.keySpectralNorm, l.valueSpectralNorm] : [l.keyNorm, l.valueNorm]
-        }
-        let widths = allocateBits(sensitivities: sensitivities, total: budget * Double(sensitivities.count), widths: supportedBits)
-        var layers: [LayerSetup] = []
-        let metric = spectral ? "spectral norm" : "norm"
-        var rationale = ["int:auto:\(budget): \(metric)s per token of a \(calibration.tokens)-token calibration cache; error modelled as \(metric)^2 * 2^(-2 bits); greedy allocation from 1 bit, widths {1,2,3,4,8}"]
-        for (i, l) in calibration.layers.enumerated() {
-            let kb = widths[2 * i], vb = widths[2 * i + 1]
-            layers.append(LayerSetup(key: try options.setup(bits: kb, role: .key, geometry: geometry),
-                                     value: try options.setup(bits: vb, role: .value, geometry: geometry)))
-            let (k, v) = spectral ? (l.keySpectralNorm, l.valueSpectralNorm) : (l.keyNorm, l.valueNorm)
-            rationale.append("layer \(i): key \(metric) \(format(k)), value \(metric) \(format(v)) (ratio \(format(k / max(v, 1e-30)))) -> K\(kb) V\(vb)")
-        }
-        let mean = Double(widths.reduce(0, +)) / Double(widths.count)
-        rationale.append("average \(format(mean)) bits per element of codes (budget \(budget)); group scales and offsets add 32 bits per group")
-        return PlannedSchemes(layers: layers, rationale: rationale)
     }
 
     /// Greedy rate-distortion allocation: error_i(b) = s_i^2 * 2^(-2b).

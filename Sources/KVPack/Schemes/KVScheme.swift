@@ -17,36 +17,14 @@ public struct SchemeContext: Sendable {
         self.role = role
         self.blobs = blobs
     }
-}
 
-/// A metadata blob (codebook, projection, signs, means, signatures): a small typed array that
-/// scheme descriptors reference by id. Copied out of the file when a reader opens it.
-public struct Blob: Sendable, Equatable {
-    public enum Kind: UInt16, Sendable, Codable {
-        case codebook = 1
-        case projection = 2
-        case signs = 3
-        case means = 4
-        case signatures = 5
-        case other = 0xFFFF
+    /// What scheme `index` of `manifest` is built with: the file's geometry, segment size and
+    /// RoPE, the role its streams play (keys if any layer uses it for keys), and the blobs it
+    /// names, in order.
+    public init(manifest: Manifest, scheme index: Int, blobs: [Blob]) {
+        let role: KVKind = manifest.layerSchemes.contains { $0.key == index } ? .key : .value
+        self.init(geometry: manifest.geometry, segmentTokens: manifest.segmentTokens, rope: manifest.rope, role: role, blobs: blobs)
     }
-
-    public var id: UInt32
-    public var kind: Kind
-    public var elementType: ElementType
-    /// Up to four dimensions, each >= 1.
-    public var shape: [Int]
-    public var bytes: [UInt8]
-
-    public init(id: UInt32, kind: Kind, elementType: ElementType, shape: [Int], bytes: [UInt8]) {
-        self.id = id
-        self.kind = kind
-        self.elementType = elementType
-        self.shape = shape
-        self.bytes = bytes
-    }
-
-    public var elementCount: Int { shape.reduce(1, *) }
 }
 
 /// What a scheme's spec arguments turn into: the descriptor for one role, plus blobs the file
@@ -76,6 +54,19 @@ public struct PlannedSchemes: Sendable {
     }
 }
 
+/// A spec part that asks a planner (`int:auto:3.0`, `svdq:2`), its arguments already checked:
+/// what remains is to run it on calibration statistics (SchemeSpec's second step).
+public struct SchemePlanner {
+    /// What the planner needs the statistics for, said when none are supplied.
+    public var needs: String
+    let plan: (CacheStatistics) throws -> PlannedSchemes
+
+    public init(needs: String, plan: @escaping (CacheStatistics) throws -> PlannedSchemes) {
+        self.needs = needs
+        self.plan = plan
+    }
+}
+
 /// One encoding of a stream's sealed blocks. A scheme is one file: it parses its spec
 /// arguments, validates its (untrusted) descriptor, encodes rows into a block payload and
 /// decodes and attends over that payload in place.
@@ -86,7 +77,7 @@ public struct PlannedSchemes: Sendable {
 /// sees it, so kernels do not re-check.
 public protocol KVScheme: Sendable {
     static var kind: SchemeKind { get }
-    /// The name used in scheme specs ("raw").
+    /// The name used in scheme specs ("raw"); by default the kind's name in Spec 7.2's registry.
     static var name: String { get }
     /// Syntax of the spec arguments, for `--help`.
     static var specSyntax: String { get }
@@ -94,9 +85,9 @@ public protocol KVScheme: Sendable {
     static var summary: String { get }
     /// Builds the descriptor for `role` from the spec's arguments (the parts after "name:").
     static func setup(arguments: [String], role: KVKind, geometry: ModelGeometry) throws -> SchemeSetup
-    /// For arguments that ask a planner (`auto:...`), the per-layer setups it chooses from
-    /// `calibration`; nil for arguments that need none.
-    static func plan(arguments: [String], geometry: ModelGeometry, calibration: CacheStatistics?) throws -> PlannedSchemes?
+    /// For arguments that ask a planner (`auto:...`), the planner (arguments checked now, run on
+    /// calibration statistics later); nil for arguments that describe one setup (`setup`).
+    static func planner(arguments: [String], geometry: ModelGeometry) throws -> SchemePlanner?
 
     /// Validates a descriptor read from a file and prepares the codec.
     init(descriptor: SchemeDescriptor, context: SchemeContext) throws
@@ -136,7 +127,9 @@ public protocol KVScheme: Sendable {
 }
 
 extension KVScheme {
-    public static func plan(arguments: [String], geometry: ModelGeometry, calibration: CacheStatistics?) throws -> PlannedSchemes? { nil }
+    /// The name used in scheme specs ("raw"): the kind's name in Spec 7.2's registry.
+    public static var name: String { kind.name ?? kind.description }
+    public static func planner(arguments: [String], geometry: ModelGeometry) throws -> SchemePlanner? { nil }
     public var compressionLevel: Int32 { 0 }
     public func validate(block: UnsafeRawBufferPointer, tokens: Int) throws {}
     public func finishAccumulation(_ acc: UnsafeMutablePointer<Float>, groupSize: Int) {}

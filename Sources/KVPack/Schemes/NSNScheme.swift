@@ -1,7 +1,3 @@
-#if canImport(Glibc)
-import Glibc
-#endif
-
 /// NSNQuant (2025): normalize, shift, normalize, then a randomized Hadamard rotation makes every
 /// token's residual look like N(0, 1) samples, which one universal codebook (fitted once to
 /// Gaussian samples, no calibration) quantizes 8 dimensions at a time.
@@ -21,7 +17,6 @@ import Glibc
 /// (1 byte | 2 bytes: signs, magnitude index), token-major.
 public struct NSNScheme: KVScheme {
     public static let kind = SchemeKind.nsn
-    public static let name = "nsn"
     public static let specSyntax = "<1|2>[:seed<S>]"
     public static let summary = "NSNQuant: normalize-shift-normalize, random-sign Hadamard, then a universal Gaussian codebook per 8 dims (1 bit: 256 entries; 2 bits: 8 signs + 256 magnitudes); per token two f16 norms, per block the f16 mean; attention in the rotated domain"
 
@@ -488,17 +483,5 @@ public struct NSNScheme: KVScheme {
 
     public func finishAccumulation(_ acc: UnsafeMutablePointer<Float>, groupSize g: Int) {
         for q in 0 ..< g { unrotate(acc + q * headDim) }
-    }
-}
-
-/// A mutex for the codebook cache (Foundation-free).
-final class Lock: @unchecked Sendable {
-    private var mutex = pthread_mutex_t()
-    init() { pthread_mutex_init(&mutex, nil) }
-    deinit { pthread_mutex_destroy(&mutex) }
-    func withLock<T>(_ body: () -> T) -> T {
-        pthread_mutex_lock(&mutex)
-        defer { pthread_mutex_unlock(&mutex) }
-        return body()
     }
 }

@@ -1,7 +1,3 @@
-#if canImport(Glibc)
-import Glibc
-#endif
-
 /// PolarQuant (Wu et al. 2025): each 2-D sub-vector of a key, paired as RoPE rotates them,
 /// becomes a radius and an angle. Outliers land in the radius, which gets an f16 range per
 /// (run of tokens, pair); the angle is bounded and is quantized uniformly over the full circle
@@ -21,7 +17,6 @@ import Glibc
 /// cos_a, sin_a = cos, sin(2 pi a / 2^angleBits) rounded to f32.
 public struct PolarScheme: KVScheme {
     public static let kind = SchemeKind.polar
-    public static let name = "polar"
     public static let specSyntax = "r<B>a<B>[:g<T>][:adjacent|:half]"
     public static let summary = "PolarQuant: each RoPE pair as a B-bit radius (f16 range per T tokens and pair; default: per segment) and a B-bit angle over the circle; table-lookup attention. Pairs follow the manifest's RoPE layout unless :adjacent or :half"
 
@@ -107,7 +102,7 @@ public struct PolarScheme: KVScheme {
         let count = 1 << ab
         angleTable = (0 ..< count).flatMap { a -> [Float] in
             let theta = 2 * Double.pi * Double(a) / Double(count)
-            return [Float(cos(theta)), Float(sin(theta))]
+            return [Float(LibM.cos(theta)), Float(LibM.sin(theta))]
         }
         let half = pairing == .rotateHalf || (pairing == .fromManifest && context.rope.layout == .rotateHalf)
         dims = (0 ..< d / 2).flatMap { j in half ? [j, j + d / 2] : [2 * j, 2 * j + 1] }
@@ -171,7 +166,7 @@ public struct PolarScheme: KVScheme {
                         radii[i] = r
                         lo = min(lo, r)
                         hi = max(hi, r)
-                        var theta = atan2(Double(y), Double(x))
+                        var theta = LibM.atan2(Double(y), Double(x))
                         if theta < 0 { theta += 2 * Double.pi }
                         let a = Int((theta / step).rounded()) % angles
                         Self.put(out, section: 0, index: t * pairs + j, bits: angleBits, value: a)

@@ -6,7 +6,6 @@
 /// decode to the same floats. Block payload: tokens x headDim elements, token-major.
 public struct RawScheme: KVScheme {
     public static let kind = SchemeKind.raw
-    public static let name = "raw"
     public static let specSyntax = "{f32|f16|bf16}[:zstd[=LEVEL]]"
     public static let summary = "lossless rows, optionally one zstd frame per block (level 3 by default)"
 

@@ -15,7 +15,6 @@
 /// bit stream (16: f16 values), zero-padded to a multiple of 8 bytes.
 public struct SVDqScheme: KVScheme {
     public static let kind = SchemeKind.svdq
-    public static let name = "svdq"
     public static let specSyntax = "<AVG>|<W-W-...>[:r<RANK>][:shared]"
     public static let summary = "SVDq: rows projected on the singular vectors of a calibration cache (the prefill); per-latent-channel widths falling with the singular value, from an average AVG bits (e.g. svdq:1.25) or given (svdq:8-4-4-2-2-1-1); f16 range per channel and block"
 
@@ -80,63 +79,62 @@ public struct SVDqScheme: KVScheme {
     }
 
     public static func setup(arguments: [String], role: KVKind, geometry: ModelGeometry) throws -> SchemeSetup {
-        // `plan` answers every svdq spec; it is only reached without calibration.
-        _ = try plan(arguments: arguments, geometry: geometry, calibration: nil)
-        throw KVPackError.argument("svdq: unreachable")
+        // `planner` answers every svdq spec (SchemeSpec asks it first); this is never reached.
+        throw KVPackError.argument("svdq computes its basis from calibration statistics; it is planned, not set up directly")
     }
 
     /// The basis and widths of every layer from the calibration cache's Gram matrices (X^T X per
     /// KV head). Widths: greedy rate-distortion over latent channels with error
     /// sigma_c^2 * 2^(-2 b) (sigma_c^2 for a dropped channel), as KV-AdaQuant's allocator, unless
     /// given explicitly.
-    public static func plan(arguments: [String], geometry: ModelGeometry, calibration: CacheStatistics?) throws -> PlannedSchemes? {
+    public static func planner(arguments: [String], geometry: ModelGeometry) throws -> SchemePlanner? {
         let d = geometry.headDim
         let args = try Arguments(arguments, headDim: d)
-        guard let calibration else {
-            throw KVPackError(.needsCalibration, "svdq computes its basis from calibration rows (the prefill: kvpack eval uses the first tokens of its baseline, generate and chat the prompt, convert the source file's first tokens)")
-        }
-        guard calibration.grams.count == geometry.layerCount * geometry.kvHeadCount * 2 else {
-            throw KVPackError.argument("svdq: the calibration statistics carry no Gram matrices for this geometry")
-        }
-        let rank = args.rank!
-        // Plans are role-independent here; SchemeSpec asks for both roles and keeps what the
-        // spec's prefixes say. Key and value bases differ, so plan both.
-        var layers: [LayerSetup] = []
-        var rationale = ["svdq: bases from the Gram matrices of \(calibration.tokens) calibration tokens (X^T X, Jacobi eigendecomposition in double); \(args.shared ? "one basis per layer" : "one basis per KV head"), rank \(rank)"]
-        for layer in 0 ..< geometry.layerCount {
-            var setups: [SchemeSetup] = []
-            for kind in KVKind.allCases {
-                var bases: [[Double]] = []   // each the full eigenvector matrix, rows = directions
-                var energy = [Double](repeating: 0, count: d)
-                let grams = (0 ..< geometry.kvHeadCount).map { calibration.gram(layer: layer, kvHead: $0, kind: kind, geometry: geometry) }
-                let sources: [[Double]] = args.shared ? [grams.reduce(into: [Double](repeating: 0, count: d * d)) { acc, g in for i in 0 ..< d * d { acc[i] += g[i] } }] : grams
-                for g in sources {
-                    let (values, vectors) = SymmetricEigen.decompose(g, dim: d)
-                    for c in 0 ..< d { energy[c] += max(values[c], 0) }
-                    bases.append(vectors)
-                }
-                let sigma = energy.prefix(rank).map { ($0 / Double(calibration.tokens * sources.count)).squareRoot() }
-                var bits: [Int]
-                if let e = args.explicit {
-                    bits = Array((e + [Int](repeating: 0, count: max(0, rank - e.count))).prefix(rank))
-                } else {
-                    bits = IntScheme.allocateBits(sensitivities: sigma, total: args.average! * Double(d), widths: widths)
-                }
-                // Trailing 0-width channels need no basis rows: the rank stops at the last stored one.
-                while bits.count > 1, bits.last == 0 { bits.removeLast() }
-                let kept = bits.count
-                bases = bases.map { Array($0[0 ..< kept * d]) }
-                var bytes: [UInt8] = []
-                bytes.reserveCapacity(bases.count * rank * d * 2)
-                for b in bases { for x in b { withUnsafeBytes(of: Float16(Float(x)).bitPattern.littleEndian) { bytes += $0 } } }
-                let blob = Blob(id: 0, kind: .projection, elementType: .float16, shape: [bases.count, kept, d], bytes: bytes)
-                setups.append(SchemeSetup(descriptor: descriptor(channelBits: bits, sharedBasis: args.shared), blobs: [blob]))
-                let mean = Double(bits.reduce(0, +)) / Double(d)
-                rationale.append("layer \(layer) \(kind == .key ? "K" : "V"): widths \(bits.map(String.init).joined(separator: "-")) (average \((mean * 1000).rounded() / 1000)); sigma \(sigma.prefix(4).map { "\(($0 * 100).rounded() / 100)" }.joined(separator: ", ")) ...")
+        let needs = "svdq computes its basis from calibration rows (the prefill: kvpack eval uses the first tokens of its baseline, generate and chat the prompt, convert the source file's first tokens)"
+        return SchemePlanner(needs: needs) { calibration in
+            guard calibration.grams.count == geometry.layerCount * geometry.kvHeadCount * 2 else {
+                throw KVPackError.argument("svdq: the calibration statistics carry no Gram matrices for this geometry")
             }
-            layers.append(LayerSetup(key: setups[0], value: setups[1]))
+            let rank = args.rank!
+            // Plans are role-independent here; SchemeSpec asks for both roles and keeps what the
+            // spec's prefixes say. Key and value bases differ, so plan both.
+            var layers: [LayerSetup] = []
+            var rationale = ["svdq: bases from the Gram matrices of \(calibration.tokens) calibration tokens (X^T X, Jacobi eigendecomposition in double); \(args.shared ? "one basis per layer" : "one basis per KV head"), rank \(rank)"]
+            for layer in 0 ..< geometry.layerCount {
+                var setups: [SchemeSetup] = []
+                for kind in KVKind.allCases {
+                    var bases: [[Double]] = []   // each the full eigenvector matrix, rows = directions
+                    var energy = [Double](repeating: 0, count: d)
+                    let grams = (0 ..< geometry.kvHeadCount).map { calibration.gram(layer: layer, kvHead: $0, kind: kind, geometry: geometry) }
+                    let sources: [[Double]] = args.shared ? [grams.reduce(into: [Double](repeating: 0, count: d * d)) { acc, g in for i in 0 ..< d * d { acc[i] += g[i] } }] : grams
+                    for g in sources {
+                        let (values, vectors) = SymmetricEigen.decompose(g, dim: d)
+                        for c in 0 ..< d { energy[c] += max(values[c], 0) }
+                        bases.append(vectors)
+                    }
+                    let sigma = energy.prefix(rank).map { ($0 / Double(calibration.tokens * sources.count)).squareRoot() }
+                    var bits: [Int]
+                    if let e = args.explicit {
+                        bits = Array((e + [Int](repeating: 0, count: max(0, rank - e.count))).prefix(rank))
+                    } else {
+                        bits = IntScheme.allocateBits(sensitivities: sigma, total: args.average! * Double(d), widths: widths)
+                    }
+                    // Trailing 0-width channels need no basis rows: the rank stops at the last stored one.
+                    while bits.count > 1, bits.last == 0 { bits.removeLast() }
+                    let kept = bits.count
+                    bases = bases.map { Array($0[0 ..< kept * d]) }
+                    var bytes: [UInt8] = []
+                    bytes.reserveCapacity(bases.count * rank * d * 2)
+                    for b in bases { for x in b { withUnsafeBytes(of: Float16(Float(x)).bitPattern.littleEndian) { bytes += $0 } } }
+                    let blob = Blob(id: 0, kind: .projection, elementType: .float16, shape: [bases.count, kept, d], bytes: bytes)
+                    setups.append(SchemeSetup(descriptor: descriptor(channelBits: bits, sharedBasis: args.shared), blobs: [blob]))
+                    let mean = Double(bits.reduce(0, +)) / Double(d)
+                    rationale.append("layer \(layer) \(kind == .key ? "K" : "V"): widths \(bits.map(String.init).joined(separator: "-")) (average \((mean * 1000).rounded() / 1000)); sigma \(sigma.prefix(4).map { "\(($0 * 100).rounded() / 100)" }.joined(separator: ", ")) ...")
+                }
+                layers.append(LayerSetup(key: setups[0], value: setups[1]))
+            }
+            return PlannedSchemes(layers: layers, rationale: rationale)
         }
-        return PlannedSchemes(layers: layers, rationale: rationale)
     }
 
     // MARK: Codec

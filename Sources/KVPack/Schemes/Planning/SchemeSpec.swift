@@ -9,6 +9,111 @@ public struct LayerSetup: Sendable, Equatable {
     }
 }
 
+/// A scheme spec, step 1 of 2: the syntax and every part's arguments checked, setups built for
+/// the parts that describe one, planners found (not run) for the parts that ask one. Step 2,
+/// `planned(calibration:)`, runs the planners; `needsCalibration` says beforehand whether it
+/// needs statistics, so a caller computes them only when asked (nothing is learnt by failing).
+public struct ParsedSchemeSpec {
+    public let text: String
+    public let geometry: ModelGeometry
+
+    /// One `+`-separated part: the roles it sets, and either its setups or its planner.
+    enum Part {
+        case setups(roles: [KVKind], key: SchemeSetup?, value: SchemeSetup?)
+        case planner(roles: [KVKind], SchemePlanner)
+    }
+
+    let parts: [Part]
+
+    /// Whether a part asks a planner, which `planned(calibration:)` must then be given statistics for.
+    public var needsCalibration: Bool {
+        parts.contains { if case .planner = $0 { true } else { false } }
+    }
+
+    public init(_ text: String, geometry: ModelGeometry) throws {
+        self.text = text
+        self.geometry = geometry
+        var parts: [Part] = []
+        let pieces = text.split(separator: "+", omittingEmptySubsequences: false).map(String.init)
+        for part in pieces {
+            var roles: [KVKind] = [.key, .value]
+            var body = Substring(part)
+            if body.hasPrefix("k:") {
+                roles = [.key]
+                body = body.dropFirst(2)
+            } else if body.hasPrefix("v:") {
+                roles = [.value]
+                body = body.dropFirst(2)
+            }
+            let fields = body.split(separator: ":", omittingEmptySubsequences: false).map(String.init)
+            guard let name = fields.first, !name.isEmpty else {
+                throw KVPackError.argument("scheme spec \"\(text)\": empty part \"\(part)\"")
+            }
+            guard let type = SchemeRegistry.type(named: name) else {
+                throw KVPackError.argument("scheme spec \"\(text)\": unknown scheme \"\(name)\"; known schemes:\n\(SchemeSpec.help)")
+            }
+            let arguments = Array(fields.dropFirst())
+            if let planner = try type.planner(arguments: arguments, geometry: geometry) {
+                parts.append(.planner(roles: roles, planner))
+                continue
+            }
+            var key: SchemeSetup?, value: SchemeSetup?
+            for role in roles {
+                do {
+                    let setup = try type.setup(arguments: arguments, role: role, geometry: geometry)
+                    if role == .key { key = setup } else { value = setup }
+                } catch let e as KVPackError where roles.count == 2 && e.code == .invalidArgument {
+                    // A both-roles part may name a scheme that supports one role only; a later
+                    // "k:" or "v:" part must then supply the other (checked when planned).
+                    if pieces.count == 1 { throw e }
+                }
+            }
+            parts.append(.setups(roles: roles, key: key, value: value))
+        }
+        self.parts = parts
+    }
+
+    /// Step 2: every layer's key and value setups. `calibration` is needed exactly when
+    /// `needsCalibration`; parts apply in order, a later one overriding an earlier one's roles.
+    public func planned(calibration: CacheStatistics?) throws -> SchemeSpec {
+        let n = geometry.layerCount
+        var key: [SchemeSetup?] = Array(repeating: nil, count: n)
+        var value = key
+        var rationale: [String] = []
+        for part in parts {
+            switch part {
+            case let .setups(roles, k, v):
+                for l in 0 ..< n {
+                    if roles.contains(.key) { key[l] = k }
+                    if roles.contains(.value) { value[l] = v }
+                }
+            case let .planner(roles, planner):
+                guard let calibration else { throw KVPackError(.needsCalibration, planner.needs) }
+                let planned = try planner.plan(calibration)
+                guard planned.layers.count == n else {
+                    throw KVPackError.argument("scheme spec \"\(text)\": the planner returned \(planned.layers.count) layers for \(n)")
+                }
+                for (l, setup) in planned.layers.enumerated() {
+                    if roles.contains(.key) { key[l] = setup.key }
+                    if roles.contains(.value) { value[l] = setup.value }
+                }
+                rationale += planned.rationale
+            }
+        }
+        var layers: [LayerSetup] = []
+        for l in 0 ..< n {
+            guard let k = key[l] else { throw KVPackError.argument("scheme spec \"\(text)\" sets no key scheme") }
+            guard let v = value[l] else { throw KVPackError.argument("scheme spec \"\(text)\" sets no value scheme") }
+            layers.append(LayerSetup(key: k, value: v))
+        }
+        let hints = Set(layers.flatMap { [$0.key.segmentTokens, $0.value.segmentTokens] }.compactMap { $0 })
+        guard hints.count <= 1 else {
+            throw KVPackError.argument("scheme spec \"\(text)\" asks for different residual windows \(hints.sorted()); one file has one segment size")
+        }
+        return SchemeSpec(text: text, layers: layers, segmentTokens: hints.first, rationale: rationale)
+    }
+}
+
 /// The scheme-spec syntax shared by the writer, `synth`, `generate`, `convert` and `eval`.
 ///
 ///     spec  := part ("+" part)*
@@ -31,78 +136,17 @@ public struct SchemeSpec: Sendable, Equatable, CustomStringConvertible {
     public var value: SchemeSetup { layers[0].value }
     public var description: String { text }
 
-    /// Parses `text` for a cache of `geometry`. A part that asks a planner (`int:auto:3.0`) needs
-    /// `calibration`: statistics of a cache of the same model.
+    /// Parses `text` for a cache of `geometry` (step 1) and plans it (step 2). A part that asks
+    /// a planner (`int:auto:3.0`, `svdq:2`) needs `calibration`: statistics of a cache of the
+    /// same model; without them this throws `needsCalibration`, saying what the planner needs.
     public static func parse(_ text: String, geometry: ModelGeometry, calibration: CacheStatistics? = nil) throws -> SchemeSpec {
-        var key: [SchemeSetup?] = Array(repeating: nil, count: geometry.layerCount)
-        var value = key
-        var rationale: [String] = []
-        let parts = text.split(separator: "+", omittingEmptySubsequences: false).map(String.init)
-        for part in parts {
-            var roles: [KVKind] = [.key, .value]
-            var body = Substring(part)
-            if body.hasPrefix("k:") {
-                roles = [.key]
-                body = body.dropFirst(2)
-            } else if body.hasPrefix("v:") {
-                roles = [.value]
-                body = body.dropFirst(2)
-            }
-            let fields = body.split(separator: ":", omittingEmptySubsequences: false).map(String.init)
-            guard let name = fields.first, !name.isEmpty else {
-                throw KVPackError.argument("scheme spec \"\(text)\": empty part \"\(part)\"")
-            }
-            guard let type = SchemeRegistry.type(named: name) else {
-                throw KVPackError.argument("scheme spec \"\(text)\": unknown scheme \"\(name)\"; known schemes:\n\(SchemeSpec.help)")
-            }
-            let arguments = Array(fields.dropFirst())
-            if let planned = try type.plan(arguments: arguments, geometry: geometry, calibration: calibration) {
-                guard planned.layers.count == geometry.layerCount else {
-                    throw KVPackError.argument("scheme spec \"\(text)\": the planner returned \(planned.layers.count) layers for \(geometry.layerCount)")
-                }
-                for (l, setup) in planned.layers.enumerated() {
-                    if roles.contains(.key) { key[l] = setup.key }
-                    if roles.contains(.value) { value[l] = setup.value }
-                }
-                rationale += planned.rationale
-                continue
-            }
-            for role in roles {
-                do {
-                    let setup = try type.setup(arguments: arguments, role: role, geometry: geometry)
-                    for l in 0 ..< geometry.layerCount {
-                        if role == .key { key[l] = setup } else { value[l] = setup }
-                    }
-                } catch let e as KVPackError where roles.count == 2 && e.code == .invalidArgument {
-                    // A both-roles part may name a scheme that supports one role only; a later
-                    // "k:" or "v:" part must then supply the other.
-                    for l in 0 ..< geometry.layerCount {
-                        if role == .key { key[l] = nil } else { value[l] = nil }
-                    }
-                    if parts.count == 1 { throw e }
-                }
-            }
-        }
-        var layers: [LayerSetup] = []
-        for l in 0 ..< geometry.layerCount {
-            guard let k = key[l] else { throw KVPackError.argument("scheme spec \"\(text)\" sets no key scheme") }
-            guard let v = value[l] else { throw KVPackError.argument("scheme spec \"\(text)\" sets no value scheme") }
-            layers.append(LayerSetup(key: k, value: v))
-        }
-        let hints = Set(layers.flatMap { [$0.key.segmentTokens, $0.value.segmentTokens] }.compactMap { $0 })
-        guard hints.count <= 1 else {
-            throw KVPackError.argument("scheme spec \"\(text)\" asks for different residual windows \(hints.sorted()); one file has one segment size")
-        }
-        return SchemeSpec(text: text, layers: layers, segmentTokens: hints.first, rationale: rationale)
+        try ParsedSchemeSpec(text, geometry: geometry).planned(calibration: calibration)
     }
 
-    /// Parses `text`, calling `calibrate` only if a planner in it (`int:auto`) needs statistics.
+    /// Parses `text`, calling `calibrate` only when a planner in it needs statistics.
     public static func parse(_ text: String, geometry: ModelGeometry, calibrate: () throws -> CacheStatistics) throws -> SchemeSpec {
-        do {
-            return try parse(text, geometry: geometry)
-        } catch let e as KVPackError where e.code == .needsCalibration {
-            return try parse(text, geometry: geometry, calibration: calibrate())
-        }
+        let parsed = try ParsedSchemeSpec(text, geometry: geometry)
+        return try parsed.planned(calibration: parsed.needsCalibration ? calibrate() : nil)
     }
 
     /// The segmentTokens a file for this spec uses: the spec's residual window, else `requested`,
@@ -112,6 +156,12 @@ public struct SchemeSpec: Sendable, Equatable, CustomStringConvertible {
             throw KVPackError.argument("scheme spec \"\(text)\" sets a residual window of \(mine) tokens, but \(requested) tokens per segment were asked for")
         }
         return segmentTokens ?? requested ?? fallback
+    }
+
+    /// What a file records of the spec: `scheme.spec`, and `scheme.plan.N` for each line of a
+    /// planner's rationale.
+    public var metadata: [Manifest.MetadataEntry] {
+        [.init("scheme.spec", text)] + rationale.enumerated().map { .init("scheme.plan.\($0.offset)", $0.element) }
     }
 
     public static var help: String {

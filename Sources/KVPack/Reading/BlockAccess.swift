@@ -1,0 +1,120 @@
+// Where a stream's rows are: segment tables (version 2), block offsets, verified block payloads,
+// tail runs, and the chunks a token range splits into.
+
+extension KVPackReader {
+    // MARK: Segment tables (version 2)
+
+    /// The table of a sealed segment (version 2), its header checked and its payload verified
+    /// on first use (Spec/ 8.1).
+    func segmentTable(_ segment: Int) throws -> SegmentTable {
+        let offset = state.segmentTables[segment]
+        let bytes = file.bytes
+        let h = try FrameHeader.decode(bytes, at: offset, limit: state.commitOffset, salt: header.salt, field: "SEGT")
+        try SegmentTable.check(h, segment: segment, streamCount: geometry.streamCount, tokenCount: segmentTokens)
+        if !tablesVerified.isSet(segment) {
+            try h.verifyPayload(in: bytes, field: "SEGT")
+            tablesVerified.set(segment)
+        }
+        return SegmentTable(payload: h.storedPayload(in: bytes), frameOffset: offset, streamCount: geometry.streamCount,
+                            tokenCount: segmentTokens)
+    }
+
+    /// Where the block of (segment, stream) starts: from the version 1 index, or from the
+    /// segment's table, whose entries are checked before anything is read at them.
+    func blockOffset(segment: Int, stream: Int) throws -> UInt64 {
+        if state.major == 1 { return state.blockOffsets[segment * geometry.streamCount + stream] }
+        return try segmentTable(segment).blockOffset(stream: stream, manifestEnd: manifestEnd)
+    }
+
+    /// Token ids and positions of `range` (checked against the file's tokens).
+    public func tokens(_ range: Range<Int>) throws -> (ids: [UInt32], positions: [UInt32]) {
+        try checkTokens(range)
+        if state.major == 1 { return (Array(state.tokenIDs[range]), Array(state.positions[range])) }
+        var ids: [UInt32] = [], positions: [UInt32] = []
+        ids.reserveCapacity(range.count)
+        positions.reserveCapacity(range.count)
+        try forEachChunk(range) { chunk in
+            switch chunk {
+            case let .block(segment, local):
+                let table = try segmentTable(segment)
+                for i in local {
+                    ids.append(table.tokenID(i))
+                    positions.append(table.position(i))
+                }
+            case let .tail(piece, local):
+                let p = state.tail[piece]
+                // Version 2 runs always have a token section (the loader set it).
+                let at = p.tokenSection ?? 0, bytes = file.bytes
+                for i in local {
+                    ids.append(bytes.loadLE(at + 4 * i, as: UInt32.self))
+                    positions.append(bytes.loadLE(at + 4 * (p.tokenCount + i), as: UInt32.self))
+                }
+            }
+        }
+        return (ids, positions)
+    }
+
+
+    // MARK: Block access
+
+    /// The verified payload of a sealed block, decompressed into `workspace` when compressed.
+    func blockPayload(segment: Int, stream: Int, workspace: AttentionWorkspace) throws -> UnsafeRawBufferPointer {
+        let slot = segment * geometry.streamCount + stream
+        let offset = try blockOffset(segment: segment, stream: stream)
+        let bytes = file.bytes
+        let h = try FrameHeader.decode(bytes, at: offset, limit: state.commitOffset, salt: header.salt, field: "BLCK")
+        let schemeIndex = manifest.scheme(forStream: stream)
+        let scheme = schemes[schemeIndex]
+        let expected = scheme.encodedBlockSize(tokens: segmentTokens)
+        try BlockFrame.check(h, BlockFrame.Expectation(stream: stream, segment: segment, tokenCount: segmentTokens, schemeIndex: schemeIndex,
+                                                       rawLength: expected, compressed: scheme.compressesBlocks))
+        let firstUse = !verified.isSet(slot)
+        if firstUse { try h.verifyPayload(in: bytes, field: "BLCK") }
+        var payload = h.storedPayload(in: bytes)
+        if h.isCompressed {
+            let out = workspace.decompressionBuffer(expected)
+            try workspace.decompressor.decompress(payload, into: out, offset: h.payloadOffset, field: "BLCK.payload")
+            payload = UnsafeRawBufferPointer(out)
+        }
+        if firstUse {
+            do {
+                try scheme.validate(block: payload, tokens: segmentTokens)
+            } catch var e as KVPackError {
+                e.offset = e.offset ?? h.payloadOffset
+                throw e
+            }
+            verified.set(slot)
+        }
+        return payload
+    }
+
+    /// One piece of a stream's token range: part of a sealed block or of a tail run.
+    enum Chunk {
+        case block(segment: Int, local: Range<Int>)
+        case tail(piece: Int, local: Range<Int>)
+    }
+
+    /// The chunks covering `tokens`, in token order.
+    func forEachChunk(_ tokens: Range<Int>, _ body: (Chunk) throws -> Void) rethrows {
+        let c = segmentTokens
+        let sealedEnd = min(tokens.upperBound, sealedTokenCount)
+        var t = tokens.lowerBound
+        while t < sealedEnd {
+            let segment = t / c
+            let end = min(sealedEnd, (segment + 1) * c)
+            try body(.block(segment: segment, local: (t - segment * c) ..< (end - segment * c)))
+            t = end
+        }
+        for (i, piece) in state.tail.enumerated() {
+            let lo = max(t, piece.tokenStart), hi = min(tokens.upperBound, piece.tokenStart + piece.tokenCount)
+            if lo < hi { try body(.tail(piece: i, local: (lo - piece.tokenStart) ..< (hi - piece.tokenStart))) }
+        }
+    }
+
+    func tailRows(piece: Int, stream: Int) -> UnsafeRawBufferPointer {
+        let p = state.tail[piece]
+        let start = p.streamOffsets[stream]
+        let width = manifest.schemes[manifest.scheme(forStream: stream)].residualType.byteWidth
+        return UnsafeRawBufferPointer(rebasing: file.bytes[start ..< start + p.tokenCount * geometry.headDim * width])
+    }
+}

@@ -1,0 +1,72 @@
+// Sealing a segment (its blocks and, in version 2, its table) and writing tail runs: the frames
+// a writer emits as tokens arrive. Each frame's bytes are its Format/ file's; this file decides
+// when they are written.
+
+extension KVPackWriter {
+    func sealSegment() throws {
+        let segment = sealedTokenCount / segmentTokens
+        var blockOffsets: [UInt64] = []
+        if majorVersion >= 2 { blockOffsets.reserveCapacity(streamCount) }
+        for stream in 0 ..< streamCount {
+            let scheme = streamSchemes[stream]
+            let size = scheme.encodedBlockSize(tokens: segmentTokens)
+            encodeBuffer.reserve(size)
+            let raw = UnsafeMutableRawBufferPointer(start: encodeBuffer.pointer, count: size)
+            scheme.encode(rows: openRow(stream: stream, row: 0), tokens: segmentTokens, into: raw)
+            let fields = BlockFrame(stream: stream, segment: segment, tokenCount: segmentTokens,
+                                    schemeIndex: manifest.scheme(forStream: stream)).typeFields
+            let offset: UInt64
+            if scheme.compressesBlocks {
+                let compressor = compressors[scheme.compressionLevel] ?? {
+                    let c = Zstd.Compressor(level: scheme.compressionLevel)
+                    compressors[scheme.compressionLevel] = c
+                    return c
+                }()
+                let packed = try compressor.compress(UnsafeRawBufferPointer(raw))
+                offset = try writeFrame(tag: .block, flags: FrameHeader.compressedFlag, fields: fields, payload: packed, rawLength: size)
+            } else {
+                offset = try writeFrame(tag: .block, fields: fields, payload: UnsafeRawBufferPointer(raw), rawLength: size)
+            }
+            if majorVersion == 1 {
+                pending.blocks.append(BlockEntry(frameOffset: offset, segment: UInt32(segment), stream: UInt32(stream)))
+            } else {
+                blockOffsets.append(offset)
+            }
+        }
+        if majorVersion >= 2 {
+            // The segment's table (Spec/ 8.1): where each stream's block is, and its tokens, so a
+            // reader finds any of them without reading the index whole.
+            let table = try writeFrame(tag: .segmentTable,
+                                       fields: SegmentTable.typeFields(segment: segment, streamCount: streamCount, tokenCount: segmentTokens),
+                                       payload: SegmentTable.encodePayload(blockOffsets: blockOffsets, tokenIDs: openTokenIDs, positions: openPositions))
+            pending.blocks.append(BlockEntry(frameOffset: table, segment: UInt32(segment), stream: 0))
+            openTokenIDs.removeAll(keepingCapacity: true)
+            openPositions.removeAll(keepingCapacity: true)
+        }
+        sealedTokenCount += segmentTokens
+        persistedTailEnd = sealedTokenCount
+        deltaHead = 0
+        options.onSeal?(tokenCount)
+    }
+
+    /// Writes the open rows not yet in any tail run: tokens [persistedTailEnd, tokenCount).
+    func writeDelta() throws {
+        let first = persistedTailEnd - sealedTokenCount
+        let count = tokenCount - persistedTailEnd
+        let layout = TailRun.Layout(manifest: manifest, major: majorVersion, tokenCount: count)
+        tailBuffer.reserve(layout.payloadSize)
+        let base = tailBuffer.pointer
+        base.initializeMemory(as: UInt8.self, repeating: 0, count: layout.payloadSize)
+        if layout.tokenBytes > 0 {
+            TailRun.writeTokenSection(into: base, ids: openTokenIDs[first ..< first + count], positions: openPositions[first ..< first + count])
+        }
+        for stream in 0 ..< streamCount {
+            let type = manifest.schemes[manifest.scheme(forStream: stream)].residualType
+            RowKernels.narrow(openRow(stream: stream, row: first), to: type, base + layout.streamOffsets[stream], count * dim)
+        }
+        let fields = TailRun.typeFields(tokenStart: persistedTailEnd, tokenCount: count, prevDeltaOffset: deltaHead, streamCount: streamCount)
+        deltaHead = try writeFrame(tag: .delta, fields: fields, payload: UnsafeRawBufferPointer(start: base, count: layout.payloadSize),
+                                   rawLength: layout.payloadSize)
+        persistedTailEnd = tokenCount
+    }
+}

@@ -1,0 +1,64 @@
+public struct WriterOptions: Sendable {
+    public enum Durability: Sendable {
+        /// `fsync` before and after each commit frame: a commit survives power loss.
+        case fsync
+        /// Hand bytes to the kernel at each commit: a commit survives the process dying
+        /// (SIGKILL, crash) but not the machine losing power.
+        case flush
+    }
+
+    public var durability: Durability = .fsync
+    /// Per-file salt seeding header checksums; random unless set (set it for reproducible bytes).
+    public var salt: UInt64?
+    /// Replace an existing file at the path (atomically, once the new file's first commit is durable).
+    public var overwrite = false
+    /// A commit rewrites the index as one FULL frame when this many index frames follow the last
+    /// FULL one, bounding the chain a reader walks at open.
+    public var maxIndexChain = 64
+    /// Pending index entries that make the writer emit an index frame before the next commit, so
+    /// its memory stays bounded however long it appends without committing.
+    public var maxPendingIndexEntries = 1 << 16
+    /// On resume, accept a file whose newest commit is damaged by falling back to an older one
+    /// (the damaged commit's bytes are then truncated away).
+    public var discardDamagedCommits = false
+    /// The major format version of a created file: 2 (the default) keeps opening constant-time
+    /// with segment tables; 1 writes files that readers of version 1 can open. A resumed file
+    /// keeps its own version.
+    public var majorVersion: UInt16 = FileHeader.currentMajor
+    /// Version 1 files: the header records at least this minor version (a file that will hold a
+    /// `tsel` frame, which needs 1.4, is created with 4). Version 2 defines everything at 2.0.
+    public var minimumMinorVersion: UInt16 = 0
+    /// Called after each sealed segment with the tokens appended so far (progress display).
+    public var onSeal: (@Sendable (Int) -> Void)?
+
+    public init() {}
+}
+
+/// How the caller lays out the K (or V) floats of a batch of tokens: `headDim` contiguous
+/// floats per (layer, token, KV head), at the given strides (in floats).
+public struct KVBatchLayout: Sendable, Equatable {
+    public var layerStride: Int
+    public var tokenStride: Int
+    public var headStride: Int
+
+    public init(layerStride: Int, tokenStride: Int, headStride: Int) {
+        self.layerStride = layerStride
+        self.tokenStride = tokenStride
+        self.headStride = headStride
+    }
+
+    /// [layers][tokens][kvHeads][headDim], what a model's forward pass produces.
+    public static func layerTokenHead(_ g: ModelGeometry, tokens: Int) -> KVBatchLayout {
+        KVBatchLayout(layerStride: tokens * g.kvHeadCount * g.headDim, tokenStride: g.kvHeadCount * g.headDim, headStride: g.headDim)
+    }
+
+    /// [layers][kvHeads][tokens][headDim], Hugging Face `past_key_values` (batch 1) stacked by layer.
+    public static func layerHeadToken(_ g: ModelGeometry, tokens: Int) -> KVBatchLayout {
+        KVBatchLayout(layerStride: g.kvHeadCount * tokens * g.headDim, tokenStride: g.headDim, headStride: tokens * g.headDim)
+    }
+
+    func requiredCount(_ g: ModelGeometry, tokens: Int) -> Int {
+        guard tokens > 0 else { return 0 }
+        return (g.layerCount - 1) * layerStride + (tokens - 1) * tokenStride + (g.kvHeadCount - 1) * headStride + g.headDim
+    }
+}
