@@ -14,7 +14,8 @@ MODEL_SOURCES := $(shell find Sources/KVPackModels -name '*.swift')
 LAB_SOURCES := $(shell find Sources/KVPackLab -name '*.swift')
 GGUF_FUZZ_BIN := Fuzz/gguf-fuzz
 
-.PHONY: all build setup native-deps models pydeps test demo fuzz fuzz-build fuzz-gguf corpus bench bench-convert torture sanitize clean
+# (check-layers: see scripts/check-layers.py and ARCHITECTURE.md)
+.PHONY: all build setup native-deps models pydeps check-layers test demo fuzz fuzz-build fuzz-gguf corpus bench bench-convert torture sanitize clean
 
 all: build
 
@@ -42,8 +43,15 @@ build: setup
 pydeps:
 	@python3 -c 'import numpy, xxhash, zstandard, safetensors' 2>/dev/null || python3 -m pip install --quiet numpy xxhash zstandard safetensors
 
+# The room rule of Sources/KVPack (ARCHITECTURE.md): each room type-checked with only the rooms
+# below it, plus the rules on imports, raw memory and frame fields; then a deliberately
+# wrong-way reference, which must be reported. About 20 s.
+check-layers:
+	python3 scripts/check-layers.py
+	python3 scripts/check-layers.py --self-test
+
 # Optimised build (the SmolLM2 tests run a 135M-parameter model), with @testable imports enabled.
-test: setup pydeps
+test: setup pydeps check-layers
 	swift test -c release -Xswiftc -enable-testing $(SWIFT_FLAGS)
 
 demo: build

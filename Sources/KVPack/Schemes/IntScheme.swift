@@ -221,9 +221,11 @@ public struct IntScheme: KVScheme {
         tiled = grouping == .channel || size % 8 == 0
     }
 
+    /// `int:kBvB:gN` (per-token groups of N) or `int:kBvB:kcT:vcT` (per-channel over T tokens):
+    /// the same width for both roles, so the spec builds this descriptor whichever role it is for.
     public var specString: String {
-        let group = grouping == .token ? "g\(groupSize)" : "c\(groupSize)"
-        return "int:\(bits)bit:\(group)"
+        let group = grouping == .token ? "g\(groupSize)" : "kc\(groupSize):vc\(groupSize)"
+        return "int:k\(bits)v\(bits):\(group)"
     }
 
     public func encodedBlockSize(tokens: Int) -> Int { tokens * rowBytes + 4 * groupCount }

@@ -35,6 +35,8 @@ public struct NSNScheme: KVScheme {
     let codeBytes: Int
     /// 256 x 8 floats: entries (1 bit) or magnitudes (2 bits).
     let codebook: [Float]
+    /// The seed of the random signs (a parameter: spec `nsn:B:seedS`).
+    let signSeed: UInt64
     /// +1 / -1 per dimension.
     let signs: [Float]
     let search: NearestSearch
@@ -221,6 +223,7 @@ public struct NSNScheme: KVScheme {
         guard book.allSatisfy(\.isFinite) else { throw KVPackError.invalid(nil, "nsn.codebook", "blob \(blob.id) holds a non-finite entry") }
         self.descriptor = descriptor
         self.bits = bits
+        signSeed = seed
         headDim = d
         segmentTokens = context.segmentTokens
         pieces = d / Self.pieceDim
@@ -241,7 +244,7 @@ public struct NSNScheme: KVScheme {
         hadamardBlocks = blocks
     }
 
-    public var specString: String { "nsn:\(bits)" }
+    public var specString: String { "nsn:\(bits)" + (signSeed == Self.defaultSignSeed ? "" : ":seed\(signSeed)") }
 
     public func encodedBlockSize(tokens: Int) -> Int { 4 * segmentTokens + 2 * headDim + segmentTokens * codeBytes }
 

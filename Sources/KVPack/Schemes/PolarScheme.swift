@@ -35,6 +35,8 @@ public struct PolarScheme: KVScheme {
     let pairs: Int
     let segmentTokens: Int
     let radiusGroup: Int
+    /// The parameter as stored: 0 means one range per segment (whatever its size).
+    let storedRadiusGroup: Int
     let angleBytes: Int
     let radiusBytes: Int
     let runs: Int
@@ -96,6 +98,7 @@ public struct PolarScheme: KVScheme {
         pairs = d / 2
         segmentTokens = s
         radiusGroup = group
+        storedRadiusGroup = stored
         runs = s / group
         angleBytes = Self.paddedBytes(bits: s * pairs * ab)
         radiusBytes = Self.paddedBytes(bits: s * pairs * rb)
@@ -112,7 +115,7 @@ public struct PolarScheme: KVScheme {
 
     public var specString: String {
         let pairs = pairing == .adjacent ? ":adjacent" : pairing == .rotateHalf ? ":half" : ""
-        return "polar:r\(radiusBits)a\(angleBits)" + (radiusGroup == segmentTokens ? "" : ":g\(radiusGroup)") + pairs
+        return "polar:r\(radiusBits)a\(angleBits)" + (storedRadiusGroup == 0 ? "" : ":g\(storedRadiusGroup)") + pairs
     }
 
     public func encodedBlockSize(tokens: Int) -> Int { angleBytes + radiusBytes + 4 * runs * pairs }
