@@ -39,7 +39,7 @@ native-deps:
 build: setup
 	swift build -c release $(SWIFT_FLAGS)
 
-# The second, Python reader (scripts/spec_reader.py) the tests compare against needs these.
+# The second, Python reader (Spec/reader/spec_reader.py) the tests compare against needs these.
 pydeps:
 	@python3 -c 'import numpy, xxhash, zstandard, safetensors' 2>/dev/null || python3 -m pip install --quiet numpy xxhash zstandard safetensors
 

@@ -2,7 +2,7 @@ import Foundation
 import Testing
 @testable import KVPack
 
-/// scripts/spec_reader.py is a reader written from Spec/ alone, in Python, sharing no code with
+/// Spec/reader/spec_reader.py is a reader written from Spec/ alone, in Python, sharing no code with
 /// the library. It must decode every readable corpus file to the same tokens and the same bits
 /// as the Swift reader: evidence that the Spec suffices to read the format.
 struct SecondReaderTests {
@@ -37,7 +37,7 @@ struct SecondReaderTests {
     func agrees(file: String) throws {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        p.arguments = ["python3", packageRoot + "/scripts/spec_reader.py", packageRoot + "/" + file]
+        p.arguments = ["python3", packageRoot + "/Spec/reader/spec_reader.py", packageRoot + "/" + file]
         let out = Pipe(), err = Pipe()
         p.standardOutput = out
         p.standardError = err

@@ -7,7 +7,7 @@ let bundledModelPath = packageRoot + "/models/stories260K.bin"
 
 /// The first 64 greedy tokens from BOS. Obtained from this runner and cross-checked, once, by
 /// two independent paths that agree for 400 tokens: llama2.c's run.c (karpathy/llama2.c at
-/// 350e04f, its forward() driven by a 20-line greedy harness) and scripts/reference_llama2c.py
+/// 350e04f, its forward() driven by a 20-line greedy harness) and Tests/Oracles/reference_llama2c.py
 /// (a numpy float64 transcription).
 let pinnedGreedyTokens = [
     461, 461, 401, 401, 401, 461, 378, 455, 473, 456, 435, 299, 362, 409, 283, 264, 283, 452, 288, 13,

@@ -21,7 +21,7 @@ func kvSampleConversation() throws -> (ids: [Int], prompt: Int) {
 @Suite(.serialized, .enabled(if: !smolLM2Missing, Comment(rawValue: smolLM2SkipNote)))
 struct SmolLM2Tests {
     /// Ids from Hugging Face `tokenizers` 0.23.3 over the GGUF's vocabulary and merges with
-    /// SmolLM2's pre-tokenizer (Digits(individual) + ByteLevel): scripts/reference_tokenizer.py.
+    /// SmolLM2's pre-tokenizer (Digits(individual) + ByteLevel): Tests/Oracles/reference_tokenizer.py.
     static let paragraph = "Hello, world! It's 2026-11-23: the cache holds 12345 tokens (≈3.7 MB).\n\n  Emoji 🎉🚀 and CJK 日本語の文章, 中文测试; naïve café — “quotes” & tabs\there.\nDon't you'll WE'RE   spaces   end   "
     static let paragraphIDs = [
         19556, 28, 905, 17, 657, 506, 216, 34, 32, 34, 38, 29, 33, 33, 29, 34, 35, 42, 260, 13842, 6650, 216, 33, 34, 35, 36, 37,

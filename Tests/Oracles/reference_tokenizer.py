@@ -4,7 +4,7 @@ The GGUF carries SmolLM2's vocabulary and merges; SmolLM2's tokenizer.json (not 
 here) configures them as a byte-level BPE with the pre-tokenizer Sequence[Digits(individual),
 ByteLevel(add_prefix_space=False, use_regex=True)], which is what this script rebuilds. Usage:
 
-    python3 scripts/reference_tokenizer.py MODEL.gguf < text     # prints the ids, comma-separated
+    python3 Tests/Oracles/reference_tokenizer.py MODEL.gguf < text     # prints the ids, comma-separated
 
 Needs `pip install gguf tokenizers`.
 """
