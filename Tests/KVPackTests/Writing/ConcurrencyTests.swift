@@ -78,25 +78,18 @@ struct ConcurrencyTests {
         child.standardOutput = out
         child.standardError = FileHandle.nullDevice
         try child.run()
-        var buffer = "", announced = 0, checks = 0, grew = Set<Int>()
-        while true {
-            let data = out.fileHandleForReading.availableData
-            if data.isEmpty { break }
-            buffer += String(decoding: data, as: UTF8.self)
-            while let nl = buffer.firstIndex(of: "\n") {
-                let line = buffer[..<nl]
-                buffer.removeSubrange(...nl)
-                guard line.hasPrefix("committed "), let n = Int(line.dropFirst(10)) else { continue }
-                announced = n
-                guard n % 70 == 0 || n == 3000 else { continue }
-                let reader = try KVPackReader(path: path)
-                let seen = reader.tokenCount
-                #expect(seen >= announced && (seen % 7 == 0 || seen == 3000), "saw \(seen) tokens after commit \(announced) was announced")
-                let gen = SyntheticKV(geometry: reader.geometry, rope: reader.manifest.rope, seed: 4)
-                #expect(try gen.mismatches(in: reader, tokens: max(0, seen - 40) ..< seen) == 0)
-                grew.insert(seen)
-                checks += 1
-            }
+        var announced = 0, checks = 0, grew = Set<Int>()
+        var announcements = CommitAnnouncements(out.fileHandleForReading)
+        while let n = announcements.next() {
+            announced = n
+            guard n % 70 == 0 || n == 3000 else { continue }
+            let reader = try KVPackReader(path: path)
+            let seen = reader.tokenCount
+            #expect(seen >= announced && (seen % 7 == 0 || seen == 3000), "saw \(seen) tokens after commit \(announced) was announced")
+            let gen = SyntheticKV(geometry: reader.geometry, rope: reader.manifest.rope, seed: 4)
+            #expect(try gen.mismatches(in: reader, tokens: max(0, seen - 40) ..< seen) == 0)
+            grew.insert(seen)
+            checks += 1
         }
         child.waitUntilExit()
         #expect(child.terminationStatus == 0)
