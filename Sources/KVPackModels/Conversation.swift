@@ -37,7 +37,7 @@ public final class Conversation {
         let g = model.config.geometry
         return try SchemeSpec.parse(text, geometry: g) {
             guard prompt.count >= 8 else {
-                throw KVPackError(.needsCalibration, "\(text) plans from calibration statistics, here those of the prompt, which has \(prompt.count) tokens; give at least 8 with --prompt-tokens")
+                throw KVPackError(.needsCalibration, "\(text) plans from calibration statistics, here those of the prompt, which has \(prompt.count) tokens; a planner needs at least 8")
             }
             let cache = DenseKVCache(geometry: g)
             try model.forward(tokens: prompt, cache: cache)

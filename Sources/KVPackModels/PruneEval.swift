@@ -25,6 +25,8 @@ public enum PruneEval {
         public var representativeShare = 0.25
         public var segmentTokens = 64
         public var directory: String
+        /// Recorded as the pruned files' producer.
+        public var tool = "kvpack"
 
         public init(directory: String) { self.directory = directory }
     }
@@ -93,7 +95,7 @@ public enum PruneEval {
                     convertOptions.durability = .flush
                     convertOptions.segmentTokens = options.segmentTokens
                     convertOptions.attentionSamples = 0
-                    convertOptions.tool = "kvpack eval --prune"
+                    convertOptions.tool = options.tool
                     _ = try Converter.convert(input: baseline.paths[0], output: path, spec: storage, selection: selection, options: convertOptions)
                     var writerOptions = WriterOptions()
                     writerOptions.durability = .flush

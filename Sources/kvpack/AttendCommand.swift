@@ -36,16 +36,12 @@ struct AttendCommand: ParsableCommand {
         let queries = (0 ..< g.groupSize * g.headDim).map { _ in Float(rng.nextGaussian()) * queryScale }
         let out: [Float]
         var maxErr: Double?
-        do {
-            out = try reader.attend(layer: layer, kvHead: head, queries: queries, tokens: range)
-            if check {
-                let k = try reader.decode(layer: layer, kvHead: head, kind: .key, tokens: range)
-                let v = try reader.decode(layer: layer, kvHead: head, kind: .value, tokens: range)
-                let ref = DenseAttention.reference(queries: queries, keys: k, values: v, groupSize: g.groupSize, headDim: g.headDim)
-                maxErr = DenseAttention.maxRelativeError(out, ref)
-            }
-        } catch let e as KVPackError {
-            throw CLIError("\(file): \(e)")
+        out = try reader.attend(layer: layer, kvHead: head, queries: queries, tokens: range)
+        if check {
+            let k = try reader.decode(layer: layer, kvHead: head, kind: .key, tokens: range)
+            let v = try reader.decode(layer: layer, kvHead: head, kind: .value, tokens: range)
+            let ref = DenseAttention.reference(queries: queries, keys: k, values: v, groupSize: g.groupSize, headDim: g.headDim)
+            maxErr = DenseAttention.maxRelativeError(out, ref)
         }
         let heads = Array(head * g.groupSize ..< (head + 1) * g.groupSize)
         let rows = (0 ..< g.groupSize).map { Array(out[$0 * g.headDim ..< ($0 + 1) * g.headDim]) }

@@ -30,9 +30,7 @@ struct ChatCommand: ParsableCommand {
     @Option(help: "Sampling temperature; 0 is greedy.") var temperature: Float = 0
     @Option(help: "Sampling seed.") var seed: UInt64 = 1
     @Option(help: "Scheme spec for a new file (see `kvpack --help`).") var scheme = "raw:f16"
-    @Option(help: "Tokens per sealed block, for a new file (default 64, or the scheme's residual window).") var segmentTokens: Int?
-    @Flag(help: "Do not fsync at commits (a commit then survives a crash of this process, not a power loss).") var noFsync = false
-    @Flag(help: "Replace the --save file if it exists.") var overwrite = false
+    @OptionGroup(title: "Writing the file") var writing: WritingOptions
     @Flag(help: "Print the turns as JSON at the end instead of streaming the replies.") var json = false
 
     struct Summary: Codable {
@@ -49,28 +47,24 @@ struct ChatCommand: ParsableCommand {
     }
 
     func run() throws {
-        var options = WriterOptions()
-        options.durability = noFsync ? .flush : .fsync
-        options.overwrite = overwrite
-        let modelPath = try ModelLocator.resolve(model ?? (resume.map(recordedModelPath) ?? "smollm2"))
+        let options = writing.writerOptions()
+        // A resumed file is mapped once: its recorded model, the model check and the session.
+        let resumed = try resume.map { try KVPackReader(path: $0) }
+        let modelPath = try ModelLocator.resolve(model ?? (resumed.map(recordedModelPath) ?? "smollm2"))
         let llama = try LlamaModel(path: modelPath)
         let path = save ?? resume!
         let chat: Chat
-        do {
-            if let save {
-                let template = try ChatTemplate(model: llama)
-                // int:auto plans from the statistics of the first turn's prompt.
-                let firstPrompt = (noSystem ? [] : template.message(role: "system", system ?? template.defaultSystem ?? ""))
-                    + template.message(role: "user", messages.first ?? "Hello!")
-                let spec = try Conversation.parseSpec(scheme, model: llama, prompt: firstPrompt)
-                chat = try Chat.start(path: save, model: llama, spec: spec,
-                                      segmentTokens: try spec.segmentTokens(requested: segmentTokens, fallback: 64),
-                                      options: options, producer: "\(KVPackVersion.producer) chat")
-            } else {
-                chat = try Chat.resume(path: path, model: llama, options: options)
-            }
-        } catch let e as KVPackError {
-            throw CLIError("\(path): \(e)")
+        if let save {
+            let template = try ChatTemplate(model: llama)
+            // int:auto plans from the statistics of the first turn's prompt.
+            let firstPrompt = (noSystem ? [] : template.message(role: "system", system ?? template.defaultSystem ?? ""))
+                + template.message(role: "user", messages.first ?? "Hello!")
+            let spec = try Conversation.parseSpec(scheme, model: llama, prompt: firstPrompt)
+            chat = try Chat.start(path: save, model: llama, spec: spec,
+                                  segmentTokens: try spec.segmentTokens(requested: writing.segmentTokens, fallback: 64),
+                                  options: options, producer: "\(KVPackVersion.producer) chat")
+        } else {
+            chat = try Chat.resume(reader: resumed!, model: llama, options: options)
         }
         let systemMessage = noSystem ? nil : (system ?? chat.template.defaultSystem)
         let interactive = messages.isEmpty && isatty(0) == 1

@@ -19,13 +19,9 @@ struct ConvertCommand: ParsableCommand {
     @Option(help: "Scheme spec for the output (see `kvpack --help`).") var scheme: String?
     @Option(help: "A plan saved by `kvpack plan --json` (instead of --scheme).") var plan: String?
     @Option(help: "Layers to convert, e.g. 0-3,7 (default all).") var layers: String?
-    @Option(help: "Tokens per sealed block of the output (default: the scheme's window, else the source's).") var segmentTokens: Int?
     @Option(help: "Random queries for the attention error.") var samples = 64
-    @Option(help: "Format major version of the output: 2 (opens in constant time) or 1 (for readers older than KVPack 2.0).")
-    var formatVersion: UInt16 = FileHeader.currentMajor
-    @Flag(help: "Replace OUT if it exists.") var overwrite = false
-    @Flag(help: "Do not fsync the output.") var noFsync = false
     @Flag(help: "Print the report as JSON.") var json = false
+    @OptionGroup(title: "Writing the file") var writing: WritingOptions
 
     struct SavedPlan: Decodable {
         var spec: String
@@ -40,34 +36,19 @@ struct ConvertCommand: ParsableCommand {
         let source = try openReader(input)
         let g = source.geometry
         let spec: SchemeSpec
-        do {
-            if let plan {
-                guard let data = FileManager.default.contents(atPath: plan) else { throw CLIError("\(plan) cannot be read") }
-                let saved = try JSONDecoder().decode(SavedPlan.self, from: data)
-                spec = try SchemeSpec.parse(saved.spec, geometry: g, calibration: saved.statistics)
-            } else {
-                spec = try SchemeSpec.parse(scheme!, geometry: g) { try CacheStatistics(reader: source, tokens: 1024) }
-            }
-        } catch let e as KVPackError {
-            throw CLIError("\(input): \(e)")
+        if let plan {
+            guard let data = FileManager.default.contents(atPath: plan) else { throw CLIError("\(plan) cannot be read") }
+            let saved = try JSONDecoder().decode(SavedPlan.self, from: data)
+            spec = try SchemeSpec.parse(saved.spec, geometry: g, calibration: saved.statistics)
+        } else {
+            spec = try SchemeSpec.parse(scheme!, geometry: g) { try CacheStatistics(reader: source, tokens: 1024) }
         }
-        var options = Converter.Options()
-        options.segmentTokens = segmentTokens
-        options.overwrite = overwrite
-        options.durability = noFsync ? .flush : .fsync
+        var options = Converter.Options(writing: writing)
         options.attentionSamples = samples
-        guard FileHeader.supportedMajors.contains(formatVersion) else { throw ValidationError("--format-version must be 1 or 2") }
-        options.formatVersion = formatVersion
-        options.tool = KVPackVersion.producer
         let progress = Progress(label: "convert \(output)", total: source.tokenCount)
         options.progress = { done, _ in progress.update(done) }
-        let report: Converter.Report
-        do {
-            report = try Converter.convert(input: input, output: output, spec: spec, layers: try parseLayers(layers, count: g.layerCount),
+        let report = try Converter.convert(input: input, output: output, spec: spec, layers: try parseLayers(layers, count: g.layerCount),
                                            options: options)
-        } catch let e as KVPackError {
-            throw CLIError("convert: \(e)")
-        }
         progress.finish()
         if json { return try printJSON(report) }
         print("\(output): \(report.tokens) tokens converted from \(input)")

@@ -59,11 +59,7 @@ struct EvalCommand: ParsableCommand {
             options.seed = seed
             options.temperature = temperature
             options.segmentTokens = segmentTokens
-            do {
-                return try QualityEval.run(model: llama, options: options) { if !json { printError("eval: \($0)") } }
-            } catch let e as KVPackError {
-                throw CLIError("eval: \(e)")
-            }
+            return try QualityEval.run(model: llama, options: options) { if !json { printError("eval: \($0)") } }
         }
         if json { return try printJSON(report) }
         print("kvpack eval: \(report.model)")
@@ -122,6 +118,7 @@ struct EvalCommand: ParsableCommand {
         }
         let report: PruneEval.Report = try withWorkDirectory(keep: keep, prefix: "kvpack-eval-prune") { directory in
             var options = PruneEval.Options(directory: directory)
+            options.tool = "\(KVPackVersion.producer) eval --prune"
             options.budgets = budgets
             options.points = points
             options.continuation = continuation
@@ -133,11 +130,7 @@ struct EvalCommand: ParsableCommand {
             options.selection.anchor = anchorKind
             options.selection.anchorSeed = seed
             options.representativeShare = representativeShare
-            do {
-                return try PruneEval.run(model: llama, text: ids, textSource: source, options: options) { if !json { printError("eval: \($0)") } }
-            } catch let e as KVPackError {
-                throw CLIError("eval: \(e)")
-            }
+            return try PruneEval.run(model: llama, text: ids, textSource: source, options: options) { if !json { printError("eval: \($0)") } }
         }
         if json { return try printJSON(report) }
         print("kvpack eval --prune: \(report.model)")

@@ -20,15 +20,10 @@ struct EvalTensorsCommand: ParsableCommand {
     static let defaultSchemes = ["raw:f16", "int:k8v8", "int:k4v4", "int:k4v2", "int:k2v4", "int:k2v2", "int:auto:3.0"]
 
     func run() throws {
-        let samples: SampleTensors
-        do { samples = try SampleTensors(directory: directory) } catch { throw CLIError("\(error)") }
+        let samples = try SampleTensors(directory: directory)
         let report: TensorEval.Report = try withWorkDirectory(keep: keep, prefix: "kvpack-tensors") { work in
-            do {
-                return try TensorEval.run(samples: samples, schemes: schemes.isEmpty ? Self.defaultSchemes : schemes,
-                                          segmentTokens: segmentTokens, directory: work) { if !json { printError("eval-tensors: \($0)") } }
-            } catch let e as KVPackError {
-                throw CLIError("eval-tensors: \(e)")
-            }
+            try TensorEval.run(samples: samples, schemes: schemes.isEmpty ? Self.defaultSchemes : schemes,
+                               segmentTokens: segmentTokens, directory: work) { if !json { printError("eval-tensors: \($0)") } }
         }
         if json { return try printJSON(report) }
         print("kvpack eval-tensors: \(samples.meta.model), \(report.tokens) tokens, \(samples.geometry)")

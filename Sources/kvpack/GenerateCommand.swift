@@ -26,10 +26,8 @@ struct GenerateCommand: ParsableCommand {
     @Option(help: "Sampling temperature; 0 is greedy.") var temperature: Float = 0
     @Option(help: "Sampling seed.") var seed: UInt64 = 1
     @Option(help: "Scheme spec for a new file (see `kvpack --help`).") var scheme = "raw:f16"
-    @Option(help: "Tokens per sealed block, for a new file (default 64, or the scheme's residual window).") var segmentTokens: Int?
     @Option(help: "Also commit every N generated tokens (0: at seals and at the end only).") var commitEvery = 0
-    @Flag(help: "Do not fsync at commits (a commit then survives a crash of this process, not a power loss).") var noFsync = false
-    @Flag(help: "Replace the --save file if it exists.") var overwrite = false
+    @OptionGroup(title: "Writing the file") var writing: WritingOptions
     @Flag(help: "Print a JSON summary instead of token ids.") var json = false
 
     struct Summary: Codable {
@@ -50,28 +48,26 @@ struct GenerateCommand: ParsableCommand {
 
     func run() throws {
         let prompt = try parseTokens(promptTokens) ?? (resume == nil ? [1] : [])
-        var options = WriterOptions()
-        options.durability = noFsync ? .flush : .fsync
-        options.overwrite = overwrite
+        let options = writing.writerOptions()
         let conversation: Conversation
         let modelPath: String
-        do {
-            if let save {
-                modelPath = absolute(model!)
-                let llama = try LlamaModel(path: modelPath)
-                let spec = try Conversation.parseSpec(scheme, model: llama, prompt: prompt)
-                conversation = try Conversation.start(path: save, model: llama, spec: spec,
-                                                      segmentTokens: try spec.segmentTokens(requested: segmentTokens, fallback: 64),
-                                                      prompt: prompt, options: options, producer: "\(KVPackVersion.producer) generate")
-            } else {
-                let path = resume!
-                modelPath = try model.map(absolute) ?? recordedModelPath(path)
-                let llama = try LlamaModel(path: modelPath)
-                conversation = try Conversation.resume(path: path, model: llama, options: options)
-                if !prompt.isEmpty { try conversation.feed(prompt) }
+        if let save {
+            modelPath = absolute(model!)
+            let llama = try LlamaModel(path: modelPath)
+            if try ParsedSchemeSpec(scheme, geometry: llama.config.geometry).needsCalibration, prompt.count < 8 {
+                throw ValidationError("--scheme \(scheme) plans from the prompt's statistics; give at least 8 tokens with --prompt-tokens")
             }
-        } catch let e as KVPackError {
-            throw CLIError("\(save ?? resume!): \(e)")
+            let spec = try Conversation.parseSpec(scheme, model: llama, prompt: prompt)
+            conversation = try Conversation.start(path: save, model: llama, spec: spec,
+                                                  segmentTokens: try spec.segmentTokens(requested: writing.segmentTokens, fallback: 64),
+                                                  prompt: prompt, options: options, producer: "\(KVPackVersion.producer) generate")
+        } else {
+            // Mapped once: its recorded model, the model check and the session.
+            let reader = try KVPackReader(path: resume!)
+            modelPath = try model.map(absolute) ?? recordedModelPath(reader)
+            let llama = try LlamaModel(path: modelPath)
+            conversation = try Conversation.resume(reader: reader, model: llama, options: options)
+            if !prompt.isEmpty { try conversation.feed(prompt) }
         }
         var sampler = Sampler(temperature: temperature, seed: seed)
         var produced = 0

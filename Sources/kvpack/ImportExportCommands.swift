@@ -50,23 +50,18 @@ struct ImportCommand: ParsableCommand {
     @Option(help: "RoPE theta.") var ropeTheta: Double?
     @Option(help: "RoPE pair layout: interleaved, rotate-half or none.") var ropeLayout: String?
     @Option(help: "Scheme spec for the output.") var scheme = "raw:f16"
-    @Option(help: "Tokens per sealed block (default 128, or the scheme's window).") var segmentTokens: Int?
-    @Flag(help: "Replace OUTPUT if it exists.") var overwrite = false
+    @OptionGroup(title: "Writing the file") var writing: WritingOptions
 
     func run() throws {
         let kind = format ?? ExternalFormat.guess(source)
         let cache: ExternalCache
         var meta: NpyDirectoryCache.Meta?
-        do {
-            switch kind {
-            case .safetensors: cache = try SafetensorsCache(path: source, naming: naming.naming, batchIndex: batchIndex)
-            case .npy:
-                let dir = try NpyDirectoryCache(directory: source)
-                meta = dir.meta
-                cache = dir
-            }
-        } catch {
-            throw CLIError("\(error)")
+        switch kind {
+        case .safetensors: cache = try SafetensorsCache(path: source, naming: naming.naming, batchIndex: batchIndex)
+        case .npy:
+            let dir = try NpyDirectoryCache(directory: source)
+            meta = dir.meta
+            cache = dir
         }
         let layoutName = ropeLayout ?? meta?.rope_layout ?? (kind == .npy ? "interleaved" : "rotate-half")
         let layout: RoPELayout
@@ -77,16 +72,11 @@ struct ImportCommand: ParsableCommand {
         default: throw ValidationError("--rope-layout must be interleaved, rotate-half or none, got \(layoutName)")
         }
         let rope = RoPEConfig(theta: layout == .none ? 0 : (ropeTheta ?? meta?.rope_theta ?? 10000), layout: layout, keysArePostRoPE: layout != .none)
-        var options = WriterOptions()
-        options.overwrite = overwrite
-        do {
-            let n = try CacheInterop.importCache(cache, to: output, queryHeads: queryHeads ?? meta?.heads, rope: rope, spec: scheme,
-                                                 segmentTokens: segmentTokens, options: options, producer: "\(KVPackVersion.producer) import")
-            let h = cache.geometryHint
-            print("\(output): \(n) tokens, \(h.layers) layers x \(h.kvHeads) KV heads x head_dim \(h.headDim), from \(source) (\(kind.rawValue))")
-        } catch let e as KVPackError {
-            throw CLIError("import: \(e)")
-        }
+        let n = try CacheInterop.importCache(cache, to: output, queryHeads: queryHeads ?? meta?.heads, rope: rope, spec: scheme,
+                                             segmentTokens: writing.segmentTokens, options: writing.writerOptions(),
+                                             producer: "\(KVPackVersion.producer) import")
+        let h = cache.geometryHint
+        print("\(output): \(n) tokens, \(h.layers) layers x \(h.kvHeads) KV heads x head_dim \(h.headDim), from \(source) (\(kind.rawValue))")
     }
 }
 
@@ -108,13 +98,9 @@ struct ExportCommand: ParsableCommand {
         let reader = try openReader(input)
         guard let type = ElementType(name: dtype), type.isFloatingPoint else { throw ValidationError("--dtype must be f32, f16 or bf16") }
         let kind = format ?? (destination.hasSuffix(".safetensors") ? .safetensors : (URL(fileURLWithPath: destination).pathExtension.isEmpty ? .npy : .safetensors))
-        do {
-            switch kind {
-            case .safetensors: try CacheInterop.exportSafetensors(reader, to: destination, type: type, naming: naming.naming)
-            case .npy: try CacheInterop.exportNpy(reader, to: destination, type: type)
-            }
-        } catch let e as KVPackError {
-            throw CLIError("export: \(e)")
+        switch kind {
+        case .safetensors: try CacheInterop.exportSafetensors(reader, to: destination, type: type, naming: naming.naming)
+        case .npy: try CacheInterop.exportNpy(reader, to: destination, type: type)
         }
         print("\(destination): \(reader.tokenCount) tokens, \(reader.geometry) as \(kind.rawValue) \(type)")
     }

@@ -17,8 +17,7 @@ struct InfoCommand: ParsableCommand {
     func run() throws {
         let reader = try openReader(file)
         if text { return try printTranscript(reader) }
-        let s: FileSummary
-        do { s = try FileSummary(reader: reader) } catch let e as KVPackError { throw CLIError("\(file): \(e)") }
+        let s = try FileSummary(reader: reader)
         if json { return try printJSON(s) }
         let g = s.geometry
         print("\(file): KVPack \(s.version), \(formatBytes(s.fileSize))")
@@ -58,7 +57,7 @@ struct InfoCommand: ParsableCommand {
     }
 
     func printTranscript(_ reader: KVPackReader) throws {
-        let path = try ModelLocator.resolve(model ?? recordedModelPath(file))
+        let path = try ModelLocator.resolve(model ?? recordedModelPath(reader))
         let weights = try LlamaWeights(path: path)
         guard let tokenizer = weights.tokenizer else { throw CLIError("\(path) has no tokenizer to decode the token ids with; pass --model") }
         let ids = try reader.tokenIDs.map { Int($0) }

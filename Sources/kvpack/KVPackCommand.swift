@@ -16,4 +16,41 @@ struct KVPackCommand: ParsableCommand {
         """,
         version: KVPackVersion.string,
         subcommands: [ChatCommand.self, GenerateCommand.self, BenchCommand.self, CodebookCommand.self, ConvertCommand.self, ImportCommand.self, ExportCommand.self, EvalCommand.self, EvalTensorsCommand.self, PlanCommand.self, PruneCommand.self, InfoCommand.self, TortureCommand.self, ValidateCommand.self, AttendCommand.self, SynthCommand.self])
+
+    /// The one place errors become messages: a library error is printed as it is (code, field,
+    /// offset, message), naming the file the command works on when the error does not name one;
+    /// every other error as its own description. Exit status 1 (ArgumentParser's, as before).
+    static func main() {
+        var command: ParsableCommand
+        do {
+            command = try parseAsRoot()
+        } catch {
+            exit(withError: error)
+        }
+        do {
+            try command.run()
+        } catch let e as KVPackError {
+            exit(withError: CLIError(e.about((command as? WorksOnFile)?.file).description))
+        } catch {
+            exit(withError: error)
+        }
+    }
 }
+
+/// A command whose errors are about one file (the one it reads), so a library error that does
+/// not name its file is reported with it.
+protocol WorksOnFile {
+    var file: String { get }
+}
+
+extension AttendCommand: WorksOnFile {}
+extension InfoCommand: WorksOnFile {}
+extension PlanCommand: WorksOnFile {}
+extension ValidateCommand: WorksOnFile {}
+extension ExportCommand: WorksOnFile { var file: String { input } }
+extension ConvertCommand: WorksOnFile { var file: String { input } }
+extension PruneCommand: WorksOnFile { var file: String { input } }
+extension ChatCommand: WorksOnFile { var file: String { save ?? resume ?? "" } }
+extension GenerateCommand: WorksOnFile { var file: String { save ?? resume ?? "" } }
+extension SynthCommand: WorksOnFile { var file: String { output } }
+extension ImportCommand: WorksOnFile { var file: String { output } }

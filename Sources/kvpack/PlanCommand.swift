@@ -28,15 +28,9 @@ struct PlanCommand: ParsableCommand {
 
     func run() throws {
         let reader = try openReader(file)
-        let spec: SchemeSpec
-        let stats: CacheStatistics
         let text = "int:auto:\(budget)" + (spectral ? ":spectral" : "") + (options.map { ":" + $0 } ?? "")
-        do {
-            stats = try CacheStatistics(reader: reader, tokens: tokens)
-            spec = try SchemeSpec.parse(text, geometry: reader.geometry, calibration: stats)
-        } catch let e as KVPackError {
-            throw CLIError("\(file): \(e)")
-        }
+        let stats = try CacheStatistics(reader: reader, tokens: tokens)
+        let spec = try SchemeSpec.parse(text, geometry: reader.geometry, calibration: stats)
         let bits = spec.layers.map { (Int($0.key.descriptor.parameters[0]), Int($0.value.descriptor.parameters[0])) }
         if json {
             return try printJSON(Output(file: file, spec: text, statistics: stats, keyBits: bits.map(\.0), valueBits: bits.map(\.1),

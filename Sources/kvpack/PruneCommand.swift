@@ -31,11 +31,8 @@ struct PruneCommand: ParsableCommand {
     @Option(help: "First tokens always kept (BOS, the attention sink).") var sink = 1
     @Option(help: "Query positions observed: the last N tokens are re-read by the model.") var window = 32
     @Option(help: "llama2.c checkpoint or GGUF model (default: the one IN records; smollm2: the downloaded one).") var model: String?
-    @Option(help: "Tokens per sealed block of the output (default: the scheme's window, else IN's).") var segmentTokens: Int?
-    @Option(help: ArgumentHelp("Header-checksum salt of OUT (default random; fixed for reproducible bytes).", visibility: .hidden)) var salt: UInt64?
-    @Flag(help: "Replace OUT if it exists.") var overwrite = false
-    @Flag(help: "Do not fsync the output.") var noFsync = false
     @Flag(help: "Print the selection and report as JSON.") var json = false
+    @OptionGroup(title: "Writing the file") var writing: WritingOptions
 
     struct Output: Encodable {
         var input: String
@@ -70,18 +67,13 @@ struct PruneCommand: ParsableCommand {
         }
         guard recent >= 1, sink >= 0, window >= 1 else { throw ValidationError("--recent and --window are at least 1, --sink at least 0") }
 
-        let modelPath = try ModelLocator.resolve(model ?? recordedModelPath(input))
+        let modelPath = try ModelLocator.resolve(model ?? recordedModelPath(source))
         printError("prune: loading \(modelPath)")
         let llama = try LlamaModel(path: modelPath)
-        try Conversation.checkModel(llama, matches: input)
+        try Conversation.checkModel(llama, matches: source)
 
         // Without --scheme every layer keeps IN's own descriptors (and blobs): no layer converts.
-        let spec: SchemeSpec
-        do {
-            spec = try SchemeSpec.parse(storageText ?? "raw:f32", geometry: g) { try CacheStatistics(reader: source, tokens: 1024) }
-        } catch let e as KVPackError {
-            throw CLIError("\(input): \(e)")
-        }
+        let spec = try SchemeSpec.parse(storageText ?? "raw:f32", geometry: g) { try CacheStatistics(reader: source, tokens: 1024) }
 
         printError("prune: observing attention of the last \(min(window, n)) of \(n) tokens")
         let observation = try AttentionObserver.observe(model: llama, reader: source, tokens: n, window: window)
@@ -96,21 +88,12 @@ struct PruneCommand: ParsableCommand {
         p.observationWindow = window
         let selection = KVCrush.select(observation, parameters: p)
 
-        var options = Converter.Options()
-        options.segmentTokens = segmentTokens
-        options.overwrite = overwrite
-        options.durability = noFsync ? .flush : .fsync
+        var options = Converter.Options(writing: writing)
         options.tool = KVPackVersion.producer + " prune"
-        options.salt = salt
         let progress = Progress(label: "prune \(output)", total: selection.keptCount)
         options.progress = { done, _ in progress.update(done) }
-        let report: Converter.Report
-        do {
-            report = try Converter.convert(input: input, output: output, spec: spec, layers: storageText == nil ? [] : nil,
+        let report = try Converter.convert(input: input, output: output, spec: spec, layers: storageText == nil ? [] : nil,
                                            selection: selection, options: options)
-        } catch let e as KVPackError {
-            throw CLIError("prune: \(e)")
-        }
         progress.finish()
         var reasons: [String: Int] = [:]
         for r in selection.reasons { reasons[Self.name(r), default: 0] += 1 }

@@ -7,17 +7,50 @@ enum KVPackVersion {
     static var producer: String { "kvpack \(string)" }
 }
 
-/// Exit with a message for a library error, keeping its offset and field.
+/// A failure the CLI itself reports (a library error is reported as it is: `KVPackCommand.main`).
 struct CLIError: Error, CustomStringConvertible {
     var description: String
     init(_ d: String) { description = d }
 }
 
 func openReader(_ path: String) throws -> KVPackReader {
-    do {
-        return try KVPackReader(path: path)
-    } catch let e as KVPackError {
-        throw CLIError("\(path): \(e)")
+    try KVPackReader(path: path)
+}
+
+/// The flags every command that writes a .kvpack file shares (chat, generate, convert, prune,
+/// import, synth), declared and checked once.
+struct WritingOptions: ParsableArguments {
+    @Option(help: "Tokens per sealed block of a new file (default: the scheme's residual window, else 64 for chat and generate, 128 for import and synth, the source's for convert and prune).")
+    var segmentTokens: Int?
+    @Flag(inversion: .prefixedNo, help: "fsync at each commit, so a commit survives power loss; with --no-fsync it survives a crash of this process only. Default: on (synth: off).")
+    var fsync: Bool?
+    @Flag(help: "Replace the output file if it exists (atomically: a reader that has it open keeps its version).")
+    var overwrite = false
+    @Option(help: "Format major version of a new file: 2 (opens in constant time) or 1 (for readers older than KVPack 2.0). A resumed file keeps its own.")
+    var formatVersion: UInt16 = FileHeader.currentMajor
+    @Option(help: "Header-checksum salt of a new file (default: random; fix it for reproducible bytes).")
+    var salt: UInt64?
+
+    func validate() throws {
+        guard FileHeader.supportedMajors.contains(formatVersion) else {
+            throw ValidationError("--format-version must be \(FileHeader.supportedMajors.map(String.init).joined(separator: " or "))")
+        }
+        if let segmentTokens, !(1 ... Limits.maxSegmentTokens).contains(segmentTokens) {
+            throw ValidationError("--segment-tokens must be in 1...\(Limits.maxSegmentTokens)")
+        }
+    }
+
+    func durability(fsyncByDefault: Bool = true) -> WriterOptions.Durability {
+        fsync ?? fsyncByDefault ? .fsync : .flush
+    }
+
+    func writerOptions(fsyncByDefault: Bool = true) -> WriterOptions {
+        var options = WriterOptions()
+        options.durability = durability(fsyncByDefault: fsyncByDefault)
+        options.overwrite = overwrite
+        options.majorVersion = formatVersion
+        options.salt = salt
+        return options
     }
 }
 
@@ -115,11 +148,23 @@ func withWorkDirectory<T>(keep: String?, prefix: String, _ body: (String) throws
     return try body(directory)
 }
 
+extension Converter.Options {
+    /// A conversion (convert, prune) writing its output as the shared flags say.
+    init(writing: WritingOptions) {
+        self.init()
+        segmentTokens = writing.segmentTokens
+        overwrite = writing.overwrite
+        durability = writing.durability()
+        formatVersion = writing.formatVersion
+        salt = writing.salt
+        tool = KVPackVersion.producer
+    }
+}
+
 /// The model path a conversation file records (`model.path` metadata).
-func recordedModelPath(_ path: String) throws -> String {
-    let reader = try openReader(path)
+func recordedModelPath(_ reader: KVPackReader) throws -> String {
     guard let recorded = reader.manifest.userMetadata.first(where: { $0.key == "model.path" })?.value else {
-        throw CLIError("\(path) does not record its model; pass --model")
+        throw CLIError("\(reader.path ?? "the file") does not record its model; pass --model")
     }
     return recorded
 }

@@ -17,16 +17,11 @@ struct SynthCommand: ParsableCommand {
     @Option(help: "Keep only the first N layers of the preset (smaller files).") var layers: Int?
     @Option(help: "Random seed.") var seed: UInt64 = 1
     @Option(help: "Scheme spec (see `kvpack --help`).") var scheme = "raw:f16"
-    @Option(help: "Tokens per sealed block (default 128, or the scheme's residual window).") var segmentTokens: Int?
     @Option(help: "Commit every N tokens (0: once at the end).") var commitEvery = 0
     @Option(help: "Tokens per append call.") var batch = 64
-    @Flag(help: "fsync at each commit (survive power loss, not only a crash).") var fsync = false
-    @Flag(help: "Replace OUTPUT if it exists.") var overwrite = false
     @Flag(help: "Append to an existing OUTPUT instead of creating it.") var resume = false
-    @Option(help: "Fixed per-file salt (reproducible bytes).") var salt: UInt64?
-    @Option(help: "Format major version of a new file: 2, or 1 for readers older than KVPack 2.0 (--resume keeps the file's).")
-    var formatVersion: UInt16 = FileHeader.currentMajor
     @Flag(help: ArgumentHelp("Print `committed N` after each commit.", visibility: .hidden)) var printCommits = false
+    @OptionGroup(title: "Writing the file") var writing: WritingOptions
 
     func run() throws {
         guard let preset = ModelPreset.named(model) else {
@@ -38,63 +33,56 @@ struct SynthCommand: ParsableCommand {
             geometry.layerCount = layers
         }
         guard tokens >= 0, batch >= 1, commitEvery >= 0 else { throw ValidationError("--tokens, --batch and --commit-every must not be negative") }
-        var options = WriterOptions()
-        options.durability = fsync ? .fsync : .flush
-        options.overwrite = overwrite
-        options.salt = salt
-        guard FileHeader.supportedMajors.contains(formatVersion) else { throw ValidationError("--format-version must be 1 or 2") }
-        options.majorVersion = formatVersion
+        // Synthetic files are for tests and benchmarks: no fsync unless asked.
+        let options = writing.writerOptions(fsyncByDefault: false)
         let progress = Progress(label: "synth \(output)", total: tokens)
 
-        do {
-            let writer: KVPackWriter
-            if resume {
-                writer = try KVPackWriter.resume(path: output, options: options)
-                geometry = writer.manifest.geometry
-            } else {
-                let spec = try parseSpec(geometry: geometry, rope: preset.rope)
-                var file = NewFile(geometry: geometry, rope: preset.rope, schemes: spec, producer: "\(KVPackVersion.producer) synth")
-                file.segmentTokens = segmentTokens
-                file.defaultSegmentTokens = 128
-                file.maxPositions = preset.maxPositions
-                file.metadata = [.init("synth.model", model), .init("synth.seed", String(seed))] + spec.metadata
-                writer = try KVPackWriter.create(path: output, file: file, options: options)
-            }
-            let gen = SyntheticKV(geometry: geometry, rope: writer.manifest.rope, seed: seed)
-            let start = writer.tokenCount
-            let end = start + tokens
-            let per = geometry.layerCount * geometry.kvHeadCount * geometry.headDim
-            var keys = [Float](repeating: 0, count: per * batch)
-            var values = keys
-            var t = start
-            var sinceCommit = 0
-            while t < end {
-                let n = min(batch, end - t, commitEvery > 0 ? commitEvery - sinceCommit : Int.max)
-                // The generator fills [layers][kvHeads][dim] per token; stack tokens on the outside.
-                keys.withUnsafeMutableBufferPointer { k in
-                    values.withUnsafeMutableBufferPointer { v in
-                        for i in 0 ..< n {
-                            gen.token(t + i, position: t + i, keys: k.baseAddress! + i * per, values: v.baseAddress! + i * per)
-                        }
+        let writer: KVPackWriter
+        if resume {
+            writer = try KVPackWriter.resume(path: output, options: options)
+            geometry = writer.manifest.geometry
+        } else {
+            let spec = try parseSpec(geometry: geometry, rope: preset.rope)
+            var file = NewFile(geometry: geometry, rope: preset.rope, schemes: spec, producer: "\(KVPackVersion.producer) synth")
+            file.segmentTokens = writing.segmentTokens
+            file.defaultSegmentTokens = 128
+            file.maxPositions = preset.maxPositions
+            file.metadata = [.init("synth.model", model), .init("synth.seed", String(seed))] + spec.metadata
+            writer = try KVPackWriter.create(path: output, file: file, options: options)
+        }
+        let gen = SyntheticKV(geometry: geometry, rope: writer.manifest.rope, seed: seed)
+        let start = writer.tokenCount
+        let end = start + tokens
+        let per = geometry.layerCount * geometry.kvHeadCount * geometry.headDim
+        var keys = [Float](repeating: 0, count: per * batch)
+        var values = keys
+        var t = start
+        var sinceCommit = 0
+        while t < end {
+            let n = min(batch, end - t, commitEvery > 0 ? commitEvery - sinceCommit : Int.max)
+            // The generator fills [layers][kvHeads][dim] per token; stack tokens on the outside.
+            keys.withUnsafeMutableBufferPointer { k in
+                values.withUnsafeMutableBufferPointer { v in
+                    for i in 0 ..< n {
+                        gen.token(t + i, position: t + i, keys: k.baseAddress! + i * per, values: v.baseAddress! + i * per)
                     }
                 }
-                let layout = KVBatchLayout(layerStride: geometry.kvHeadCount * geometry.headDim, tokenStride: per, headStride: geometry.headDim)
-                try writer.append(tokenIDs: (t ..< t + n).map(gen.tokenID), keys: keys, values: values, layout: layout)
-                t += n
-                sinceCommit += n
-                progress.update(t - start)
-                if commitEvery > 0, sinceCommit == commitEvery {
-                    try writer.commit()
-                    sinceCommit = 0
-                    if printCommits { report(writer.committedTokenCount) }
-                }
             }
-            try writer.close()
-            if printCommits { report(writer.committedTokenCount) }
-            progress.finish()
-        } catch let e as KVPackError {
-            throw CLIError("\(output): \(e)")
+            let layout = KVBatchLayout(layerStride: geometry.kvHeadCount * geometry.headDim, tokenStride: per, headStride: geometry.headDim)
+            try writer.append(tokenIDs: (t ..< t + n).map(gen.tokenID), keys: keys, values: values, layout: layout)
+            t += n
+            sinceCommit += n
+            progress.update(t - start)
+            if commitEvery > 0, sinceCommit == commitEvery {
+                try writer.commit()
+                sinceCommit = 0
+                if printCommits { report(writer.committedTokenCount) }
+            }
         }
+        try writer.close()
+        if printCommits { report(writer.committedTokenCount) }
+        progress.finish()
+
     }
 
     /// A planner (`int:auto`) calibrates on the first 256 tokens of the same synthetic stream.

@@ -31,6 +31,8 @@ public struct KVPackError: Error, CustomStringConvertible, Sendable, Equatable {
     }
 
     public var code: Code
+    /// The file the error is about, when the code that found it knew (a reader opening a path).
+    public var path: String?
     /// Absolute byte offset in the file of the structure (or field) that is wrong.
     public var offset: UInt64?
     /// Field name as Spec/ spells it, e.g. `BLCK.segment` or `manifest.headDim`.
@@ -45,10 +47,18 @@ public struct KVPackError: Error, CustomStringConvertible, Sendable, Equatable {
     }
 
     public var description: String {
-        var s = "\(code.rawValue)"
+        var s = path.map { "\($0): " } ?? ""
+        s += "\(code.rawValue)"
         if let field { s += " \(field)" }
         if let offset { s += " at offset \(offset) (0x\(String(offset, radix: 16)))" }
         return s + ": " + message
+    }
+
+    /// This error, naming `path` as its file unless it already names one.
+    public func about(_ path: String?) -> KVPackError {
+        var e = self
+        if e.path == nil { e.path = path }
+        return e
     }
 
     // Shorthands used throughout the parsers.

@@ -44,17 +44,47 @@ public final class KVPackReader: @unchecked Sendable {
         try self.init(file: MappedFile(path: path), path: path)
     }
 
+    /// Opens the bytes of `file` at their newest verified commit. An error names `path` (when
+    /// given), the offset and the field that is wrong.
     public init(file: MappedFile, path: String? = nil) throws {
         self.file = file
         self.path = path
-        let bytes = file.bytes
-        header = try FileHeader.decode(bytes)
+        let opened: Opened
+        do {
+            opened = try Self.open(file.bytes)
+        } catch let e as KVPackError {
+            throw e.about(path)
+        }
+        header = opened.header
+        manifest = opened.manifest
+        manifestEnd = opened.manifestEnd
+        state = opened.state
+        schemes = opened.schemes
+        tailKernels = opened.tails
+        let g = manifest.geometry, manifest = opened.manifest, schemes = opened.schemes
+        streamSchemes = (0 ..< g.streamCount).map { schemes[manifest.scheme(forStream: $0)].forKVHead(g.streamID($0).kvHead) }
+        // Bounded by the file size: the commit loader checked that the bytes can hold the blocks.
+        verified = VerificationFlags(count: state.tokenCount / manifest.segmentTokens * g.streamCount)
+        tablesVerified = VerificationFlags(count: state.segmentTables.count)
+        prefetched = VerificationFlags(count: g.streamCount)
+    }
+
+    /// What opening reads and checks: header, manifest, the newest commit that loads, and the
+    /// codec of every scheme.
+    private struct Opened {
+        var header: FileHeader
+        var manifest: Manifest
+        var manifestEnd: UInt64
+        var state: CommitState
+        var schemes: [any KVScheme]
+        var tails: [RawScheme]
+    }
+
+    private static func open(_ bytes: UnsafeRawBufferPointer) throws -> Opened {
+        let header = try FileHeader.decode(bytes)
         let (manifest, m) = try Manifest.readFrame(bytes, salt: header.salt)
-        self.manifest = manifest
-        manifestEnd = m.nextFrameOffset
-        let loader = CommitLoader(file: bytes, major: header.major, salt: header.salt, manifest: manifest, manifestEnd: manifestEnd)
+        let loader = CommitLoader(file: bytes, major: header.major, salt: header.salt, manifest: manifest, manifestEnd: m.nextFrameOffset)
         let state = try loader.loadNewest()
-        self.state = state
         var schemes: [any KVScheme] = []
         var tails: [RawScheme] = []
         for (i, d) in manifest.schemes.enumerated() {
@@ -69,14 +99,7 @@ public final class KVPackReader: @unchecked Sendable {
             }
             tails.append(try RawScheme(descriptor: RawScheme.descriptor(elementType: d.residualType), context: context))
         }
-        self.schemes = schemes
-        let g = manifest.geometry
-        streamSchemes = (0 ..< g.streamCount).map { schemes[manifest.scheme(forStream: $0)].forKVHead(g.streamID($0).kvHead) }
-        self.tailKernels = tails
-        // Bounded by the file size: the commit loader checked that the bytes can hold the blocks.
-        verified = VerificationFlags(count: state.tokenCount / manifest.segmentTokens * g.streamCount)
-        tablesVerified = VerificationFlags(count: state.segmentTables.count)
-        prefetched = VerificationFlags(count: g.streamCount)
+        return Opened(header: header, manifest: manifest, manifestEnd: m.nextFrameOffset, state: state, schemes: schemes, tails: tails)
     }
 
     /// Bytes of heap the reader holds beyond the mapped file: the block index, token ids and

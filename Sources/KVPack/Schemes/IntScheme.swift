@@ -125,7 +125,7 @@ public struct IntScheme: KVScheme {
         // Checked now, so a bad option is reported before any calibration runs.
         _ = try options.setup(bits: 1, role: .key, geometry: geometry)
         _ = try options.setup(bits: 1, role: .value, geometry: geometry)
-        let needs = "int:auto needs calibration statistics of a cache of this model (kvpack eval uses its baseline run, kvpack generate its prompt, kvpack synth its first tokens; kvpack plan FILE shows a plan for an existing file)"
+        let needs = "int:auto plans each layer's bit widths from calibration statistics (the norms of a cache of the same model), and none were given"
         return SchemePlanner(needs: needs) { calibration in
             guard calibration.layers.count == geometry.layerCount else {
                 throw KVPackError.argument("int:auto: calibration has \(calibration.layers.count) layers, the model \(geometry.layerCount)")

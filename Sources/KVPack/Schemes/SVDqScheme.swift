@@ -90,7 +90,7 @@ public struct SVDqScheme: KVScheme {
     public static func planner(arguments: [String], geometry: ModelGeometry) throws -> SchemePlanner? {
         let d = geometry.headDim
         let args = try Arguments(arguments, headDim: d)
-        let needs = "svdq computes its basis from calibration rows (the prefill: kvpack eval uses the first tokens of its baseline, generate and chat the prompt, convert the source file's first tokens)"
+        let needs = "svdq computes its bases from calibration statistics (the Gram matrices of a cache of the same model, such as its prefill), and none were given"
         return SchemePlanner(needs: needs) { calibration in
             guard calibration.grams.count == geometry.layerCount * geometry.kvHeadCount * 2 else {
                 throw KVPackError.argument("svdq: the calibration statistics carry no Gram matrices for this geometry")

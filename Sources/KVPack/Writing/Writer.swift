@@ -151,7 +151,7 @@ public final class KVPackWriter {
         for note in reader.recoveryNotes {
             if case let .skippedCommit(offset, reason) = note, !options.discardDamagedCommits {
                 throw KVPackError(.invalidField, offset: offset, field: "CMIT",
-                                  "the newest commit is damaged (\(reason)); resuming would discard it. Run `kvpack validate`; pass discardDamagedCommits to fall back to the commit at \(reader.commitOffset)")
+                                  "the newest commit is damaged (\(reason)); resuming would discard it. Validate the file to see the damage; resume with discardDamagedCommits to fall back to the commit at \(reader.commitOffset)")
             }
         }
         let writer = KVPackWriter(path: io.path, manifest: reader.manifest, options: options, salt: reader.header.salt,
