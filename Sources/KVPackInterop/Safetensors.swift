@@ -141,11 +141,12 @@ public enum SafetensorsWriter {
         var json = try JSONSerialization.data(withJSONObject: header, options: [.sortedKeys])
         // The data starts 8-aligned, as the reference library writes it.
         json.append(contentsOf: repeatElement(UInt8(ascii: " "), count: (8 - json.count % 8) % 8))
-        let temp = path + ".writing-\(getpid())"
-        guard FileManager.default.createFile(atPath: temp, contents: nil), let handle = FileHandle(forWritingAtPath: temp) else {
-            throw SafetensorsError("\(path): cannot create \(temp)")
-        }
-        do {
+        // Written beside the destination and renamed over it when complete (as every file KVPack writes).
+        try AtomicReplacement.write(to: path, overwrite: true, label: "writing") { temp in
+            guard FileManager.default.createFile(atPath: temp, contents: nil), let handle = FileHandle(forWritingAtPath: temp) else {
+                throw SafetensorsError("\(path): cannot create \(temp)")
+            }
+            defer { try? handle.close() }
             var length = UInt64(json.count).littleEndian
             handle.write(Data(bytes: &length, count: 8))
             handle.write(json)
@@ -154,12 +155,7 @@ public enum SafetensorsWriter {
                 guard b.count == e.byteCount else { throw SafetensorsError("\(path): tensor \(e.name) produced \(b.count) bytes, expected \(e.byteCount)") }
                 handle.write(Data(b))
             }
-            try handle.close()
-            guard rename(temp, path) == 0 else { throw SafetensorsError("\(path): cannot rename \(temp)") }
-        } catch {
-            try? handle.close()
-            unlink(temp)
-            throw error
+            try handle.synchronize()
         }
     }
 }
