@@ -100,23 +100,45 @@ struct CommitLoader {
                           "no commit frame between \(manifestEnd) and the end of the file (\(size))")
     }
 
+    /// The state a commit names, every reference and count checked against the bytes. Each
+    /// step below throws the error of the first rule the file breaks (offset and field).
     func load(commit: FrameHeader) throws -> CommitState {
         let at = commit.offset
         let frame = try CommitFrame.decode(commit, manifestEnd: manifestEnd)
-        let indexOffset = frame.indexOffset, tokenCount = frame.tokenCount, serial = frame.serial
+        let tokenCount = frame.tokenCount
+        let frames = try indexChain(newest: frame.indexOffset, commit: at)
+        let segments = tokenCount / manifest.segmentTokens
+        try checkTiling(frames, tokenCount: tokenCount, segments: segments)
 
-        // Walk the index chain back to a FULL frame. Offsets strictly decrease and every frame
-        // ends before its successor starts, so the walk ends and frames cannot overlap.
+        var tokenIDs: [UInt32] = [], positions: [UInt32] = []
+        var blockOffsets: [UInt64] = [], segmentTables: [UInt64] = []
+        if major == 1 {
+            (tokenIDs, positions) = tokens(frames, tokenCount: tokenCount)
+            blockOffsets = try loadBlockEntries(frames, segments: segments)
+        } else {
+            segmentTables = try loadSegmentEntries(frames, segments: segments, commit: at)
+        }
+        let (blobs, blobFrames, selectionOffset) = try loadBlobsAndExtensions(frames)
+        let tail = try loadTail(newest: frames[0], tokenCount: tokenCount, sealed: segments * manifest.segmentTokens)
+        return CommitState(major: major, commitOffset: at, commitSerial: frame.serial, tokenCount: tokenCount, blockOffsets: blockOffsets,
+                           segmentTables: segmentTables, blobs: blobs, blobFrames: blobFrames, tokenIDs: tokenIDs, positions: positions,
+                           tail: tail, chain: frames.map(IndexChainLink.init(frame:)), selectionOffset: selectionOffset, notes: [])
+    }
+
+    /// The index chain from the commit's index back to a FULL frame, newest first. Offsets
+    /// strictly decrease and every frame ends before its successor starts, so the walk ends and
+    /// frames cannot overlap.
+    func indexChain(newest: UInt64, commit: UInt64) throws -> [IndexFrame] {
         var frames: [IndexFrame] = []
-        var offset = indexOffset
-        var limit = at
+        var offset = newest
+        var limit = commit
         while true {
             let frame = try IndexFrame.load(file, at: offset, limit: limit, salt: salt, major: major)
             guard frame.header.nextFrameOffset <= limit else {
                 throw KVPackError.invalid(offset + 8, "INDX.storedLength", "frame runs past its successor at \(limit)")
             }
             frames.append(frame)
-            if frame.isFull { break }
+            if frame.isFull { return frames }
             let prev = frame.prevIndexOffset
             guard prev >= manifestEnd, prev < offset else {
                 throw KVPackError.invalid(offset + 32, "INDX.prevIndexOffset",
@@ -125,11 +147,12 @@ struct CommitLoader {
             limit = offset
             offset = prev
         }
+    }
 
-        let segments = tokenCount / manifest.segmentTokens
-        // Version 1: token ranges tile [0, tokenCount). Version 2: segment ranges tile
-        // [0, segments). The newest frame ends at the end, each older one ends where its
-        // successor begins, the FULL one begins at 0 (checked when it loaded).
+    /// Version 1: token ranges tile [0, tokenCount). Version 2: segment ranges tile
+    /// [0, segments). The newest frame ends at the end, each older one ends where its successor
+    /// begins, the FULL one begins at 0 (checked when it loaded).
+    func checkTiling(_ frames: [IndexFrame], tokenCount: Int, segments: Int) throws {
         var end = major == 1 ? tokenCount : segments
         for f in frames {
             let count = major == 1 ? f.tokenCount : f.blockCount
@@ -140,48 +163,53 @@ struct CommitLoader {
             }
             end = Int(f.firstToken)
         }
+    }
 
-        var tokenIDs: [UInt32] = []
-        var positions: [UInt32] = []
-        var blockOffsets: [UInt64] = []
-        var segmentTables: [UInt64] = []
-        if major == 1 {
-            tokenIDs = [UInt32](repeating: 0, count: tokenCount)
-            positions = [UInt32](repeating: 0, count: tokenCount)
-            for f in frames {
-                let first = Int(f.firstToken)
-                for i in 0 ..< f.tokenCount {
-                    tokenIDs[first + i] = f.tokenID(i)
-                    positions[first + i] = f.position(i)
-                }
-            }
-            blockOffsets = try loadBlockEntries(frames, segments: segments)
-        } else {
-            // Every block is its own frame of at least 64 bytes before the commit: a claim of more
-            // blocks than that cannot be true, and would make a reader size its per-block state
-            // from a number the bytes do not back.
-            let (blocks, overflow) = segments.multipliedReportingOverflow(by: streamCount)
-            guard !overflow, blocks <= Int(at / UInt64(FrameHeader.size)) else {
-                throw KVPackError.invalid(at + 40, "CMIT.tokenCount",
-                                          "\(segments) sealed segments x \(streamCount) streams need more block frames than the \(at) bytes before the commit can hold")
-            }
-            // The ranges tile [0, segments), so the chain lists exactly `segments` entries.
-            segmentTables = [UInt64](repeating: 0, count: segments)
-            for f in frames {
-                for i in 0 ..< f.blockCount {
-                    let e = f.block(i)
-                    let entryAt = f.entryOffset(sectionStart: f.blocksStart, i)
-                    let segment = Int(f.firstToken) + i
-                    guard Int(e.segment) == segment else {
-                        throw KVPackError.invalid(entryAt + 8, "INDX.segment.segment",
-                                                  "is \(e.segment); entry \(i) of a frame starting at segment \(f.firstToken) names segment \(segment)")
-                    }
-                    try checkReference(e.frameOffset, before: f.header.offset, at: entryAt, field: "INDX.segment.frameOffset")
-                    segmentTables[segment] = e.frameOffset
-                }
+    /// Version 1: every token's id and position, from the chain (which tiles them).
+    func tokens(_ frames: [IndexFrame], tokenCount: Int) -> (ids: [UInt32], positions: [UInt32]) {
+        var ids = [UInt32](repeating: 0, count: tokenCount)
+        var positions = [UInt32](repeating: 0, count: tokenCount)
+        for f in frames {
+            let first = Int(f.firstToken)
+            for i in 0 ..< f.tokenCount {
+                ids[first + i] = f.tokenID(i)
+                positions[first + i] = f.position(i)
             }
         }
+        return (ids, positions)
+    }
 
+    /// Version 2: the segment table of each sealed segment (the chain tiles [0, segments), so it
+    /// lists exactly one per segment, in order).
+    func loadSegmentEntries(_ frames: [IndexFrame], segments: Int, commit at: UInt64) throws -> [UInt64] {
+        // Every block is its own frame of at least 64 bytes before the commit: a claim of more
+        // blocks than that cannot be true, and would make a reader size its per-block state
+        // from a number the bytes do not back.
+        let (blocks, overflow) = segments.multipliedReportingOverflow(by: streamCount)
+        guard !overflow, blocks <= Int(at / UInt64(FrameHeader.size)) else {
+            throw KVPackError.invalid(at + 40, "CMIT.tokenCount",
+                                      "\(segments) sealed segments x \(streamCount) streams need more block frames than the \(at) bytes before the commit can hold")
+        }
+        var segmentTables = [UInt64](repeating: 0, count: segments)
+        for f in frames {
+            for i in 0 ..< f.blockCount {
+                let e = f.block(i)
+                let entryAt = f.entryOffset(sectionStart: f.blocksStart, i)
+                let segment = Int(f.firstToken) + i
+                guard Int(e.segment) == segment else {
+                    throw KVPackError.invalid(entryAt + 8, "INDX.segment.segment",
+                                              "is \(e.segment); entry \(i) of a frame starting at segment \(f.firstToken) names segment \(segment)")
+                }
+                try checkReference(e.frameOffset, before: f.header.offset, at: entryAt, field: "INDX.segment.frameOffset")
+                segmentTables[segment] = e.frameOffset
+            }
+        }
+        return segmentTables
+    }
+
+    /// The blobs the chain lists (each read and checked now: schemes need them to open), and
+    /// the token selection it references; an unknown critical extension is an error.
+    func loadBlobsAndExtensions(_ frames: [IndexFrame]) throws -> (blobs: [UInt32: Blob], frames: [UInt32: UInt64], selection: UInt64?) {
         var blobs: [UInt32: Blob] = [:]
         var blobFrames: [UInt32: UInt64] = [:]
         var selectionOffset: UInt64?
@@ -221,13 +249,7 @@ struct CommitLoader {
                 throw KVPackError.invalid(nil, "manifest.schemes[\(i)].blobIDs", "names blob \(id), which the index does not list")
             }
         }
-
-        let tail = try loadTail(newest: frames[0], tokenCount: tokenCount, sealed: segments * manifest.segmentTokens)
-
-        let links = frames.map(IndexChainLink.init(frame:))
-        return CommitState(major: major, commitOffset: at, commitSerial: serial, tokenCount: tokenCount, blockOffsets: blockOffsets,
-                           segmentTables: segmentTables, blobs: blobs, blobFrames: blobFrames, tokenIDs: tokenIDs, positions: positions,
-                           tail: tail, chain: links, selectionOffset: selectionOffset, notes: [])
+        return (blobs, blobFrames, selectionOffset)
     }
 
     /// Version 1: the block entries of the whole chain name every (segment, stream) once.
