@@ -15,7 +15,7 @@ LAB_SOURCES := $(shell find Sources/KVPackLab -name '*.swift')
 GGUF_FUZZ_BIN := Fuzz/gguf-fuzz
 
 # (check-layers: see scripts/check-layers.py and ARCHITECTURE.md)
-.PHONY: all build setup native-deps models pydeps check-layers test demo fuzz fuzz-build fuzz-gguf corpus bench bench-convert torture sanitize clean
+.PHONY: all build setup native-deps models pydeps check-layers test demo fuzz fuzz-build fuzz-gguf corpus corpus-check bench bench-convert torture sanitize clean
 
 all: build
 
@@ -118,6 +118,11 @@ sanitize: setup pydeps
 # Regenerates the seed files in corpus/ (reproducible: fixed salts and seeds).
 corpus: build pydeps
 	bash scripts/make-corpus.sh "$(KVPACK)" corpus
+
+# After a change that must not change the writer's bytes: regenerate the corpus into an empty
+# directory and compare every file with corpus/ (cmp).
+corpus-check: build pydeps
+	bash scripts/check-corpus.sh "$(KVPACK)"
 
 clean:
 	rm -rf .build $(FUZZ_BIN) $(GGUF_FUZZ_BIN) fuzz-out $(DEMO_DIR) bench-out.txt torture-out.txt
