@@ -18,8 +18,8 @@ struct KVPackCommand: ParsableCommand {
         subcommands: [ChatCommand.self, GenerateCommand.self, BenchCommand.self, CodebookCommand.self, ConvertCommand.self, ImportCommand.self, ExportCommand.self, EvalCommand.self, EvalTensorsCommand.self, PlanCommand.self, PruneCommand.self, InfoCommand.self, TortureCommand.self, ValidateCommand.self, AttendCommand.self, SynthCommand.self])
 
     /// The one place errors become messages: a library error is printed as it is (code, field,
-    /// offset, message), naming the file the command works on when the error does not name one;
-    /// every other error as its own description. Exit status 1 (ArgumentParser's, as before).
+    /// offset, message), naming the file the command works on when the error is about a file and
+    /// does not name one; every other error as its own description. Exit status 1.
     static func main() {
         var command: ParsableCommand
         do {
@@ -30,7 +30,9 @@ struct KVPackCommand: ParsableCommand {
         do {
             try command.run()
         } catch let e as KVPackError {
-            exit(withError: CLIError(e.about((command as? WorksOnFile)?.file).description))
+            // A bad argument (a scheme spec, a range) is not about the file's bytes.
+            let aboutArguments = e.code == .invalidArgument || e.code == .needsCalibration
+            exit(withError: CLIError((aboutArguments ? e : e.about((command as? WorksOnFile)?.file)).description))
         } catch {
             exit(withError: error)
         }

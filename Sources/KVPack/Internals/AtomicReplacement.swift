@@ -20,6 +20,11 @@ public struct AtomicReplacement: Sendable {
         if !overwrite, access(destination, F_OK) == 0 {
             throw KVPackError.argument("\(destination) already exists (pass overwrite to replace it)")
         }
+        // Said here, about the destination, rather than later about a temporary name.
+        let directory = Self.directory(of: destination)
+        guard access(directory, W_OK | X_OK) == 0 else {
+            throw KVPackError.ioError("create in directory \(directory)", path: destination)
+        }
         self.destination = destination
         temporaryPath = "\(destination).\(label)-\(getpid())-\(UInt32.random(in: 0 ... .max))"
     }
@@ -53,15 +58,17 @@ public struct AtomicReplacement: Sendable {
     }
 }
 
+extension AtomicReplacement {
+    /// The directory a path's file is in.
+    static func directory(of path: String) -> String {
+        guard let slash = path.lastIndex(of: "/") else { return "." }
+        return slash == path.startIndex ? "/" : String(path[..<slash])
+    }
+}
+
 /// fsync of a directory, so a rename or a new file's directory entry is durable.
 func syncDirectory(of path: String) {
-    let dir: String
-    if let slash = path.lastIndex(of: "/") {
-        dir = slash == path.startIndex ? "/" : String(path[..<slash])
-    } else {
-        dir = "."
-    }
-    let fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+    let fd = open(AtomicReplacement.directory(of: path), O_RDONLY | O_DIRECTORY | O_CLOEXEC)
     guard fd >= 0 else { return }
     fsync(fd)
     close(fd)

@@ -101,7 +101,11 @@ struct FileIdentity: Equatable {
 }
 
 extension KVPackError {
+    /// An operating-system call on `path` failed: the error names the file (its `path`), the call
+    /// and the system's reason.
     static func ioError(_ operation: String, path: String, errno code: Int32 = errno) -> KVPackError {
-        KVPackError(.io, "\(operation) \(path): \(String(cString: strerror(code)))")
+        var e = KVPackError(.io, "\(operation): \(String(cString: strerror(code)))")
+        e.path = path
+        return e
     }
 }
