@@ -41,8 +41,18 @@ final class FileAppender {
         let flags = O_RDWR | O_CLOEXEC | (create ? O_CREAT | O_EXCL : 0)
         let fd = Glibc.open(path, flags, 0o644)
         guard fd >= 0 else { throw KVPackError.ioError("open", path: path) }
-        guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
+        // A lock that a writer of this process has just released can stay held for a moment: a
+        // child forked meanwhile shares the descriptor (and, with flock, the lock) until its exec
+        // closes it. So a busy lock is retried for up to 200 ms before it counts as another writer's.
+        var attempts = 0
+        while flock(fd, LOCK_EX | LOCK_NB) != 0 {
             let code = errno
+            if code == EINTR { continue }
+            if code == EWOULDBLOCK, attempts < 40 {
+                attempts += 1
+                usleep(5_000)
+                continue
+            }
             Glibc.close(fd)
             if code == EWOULDBLOCK {
                 throw KVPackError(.locked, "\(path) is being written by another process (its writer lock is held)")
