@@ -34,7 +34,7 @@ let package = Package(
         ),
         .target(
             name: "KVPackInterop",
-            dependencies: ["KVPack"],
+            dependencies: ["KVPack", "KVPackModels"],
             path: "Sources/KVPackInterop"
         ),
         .executableTarget(
