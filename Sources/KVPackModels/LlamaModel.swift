@@ -162,6 +162,21 @@ public struct Sampler {
         rng = SplitMix64(seed: seed)
     }
 
+    /// The two most likely tokens and how far apart their logits are (how near a tie the greedy
+    /// choice was).
+    public static func topTwo(_ logits: [Float]) -> (best: Int, second: Int, margin: Float) {
+        var best = 0, second = -1
+        for i in logits.indices.dropFirst() {
+            if logits[i] > logits[best] {
+                second = best
+                best = i
+            } else if second < 0 || logits[i] > logits[second] {
+                second = i
+            }
+        }
+        return second < 0 ? (best, best, 0) : (best, second, logits[best] - logits[second])
+    }
+
     public static func argmax(_ logits: ArraySlice<Float>) -> Int {
         var best = logits.startIndex
         for i in logits.indices where logits[i] > logits[best] { best = i }

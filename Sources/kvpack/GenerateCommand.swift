@@ -16,7 +16,7 @@ struct GenerateCommand: ParsableCommand {
         The file records the model's fingerprint (XXH3-128 of the checkpoint) and path; resuming with another model is refused and leaves the file untouched.
         """)
 
-    @Option(help: "llama2.c checkpoint (legacy or version 1 export). With --resume, defaults to the one the file records.")
+    @Option(help: "The model: a Llama-architecture GGUF (smollm2: the downloaded SmolLM2-135M-Instruct) or a llama2.c checkpoint. With --resume, defaults to the one the file records.")
     var model: String?
     @Option(help: "Start a new conversation in this file.") var save: String?
     @Option(help: "Continue the conversation in this file.") var resume: String?
@@ -27,6 +27,8 @@ struct GenerateCommand: ParsableCommand {
     @Option(help: "Sampling seed.") var seed: UInt64 = 1
     @Option(help: "Scheme spec for a new file (see `kvpack --help`).") var scheme = "raw:f16"
     @Option(help: "Also commit every N generated tokens (0: at seals and at the end only).") var commitEvery = 0
+    @Option(help: ArgumentHelp("Feed these comma-separated token ids one at a time instead of sampling, and report the model's own greedy choice and margin at each step (to compare engines on the same context).", visibility: .hidden))
+    var follow: String?
     @OptionGroup(title: "Writing the file") var writing: WritingOptions
     @Flag(help: "Print a JSON summary instead of token ids.") var json = false
 
@@ -36,6 +38,9 @@ struct GenerateCommand: ParsableCommand {
         var resumed: Bool
         var prompt: [Int]
         var generated: [Int]
+        /// For each generated token: the logit margin over the runner-up, and the runner-up.
+        var margins: [Float]
+        var runnersUp: [Int]
         var totalTokens: Int
         var nextPosition: UInt32
     }
@@ -52,7 +57,7 @@ struct GenerateCommand: ParsableCommand {
         let conversation: Conversation
         let modelPath: String
         if let save {
-            modelPath = absolute(model!)
+            modelPath = try absolute(model!)
             let llama = try LlamaModel(path: modelPath)
             if try ParsedSchemeSpec(scheme, geometry: llama.config.geometry).needsCalibration, prompt.count < 8 {
                 throw ValidationError("--scheme \(scheme) plans from the prompt's statistics; give at least 8 tokens with --prompt-tokens")
@@ -64,14 +69,41 @@ struct GenerateCommand: ParsableCommand {
         } else {
             // Mapped once: its recorded model, the model check and the session.
             let reader = try KVPackReader(path: resume!)
-            modelPath = try model.map(absolute) ?? recordedModelPath(reader)
+            modelPath = try model.map { try absolute($0) } ?? recordedModelPath(reader)
             let llama = try LlamaModel(path: modelPath)
             conversation = try Conversation.resume(reader: reader, model: llama, options: options)
             if !prompt.isEmpty { try conversation.feed(prompt) }
         }
         var sampler = Sampler(temperature: temperature, seed: seed)
         var produced = 0
+        // The logits each token is chosen from: before the first step, then after each token.
+        var margins: [Float] = [], runnersUp: [Int] = []
+        func note() {
+            guard !conversation.logits.isEmpty, margins.count < steps else { return }
+            let top = Sampler.topTwo(conversation.logits)
+            margins.append(top.margin)
+            runnersUp.append(top.second)
+        }
+        note()
+        if let follow = try parseTokens(follow) {
+            // Teacher forcing: the model's own choice at each step, while the given tokens are fed.
+            var chosen: [Int] = []
+            margins.removeAll()
+            runnersUp.removeAll()
+            for token in follow {
+                let top = Sampler.topTwo(conversation.logits)
+                chosen.append(top.best)
+                margins.append(top.margin)
+                runnersUp.append(top.second)
+                try conversation.feed([token])
+            }
+            try conversation.close()
+            return try printJSON(Summary(file: conversation.path, model: modelPath, resumed: resume != nil, prompt: prompt, generated: chosen,
+                                         margins: margins, runnersUp: runnersUp, totalTokens: conversation.tokenIDs.count,
+                                         nextPosition: conversation.session.nextPosition))
+        }
         let generated = try conversation.generate(steps: steps, sampler: &sampler) { token in
+            note()
             produced += 1
             if !json {
                 FileHandle.standardOutput.write(Data("\(token)\(produced < steps ? "," : "\n")".utf8))
@@ -82,7 +114,8 @@ struct GenerateCommand: ParsableCommand {
         let total = conversation.tokenIDs.count
         if json {
             try printJSON(Summary(file: conversation.path, model: modelPath, resumed: resume != nil, prompt: prompt,
-                                  generated: generated, totalTokens: total, nextPosition: conversation.session.nextPosition))
+                                  generated: generated, margins: margins, runnersUp: runnersUp, totalTokens: total,
+                                  nextPosition: conversation.session.nextPosition))
         } else {
             printError("\(conversation.path): \(total) tokens (\(prompt.count) fed, \(generated.count) generated this turn), committed")
         }
@@ -96,7 +129,8 @@ struct GenerateCommand: ParsableCommand {
         return ids
     }
 
-    func absolute(_ path: String) -> String {
-        path.hasPrefix("/") ? path : FileManager.default.currentDirectoryPath + "/" + path
+    func absolute(_ name: String) throws -> String {
+        let path = try ModelLocator.resolve(name)
+        return path.hasPrefix("/") ? path : FileManager.default.currentDirectoryPath + "/" + path
     }
 }

@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import KVPack
 import KVPackInterop
+import KVPackModels
 
 /// Tensor naming flags shared by import and export.
 struct NamingOptions: ParsableArguments {
@@ -19,31 +20,53 @@ struct NamingOptions: ParsableArguments {
     }
 }
 
-enum ExternalFormat: String, ExpressibleByArgument, CaseIterable {
+enum ImportFormat: String, ExpressibleByArgument, CaseIterable {
     case safetensors, npy
+    case llamaCpp = "llama.cpp"
 
-    /// A directory is npy; anything else safetensors.
-    static func guess(_ path: String) -> ExternalFormat {
+    /// A directory is npy; a file starting with 'ggsn' or 'ggsq' a llama.cpp state; else safetensors.
+    static func guess(_ path: String) -> ImportFormat {
         var isDirectory: ObjCBool = false
-        return FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory) && isDirectory.boolValue ? .npy : .safetensors
+        if FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory), isDirectory.boolValue { return .npy }
+        if let handle = FileHandle(forReadingAtPath: path), let head = try? handle.read(upToCount: 4), head.count == 4 {
+            let magic = head.withUnsafeBytes { UInt32(littleEndian: $0.loadUnaligned(as: UInt32.self)) }
+            if magic == LlamaCppState.sessionMagic || magic == LlamaCppState.sequenceMagic { return .llamaCpp }
+        }
+        return .safetensors
     }
 }
+
+enum ExportFormat: String, ExpressibleByArgument, CaseIterable {
+    case safetensors, npy
+    case llamaCppSession = "llama.cpp-session"
+    case llamaCppSeq = "llama.cpp-seq"
+}
+
+extension GGMLType: ExpressibleByArgument {
+    public init?(argument: String) { self.init(name: argument) }
+}
+
+extension LlamaCppCache.Rotation: ExpressibleByArgument {}
 
 struct ImportCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "import",
-        abstract: "Make a .kvpack file from a KV cache in safetensors or in a directory of .npy files.",
+        abstract: "Make a .kvpack file from a KV cache: a llama.cpp session or sequence file, safetensors, or a directory of .npy files.",
         discussion: """
+        llama.cpp: a session file (llama_state_save_file, llama-cli --prompt-cache; 'ggsn' version 9 or 10) or a sequence file (llama_state_seq_save_file, a llama-server slot; 'ggsq' version 2 or 3). --model names the GGUF it was computed with (smollm2: the downloaded SmolLM2): it gives the head split, RoPE settings and context, and its fingerprint is recorded so that `kvpack chat --resume` continues the conversation. Every cache type llama.cpp writes for plain attention is read: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 and iq4_nl, values by rows or transposed. Quantized caches are stored Hadamard-rotated by llama.cpp since #21038 (the file does not say so); --rotation off reads caches written with LLAMA_ATTN_ROT_DISABLE=1 or by an older llama.cpp. Where the file came from is recorded as llama.cpp.* metadata (`kvpack info`), and `kvpack export --format llama.cpp-session` writes it back in the same types.
+
         safetensors: per-layer key and value tensors in the Hugging Face past_key_values layout [batch, kv_heads, seq, head_dim] (or [kv_heads, seq, head_dim]), F32, F16 or BF16, named by --pattern (default past_key_values.{layer}.key / .value). Optional input_ids and position_ids tensors give token ids and positions.
 
         npy: a directory of k_layerNN.npy and v_layerNN.npy [kv_heads, tokens, head_dim] with an optional meta.json (token_ids, positions, heads, rope_theta), as ../shared/kv-samples/ and `kvpack export --format npy` lay it out.
 
-        Caches do not record the model's query heads or RoPE settings: give --query-heads, --rope-theta and --rope-layout (defaults: meta.json's values, else one query head per KV head, theta 10000, rotate-half for safetensors and interleaved for npy). Tokens are written a segment at a time.
+        Tensor caches do not record the model's query heads or RoPE settings: give --query-heads, --rope-theta and --rope-layout (defaults: meta.json's values, else one query head per KV head, theta 10000, rotate-half for safetensors and interleaved for npy). Tokens are written a segment at a time.
         """)
 
-    @Argument(help: "A .safetensors file or a directory of .npy files.") var source: String
+    @Argument(help: "A llama.cpp state file, a .safetensors file or a directory of .npy files.") var source: String
     @Argument(help: "The .kvpack file to write.") var output: String
-    @Option(help: "Source format (default: npy for a directory, else safetensors).") var format: ExternalFormat?
+    @Option(help: "Source format (default: from the file: llama.cpp by its magic, npy for a directory, else safetensors).") var format: ImportFormat?
+    @Option(help: "llama.cpp: the GGUF model the state was computed with (a path, or smollm2).") var model: String?
+    @Option(help: "llama.cpp: auto (quantized rows are rotated, as llama.cpp writes them since #21038) or off.") var rotation: LlamaCppCache.Rotation = .auto
     @OptionGroup var naming: NamingOptions
     @Option(help: "Batch entry to import (safetensors).") var batchIndex = 0
     @Option(help: "Query heads of the model (a multiple of the KV heads).") var queryHeads: Int?
@@ -51,9 +74,11 @@ struct ImportCommand: ParsableCommand {
     @Option(help: "RoPE pair layout: interleaved, rotate-half or none.") var ropeLayout: String?
     @Option(help: "Scheme spec for the output.") var scheme = "raw:f16"
     @OptionGroup(title: "Writing the file") var writing: WritingOptions
+    @Flag(help: "Print the import report as JSON.") var json = false
 
     func run() throws {
-        let kind = format ?? ExternalFormat.guess(source)
+        let kind = format ?? ImportFormat.guess(source)
+        if kind == .llamaCpp { return try importLlamaCpp() }
         let cache: ExternalCache
         var meta: NpyDirectoryCache.Meta?
         switch kind {
@@ -62,6 +87,7 @@ struct ImportCommand: ParsableCommand {
             let dir = try NpyDirectoryCache(directory: source)
             meta = dir.meta
             cache = dir
+        case .llamaCpp: return
         }
         let layoutName = ropeLayout ?? meta?.rope_layout ?? (kind == .npy ? "interleaved" : "rotate-half")
         let layout: RoPELayout
@@ -78,30 +104,80 @@ struct ImportCommand: ParsableCommand {
         let h = cache.geometryHint
         print("\(output): \(n) tokens, \(h.layers) layers x \(h.kvHeads) KV heads x head_dim \(h.headDim), from \(source) (\(kind.rawValue))")
     }
+
+    func importLlamaCpp() throws {
+        guard let model else { throw ValidationError("a llama.cpp state needs --model: the GGUF it was computed with (its head split and RoPE are not in the file)") }
+        let gguf = try LlamaCppModel(path: try ModelLocator.resolve(model))
+        let state = try LlamaCppState(file: MappedFile(path: source))
+        let cache = try LlamaCppCache(state: state, model: gguf, rotation: rotation)
+        let progress = Progress(label: "import \(output)", total: cache.tokenCount)
+        let report = try LlamaCppImport.write(cache, to: output, spec: scheme, segmentTokens: writing.segmentTokens,
+                                              source: URL(fileURLWithPath: source).standardizedFileURL.path, options: writing.writerOptions(),
+                                              producer: "\(KVPackVersion.producer) import") { done, _ in progress.update(done) }
+        progress.finish()
+        if json { return try printJSON(report) }
+        let rotated = [cache.keyRotation.map { "K in chunks of \($0)" }, cache.valueRotation.map { "V in chunks of \($0)" }].compactMap { $0 }
+        print("\(output): \(report.tokens) tokens from llama.cpp \(report.kind) file v\(report.version) (\(report.keyType) keys, \(report.valueType) values, V \(report.valuesTransposed ? "transposed" : "by rows")\(rotated.isEmpty ? "" : "; rotation undone: " + rotated.joined(separator: ", "))), \(gguf.geometry), \(scheme)")
+    }
 }
 
 struct ExportCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "export",
-        abstract: "Write a .kvpack file's cache as safetensors or as a directory of .npy files.",
+        abstract: "Write a .kvpack file's cache as a llama.cpp session or sequence file, safetensors, or a directory of .npy files.",
         discussion: """
+        llama.cpp-session / llama.cpp-seq: a file llama.cpp loads with llama_state_load_file (llama-cli --prompt-cache) or llama_state_seq_load_file (a llama-server slot). llama.cpp refuses a state whose cache types or value layout differ from its context's, so give those of the context that will load it: --type-k/--type-v (-ctk/-ctv), --v-trans 1 without flash attention (f16/f32/bf16 values only). Defaults: what an imported file recorded (so importing and exporting reproduces the llama.cpp file), else f16, values by rows, the newest version (session 10, sequence 3; --version 9 writes the layout of llama.cpp before PR #18862, with an empty output section). Quantized rows are Hadamard-rotated as llama.cpp does since #21038 unless --rotation off (a context run with LLAMA_ATTN_ROT_DISABLE=1). The session file records the model architecture (--model's GGUF, or the one the file records).
+
         safetensors: per layer a key and a value tensor [1, kv_heads, tokens, head_dim] named by --pattern, plus input_ids and position_ids [1, tokens] (I64); geometry and RoPE go in the file's metadata. npy: k_layerNN.npy and v_layerNN.npy [kv_heads, tokens, head_dim] and meta.json. Blocks are decoded one stream at a time.
         """)
 
     @Argument(help: "The .kvpack file.") var input: String
-    @Argument(help: "A .safetensors path, or a directory for npy.") var destination: String
-    @Option(help: "Format (default: npy when DESTINATION has no extension and is not a .safetensors file).") var format: ExternalFormat?
+    @Argument(help: "The file to write (a directory for npy).") var destination: String
+    @Option(help: "Format (default: npy when DESTINATION has no extension and is not a .safetensors file, else safetensors).") var format: ExportFormat?
     @Option(help: "Element type: f32, f16 or bf16 (bf16: safetensors only).") var dtype = "f32"
     @OptionGroup var naming: NamingOptions
+    @Option(help: "llama.cpp: key cache type (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1).") var typeK: GGMLType?
+    @Option(help: "llama.cpp: value cache type.") var typeV: GGMLType?
+    @Option(help: "llama.cpp: 1 for values transposed (a context without flash attention), 0 for rows.") var vTrans: Int?
+    @Option(help: "llama.cpp: file version (session 10 or 9, sequence 3 or 2).") var version: UInt32?
+    @Option(help: "llama.cpp: auto (rotate quantized rows, as llama.cpp does) or off.") var rotation: LlamaCppCache.Rotation?
+    @Option(help: "llama.cpp: the GGUF whose architecture a session file records (default: the model the file records).") var model: String?
+    @Flag(help: "Replace DESTINATION if it exists (llama.cpp formats).") var overwrite = false
 
     func run() throws {
         let reader = try openReader(input)
-        guard let type = ElementType(name: dtype), type.isFloatingPoint else { throw ValidationError("--dtype must be f32, f16 or bf16") }
         let kind = format ?? (destination.hasSuffix(".safetensors") ? .safetensors : (URL(fileURLWithPath: destination).pathExtension.isEmpty ? .npy : .safetensors))
         switch kind {
-        case .safetensors: try CacheInterop.exportSafetensors(reader, to: destination, type: type, naming: naming.naming)
-        case .npy: try CacheInterop.exportNpy(reader, to: destination, type: type)
+        case .llamaCppSession, .llamaCppSeq:
+            return try exportLlamaCpp(reader, kind: kind == .llamaCppSession ? .session : .sequence)
+        case .safetensors, .npy:
+            guard let type = ElementType(name: dtype), type.isFloatingPoint else { throw ValidationError("--dtype must be f32, f16 or bf16") }
+            if kind == .safetensors {
+                try CacheInterop.exportSafetensors(reader, to: destination, type: type, naming: naming.naming)
+            } else {
+                try CacheInterop.exportNpy(reader, to: destination, type: type)
+            }
+            print("\(destination): \(reader.tokenCount) tokens, \(reader.geometry) as \(kind.rawValue) \(type)")
         }
-        print("\(destination): \(reader.tokenCount) tokens, \(reader.geometry) as \(kind.rawValue) \(type)")
+    }
+
+    func exportLlamaCpp(_ reader: KVPackReader, kind: LlamaCppState.Kind) throws {
+        let meta = Dictionary(reader.manifest.userMetadata.map { ($0.key, $0.value) }, uniquingKeysWith: { a, _ in a })
+        if let vTrans, vTrans != 0, vTrans != 1 { throw ValidationError("--v-trans is 0 (values by rows) or 1 (transposed), not \(vTrans)") }
+        var o = LlamaCppExport.Options(kind: kind, recorded: meta, keyType: typeK, valueType: typeV,
+                                       valuesTransposed: vTrans.map { $0 == 1 }, version: version, rotation: rotation)
+        o.overwrite = overwrite
+        if let model {
+            o.architecture = try LlamaCppModel(path: try ModelLocator.resolve(model)).architecture
+        } else if meta["llama.cpp.architecture"] != nil {
+            // recorded at import: Options(recorded:) took it
+        } else if let path = meta["model.path"], let gguf = try? LlamaCppModel(path: path) {
+            o.architecture = gguf.architecture
+        } else if kind == .session {
+            throw ValidationError("a session file records the model architecture: give --model (the file records no GGUF)")
+        }
+        let report = try LlamaCppExport.export(reader, to: destination, options: o)
+        let rotated = [report.keyRotation.map { "K in chunks of \($0)" }, report.valueRotation.map { "V in chunks of \($0)" }].compactMap { $0 }
+        print("\(destination): llama.cpp \(report.kind) file v\(report.version), \(report.tokens) tokens, \(report.keyType) keys, \(report.valueType) values (V \(report.valuesTransposed ? "transposed" : "by rows"))\(rotated.isEmpty ? "" : ", rotated: " + rotated.joined(separator: ", ")), \(formatBytes(report.bytes))")
     }
 }

@@ -26,6 +26,31 @@ struct GenerateCommandTests {
         #expect(try a.decode(layer: 4, kvHead: 2, kind: .key) == b.decode(layer: 4, kvHead: 2, kind: .key))
     }
 
+    @Test("--json reports each step's margin and runner-up; --follow feeds given tokens and reports the model's own choices")
+    func marginsAndFollow() throws {
+        let dir = temporaryDirectory()
+        struct Summary: Decodable { var generated: [Int]; var margins: [Float]; var runnersUp: [Int]; var totalTokens: Int }
+        let (s1, o1, e1) = try runKVPack(["generate", "--model", bundledModelPath, "--save", dir + "/a.kvpack", "--steps", "12", "--json", "--no-fsync"])
+        try #require(s1 == 0, "\(e1)")
+        let free = try JSONDecoder().decode(Summary.self, from: Data(o1.utf8))
+        #expect(free.generated.count == 12 && free.margins.count == 12 && free.runnersUp.count == 12)
+        #expect(free.margins.allSatisfy { $0 >= 0 } && zip(free.generated, free.runnersUp).allSatisfy { $0 != $1 })
+        // Fed its own greedy tokens, the model chooses them again with the same margins.
+        let ids = free.generated.map(String.init).joined(separator: ",")
+        let (s2, o2, e2) = try runKVPack(["generate", "--model", bundledModelPath, "--save", dir + "/b.kvpack", "--follow", ids, "--json", "--no-fsync"])
+        try #require(s2 == 0, "\(e2)")
+        let forced = try JSONDecoder().decode(Summary.self, from: Data(o2.utf8))
+        #expect(forced.generated == free.generated && forced.margins == free.margins && forced.runnersUp == free.runnersUp)
+        // Fed other tokens, it still reports its own choice at each step (the first one is unchanged).
+        let other = free.generated.map { String(($0 + 7) % 512) }.joined(separator: ",")
+        let (s3, o3, e3) = try runKVPack(["generate", "--model", bundledModelPath, "--save", dir + "/c.kvpack", "--follow", other, "--json", "--no-fsync"])
+        try #require(s3 == 0, "\(e3)")
+        let steered = try JSONDecoder().decode(Summary.self, from: Data(o3.utf8))
+        #expect(steered.generated.first == free.generated.first && steered.generated != free.generated)
+        let fed = try KVPackReader(path: dir + "/c.kvpack").tokenIDs.dropFirst().map { Int($0) }
+        #expect(steered.totalTokens == 13 && fed == free.generated.map { ($0 + 7) % 512 })
+    }
+
     @Test("resuming with a different model fails clearly and leaves the file untouched")
     func differentModel() throws {
         let dir = temporaryDirectory()
