@@ -13,9 +13,13 @@ LIB_SOURCES := $(shell find Sources/KVPack -name '*.swift')
 MODEL_SOURCES := $(shell find Sources/KVPackModels -name '*.swift')
 LAB_SOURCES := $(shell find Sources/KVPackLab -name '*.swift')
 GGUF_FUZZ_BIN := Fuzz/gguf-fuzz
+LLAMA_CPP_FUZZ_BIN := Fuzz/llama-cpp-fuzz
+INTEROP_SOURCES := $(shell find Sources/KVPackInterop/LlamaCpp -name '*.swift')
+# Where scripts/fetch-models.sh puts SmolLM2 (the same rule as ModelLocator).
+SMOLLM2 := $(if $(KVPACK_MODEL_DIR),$(KVPACK_MODEL_DIR),$(if $(XDG_CACHE_HOME),$(XDG_CACHE_HOME),$(HOME)/.cache)/kvpack)/SmolLM2-135M-Instruct.Q4_1.gguf
 
 # (check-layers: see scripts/check-layers.py and ARCHITECTURE.md)
-.PHONY: all build setup native-deps models pydeps check-layers test demo fuzz fuzz-build fuzz-gguf corpus corpus-check bench bench-convert torture sanitize clean
+.PHONY: all build setup native-deps models pydeps check-layers test demo fuzz fuzz-build fuzz-gguf fuzz-llama-cpp corpus corpus-check bench bench-convert torture sanitize clean llama.cpp llama-cpp-fixtures llama-cpp-roundtrip
 
 all: build
 
@@ -39,9 +43,10 @@ native-deps:
 build: setup
 	swift build -c release $(SWIFT_FLAGS)
 
-# The second, Python reader (Spec/reader/spec_reader.py) the tests compare against needs these.
+# The second, Python reader (Spec/reader/spec_reader.py) the tests compare against needs these;
+# gguf (llama.cpp's gguf-py) dequantizes llama.cpp cache rows in Tests/Oracles/llama_cpp_state.py.
 pydeps:
-	@python3 -c 'import numpy, xxhash, zstandard, safetensors' 2>/dev/null || python3 -m pip install --quiet numpy xxhash zstandard safetensors
+	@python3 -c 'import numpy, xxhash, zstandard, safetensors, gguf' 2>/dev/null || python3 -m pip install --quiet numpy xxhash zstandard safetensors gguf==0.19.0
 
 # The room rule of Sources/KVPack (ARCHITECTURE.md): each room type-checked with only the rooms
 # below it, plus the rules on imports, raw memory and frame fields; then a deliberately
@@ -86,6 +91,33 @@ fuzz-gguf: setup $(GGUF_FUZZ_BIN)
 	$(GGUF_FUZZ_BIN) -max_total_time=$(FUZZ_SECONDS) -max_len=131072 -rss_limit_mb=2048 -print_final_stats=1 \
 		-dict=Fuzz/gguf.dict -artifact_prefix=fuzz-out/gguf- fuzz-out/gguf-corpus Fuzz/gguf-seeds/
 
+# The real llama.cpp (vendored by PyPI's llama-cpp-python sdist, pinned by sha256) built into
+# ~/.cache/kvpack/llama.cpp with its Python binding: 3-9 minutes once, then a no-op. The tests that
+# run it skip without it; `make test` does not build it.
+llama.cpp:
+	@bash scripts/build-llama-cpp.sh
+
+# Rewrites Tests/Fixtures/llama.cpp/ (state files llama.cpp saves; committed, see its README).
+llama-cpp-fixtures: llama.cpp models
+	MODEL=$(SMOLLM2) bash scripts/make-llama-cpp-fixtures.sh
+
+# Conversations continued across engines both ways (llama.cpp -> KVPack, KVPack -> llama.cpp),
+# 4 ChatML prompts x 32 greedy tokens, each engine teacher-forced along the other's tokens.
+llama-cpp-roundtrip: build llama.cpp
+	scripts/llama-cpp.sh python scripts/llama_cpp_roundtrip.py --kvpack $(KVPACK) --model $(SMOLLM2)
+
+# libFuzzer + AddressSanitizer over the llama.cpp state-file importer (parse, fit to a model,
+# decode every row), seeded with corpus/llama.cpp (scripts/make-llama-cpp-corpus.py writes it).
+$(LLAMA_CPP_FUZZ_BIN): $(LIB_SOURCES) $(MODEL_SOURCES) $(INTEROP_SOURCES) Fuzz/LlamaCppFuzzTarget.swift
+	swiftc -sanitize=fuzzer,address -parse-as-library -O -g -target-cpu $(SWIFT_CPU) -module-name KVPack \
+		-suppress-warnings -I Sources/CZstd -I Sources/CXXHash -lzstd -lxxhash \
+		$(LIB_SOURCES) $(MODEL_SOURCES) $(INTEROP_SOURCES) Fuzz/LlamaCppFuzzTarget.swift -o $@
+
+fuzz-llama-cpp: setup $(LLAMA_CPP_FUZZ_BIN)
+	@mkdir -p fuzz-out/llama-cpp-corpus
+	$(LLAMA_CPP_FUZZ_BIN) -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -rss_limit_mb=2048 -print_final_stats=1 \
+		-dict=Fuzz/llama-cpp.dict -artifact_prefix=fuzz-out/llama-cpp- fuzz-out/llama-cpp-corpus corpus/llama.cpp/
+
 # Attention over every scheme against dense baselines and the machine's floors, writer throughput
 # (BENCHMARKS.md "Speed"). Not a test: timings vary from run to run.
 bench: build
@@ -125,4 +157,4 @@ corpus-check: build pydeps
 	bash scripts/check-corpus.sh "$(KVPACK)"
 
 clean:
-	rm -rf .build $(FUZZ_BIN) $(GGUF_FUZZ_BIN) fuzz-out $(DEMO_DIR) bench-out.txt torture-out.txt
+	rm -rf .build $(FUZZ_BIN) $(GGUF_FUZZ_BIN) $(LLAMA_CPP_FUZZ_BIN) fuzz-out $(DEMO_DIR) bench-out.txt torture-out.txt
