@@ -41,6 +41,16 @@ public struct ChatTemplate: Sendable {
 
     /// What closes a reply whose `<|im_end|>` was sampled (or that was cut at the token limit).
     public var replyEnd: [Int] { [imEnd] + newline }
+
+    /// Where the reply tokens of an assistant message the transcript leaves open begin (nil when
+    /// its last message is closed). A cache saved by another engine (a llama.cpp session of a
+    /// ChatML prompt) ends with `<|im_start|>assistant\n` and perhaps part of the reply.
+    public func openReplyStart(_ ids: [UInt32]) -> Int? {
+        guard let start = ids.lastIndex(of: UInt32(imStart)), !ids[start...].contains(UInt32(imEnd)) else { return nil }
+        let header = replyPrompt.map { UInt32($0) }
+        guard ids[start...].starts(with: header) else { return nil }
+        return start + header.count
+    }
 }
 
 /// A ChatML conversation whose KV cache lives in a .kvpack file: each turn feeds the user's
@@ -84,9 +94,26 @@ public final class Chat {
     /// first token).
     public static func resume(reader: KVPackReader, model: LlamaModel, options: WriterOptions) throws -> Chat {
         let template = try ChatTemplate(model: model)
-        // A turn always feeds the user's message first, so the last token's logits are not needed.
-        return Chat(conversation: try Conversation.resume(reader: reader, model: model, options: options, recomputeLogits: false),
+        // A turn feeds the user's message first, so the last token's logits are needed only to
+        // finish a reply the transcript leaves open.
+        let open = template.openReplyStart(try reader.tokenIDs) != nil
+        return Chat(conversation: try Conversation.resume(reader: reader, model: model, options: options, recomputeLogits: open),
                     template: template)
+    }
+
+    /// The tokens of the open assistant reply so far (empty: only its header), or nil when the
+    /// transcript's last message is closed. `finishReply` completes it.
+    public var openReply: [Int]? {
+        let ids = conversation.tokenIDs
+        return template.openReplyStart(ids).map { ids[$0...].map { Int($0) } }
+    }
+
+    /// Completes the open assistant reply (see `openReply`): samples until `<|im_end|>` or
+    /// `maxTokens`, closes the message and commits. The turn's message is empty.
+    @discardableResult
+    public func finishReply(maxTokens: Int, sampler: inout Sampler, clock: () -> Double, onText: (String) throws -> Void) throws -> Turn {
+        guard openReply != nil else { throw ModelError(conversation.path, "the transcript has no open assistant reply to finish") }
+        return try reply(message: "", promptTokens: 0, prefillSeconds: 0, maxTokens: maxTokens, sampler: &sampler, clock: clock, onText: onText)
     }
 
     /// Tokens the first turn feeds before the user's message: the system message, if any.
@@ -104,6 +131,14 @@ public final class Chat {
         let t0 = clock()
         try conversation.feed(prompt)
         let t1 = clock()
+        return try reply(message: message, promptTokens: prompt.count, prefillSeconds: t1 - t0, maxTokens: maxTokens, sampler: &sampler,
+                         clock: clock, onText: onText)
+    }
+
+    /// Samples the assistant's reply from the current logits, streams it, closes and commits it.
+    func reply(message: String, promptTokens: Int, prefillSeconds: Double, maxTokens: Int, sampler: inout Sampler,
+               clock: () -> Double, onText: (String) throws -> Void) throws -> Turn {
+        let t1 = clock()
         var stream = UTF8Stream()
         let tokenizer = template.tokenizer
         let reply = try conversation.generate(maxSteps: maxTokens, sampler: &sampler, stop: [template.imEnd]) { token in
@@ -116,8 +151,8 @@ public final class Chat {
         let truncated = reply.stopped == nil
         try conversation.feed(template.replyEnd)
         try conversation.commit()
-        return Turn(message: message, reply: tokenizer.decode(reply.tokens, renderSpecial: false), promptTokens: prompt.count,
-                    replyTokens: reply.tokens, prefillSeconds: t1 - t0, generateSeconds: t2 - t1, truncated: truncated)
+        return Turn(message: message, reply: tokenizer.decode(reply.tokens, renderSpecial: false), promptTokens: promptTokens,
+                    replyTokens: reply.tokens, prefillSeconds: prefillSeconds, generateSeconds: t2 - t1, truncated: truncated)
     }
 
     public func close() throws { try conversation.close() }

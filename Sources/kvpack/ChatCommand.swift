@@ -13,7 +13,7 @@ struct ChatCommand: ParsableCommand {
           kvpack chat --resume chat.kvpack --message "Which is longest?"
           kvpack info chat.kvpack --text                                (the transcript)
 
-        Each turn feeds your message (ChatML: <|im_start|>user ... <|im_end|>) as one batch, streams the reply to standard output as it is produced, and closes it with <|im_end|>, then commits: the file always holds a complete transcript, and a resumed chat attends over it straight from the mapped file. With a lossless --scheme, three turns in one process and the same turns across three processes give the same replies, token for token. Without --message, messages are read from standard input, one per line (with a prompt on a terminal; an empty line or end of input ends the chat). Speeds go to standard error.
+        Each turn feeds your message (ChatML: <|im_start|>user ... <|im_end|>) as one batch, streams the reply to standard output as it is produced, and closes it with <|im_end|>, then commits: the file always holds a complete transcript, and a resumed chat attends over it straight from the mapped file. A transcript that ends in an open assistant reply (a llama.cpp session imported with `kvpack import`, saved after its ChatML prompt) gets that reply finished first. With a lossless --scheme, three turns in one process and the same turns across three processes give the same replies, token for token. Without --message, messages are read from standard input, one per line (with a prompt on a terminal; an empty line or end of input ends the chat). Speeds go to standard error.
 
         --model smollm2 is the model `make models` downloads (SmolLM2-135M-Instruct, Q4_1 GGUF, into ~/.cache/kvpack); any Llama-architecture GGUF with a byte-level BPE tokenizer and ChatML tokens works. Store the cache compactly with --scheme (e.g. int:k4v2:kc64), or convert the file later with `kvpack convert`.
         """)
@@ -72,6 +72,19 @@ struct ChatCommand: ParsableCommand {
         var sampler = Sampler(temperature: temperature, seed: seed)
         var turns: [Chat.Turn] = []
         var pending = messages
+        // A transcript another engine saved mid-reply (a llama.cpp session of a ChatML prompt
+        // ends with <|im_start|>assistant): the reply is finished first, then the messages follow.
+        if let open = chat.openReply {
+            if !json {
+                printError("kvpack chat: the transcript ends in an open assistant reply (\(open.count) tokens so far); finishing it")
+                if interactive { FileHandle.standardError.write(Data("assistant> ".utf8)) }
+            }
+            let turn = try chat.finishReply(maxTokens: maxTokens, sampler: &sampler, clock: Self.now) { text in
+                if !json { FileHandle.standardOutput.write(Data(text.utf8)) }
+            }
+            turns.append(turn)
+            if !json { report(turn, chat: chat, path: path) }
+        }
         let dropped = Set(chat.template.tokenizer.unrepresentableBytes)
         while true {
             let message: String
@@ -92,19 +105,22 @@ struct ChatCommand: ParsableCommand {
                 if !json { FileHandle.standardOutput.write(Data(text.utf8)) }
             }
             turns.append(turn)
-            if !json {
-                FileHandle.standardOutput.write(Data("\n".utf8))
-                let rate = Double(turn.replyTokens.count) / max(turn.generateSeconds, 1e-9)
-                printError(String(format: "[%d prompt tokens in %.2f s (%.0f tok/s); %d reply tokens at %.1f tok/s%@; %d tokens in %@]",
-                                  turn.promptTokens, turn.prefillSeconds, Double(turn.promptTokens) / max(turn.prefillSeconds, 1e-9),
-                                  turn.replyTokens.count, rate, turn.truncated ? ", cut at --max-tokens" : "",
-                                  chat.conversation.tokenIDs.count, path))
-            }
+            if !json { report(turn, chat: chat, path: path) }
         }
         try chat.close()
         if json {
             try printJSON(Summary(file: path, model: llama.path, turns: turns, totalTokens: chat.conversation.tokenIDs.count))
         }
+    }
+
+    /// Ends the streamed reply's line and prints the turn's speeds to standard error.
+    func report(_ turn: Chat.Turn, chat: Chat, path: String) {
+        FileHandle.standardOutput.write(Data("\n".utf8))
+        let rate = Double(turn.replyTokens.count) / max(turn.generateSeconds, 1e-9)
+        printError(String(format: "[%d prompt tokens in %.2f s (%.0f tok/s); %d reply tokens at %.1f tok/s%@; %d tokens in %@]",
+                          turn.promptTokens, turn.prefillSeconds, Double(turn.promptTokens) / max(turn.prefillSeconds, 1e-9),
+                          turn.replyTokens.count, rate, turn.truncated ? ", cut at --max-tokens" : "",
+                          chat.conversation.tokenIDs.count, path))
     }
 
     static func now() -> Double {

@@ -479,6 +479,33 @@ struct LlamaCppTests {
 /// With the real SmolLM2 GGUF (skipped when `make models` has not fetched it).
 @Suite(.serialized, .enabled(if: !smolLM2Missing, Comment(rawValue: smolLM2SkipNote)))
 struct LlamaCppSmolLM2Tests {
+    @Test("kvpack chat --resume on an imported session finishes the assistant reply llama.cpp's prompt opened, then takes the next message")
+    func chatResumesImportedSession() throws {
+        let dir = temporaryDirectory()
+        let f = try #require(LlamaCppTests.fixtures.first { $0.file == "session-q8_0-f16-vtrans.bin" })
+        for name in ["c", "g"] {
+            let (s, _, e) = try runKVPack(["import", f.path, dir + "/\(name).kvpack", "--model", "smollm2", "--scheme", "int:k4v2:kc64"])
+            try #require(s == 0, "\(e)")
+        }
+        let (s2, o2, e2) = try runKVPack(["generate", "--resume", dir + "/g.kvpack", "--steps", "6", "--json", "--no-fsync"])
+        try #require(s2 == 0, "\(e2)")
+        let (s3, o3, e3) = try runKVPack(["chat", "--resume", dir + "/c.kvpack", "--message", "And another one?", "--max-tokens", "24",
+                                          "--json", "--no-fsync"])
+        try #require(s3 == 0, "\(e3)")
+        struct Generated: Decodable { var generated: [Int] }
+        struct Turn: Decodable { var message: String; var replyTokens: [Int] }
+        struct Summary: Decodable { var turns: [Turn] }
+        let turns = try JSONDecoder().decode(Summary.self, from: Data(o3.utf8)).turns
+        try #require(turns.count == 2)
+        // The first turn is the reply llama.cpp's prompt asked for: what generate --resume continues with.
+        let expected = try JSONDecoder().decode(Generated.self, from: Data(o2.utf8)).generated
+        #expect(turns[0].message.isEmpty && Array(turns[0].replyTokens.prefix(6)) == Array(expected.prefix(turns[0].replyTokens.count)))
+        #expect(turns[1].message == "And another one?" && !turns[1].replyTokens.isEmpty)
+        let (_, text, _) = try runKVPack(["info", dir + "/c.kvpack", "--text"])
+        #expect(text.hasPrefix("<|im_start|>user\nName a color.<|im_end|>\n<|im_start|>assistant\n"), "\(text)")
+        #expect(text.components(separatedBy: "<|im_end|>").count == 5, "four closed messages: \(text)")
+    }
+
     @Test("a session llama.cpp saved continues in KVPack as KVPack's own prefill of the same tokens does")
     func continueImportedSession() throws {
         let dir = temporaryDirectory()
