@@ -19,7 +19,7 @@ INTEROP_SOURCES := $(shell find Sources/KVPackInterop/LlamaCpp -name '*.swift')
 SMOLLM2 := $(if $(KVPACK_MODEL_DIR),$(KVPACK_MODEL_DIR),$(if $(XDG_CACHE_HOME),$(XDG_CACHE_HOME),$(HOME)/.cache)/kvpack)/SmolLM2-135M-Instruct.Q4_1.gguf
 
 # (check-layers: see scripts/check-layers.py and ARCHITECTURE.md)
-.PHONY: all build setup native-deps models pydeps check-layers test demo fuzz fuzz-build fuzz-gguf fuzz-llama-cpp corpus corpus-check bench bench-convert torture sanitize clean llama.cpp llama-cpp-fixtures llama-cpp-roundtrip
+.PHONY: all build setup native-deps models pydeps check-layers test demo fuzz fuzz-build fuzz-gguf fuzz-llama-cpp corpus corpus-check bench bench-convert torture sanitize clean llama.cpp llama-cpp-fixtures llama-cpp-roundtrip llama-cpp-sizes
 
 all: build
 
@@ -117,6 +117,11 @@ fuzz-llama-cpp: setup $(LLAMA_CPP_FUZZ_BIN)
 	@mkdir -p fuzz-out/llama-cpp-corpus
 	$(LLAMA_CPP_FUZZ_BIN) -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -rss_limit_mb=2048 -print_final_stats=1 \
 		-dict=Fuzz/llama-cpp.dict -artifact_prefix=fuzz-out/llama-cpp- fuzz-out/llama-cpp-corpus corpus/llama.cpp/
+
+# README's llama.cpp size table: one ~1,000-token text saved by llama.cpp (f16, q8_0, q4_0 caches)
+# against .kvpack imports in several schemes, with each scheme's quality cost (kvpack eval).
+llama-cpp-sizes: build llama.cpp
+	scripts/llama-cpp.sh python scripts/llama_cpp_sizes.py --kvpack $(KVPACK) --model $(SMOLLM2)
 
 # Attention over every scheme against dense baselines and the machine's floors, writer throughput
 # (BENCHMARKS.md "Speed"). Not a test: timings vary from run to run.

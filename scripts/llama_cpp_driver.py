@@ -5,8 +5,12 @@ llama-cpp-python binding of the same sdist, for KVPack's interop tests and fixtu
     save      evaluate a prompt and save llama.cpp's state: a session file (ggsn,
               llama_state_save_file) or a sequence file (ggsq, llama_state_seq_save_file)
     continue  load such a file and continue greedily, as llama.cpp resumes one: the last token
-              is removed from the cache and evaluated again for its logits; prints each
-              generated token with its top-2 logit margin
+              is removed from the cache and evaluated again for its logits (or, with
+              --then-text, the text is tokenized and evaluated after the loaded tokens: the next
+              message of a conversation); prints each generated token with its top-2 logit margin
+    perplexity  evaluate a text in one batch through the cache (its rows are written in the
+              cache type, then attended) and print the perplexity of each next token and the
+              greedy choice at every position: what a cache type costs, measured in llama.cpp
 
 Both print JSON on stdout. The cache types (--type-k, --type-v) and flash attention (--flash-attn
 on: V stored by rows, v_trans 0; off: V transposed, v_trans 1) must match between save and
@@ -112,16 +116,22 @@ def cmd_continue(args):
     tokens = [out[i] for i in range(count.value)]
     if not tokens:
         sys.exit("llama_cpp_driver: the state holds no tokens")
-    # As llama.cpp's own tools resume a saved prompt: drop the last token and evaluate it again,
-    # since the state holds no logits.
-    mem = L.llama_get_memory(ctx)
-    L.llama_memory_seq_rm(mem, 0, len(tokens) - 1, -1)
-    decode(ctx, [tokens[-1]], len(tokens) - 1)
+    fed = []
+    if args.then_text:
+        # The conversation's next message, evaluated after the loaded cache.
+        fed = tokenize(model, args.then_text)
+        decode(ctx, fed, len(tokens))
+    else:
+        # As llama.cpp's own tools resume a saved prompt: drop the last token and evaluate it
+        # again, since the state holds no logits.
+        mem = L.llama_get_memory(ctx)
+        L.llama_memory_seq_rm(mem, 0, len(tokens) - 1, -1)
+        decode(ctx, [tokens[-1]], len(tokens) - 1)
     vocab = L.llama_model_get_vocab(model)
     n_vocab = L.llama_vocab_n_tokens(vocab)
     follow = [int(t) for t in args.follow.split(",")] if args.follow else None
     generated, margins, seconds = [], [], []
-    pos = len(tokens)
+    pos = len(tokens) + len(fed)
     for step in range(len(follow) if follow else args.steps):
         best, second, margin = top2(ctx, n_vocab)
         generated.append(best)
@@ -130,12 +140,34 @@ def cmd_continue(args):
         # --follow: feed the other engine's token, so every position is compared on the same context.
         decode(ctx, [follow[step] if follow else best], pos)
         pos += 1
-    print(json.dumps({"context": len(tokens), "tokens": generated, "margins": margins, "second": seconds}))
+    print(json.dumps({"context": len(tokens), "fed": fed, "tokens": generated, "margins": margins, "second": seconds}))
+
+
+def cmd_perplexity(args):
+    import numpy as np
+    model, ctx = make_context(args)
+    text = open(args.prompt_file, encoding="utf-8").read() if args.prompt_file else args.prompt
+    tokens = tokenize(model, text)
+    batch = L.llama_batch_init(len(tokens), 0, 1)
+    batch.n_tokens = len(tokens)
+    for i, t in enumerate(tokens):
+        batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = t, i, 1, 1
+        batch.seq_id[i][0] = 0
+    if L.llama_decode(ctx, batch) != 0:
+        sys.exit("llama_cpp_driver: llama_decode failed")
+    L.llama_batch_free(batch)
+    n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
+    logits = np.ctypeslib.as_array(L.llama_get_logits(ctx), shape=(len(tokens), n_vocab)).astype(np.float64)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    logp = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    nll = -logp[np.arange(len(tokens) - 1), tokens[1:]]
+    print(json.dumps({"tokens": len(tokens), "perplexity": float(np.exp(nll.mean())),
+                      "greedy": [int(g) for g in logits.argmax(axis=1)]}))
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["save", "continue"])
+    p.add_argument("command", choices=["save", "continue", "perplexity"])
     p.add_argument("--model", required=True)
     p.add_argument("--kind", choices=["session", "seq"], default="session")
     p.add_argument("--prompt", default="")
@@ -143,6 +175,7 @@ def main():
     p.add_argument("--out")
     p.add_argument("--state")
     p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--then-text", help="continue: evaluate this text (special tokens parsed) after the loaded tokens, then generate")
     p.add_argument("--follow", help="continue: feed these comma-separated tokens instead of the greedy ones (teacher forcing); still report llama.cpp's own choice and margin at each step")
     p.add_argument("--ctx", type=int, default=1024)
     p.add_argument("--threads", type=int, default=2)
@@ -150,7 +183,7 @@ def main():
     p.add_argument("--type-v", choices=sorted(TYPES), default="f16")
     p.add_argument("--flash-attn", choices=["on", "off"], default="on")
     args = p.parse_args()
-    (cmd_save if args.command == "save" else cmd_continue)(args)
+    {"save": cmd_save, "continue": cmd_continue, "perplexity": cmd_perplexity}[args.command](args)
 
 
 if __name__ == "__main__":

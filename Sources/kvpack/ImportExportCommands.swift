@@ -107,8 +107,9 @@ struct ImportCommand: ParsableCommand {
 
     func importLlamaCpp() throws {
         guard let model else { throw ValidationError("a llama.cpp state needs --model: the GGUF it was computed with (its head split and RoPE are not in the file)") }
-        let gguf = try LlamaCppModel(path: try ModelLocator.resolve(model))
+        // The state first: a damaged file is reported as such whatever the model.
         let state = try LlamaCppState(file: MappedFile(path: source))
+        let gguf = try LlamaCppModel(path: try ModelLocator.resolve(model))
         let cache = try LlamaCppCache(state: state, model: gguf, rotation: rotation)
         let progress = Progress(label: "import \(output)", total: cache.tokenCount)
         let report = try LlamaCppImport.write(cache, to: output, spec: scheme, segmentTokens: writing.segmentTokens,

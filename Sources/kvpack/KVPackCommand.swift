@@ -55,4 +55,4 @@ extension PruneCommand: WorksOnFile { var file: String { input } }
 extension ChatCommand: WorksOnFile { var file: String { save ?? resume ?? "" } }
 extension GenerateCommand: WorksOnFile { var file: String { save ?? resume ?? "" } }
 extension SynthCommand: WorksOnFile { var file: String { output } }
-extension ImportCommand: WorksOnFile { var file: String { output } }
+extension ImportCommand: WorksOnFile { var file: String { source } }   // what it parses; errors writing the output name it

@@ -464,6 +464,12 @@ struct LlamaCppTests {
         #expect(s1 != 0 && e1.contains("--v-trans is 0"), "\(e1)")
         let (s2, _, e2) = try runKVPack(["import", Self.fixtureDirectory + "/fixtures.json", dir + "/b.kvpack", "--format", "llama.cpp", "--model", "smollm2"])
         #expect(s2 != 0 && (e2.contains("not a llama.cpp state file") || e2.contains("SmolLM2")), "\(e2)")
+        // A damaged state is reported with its own name, offset and field (not the output's).
+        let cut = dir + "/cut.bin"
+        try Data(try Data(contentsOf: URL(fileURLWithPath: f.path)).prefix(50_000)).write(to: URL(fileURLWithPath: cut))
+        let (sc, _, ec) = try runKVPack(["import", cut, dir + "/cut.kvpack", "--model", "smollm2"])
+        #expect(sc != 0 && ec.contains("cut.bin: truncated memory.stream[0].layer[") && ec.contains("at offset"), "\(ec)")
+        #expect(!FileManager.default.fileExists(atPath: dir + "/cut.kvpack"))
         guard !smolLM2Missing else { return }
         let (s3, o3, e3) = try runKVPack(["import", f.path, dir + "/a.kvpack", "--model", "smollm2", "--scheme", "raw:f32", "--json"])
         #expect(s3 == 0, "\(e3)")
