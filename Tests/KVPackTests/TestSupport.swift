@@ -172,8 +172,13 @@ let kvpackBinary: String = {
 /// Runs kvpack with arguments; returns (status, stdout, stderr).
 @discardableResult
 func runKVPack(_ args: [String]) throws -> (Int32, String, String) {
+    try runProcess(kvpackBinary, args)
+}
+
+/// Runs a program to completion; returns (status, stdout, stderr).
+func runProcess(_ executable: String, _ args: [String]) throws -> (Int32, String, String) {
     let p = Process()
-    p.executableURL = URL(fileURLWithPath: kvpackBinary)
+    p.executableURL = URL(fileURLWithPath: executable)
     p.arguments = args
     let out = Pipe(), err = Pipe()
     p.standardOutput = out
@@ -183,6 +188,15 @@ func runKVPack(_ args: [String]) throws -> (Int32, String, String) {
     let e = err.fileHandleForReading.readDataToEndOfFile()
     p.waitUntilExit()
     return (p.terminationStatus, String(decoding: o, as: UTF8.self), String(decoding: e, as: UTF8.self))
+}
+
+/// Runs python3 with arguments (a script, or -c and code), failing the test with its stderr;
+/// returns stdout. `make pydeps` installs what the scripts import.
+@discardableResult
+func runPython(_ args: [String]) throws -> String {
+    let (status, out, err) = try runProcess("/usr/bin/env", ["python3"] + args)
+    try #require(status == 0, "python3 \(args.first ?? "") failed (make pydeps installs numpy, safetensors, gguf): \(err)")
+    return out
 }
 
 /// Attention over a file's encoded blocks against dense attention over what the reader decodes,

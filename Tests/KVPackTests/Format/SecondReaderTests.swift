@@ -35,18 +35,7 @@ struct SecondReaderTests {
 
     @Test("the Python reader written from the Spec agrees with the Swift reader", arguments: files)
     func agrees(file: String) throws {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        p.arguments = ["python3", packageRoot + "/Spec/reader/spec_reader.py", packageRoot + "/" + file]
-        let out = Pipe(), err = Pipe()
-        p.standardOutput = out
-        p.standardError = err
-        try p.run()
-        let data = out.fileHandleForReading.readDataToEndOfFile()
-        let errText = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        p.waitUntilExit()
-        try #require(p.terminationStatus == 0,
-                     "spec_reader.py failed (run `make test`, which installs numpy, xxhash and zstandard): \(errText) \(String(decoding: data, as: UTF8.self))")
+        let data = Data(try runPython([packageRoot + "/Spec/reader/spec_reader.py", packageRoot + "/" + file]).utf8)
         let python = try JSONDecoder().decode(Decoded.self, from: data)
         let reader = try KVPackReader(path: packageRoot + "/" + file)
         #expect(python.tokens == reader.tokenCount)

@@ -5,18 +5,7 @@ import Testing
 
 struct ImportExportTests {
     func python(_ script: String, _ args: [String]) throws -> String {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        p.arguments = ["python3", "-c", script] + args
-        let out = Pipe(), err = Pipe()
-        p.standardOutput = out
-        p.standardError = err
-        try p.run()
-        let o = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        let e = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        p.waitUntilExit()
-        try #require(p.terminationStatus == 0, "python failed (make test installs numpy and safetensors): \(e)")
-        return o
+        try runPython(["-c", script] + args)
     }
 
     @Test("an export loads in Python safetensors with the expected shapes and values")

@@ -23,14 +23,7 @@ struct NpyTests {
         NpyArray(floats: (0 ..< 12).map { Float($0) * 0.5 }, shape: [2, 2, 3]).encoded().withUnsafeBytes {
             _ = FileManager.default.createFile(atPath: dir + "/ours.npy", contents: Data($0))
         }
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        p.arguments = ["python3", "-c", script, dir]
-        let out = Pipe()
-        p.standardOutput = out
-        try p.run()
-        p.waitUntilExit()
-        #expect(String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self).contains("ok"))
+        #expect(try runPython(["-c", script, dir]).contains("ok"))
         let f2 = try NpyArray(path: dir + "/f2.npy")
         #expect(f2.dtype == .float16 && f2.shape == [2, 3, 4])
         #expect(f2.floats() == (0 ..< 24).map { Float($0) / 8 - 1 })

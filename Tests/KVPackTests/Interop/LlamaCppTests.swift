@@ -107,8 +107,8 @@ struct LlamaCppTests {
         let dir = temporaryDirectory()
         for f in Self.fixtures {
             let out = dir + "/" + f.file + ".npy"
-            try runPython(packageRoot + "/Tests/Oracles/llama_cpp_state.py",
-                          [f.path, "--kv-heads", "3", "--head-dim", "64", "--out", out] + (f.attn_rot_disabled ? ["--no-rotation"] : []))
+            try runPython([packageRoot + "/Tests/Oracles/llama_cpp_state.py", f.path, "--kv-heads", "3", "--head-dim", "64", "--out", out]
+                          + (f.attn_rot_disabled ? ["--no-rotation"] : []))
             let kvpack = dir + "/\(f.file).kvpack"
             let cache = try Self.importFixture(f, to: kvpack)
             let reader = try KVPackReader(path: kvpack)
@@ -554,19 +554,10 @@ let llamaCppMissing = !FileManager.default.fileExists(atPath: llamaCppDirectory 
 struct LlamaCppLiveTests {
     @Test("the real llama.cpp and KVPack continue each other's caches, both directions, agreeing but for near ties")
     func roundTrip() throws {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/bin/bash")
-        p.arguments = [packageRoot + "/scripts/llama-cpp.sh", "python", packageRoot + "/scripts/llama_cpp_roundtrip.py",
-                       "--kvpack", kvpackBinary, "--model", ModelLocator.smolLM2Path, "--prompts", "2", "--steps", "16"]
-        let out = Pipe(), err = Pipe()
-        p.standardOutput = out
-        p.standardError = err
-        try p.run()
-        let o = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        let e = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        p.waitUntilExit()
+        let (status, o, e) = try runProcess("/bin/bash", [packageRoot + "/scripts/llama-cpp.sh", "python", packageRoot + "/scripts/llama_cpp_roundtrip.py",
+                                                          "--kvpack", kvpackBinary, "--model", ModelLocator.smolLM2Path, "--prompts", "2", "--steps", "16"])
         // Exit 0: every disagreement is a near tie (a logit margin under 0.5 in one engine).
-        #expect(p.terminationStatus == 0, "\(o)\n\(e)")
+        #expect(status == 0, "\(o)\n\(e)")
         let line = try #require(o.split(separator: "\n").first { $0.hasPrefix("Teacher-forced agreement:") }, "\(o)\n\(e)")
         let numbers = line.split(whereSeparator: { !$0.isNumber }).compactMap { Int($0) }
         try #require(numbers.count >= 2)
@@ -574,16 +565,3 @@ struct LlamaCppLiveTests {
     }
 }
 
-/// Runs a Python script (numpy, gguf: `make pydeps`), failing the test with its stderr.
-func runPython(_ script: String, _ args: [String]) throws {
-    let p = Process()
-    p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-    p.arguments = ["python3", script] + args
-    let err = Pipe()
-    p.standardError = err
-    p.standardOutput = FileHandle.nullDevice
-    try p.run()
-    let e = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-    p.waitUntilExit()
-    try #require(p.terminationStatus == 0, "python3 \(script) failed (make pydeps installs numpy and gguf): \(e)")
-}
