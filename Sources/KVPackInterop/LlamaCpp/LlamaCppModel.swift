@@ -68,6 +68,17 @@ public struct LlamaCppModel: Sendable {
         if Self.mrope.contains(arch) {
             throw fail("\(arch) uses M-RoPE: its state files carry a per-cell position extension that this importer does not read")
         }
+        // Memories other than one plain KV cache write other layouts into the state file.
+        let keys = gguf.metadata.keys
+        if let key = keys.first(where: { $0.hasPrefix("\(arch).ssm.") || $0.hasPrefix("\(arch).wkv.") || $0.hasPrefix("\(arch).rwkv.") }) {
+            throw fail("\(arch) has a recurrent state (\(key)): llama.cpp saves recurrent or hybrid memory, which this importer does not read")
+        }
+        if keys.contains("\(arch).attention.kv_lora_rank") {
+            throw fail("\(arch) uses multi-head latent attention (\(arch).attention.kv_lora_rank): its cache holds compressed latents, not per-head keys and values")
+        }
+        if keys.contains("\(arch).attention.sliding_window") {
+            throw fail("\(arch) uses sliding-window attention (\(arch).attention.sliding_window): llama.cpp keeps and saves two caches for it, which this importer does not read")
+        }
         func int(_ key: String, default value: Int? = nil) throws -> Int {
             if let v = gguf.metadata["\(arch).\(key)"]?.asInt { return v }
             if let value { return value }

@@ -405,6 +405,37 @@ struct LlamaCppTests {
         }
     }
 
+    // MARK: The model's side
+
+    @Test("the GGUF gives the head split, RoPE layout and context; memories other than one plain KV cache are refused naming why")
+    func models() throws {
+        let dir = temporaryDirectory()
+        func model(_ arch: String, _ extra: [(String, GGUFBuilder.Meta)] = [], kvHeads: UInt32 = 2) throws -> LlamaCppModel {
+            var b = GGUFBuilder()
+            b.metadata = [("general.architecture", .string(arch)), ("\(arch).embedding_length", .u32(64)), ("\(arch).block_count", .u32(2)),
+                          ("\(arch).attention.head_count", .u32(4)), ("\(arch).attention.head_count_kv", .u32(kvHeads)),
+                          ("\(arch).context_length", .u32(256)), ("\(arch).rope.freq_base", .f32(5e5))] + extra
+            let path = dir + "/\(arch)-\(extra.count)-\(kvHeads).gguf"
+            try Data(b.bytes()).write(to: URL(fileURLWithPath: path))
+            return try LlamaCppModel(path: path)
+        }
+        let llama = try model("llama")
+        #expect(llama.geometry == ModelGeometry(layerCount: 2, queryHeadCount: 4, kvHeadCount: 2, headDim: 16))
+        #expect(llama.rope == RoPEConfig(theta: 5e5, layout: .interleaved, keysArePostRoPE: true) && llama.contextLength == 256)
+        #expect(llama.fingerprint.count == 16 && llama.fingerprint != [UInt8](repeating: 0, count: 16))
+        #expect(try model("qwen2").rope.layout == .rotateHalf)
+        #expect(try model("qwen3", [("qwen3.attention.key_length", .u32(32)), ("qwen3.attention.value_length", .u32(32))]).keyHeadDim == 32)
+        for (arch, extra, words) in [("mamba", [("mamba.ssm.conv_kernel", GGUFBuilder.Meta.u32(4))], "recurrent"),
+                                     ("deepseek2", [("deepseek2.attention.kv_lora_rank", .u32(512))], "latent attention"),
+                                     ("gemma2", [("gemma2.attention.sliding_window", .u32(4096))], "sliding-window"),
+                                     ("qwen2vl", [], "M-RoPE")] {
+            let e = #expect(throws: KVPackError.self) { try model(arch, extra) }
+            #expect(e?.message.contains(words) == true, "\(String(describing: e))")
+        }
+        let e = #expect(throws: KVPackError.self) { try model("llama", kvHeads: 3) }
+        #expect(e?.message.contains("do not form a grouped-query geometry") == true, "\(String(describing: e))")
+    }
+
     // MARK: GGML types
 
     @Test("quantize then dequantize is within each type's step; f16/bf16/f32 are exact on their own values")
