@@ -127,7 +127,7 @@ struct ExportCommand: ParsableCommand {
         commandName: "export",
         abstract: "Write a .kvpack file's cache as a llama.cpp session or sequence file, safetensors, or a directory of .npy files.",
         discussion: """
-        llama.cpp-session / llama.cpp-seq: a file llama.cpp loads with llama_state_load_file (llama-cli --prompt-cache) or llama_state_seq_load_file (a llama-server slot). llama.cpp refuses a state whose cache types or value layout differ from its context's, so give those of the context that will load it: --type-k/--type-v (-ctk/-ctv), --v-trans 1 without flash attention (f16/f32/bf16 values only). Defaults: what an imported file recorded (so importing and exporting reproduces the llama.cpp file), else f16, values by rows, the newest version (session 10, sequence 3; --version 9 writes the layout of llama.cpp before PR #18862, with an empty output section). Quantized rows are Hadamard-rotated as llama.cpp does since #21038 unless --rotation off (a context run with LLAMA_ATTN_ROT_DISABLE=1). The session file records the model architecture (--model's GGUF, or the one the file records).
+        llama.cpp-session / llama.cpp-seq: a file llama.cpp loads with llama_state_load_file (llama-cli --prompt-cache) or llama_state_seq_load_file (a llama-server slot). llama.cpp refuses a state whose cache types or value layout differ from its context's, so give those of the context that will load it: --type (or --type-k/--type-v: -ctk/-ctv), --v-trans 1 without flash attention (f16/f32/bf16 values only). Defaults: what an imported file recorded (so importing and exporting reproduces the llama.cpp file), else f16, values by rows, the newest version (session 10, sequence 3; --version 9 writes the layout of llama.cpp before PR #18862, with an empty output section). Quantized rows are Hadamard-rotated as llama.cpp does since #21038 unless --rotation off (a context run with LLAMA_ATTN_ROT_DISABLE=1). The session file records the model architecture (--model's GGUF, or the one the file records).
 
         safetensors: per layer a key and a value tensor [1, kv_heads, tokens, head_dim] named by --pattern, plus input_ids and position_ids [1, tokens] (I64); geometry and RoPE go in the file's metadata. npy: k_layerNN.npy and v_layerNN.npy [kv_heads, tokens, head_dim] and meta.json. Blocks are decoded one stream at a time.
         """)
@@ -137,8 +137,9 @@ struct ExportCommand: ParsableCommand {
     @Option(help: "Format (default: npy when DESTINATION has no extension and is not a .safetensors file, else safetensors).") var format: ExportFormat?
     @Option(help: "Element type: f32, f16 or bf16 (bf16: safetensors only).") var dtype = "f32"
     @OptionGroup var naming: NamingOptions
-    @Option(help: "llama.cpp: key cache type (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1).") var typeK: GGMLType?
-    @Option(help: "llama.cpp: value cache type.") var typeV: GGMLType?
+    @Option(help: "llama.cpp: the cache type of keys and values (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1; llama.cpp's -ctk/-ctv).") var type: GGMLType?
+    @Option(help: "llama.cpp: key cache type, when it differs from --type.") var typeK: GGMLType?
+    @Option(help: "llama.cpp: value cache type, when it differs from --type.") var typeV: GGMLType?
     @Option(help: "llama.cpp: 1 for values transposed (a context without flash attention), 0 for rows.") var vTrans: Int?
     @Option(help: "llama.cpp: file version (session 10 or 9, sequence 3 or 2).") var version: UInt32?
     @Option(help: "llama.cpp: auto (rotate quantized rows, as llama.cpp does) or off.") var rotation: LlamaCppCache.Rotation?
@@ -165,7 +166,7 @@ struct ExportCommand: ParsableCommand {
     func exportLlamaCpp(_ reader: KVPackReader, kind: LlamaCppState.Kind) throws {
         let meta = Dictionary(reader.manifest.userMetadata.map { ($0.key, $0.value) }, uniquingKeysWith: { a, _ in a })
         if let vTrans, vTrans != 0, vTrans != 1 { throw ValidationError("--v-trans is 0 (values by rows) or 1 (transposed), not \(vTrans)") }
-        var o = LlamaCppExport.Options(kind: kind, recorded: meta, keyType: typeK, valueType: typeV,
+        var o = LlamaCppExport.Options(kind: kind, recorded: meta, keyType: typeK ?? type, valueType: typeV ?? type,
                                        valuesTransposed: vTrans.map { $0 == 1 }, version: version, rotation: rotation)
         o.overwrite = overwrite
         if let model {
