@@ -100,7 +100,7 @@ public enum RowKernels {
     }
 
     /// Writes `n` floats as `type` (f32, f16 or bf16), little-endian.
-    static func narrow(_ src: UnsafePointer<Float>, to type: ElementType, _ dst: UnsafeMutableRawPointer, _ n: Int) {
+    public static func narrow(_ src: UnsafePointer<Float>, to type: ElementType, _ dst: UnsafeMutableRawPointer, _ n: Int) {
         switch type {
         case .float32:
             dst.copyMemory(from: src, byteCount: 4 * n)
@@ -122,11 +122,12 @@ public enum RowKernels {
         }
     }
 
-    /// Reads `n` elements of `type` as floats.
+    /// Reads `n` elements of `type` as floats (from any alignment).
     @inline(__always)
-    static func widen(_ src: UnsafeRawPointer, from type: ElementType, _ dst: UnsafeMutablePointer<Float>, _ n: Int) {
+    public static func widen(_ src: UnsafeRawPointer, from type: ElementType, _ dst: UnsafeMutablePointer<Float>, _ n: Int) {
         switch type {
-        case .float32: dst.update(from: src.assumingMemoryBound(to: Float.self), count: n)
+        // A byte copy: the source need not be 4-byte aligned (rows inside another program's file).
+        case .float32: UnsafeMutableRawPointer(dst).copyMemory(from: src, byteCount: 4 * n)
         case .float16: widenFloat16(src, dst, n)
         case .bfloat16: widenBFloat16(src, dst, n)
         default: preconditionFailure("rows are f32, f16 or bf16")

@@ -50,7 +50,18 @@ public enum GGMLType: Int32, Sendable, CaseIterable, CustomStringConvertible {
         }
     }
 
-    public var isQuantized: Bool { !(self == .f32 || self == .f16 || self == .bf16) }
+    public var isQuantized: Bool { elementType == nil }
+
+    /// The KVPack element type of a float type (converted by the library's row kernels: f16 and
+    /// bf16 round to nearest even, as ggml does), nil for the block-quantized types.
+    public var elementType: ElementType? {
+        switch self {
+        case .f32: .float32
+        case .f16: .float16
+        case .bf16: .bfloat16
+        default: nil
+        }
+    }
 
     /// Whether `quantize` can write it (IQ4_NL's quantizer searches scales per block; files of it
     /// are read, not written).
@@ -69,14 +80,11 @@ public enum GGMLType: Int32, Sendable, CaseIterable, CustomStringConvertible {
 
     /// Widens `count` values (whole blocks) at `src` into `dst`, as ggml's `to_float` does.
     public func dequantize(_ src: UnsafeRawPointer, count n: Int, into dst: UnsafeMutablePointer<Float>) {
+        if let type = elementType { return RowKernels.widen(src, from: type, dst, n) }
         func f16(_ at: Int) -> Float { Float(Float16(bitPattern: src.loadUnaligned(fromByteOffset: at, as: UInt16.self))) }
         switch self {
-        case .f32:
-            for i in 0 ..< n { dst[i] = src.loadUnaligned(fromByteOffset: 4 * i, as: Float.self) }
-        case .f16:
-            for i in 0 ..< n { dst[i] = f16(2 * i) }
-        case .bf16:
-            for i in 0 ..< n { dst[i] = Float(bitPattern: UInt32(src.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self)) << 16) }
+        case .f32, .f16, .bf16:
+            preconditionFailure("unreachable: float types are widened above")
         case .q8_0:
             for b in 0 ..< n / 32 {
                 let at = b * 34, d = f16(at)
@@ -136,14 +144,11 @@ public enum GGMLType: Int32, Sendable, CaseIterable, CustomStringConvertible {
     /// Precondition: `canQuantize`.
     public func quantize(_ src: UnsafePointer<Float>, count n: Int, into dst: UnsafeMutableRawPointer) {
         precondition(canQuantize, "\(self) is read, not written")
+        if let type = elementType { return RowKernels.narrow(src, to: type, dst, n) }
         func storeF16(_ v: Float, _ at: Int) { dst.storeBytes(of: Float16(v).bitPattern.littleEndian, toByteOffset: at, as: UInt16.self) }
         switch self {
-        case .f32:
-            for i in 0 ..< n { dst.storeBytes(of: src[i].bitPattern.littleEndian, toByteOffset: 4 * i, as: UInt32.self) }
-        case .f16:
-            for i in 0 ..< n { storeF16(src[i], 2 * i) }
-        case .bf16:
-            for i in 0 ..< n { dst.storeBytes(of: Self.bfloat16(src[i]).littleEndian, toByteOffset: 2 * i, as: UInt16.self) }
+        case .f32, .f16, .bf16:
+            preconditionFailure("unreachable: float types are narrowed above")
         case .q8_0:
             for b in 0 ..< n / 32 {
                 let x = src + 32 * b, at = b * 34
@@ -212,12 +217,5 @@ public enum GGMLType: Int32, Sendable, CaseIterable, CustomStringConvertible {
     static func truncatedCode(_ v: Float, max: Int) -> UInt8 {
         guard v.isFinite else { return 0 }
         return UInt8(clamping: Swift.min(max, Swift.max(0, Int(v.rounded(.towardZero)))))
-    }
-
-    /// `ggml_compute_fp32_to_bf16`: round to nearest even; NaN stays a (quiet) NaN.
-    static func bfloat16(_ x: Float) -> UInt16 {
-        let u = x.bitPattern
-        if u & 0x7FFF_FFFF > 0x7F80_0000 { return UInt16(truncatingIfNeeded: u >> 16) | 64 }
-        return UInt16(truncatingIfNeeded: (u &+ (0x7FFF &+ ((u >> 16) & 1))) >> 16)
     }
 }
