@@ -78,7 +78,7 @@ public final class Conversation {
             throw ModelError(path, "was written for \(m.geometry); the model \(model.path) has \(model.config.geometry)")
         }
         guard m.modelFingerprint == model.fingerprint else {
-            let recorded = m.userMetadata.first { $0.key == "model.path" }?.value ?? "an unrecorded path"
+            let recorded = m.metadata("model.path") ?? "an unrecorded path"
             throw ModelError(path, "was written with a different model (fingerprint \(Manifest.fingerprintText(m.modelFingerprint)), from \(recorded)); \(model.path) has fingerprint \(Manifest.fingerprintText(model.fingerprint)). The file was not modified.")
         }
         guard reader.tokenCount > 0 else { throw ModelError(path, "holds no tokens to continue from") }

@@ -164,19 +164,27 @@ struct ExportCommand: ParsableCommand {
     }
 
     func exportLlamaCpp(_ reader: KVPackReader, kind: LlamaCppState.Kind) throws {
-        let meta = Dictionary(reader.manifest.userMetadata.map { ($0.key, $0.value) }, uniquingKeysWith: { a, _ in a })
+        let manifest = reader.manifest
         if let vTrans, vTrans != 0, vTrans != 1 { throw ValidationError("--v-trans is 0 (values by rows) or 1 (transposed), not \(vTrans)") }
-        var o = LlamaCppExport.Options(kind: kind, recorded: meta, keyType: typeK ?? type, valueType: typeV ?? type,
+        var o = LlamaCppExport.Options(kind: kind, recordedIn: manifest, keyType: typeK ?? type, valueType: typeV ?? type,
                                        valuesTransposed: vTrans.map { $0 == 1 }, version: version, rotation: rotation)
         o.overwrite = overwrite
+        // The architecture a session records: --model's, else the one the import recorded (which
+        // the options took), else that of the GGUF the file names. Only the header is read.
+        func architecture(_ path: String) throws -> String {
+            guard let arch = try GGUFFile(path: path).metadata["general.architecture"]?.asString else {
+                throw ValidationError("\(path) has no general.architecture")
+            }
+            return arch
+        }
         if let model {
-            o.architecture = try LlamaCppModel(path: try ModelLocator.resolve(model)).architecture
-        } else if meta["llama.cpp.architecture"] != nil {
-            // recorded at import: Options(recorded:) took it
-        } else if let path = meta["model.path"], let gguf = try? LlamaCppModel(path: path) {
-            o.architecture = gguf.architecture
-        } else if kind == .session {
-            throw ValidationError("a session file records the model architecture: give --model (the file records no GGUF)")
+            o.architecture = try architecture(try ModelLocator.resolve(model))
+        } else if manifest.metadata("llama.cpp.architecture") == nil {
+            if let path = manifest.metadata("model.path"), let arch = try? architecture(path) {
+                o.architecture = arch
+            } else if kind == .session {
+                throw ValidationError("a session file records the model architecture: give --model (the file records no GGUF)")
+            }
         }
         let report = try LlamaCppExport.export(reader, to: destination, options: o)
         let rotated = [report.keyRotation.map { "K in chunks of \($0)" }, report.valueRotation.map { "V in chunks of \($0)" }].compactMap { $0 }

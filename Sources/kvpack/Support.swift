@@ -163,7 +163,7 @@ extension Converter.Options {
 
 /// The model path a conversation file records (`model.path` metadata).
 func recordedModelPath(_ reader: KVPackReader) throws -> String {
-    guard let recorded = reader.manifest.userMetadata.first(where: { $0.key == "model.path" })?.value else {
+    guard let recorded = reader.manifest.metadata("model.path") else {
         throw CLIError("\(reader.path ?? "the file") does not record its model; pass --model")
     }
     return recorded

@@ -99,6 +99,11 @@ public struct Manifest: Sendable, Equatable {
         self.userMetadata = userMetadata
     }
 
+    /// The user metadata value of `key` (keys are unique), nil when the file does not record it.
+    public func metadata(_ key: String) -> String? {
+        userMetadata.first { $0.key == key }?.value
+    }
+
     /// A fingerprint as 32 hex digits.
     public static func fingerprintText(_ bytes: [UInt8]) -> String {
         bytes.map { String($0, radix: 16).leftPadded(to: 2) }.joined()

@@ -26,25 +26,26 @@ public enum LlamaCppExport {
 
         public init() {}
 
-        /// The options that reproduce the llama.cpp file an imported .kvpack file came from (its
-        /// `llama.cpp.*` metadata), with any setting given here overriding the recorded one.
-        /// Nothing recorded: f16 keys and values by rows, the newest version, rotation auto.
-        public init(kind: LlamaCppState.Kind, recorded metadata: [String: String], keyType: GGMLType? = nil, valueType: GGMLType? = nil,
+        /// The options that reproduce the llama.cpp file an imported .kvpack file came from (the
+        /// `llama.cpp.*` metadata of its manifest), with any setting given here overriding the
+        /// recorded one. Nothing recorded: f16 keys and values by rows, the newest version, rotation auto.
+        public init(kind: LlamaCppState.Kind, recordedIn manifest: Manifest, keyType: GGMLType? = nil, valueType: GGMLType? = nil,
                     valuesTransposed: Bool? = nil, version: UInt32? = nil, rotation: LlamaCppCache.Rotation? = nil) {
+            func recorded(_ key: String) -> String? { manifest.metadata("llama.cpp." + key) }
             self.kind = kind
-            let sameKind = metadata["llama.cpp.kind"] == kind.rawValue
-            self.version = version ?? (sameKind ? metadata["llama.cpp.version"].flatMap { UInt32($0) } : nil)
-            let recordedK = metadata["llama.cpp.type_k"].flatMap { GGMLType(name: $0) }
-            let recordedV = metadata["llama.cpp.type_v"].flatMap { GGMLType(name: $0) }
+            let sameKind = recorded("kind") == kind.rawValue
+            self.version = version ?? (sameKind ? recorded("version").flatMap { UInt32($0) } : nil)
+            let recordedK = recorded("type_k").flatMap { GGMLType(name: $0) }
+            let recordedV = recorded("type_v").flatMap { GGMLType(name: $0) }
             self.keyType = keyType ?? recordedK.flatMap { $0.canQuantize ? $0 : nil } ?? .f16
             self.valueType = valueType ?? recordedV.flatMap { $0.canQuantize ? $0 : nil } ?? .f16
-            self.valuesTransposed = valuesTransposed ?? (metadata["llama.cpp.v_trans"] == "1")
+            self.valuesTransposed = valuesTransposed ?? (recorded("v_trans") == "1")
             // Unrotated only when the file came from an unrotated quantized cache of the same types
             // (a file that was never rotated because its types were not quantized says nothing).
-            let recordedUnrotated = metadata["llama.cpp.rotation_k"] == "none" && metadata["llama.cpp.rotation_v"] == "none"
+            let recordedUnrotated = recorded("rotation_k") == "none" && recorded("rotation_v") == "none"
                 && (recordedK?.isQuantized ?? false || recordedV?.isQuantized ?? false)
             self.rotation = rotation ?? (recordedUnrotated && self.keyType == recordedK && self.valueType == recordedV ? .off : .auto)
-            if let arch = metadata["llama.cpp.architecture"] { architecture = arch }
+            if let arch = recorded("architecture") { architecture = arch }
         }
     }
 

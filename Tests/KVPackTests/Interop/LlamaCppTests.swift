@@ -3,6 +3,7 @@ import Testing
 @testable import KVPack
 @testable import KVPackInterop
 @testable import KVPackModels
+import KVPackLab
 
 /// llama.cpp state files: the fixtures llama.cpp itself wrote (Tests/Fixtures/llama.cpp, see its
 /// README) import, decode equal to an independent reader (Tests/Oracles/llama_cpp_state.py), and
@@ -31,15 +32,12 @@ struct LlamaCppTests {
         return try! JSONDecoder().decode(FixtureList.self, from: data).fixtures
     }()
 
-    /// SmolLM2-135M's cache geometry, stated here so the fixtures import without the GGUF (the
+    /// SmolLM2-135M's cache geometry (the lab's model preset), so the fixtures import without the GGUF (the
     /// SmolLM2-gated test below imports them against the real one).
-    static let smolLM2Shape = LlamaCppModel(
-        architecture: "llama", geometry: ModelGeometry(layerCount: 30, queryHeadCount: 9, kvHeadCount: 3, headDim: 64),
-        rope: RoPEConfig(theta: 100_000, layout: .interleaved, keysArePostRoPE: true), contextLength: 8192)
-
-    static func metadata(_ reader: KVPackReader) -> [String: String] {
-        Dictionary(reader.manifest.userMetadata.map { ($0.key, $0.value) }, uniquingKeysWith: { a, _ in a })
-    }
+    static let smolLM2Shape: LlamaCppModel = {
+        let preset = ModelPreset.named("smollm2-135m")!
+        return LlamaCppModel(architecture: "llama", geometry: preset.geometry, rope: preset.rope, contextLength: Int(preset.maxPositions))
+    }()
 
     static func importFixture(_ f: Fixture, to path: String, spec: String = "raw:f32") throws -> LlamaCppCache {
         let state = try LlamaCppState(file: MappedFile(path: f.path))
@@ -76,7 +74,7 @@ struct LlamaCppTests {
             #expect((cache.keyRotation != nil) == (cache.keyType.isQuantized && !f.attn_rot_disabled), "\(f.file)")
             let reader = try KVPackReader(path: kvpack)
             #expect(try reader.tokenIDs == f.tokens.map { UInt32(bitPattern: $0) })
-            let o = LlamaCppExport.Options(kind: f.kind == "session" ? .session : .sequence, recorded: Self.metadata(reader))
+            let o = LlamaCppExport.Options(kind: f.kind == "session" ? .session : .sequence, recordedIn: reader.manifest)
             #expect(o.rotation == (quantized && f.attn_rot_disabled ? .off : .auto), "\(f.file)")
             _ = try LlamaCppExport.export(reader, to: back, options: o)
             let original = try [UInt8](Data(contentsOf: URL(fileURLWithPath: f.path)))
@@ -94,7 +92,7 @@ struct LlamaCppTests {
         let f = try #require(Self.fixtures.first { $0.type_v == "iq4_nl" })
         _ = try Self.importFixture(f, to: dir + "/iq4.kvpack")
         let reader = try KVPackReader(path: dir + "/iq4.kvpack")
-        var o = LlamaCppExport.Options(kind: .sequence, recorded: Self.metadata(reader))
+        var o = LlamaCppExport.Options(kind: .sequence, recordedIn: reader.manifest)
         #expect(o.valueType == .f16)   // the recorded iq4_nl is not a default the writer can meet
         o.valueType = .iq4_nl
         let e = #expect(throws: KVPackError.self) { try LlamaCppExport.export(reader, to: dir + "/x.bin", options: o) }
@@ -136,11 +134,12 @@ struct LlamaCppTests {
         let dir = temporaryDirectory()
         let f = try #require(Self.fixtures.first { $0.file == "session-q8_0-f16-vtrans.bin" })
         _ = try Self.importFixture(f, to: dir + "/p.kvpack", spec: "int:k4v2:kc64")
-        let meta = Self.metadata(try KVPackReader(path: dir + "/p.kvpack"))
-        #expect(meta["llama.cpp.kind"] == "session" && meta["llama.cpp.version"] == "10" && meta["llama.cpp.architecture"] == "llama")
-        #expect(meta["llama.cpp.type_k"] == "q8_0" && meta["llama.cpp.type_v"] == "f16" && meta["llama.cpp.v_trans"] == "1")
-        #expect(meta["llama.cpp.rotation_k"] == "64" && meta["llama.cpp.rotation_v"] == "none")
-        #expect(meta["llama.cpp.source"] == f.file)
+        let m = try KVPackReader(path: dir + "/p.kvpack").manifest
+        func meta(_ key: String) -> String? { m.metadata("llama.cpp." + key) }
+        #expect(meta("kind") == "session" && meta("version") == "10" && meta("architecture") == "llama")
+        #expect(meta("type_k") == "q8_0" && meta("type_v") == "f16" && meta("v_trans") == "1")
+        #expect(meta("rotation_k") == "64" && meta("rotation_v") == "none")
+        #expect(meta("source") == f.file)
         let (status, out, err) = try runKVPack(["info", dir + "/p.kvpack"])
         #expect(status == 0, "\(err)")
         #expect(out.contains("llama.cpp.type_k") && out.contains("q8_0"), "\(out)")
