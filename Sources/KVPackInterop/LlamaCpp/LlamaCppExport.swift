@@ -122,19 +122,19 @@ public enum LlamaCppExport {
                         out.u32(UInt32(bitPattern: o.valueType.rawValue))
                         out.u32(UInt32(o.valueType.blockBytes))
                         out.u32(UInt32(width))
-                        var head = [Float](repeating: 0, count: n * d)
-                        var element = [UInt8](repeating: 0, count: o.valueType.blockBytes)
+                        // Element-major: element j of every token, a column of the head at a time.
+                        var head = [Float](repeating: 0, count: n * d), column = [Float](repeating: 0, count: n)
+                        var encoded = [UInt8](repeating: 0, count: n * o.valueType.blockBytes)
                         for h in 0 ..< g.kvHeadCount {
                             try head.withUnsafeMutableBufferPointer {
                                 try reader.decode(layer: layer, kvHead: h, kind: .value, tokens: 0 ..< n, into: $0.baseAddress!, workspace: workspace)
                             }
                             for j in 0 ..< d {
-                                for t in 0 ..< n {
-                                    head.withUnsafeBufferPointer { src in
-                                        element.withUnsafeMutableBytes { o.valueType.quantize(src.baseAddress! + t * d + j, count: 1, into: $0.baseAddress!) }
-                                    }
-                                    out.bytes(element)
+                                for t in 0 ..< n { column[t] = head[t * d + j] }
+                                column.withUnsafeBufferPointer { src in
+                                    encoded.withUnsafeMutableBytes { o.valueType.quantize(src.baseAddress!, count: n, into: $0.baseAddress!) }
                                 }
+                                out.bytes(encoded)
                                 try out.flushIfLarge()
                             }
                         }
