@@ -16,7 +16,12 @@ struct ResumeFromReaderTests {
             try writeFile(path, data: data, segmentTokens: 16, spec: "raw:f32", batches: [7, 30], commitsAfter: [37], options: testOptions(salt: 42))
         }
         // Uncommitted bytes after the last commit, as a crashed writer leaves them.
-        for path in [a, b] { try FileHandle(forWritingAtPath: path).map { h in h.seekToEndOfFile(); h.write(Data(repeating: 7, count: 100)); h.closeFile() } }
+        for path in [a, b] {
+            let h = try #require(FileHandle(forWritingAtPath: path))
+            try h.seekToEnd()
+            try h.write(contentsOf: Data(repeating: 7, count: 100))
+            try h.close()
+        }
 
         try KVPackWriter.resume(path: a, options: testOptions()).close()
         let reader = try KVPackReader(path: b)
