@@ -45,7 +45,7 @@ public struct ChatTemplate: Sendable {
     /// Where the reply tokens of an assistant message the transcript leaves open begin (nil when
     /// its last message is closed). A cache saved by another engine (a llama.cpp session of a
     /// ChatML prompt) ends with `<|im_start|>assistant\n` and perhaps part of the reply.
-    public func openReplyStart(_ ids: [UInt32]) -> Int? {
+    func openReplyStart(_ ids: [UInt32]) -> Int? {
         guard let start = ids.lastIndex(of: UInt32(imStart)), !ids[start...].contains(UInt32(imEnd)) else { return nil }
         let header = replyPrompt.map { UInt32($0) }
         guard ids[start...].starts(with: header) else { return nil }
@@ -94,11 +94,12 @@ public final class Chat {
     /// first token).
     public static func resume(reader: KVPackReader, model: LlamaModel, options: WriterOptions) throws -> Chat {
         let template = try ChatTemplate(model: model)
+        let chat = Chat(conversation: try Conversation.resume(reader: reader, model: model, options: options, recomputeLogits: false),
+                        template: template)
         // A turn feeds the user's message first, so the last token's logits are needed only to
         // finish a reply the transcript leaves open.
-        let open = template.openReplyStart(try reader.tokenIDs) != nil
-        return Chat(conversation: try Conversation.resume(reader: reader, model: model, options: options, recomputeLogits: open),
-                    template: template)
+        if chat.openReply != nil { try chat.conversation.recomputeLogits() }
+        return chat
     }
 
     /// The tokens of the open assistant reply so far (empty: only its header), or nil when the

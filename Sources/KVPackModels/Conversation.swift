@@ -99,9 +99,15 @@ public final class Conversation {
                               recomputeLogits: Bool = true) throws -> Conversation {
         try checkModel(model, matches: reader)
         let session = try KVCacheSession.resume(reader: reader, options: options)
-        let last = Int(session.tokenIDs.last!)
-        let logits = recomputeLogits ? try model.recomputeLast(tokenID: last, cache: session) : []
-        return Conversation(model: model, session: session, logits: logits)
+        let conversation = Conversation(model: model, session: session, logits: [])
+        if recomputeLogits { try conversation.recomputeLogits() }
+        return conversation
+    }
+
+    /// Recomputes the logits to continue from (the last token's), for a conversation resumed
+    /// without them that turns out to need them.
+    public func recomputeLogits() throws {
+        logits = try model.recomputeLast(tokenID: Int(session.tokenIDs.last!), cache: session)
     }
 
     /// Feeds tokens (a prompt, a user turn) as one batch.
