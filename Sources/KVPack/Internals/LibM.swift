@@ -11,5 +11,6 @@ enum LibM {
     @inline(__always) static func expf(_ x: Float) -> Float { Glibc.expf(x) }
     @inline(__always) static func cos(_ x: Double) -> Double { Glibc.cos(x) }
     @inline(__always) static func sin(_ x: Double) -> Double { Glibc.sin(x) }
+    @inline(__always) static func pow(_ x: Double, _ y: Double) -> Double { Glibc.pow(x, y) }
     @inline(__always) static func atan2(_ y: Double, _ x: Double) -> Double { Glibc.atan2(y, x) }
 }

@@ -20,6 +20,13 @@ public enum Converter {
         public var salt: UInt64?
         /// Major format version of the output (2 by default; 1 for readers older than 2.0).
         public var formatVersion: UInt16 = FileHeader.currentMajor
+        /// Renumbers the output's tokens 0, 1, 2, ... (a context shift, after a selection drops
+        /// tokens): each key is rotated by its position change (`RoPEShift`), so attention over
+        /// the output is attention over the kept tokens as if they had been encoded at their new
+        /// positions. Needs keys stored after a known rotary embedding.
+        public var repositioned = false
+        /// User metadata added to the output's manifest (after the conversion record).
+        public var metadata: [Manifest.MetadataEntry] = []
 
         public init() {}
     }
@@ -61,6 +68,7 @@ public enum Converter {
             throw KVPackError.argument("the selection chooses from \(selection.sourceTokenCount) tokens; \(input) has \(source.tokenCount)")
         }
         let tokens = selection?.kept ?? Array(0 ..< source.tokenCount)
+        let shifts = options.repositioned ? try PositionShifts(source: source, tokens: tokens) : nil
         if let layers, let bad = layers.first(where: { !(0 ..< g.layerCount).contains($0) }) {
             throw KVPackError.argument("layer \(bad) is outside the file's 0..<\(g.layerCount)")
         }
@@ -91,7 +99,7 @@ public enum Converter {
         file.defaultSegmentTokens = m.segmentTokens
         file.maxPositions = m.maxPositions
         file.modelFingerprint = m.modelFingerprint
-        file.metadata = provenance(source: source, input: input, spec: layers?.isEmpty == true ? nil : spec, tool: options.tool)
+        file.metadata = provenance(source: source, input: input, spec: layers?.isEmpty == true ? nil : spec, tool: options.tool) + options.metadata
         let segmentTokens = try file.resolvedSegmentTokens()
         do {
             var writerOptions = WriterOptions()
@@ -100,7 +108,7 @@ public enum Converter {
             writerOptions.majorVersion = options.formatVersion
             if selection != nil { writerOptions.minimumMinorVersion = 4 }
             let writer = try KVPackWriter.create(path: replacement.temporaryPath, file: file, options: writerOptions)
-            try stream(from: source, tokens: tokens, to: writer, chunk: segmentTokens, progress: options.progress)
+            try stream(from: source, tokens: tokens, to: writer, chunk: segmentTokens, shifts: shifts, progress: options.progress)
             if let selection { try writer.attach(selection: selection) }
             try writer.close()
             try replacement.commit()
@@ -109,7 +117,30 @@ public enum Converter {
             throw error
         }
         source.file.releasePages(0 ..< source.fileSize)
-        return try report(source: source, tokens: tokens, input: input, output: output, spec: spec, options: options)
+        return try report(source: source, tokens: tokens, shifts: shifts, input: input, output: output, spec: spec, options: options)
+    }
+
+    /// What repositioning does to each kept token: its new position is its index in the output,
+    /// and its keys turn by the difference.
+    struct PositionShifts {
+        var rotation: RoPEShift
+        /// New position minus source position, per output token.
+        var deltas: [Int]
+
+        init(source: KVPackReader, tokens: [Int]) throws {
+            rotation = try RoPEShift(rope: source.manifest.rope, headDim: source.geometry.headDim)
+            let positions = try source.tokens(0 ..< source.tokenCount).positions
+            deltas = tokens.enumerated().map { $0.offset - Int(positions[$0.element]) }
+        }
+
+        /// Rotates `count` key rows that belong to output tokens `first ..< first + count`.
+        mutating func apply(rows: UnsafeMutablePointer<Float>, first: Int, count: Int) {
+            let d = rotation.headDim
+            for i in 0 ..< count {
+                rotation.set(delta: deltas[first + i])
+                rotation.apply(rows + i * d)
+            }
+        }
     }
 
     /// Decodes the rows of source tokens `indices` (ascending) into `out`, `indices.count x
@@ -130,8 +161,9 @@ public enum Converter {
 
     /// Decodes `chunk` of the source tokens `tokens` (ascending) of every stream at a time and
     /// appends them with their ids and positions.
-    static func stream(from source: KVPackReader, tokens: [Int], to writer: KVPackWriter, chunk: Int,
+    static func stream(from source: KVPackReader, tokens: [Int], to writer: KVPackWriter, chunk: Int, shifts: PositionShifts?,
                        progress: (@Sendable (Int, Int) -> Void)?) throws {
+        var shifts = shifts
         let g = source.geometry, d = g.headDim, n = tokens.count
         let per = g.layerCount * g.kvHeadCount * chunk * d
         var keys = [Float](repeating: 0, count: per), values = keys
@@ -148,6 +180,7 @@ public enum Converter {
                         for head in 0 ..< g.kvHeadCount {
                             let at = (layer * g.kvHeadCount + head) * t * d
                             try decodeRows(source, layer: layer, kvHead: head, kind: .key, indices: picked, into: kp.baseAddress! + at, workspace: workspace)
+                            shifts?.apply(rows: kp.baseAddress! + at, first: start, count: t)
                             try decodeRows(source, layer: layer, kvHead: head, kind: .value, indices: picked, into: vp.baseAddress! + at, workspace: workspace)
                         }
                     }
@@ -155,7 +188,8 @@ public enum Converter {
             }
             try keys.withUnsafeBufferPointer { kp in
                 try values.withUnsafeBufferPointer { vp in
-                    try writer.append(tokenIDs: picked.map { ids[$0] }, positions: picked.map { positions[$0] },
+                    try writer.append(tokenIDs: picked.map { ids[$0] },
+                                      positions: shifts == nil ? picked.map { positions[$0] } : (start ..< start + t).map { UInt32($0) },
                                       keys: UnsafeBufferPointer(rebasing: kp[0 ..< g.layerCount * g.kvHeadCount * t * d]),
                                       values: UnsafeBufferPointer(rebasing: vp[0 ..< g.layerCount * g.kvHeadCount * t * d]),
                                       layout: .layerHeadToken(g, tokens: t))
@@ -214,10 +248,12 @@ public enum Converter {
     /// A second streaming pass: decoded output against decoded input, and sampled attention.
     /// With a token subset, output token i is compared with source token `tokens[i]`, and
     /// attention over the output with dense attention over those source rows.
-    static func report(source: KVPackReader, tokens: [Int], input: String, output: String, spec: SchemeSpec, options: Options) throws -> Report {
+    static func report(source: KVPackReader, tokens: [Int], shifts: PositionShifts?, input: String, output: String, spec: SchemeSpec,
+                       options: Options) throws -> Report {
         let out = try KVPackReader(path: output)
         let g = source.geometry, d = g.headDim, n = tokens.count
-        let subset = n != source.tokenCount
+        var shifts = shifts
+        let subset = n != source.tokenCount || shifts != nil
         var kErr = RelativeError(), vErr = RelativeError(), aErr = RelativeError()
         let workspace = AttentionWorkspace()
         let chunk = max(source.segmentTokens, 1)
@@ -231,6 +267,7 @@ public enum Converter {
                         try a.withUnsafeMutableBufferPointer { ap in
                             try b.withUnsafeMutableBufferPointer { bp in
                                 try decodeRows(source, layer: layer, kvHead: head, kind: kind, indices: tokens[range], into: ap.baseAddress!, workspace: workspace)
+                                if kind == .key { shifts?.apply(rows: ap.baseAddress!, first: range.lowerBound, count: range.count) }
                                 try out.decode(layer: layer, kvHead: head, kind: kind, tokens: range, into: bp.baseAddress!, workspace: workspace)
                                 if kind == .key { kErr.add(bp.baseAddress!, ap.baseAddress!, range.count * d) } else { vErr.add(bp.baseAddress!, ap.baseAddress!, range.count * d) }
                             }
@@ -247,7 +284,7 @@ public enum Converter {
         for _ in 0 ..< samples {
             let layer = Int(rng.next() % UInt64(g.layerCount)), head = Int(rng.next() % UInt64(g.kvHeadCount))
             let q = (0 ..< g.groupSize * d).map { _ in Float(rng.nextGaussian()) }
-            let want = subset ? try denseAttention(source, tokens: tokens, layer: layer, kvHead: head, queries: q)
+            let want = subset ? try denseAttention(source, tokens: tokens, shifts: &shifts, layer: layer, kvHead: head, queries: q)
                 : try source.attend(layer: layer, kvHead: head, queries: q)
             let got = try out.attend(layer: layer, kvHead: head, queries: q)
             aErr.add(got, want)
@@ -264,10 +301,15 @@ public enum Converter {
     }
 
     /// Attention over the decoded rows of source tokens `tokens` (exact softmax, in double).
-    static func denseAttention(_ source: KVPackReader, tokens: [Int], layer: Int, kvHead: Int, queries: [Float]) throws -> [Float] {
+    /// With `shifts`, the keys are first moved to the output's positions.
+    static func denseAttention(_ source: KVPackReader, tokens: [Int], shifts: inout PositionShifts?, layer: Int, kvHead: Int,
+                               queries: [Float]) throws -> [Float] {
         let d = source.geometry.headDim, workspace = AttentionWorkspace()
         var k = [Float](repeating: 0, count: tokens.count * d), v = k
-        try k.withUnsafeMutableBufferPointer { try decodeRows(source, layer: layer, kvHead: kvHead, kind: .key, indices: tokens[...], into: $0.baseAddress!, workspace: workspace) }
+        try k.withUnsafeMutableBufferPointer {
+            try decodeRows(source, layer: layer, kvHead: kvHead, kind: .key, indices: tokens[...], into: $0.baseAddress!, workspace: workspace)
+            shifts?.apply(rows: $0.baseAddress!, first: 0, count: tokens.count)
+        }
         try v.withUnsafeMutableBufferPointer { try decodeRows(source, layer: layer, kvHead: kvHead, kind: .value, indices: tokens[...], into: $0.baseAddress!, workspace: workspace) }
         return DenseAttention.reference(queries: queries, keys: k, values: v, groupSize: source.geometry.groupSize, headDim: d)
     }
