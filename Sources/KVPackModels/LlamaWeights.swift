@@ -12,6 +12,11 @@ public struct LlamaWeights: @unchecked Sendable {
     public let tokenizer: BPETokenizer?
     /// The model's chat template (GGUF `tokenizer.chat_template`, Jinja), if it has one.
     public let chatTemplate: String?
+    /// `general.name` of a GGUF.
+    public let modelName: String?
+    /// The numeric `general.sampling.*` keys of a GGUF (llama.cpp's names without the prefix:
+    /// temp, top_k, top_p, min_p, penalty_repeat, penalty_last_n, ...): the author's recommended sampler.
+    public let samplingDefaults: [String: Double]
     let embedding: WeightMatrix
     let rmsAttention: [UnsafePointer<Float>]
     let rmsFFN: [UnsafePointer<Float>]
@@ -42,6 +47,8 @@ public struct LlamaWeights: @unchecked Sendable {
         file = checkpoint.file
         tokenizer = nil
         chatTemplate = nil
+        modelName = nil
+        samplingDefaults = [:]
         embedding = WeightMatrix(rows: c.vocabSize, cols: c.dim, encoding: .f32, data: UnsafeRawPointer(t["embedding"]!))
         rmsAttention = (0 ..< c.layerCount).map { t["rms_att"]! + $0 * c.dim }
         rmsFFN = (0 ..< c.layerCount).map { t["rms_ffn"]! + $0 * c.dim }
@@ -137,6 +144,12 @@ public struct LlamaWeights: @unchecked Sendable {
         w2 = try (0 ..< layers).map { try matrix("blk.\($0).ffn_down.weight", rows: dim, cols: hidden) }
         w3 = try (0 ..< layers).map { try matrix("blk.\($0).ffn_up.weight", rows: hidden, cols: dim) }
         chatTemplate = meta("tokenizer.chat_template")?.asString
+        modelName = meta("general.name")?.asString
+        var sampling: [String: Double] = [:]
+        for (key, value) in gguf.metadata where key.hasPrefix("general.sampling.") {
+            if let v = value.asDouble, v.isFinite { sampling[String(key.dropFirst("general.sampling.".count))] = v }
+        }
+        samplingDefaults = sampling
         tokenizer = meta("tokenizer.ggml.model") == nil ? nil : try BPETokenizer(gguf: gguf)
         if let tokenizer, tokenizer.vocabulary.count != vocab {
             throw ModelError(path, "the tokenizer has \(tokenizer.vocabulary.count) tokens, the embedding \(vocab) rows")
