@@ -11,14 +11,14 @@ step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 SMOL=${KVPACK_MODEL_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/kvpack}/SmolLM2-135M-Instruct.Q4_1.gguf
 if [ -f "$SMOL" ]; then
   step "A real chat: SmolLM2-135M-Instruct (GGUF, 30 layers, GQA 9/3, head_dim 64); its KV cache goes to $OUT/smol.kvpack"
-  "$KVPACK" chat --save "$OUT/smol.kvpack" --message "What is the capital of France?" --message "And of Italy?"
+  "$KVPACK" chat --temperature 0 --save "$OUT/smol.kvpack" --message "What is the capital of France?" --message "And of Italy?"
   step "A new process resumes the chat from the file (the past is attended from the mapped file)"
-  "$KVPACK" chat --resume "$OUT/smol.kvpack" --message "I am planning a picnic in the park. What food should I bring?" --max-tokens 80
+  "$KVPACK" chat --temperature 0 --resume "$OUT/smol.kvpack" --message "I am planning a picnic in the park. What food should I bring?" --max-tokens 80
   step "The file's token ids are the transcript"
   "$KVPACK" info "$OUT/smol.kvpack" --text
   step "Convert the chat to 4-bit keys / 2-bit values and keep chatting from the converted file"
   "$KVPACK" convert "$OUT/smol.kvpack" "$OUT/smol-int.kvpack" --scheme int:k4v2:kc64 --overwrite
-  "$KVPACK" chat --resume "$OUT/smol-int.kvpack" --message "Thank you! Which of those can I prepare the night before?" --max-tokens 60
+  "$KVPACK" chat --temperature 0 --resume "$OUT/smol-int.kvpack" --message "Thank you! Which of those can I prepare the night before?" --max-tokens 60
 else
   step "SmolLM2 is not downloaded (make models), so the real-chat part of the demo is skipped"
 fi

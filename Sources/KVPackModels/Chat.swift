@@ -11,17 +11,35 @@ public struct ChatTemplate: Sendable {
     public let newline: [Int]
     /// The system message the model's template inserts when the conversation has none.
     public let defaultSystem: String?
+    /// Where the template came from: the GGUF's `tokenizer.chat_template`, or the ChatML fallback.
+    public let source: String
 
+    /// The model's own template (`tokenizer.chat_template`) when it is ChatML; ChatML when the
+    /// model has none and its vocabulary has the ChatML tokens. Other templates (Llama 3's
+    /// headers, Mistral's [INST], Gemma's turns) are refused with a message naming them: a wrong
+    /// template gives fluent nonsense rather than an error.
     public init(model: LlamaModel) throws {
         guard let t = model.tokenizer else { throw ModelError(model.path, "has no tokenizer; chat needs a GGUF model with one") }
+        let jinja = model.weights.chatTemplate
+        if let jinja, !(jinja.contains("<|im_start|>") && jinja.contains("<|im_end|>")) {
+            throw ModelError(model.path, "its chat template (tokenizer.chat_template) is not ChatML (\(Self.family(of: jinja))); kvpack chat supports ChatML templates (<|im_start|>role ... <|im_end|>). The template begins: \(String(jinja.prefix(80)).debugDescription)")
+        }
         guard let start = t.id(of: "<|im_start|>"), let end = t.id(of: "<|im_end|>") else {
             throw ModelError(model.path, "the vocabulary has no <|im_start|>/<|im_end|> tokens; chat supports ChatML models")
         }
+        source = jinja == nil ? "ChatML (the model has no tokenizer.chat_template; its vocabulary has the ChatML tokens)" : "ChatML (the model's tokenizer.chat_template)"
         tokenizer = t
         imStart = start
         imEnd = end
         newline = t.encode("\n")
         defaultSystem = Self.defaultSystem(in: model.weights.chatTemplate)
+    }
+
+    /// A name for a template that is not ChatML, from the markers it uses.
+    static func family(of jinja: String) -> String {
+        let known = [("<|start_header_id|>", "Llama 3 style"), ("[INST]", "Llama 2 / Mistral [INST] style"),
+                     ("<start_of_turn>", "Gemma style"), ("<|user|>", "Zephyr / Phi style"), ("<|turn>", "a turn-marker style")]
+        return known.first { jinja.contains($0.0) }.map { $0.1 } ?? "an unrecognised template"
     }
 
     /// The literal default system message of a ChatML Jinja template (SmolLM2's inserts one when
@@ -69,7 +87,41 @@ public final class Chat {
         public var generateSeconds: Double
         /// The reply stopped at the token limit rather than at `<|im_end|>`.
         public var truncated: Bool
+        /// The reply was stopped by the user (Ctrl-C); what was produced is kept and closed.
+        public var interrupted: Bool = false
+        /// How the tokens were chosen (`SamplerSettings.summary`).
+        public var sampling: String = ""
+        /// The conversation was shrunk before this turn to fit the context.
+        public var shrink: Shrink?
     }
+
+    /// What a context shift did (`makeRoom`).
+    public struct Shrink: Sendable, Codable {
+        public var before: Int
+        public var kept: Int
+        public var policy: String
+        public var sinkTokens: Int
+        public var seconds: Double
+    }
+
+    /// How the conversation makes room when the next turn would pass the context limit.
+    public struct ContextPolicy: Sendable {
+        public enum Selection: String, Sendable, CaseIterable {
+            /// The first message (system prompt, or 4 sink tokens) and the most recent whole messages.
+            case recent
+            /// The first message, the most recent messages (a quarter of the budget), and the rest
+            /// of the budget chosen by KVCrush from the model's attention.
+            case kvcrush
+        }
+        public var selection: Selection = .recent
+        /// Tokens kept, as a share of the context limit.
+        public var keep = 0.5
+        public init() {}
+    }
+
+    public var contextPolicy = ContextPolicy()
+    /// Asked before every reply token: true stops the reply there (it is kept and closed).
+    public var interrupted: () -> Bool = { false }
 
     init(conversation: Conversation, template: ChatTemplate) {
         self.conversation = conversation
@@ -127,14 +179,82 @@ public final class Chat {
     /// `<|im_end|>` or `maxTokens`, calling `onText` with each complete piece of UTF-8.
     @discardableResult
     public func turn(_ message: String, prefix: [Int] = [], maxTokens: Int, sampler: inout Sampler,
-                     clock: () -> Double, onText: (String) throws -> Void) throws -> Turn {
+                     clock: () -> Double, onShrink: (Shrink) -> Void = { _ in }, onText: (String) throws -> Void) throws -> Turn {
         let prompt = prefix + template.message(role: "user", message) + template.replyPrompt
+        let need = prompt.count + maxTokens + template.replyEnd.count
+        let shrink = need > conversation.room ? try makeRoom(for: need, clock: clock) : nil
+        if let shrink { onShrink(shrink) }
         let t0 = clock()
         try conversation.feed(prompt)
         let t1 = clock()
-        return try reply(message: message, promptTokens: prompt.count, prefillSeconds: t1 - t0, maxTokens: maxTokens, sampler: &sampler,
-                         clock: clock, onText: onText)
+        var turn = try reply(message: message, promptTokens: prompt.count, prefillSeconds: t1 - t0, maxTokens: maxTokens, sampler: &sampler,
+                             clock: clock, onText: onText)
+        turn.shrink = shrink
+        return turn
     }
+
+    /// Shrinks the conversation (`Conversation.shrink`) so that `need` more positions fit:
+    /// keeps `contextPolicy.keep` of the context limit (less if `need` requires), chosen by
+    /// `contextPolicy.selection`, and records what it did in the file's metadata.
+    public func makeRoom(for need: Int, clock: () -> Double) throws -> Shrink {
+        let t0 = clock()
+        let limit = conversation.contextLimit
+        let ids = conversation.tokenIDs, n = ids.count
+        let budget = min(Int(contextPolicy.keep * Double(limit)), limit - need)
+        let sinks = min(firstMessageEnd(ids) ?? 4, max(budget / 4, 1))
+        guard budget >= sinks + 1 else {
+            throw ModelError(conversation.path, "this turn needs \(need) positions (message, --max-tokens and the reply's end) and the context limit is \(limit): too little is left for the conversation so far; send a shorter message or lower --max-tokens")
+        }
+        var p = TokenSelection.Parameters()
+        p.budget = budget
+        p.sinkTokens = sinks
+        let selection: TokenSelection
+        switch contextPolicy.selection {
+        case .recent:
+            let cut = messageStart(ids, atOrAfter: max(n - (budget - sinks), sinks))
+            p.policy = .recent
+            p.recentWindow = n - cut
+            p.observationWindow = 0
+            p.anchor = .zeros
+            let kept = Array(0 ..< sinks) + Array(cut ..< n)
+            selection = TokenSelection(parameters: p, sourceTokenCount: n, signatureBits: 0, kept: kept,
+                                       reasons: kept.map { $0 < sinks ? .sink : .recent }, importance: kept.map { _ in 0 },
+                                       signatures: [], anchor: [])
+        case .kvcrush:
+            p.policy = .kvcrush
+            p.recentWindow = n - messageStart(ids, atOrAfter: max(n - max(budget / 4, 1), sinks))
+            p.observationWindow = 32
+            p.representatives = KVCrush.defaultRepresentatives(budget: budget)
+            try conversation.commit()
+            let reader = try KVPackReader(path: conversation.path)
+            let observation = try AttentionObserver.observe(model: conversation.model, reader: reader, tokens: n, window: p.observationWindow)
+            selection = KVCrush.select(observation, parameters: p)
+        }
+        let previous = conversation.session.manifest.userMetadata.filter { $0.key.hasPrefix("chat.shrink.") && $0.key.hasSuffix(".kept") }.count
+        let key = "chat.shrink.\(previous + 1)"
+        let metadata: [Manifest.MetadataEntry] = [
+            .init("\(key).kept", "\(selection.keptCount) of \(n) tokens (positions \(n - 1) -> \(selection.keptCount - 1))"),
+            .init("\(key).policy", "\(contextPolicy.selection.rawValue): first \(sinks) tokens, \(selection.reasons.filter { $0 == .recent }.count) most recent\(contextPolicy.selection == .kvcrush ? ", the rest by KVCrush" : ""); renumbered from 0, keys rotated to their new positions"),
+            .init("\(key).limit", "\(limit)"),
+        ]
+        try conversation.shrink(to: selection, metadata: metadata, tool: "kvpack chat")
+        return Shrink(before: n, kept: selection.keptCount, policy: contextPolicy.selection.rawValue, sinkTokens: sinks, seconds: clock() - t0)
+    }
+
+    /// Tokens of the first message when it is a system message (its `<|im_end|>\n` included).
+    func firstMessageEnd(_ ids: [UInt32]) -> Int? {
+        let system = [imStartID] + template.tokenizer.encode("system").map { UInt32($0) }
+        guard ids.starts(with: system), let end = ids.firstIndex(of: UInt32(template.imEnd)) else { return nil }
+        return min(end + 1 + template.newline.count, ids.count)
+    }
+
+    /// The first `<|im_start|>` at or after `index` (whole messages are kept), else `index`.
+    func messageStart(_ ids: [UInt32], atOrAfter index: Int) -> Int {
+        let from = max(index, 0)
+        return ids[from...].firstIndex(of: imStartID) ?? from
+    }
+
+    var imStartID: UInt32 { UInt32(template.imStart) }
 
     /// Samples the assistant's reply from the current logits, streams it, closes and commits it.
     func reply(message: String, promptTokens: Int, prefillSeconds: Double, maxTokens: Int, sampler: inout Sampler,
@@ -142,18 +262,24 @@ public final class Chat {
         let t1 = clock()
         var stream = UTF8Stream()
         let tokenizer = template.tokenizer
-        let reply = try conversation.generate(maxSteps: maxTokens, sampler: &sampler, stop: [template.imEnd]) { token in
+        // The reply depends only on the transcript and the settings, in this process or a later one.
+        sampler.reseed(position: Int(conversation.session.nextPosition))
+        sampler.exempt = Set([template.imStart, template.imEnd] + template.newline)
+        var stopped = false
+        let reply = try conversation.generate(maxSteps: maxTokens, sampler: &sampler, stop: [template.imEnd],
+                                              interrupted: { stopped = stopped || self.interrupted(); return stopped }) { token in
             let text = stream.feed(tokenizer.decodeBytes([token], renderSpecial: false))
             if !text.isEmpty { try onText(text) }
         }
         let rest = stream.flush()
         if !rest.isEmpty { try onText(rest) }
         let t2 = clock()
-        let truncated = reply.stopped == nil
+        let truncated = reply.stopped == nil && !stopped
         try conversation.feed(template.replyEnd)
         try conversation.commit()
         return Turn(message: message, reply: tokenizer.decode(reply.tokens, renderSpecial: false), promptTokens: promptTokens,
-                    replyTokens: reply.tokens, prefillSeconds: prefillSeconds, generateSeconds: t2 - t1, truncated: truncated)
+                    replyTokens: reply.tokens, prefillSeconds: prefillSeconds, generateSeconds: t2 - t1, truncated: truncated,
+                    interrupted: stopped, sampling: sampler.settings.summary)
     }
 
     public func close() throws { try conversation.close() }

@@ -4,17 +4,27 @@ import KVPack
 /// any number of turns, closed, and resumed later (in another process) from the file alone.
 public final class Conversation {
     public let model: LlamaModel
-    public let session: KVCacheSession
+    /// Replaced when the conversation shrinks (`shrink`): the file is rewritten and resumed.
+    public private(set) var session: KVCacheSession
     /// Logits after the last token in the cache: where the next token is sampled from.
     public private(set) var logits: [Float]
+    let options: WriterOptions
+    /// Positions the conversation may use: the model's context unless lowered.
+    public var contextLimit: Int {
+        didSet { contextLimit = max(1, min(contextLimit, model.config.maxSequence)) }
+    }
 
     public var path: String { session.path }
     public var tokenIDs: [UInt32] { session.tokenIDs }
+    /// Positions left before the context limit.
+    public var room: Int { contextLimit - Int(session.nextPosition) }
 
-    private init(model: LlamaModel, session: KVCacheSession, logits: [Float]) {
+    private init(model: LlamaModel, session: KVCacheSession, logits: [Float], options: WriterOptions) {
         self.model = model
         self.session = session
         self.logits = logits
+        self.options = options
+        contextLimit = model.config.maxSequence
     }
 
     /// What a new file for `model` is: its geometry and RoPE, keys after RoPE, the model's
@@ -62,7 +72,7 @@ public final class Conversation {
                               metadata: [Manifest.MetadataEntry] = []) throws -> Conversation {
         let file = newFile(for: model, spec: spec, segmentTokens: segmentTokens, producer: producer, metadata: metadata)
         let session = try KVCacheSession.create(path: path, file: file, options: options)
-        return Conversation(model: model, session: session, logits: [])
+        return Conversation(model: model, session: session, logits: [], options: options)
     }
 
     /// Checks that `model` is the model `path` was written with, without modifying the file.
@@ -99,7 +109,7 @@ public final class Conversation {
                               recomputeLogits: Bool = true) throws -> Conversation {
         try checkModel(model, matches: reader)
         let session = try KVCacheSession.resume(reader: reader, options: options)
-        let conversation = Conversation(model: model, session: session, logits: [])
+        let conversation = Conversation(model: model, session: session, logits: [], options: options)
         if recomputeLogits { try conversation.recomputeLogits() }
         return conversation
     }
@@ -123,7 +133,7 @@ public final class Conversation {
         try checkRoom(steps)
         var out: [Int] = []
         for _ in 0 ..< steps {
-            let next = sampler.sample(logits)
+            let next = sampler.sample(logits, recent: session.tokenIDs.suffix(sampler.settings.penaltyLastN))
             logits = try model.forward(tokens: [next], cache: session)
             out.append(next)
             try onToken(next)
@@ -133,12 +143,14 @@ public final class Conversation {
 
     /// Samples up to `maxSteps` tokens, feeding each back, and stops before feeding a token in
     /// `stop` (returned as `stopped`; the caller decides what closes the turn).
-    public func generate(maxSteps: Int, sampler: inout Sampler, stop: Set<Int>,
+    /// `interrupted` is asked before each token; when it says yes, generation ends there.
+    public func generate(maxSteps: Int, sampler: inout Sampler, stop: Set<Int>, interrupted: () -> Bool = { false },
                          onToken: (Int) throws -> Void = { _ in }) throws -> (tokens: [Int], stopped: Int?) {
         guard !logits.isEmpty else { throw ModelError(path, "nothing has been fed yet to generate from") }
         var out: [Int] = []
         for _ in 0 ..< maxSteps {
-            let next = sampler.sample(logits)
+            if interrupted() { return (out, nil) }
+            let next = sampler.sample(logits, recent: session.tokenIDs.suffix(sampler.settings.penaltyLastN))
             if stop.contains(next) { return (out, next) }
             try checkRoom(1)
             logits = try model.forward(tokens: [next], cache: session)
@@ -149,10 +161,41 @@ public final class Conversation {
     }
 
     private func checkRoom(_ more: Int) throws {
-        let limit = model.config.maxSequence
-        if Int(session.nextPosition) + more > limit {
-            throw ModelError(path, "the conversation would reach position \(Int(session.nextPosition) + more), past the model's context of \(limit) tokens")
+        if more > room {
+            let what = contextLimit == model.config.maxSequence ? "the model's context of" : "the context limit of"
+            throw ModelError(path, "the conversation would reach position \(Int(session.nextPosition) + more), past \(what) \(contextLimit) tokens")
         }
+    }
+
+    /// Keeps only `selection`'s tokens, renumbered 0, 1, 2, ... with their keys rotated to
+    /// match (a context shift), in the conversation's own file: the session commits and closes,
+    /// the file is rewritten in its own schemes beside itself and renamed over itself (a crash
+    /// leaves the old file), and the session resumes on it. The next step must feed tokens
+    /// (the logits are dropped). `metadata` joins the file's manifest.
+    @discardableResult
+    public func shrink(to selection: TokenSelection, metadata: [Manifest.MetadataEntry], tool: String) throws -> Converter.Report {
+        try session.commit()
+        try session.close()
+        var convert = Converter.Options()
+        convert.overwrite = true
+        convert.durability = options.durability
+        convert.repositioned = true
+        convert.attentionSamples = 8
+        convert.tool = tool
+        convert.metadata = metadata
+        // Every layer keeps the file's own schemes; the spec only fixes the layer count.
+        let keepOwn = try SchemeSpec.parse("raw:f32", geometry: model.config.geometry)
+        let report: Converter.Report
+        do {
+            report = try Converter.convert(input: path, output: path, spec: keepOwn, layers: [], selection: selection, options: convert)
+        } catch {
+            // The file is as it was: continue on it, and say why it could not shrink.
+            session = try KVCacheSession.resume(path: path, options: options)
+            throw error
+        }
+        session = try KVCacheSession.resume(path: path, options: options)
+        logits = []
+        return report
     }
 
     public func commit() throws { try session.commit() }

@@ -526,7 +526,7 @@ struct LlamaCppSmolLM2Tests {
         let (s2, o2, e2) = try runKVPack(["generate", "--resume", dir + "/g.kvpack", "--steps", "6", "--json", "--no-fsync"])
         try #require(s2 == 0, "\(e2)")
         let (s3, o3, e3) = try runKVPack(["chat", "--resume", dir + "/c.kvpack", "--message", "And another one?", "--max-tokens", "24",
-                                          "--json", "--no-fsync"])
+                                          "--temperature", "0", "--json", "--no-fsync"])
         try #require(s3 == 0, "\(e3)")
         struct Generated: Decodable { var generated: [Int] }
         struct Turn: Decodable { var message: String; var replyTokens: [Int] }
