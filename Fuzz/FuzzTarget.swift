@@ -29,6 +29,7 @@ func exercise(_ file: MappedFile) {
     guard let reader = try? KVPackReader(file: file) else { return }
     _ = try? FileSummary(reader: reader)
     _ = try? reader.tokenSelection()
+    _ = try? reader.userMetadata()
     let n = reader.tokenCount
     _ = try? reader.tokens(0 ..< n)
     _ = try? reader.tokens(n / 2 ..< n)
@@ -92,8 +93,10 @@ enum GeneratedFile {
         let rope = RoPEConfig(theta: 10000, layout: input[15] & 1 == 0 ? .interleaved : .rotateHalf)
         // Bit 1 of byte 10 picks format 1.x instead of 2.x: both index layouts get mutated.
         let major: UInt16 = input[10] & 2 == 0 ? 2 : 1
+        // Bit 1 of byte 15: a metadata note at every commit (format 2.1 / 1.5).
+        let notes = input[15] & 2 != 0
         guard let bytes = try? write(g, segment: segment, tokens: tokens, spec: spec, commitEvery: commitEvery, rope: rope,
-                                     seed: UInt64(seed), prune: prune, major: major) else { return }
+                                     seed: UInt64(seed), prune: prune, major: major, notes: notes) else { return }
         var edited = bytes
         var at = headerBytes
         while at + 5 <= input.count, !edited.isEmpty {
@@ -113,7 +116,7 @@ enum GeneratedFile {
 
     /// The file the recipe describes, written by the real writer (and pruned by the converter).
     static func write(_ g: ModelGeometry, segment: Int, tokens: Int, spec text: String, commitEvery: Int, rope: RoPEConfig,
-                      seed: UInt64, prune: Bool, major: UInt16) throws -> [UInt8] {
+                      seed: UInt64, prune: Bool, major: UInt16, notes: Bool = false) throws -> [UInt8] {
         let gen = SyntheticKV(geometry: g, rope: rope, seed: seed)
         let per = g.layerCount * g.kvHeadCount * g.headDim
         var keys = [Float](repeating: 0, count: per * tokens), values = keys
@@ -141,12 +144,16 @@ enum GeneratedFile {
         options.overwrite = true
         options.salt = seed | 1
         options.majorVersion = major
+        if notes { options.features.insert(.notes) }
         let writer = try KVPackWriter.create(path: path, file: file, options: options)
         for t in 0 ..< tokens {
             let row: Range<Int> = t * per ..< (t + 1) * per
             let k: [Float] = Array(keys[row]), v: [Float] = Array(values[row])
             try writer.append(tokenIDs: [gen.tokenID(t)], keys: k, values: v, layout: .layerTokenHead(g, tokens: 1))
-            if commitEvery > 0, t % commitEvery == 0 { try writer.commit() }
+            if commitEvery > 0, t % commitEvery == 0 {
+                if notes { try writer.attach(note: MetadataNote(entries: [.init("turn.\(t % 3)", "\(t)"), .init("seed", "\(seed)")])) }
+                try writer.commit()
+            }
         }
         try writer.close()
         if prune, tokens > 1 {

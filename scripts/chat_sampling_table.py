@@ -3,8 +3,11 @@
 chat per prompt, under several sampler settings, and prints a Markdown table per setting:
 the share of replies that loop, that switch language, and that stop by themselves.
 
-    python3 scripts/chat_sampling_table.py [--kvpack .build/release/kvpack] [--max-tokens 256]
-        [--config NAME=ARGS ...] [--json out.json]
+    python3 scripts/chat_sampling_table.py [--kvpack .build/release/kvpack] [--max-tokens 512]
+        [--seeds 1,2,3] [--config NAME=ARGS ...] [--only PREFIX ...] [--json out.json]
+
+Each sampled setting runs once per seed (greedy once: it has no draw), and the shares are over
+all its replies.
 
 Definitions (applied to the reply text and its token ids, as `kvpack chat --json` gives them):
   loops            some run of n tokens (n = 1..8) repeats 4 or more times back to back
@@ -85,7 +88,8 @@ def run(kvpack, prompt, args, max_tokens, directory):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kvpack", default=os.path.join(ROOT, ".build/release/kvpack"))
-    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--max-tokens", type=int, default=512, help="kvpack chat's default")
+    ap.add_argument("--seeds", default="1,2,3", help="seeds each sampled setting runs with")
     ap.add_argument("--config", action="append", default=[], help="NAME=ARGS (extra settings to compare, e.g. 't1=--temperature 1')")
     ap.add_argument("--only", action="append", default=[], help="run only the configs whose name starts with this")
     ap.add_argument("--json", help="write every reply here")
@@ -101,25 +105,28 @@ def main():
             looped = switched = stopped = 0
             replies = []
             settings = None
-            for i, prompt in enumerate(prompts):
-                turn, settings = run(args.kvpack, prompt, extra, args.max_tokens, directory)
+            greedy = extra[:2] == ["--temperature", "0"]
+            seeds = [None] if greedy else [int(x) for x in args.seeds.split(",")]
+            for i, (prompt, seed) in enumerate([(p, sd) for sd in seeds for p in prompts]):
+                turn, settings = run(args.kvpack, prompt, extra + ([] if seed is None else ["--seed", str(seed)]), args.max_tokens, directory)
                 l, s, e = loops(turn["replyTokens"]), switches_language(turn["reply"]), not turn["truncated"]
                 looped += l
                 switched += s
                 stopped += e
-                replies.append({"prompt": prompt, "reply": turn["reply"], "tokens": len(turn["replyTokens"]),
+                replies.append({"prompt": prompt, "seed": seed, "reply": turn["reply"], "tokens": len(turn["replyTokens"]),
                                 "loops": l, "switchesLanguage": s, "stops": e})
-                print(f"[{name}] {i + 1}/{len(prompts)} loops={l} switch={s} stops={e} ({len(turn['replyTokens'])} tokens): {prompt}",
+                print(f"[{name}] {i + 1}/{len(prompts) * len(seeds)} loops={l} switch={s} stops={e} ({len(turn['replyTokens'])} tokens): {prompt}",
                       file=sys.stderr)
-            n = len(prompts)
+            n = len(replies)
             rows.append((name, " ".join(extra) or "(none)", looped / n, switched / n, stopped / n,
-                         sum(r["tokens"] for r in replies) / n))
+                         sum(r["tokens"] for r in replies) / n, n))
             record[name] = {"args": extra, "sampling": settings, "replies": replies}
-    print(f"| settings | options | loop | switch language | stop by itself | mean reply tokens |")
-    print(f"|---|---|---|---|---|---|")
-    for name, extra, l, s, e, mean in rows:
-        print(f"| {name} | `{extra}` | {l:.0%} | {s:.0%} | {e:.0%} | {mean:.0f} |")
-    print(f"\n{len(prompts)} prompts from Tests/Fixtures/chat/everyday-prompts.txt, --max-tokens {args.max_tokens}, seed 1, SmolLM2-135M-Instruct Q4_1.")
+    print(f"| settings | options | replies | loop | switch language | stop by itself | mean reply tokens |")
+    print(f"|---|---|---|---|---|---|---|")
+    for name, extra, l, s, e, mean, n in rows:
+        print(f"| {name} | `{extra}` | {n} | {l:.0%} | {s:.0%} | {e:.0%} | {mean:.0f} |")
+    print(f"\n{len(prompts)} prompts from Tests/Fixtures/chat/everyday-prompts.txt, --max-tokens {args.max_tokens}, seeds {args.seeds}"
+          f" (greedy: once), SmolLM2-135M-Instruct Q4_1.")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(record, f, indent=1)

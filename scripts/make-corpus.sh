@@ -87,6 +87,18 @@ keep "$tmp/crush.kvpack" "valid__v1.4-kvcrush-40pct-int-k4v2.kvpack"
 # ... whose second source index is patched to 0 (no longer increasing), behind valid checksums.
 patch_first_frame "$tmp/crush.kvpack" "$tmp/crush-index.kvpack" tsel 28 set:00000000
 keep "$tmp/crush-index.kvpack" "error-invalidField__v1.4-tsel-source-index-not-increasing.kvpack"
+# Metadata notes (format 2.1 / 1.5): three notes at three commits, the third replacing the first's
+# value of key a (the file's metadata: a=3, b=2 after the manifest's entries).
+for v in 1 2; do
+  synth "notes-v$v" raw:f16 --format-version $v --note a=1 --note b=2 --note a=3
+done
+keep "$tmp/notes-v1.kvpack" "valid__v1.5-notes.kvpack"
+keep "$tmp/notes-v2.kvpack" "valid__v2.1-notes.kvpack"
+# A duplicate key inside one note is an error of that note: with no intermediate commits both
+# --note entries go into one note (a=1, b=2); its second key (payload offset 10) becomes "a".
+synth notes-dup raw:f16 --note a=1 --note b=2 --commit-every 0
+patch_first_frame "$tmp/notes-dup.kvpack" "$tmp/notes-dup-key.kvpack" note 10 set:61
+keep "$tmp/notes-dup-key.kvpack" "error-invalidField__v2.1-note-duplicate-key.kvpack"
 # An int block and a polar block whose first scale is NaN (f16 0x7E00): content errors, not bit
 # rot. Both blocks (8 tokens, head_dim 8, 4-bit codes) hold 32 bytes of codes first (polar: 16 of
 # angles, 16 of radii), then the scales.

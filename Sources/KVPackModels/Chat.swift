@@ -132,6 +132,9 @@ public final class Chat {
     public static func start(path: String, model: LlamaModel, spec: SchemeSpec, segmentTokens: Int,
                              options: WriterOptions, producer: String) throws -> Chat {
         let template = try ChatTemplate(model: model)
+        // Each turn records its sampler settings in a note (format 2.1 / 1.5).
+        var options = options
+        options.features.insert(.notes)
         let conversation = try Conversation.create(path: path, model: model, spec: spec, segmentTokens: segmentTokens,
                                                    options: options, producer: producer,
                                                    metadata: [.init("chat.template", "chatml")])
@@ -236,6 +239,7 @@ public final class Chat {
             .init("\(key).kept", "\(selection.keptCount) of \(n) tokens (positions \(n - 1) -> \(selection.keptCount - 1))"),
             .init("\(key).policy", "\(contextPolicy.selection.rawValue): first \(sinks) tokens, \(selection.reasons.filter { $0 == .recent }.count) most recent\(contextPolicy.selection == .kvcrush ? ", the rest by KVCrush" : ""); renumbered from 0, keys rotated to their new positions"),
             .init("\(key).limit", "\(limit)"),
+            .init("\(key).droppedReplies", "\(replyStarts(ids).filter { !Set(selection.kept).contains($0) }.count)"),
         ]
         try conversation.shrink(to: selection, metadata: metadata, tool: "kvpack chat")
         return Shrink(before: n, kept: selection.keptCount, policy: contextPolicy.selection.rawValue, sinkTokens: sinks, seconds: clock() - t0)
@@ -276,10 +280,39 @@ public final class Chat {
         let t2 = clock()
         let truncated = reply.stopped == nil && !stopped
         try conversation.feed(template.replyEnd)
+        try recordTurn(sampling: sampler.settings.summary, ending: stopped ? "ctrl-c" : truncated ? "max-tokens" : "im_end")
         try conversation.commit()
         return Turn(message: message, reply: tokenizer.decode(reply.tokens, renderSpecial: false), promptTokens: promptTokens,
                     replyTokens: reply.tokens, prefillSeconds: prefillSeconds, generateSeconds: t2 - t1, truncated: truncated,
                     interrupted: stopped, sampling: sampler.settings.summary)
+    }
+
+    /// Records how the reply just closed was made, in a note the commit makes visible:
+    /// `chat.turn.N.sampling` (the settings) and `chat.turn.N.end` (im_end, max-tokens or
+    /// ctrl-c), N counting the transcript's assistant replies from 1. A file older than format
+    /// 2.1 (1.5) cannot hold notes; its turns go unrecorded.
+    func recordTurn(sampling: String, ending: String) throws {
+        let writer = conversation.session.writer
+        guard writer.acceptsNotes else { return }
+        let turn = previousShrinkReplies + replyStarts(conversation.tokenIDs).count
+        try writer.attach(note: MetadataNote(entries: [.init("chat.turn.\(turn).sampling", sampling), .init("chat.turn.\(turn).end", ending)]))
+    }
+
+    /// Where each assistant reply header (`<|im_start|>assistant\n`) of a transcript starts.
+    func replyStarts(_ ids: [UInt32]) -> [Int] {
+        let header = template.replyPrompt.map { UInt32($0) }
+        var starts: [Int] = [], i = 0
+        while i < ids.count, let start = ids[i...].firstIndex(of: header[0]) {
+            if ids[start...].starts(with: header) { starts.append(start) }
+            i = start + 1
+        }
+        return starts
+    }
+
+    /// Replies a context shift dropped from the transcript (turn numbers keep counting them).
+    var previousShrinkReplies: Int {
+        conversation.session.manifest.userMetadata.filter { $0.key.hasPrefix("chat.shrink.") && $0.key.hasSuffix(".droppedReplies") }
+            .compactMap { Int($0.value) }.reduce(0, +)
     }
 
     public func close() throws { try conversation.close() }

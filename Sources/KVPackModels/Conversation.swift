@@ -183,6 +183,7 @@ public final class Conversation {
         convert.attentionSamples = 8
         convert.tool = tool
         convert.metadata = metadata
+        if session.writer.acceptsNotes { convert.features.insert(.notes) }
         // Every layer keeps the file's own schemes; the spec only fixes the layer count.
         let keepOwn = try SchemeSpec.parse("raw:f32", geometry: model.config.geometry)
         let report: Converter.Report

@@ -41,6 +41,8 @@ struct InfoCommand: ParsableCommand {
         if let selection = s.tokenSelection { print("selection  \(selection)") }
         for note in s.recoveryNotes { print("recovery   \(note)") }
         for e in s.userMetadata { print("metadata   \(e.key) = \(e.value)") }
+        if s.metadataNoteCount > 0 { print("notes      \(s.metadataNoteCount) note frame(s) added metadata after creation (shown above)") }
+        if let error = s.metadataNotesError { print("notes      unreadable: \(error)") }
         if s.blobCount > 0 { print("blobs      \(s.blobCount), \(formatBytes(s.blobBytes))") }
         print("")
         let names = s.schemes.map { "#\($0.index) \($0.spec)" }

@@ -20,6 +20,8 @@ struct SynthCommand: ParsableCommand {
     @Option(help: "Commit every N tokens (0: once at the end).") var commitEvery = 0
     @Option(help: "Tokens per append call.") var batch = 64
     @Flag(help: "Append to an existing OUTPUT instead of creating it.") var resume = false
+    @Option(name: .customLong("note"), help: ArgumentHelp("Metadata added after creation (a note frame, format 2.1/1.5): KEY=VALUE; the Nth --note goes with the Nth commit (the last ones with the final commit). Repeat for more.", valueName: "KEY=VALUE"))
+    var notes: [String] = []
     @Flag(help: ArgumentHelp("Print `committed N` after each commit.", visibility: .hidden)) var printCommits = false
     @OptionGroup(title: "Writing the file") var writing: WritingOptions
 
@@ -34,7 +36,13 @@ struct SynthCommand: ParsableCommand {
         }
         guard tokens >= 0, batch >= 1, commitEvery >= 0 else { throw ValidationError("--tokens, --batch and --commit-every must not be negative") }
         // Synthetic files are for tests and benchmarks: no fsync unless asked.
-        let options = writing.writerOptions(fsyncByDefault: false)
+        var options = writing.writerOptions(fsyncByDefault: false)
+        let noteEntries = try notes.map { text -> Manifest.MetadataEntry in
+            guard let eq = text.firstIndex(of: "="), eq != text.startIndex else { throw ValidationError("--note takes KEY=VALUE, got \"\(text)\"") }
+            return .init(String(text[..<eq]), String(text[text.index(after: eq)...]))
+        }
+        if !noteEntries.isEmpty { options.features.insert(.notes) }
+        var pendingNotes = noteEntries[...]
         let progress = Progress(label: "synth \(output)", total: tokens)
 
         let writer: KVPackWriter
@@ -74,11 +82,13 @@ struct SynthCommand: ParsableCommand {
             sinceCommit += n
             progress.update(t - start)
             if commitEvery > 0, sinceCommit == commitEvery {
+                if let note = pendingNotes.popFirst() { try writer.attach(note: MetadataNote(entries: [note])) }
                 try writer.commit()
                 sinceCommit = 0
                 if printCommits { report(writer.committedTokenCount) }
             }
         }
+        if !pendingNotes.isEmpty { try writer.attach(note: MetadataNote(entries: Array(pendingNotes))) }
         try writer.close()
         if printCommits { report(writer.committedTokenCount) }
         progress.finish()

@@ -112,20 +112,18 @@ final class LineEditor {
                 s.text.removeSubrange(start ..< s.cursor)
                 s.cursor = start
             case 27:
-                guard let a = readByte(), let b = readByte() else { continue }
-                switch (a, b) {
-                case (91, 68): s.cursor = max(s.cursor - 1, 0)
-                case (91, 67): s.cursor = min(s.cursor + 1, s.text.count)
-                case (91, 72), (79, 72): s.cursor = 0
-                case (91, 70), (79, 70): s.cursor = s.text.count
-                case (91, 65), (91, 66):
+                switch readEscape() {
+                case "D": s.cursor = max(s.cursor - 1, 0)
+                case "C": s.cursor = min(s.cursor + 1, s.text.count)
+                case "H", "1~", "7~": s.cursor = 0
+                case "F", "4~", "8~": s.cursor = s.text.count
+                case "3~": if s.cursor < s.text.count { s.text.remove(at: s.cursor) }
+                case let key where key == "A" || key == "B":
                     // History: Up goes back, Down forward; the line being typed is kept as a draft.
                     if historyIndex == history.count { draft = s.text }
-                    historyIndex = b == 65 ? max(historyIndex - 1, 0) : min(historyIndex + 1, history.count)
+                    historyIndex = key == "A" ? max(historyIndex - 1, 0) : min(historyIndex + 1, history.count)
                     s.text = historyIndex == history.count ? draft : Array(history[historyIndex])
                     s.cursor = s.text.count
-                case (91, 51):
-                    if readByte() == 126, s.cursor < s.text.count { s.text.remove(at: s.cursor) }
                 default: break
                 }
             default:
@@ -162,6 +160,20 @@ final class LineEditor {
         write(out)
         s.rows = endRow + 1
         s.cursorRow = cursorRow
+    }
+
+    /// The rest of an escape sequence after ESC, as its parameters and final byte ("D" for
+    /// ESC [ D or ESC O D, "3~" for ESC [ 3 ~); an unknown sequence is read whole and ignored.
+    private func readEscape() -> String {
+        guard let introducer = readByte() else { return "" }
+        guard introducer == 91 || introducer == 79 else { return "" }
+        var key = ""
+        while let b = readByte() {
+            key.append(Character(UnicodeScalar(b)))
+            if (0x40 ... 0x7E).contains(b) { break }
+            if key.count > 16 { break }
+        }
+        return key
     }
 
     private func terminalColumns() -> Int {

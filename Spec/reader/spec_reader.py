@@ -85,10 +85,35 @@ def parse_manifest(p):
         schemes.append(dict(kind=kind, residual=residual, params=params, blobs=blob_ids))
     n = u("H", p, pos)
     producer = p[pos + 2:pos + 2 + n].decode()
-    # User metadata follows; decoding does not need it.
+    pos += 2 + n
+    metadata, pos = parse_metadata(p, pos + 4, u("I", p, pos))
+    if pos != len(p):
+        raise FormatError("manifest end")
     return dict(layers=layers, query_heads=qh, kv_heads=kvh, head_dim=d, segment=seg,
                 keys_post_rope=bool(flags & 1), theta=theta, rope_layout=rope_layout,
-                layer_schemes=layer_schemes, schemes=schemes, producer=producer)
+                layer_schemes=layer_schemes, schemes=schemes, producer=producer, metadata=metadata)
+
+
+def parse_metadata(p, pos, count):
+    """Section 6.2 item 4 (also the payload of a note frame, 10.4): count entries of
+    u16 keyLength, key, u32 valueLength, value; keys unique. Returns (list of pairs, end)."""
+    entries, seen = [], set()
+    for _ in range(count):
+        if pos + 2 > len(p):
+            raise FormatError("metadata entry")
+        k = u("H", p, pos)
+        key = p[pos + 2:pos + 2 + k]
+        pos += 2 + k
+        if pos + 4 > len(p):
+            raise FormatError("metadata entry")
+        v = u("I", p, pos)
+        value = p[pos + 4:pos + 4 + v]
+        pos += 4 + v
+        if len(key) != k or len(value) != v or key in seen:
+            raise FormatError("metadata entry")
+        seen.add(key)
+        entries.append((key.decode(), value.decode()))
+    return entries, pos
 
 
 WIDTH = {1: 4, 2: 2, 3: 2}
@@ -292,6 +317,7 @@ def load_commit(data, salt, m, cmit, streams, d, C, manifest_end, major):
         limit, off = off, prev
     ids, positions, blocks, blobs = [0] * n, [0] * n, {}, {}
     selection = None
+    notes, note_errors = [], []
     # Version 1 frames tile the tokens [0, n); version 2 frames tile the segments [0, n // C).
     end = n if major == 1 else n // C
     for fr in chain:
@@ -335,13 +361,20 @@ def load_commit(data, salt, m, cmit, streams, d, C, manifest_end, major):
         ids[first:first + t] = struct.unpack_from(f"<{t}I", fr.payload, pos)
         positions[first:first + t] = struct.unpack_from(f"<{t}I", fr.payload, pos + 4 * t)
         pos += 8 * t
-        for _ in range(e):  # section 10.1: extension entries; 10.3: the one ancillary kind we know
+        for _ in range(e):  # section 10.1: extension entries; 10.3 and 10.4: the ancillary kinds we know
             fo, tag = struct.unpack_from("<Q4s", fr.payload, pos)
             pos += 16
             if tag == b"tsel":
                 if selection is not None:
                     raise FormatError("two tsel frames")
                 selection = parse_tsel(Frame(data, fo, cmit.off, salt), n)
+            elif tag == b"note":
+                if fo in (o for o, _ in notes) or fo >= fr.off:
+                    raise FormatError("note reference")
+                try:  # section 13.1 rule 6: a damaged note is an error of the note, not of the commit
+                    notes.append((fo, parse_note(Frame(data, fo, cmit.off, salt))))
+                except FormatError as e:
+                    note_errors.append(f"note at {fo}: {e}")
             elif not (tag[0] & 0x20):
                 raise FormatError(f"unknown critical frame {tag!r}")
     if end != 0 or len(blocks) != (n // C) * streams:
@@ -406,7 +439,23 @@ def load_commit(data, salt, m, cmit, streams, d, C, manifest_end, major):
             size = count * d * WIDTH[sch["residual"]]
             rows.append(widen(fr.payload[pos:pos + size], sch["residual"]))
         out[s] = np.concatenate(rows) if rows else np.zeros(0, np.float32)
-    return dict(tokens=n, ids=list(ids), positions=list(positions), streams=out, selection=selection)
+    # Section 10.4: the manifest's metadata, then the notes in file order; a later value wins.
+    metadata = dict(m["metadata"])
+    for _, entries in sorted(notes):
+        metadata.update(entries)
+    return dict(tokens=n, ids=list(ids), positions=list(positions), streams=out, selection=selection, metadata=metadata,
+                note_errors=note_errors)
+
+
+def parse_note(fr):
+    # Section 10.4: entryCount at 32, a payload of exactly that many metadata entries.
+    count = fr.f("I", 32)
+    if fr.tag != "note" or fr.flags != 0 or not 1 <= count <= 1 << 16:
+        raise FormatError("note frame")
+    entries, end = parse_metadata(fr.payload, 0, count)
+    if end != fr.stored:
+        raise FormatError("note size")
+    return entries
 
 
 def parse_tsel(fr, n):
@@ -441,6 +490,7 @@ def main():
     print(json.dumps(dict(
         layers=m["layers"], kv_heads=m["kv_heads"], head_dim=m["head_dim"], producer=m["producer"],
         tokens=state["tokens"], ids=state["ids"], positions=state["positions"], selection=state["selection"],
+        metadata=state["metadata"], note_errors=state["note_errors"],
         streams=[state["streams"][s].view(np.uint32).tolist() for s in sorted(state["streams"])])))
 
 

@@ -7,7 +7,7 @@ public struct FileHeader: Sendable, Equatable {
     /// The major version new files are written in (Spec/ 15: 2.0 made opening constant-time).
     public static let currentMajor: UInt16 = 2
     /// Every major version this library reads (and can append to). Each file records the lowest
-    /// minor version of its major that it needs (1.0 to 1.4; 2.0).
+    /// minor version of its major that it needs (1.0 to 1.5; 2.0 or 2.1).
     public static let supportedMajors: ClosedRange<UInt16> = 1 ... 2
     /// Frames start on multiples of this, so payloads (64 bytes after a frame start) are
     /// 64-byte aligned in a mapping of the file.

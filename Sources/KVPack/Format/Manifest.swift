@@ -156,14 +156,38 @@ public struct Manifest: Sendable, Equatable {
         w.write(UInt16(producerBytes.count))
         w.write(bytes: producerBytes)
         w.write(UInt32(userMetadata.count))
-        for e in userMetadata {
+        Self.encode(metadata: userMetadata, into: &w)
+        return w.bytes
+    }
+
+    /// Metadata entries as the manifest and `note` frames store them: `u16 keyLength, key,
+    /// u32 valueLength, value` each (Spec 6.2).
+    static func encode(metadata: [MetadataEntry], into w: inout ByteWriter) {
+        for e in metadata {
             let k = Array(e.key.utf8), v = Array(e.value.utf8)
             w.write(UInt16(k.count))
             w.write(bytes: k)
             w.write(UInt32(v.count))
             w.write(bytes: v)
         }
-        return w.bytes
+    }
+
+    /// Reads `count` metadata entries (the count already read at `countAt`): the count is
+    /// checked against the bytes left (each entry takes at least 6), keys must be unique.
+    static func decodeMetadata(_ c: inout ByteCursor, count: UInt32, countAt: UInt64, field: String = "metadata") throws -> [MetadataEntry] {
+        guard Int(count) <= c.remaining / 6 else {
+            throw c.invalid("\(field)Count", at: countAt, "claims \(count) entries but only \(c.remaining) bytes remain")
+        }
+        var metadata: [MetadataEntry] = []
+        var seen = Set<String>()
+        for i in 0 ..< Int(count) {
+            let at = c.absolutePosition
+            let k = try c.readUTF8(Int(try c.read(UInt16.self, "\(field)[\(i)].keyLength")), "\(field)[\(i)].key")
+            let v = try c.readUTF8(Int(try c.read(UInt32.self, "\(field)[\(i)].valueLength")), "\(field)[\(i)].value")
+            guard seen.insert(k).inserted else { throw c.invalid("\(field)[\(i)].key", at: at, "duplicate key \"\(k)\"") }
+            metadata.append(MetadataEntry(k, v))
+        }
+        return metadata
     }
 
     /// Checks a manifest built by a caller before it is written (the writer's entry check).
@@ -267,20 +291,7 @@ public struct Manifest: Sendable, Equatable {
         let producerLength = Int(try c.read(UInt16.self, "producerLength"))
         let producer = try c.readUTF8(producerLength, "producer")
         let metadataCount = try c.read(UInt32.self, "metadataCount")
-        // Each entry takes at least 6 bytes, so the count is checked against what is left.
-        guard Int(metadataCount) <= c.remaining / 6 else {
-            throw c.invalid("metadataCount", at: c.absolutePosition - 4,
-                            "claims \(metadataCount) entries but only \(c.remaining) bytes remain")
-        }
-        var metadata: [MetadataEntry] = []
-        var seen = Set<String>()
-        for i in 0 ..< Int(metadataCount) {
-            let at = c.absolutePosition
-            let k = try c.readUTF8(Int(try c.read(UInt16.self, "metadata[\(i)].keyLength")), "metadata[\(i)].key")
-            let v = try c.readUTF8(Int(try c.read(UInt32.self, "metadata[\(i)].valueLength")), "metadata[\(i)].value")
-            guard seen.insert(k).inserted else { throw c.invalid("metadata[\(i)].key", at: at, "duplicate key \"\(k)\"") }
-            metadata.append(MetadataEntry(k, v))
-        }
+        let metadata = try decodeMetadata(&c, count: metadataCount, countAt: c.absolutePosition - 4)
         guard c.remaining == 0 else {
             throw c.invalid("end", "\(c.remaining) bytes follow the last field; the manifest must end exactly there")
         }

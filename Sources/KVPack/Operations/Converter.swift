@@ -27,6 +27,8 @@ public enum Converter {
         public var repositioned = false
         /// User metadata added to the output's manifest (after the conversion record).
         public var metadata: [Manifest.MetadataEntry] = []
+        /// Frames the output may hold later (a chat's `.notes`); the header records the version.
+        public var features: FileFeatures = []
 
         public init() {}
     }
@@ -106,7 +108,8 @@ public enum Converter {
             writerOptions.durability = options.durability
             writerOptions.salt = options.salt
             writerOptions.majorVersion = options.formatVersion
-            if selection != nil { writerOptions.minimumMinorVersion = 4 }
+            writerOptions.features = options.features
+            if selection != nil { writerOptions.features.insert(.tokenSelection) }
             let writer = try KVPackWriter.create(path: replacement.temporaryPath, file: file, options: writerOptions)
             try stream(from: source, tokens: tokens, to: writer, chunk: segmentTokens, shifts: shifts, progress: options.progress)
             if let selection { try writer.attach(selection: selection) }
@@ -208,7 +211,8 @@ public enum Converter {
     /// A nil `spec` (no layer re-planned) keeps the source's scheme notes.
     static func provenance(source: KVPackReader, input: String, spec: SchemeSpec?, tool: String) -> [Manifest.MetadataEntry] {
         let m = source.manifest
-        var entries = m.userMetadata.filter { spec == nil || ($0.key != "scheme.spec" && !$0.key.hasPrefix("scheme.plan.")) }
+        // Notes fold into the new manifest (a damaged note is left behind, as a reader skips it).
+        var entries = ((try? source.userMetadata()) ?? m.userMetadata).filter { spec == nil || ($0.key != "scheme.spec" && !$0.key.hasPrefix("scheme.plan.")) }
         let previous = entries.compactMap { e -> Int? in
             guard e.key.hasPrefix("convert.") else { return nil }
             return Int(e.key.dropFirst("convert.".count).prefix { $0.isNumber })

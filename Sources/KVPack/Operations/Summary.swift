@@ -28,7 +28,11 @@ public struct FileSummary: Sendable, Codable {
     public var maxPositions: UInt32
     public var modelFingerprint: String
     public var producer: String
+    /// The manifest's metadata with the file's notes applied (`KVPackReader.userMetadata`).
     public var userMetadata: [Manifest.MetadataEntry]
+    /// `note` frames the commit lists, and why they could not be read (nil when they could).
+    public var metadataNoteCount: Int
+    public var metadataNotesError: String?
     public var tokenCount: Int
     public var sealedTokens: Int
     public var tailTokens: Int
@@ -60,7 +64,13 @@ public struct FileSummary: Sendable, Codable {
         maxPositions = m.maxPositions
         modelFingerprint = Manifest.fingerprintText(m.modelFingerprint)
         producer = m.producer
-        userMetadata = m.userMetadata
+        metadataNoteCount = reader.metadataNoteCount
+        do {
+            userMetadata = try reader.userMetadata()
+        } catch {
+            userMetadata = m.userMetadata
+            metadataNotesError = "\(error)"
+        }
         tokenCount = reader.tokenCount
         sealedTokens = reader.sealedTokenCount
         tailTokens = reader.tokenCount - reader.sealedTokenCount

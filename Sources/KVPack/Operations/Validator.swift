@@ -105,6 +105,7 @@ public enum Validator {
         checkReferences(reader, frames: frames, report: &report)
         checkBlocks(reader, deep: deep, report: &report)
         do { _ = try reader.tokenSelection() } catch let e as KVPackError { report.add(.error, e) } catch {}
+        do { _ = try reader.metadataNotes() } catch let e as KVPackError { report.add(.error, e) } catch {}
         return report
     }
 
@@ -177,6 +178,7 @@ public enum Validator {
             }
         }
         if let offset = s.selectionOffset { expect(offset, TokenSelection.tag, "token selection") }
+        for offset in s.metadataNotes { expect(offset, MetadataNote.tag, "metadata note") }
         report.supersededBytes = frames.filter { !referenced.contains($0.key) }.reduce(0) { $0 + $1.value.size }
     }
 

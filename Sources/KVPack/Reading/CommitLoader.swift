@@ -44,6 +44,8 @@ struct CommitState: Sendable {
     var chain: [IndexChainLink]
     /// The `tsel` frame the chain lists, if any (parsed on demand: it is ancillary).
     var selectionOffset: UInt64?
+    /// The `note` frames the chain lists, in file order (parsed on demand: they are ancillary).
+    var metadataNotes: [UInt64]
     var notes: [RecoveryNote]
 
     var commitEnd: UInt64 { commitOffset + UInt64(FrameHeader.size) }
@@ -118,11 +120,11 @@ struct CommitLoader {
         } else {
             segmentTables = try loadSegmentEntries(frames, segments: segments, commit: at)
         }
-        let (blobs, blobFrames, selectionOffset) = try loadBlobsAndExtensions(frames)
+        let (blobs, blobFrames, selectionOffset, metadataNotes) = try loadBlobsAndExtensions(frames)
         let tail = try loadTail(newest: frames[0], tokenCount: tokenCount, sealed: segments * manifest.segmentTokens)
         return CommitState(major: major, commitOffset: at, commitSerial: frame.serial, tokenCount: tokenCount, blockOffsets: blockOffsets,
                            segmentTables: segmentTables, blobs: blobs, blobFrames: blobFrames, tokenIDs: tokenIDs, positions: positions,
-                           tail: tail, chain: frames.map(IndexChainLink.init(frame:)), selectionOffset: selectionOffset, notes: [])
+                           tail: tail, chain: frames.map(IndexChainLink.init(frame:)), selectionOffset: selectionOffset, metadataNotes: metadataNotes, notes: [])
     }
 
     /// The index chain from the commit's index back to a FULL frame, newest first. Offsets
@@ -208,11 +210,14 @@ struct CommitLoader {
     }
 
     /// The blobs the chain lists (each read and checked now: schemes need them to open), and
-    /// the token selection it references; an unknown critical extension is an error.
-    func loadBlobsAndExtensions(_ frames: [IndexFrame]) throws -> (blobs: [UInt32: Blob], frames: [UInt32: UInt64], selection: UInt64?) {
+    /// the token selection and metadata notes it references; an unknown critical extension is
+    /// an error.
+    func loadBlobsAndExtensions(_ frames: [IndexFrame]) throws -> (blobs: [UInt32: Blob], frames: [UInt32: UInt64], selection: UInt64?,
+                                                                    notes: [UInt64]) {
         var blobs: [UInt32: Blob] = [:]
         var blobFrames: [UInt32: UInt64] = [:]
         var selectionOffset: UInt64?
+        var notes: Set<UInt64> = []
         for f in frames {
             for i in 0 ..< f.blobCount {
                 let e = f.blob(i)
@@ -237,6 +242,11 @@ struct CommitLoader {
                         throw KVPackError.invalid(entryAt, "INDX.extension", "a second tsel frame is listed; a file holds at most one")
                     }
                     selectionOffset = e.frameOffset
+                } else if e.tag == MetadataNote.tag {
+                    try checkReference(e.frameOffset, before: f.header.offset, at: entryAt, field: "INDX.extension.frameOffset")
+                    guard notes.insert(e.frameOffset).inserted else {
+                        throw KVPackError.invalid(entryAt, "INDX.extension", "the note frame at \(e.frameOffset) is listed twice")
+                    }
                 } else if e.tag.isCritical {
                     throw KVPackError(.unknownCriticalFrame, offset: entryAt, field: "INDX.extension.tag",
                                       "the index references a \(e.tag) frame, a critical kind this reader does not know")
@@ -249,7 +259,7 @@ struct CommitLoader {
                 throw KVPackError.invalid(nil, "manifest.schemes[\(i)].blobIDs", "names blob \(id), which the index does not list")
             }
         }
-        return (blobs, blobFrames, selectionOffset)
+        return (blobs, blobFrames, selectionOffset, notes.sorted())
     }
 
     /// Version 1: the block entries of the whole chain name every (segment, stream) once.

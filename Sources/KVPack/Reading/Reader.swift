@@ -127,6 +127,30 @@ public final class KVPackReader: @unchecked Sendable {
         return try TokenSelection.decode(header: h, file: file.bytes, fileTokens: tokenCount)
     }
 
+    /// How many `note` frames (metadata added after creation) the commit lists.
+    public var metadataNoteCount: Int { state.metadataNotes.count }
+
+    /// The metadata notes, in the order they were written, each read and checked now. Like the
+    /// token selection, damage to one is an error here (and in `validate`), never in reading tokens.
+    public func metadataNotes() throws -> [MetadataNote] {
+        try state.metadataNotes.map { at in
+            let h = try FrameHeader.decode(file.bytes, at: at, limit: state.commitOffset, salt: header.salt, field: "note")
+            return try MetadataNote.decode(header: h, file: file.bytes)
+        }
+    }
+
+    /// The file's user metadata: the manifest's entries with the notes applied in order (a key
+    /// written again takes its newer value, in its first place).
+    public func userMetadata() throws -> [Manifest.MetadataEntry] {
+        var entries = manifest.userMetadata
+        for note in try metadataNotes() {
+            for e in note.entries {
+                if let i = entries.firstIndex(where: { $0.key == e.key }) { entries[i] = e } else { entries.append(e) }
+            }
+        }
+        return entries
+    }
+
     // MARK: Per-stream information
 
     public func scheme(layer: Int, kind: KVKind) -> any KVScheme {

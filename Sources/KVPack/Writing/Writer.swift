@@ -83,7 +83,7 @@ public final class KVPackWriter {
         let io = try FileAppender.open(path: replacement.temporaryPath, create: true)
         let salt = options.salt ?? UInt64.random(in: 1 ... .max)
         let major = options.majorVersion
-        let minor = major == 1 ? max(manifest.requiredMinorVersion, options.minimumMinorVersion) : 0
+        let minor = max(major == 1 ? manifest.requiredMinorVersion : 0, options.features.requiredMinor(major: major))
         let writer = KVPackWriter(path: path, manifest: manifest, options: options, salt: salt, majorVersion: major, minorVersion: minor,
                                   schemes: schemes, io: io)
         do {
@@ -248,11 +248,11 @@ public final class KVPackWriter {
     /// Records which tokens of a longer sequence this file's first `selection.keptCount` tokens
     /// are (a `tsel` frame, listed by the next index). Those tokens must have been appended; the
     /// next commit makes the record visible. A file holds at most one; it needs format 1.4, so
-    /// the file must have been created with `minimumMinorVersion` 4 or more.
+    /// a version 1 file must have been created with the `.tokenSelection` feature.
     public func attach(selection: TokenSelection) throws {
         guard !closed else { throw KVPackError.argument("the writer is closed") }
-        guard majorVersion >= 2 || minorVersion >= 4 else {
-            throw KVPackError.argument("a token selection needs format 1.4; this file records 1.\(minorVersion) (create it with minimumMinorVersion 4)")
+        guard minorVersion >= FileFeatures.tokenSelection.requiredMinor(major: majorVersion) else {
+            throw KVPackError.argument("a token selection needs format 1.4; this file records 1.\(minorVersion) (create it with WriterOptions.features .tokenSelection)")
         }
         guard !hasSelection else { throw KVPackError.argument("the file already holds a token selection") }
         try selection.validate(fileTokens: tokenCount)
@@ -260,6 +260,23 @@ public final class KVPackWriter {
         pending.extensions.append(ExtensionEntry(frameOffset: offset, tag: TokenSelection.tag))
         hasSelection = true
     }
+
+    /// Adds metadata to the file after its creation (a `note` frame, listed by the next index;
+    /// the next commit makes it visible). Readers apply notes over the manifest's metadata in
+    /// file order, so a key written again takes its newer value. Needs format 2.1 (1.5): the
+    /// file must have been created with the `.notes` feature (`acceptsNotes` says whether it was).
+    public func attach(note: MetadataNote) throws {
+        guard !closed else { throw KVPackError.argument("the writer is closed") }
+        guard acceptsNotes else {
+            throw KVPackError.argument("metadata notes need format \(majorVersion).\(FileFeatures.notes.requiredMinor(major: majorVersion)); this file records \(majorVersion).\(minorVersion) (create it with WriterOptions.features .notes)")
+        }
+        try note.validate()
+        let offset = try writeFrame(tag: MetadataNote.tag, fields: note.typeFields, payload: note.encodedPayload())
+        pending.extensions.append(ExtensionEntry(frameOffset: offset, tag: MetadataNote.tag))
+    }
+
+    /// Whether the file's version defines `note` frames (`attach(note:)`).
+    public var acceptsNotes: Bool { minorVersion >= FileFeatures.notes.requiredMinor(major: majorVersion) }
 
     // MARK: Commit
 

@@ -25,13 +25,29 @@ public struct WriterOptions: Sendable {
     /// with segment tables; 1 writes files that readers of version 1 can open. A resumed file
     /// keeps its own version.
     public var majorVersion: UInt16 = FileHeader.currentMajor
-    /// Version 1 files: the header records at least this minor version (a file that will hold a
-    /// `tsel` frame, which needs 1.4, is created with 4). Version 2 defines everything at 2.0.
-    public var minimumMinorVersion: UInt16 = 0
+    /// Frames a created file will hold that a later minor version defines: the header records
+    /// the lowest minor that defines them (Spec 3: `tsel` needs 1.4; `note` needs 1.5 or 2.1).
+    public var features: FileFeatures = []
     /// Called after each sealed segment with the tokens appended so far (progress display).
     public var onSeal: (@Sendable (Int) -> Void)?
 
     public init() {}
+}
+
+/// Ancillary frames that need a later minor version than the file's schemes do.
+public struct FileFeatures: OptionSet, Sendable {
+    public let rawValue: UInt8
+    public init(rawValue: UInt8) { self.rawValue = rawValue }
+    /// A `tsel` frame (token selection): 1.4; every 2.x.
+    public static let tokenSelection = FileFeatures(rawValue: 1)
+    /// `note` frames (metadata added after creation): 1.5, 2.1.
+    public static let notes = FileFeatures(rawValue: 2)
+
+    /// The lowest minor of `major` that defines these features.
+    public func requiredMinor(major: UInt16) -> UInt16 {
+        if major == 1 { return contains(.notes) ? 5 : contains(.tokenSelection) ? 4 : 0 }
+        return contains(.notes) ? 1 : 0
+    }
 }
 
 /// How the caller lays out the K (or V) floats of a batch of tokens: `headDim` contiguous

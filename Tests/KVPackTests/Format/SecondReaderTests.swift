@@ -12,6 +12,8 @@ struct SecondReaderTests {
         var positions: [UInt32]
         var streams: [[UInt32]]
         var selection: Selection?
+        var metadata: [String: String]
+        var note_errors: [String]
     }
 
     /// Section 10.3 as the Python reader parses it.
@@ -53,6 +55,10 @@ struct SecondReaderTests {
             #expect(py.source_index == s.kept && py.importance_bits == s.importance.map(\.bitPattern))
             #expect(py.reasons == s.reasons.map(\.rawValue) && py.anchor_bits == s.anchor && py.signatures == s.signatures)
         }
+        // The manifest's metadata with the notes applied (10.4), as each reader computes it.
+        let metadata = try reader.userMetadata()
+        #expect(python.metadata == Dictionary(metadata.map { ($0.key, $0.value) }, uniquingKeysWith: { $1 }))
+        #expect(python.note_errors.isEmpty)
         let g = reader.geometry
         #expect(python.streams.count == g.streamCount)
         for s in 0 ..< min(python.streams.count, g.streamCount) {
@@ -61,6 +67,23 @@ struct SecondReaderTests {
             let firstDifference = zip(python.streams[s], swift).enumerated().first { $0.element.0 != $0.element.1 }
             #expect(python.streams[s].count == swift.count, "\(file) stream \(s): lengths differ")
             #expect(firstDifference == nil, "\(file) stream \(s) element \(firstDifference?.offset ?? 0): Python \(firstDifference?.element.0 ?? 0), Swift \(firstDifference?.element.1 ?? 0)")
+        }
+    }
+
+    @Test("a damaged note is an error of that note in both readers; the tokens stay readable")
+    func damagedNote() throws {
+        let file = "corpus/error-invalidField__v2.1-note-duplicate-key.kvpack"
+        let data = Data(try runPython([packageRoot + "/Spec/reader/spec_reader.py", packageRoot + "/" + file]).utf8)
+        let python = try JSONDecoder().decode(Decoded.self, from: data)
+        let reader = try KVPackReader(path: packageRoot + "/" + file)
+        #expect(python.tokens == reader.tokenCount && reader.tokenCount == 37)
+        #expect(python.note_errors.count == 1 && python.metadata["a"] == nil)
+        #expect(reader.metadataNoteCount == 1)
+        #expect(throws: KVPackError.self) { try reader.metadataNotes() }
+        do {
+            _ = try reader.metadataNotes()
+        } catch let e as KVPackError {
+            #expect(e.field == "note.entries[1].key" && e.code == .invalidField)
         }
     }
 }
