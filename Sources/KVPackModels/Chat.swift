@@ -13,6 +13,9 @@ public struct ChatTemplate: Sendable {
     public let defaultSystem: String?
     /// Where the template came from: the GGUF's `tokenizer.chat_template`, or the ChatML fallback.
     public let source: String
+    /// Tokens whose text holds a newline, `:`, `"` or `*` (llama.cpp's default DRY sequence
+    /// breakers), and the ChatML markers: a DRY run never crosses them.
+    public let sequenceBreakers: Set<Int>
 
     /// The model's own template (`tokenizer.chat_template`) when it is ChatML; ChatML when the
     /// model has none and its vocabulary has the ChatML tokens. Other templates (Llama 3's
@@ -31,6 +34,12 @@ public struct ChatTemplate: Sendable {
         tokenizer = t
         imStart = start
         imEnd = end
+        let breakerBytes: Set<UInt8> = [0x0A, 0x3A, 0x22, 0x2A]
+        var breakers: Set<Int> = [start, end]
+        for id in 0 ..< t.vocabulary.count where t.decodeBytes([id], renderSpecial: false).contains(where: breakerBytes.contains) {
+            breakers.insert(id)
+        }
+        sequenceBreakers = breakers
         newline = t.encode("\n")
         defaultSystem = Self.defaultSystem(in: model.weights.chatTemplate)
     }
@@ -269,6 +278,7 @@ public final class Chat {
         // The reply depends only on the transcript and the settings, in this process or a later one.
         sampler.reseed(position: Int(conversation.session.nextPosition))
         sampler.exempt = Set([template.imStart, template.imEnd] + template.newline)
+        sampler.sequenceBreakers = template.sequenceBreakers
         var stopped = false
         let reply = try conversation.generate(maxSteps: maxTokens, sampler: &sampler, stop: [template.imEnd],
                                               interrupted: { stopped = stopped || self.interrupted(); return stopped }) { token in

@@ -133,7 +133,7 @@ public final class Conversation {
         try checkRoom(steps)
         var out: [Int] = []
         for _ in 0 ..< steps {
-            let next = sampler.sample(logits, recent: session.tokenIDs.suffix(sampler.settings.penaltyLastN))
+            let next = sampler.sample(logits, recent: session.tokenIDs[...])
             logits = try model.forward(tokens: [next], cache: session)
             out.append(next)
             try onToken(next)
@@ -150,7 +150,7 @@ public final class Conversation {
         var out: [Int] = []
         for _ in 0 ..< maxSteps {
             if interrupted() { return (out, nil) }
-            let next = sampler.sample(logits, recent: session.tokenIDs.suffix(sampler.settings.penaltyLastN))
+            let next = sampler.sample(logits, recent: session.tokenIDs[...])
             if stop.contains(next) { return (out, next) }
             try checkRoom(1)
             logits = try model.forward(tokens: [next], cache: session)

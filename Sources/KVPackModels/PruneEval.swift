@@ -27,6 +27,9 @@ public enum PruneEval {
         public var directory: String
         /// Recorded as the pruned files' producer.
         public var tool = "kvpack"
+        /// Renumber the kept tokens from 0 with their keys rotated (a context shift) instead of
+        /// keeping their original positions.
+        public var repositioned = false
 
         public init(directory: String) { self.directory = directory }
     }
@@ -54,6 +57,7 @@ public enum PruneEval {
         public var sinkTokens: Int
         public var anchor: String
         public var storage: String
+        public var repositioned: Bool
         public var results: [Result]
     }
 
@@ -96,6 +100,7 @@ public enum PruneEval {
                     convertOptions.segmentTokens = options.segmentTokens
                     convertOptions.attentionSamples = 0
                     convertOptions.tool = options.tool
+                    convertOptions.repositioned = options.repositioned
                     _ = try Converter.convert(input: baseline.paths[0], output: path, spec: storage, selection: selection, options: convertOptions)
                     var writerOptions = WriterOptions()
                     writerOptions.durability = .flush
@@ -132,6 +137,6 @@ public enum PruneEval {
         let s = options.selection
         return Report(model: model.path, text: textSource, tokens: n, points: points, continuation: options.continuation,
                       observationWindow: s.observationWindow, recentWindow: s.recentWindow, sinkTokens: s.sinkTokens,
-                      anchor: s.anchor.description, storage: options.storage, results: results)
+                      anchor: s.anchor.description, storage: options.storage, repositioned: options.repositioned, results: results)
     }
 }

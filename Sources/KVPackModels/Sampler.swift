@@ -25,11 +25,23 @@ public struct SamplerSettings: Sendable, Equatable, Codable {
     public var frequencyPenalty: Float
     /// How many of the most recent tokens the penalties look at.
     public var penaltyLastN: Int
+    /// DRY ("don't repeat yourself", as llama.cpp and koboldcpp implement it): a token that would
+    /// extend a run of tokens already seen earlier in the conversation, when that run is at
+    /// least `dryAllowedLength` long, loses `dryMultiplier * dryBase^(run - dryAllowedLength)`
+    /// from its logit. Verbatim repetition of an earlier reply then gets less likely with every
+    /// token it copies; 0 is off. Runs do not cross the chat's sequence breakers (newline,
+    /// `:`, `"`, `*`, the ChatML markers).
+    public var dryMultiplier: Float
+    public var dryBase: Float
+    public var dryAllowedLength: Int
+    /// How far back DRY looks; 0: the whole conversation.
+    public var dryPenaltyLastN: Int
     /// With the position a reply starts at, seeds the draw (see `Sampler.reseed(position:)`).
     public var seed: UInt64
 
     public init(temperature: Float = 0.8, topK: Int = 40, topP: Float = 0.95, minP: Float = 0.05, repeatPenalty: Float = 1,
-                presencePenalty: Float = 0, frequencyPenalty: Float = 0, penaltyLastN: Int = 64, seed: UInt64 = 1) {
+                presencePenalty: Float = 0, frequencyPenalty: Float = 0, penaltyLastN: Int = 64, seed: UInt64 = 1,
+                dryMultiplier: Float = 0, dryBase: Float = 1.75, dryAllowedLength: Int = 2, dryPenaltyLastN: Int = 0) {
         self.temperature = temperature
         self.topK = topK
         self.topP = topP
@@ -39,6 +51,10 @@ public struct SamplerSettings: Sendable, Equatable, Codable {
         self.frequencyPenalty = frequencyPenalty
         self.penaltyLastN = penaltyLastN
         self.seed = seed
+        self.dryMultiplier = dryMultiplier
+        self.dryBase = dryBase
+        self.dryAllowedLength = dryAllowedLength
+        self.dryPenaltyLastN = dryPenaltyLastN
     }
 
     /// llama.cpp's defaults (common/common.h): temperature 0.8, top-k 40, top-p 0.95, min-p 0.05,
@@ -50,9 +66,10 @@ public struct SamplerSettings: Sendable, Equatable, Codable {
 
     public var isGreedy: Bool { temperature <= 0 }
     var penalises: Bool { penaltyLastN > 0 && (repeatPenalty != 1 || presencePenalty != 0 || frequencyPenalty != 0) }
+    var dry: Bool { dryMultiplier > 0 }
     /// Only a temperature: the draw runs over the whole vocabulary in index order, as it did
     /// before the other samplers existed, so older seeded results stay reproducible.
-    var temperatureOnly: Bool { (topK <= 0) && topP >= 1 && minP <= 0 && !penalises }
+    var temperatureOnly: Bool { (topK <= 0) && topP >= 1 && minP <= 0 && !penalises && !dry }
 
     /// Checks the ranges llama.cpp accepts; the message names the option.
     public func validate() throws {
@@ -64,11 +81,15 @@ public struct SamplerSettings: Sendable, Equatable, Codable {
         try check(repeatPenalty.isFinite && repeatPenalty > 0, "repeat-penalty \(repeatPenalty) must be > 0 (1 is off)")
         try check(presencePenalty.isFinite && frequencyPenalty.isFinite, "presence and frequency penalties must be finite")
         try check(penaltyLastN >= 0 && penaltyLastN <= 1 << 20, "penalty-last-n \(penaltyLastN) must be in 0...\(1 << 20)")
+        try check(dryMultiplier.isFinite && dryMultiplier >= 0, "dry-multiplier \(dryMultiplier) must be >= 0 (0 is off)")
+        try check(dryBase.isFinite && dryBase >= 1, "dry-base \(dryBase) must be >= 1")
+        try check(dryAllowedLength >= 1 && dryAllowedLength <= 1 << 10, "dry-allowed-length \(dryAllowedLength) must be in 1...1024")
+        try check(dryPenaltyLastN >= 0 && dryPenaltyLastN <= 1 << 24, "dry-penalty-last-n \(dryPenaltyLastN) must be >= 0 (0: the whole conversation)")
     }
 
     /// One line: what a turn used, as the file's metadata records it.
     public var summary: String {
-        if isGreedy && !penalises { return "greedy" }
+        if isGreedy && !penalises && !dry { return "greedy" }
         var parts = [isGreedy ? "greedy" : "temperature \(Self.text(temperature))"]
         if !isGreedy {
             parts += ["top-k \(topK)", "top-p \(Self.text(topP))", "min-p \(Self.text(minP))"]
@@ -77,6 +98,9 @@ public struct SamplerSettings: Sendable, Equatable, Codable {
         if presencePenalty != 0 { parts.append("presence-penalty \(Self.text(presencePenalty))") }
         if frequencyPenalty != 0 { parts.append("frequency-penalty \(Self.text(frequencyPenalty))") }
         if penalises { parts.append("penalty-last-n \(penaltyLastN)") }
+        if dry {
+            parts.append("dry \(Self.text(dryMultiplier))/\(Self.text(dryBase))/\(dryAllowedLength)" + (dryPenaltyLastN > 0 ? " over \(dryPenaltyLastN)" : ""))
+        }
         if !isGreedy { parts.append("seed \(seed)") }
         return parts.joined(separator: ", ")
     }
@@ -94,12 +118,15 @@ public struct SamplerSettings: Sendable, Equatable, Codable {
         var source = "llama.cpp's defaults"
         let name = (weights.modelName ?? "") + " " + weights.path
         if name.lowercased().contains("smollm2") {
-            // SmolLM2's model card: temperature 0.2, top_p 0.9. The repetition penalty is this
-            // project's measured choice (README, "Sampling"): a 135M model loops without one.
+            // SmolLM2's model card: temperature 0.2, top_p 0.9. The repetition penalty and DRY
+            // are this project's measured choice (README, "Sampling"): at that temperature a 135M
+            // model loops within a reply without the one and repeats earlier replies word for
+            // word in a long chat without the other.
             s.temperature = 0.2
             s.topP = 0.9
-            s.repeatPenalty = smolLM2RepeatPenalty
-            source = "SmolLM2's model card (temperature 0.2, top-p 0.9) with repeat-penalty \(text(smolLM2RepeatPenalty)) (measured, README)"
+            s.repeatPenalty = 1.1
+            s.dryMultiplier = 0.8
+            source = "SmolLM2's model card (temperature 0.2, top-p 0.9) with repeat-penalty 1.1 and DRY 0.8 (measured, README)"
         }
         let g = weights.samplingDefaults
         if !g.isEmpty {
@@ -115,7 +142,6 @@ public struct SamplerSettings: Sendable, Equatable, Codable {
         return (s, source)
     }
 
-    static let smolLM2RepeatPenalty: Float = 1.1
 }
 
 /// Draws tokens with `SamplerSettings`. Scratch arrays are kept between calls, so a reply
@@ -126,6 +152,8 @@ public struct Sampler {
     /// Tokens the penalties never touch (a chat's end-of-message token: penalising it because
     /// earlier messages ended with it would keep replies from ending).
     public var exempt: Set<Int> = []
+    /// Tokens a DRY run does not cross (and never penalised by DRY): `SamplerSettings.dryMultiplier`.
+    public var sequenceBreakers: Set<Int> = []
     var rng: SplitMix64
     private var candidates: [(logit: Float, id: Int)] = []
     private var penalised: [Float] = []
@@ -168,25 +196,56 @@ public struct Sampler {
         return best - logits.startIndex
     }
 
-    /// The next token after `logits`; `recent` is the conversation's most recent tokens (the
-    /// penalties look at its last `penaltyLastN`).
-    public mutating func sample(_ logits: [Float], recent: ArraySlice<UInt32> = []) -> Int {
+    /// The next token after `logits`; `context` is the conversation so far (the penalties look
+    /// at its last `penaltyLastN` tokens, DRY at its last `dryPenaltyLastN` or all of it).
+    public mutating func sample(_ logits: [Float], recent context: ArraySlice<UInt32> = []) -> Int {
         let s = settings
-        guard s.penalises, !recent.isEmpty else { return draw(logits) }
+        guard s.penalises || s.dry, !context.isEmpty else { return draw(logits) }
         penalised.removeAll(keepingCapacity: true)
         penalised.append(contentsOf: logits)
-        var counts: [Int: Int] = [:]
-        for id in recent.suffix(s.penaltyLastN) where !exempt.contains(Int(id)) && Int(id) < logits.count {
-            counts[Int(id), default: 0] += 1
+        if s.penalises {
+            var counts: [Int: Int] = [:]
+            for id in context.suffix(s.penaltyLastN) where !exempt.contains(Int(id)) && Int(id) < logits.count {
+                counts[Int(id), default: 0] += 1
+            }
+            for (id, count) in counts {
+                var l = penalised[id]
+                l = l > 0 ? l / s.repeatPenalty : l * s.repeatPenalty
+                l -= Float(count) * s.frequencyPenalty + s.presencePenalty
+                penalised[id] = l
+            }
         }
-        for (id, count) in counts {
-            var l = penalised[id]
-            l = l > 0 ? l / s.repeatPenalty : l * s.repeatPenalty
-            l -= Float(count) * s.frequencyPenalty + s.presencePenalty
-            penalised[id] = l
-        }
+        if s.dry { applyDRY(s.dryPenaltyLastN > 0 ? context.suffix(s.dryPenaltyLastN) : context) }
         let scratch = penalised
         return draw(scratch)
+    }
+
+    /// DRY on `penalised`: for every earlier occurrence of the last token, the run of tokens
+    /// that matches the context's end backwards from there (not crossing a breaker) says that
+    /// the token which followed it would extend a repeat of that length.
+    private mutating func applyDRY(_ context: ArraySlice<UInt32>) {
+        let s = settings
+        let n = context.count
+        guard n >= 2 else { return }
+        let base = context.startIndex
+        let last = context[base + n - 1]
+        guard !sequenceBreakers.contains(Int(last)) else { return }
+        var longest: [Int: Int] = [:]
+        for i in stride(from: n - 2, through: 0, by: -1) where context[base + i] == last {
+            var run = 1
+            while run <= i {
+                let a = context[base + i - run], b = context[base + n - 1 - run]
+                guard a == b, !sequenceBreakers.contains(Int(b)) else { break }
+                run += 1
+            }
+            let next = Int(context[base + i + 1])
+            guard run >= s.dryAllowedLength, next < penalised.count, !exempt.contains(next), !sequenceBreakers.contains(next) else { continue }
+            longest[next] = max(longest[next] ?? 0, run)
+        }
+        for (token, run) in longest {
+            // Capped: beyond 40 extra tokens the penalty has long since ruled the token out.
+            penalised[token] -= s.dryMultiplier * powf(s.dryBase, Float(min(run - s.dryAllowedLength, 40)))
+        }
     }
 
     private mutating func draw(_ logits: [Float]) -> Int {

@@ -19,7 +19,7 @@ struct ChatCommand: ParsableCommand {
 
         Ctrl-C while a reply streams stops it after the current token; the reply so far is KEPT: closed with <|im_end|> and committed, so the file is a valid transcript that resumes after that reply. At a terminal the chat then asks for the next message; otherwise (--message, piped input) it closes the file and exits with status 130. A second Ctrl-C before that ends the process at once; the file then holds its last commit (also valid).
 
-        Sampling: each option not given comes from the model: its GGUF's general.sampling.* keys, else a known preset (SmolLM2: its model card's temperature 0.2 and top-p 0.9, with repeat-penalty 1.1, measured in the README), else llama.cpp's defaults (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05). --temperature 0 is greedy. The chain runs as llama.cpp's: penalties, top-k, top-p, min-p, temperature, draw. Each reply's draw is seeded from --seed and the position it starts at, so the same seed and settings give the same replies in one process and across --resume, with any sampler (with a lossless --scheme, token for token).
+        Sampling: each option not given comes from the model: its GGUF's general.sampling.* keys, else a known preset (SmolLM2: its model card's temperature 0.2 and top-p 0.9, with repeat-penalty 1.1 and DRY 0.8, measured in the README), else llama.cpp's defaults (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05). --temperature 0 is greedy. The chain runs as llama.cpp's: penalties (repetition, presence, frequency, DRY), top-k, top-p, min-p, temperature, draw. Each reply's draw is seeded from --seed and the position it starts at, so the same seed and settings give the same replies in one process and across --resume, with any sampler (with a lossless --scheme, token for token).
 
         Longer than the context: before a turn would pass the context (the model's, or --context), the chat shifts it in its own file: it keeps --keep of the context (the first message, which is the system prompt, and the most recent whole messages with --shrink recent; part by the model's attention with --shrink kvcrush), renumbers the kept tokens from position 0 and rotates their keys to match, rewrites the file beside itself and renames it into place (a crash leaves the previous file), and goes on. The shift is printed and recorded in the file's metadata (chat.shrink.N.*; `kvpack info`).
 
@@ -34,7 +34,7 @@ struct ChatCommand: ParsableCommand {
     var messages: [String] = []
     @Option(help: "System message for a new chat (default: the model template's own, if it has one).") var system: String?
     @Flag(help: "Start a new chat without any system message.") var noSystem = false
-    @Option(help: "Most tokens per reply.") var maxTokens = 256
+    @Option(help: "Most tokens per reply (a reply the model has not ended by then is closed there).") var maxTokens = 512
     @Option(help: "Scheme spec for a new file (see `kvpack --help`).") var scheme = "raw:f16"
     @OptionGroup(title: "Sampling (defaults: the model's recommendation, else llama.cpp's)") var sampling: SamplingOptions
     @OptionGroup(title: "Longer than the context") var context: ContextOptions

@@ -14,7 +14,7 @@ struct EvalCommand: ParsableCommand {
         """)
 
     @Option(help: "llama2.c checkpoint or GGUF model (smollm2: the one `make models` downloads).") var model: String
-    @Option(help: "Text file to evaluate on, for a model with a tokenizer (default: data/eval/apache-2.0.txt).") var text: String?
+    @Option(help: "Text file to evaluate on, for a model with a tokenizer (default: data/eval/apache-2.0.txt); or a .kvpack file, whose token ids are the text (a chat transcript, ChatML tokens included).") var text: String?
     @Option(name: .customLong("scheme"), help: "Scheme spec to evaluate; repeat for several (default: raw:f16 and raw:bf16).")
     var schemes: [String] = []
     @Option(help: "Tokens of evaluation text in all (at least 1024 recommended); with a text file, the first N of it (default: all).") var tokens: Int?
@@ -32,6 +32,8 @@ struct EvalCommand: ParsableCommand {
     @Option(help: "Pruning: first tokens always kept.") var sink = 1
     @Option(help: "Pruning: KVCrush anchor (random, zeros, ones, alternating, mean).") var anchor = "random"
     @Option(help: "Pruning: KVCrush representatives as a share of the budget.") var representativeShare = 0.25
+    @Flag(help: "Pruning: renumber the kept tokens from 0 and rotate their keys to match (the context shift `kvpack chat` does), instead of keeping their original positions.") var reposition = false
+    @Option(help: "Pruning: policies to compare, comma-separated (kvcrush, importance, recent).") var policies = "kvcrush,importance,recent"
     @Flag(help: "Print JSON.") var json = false
 
     func run() throws {
@@ -39,10 +41,15 @@ struct EvalCommand: ParsableCommand {
         var fixedText: (ids: [Int], source: String)?
         if let tokenizer = llama.tokenizer {
             let path = text ?? "data/eval/apache-2.0.txt"
-            guard let data = FileManager.default.contents(atPath: path) else {
-                throw CLIError("eval: cannot read the evaluation text \(path)\(text == nil ? " (the default, relative to the repository root; pass --text FILE)" : "")")
+            var ids: [Int]
+            if path.hasSuffix(".kvpack") {
+                ids = try KVPackReader(path: path).tokenIDs.map { Int($0) }
+            } else {
+                guard let data = FileManager.default.contents(atPath: path) else {
+                    throw CLIError("eval: cannot read the evaluation text \(path)\(text == nil ? " (the default, relative to the repository root; pass --text FILE)" : "")")
+                }
+                ids = tokenizer.encode(String(decoding: data, as: UTF8.self))
             }
-            var ids = tokenizer.encode(String(decoding: data, as: UTF8.self))
             if let tokens { ids = Array(ids.prefix(tokens)) }
             fixedText = (ids, path)
         } else if text != nil {
@@ -130,11 +137,16 @@ struct EvalCommand: ParsableCommand {
             options.selection.anchor = anchorKind
             options.selection.anchorSeed = seed
             options.representativeShare = representativeShare
+            options.repositioned = reposition
+            options.policies = try policies.split(separator: ",").map { name in
+                guard let p = TokenSelection.Policy(name: String(name)) else { throw ValidationError("--policies: kvcrush, importance or recent, got \(name)") }
+                return p
+            }
             return try PruneEval.run(model: llama, text: ids, textSource: source, options: options) { if !json { printError("eval: \($0)") } }
         }
         if json { return try printJSON(report) }
         print("kvpack eval --prune: \(report.model)")
-        print("text: \(report.text), \(report.tokens) tokens; pruned at \(report.points.map(String.init).joined(separator: ", ")), then \(report.continuation) tokens read over the pruned cache (\(report.storage))")
+        print("text: \(report.text), \(report.tokens) tokens; pruned at \(report.points.map(String.init).joined(separator: ", ")), then \(report.continuation) tokens read over the pruned cache (\(report.storage)\(report.repositioned ? "; kept tokens renumbered from 0, keys rotated: a context shift" : ", kept tokens at their original positions"))")
         print("selection: last \(report.observationWindow) queries observed; sink \(report.sinkTokens), recent \(report.recentWindow) always kept; kvcrush anchor \(report.anchor), \(Int(100 * representativeShare))% of the budget as representatives")
         print("")
         var rows = [["policy", "budget", "kept", "ppl", "dense ppl", "Δppl", "agree"]]

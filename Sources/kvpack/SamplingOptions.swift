@@ -21,6 +21,14 @@ struct SamplingOptions: ParsableArguments {
     var frequencyPenalty: Float?
     @Option(help: ArgumentHelp("How many recent tokens of the conversation the penalties look at.", valueName: "n"))
     var penaltyLastN: Int?
+    @Option(help: ArgumentHelp("DRY (don't repeat yourself): a token that would continue a run of tokens already said earlier in the conversation (at least --dry-allowed-length long, not crossing a newline, :, \", * or a ChatML marker) loses multiplier * base^(run - allowed) from its logit, so copying an earlier reply gets less likely with every token copied; 0 is off.", valueName: "x"))
+    var dryMultiplier: Float?
+    @Option(help: ArgumentHelp("DRY: how fast the penalty grows with the length of the repeated run.", valueName: "x"))
+    var dryBase: Float?
+    @Option(help: ArgumentHelp("DRY: the longest run repeated without penalty.", valueName: "n"))
+    var dryAllowedLength: Int?
+    @Option(help: ArgumentHelp("DRY: how many recent tokens it searches for repeats; 0 is the whole conversation.", valueName: "n"))
+    var dryPenaltyLastN: Int?
     @Option(help: ArgumentHelp("Seed of the draw. With the position a reply starts at, it fixes the reply: the same seed and settings give the same reply in one process or after --resume.", valueName: "n"))
     var seed: UInt64?
 
@@ -36,11 +44,17 @@ struct SamplingOptions: ParsableArguments {
         if let frequencyPenalty { s.frequencyPenalty = frequencyPenalty }
         if let penaltyLastN { s.penaltyLastN = penaltyLastN }
         if let seed { s.seed = seed }
+        if let dryMultiplier { s.dryMultiplier = dryMultiplier }
+        if let dryBase { s.dryBase = dryBase }
+        if let dryAllowedLength { s.dryAllowedLength = dryAllowedLength }
+        if let dryPenaltyLastN { s.dryPenaltyLastN = dryPenaltyLastN }
         let given = [temperature != nil, topK != nil, topP != nil, minP != nil, repeatPenalty != nil, presencePenalty != nil,
-                     frequencyPenalty != nil, penaltyLastN != nil, seed != nil].contains(true)
+                     frequencyPenalty != nil, penaltyLastN != nil, seed != nil, dryMultiplier != nil, dryBase != nil,
+                     dryAllowedLength != nil, dryPenaltyLastN != nil].contains(true)
         if given { source = "the command line; the rest from \(source)" }
         // Greedy means greedy: penalties apply at temperature 0 only when asked for.
         if s.temperature == 0, repeatPenalty == nil { s.repeatPenalty = 1 }
+        if s.temperature == 0, dryMultiplier == nil { s.dryMultiplier = 0 }
         do { try s.validate() } catch { throw ValidationError("sampling: \(error)") }
         return (s, source)
     }

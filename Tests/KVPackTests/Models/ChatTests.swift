@@ -17,7 +17,8 @@ struct ChatToolTests {
     @Test("any sampler: two turns in one process give the same tokens as the same turns across two processes",
           arguments: [["--temperature", "0.9", "--top-k", "0", "--top-p", "1", "--min-p", "0", "--seed", "7"],
                       ["--temperature", "1.2", "--top-k", "20", "--top-p", "0.8", "--min-p", "0.02", "--repeat-penalty", "1.3",
-                       "--presence-penalty", "0.5", "--frequency-penalty", "0.1", "--penalty-last-n", "32", "--seed", "3"]])
+                       "--presence-penalty", "0.5", "--frequency-penalty", "0.1", "--penalty-last-n", "32", "--dry-multiplier", "0.8",
+                       "--dry-allowed-length", "3", "--seed", "3"]])
     func samplingIsExactAcrossResume(sampling: [String]) throws {
         let dir = temporaryDirectory()
         let common = ["--max-tokens", "40", "--no-fsync", "--json", "--scheme", "int:k4v2:kc64"] + sampling
@@ -130,11 +131,11 @@ struct ChatToolTests {
         #expect(!FileManager.default.fileExists(atPath: dir + "/x.kvpack"))
     }
 
-    @Test("SmolLM2's defaults: its model card's temperature and top-p, with the measured repetition penalty")
+    @Test("SmolLM2's defaults: its model card's temperature and top-p, with the measured repetition penalty and DRY")
     func smolLM2Defaults() throws {
         let m = try #require(smolLM2)
         let (s, source) = SamplerSettings.defaults(for: m.weights)
-        #expect(s == SamplerSettings(temperature: 0.2, topK: 40, topP: 0.9, minP: 0.05, repeatPenalty: 1.1))
+        #expect(s == SamplerSettings(temperature: 0.2, topK: 40, topP: 0.9, minP: 0.05, repeatPenalty: 1.1, dryMultiplier: 0.8))
         #expect(source.contains("SmolLM2"))
     }
 }

@@ -69,6 +69,36 @@ struct SamplerTests {
         #expect(exempt.sample(logits, recent: recent[...]) == 2)
     }
 
+    @Test("DRY pushes down the token that would continue an earlier run, more for longer runs; breakers end runs")
+    func dry() {
+        var logits = [Float](repeating: 0, count: 10)
+        logits[7] = 1
+        logits[9] = 0.5
+        let settings = SamplerSettings(temperature: 0, topK: 0, topP: 1, minP: 0, dryMultiplier: 0.8, dryBase: 1.75, dryAllowedLength: 2)
+        func pick(_ context: [UInt32], breakers: Set<Int> = [], exempt: Set<Int> = []) -> Int {
+            var s = Sampler(settings: settings)
+            s.sequenceBreakers = breakers
+            s.exempt = exempt
+            return s.sample(logits, recent: context[...])
+        }
+        // "5 6 7 ... 5 6": continuing with 7 repeats a run of 2 -> 1 - 0.8 = 0.2 < 0.5.
+        #expect(pick([5, 6, 7, 8, 5, 6]) == 9)
+        // A run of 1 is allowed (dryAllowedLength 2).
+        #expect(pick([3, 6, 7, 8, 5, 6]) == 7)
+        // A breaker inside the run stops it; a breaker or exempt token is never penalised.
+        #expect(pick([5, 6, 7, 8, 5, 6], breakers: [5]) == 7)
+        #expect(pick([5, 6, 7, 8, 5, 6], breakers: [7]) == 7)
+        #expect(pick([5, 6, 7, 8, 5, 6], exempt: [7]) == 7)
+        // Longer runs cost more: 3 tokens -> 0.8 * 1.75 = 1.4, even a larger lead loses.
+        logits[7] = 1.9
+        logits[9] = 1.0
+        #expect(pick([4, 5, 6, 7, 8, 5, 6]) == 7)
+        #expect(pick([4, 5, 6, 7, 8, 4, 5, 6]) == 9)
+        // Only the last dryPenaltyLastN tokens are searched.
+        var near = Sampler(settings: { var s = settings; s.dryPenaltyLastN = 4; return s }())
+        #expect(near.sample(logits, recent: [4, 5, 6, 7, 8, 4, 5, 6][...]) == 7)
+    }
+
     @Test("a reseeded sampler repeats its draws; another position or seed draws differently")
     func reseed() {
         let settings = SamplerSettings(temperature: 1, topK: 0, topP: 1, minP: 0, seed: 9)
