@@ -19,7 +19,7 @@ INTEROP_SOURCES := $(shell find Sources/KVPackInterop/LlamaCpp -name '*.swift')
 SMOLLM2 := $(if $(KVPACK_MODEL_DIR),$(KVPACK_MODEL_DIR),$(if $(XDG_CACHE_HOME),$(XDG_CACHE_HOME),$(HOME)/.cache)/kvpack)/SmolLM2-135M-Instruct.Q4_1.gguf
 
 # (check-layers: see scripts/check-layers.py and ARCHITECTURE.md)
-.PHONY: all build setup native-deps models pydeps check-layers test demo fuzz fuzz-build fuzz-gguf fuzz-llama-cpp corpus corpus-check bench bench-convert torture sanitize clean llama.cpp llama-cpp-fixtures llama-cpp-roundtrip llama-cpp-sizes
+.PHONY: all build setup native-deps models pydeps check-layers test demo fuzz fuzz-build fuzz-gguf fuzz-llama-cpp corpus corpus-check bench bench-convert torture sanitize clean llama.cpp llama-cpp-fixtures llama-cpp-roundtrip llama-cpp-sizes chat-sampling long-chat
 
 all: build
 
@@ -122,6 +122,20 @@ fuzz-llama-cpp: setup $(LLAMA_CPP_FUZZ_BIN)
 # against .kvpack imports in several schemes, with each scheme's quality cost (kvpack eval).
 llama-cpp-sizes: build llama.cpp
 	scripts/llama-cpp.sh python scripts/llama_cpp_sizes.py --kvpack $(KVPACK) --model $(SMOLLM2)
+
+# kvpack chat's sampler settings compared on 25 everyday prompts (3 seeds each): the share of
+# replies that loop, switch language, or stop by themselves (README, "Sampling"). About 40 minutes.
+chat-sampling: build models
+	python3 scripts/chat_sampling_table.py --kvpack $(KVPACK)
+
+# A 12,000-token conversation through kvpack chat, past SmolLM2's 8,192-token context (context
+# shifts in the file), then what a shift costs: kvpack eval --prune --reposition on the transcript
+# as it was before the first shift. About 20 minutes.
+long-chat: build models
+	python3 scripts/long_chat.py --kvpack $(KVPACK) --dir long-chat-out
+	n=$$($(KVPACK) info long-chat-out/pre-shift.kvpack | sed -n 's/^tokens *\([0-9]*\):.*/\1/p'); \
+	for r in --reposition ""; do $(KVPACK) eval --model smollm2 --text long-chat-out/pre-shift.kvpack --prune 0.5 \
+	  --prune-at $$((n - 1024)) --continuation 1023 --policies recent,kvcrush --sink 21 --recent 64 $$r; done
 
 # Attention over every scheme against dense baselines and the machine's floors, writer throughput
 # (BENCHMARKS.md "Speed"). Not a test: timings vary from run to run.

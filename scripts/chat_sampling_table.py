@@ -25,10 +25,13 @@ PROMPTS = os.path.join(ROOT, "Tests/Fixtures/chat/everyday-prompts.txt")
 
 CONFIGS = [
     ("greedy (the old default)", ["--temperature", "0"]),
-    ("temperature 0.7 alone", ["--temperature", "0.7", "--top-k", "0", "--top-p", "1", "--min-p", "0", "--repeat-penalty", "1"]),
-    ("llama.cpp defaults", ["--temperature", "0.8", "--top-k", "40", "--top-p", "0.95", "--min-p", "0.05", "--repeat-penalty", "1"]),
-    ("SmolLM2 card (t 0.2, top-p 0.9)", ["--repeat-penalty", "1"]),
-    ("new default (card + repeat-penalty 1.1)", []),
+    ("temperature 0.7 alone", ["--temperature", "0.7", "--top-k", "0", "--top-p", "1", "--min-p", "0", "--repeat-penalty", "1",
+                               "--dry-multiplier", "0"]),
+    ("llama.cpp defaults", ["--temperature", "0.8", "--top-k", "40", "--top-p", "0.95", "--min-p", "0.05", "--repeat-penalty", "1",
+                            "--dry-multiplier", "0"]),
+    ("SmolLM2 card alone (t 0.2, top-p 0.9)", ["--repeat-penalty", "1", "--dry-multiplier", "0"]),
+    ("card + repeat-penalty 1.1", ["--dry-multiplier", "0"]),
+    ("new default (card + repeat-penalty 1.1 + DRY 0.8)", []),
 ]
 
 STOPWORDS = {

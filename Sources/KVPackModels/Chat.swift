@@ -213,7 +213,7 @@ public final class Chat {
         let limit = conversation.contextLimit
         let ids = conversation.tokenIDs, n = ids.count
         let budget = min(Int(contextPolicy.keep * Double(limit)), limit - need)
-        let sinks = min(firstMessageEnd(ids) ?? 4, max(budget / 4, 1))
+        let sinks = min(firstMessageEnd(ids) ?? 4, max(budget / 4, 1), n)
         guard budget >= sinks + 1 else {
             throw ModelError(conversation.path, "this turn needs \(need) positions (message, --max-tokens and the reply's end) and the context limit is \(limit): too little is left for the conversation so far; send a shorter message or lower --max-tokens")
         }

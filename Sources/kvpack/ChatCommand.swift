@@ -19,9 +19,9 @@ struct ChatCommand: ParsableCommand {
 
         Ctrl-C while a reply streams stops it after the current token; the reply so far is KEPT: closed with <|im_end|> and committed, so the file is a valid transcript that resumes after that reply. At a terminal the chat then asks for the next message; otherwise (--message, piped input) it closes the file and exits with status 130. A second Ctrl-C before that ends the process at once; the file then holds its last commit (also valid).
 
-        Sampling: each option not given comes from the model: its GGUF's general.sampling.* keys, else a known preset (SmolLM2: its model card's temperature 0.2 and top-p 0.9, with repeat-penalty 1.1 and DRY 0.8, measured in the README), else llama.cpp's defaults (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05). --temperature 0 is greedy. The chain runs as llama.cpp's: penalties (repetition, presence, frequency, DRY), top-k, top-p, min-p, temperature, draw. Each reply's draw is seeded from --seed and the position it starts at, so the same seed and settings give the same replies in one process and across --resume, with any sampler (with a lossless --scheme, token for token).
+        Sampling: each option not given comes from the model: its GGUF's general.sampling.* keys, else a known preset (SmolLM2: its model card's temperature 0.2 and top-p 0.9, with repeat-penalty 1.1 and DRY 0.8, measured in the README), else llama.cpp's defaults (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05). --temperature 0 is greedy. The chain runs as llama.cpp's: penalties (repetition, presence, frequency, DRY), top-k, top-p, min-p, temperature, draw. Each reply's draw is seeded from --seed and the position it starts at, so the same seed and settings give the same replies, token for token, in one process and across --resume, with any sampler and any --scheme.
 
-        Longer than the context: before a turn would pass the context (the model's, or --context), the chat shifts it in its own file: it keeps --keep of the context (the first message, which is the system prompt, and the most recent whole messages with --shrink recent; part by the model's attention with --shrink kvcrush), renumbers the kept tokens from position 0 and rotates their keys to match, rewrites the file beside itself and renames it into place (a crash leaves the previous file), and goes on. The shift is printed and recorded in the file's metadata (chat.shrink.N.*; `kvpack info`).
+        Longer than the context: before a turn would pass the context (the model's, or --context), the chat shifts it in its own file: it keeps --keep of the context (the first message, which is the system prompt, and the most recent whole messages with --shrink recent, which measured best; part by the model's attention with --shrink kvcrush), renumbers the kept tokens from position 0 and rotates their keys to match, rewrites the file beside itself and renames it into place (a crash leaves the previous file), and goes on. The shift is printed and recorded in the file's metadata (chat.shrink.N.*; `kvpack info`).
 
         --model smollm2 is the model `make models` downloads (SmolLM2-135M-Instruct, Q4_1 GGUF, into ~/.cache/kvpack); any Llama-architecture GGUF with a byte-level BPE tokenizer and a ChatML chat template (or none, with the ChatML tokens) works; other templates are refused with a message. Store the cache compactly with --scheme (e.g. int:k4v2:kc64), or convert the file later with `kvpack convert`.
         """)
@@ -126,6 +126,12 @@ struct ChatCommand: ParsableCommand {
         }
         let dropped = Set(chat.template.tokenizer.unrepresentableBytes)
         while !interrupted || editor != nil {
+            // A Ctrl-C that came between replies (while a message was read, or at a shift) ends a
+            // non-interactive chat too; at a terminal the prompt is where it counts.
+            if Interrupts.requested && editor == nil {
+                interrupted = true
+                break
+            }
             Interrupts.arm()
             let message: String
             if !fromStdin {
