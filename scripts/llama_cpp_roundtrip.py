@@ -125,7 +125,7 @@ def main():
         chat_copy = a_kv + ".chat.kvpack"
         shutil.copyfile(a_kv, chat_copy)
         chat = json.loads(e.kvpack("chat", "--resume", chat_copy, "--model", args.model, "--max-tokens", str(args.steps),
-                                   "--json", "--no-fsync"))
+                                   "--temperature", "0", "--json", "--no-fsync"))
         chat_reply = chat["turns"][0]["replyTokens"]
         chat_matches = chat_reply == kv_free["tokens"][:len(chat_reply)]
         llama_forced = e.llama("continue", "--state", a_bin, "--follow", ",".join(map(str, kv_free["tokens"])))
@@ -134,7 +134,7 @@ def main():
         # KVPack -> llama.cpp
         b_kv, b_bin = os.path.join(work, f"b{n}.kvpack"), os.path.join(work, f"b{n}.bin")
         first = json.loads(e.kvpack("chat", "--save", b_kv, "--model", args.model, "--message", message, "--max-tokens", "64",
-                                    "--scheme", "raw:f16", "--json", "--no-fsync"))
+                                    "--temperature", "0", "--scheme", "raw:f16", "--json", "--no-fsync"))
         e.kvpack("export", b_kv, b_bin, "--format", "llama.cpp-session")
         then = ["--then-text", next_message(FOLLOW_UP)]
         llama_free_b = e.llama("continue", "--state", b_bin, "--steps", str(args.steps), *then)
