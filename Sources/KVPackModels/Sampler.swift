@@ -99,7 +99,8 @@ public struct SamplerSettings: Sendable, Equatable, Codable {
         if frequencyPenalty != 0 { parts.append("frequency-penalty \(Self.text(frequencyPenalty))") }
         if penalises { parts.append("penalty-last-n \(penaltyLastN)") }
         if dry {
-            parts.append("dry \(Self.text(dryMultiplier))/\(Self.text(dryBase))/\(dryAllowedLength)" + (dryPenaltyLastN > 0 ? " over \(dryPenaltyLastN)" : ""))
+            parts.append("dry \(Self.text(dryMultiplier)) (base \(Self.text(dryBase)), allowed \(dryAllowedLength)"
+                + (dryPenaltyLastN > 0 ? ", last \(dryPenaltyLastN))" : ")"))
         }
         if !isGreedy { parts.append("seed \(seed)") }
         return parts.joined(separator: ", ")

@@ -142,6 +142,8 @@ struct SamplerTests {
         #expect(SamplerSettings.llamaCpp.summary == "temperature 0.8, top-k 40, top-p 0.95, min-p 0.05, seed 1")
         #expect(SamplerSettings(temperature: 0.2, topP: 0.9, repeatPenalty: 1.1).summary
             == "temperature 0.2, top-k 40, top-p 0.9, min-p 0.05, repeat-penalty 1.1, penalty-last-n 64, seed 1")
+        #expect(SamplerSettings(temperature: 0.2, dryMultiplier: 0.8).summary
+            == "temperature 0.2, top-k 40, top-p 0.95, min-p 0.05, dry 0.8 (base 1.75, allowed 2), seed 1")
     }
 
     @Test("the chat template families other than ChatML are named")
