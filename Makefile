@@ -14,12 +14,13 @@ MODEL_SOURCES := $(shell find Sources/KVPackModels -name '*.swift')
 LAB_SOURCES := $(shell find Sources/KVPackLab -name '*.swift')
 GGUF_FUZZ_BIN := Fuzz/gguf-fuzz
 LLAMA_CPP_FUZZ_BIN := Fuzz/llama-cpp-fuzz
+PARSER_FUZZ_BIN := Fuzz/kvpack-parser-fuzz
 INTEROP_SOURCES := $(shell find Sources/KVPackInterop/LlamaCpp -name '*.swift')
 # Where scripts/fetch-models.sh puts SmolLM2 (the same rule as ModelLocator).
 SMOLLM2 := $(if $(KVPACK_MODEL_DIR),$(KVPACK_MODEL_DIR),$(if $(XDG_CACHE_HOME),$(XDG_CACHE_HOME),$(HOME)/.cache)/kvpack)/SmolLM2-135M-Instruct.Q4_1.gguf
 
 # (check-layers: see scripts/check-layers.py and ARCHITECTURE.md)
-.PHONY: all build setup native-deps models pydeps check-layers test demo fuzz fuzz-build fuzz-gguf fuzz-llama-cpp corpus corpus-check bench bench-convert torture sanitize clean llama.cpp llama-cpp-fixtures llama-cpp-roundtrip llama-cpp-sizes chat-sampling long-chat
+.PHONY: all build setup native-deps models pydeps check-layers test demo fuzz fuzz-build fuzz-gguf fuzz-llama-cpp fuzz-parser corpus corpus-check bench bench-convert torture sanitize clean llama.cpp llama-cpp-fixtures llama-cpp-roundtrip llama-cpp-sizes chat-sampling long-chat
 
 all: build
 
@@ -78,6 +79,20 @@ fuzz: fuzz-build
 	@mkdir -p fuzz-out/corpus
 	$(FUZZ_BIN) -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -rss_limit_mb=2048 -print_final_stats=1 \
 		-dict=Fuzz/kvpack.dict -artifact_prefix=fuzz-out/ fuzz-out/corpus corpus/ Fuzz/gen-seeds/
+
+# libFuzzer + AddressSanitizer over the reader's parsers alone (open, index chain, segment tables,
+# tail, tokens, token selection, notes; no decode): thousands of inputs a second, seeded with
+# corpus/; new inputs go to fuzz-out/parser-corpus.
+$(PARSER_FUZZ_BIN): $(LIB_SOURCES) Fuzz/ParserFuzzTarget.swift
+	swiftc -sanitize=fuzzer,address -parse-as-library -O -g -D KVPACK_FUZZING \
+		-target-cpu $(SWIFT_CPU) -module-name KVPack -suppress-warnings \
+		-I Sources/CZstd -I Sources/CXXHash -lzstd -lxxhash \
+		$(LIB_SOURCES) Fuzz/ParserFuzzTarget.swift -o $@
+
+fuzz-parser: setup $(PARSER_FUZZ_BIN)
+	@mkdir -p fuzz-out/parser-corpus
+	$(PARSER_FUZZ_BIN) -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -rss_limit_mb=2048 -print_final_stats=1 \
+		-dict=Fuzz/kvpack.dict -artifact_prefix=fuzz-out/parser- fuzz-out/parser-corpus corpus/
 
 # libFuzzer + AddressSanitizer over the GGUF model reader, weights, tokenizer and one forward
 # pass, seeded with Fuzz/gguf-seeds (tiny models written by the gguf Python package).
