@@ -20,7 +20,7 @@ INTEROP_SOURCES := $(shell find Sources/KVPackInterop/LlamaCpp -name '*.swift')
 SMOLLM2 := $(if $(KVPACK_MODEL_DIR),$(KVPACK_MODEL_DIR),$(if $(XDG_CACHE_HOME),$(XDG_CACHE_HOME),$(HOME)/.cache)/kvpack)/SmolLM2-135M-Instruct.Q4_1.gguf
 
 # (check-layers: see scripts/check-layers.py and ARCHITECTURE.md)
-.PHONY: all build setup native-deps models pydeps check-layers test demo fuzz fuzz-build fuzz-gguf fuzz-llama-cpp fuzz-parser corpus corpus-check bench bench-convert torture sanitize clean llama.cpp llama-cpp-fixtures llama-cpp-roundtrip llama-cpp-sizes chat-sampling long-chat
+.PHONY: all build setup native-deps models pydeps check-layers test demo fuzz fuzz-build fuzz-gguf fuzz-llama-cpp fuzz-parser differential corpus corpus-check bench bench-convert torture sanitize clean llama.cpp llama-cpp-fixtures llama-cpp-roundtrip llama-cpp-sizes chat-sampling long-chat
 
 all: build
 
@@ -93,6 +93,12 @@ fuzz-parser: setup $(PARSER_FUZZ_BIN)
 	@mkdir -p fuzz-out/parser-corpus
 	$(PARSER_FUZZ_BIN) -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -rss_limit_mb=2048 -print_final_stats=1 \
 		-dict=Fuzz/kvpack.dict -artifact_prefix=fuzz-out/parser- fuzz-out/parser-corpus corpus/
+
+# The Swift reader against the Spec's second reader on files the writer makes from random recipes
+# (every scheme, both format majors, notes): ids, positions, metadata and every value bit for bit.
+DIFF_FILES ?= 1000
+differential: build
+	python3 scripts/differential.py --kvpack $(KVPACK) --files $(DIFF_FILES)
 
 # libFuzzer + AddressSanitizer over the GGUF model reader, weights, tokenizer and one forward
 # pass, seeded with Fuzz/gguf-seeds (tiny models written by the gguf Python package).
