@@ -242,13 +242,15 @@ public final class Chat {
             let observation = try AttentionObserver.observe(model: conversation.model, reader: reader, tokens: n, window: p.observationWindow)
             selection = KVCrush.select(observation, parameters: p)
         }
+        let lastPosition = Int(conversation.session.nextPosition) - 1
+        let kept = Set(selection.kept)
         let previous = conversation.session.manifest.userMetadata.filter { $0.key.hasPrefix("chat.shrink.") && $0.key.hasSuffix(".kept") }.count
         let key = "chat.shrink.\(previous + 1)"
         let metadata: [Manifest.MetadataEntry] = [
-            .init("\(key).kept", "\(selection.keptCount) of \(n) tokens (positions \(n - 1) -> \(selection.keptCount - 1))"),
+            .init("\(key).kept", "\(selection.keptCount) of \(n) tokens (last position \(lastPosition) -> \(selection.keptCount - 1))"),
             .init("\(key).policy", "\(contextPolicy.selection.rawValue): first \(sinks) tokens, \(selection.reasons.filter { $0 == .recent }.count) most recent\(contextPolicy.selection == .kvcrush ? ", the rest by KVCrush" : ""); renumbered from 0, keys rotated to their new positions"),
             .init("\(key).limit", "\(limit)"),
-            .init("\(key).droppedReplies", "\(replyStarts(ids).filter { !Set(selection.kept).contains($0) }.count)"),
+            .init("\(key).droppedReplies", "\(replyStarts(ids).filter { !kept.contains($0) }.count)"),
         ]
         try conversation.shrink(to: selection, metadata: metadata, tool: "kvpack chat")
         return Shrink(before: n, kept: selection.keptCount, policy: contextPolicy.selection.rawValue, sinkTokens: sinks, seconds: clock() - t0)
