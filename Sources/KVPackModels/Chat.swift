@@ -13,9 +13,6 @@ public struct ChatTemplate: Sendable {
     public let defaultSystem: String?
     /// Where the template came from: the GGUF's `tokenizer.chat_template`, or the ChatML fallback.
     public let source: String
-    /// Tokens whose text holds a newline, `:`, `"` or `*` (llama.cpp's default DRY sequence
-    /// breakers), and the ChatML markers: a DRY run never crosses them.
-    public let sequenceBreakers: Set<Int>
 
     /// The model's own template (`tokenizer.chat_template`) when it is ChatML; ChatML when the
     /// model has none and its vocabulary has the ChatML tokens. Other templates (Llama 3's
@@ -34,14 +31,21 @@ public struct ChatTemplate: Sendable {
         tokenizer = t
         imStart = start
         imEnd = end
-        let breakerBytes: Set<UInt8> = [0x0A, 0x3A, 0x22, 0x2A]
-        var breakers: Set<Int> = [start, end]
-        for id in 0 ..< t.vocabulary.count where t.decodeBytes([id], renderSpecial: false).contains(where: breakerBytes.contains) {
-            breakers.insert(id)
-        }
-        sequenceBreakers = breakers
         newline = t.encode("\n")
         defaultSystem = Self.defaultSystem(in: model.weights.chatTemplate)
+    }
+
+    /// Tokens whose text holds a newline, `:`, `"` or `*` (llama.cpp's default DRY sequence
+    /// breakers), and the ChatML markers: a DRY run never crosses them. Decodes the whole
+    /// vocabulary, so a chat computes it once, when DRY first needs it.
+    func sequenceBreakers() -> Set<Int> {
+        let breakerBytes: Set<UInt8> = [0x0A, 0x3A, 0x22, 0x2A]
+        var breakers: Set<Int> = [imStart, imEnd]
+        for id in 0 ..< tokenizer.vocabulary.count
+        where tokenizer.decodeBytes([id], renderSpecial: false).contains(where: breakerBytes.contains) {
+            breakers.insert(id)
+        }
+        return breakers
     }
 
     /// A name for a template that is not ChatML, from the markers it uses.
@@ -129,6 +133,7 @@ public final class Chat {
     }
 
     public var contextPolicy = ContextPolicy()
+    private lazy var sequenceBreakers = template.sequenceBreakers()
     /// Asked before every reply token: true stops the reply there (it is kept and closed).
     public var interrupted: () -> Bool = { false }
 
@@ -280,7 +285,7 @@ public final class Chat {
         // The reply depends only on the transcript and the settings, in this process or a later one.
         sampler.reseed(position: Int(conversation.session.nextPosition))
         sampler.exempt = Set([template.imStart, template.imEnd] + template.newline)
-        sampler.sequenceBreakers = template.sequenceBreakers
+        if sampler.settings.dry { sampler.sequenceBreakers = sequenceBreakers }
         var stopped = false
         let reply = try conversation.generate(maxSteps: maxTokens, sampler: &sampler, stop: [template.imEnd],
                                               interrupted: { stopped = stopped || self.interrupted(); return stopped }) { token in

@@ -186,15 +186,11 @@ public final class Conversation {
         if session.writer.acceptsNotes { convert.features.insert(.notes) }
         // Every layer keeps the file's own schemes; the spec only fixes the layer count.
         let keepOwn = try SchemeSpec.parse("raw:f32", geometry: model.config.geometry)
-        let report: Converter.Report
-        do {
-            report = try Converter.convert(input: path, output: path, spec: keepOwn, layers: [], selection: selection, options: convert)
-        } catch {
-            // The file is as it was: continue on it, and say why it could not shrink.
-            session = try KVCacheSession.resume(path: path, options: options)
-            throw error
-        }
+        let converted = Result { try Converter.convert(input: path, output: path, spec: keepOwn, layers: [], selection: selection, options: convert) }
+        // Resumed either way: on the shifted file, or, when the conversion failed, on the file as
+        // it was (the error then says why it could not shrink).
         session = try KVCacheSession.resume(path: path, options: options)
+        let report = try converted.get()
         logits = []
         return report
     }

@@ -73,8 +73,7 @@ final class LineEditor {
     private struct State {
         var text: [Character] = []
         var cursor = 0
-        /// Rows the last redraw used, and the row (from its first) the cursor was left on.
-        var rows = 1
+        /// The row (from the line's first) the last redraw left the cursor on.
         var cursorRow = 0
     }
 
@@ -158,7 +157,6 @@ final class LineEditor {
         out += "\r"
         if cursorAt % columns > 0 { out += "\u{1B}[\(cursorAt % columns)C" }
         write(out)
-        s.rows = endRow + 1
         s.cursorRow = cursorRow
     }
 

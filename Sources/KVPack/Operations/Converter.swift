@@ -70,7 +70,8 @@ public enum Converter {
             throw KVPackError.argument("the selection chooses from \(selection.sourceTokenCount) tokens; \(input) has \(source.tokenCount)")
         }
         let tokens = selection?.kept ?? Array(0 ..< source.tokenCount)
-        let shifts = options.repositioned ? try PositionShifts(source: source, tokens: tokens) : nil
+        let (ids, positions) = try source.tokens(0 ..< source.tokenCount)
+        let shifts = options.repositioned ? try PositionShifts(source: source, positions: positions, tokens: tokens) : nil
         if let layers, let bad = layers.first(where: { !(0 ..< g.layerCount).contains($0) }) {
             throw KVPackError.argument("layer \(bad) is outside the file's 0..<\(g.layerCount)")
         }
@@ -111,7 +112,8 @@ public enum Converter {
             writerOptions.features = options.features
             if selection != nil { writerOptions.features.insert(.tokenSelection) }
             let writer = try KVPackWriter.create(path: replacement.temporaryPath, file: file, options: writerOptions)
-            try stream(from: source, tokens: tokens, to: writer, chunk: segmentTokens, shifts: shifts, progress: options.progress)
+            try stream(from: source, ids: ids, positions: positions, tokens: tokens, to: writer, chunk: segmentTokens, shifts: shifts,
+                       progress: options.progress)
             if let selection { try writer.attach(selection: selection) }
             try writer.close()
             try replacement.commit()
@@ -130,9 +132,9 @@ public enum Converter {
         /// New position minus source position, per output token.
         var deltas: [Int]
 
-        init(source: KVPackReader, tokens: [Int]) throws {
+        /// `positions`: the source's, of all its tokens.
+        init(source: KVPackReader, positions: [UInt32], tokens: [Int]) throws {
             rotation = try RoPEShift(rope: source.manifest.rope, headDim: source.geometry.headDim)
-            let positions = try source.tokens(0 ..< source.tokenCount).positions
             deltas = tokens.enumerated().map { $0.offset - Int(positions[$0.element]) }
         }
 
@@ -163,15 +165,15 @@ public enum Converter {
     }
 
     /// Decodes `chunk` of the source tokens `tokens` (ascending) of every stream at a time and
-    /// appends them with their ids and positions.
-    static func stream(from source: KVPackReader, tokens: [Int], to writer: KVPackWriter, chunk: Int, shifts: PositionShifts?,
+    /// appends them with their ids and positions (`ids`, `positions`: the source's, all of them).
+    static func stream(from source: KVPackReader, ids: [UInt32], positions: [UInt32], tokens: [Int], to writer: KVPackWriter, chunk: Int,
+                       shifts: PositionShifts?,
                        progress: (@Sendable (Int, Int) -> Void)?) throws {
         var shifts = shifts
         let g = source.geometry, d = g.headDim, n = tokens.count
         let per = g.layerCount * g.kvHeadCount * chunk * d
         var keys = [Float](repeating: 0, count: per), values = keys
         let workspace = AttentionWorkspace()
-        let (ids, positions) = try source.tokens(0 ..< source.tokenCount)
         var released = 0
         var start = 0
         while start < n {
