@@ -138,7 +138,17 @@ public struct FrameHeader: Sendable, Equatable {
             throw KVPackError.truncated(offset, "\(field).header", need: UInt64(size),
                                         have: offset < end ? end - offset : 0)
         }
-        let h = UnsafeRawBufferPointer(rebasing: file[Int(offset) ..< Int(offset) + size])
+        return try decode(header: UnsafeRawBufferPointer(rebasing: file[Int(offset) ..< Int(offset) + size]), at: offset, end: end,
+                          salt: salt, field: field)
+    }
+
+    /// Parses and verifies the `size` header bytes `h` of the frame at `offset` (a copy, or a
+    /// slice of the file), whose payload must end by `end`.
+    static func decode(header h: UnsafeRawBufferPointer, at offset: UInt64, end: UInt64, salt: UInt64,
+                       field: String) throws -> FrameHeader {
+        guard h.count == size, offset <= end, end - offset >= UInt64(size) else {
+            throw KVPackError.truncated(offset, "\(field).header", need: UInt64(size), have: UInt64(min(h.count, size)))
+        }
         let stored = h.loadLE(56, as: UInt64.self)
         let actual = Checksum.xxh3(UnsafeRawBufferPointer(rebasing: h[0 ..< 56]),
                                    seed: checksumSeed(salt: salt, offset: offset))

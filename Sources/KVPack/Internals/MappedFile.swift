@@ -10,6 +10,8 @@ public final class MappedFile: @unchecked Sendable {
     // @unchecked: the memory is never written after init and is unmapped only in deinit.
     public let bytes: UnsafeRawBufferPointer
     private let mapped: Bool
+    /// The mapped file's descriptor, kept open for `copyBytes` (-1 for heap copies).
+    private let descriptor: Int32
     /// Which file was mapped (nil for a heap copy): a writer resuming from a reader checks that
     /// it holds the lock of the same file.
     let identity: FileIdentity?
@@ -17,33 +19,69 @@ public final class MappedFile: @unchecked Sendable {
     public init(path: String) throws {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { throw KVPackError.ioError("open", path: path) }
-        defer { close(fd) }
         var st = stat()
-        guard fstat(fd, &st) == 0 else { throw KVPackError.ioError("fstat", path: path) }
+        guard fstat(fd, &st) == 0 else {
+            let e = KVPackError.ioError("fstat", path: path)
+            close(fd)
+            throw e
+        }
         let size = Int(st.st_size)
         identity = FileIdentity(st)
         if size == 0 {
+            close(fd)
             bytes = Self.alignedCopy(UnsafeRawBufferPointer(start: nil, count: 0))
             mapped = false
+            descriptor = -1
             return
         }
         guard let p = mmap(nil, size, PROT_READ, MAP_SHARED, fd, 0), p != MAP_FAILED else {
-            throw KVPackError.ioError("mmap", path: path)
+            let e = KVPackError.ioError("mmap", path: path)
+            close(fd)
+            throw e
         }
         bytes = UnsafeRawBufferPointer(start: p, count: size)
         mapped = true
+        descriptor = fd
     }
 
     public init(copying source: UnsafeRawBufferPointer) {
         bytes = Self.alignedCopy(source)
         mapped = false
+        descriptor = -1
         identity = nil
     }
 
     public init(copying array: [UInt8]) {
         bytes = array.withUnsafeBytes { Self.alignedCopy($0) }
         mapped = false
+        descriptor = -1
         identity = nil
+    }
+
+    /// Copies the bytes at `offset` into `buffer` without touching the mapping, and returns how
+    /// many there were (fewer than asked where the file now ends). A writer resuming the file
+    /// truncates its uncommitted bytes (Spec 13.3), and a mapped page wholly past the new end
+    /// raises SIGBUS when touched; `pread` reports the shorter file instead. Opening reads the
+    /// bytes it has not yet found committed (the scan for the newest commit) through this.
+    public func copyBytes(at offset: Int, into buffer: UnsafeMutableRawBufferPointer) -> Int {
+        guard offset >= 0, offset < bytes.count, let target = buffer.baseAddress, buffer.count > 0 else { return 0 }
+        let wanted = min(buffer.count, bytes.count - offset)
+        guard mapped else {
+            target.copyMemory(from: bytes.baseAddress! + offset, byteCount: wanted)
+            return wanted
+        }
+        var done = 0
+        while done < wanted {
+            let n = pread(descriptor, target + done, wanted - done, off_t(offset + done))
+            if n > 0 {
+                done += n
+            } else if n < 0, errno == EINTR {
+                continue
+            } else {
+                break
+            }
+        }
+        return done
     }
 
     private static func alignedCopy(_ source: UnsafeRawBufferPointer) -> UnsafeRawBufferPointer {
@@ -83,6 +121,7 @@ public final class MappedFile: @unchecked Sendable {
         guard let base = bytes.baseAddress else { return }
         if mapped {
             munmap(UnsafeMutableRawPointer(mutating: base), bytes.count)
+            close(descriptor)
         } else {
             UnsafeMutableRawPointer(mutating: base).deallocate()
         }

@@ -53,7 +53,9 @@ struct CommitState: Sendable {
 
 /// Finds and loads the newest commit whose state verifies (Spec/: "Opening a file").
 struct CommitLoader {
-    let file: UnsafeRawBufferPointer
+    /// The file; its mapping is `file`, read only at and before a commit that verified.
+    let source: MappedFile
+    var file: UnsafeRawBufferPointer { source.bytes }
     let major: UInt16
     let salt: UInt64
     let manifest: Manifest
@@ -62,40 +64,62 @@ struct CommitLoader {
     var streamCount: Int { manifest.geometry.streamCount }
 
     /// Scans back from the end for commit frames; the first whose state loads wins.
+    ///
+    /// The scan reads tags and commit headers through `source.copyBytes` (`pread`), not the
+    /// mapping: bytes after the newest commit are uncommitted, and a writer resuming the file
+    /// truncates them (Spec 13.3) at any moment, which would make a mapped page wholly past the
+    /// new end raise SIGBUS. A commit frame whose header verifies is committed and is never
+    /// truncated, so the state it names (all before it) is read from the mapping.
     func loadNewest() throws -> CommitState {
         let align = UInt64(FileHeader.frameAlignment)
         let size = UInt64(file.count)
+        let headerSize = UInt64(FrameHeader.size)
         var notes: [RecoveryNote] = []
         var firstFailure: KVPackError?
-        guard size >= manifestEnd + UInt64(FrameHeader.size) else {
+        guard size >= manifestEnd + headerSize else {
             throw KVPackError(.noValidCommit, offset: manifestEnd, field: "CMIT",
                               "the file ends at \(size), before any commit frame")
         }
-        var p = (size - UInt64(FrameHeader.size)) / align * align
+        // A window of copied bytes, [windowStart, windowStart + windowCount), refilled downwards.
+        var window = [UInt8](repeating: 0, count: 64 * 1024)
+        var windowStart = UInt64.max, windowCount: UInt64 = 0
+        var p = (size - headerSize) / align * align
         let cmit = FrameTag.commit.rawValue
         while p >= manifestEnd {
-            if file.loadLE(Int(p), as: UInt32.self) == cmit {
-                let header: FrameHeader
-                do {
-                    header = try FrameHeader.decode(file, at: p, limit: size, salt: salt, field: "CMIT")
-                } catch let e as KVPackError {
-                    notes.append(.tornCommit(offset: p, reason: e))
-                    if firstFailure == nil { firstFailure = e }
-                    p -= align
-                    continue
-                }
-                do {
-                    var state = try load(commit: header)
-                    let end = state.commitEnd
-                    if end < size { notes.append(.uncommittedBytes(after: p, count: size - end)) }
-                    state.notes = notes
-                    return state
-                } catch let e as KVPackError {
-                    notes.append(.skippedCommit(offset: p, reason: e))
-                    if firstFailure == nil { firstFailure = e }
-                }
+            defer { p -= align }
+            if p < windowStart {
+                let start = max(manifestEnd, p + headerSize > UInt64(window.count) ? p + headerSize - UInt64(window.count) : 0)
+                windowCount = UInt64(window.withUnsafeMutableBytes {
+                    source.copyBytes(at: Int(start), into: UnsafeMutableRawBufferPointer(rebasing: $0[0 ..< Int(p + headerSize - start)]))
+                })
+                windowStart = start
             }
-            p -= align
+            // Past the end of a file a resuming writer has just truncated: nothing to find there.
+            guard p + headerSize <= windowStart + windowCount else { continue }
+            let at = Int(p - windowStart)
+            let decoded: FrameHeader?
+            do {
+                decoded = try window.withUnsafeBytes { w -> FrameHeader? in
+                    let h = UnsafeRawBufferPointer(rebasing: w[at ..< at + FrameHeader.size])
+                    guard h.loadLE(0, as: UInt32.self) == cmit else { return nil }
+                    return try FrameHeader.decode(header: h, at: p, end: size, salt: salt, field: "CMIT")
+                }
+            } catch let e as KVPackError {
+                notes.append(.tornCommit(offset: p, reason: e))
+                if firstFailure == nil { firstFailure = e }
+                continue
+            }
+            guard let header = decoded else { continue }
+            do {
+                var state = try load(commit: header)
+                let end = state.commitEnd
+                if end < size { notes.append(.uncommittedBytes(after: p, count: size - end)) }
+                state.notes = notes
+                return state
+            } catch let e as KVPackError {
+                notes.append(.skippedCommit(offset: p, reason: e))
+                if firstFailure == nil { firstFailure = e }
+            }
         }
         if let firstFailure { throw firstFailure }
         throw KVPackError(.noValidCommit, offset: manifestEnd, field: "CMIT",

@@ -51,7 +51,7 @@ public final class KVPackReader: @unchecked Sendable {
         self.path = path
         let opened: Opened
         do {
-            opened = try Self.open(file.bytes)
+            opened = try Self.open(file)
         } catch let e as KVPackError {
             throw e.about(path)
         }
@@ -80,10 +80,11 @@ public final class KVPackReader: @unchecked Sendable {
         var tails: [RawScheme]
     }
 
-    private static func open(_ bytes: UnsafeRawBufferPointer) throws -> Opened {
+    private static func open(_ file: MappedFile) throws -> Opened {
+        let bytes = file.bytes
         let header = try FileHeader.decode(bytes)
         let (manifest, m) = try Manifest.readFrame(bytes, salt: header.salt)
-        let loader = CommitLoader(file: bytes, major: header.major, salt: header.salt, manifest: manifest, manifestEnd: m.nextFrameOffset)
+        let loader = CommitLoader(source: file, major: header.major, salt: header.salt, manifest: manifest, manifestEnd: m.nextFrameOffset)
         let state = try loader.loadNewest()
         var schemes: [any KVScheme] = []
         var tails: [RawScheme] = []

@@ -9,6 +9,10 @@ import Testing
 struct TortureTests {
     struct KillResult: Decodable { var points, passed, killedWhileWriting, lostCommits, notACommitPoint, invalid, wrongContent, appendFailed: Int }
     struct TornResult: Decodable { var cuts, openedAtCommit, refused, failures: Int; var commitsSeen: [Int] }
+    struct SoakResult: Decodable {
+        var kills, commitsAcknowledged, tokensWritten, tokensLost, errors, readerOpens, readerAttends, readerValidations, readerCommitsObserved, readerCrashes: Int
+        var samples: [String]
+    }
 
     @Test("60 writers SIGKILLed at random points: every file opens at a commit at or after the last acknowledged, validates, holds what was written, and accepts appends")
     func killAnywhere() throws {
@@ -27,4 +31,15 @@ struct TortureTests {
         #expect(r.failures == 0 && r.cuts == r.openedAtCommit + r.refused)
         #expect(r.commitsSeen == Array(stride(from: 0, through: 40, by: 5)), "every commit is reached by some cut")
     }
+
+    @Test("soak: a writer killed and resumed for 12 s while 2 reader processes open, check, attend and validate: no error, no lost token")
+    func soak() throws {
+        let (status, out, err) = try runKVPack(["torture", "soak", "--seconds", "12", "--readers", "2", "--tokens-per-file", "8000", "--seed", "5", "--json"])
+        #expect(status == 0, "\(out) \(err)")
+        let r = try JSONDecoder().decode(SoakResult.self, from: Data(out.utf8))
+        #expect(r.errors == 0 && r.tokensLost == 0 && r.readerCrashes == 0, "\(r.samples)")
+        #expect(r.kills >= 10 && r.commitsAcknowledged > 100 && r.tokensWritten > 1000, "\(out)")
+        #expect(r.readerOpens > 10 && r.readerAttends > 10 && r.readerValidations > 2 && r.readerCommitsObserved > 5, "\(out)")
+    }
 }
+

@@ -97,4 +97,37 @@ struct ConcurrencyTests {
         #expect(checks >= 20 && grew.contains { $0 < 3000 }, "readers refreshed \(checks) times, saw \(grew.sorted())")
         #expect(try KVPackReader(path: path).tokenCount == 3000)
     }
+
+    @Test("a reader mapping a file whose uncommitted bytes a resuming writer has just truncated opens at the commit instead of dying of SIGBUS (found while building the soak)")
+    func readerAfterTruncation() throws {
+        let dir = temporaryDirectory()
+        let path = dir + "/t.kvpack", crashed = dir + "/crashed.kvpack"
+        let g = ModelGeometry(layerCount: 2, queryHeadCount: 4, kvHeadCount: 2, headDim: 64)
+        let (m, blobs) = try makeManifest(g, segmentTokens: 16, spec: "raw:f32")
+        let data = RandomKV(geometry: g, tokens: 1000, seed: 8)
+        let writer = try KVPackWriter.create(path: path, manifest: m, blobs: blobs, options: testOptions())
+        try data.append(to: writer, 0 ..< 40)
+        try writer.commit()
+        // Sealed segments reach the file before any commit: a writer that dies here leaves
+        // over 1 MB (hundreds of pages) of uncommitted bytes. Copy them as it would.
+        try data.append(to: writer, 40 ..< 1000)
+        writeBytes(fileBytes(path), to: crashed)
+        try writer.close()
+        // A reader maps the crashed file, then a writer resumes it and truncates the tail.
+        let mapped = try MappedFile(path: crashed)
+        #expect(mapped.bytes.count > 1_000_000)
+        let resumed = try KVPackWriter.resume(path: crashed, options: testOptions())
+        let reader = try KVPackReader(file: mapped, path: crashed)
+        #expect(reader.tokenCount == 40)
+        #expect(reader.recoveryNotes.contains { if case .uncommittedBytes = $0 { true } else { false } })
+        #expect(try reader.decode(layer: 1, kvHead: 1, kind: .value) == data.stream(layer: 1, head: 1, kind: .value, tokens: 0 ..< 40))
+        try resumed.close()
+        // The copy pread makes of the mapped bytes: what is left, then nothing past the end.
+        let size = Int(try FileManager.default.attributesOfItem(atPath: crashed)[.size] as! NSNumber)
+        var buffer = [UInt8](repeating: 0xEE, count: 256)
+        let n = buffer.withUnsafeMutableBytes { mapped.copyBytes(at: size - 100, into: $0) }
+        #expect(n == 100 && buffer[0 ..< 100] == fileBytes(crashed)[(size - 100)...])
+        #expect(buffer.withUnsafeMutableBytes { mapped.copyBytes(at: size + 4096, into: $0) } == 0)
+    }
 }
+
