@@ -8,19 +8,22 @@ SWIFT_FLAGS := -Xswiftc -target-cpu -Xswiftc $(SWIFT_CPU)
 KVPACK := .build/release/kvpack
 DEMO_DIR ?= demo-out
 FUZZ_SECONDS ?= 60
-FUZZ_BIN := Fuzz/kvpack-fuzz
+DECODE_FUZZ_BIN := Fuzz/kvpack-decode-fuzz
+GENERATED_FUZZ_BIN := Fuzz/kvpack-generated-fuzz
 LIB_SOURCES := $(shell find Sources/KVPack -name '*.swift')
 MODEL_SOURCES := $(shell find Sources/KVPackModels -name '*.swift')
 LAB_SOURCES := $(shell find Sources/KVPackLab -name '*.swift')
 GGUF_FUZZ_BIN := Fuzz/gguf-fuzz
 LLAMA_CPP_FUZZ_BIN := Fuzz/llama-cpp-fuzz
 PARSER_FUZZ_BIN := Fuzz/kvpack-parser-fuzz
+TENSORS_FUZZ_BIN := Fuzz/tensors-fuzz
+TENSORS_SOURCES := Sources/KVPackInterop/Safetensors.swift Sources/KVPackInterop/Npy.swift Sources/KVPackInterop/CacheInterop.swift
 INTEROP_SOURCES := $(shell find Sources/KVPackInterop/LlamaCpp -name '*.swift')
 # Where scripts/fetch-models.sh puts SmolLM2 (the same rule as ModelLocator).
 SMOLLM2 := $(if $(KVPACK_MODEL_DIR),$(KVPACK_MODEL_DIR),$(if $(XDG_CACHE_HOME),$(XDG_CACHE_HOME),$(HOME)/.cache)/kvpack)/SmolLM2-135M-Instruct.Q4_1.gguf
 
 # (check-layers: see scripts/check-layers.py and ARCHITECTURE.md)
-.PHONY: all build setup native-deps models pydeps check-layers test demo fuzz fuzz-build fuzz-gguf fuzz-llama-cpp fuzz-parser differential corpus corpus-check bench bench-convert torture sanitize clean llama.cpp llama-cpp-fixtures llama-cpp-roundtrip llama-cpp-sizes chat-sampling long-chat
+.PHONY: all build setup native-deps models pydeps check-layers test demo fuzz fuzz-all fuzz-decode fuzz-generated fuzz-tensors fuzz-gguf fuzz-llama-cpp fuzz-parser differential corpus corpus-check bench bench-convert torture sanitize clean llama.cpp llama-cpp-fixtures llama-cpp-roundtrip llama-cpp-sizes chat-sampling long-chat
 
 all: build
 
@@ -63,22 +66,44 @@ test: setup pydeps check-layers
 demo: build
 	@bash scripts/demo.sh "$(KVPACK)" "$(DEMO_DIR)"
 
-# libFuzzer + AddressSanitizer over the reader and validator, seeded with corpus/ (files) and
-# Fuzz/gen-seeds/ (recipes: inputs starting 0xA5 make the writer produce a well-formed file of any
-# scheme, then apply the input's byte edits; see GeneratedFile in Fuzz/FuzzTarget.swift).
-# New inputs go to fuzz-out/corpus (corpus/ keeps only the curated seeds); crashes to fuzz-out/.
-fuzz-build: setup $(FUZZ_BIN)
+# The fuzz targets (FUZZING.md): libFuzzer + AddressSanitizer, the library sources compiled with
+# each entry point as one module. `make fuzz-all FUZZ_SECONDS=N` runs every target for N seconds
+# in turn, merges what it found into the minimised corpus under Fuzz/corpus/<target>, and adds a
+# row per target to FUZZING.md; `make fuzz` is `make fuzz-all`. Each fuzz-<target> runs one
+# alone (new inputs go to fuzz-out/<target>-corpus, crashes to fuzz-out/<target>-*).
+fuzz: fuzz-all
 
-$(FUZZ_BIN): $(LIB_SOURCES) $(LAB_SOURCES) Fuzz/FuzzTarget.swift
+fuzz-all: setup pydeps
+	python3 scripts/fuzz-all.py --seconds $(FUZZ_SECONDS) $(if $(FUZZ_TARGETS),--targets $(FUZZ_TARGETS))
+
+FUZZ_RUN = -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -print_final_stats=1
+
+# Decode and attention over files (open, deep validate, summary, decode, attention, whole layers;
+# attention over codes against attention over decoded rows for files that validate), seeded with
+# corpus/.
+$(DECODE_FUZZ_BIN): $(LIB_SOURCES) Fuzz/Exercise.swift Fuzz/DecodeFuzzTarget.swift
 	swiftc -sanitize=fuzzer,address -parse-as-library -O -g -D KVPACK_FUZZING \
 		-target-cpu $(SWIFT_CPU) -module-name KVPack -suppress-warnings \
 		-I Sources/CZstd -I Sources/CXXHash -lzstd -lxxhash \
-		$(LIB_SOURCES) $(LAB_SOURCES) Fuzz/FuzzTarget.swift -o $@
+		$(LIB_SOURCES) Fuzz/Exercise.swift Fuzz/DecodeFuzzTarget.swift -o $@
 
-fuzz: fuzz-build
-	@mkdir -p fuzz-out/corpus
-	$(FUZZ_BIN) -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -rss_limit_mb=2048 -print_final_stats=1 \
-		-dict=Fuzz/kvpack.dict -artifact_prefix=fuzz-out/ fuzz-out/corpus corpus/ Fuzz/gen-seeds/
+fuzz-decode: setup $(DECODE_FUZZ_BIN)
+	@mkdir -p fuzz-out/decode-corpus Fuzz/corpus/decode
+	$(DECODE_FUZZ_BIN) $(FUZZ_RUN) -max_len=65536 -dict=Fuzz/kvpack.dict -artifact_prefix=fuzz-out/decode- \
+		fuzz-out/decode-corpus Fuzz/corpus/decode corpus/
+
+# Generated files (structure-aware): every input is a recipe the real writer turns into a file of
+# any scheme (Fuzz/GeneratedFuzzTarget.swift), then byte edits; seeded with Fuzz/gen-seeds/.
+$(GENERATED_FUZZ_BIN): $(LIB_SOURCES) $(LAB_SOURCES) Fuzz/Exercise.swift Fuzz/GeneratedFuzzTarget.swift
+	swiftc -sanitize=fuzzer,address -parse-as-library -O -g -D KVPACK_FUZZING \
+		-target-cpu $(SWIFT_CPU) -module-name KVPack -suppress-warnings \
+		-I Sources/CZstd -I Sources/CXXHash -lzstd -lxxhash \
+		$(LIB_SOURCES) $(LAB_SOURCES) Fuzz/Exercise.swift Fuzz/GeneratedFuzzTarget.swift -o $@
+
+fuzz-generated: setup $(GENERATED_FUZZ_BIN)
+	@mkdir -p fuzz-out/generated-corpus Fuzz/corpus/generated
+	$(GENERATED_FUZZ_BIN) $(FUZZ_RUN) -max_len=4096 -artifact_prefix=fuzz-out/generated- \
+		fuzz-out/generated-corpus Fuzz/corpus/generated Fuzz/gen-seeds/
 
 # libFuzzer + AddressSanitizer over the reader's parsers alone (open, index chain, segment tables,
 # tail, tokens, token selection, notes; no decode): thousands of inputs a second, seeded with
@@ -90,9 +115,9 @@ $(PARSER_FUZZ_BIN): $(LIB_SOURCES) Fuzz/ParserFuzzTarget.swift
 		$(LIB_SOURCES) Fuzz/ParserFuzzTarget.swift -o $@
 
 fuzz-parser: setup $(PARSER_FUZZ_BIN)
-	@mkdir -p fuzz-out/parser-corpus
-	$(PARSER_FUZZ_BIN) -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -rss_limit_mb=2048 -print_final_stats=1 \
-		-dict=Fuzz/kvpack.dict -artifact_prefix=fuzz-out/parser- fuzz-out/parser-corpus corpus/
+	@mkdir -p fuzz-out/parser-corpus Fuzz/corpus/parser
+	$(PARSER_FUZZ_BIN) $(FUZZ_RUN) -max_len=65536 -dict=Fuzz/kvpack.dict -artifact_prefix=fuzz-out/parser- \
+		fuzz-out/parser-corpus Fuzz/corpus/parser corpus/
 
 # The Swift reader against the Spec's second reader on files the writer makes from random recipes
 # (every scheme, both format majors, notes): ids, positions, metadata and every value bit for bit.
@@ -108,9 +133,22 @@ $(GGUF_FUZZ_BIN): $(LIB_SOURCES) $(MODEL_SOURCES) Fuzz/GGUFFuzzTarget.swift
 		$(LIB_SOURCES) $(MODEL_SOURCES) Fuzz/GGUFFuzzTarget.swift -o $@
 
 fuzz-gguf: setup $(GGUF_FUZZ_BIN)
-	@mkdir -p fuzz-out/gguf-corpus
-	$(GGUF_FUZZ_BIN) -max_total_time=$(FUZZ_SECONDS) -max_len=131072 -rss_limit_mb=2048 -print_final_stats=1 \
-		-dict=Fuzz/gguf.dict -artifact_prefix=fuzz-out/gguf- fuzz-out/gguf-corpus Fuzz/gguf-seeds/
+	@mkdir -p fuzz-out/gguf-corpus Fuzz/corpus/gguf
+	$(GGUF_FUZZ_BIN) $(FUZZ_RUN) -max_len=131072 -dict=Fuzz/gguf.dict -artifact_prefix=fuzz-out/gguf- \
+		fuzz-out/gguf-corpus Fuzz/corpus/gguf Fuzz/gguf-seeds/
+
+# libFuzzer + AddressSanitizer over the tensor files kvpack import reads: safetensors and .npy
+# parsed, viewed as a KV cache, and small ones imported; seeded with Fuzz/tensors-seeds (written
+# by the safetensors and numpy packages: scripts/make-tensor-seeds.py).
+$(TENSORS_FUZZ_BIN): $(LIB_SOURCES) $(TENSORS_SOURCES) Fuzz/TensorsFuzzTarget.swift
+	swiftc -sanitize=fuzzer,address -parse-as-library -O -g -target-cpu $(SWIFT_CPU) -module-name KVPack \
+		-suppress-warnings -I Sources/CZstd -I Sources/CXXHash -lzstd -lxxhash \
+		$(LIB_SOURCES) $(TENSORS_SOURCES) Fuzz/TensorsFuzzTarget.swift -o $@
+
+fuzz-tensors: setup $(TENSORS_FUZZ_BIN)
+	@mkdir -p fuzz-out/tensors-corpus Fuzz/corpus/tensors
+	$(TENSORS_FUZZ_BIN) $(FUZZ_RUN) -max_len=16384 -artifact_prefix=fuzz-out/tensors- \
+		fuzz-out/tensors-corpus Fuzz/corpus/tensors Fuzz/tensors-seeds/
 
 # The real llama.cpp (vendored by PyPI's llama-cpp-python sdist, pinned by sha256) built into
 # ~/.cache/kvpack/llama.cpp with its Python binding: 3-9 minutes once, then a no-op. The tests that
@@ -135,9 +173,9 @@ $(LLAMA_CPP_FUZZ_BIN): $(LIB_SOURCES) $(MODEL_SOURCES) $(INTEROP_SOURCES) Fuzz/L
 		$(LIB_SOURCES) $(MODEL_SOURCES) $(INTEROP_SOURCES) Fuzz/LlamaCppFuzzTarget.swift -o $@
 
 fuzz-llama-cpp: setup $(LLAMA_CPP_FUZZ_BIN)
-	@mkdir -p fuzz-out/llama-cpp-corpus
-	$(LLAMA_CPP_FUZZ_BIN) -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -rss_limit_mb=2048 -print_final_stats=1 \
-		-dict=Fuzz/llama-cpp.dict -artifact_prefix=fuzz-out/llama-cpp- fuzz-out/llama-cpp-corpus corpus/llama.cpp/
+	@mkdir -p fuzz-out/llama-cpp-corpus Fuzz/corpus/llama-cpp
+	$(LLAMA_CPP_FUZZ_BIN) $(FUZZ_RUN) -max_len=65536 -dict=Fuzz/llama-cpp.dict -artifact_prefix=fuzz-out/llama-cpp- \
+		fuzz-out/llama-cpp-corpus Fuzz/corpus/llama-cpp corpus/llama.cpp/
 
 # README's llama.cpp size table: one ~1,000-token text saved by llama.cpp (f16, q8_0, q4_0 caches)
 # against .kvpack imports in several schemes, with each scheme's quality cost (kvpack eval).
@@ -169,13 +207,16 @@ bench-convert: build
 
 # Long hardening runs (FUZZING.md records their output; the test suite runs short versions):
 # 1,000 writers SIGKILLed at random points, a file cut at every byte offset, every bit of a small
-# file flipped, and 20,000 random bit flips in a 1.5 MB file of lossy schemes.
+# file flipped, 20,000 random bit flips in a 1.5 MB file of lossy schemes, and a 10-minute soak
+# (a writer killed and resumed under 4 reader processes).
 TORTURE_POINTS ?= 1000
+SOAK_SECONDS ?= 600
 torture: build
 	$(KVPACK) torture kill --points $(TORTURE_POINTS) | tee torture-out.txt
 	$(KVPACK) torture torn --scheme int:k4v2 | tee -a torture-out.txt
 	$(KVPACK) torture bitrot | tee -a torture-out.txt
 	$(KVPACK) torture bitrot --tokens 2000 --flips 20000 --scheme k:nsn:2+v:int:k4v2 | tee -a torture-out.txt
+	$(KVPACK) torture soak --seconds $(SOAK_SECONDS) --readers 4 | tee -a torture-out.txt
 
 # The test suite under AddressSanitizer, then ThreadSanitizer (debug builds in their own build
 # directories; about 10 minutes each on 2 cores). Leak detection is off: XCTest's runner leaks
@@ -197,4 +238,4 @@ corpus-check: build pydeps
 	bash scripts/check-corpus.sh "$(KVPACK)"
 
 clean:
-	rm -rf .build $(FUZZ_BIN) $(GGUF_FUZZ_BIN) $(LLAMA_CPP_FUZZ_BIN) fuzz-out $(DEMO_DIR) bench-out.txt torture-out.txt
+	rm -rf .build $(DECODE_FUZZ_BIN) $(GENERATED_FUZZ_BIN) $(PARSER_FUZZ_BIN) $(TENSORS_FUZZ_BIN) $(GGUF_FUZZ_BIN) $(LLAMA_CPP_FUZZ_BIN) fuzz-out $(DEMO_DIR) bench-out.txt torture-out.txt

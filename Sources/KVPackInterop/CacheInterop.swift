@@ -35,7 +35,11 @@ public struct SafetensorsCache: ExternalCache {
     public let positions: [UInt32]?
 
     public init(path: String, naming: TensorNaming = TensorNaming(), batchIndex: Int = 0) throws {
-        let file = try SafetensorsFile(path: path)
+        try self.init(file: SafetensorsFile(path: path), naming: naming, batchIndex: batchIndex)
+    }
+
+    public init(file: SafetensorsFile, naming: TensorNaming = TensorNaming(), batchIndex: Int = 0) throws {
+        let path = file.path
         self.file = file
         self.naming = naming
         self.batchIndex = batchIndex
@@ -51,6 +55,11 @@ public struct SafetensorsCache: ExternalCache {
         case 4: shape = (s[0], s[1], s[2], s[3])
         case 3: shape = (1, s[0], s[1], s[2])
         default: throw SafetensorsError("\(path): \(first.name) has shape \(s); expected [batch, kv_heads, seq, head_dim] or [kv_heads, seq, head_dim]")
+        }
+        // Only the token count may be 0: a zero elsewhere would let the others claim any size
+        // (the data is empty whatever they say), and the import allocates by them.
+        guard shape.batch > 0, shape.heads > 0, shape.dim > 0 else {
+            throw SafetensorsError("\(path): \(first.name) has shape \(s); batch, KV heads and head_dim must not be 0")
         }
         guard batchIndex >= 0, batchIndex < shape.batch else { throw SafetensorsError("\(path): batch index \(batchIndex) outside 0..<\(shape.batch)") }
         for l in 0 ..< layers {
@@ -106,19 +115,32 @@ public struct NpyDirectoryCache: ExternalCache {
     public let positions: [UInt32]?
 
     public init(directory: String) throws {
+        let meta = FileManager.default.contents(atPath: directory + "/meta.json").flatMap { try? JSONDecoder().decode(Meta.self, from: $0) }
+        var layers: [(key: NpyArray, value: NpyArray)] = []
+        while true {
+            let kp = String(format: "%@/k_layer%02d.npy", directory, layers.count), vp = String(format: "%@/v_layer%02d.npy", directory, layers.count)
+            guard FileManager.default.fileExists(atPath: kp) else { break }
+            layers.append((try NpyArray(path: kp), try NpyArray(path: vp)))
+        }
+        try self.init(directory: directory, layers: layers, meta: meta)
+    }
+
+    /// The arrays of each layer, read already (`directory` names them in errors).
+    public init(directory: String, layers: [(key: NpyArray, value: NpyArray)], meta: Meta?) throws {
         self.directory = directory
-        meta = FileManager.default.contents(atPath: directory + "/meta.json").flatMap { try? JSONDecoder().decode(Meta.self, from: $0) }
+        self.meta = meta
         var k: [[Float]] = [], v: [[Float]] = []
         var shape: [Int]?
-        while true {
-            let kp = String(format: "%@/k_layer%02d.npy", directory, k.count), vp = String(format: "%@/v_layer%02d.npy", directory, k.count)
-            guard FileManager.default.fileExists(atPath: kp) else { break }
-            let ka = try NpyArray(path: kp), va = try NpyArray(path: vp)
-            var s = ka.shape
+        for (layer, (ka, va)) in layers.enumerated() {
+            let kp = String(format: "%@/k_layer%02d.npy", directory, layer)
+            var s = ka.shape, vs = va.shape
             if s.count == 4, s[0] == 1 { s.removeFirst() }
-            guard s.count == 3, va.count == ka.count, shape == nil || shape == s else {
+            if vs.count == 4, vs[0] == 1 { vs.removeFirst() }
+            guard s.count == 3, vs == s, shape == nil || shape == s else {
                 throw NpyError("\(kp): shape \(ka.shape) (values \(va.shape)); expected [kv_heads, tokens, head_dim], the same for every layer")
             }
+            // As for safetensors: only the token count may be 0.
+            guard s[0] > 0, s[2] > 0 else { throw NpyError("\(kp): shape \(ka.shape); KV heads and head_dim must not be 0") }
             shape = s
             k.append(ka.floats())
             v.append(va.floats())
@@ -145,6 +167,9 @@ public enum CacheInterop {
     public static func importCache(_ source: ExternalCache, to path: String, queryHeads: Int?, rope: RoPEConfig, spec text: String,
                                    segmentTokens: Int?, options: WriterOptions, producer: String) throws -> Int {
         let h = source.geometryHint
+        guard h.layers > 0, h.kvHeads > 0, h.headDim > 0, h.tokens >= 0 else {
+            throw KVPackError.argument("the cache has \(h.layers) layers, \(h.kvHeads) KV heads, head_dim \(h.headDim): none may be 0")
+        }
         let q = queryHeads ?? h.kvHeads
         guard q >= h.kvHeads, q % h.kvHeads == 0 else {
             throw KVPackError.argument("\(q) query heads is not a multiple of the cache's \(h.kvHeads) KV heads")

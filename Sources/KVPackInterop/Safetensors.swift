@@ -35,8 +35,13 @@ public struct SafetensorsFile {
     public let metadata: [String: String]
 
     public init(path: String) throws {
+        try self.init(file: MappedFile(path: path), path: path)
+    }
+
+    /// Parses the bytes of `file`; errors name `path`.
+    public init(file: MappedFile, path: String) throws {
         self.path = path
-        file = try MappedFile(path: path)
+        self.file = file
         let bytes = file.bytes
         guard bytes.count >= 8 else { throw SafetensorsError("\(path): \(bytes.count) bytes is too short for safetensors") }
         let n = bytes.loadUnaligned(fromByteOffset: 0, as: UInt64.self).littleEndian
@@ -111,8 +116,23 @@ public struct SafetensorsFile {
         }
     }
 
-    /// Integer elements (token ids, positions) of a tensor.
-    public func integers(_ tensor: Tensor) -> [Int] { floats(tensor).map { Int($0) } }
+    /// Integer elements (token ids, positions) of a tensor: integer types exactly, float types
+    /// truncated toward zero (NaN as 0, out of range clamped: the file is untrusted).
+    public func integers(_ tensor: Tensor) -> [Int] {
+        let base = UnsafeRawBufferPointer(rebasing: file.bytes[tensor.range])
+        switch tensor.dtype {
+        case .i64: return (0 ..< tensor.count).map { Int(base.loadUnaligned(fromByteOffset: 8 * $0, as: Int64.self)) }
+        case .i32: return (0 ..< tensor.count).map { Int(base.loadUnaligned(fromByteOffset: 4 * $0, as: Int32.self)) }
+        case .i16: return (0 ..< tensor.count).map { Int(base.loadUnaligned(fromByteOffset: 2 * $0, as: Int16.self)) }
+        case .i8: return (0 ..< tensor.count).map { Int(base.loadUnaligned(fromByteOffset: $0, as: Int8.self)) }
+        case .u8, .bool: return (0 ..< tensor.count).map { Int(base[$0]) }
+        case .f64, .f32, .f16, .bf16:
+            return floats(tensor).map { x in
+                guard x.isFinite else { return x.isNaN ? 0 : (x > 0 ? Int.max : Int.min) }
+                return x >= 0x1p62 ? 1 << 62 : x <= -0x1p62 ? -(1 << 62) : Int(x)
+            }
+        }
+    }
 }
 
 /// Writes a safetensors file tensor by tensor: the header (with every offset) first, then each

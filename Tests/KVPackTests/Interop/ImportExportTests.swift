@@ -112,4 +112,36 @@ struct ImportExportTests {
             #expect(throws: (any Error).self, "case \(i)") { try SafetensorsCache(path: dir + "/bad\(i).safetensors") }
         }
     }
+
+    /// A safetensors file from a header (JSON) and data bytes.
+    static func safetensors(_ header: String, data: [UInt8]) -> [UInt8] {
+        var json = Array(header.utf8)
+        while json.count % 8 != 0 { json.append(0x20) }
+        return withUnsafeBytes(of: UInt64(json.count).littleEndian) { Array($0) } + json + data
+    }
+
+    @Test("a shape with a 0 besides the token count is refused before anything is allocated by it; float token ids that are NaN or huge do not trap (found writing the tensors fuzz target)")
+    func zeroDimensionsAndOddIDs() throws {
+        let dir = temporaryDirectory()
+        // Zero KV heads: the data is empty whatever the token count claims (2^40 here).
+        let zeroHeads = Self.safetensors(#"{"past_key_values.0.key":{"dtype":"F32","shape":[1,0,1099511627776,8],"data_offsets":[0,0]},"past_key_values.0.value":{"dtype":"F32","shape":[1,0,1099511627776,8],"data_offsets":[0,0]}}"#, data: [])
+        writeBytes(zeroHeads, to: dir + "/zero.safetensors")
+        #expect(throws: SafetensorsError.self) { try SafetensorsCache(path: dir + "/zero.safetensors") }
+        let zeroNpy = NpyArray(dtype: .float32, shape: [0, 1 << 40, 8], data: [])
+        #expect(throws: NpyError.self) { try NpyDirectoryCache(directory: dir, layers: [(zeroNpy, zeroNpy)], meta: nil) }
+
+        // input_ids stored as F32 with NaN, infinity and 3e9: read, not trapped on.
+        let floats: [Float] = [.nan, .infinity, 3e9]
+        let rows = [Float](repeating: 0.5, count: 3 * 4)
+        let odd = Self.safetensors(#"{"past_key_values.0.key":{"dtype":"F32","shape":[1,1,3,4],"data_offsets":[0,48]},"past_key_values.0.value":{"dtype":"F32","shape":[1,1,3,4],"data_offsets":[48,96]},"input_ids":{"dtype":"F32","shape":[1,3],"data_offsets":[96,108]}}"#,
+                                   data: rows.withUnsafeBytes { Array($0) } + rows.withUnsafeBytes { Array($0) } + floats.withUnsafeBytes { Array($0) })
+        writeBytes(odd, to: dir + "/odd.safetensors")
+        let cache = try SafetensorsCache(path: dir + "/odd.safetensors")
+        #expect(cache.tokenIDs == [0, UInt32(truncatingIfNeeded: Int.max), 3_000_000_000])
+        let n = try CacheInterop.importCache(cache, to: dir + "/odd.kvpack", queryHeads: nil, rope: RoPEConfig(theta: 10000, layout: .interleaved),
+                                             spec: "raw:f32", segmentTokens: 2, options: testOptions(), producer: "test")
+        let decoded = try KVPackReader(path: dir + "/odd.kvpack").decode(layer: 0, kvHead: 0, kind: .value)
+        #expect(n == 3 && decoded == rows)
+    }
 }
+

@@ -1,69 +1,20 @@
-// libFuzzer entry for the KVPack reader and validator. Built by `make fuzz` together with the
-// library sources as one module (SwiftPM renames `main` in executables, so it is linked by hand):
+// libFuzzer entry for generated files (structure-aware): every input is a recipe, not a file.
+// Built by `make fuzz-generated`:
 //   swiftc -sanitize=fuzzer,address -parse-as-library -D KVPACK_FUZZING ...
-// Each input is run twice: as is, and with checksum comparisons off so mutations reach the
-// manifest, index, tail and block parsers behind the checksums.
+// Seeds: Fuzz/gen-seeds (one recipe per scheme family, pruned files, notes, both majors).
 
 #if canImport(Glibc)
 import Glibc
 #endif
 
 @_cdecl("LLVMFuzzerTestOneInput")
-public func kvpackFuzzOneInput(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
+public func kvpackGeneratedFuzzOneInput(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     let input = UnsafeRawBufferPointer(start: data, count: size)
-    if size >= GeneratedFile.headerBytes, input[0] == GeneratedFile.marker {
-        GeneratedFile.run(input)
-        return 0
-    }
-    let file = MappedFile(copying: input)
-    fuzzingIgnoresChecksums = false
-    exercise(file)
-    fuzzingIgnoresChecksums = true
-    exercise(file)
+    if size >= GeneratedFile.headerBytes { GeneratedFile.run(input) }
     return 0
 }
 
-/// Open, validate (deep), decode and attend: everything a reader does with a file.
-func exercise(_ file: MappedFile) {
-    _ = Validator.validate(file: file, path: "fuzz", deep: true)
-    guard let reader = try? KVPackReader(file: file) else { return }
-    _ = try? FileSummary(reader: reader)
-    _ = try? reader.tokenSelection()
-    _ = try? reader.userMetadata()
-    let n = reader.tokenCount
-    _ = try? reader.tokens(0 ..< n)
-    _ = try? reader.tokens(n / 2 ..< n)
-    let g = reader.geometry
-    let workspace = AttentionWorkspace()
-    let queries = [Float](repeating: 0.25, count: g.groupSize * g.headDim)
-    var output = [Float](repeating: 0, count: g.groupSize * g.headDim)
-    // Bounded work per input: a few streams, whole range and a range that cuts blocks.
-    for layer in Set([0, g.layerCount - 1]) {
-        for head in Set([0, g.kvHeadCount - 1]) {
-            for range in [0 ..< n, n / 3 ..< n - n / 4] where !range.isEmpty {
-                queries.withUnsafeBufferPointer { q in
-                    output.withUnsafeMutableBufferPointer { o in
-                        _ = try? reader.attend(layer: layer, kvHead: head, queries: q.baseAddress!, tokens: range,
-                                               output: o.baseAddress!, workspace: workspace)
-                    }
-                }
-                _ = try? reader.decode(layer: layer, kvHead: head, kind: .value, tokens: range)
-            }
-        }
-    }
-    // Every KV head of the last layer at once (its own prefetch path), then a layer out of range.
-    let all = [Float](repeating: 0.25, count: g.kvHeadCount * g.groupSize * g.headDim)
-    var out = all
-    all.withUnsafeBufferPointer { q in
-        out.withUnsafeMutableBufferPointer { o in
-            for layer in [g.layerCount - 1, g.layerCount] where n > 0 {
-                _ = try? reader.attendLayer(layer, queries: q.baseAddress!, output: o.baseAddress!, workspaces: [workspace])
-            }
-        }
-    }
-}
-
-/// Structure-aware mode: an input starting with `marker` is not a file but a recipe. Its first
+/// A recipe (the first byte, `marker` in the seeds, is not read). Its first
 /// bytes choose a geometry, a scheme (every kind, with varied parameters), a token count, commit
 /// points and a seed; the writer produces that well-formed file (with a token selection when
 /// asked), then the rest of the input is a list of (offset, xor) byte edits applied to it. The
@@ -104,6 +55,8 @@ enum GeneratedFile {
             edited[offset] ^= input[at + 4] == 0 ? 1 : input[at + 4]
             at += 5
         }
+        // The intact file: the differential check (every scheme's kernels against its decode).
+        checkAttentionAgainstDecode(MappedFile(copying: bytes), seed: UInt64(seed))
         for file in [bytes, edited] {
             let mapped = MappedFile(copying: file)
             fuzzingIgnoresChecksums = false

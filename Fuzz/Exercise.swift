@@ -1,0 +1,82 @@
+// What the kvpack fuzz targets do with a file (shared by DecodeFuzzTarget.swift and
+// GeneratedFuzzTarget.swift, each compiled with the library sources as one module):
+// open, validate, summarise, decode and attend, and the differential check of attention over
+// codes against dense attention over the decoded rows.
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Open, validate (deep), decode and attend: everything a reader does with a file. True when
+/// the file validated with no problem at all.
+@discardableResult
+func exercise(_ file: MappedFile) -> Bool {
+    let clean = Validator.validate(file: file, path: "fuzz", deep: true).problems.isEmpty
+    guard let reader = try? KVPackReader(file: file) else { return clean }
+    _ = try? FileSummary(reader: reader)
+    _ = try? reader.tokenSelection()
+    _ = try? reader.userMetadata()
+    let n = reader.tokenCount
+    _ = try? reader.tokens(0 ..< n)
+    _ = try? reader.tokens(n / 2 ..< n)
+    let g = reader.geometry
+    let workspace = AttentionWorkspace()
+    let queries = [Float](repeating: 0.25, count: g.groupSize * g.headDim)
+    var output = [Float](repeating: 0, count: g.groupSize * g.headDim)
+    // Bounded work per input: a few streams, whole range and a range that cuts blocks.
+    for layer in Set([0, g.layerCount - 1]) {
+        for head in Set([0, g.kvHeadCount - 1]) {
+            for range in [0 ..< n, n / 3 ..< n - n / 4] where !range.isEmpty {
+                queries.withUnsafeBufferPointer { q in
+                    output.withUnsafeMutableBufferPointer { o in
+                        _ = try? reader.attend(layer: layer, kvHead: head, queries: q.baseAddress!, tokens: range,
+                                               output: o.baseAddress!, workspace: workspace)
+                    }
+                }
+                _ = try? reader.decode(layer: layer, kvHead: head, kind: .value, tokens: range)
+            }
+        }
+    }
+    // Every KV head of the last layer at once (its own prefetch path), then a layer out of range.
+    let all = [Float](repeating: 0.25, count: g.kvHeadCount * g.groupSize * g.headDim)
+    var out = all
+    all.withUnsafeBufferPointer { q in
+        out.withUnsafeMutableBufferPointer { o in
+            for layer in [g.layerCount - 1, g.layerCount] where n > 0 {
+                _ = try? reader.attendLayer(layer, queries: q.baseAddress!, output: o.baseAddress!, workspaces: [workspace])
+            }
+        }
+    }
+    return clean
+}
+
+/// The differential check: attention over the encoded blocks (the kernels each scheme owns)
+/// against textbook attention (Double, `DenseAttention.reference`) over the rows the reader
+/// decodes, for random queries, two random (layer, KV head) pairs and two ranges (the whole
+/// file, a random one that cuts blocks and tails). Only on files that validated with no problem
+/// (a damaged file's values can be anything: its logits can overflow either computation
+/// differently). A disagreement beyond rounding is a finding: it aborts, and libFuzzer keeps
+/// the input.
+func checkAttentionAgainstDecode(_ file: MappedFile, seed: UInt64) {
+    guard let reader = try? KVPackReader(file: file), reader.tokenCount > 0 else { return }
+    let g = reader.geometry, n = reader.tokenCount
+    var rng = SplitMix64(seed: seed)
+    for _ in 0 ..< 2 {
+        let layer = Int(rng.next() % UInt64(g.layerCount)), head = Int(rng.next() % UInt64(g.kvHeadCount))
+        let a = Int(rng.next() % UInt64(n)), b = Int(rng.next() % UInt64(n))
+        for range in [0 ..< n, min(a, b) ..< max(a, b) + 1] {
+            let q = (0 ..< g.groupSize * g.headDim).map { _ in Float(rng.nextGaussian()) }
+            guard let got = try? reader.attend(layer: layer, kvHead: head, queries: q, tokens: range),
+                  let keys = try? reader.decode(layer: layer, kvHead: head, kind: .key, tokens: range),
+                  let values = try? reader.decode(layer: layer, kvHead: head, kind: .value, tokens: range) else {
+                fatalError("differential: a file that validates failed to attend or decode layer \(layer) head \(head) \(range)")
+            }
+            let want = DenseAttention.reference(queries: q, keys: keys, values: values, groupSize: g.groupSize, headDim: g.headDim)
+            guard want.allSatisfy(\.isFinite), keys.allSatisfy(\.isFinite) else { continue }
+            let err = DenseAttention.maxRelativeError(got, want)
+            if !(err < 1e-4) {
+                fatalError("differential: attention over codes differs from attention over decoded rows by \(err) (layer \(layer), head \(head), tokens \(range) of \(n), schemes \(reader.manifest.schemes.map(\.kind)))")
+            }
+        }
+    }
+}
