@@ -15,6 +15,9 @@ let package = Package(
     targets: [
         .systemLibrary(name: "CZstd", path: "Sources/CZstd"),
         .systemLibrary(name: "CXXHash", path: "Sources/CXXHash"),
+        // Hot loops in C with per-function target attributes and run-time dispatch (AVX2, FMA,
+        // F16C where the CPU has them, portable C elsewhere); no flags beyond the defaults.
+        .target(name: "CKVKernels", path: "Sources/CKVKernels"),
         .target(
             name: "KVPack",
             dependencies: ["CZstd", "CXXHash"],
@@ -44,13 +47,14 @@ let package = Package(
                 "KVPackModels",
                 "KVPackInterop",
                 "KVPackLab",
+                "CKVKernels",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             path: "Sources/kvpack"
         ),
         .testTarget(
             name: "KVPackTests",
-            dependencies: ["KVPack", "KVPackModels", "KVPackInterop", "KVPackLab", "kvpack"],
+            dependencies: ["KVPack", "KVPackModels", "KVPackInterop", "KVPackLab", "CKVKernels", "kvpack"],
             path: "Tests/KVPackTests"
         ),
     ]

@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import KVPack
 import KVPackLab
+import CKVKernels
 
 struct BenchCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -57,10 +58,10 @@ struct BenchCommand: ParsableCommand {
         let specs = schemes.isEmpty ? Self.defaultSchemes : schemes
         let resumeCounts = resumeTokens.isEmpty ? [4096, 131_072] : resumeTokens.filter { $0 > 0 }
         let report = Report()
-        let machine = skipMachineMeasurement ? (bandwidth: 1e10, flops: 1e11) : Self.measureMachine()
-        report.say(String(format: "machine: %@, %d cores, single-core read bandwidth %.2f GB/s, peak multiply-add %.1f GFLOP/s (f32, one core)%@",
-                          Self.cpuName(), ProcessInfo.processInfo.activeProcessorCount, machine.bandwidth / 1e9, machine.flops / 1e9,
-                          skipMachineMeasurement ? " (nominal, not measured)" : ""))
+        let measured = skipMachineMeasurement ? (bandwidth: 1e10, flops: 1e11, probes: "nominal, not measured") : Self.measureMachine()
+        let machine = (bandwidth: measured.bandwidth, flops: measured.flops)
+        report.say(String(format: "machine: %@, %d cores, single-core read bandwidth %.2f GB/s (%@), peak multiply-add %.1f GFLOP/s (f32, one core)",
+                          Self.cpuName(), ProcessInfo.processInfo.activeProcessorCount, machine.bandwidth / 1e9, measured.probes, machine.flops / 1e9))
         report.say("geometry: one layer of \(preset.name): \(g.kvHeadCount) KV heads, head_dim \(g.headDim), GQA group \(g.groupSize); a decode step attends every KV head over every token; times are per KV head")
         try withWorkDirectory(keep: keep, prefix: "kvpack-bench") { dir in
             for n in counts {
@@ -77,7 +78,9 @@ struct BenchCommand: ParsableCommand {
 
     final class Entry {
         let label: String
-        let reader: KVPackReader
+        /// One decode step over every KV head of the layer: (queries, output, workspaces).
+        let attend: (UnsafePointer<Float>, UnsafeMutablePointer<Float>, [AttentionWorkspace]) throws -> Void
+        let threadable: Bool
         let bytesPerToken: Int
         let streamBytes: Int
         let writerMBps: Double?
@@ -85,10 +88,59 @@ struct BenchCommand: ParsableCommand {
         var threadedTimes: [Double] = []
         init(label: String, reader: KVPackReader, streamBytes: Int, tokens: Int, writerMBps: Double?) {
             self.label = label
-            self.reader = reader
+            attend = { q, o, w in try reader.attendLayer(0, queries: q, output: o, workspaces: w) }
+            threadable = true
             self.streamBytes = streamBytes
             self.bytesPerToken = streamBytes / (tokens * reader.geometry.kvHeadCount)
             self.writerMBps = writerMBps
+        }
+
+        /// The C dense f16 baseline (`kvk_dense_f16_attention`): rows [kvHead][token][dim] in memory,
+        /// one KV head after another; single-threaded only.
+        init(cBaselineOver rows: F16Rows, geometry g: ModelGeometry) {
+            label = "dense f16 (C, memory)"
+            let per = g.groupSize * g.headDim, scale = 1 / Float(g.headDim).squareRoot()
+            attend = { q, o, _ in
+                for h in 0 ..< g.kvHeadCount {
+                    let status = kvk_dense_f16_attention(q + h * per, Int32(g.groupSize), Int32(g.headDim), rows.keys + h * rows.headStride,
+                                                         rows.values + h * rows.headStride, rows.tokens, scale, o + h * per)
+                    guard status == 0 else { throw CLIError("the C baseline does not take group \(g.groupSize), head_dim \(g.headDim)") }
+                }
+            }
+            threadable = false
+            streamBytes = 2 * 2 * rows.tokens * g.headDim * g.kvHeadCount
+            bytesPerToken = 2 * 2 * g.headDim
+            writerMBps = nil
+        }
+    }
+
+    /// Keys and values of one layer as IEEE half floats, [kvHead][token][dim], for the C baseline.
+    final class F16Rows: @unchecked Sendable {
+        // @unchecked: written once in init, read-only after.
+        let keys: UnsafeMutablePointer<UInt16>, values: UnsafeMutablePointer<UInt16>
+        let tokens: Int, headStride: Int
+
+        /// `data` is [token][kvHead][dim] (as `generate` makes it).
+        init(_ data: (keys: [Float], values: [Float]), geometry g: ModelGeometry, tokens n: Int) {
+            tokens = n
+            headStride = n * g.headDim
+            let count = g.kvHeadCount * headStride
+            keys = .allocate(capacity: count)
+            values = .allocate(capacity: count)
+            for h in 0 ..< g.kvHeadCount {
+                for t in 0 ..< n {
+                    for i in 0 ..< g.headDim {
+                        let from = (t * g.kvHeadCount + h) * g.headDim + i, to = h * headStride + t * g.headDim + i
+                        keys[to] = Float16(data.keys[from]).bitPattern
+                        values[to] = Float16(data.values[from]).bitPattern
+                    }
+                }
+            }
+        }
+
+        deinit {
+            keys.deallocate()
+            values.deallocate()
         }
     }
 
@@ -108,6 +160,9 @@ struct BenchCommand: ParsableCommand {
             entries.append(Entry(label: label, reader: reader, streamBytes: try reader.streamBytes().reduce(0, +), tokens: n, writerMBps: nil))
             try? FileManager.default.removeItem(atPath: path)
         }
+        // The C baseline: the same rows, the same queries, a kernel written with the same care in C.
+        let cRows = baselines.isEmpty ? nil : F16Rows(data, geometry: g, tokens: n)
+        if let cRows { entries.append(Entry(cBaselineOver: cRows, geometry: g)) }
         let inputMB = Double(n * g.kvHeadCount * g.headDim * 2 * 2) / 1e6
         for spec in specs {
             printError("bench: writing \(spec), \(n) tokens")
@@ -129,23 +184,20 @@ struct BenchCommand: ParsableCommand {
         try q.withUnsafeBufferPointer { qp in
             try out.withUnsafeMutableBufferPointer { op in
                 // A first pass checks every block's checksum and warms the caches.
-                for e in entries { try e.reader.attendLayer(0, queries: qp.baseAddress!, output: op.baseAddress!, workspaces: single) }
+                for e in entries { try e.attend(qp.baseAddress!, op.baseAddress!, single) }
                 for _ in 0 ..< repetitions {
                     for e in entries {
-                        e.times.append(try Self.seconds {
-                            try e.reader.attendLayer(0, queries: qp.baseAddress!, output: op.baseAddress!, workspaces: single)
-                        } / Double(g.kvHeadCount))
-                        if threads > 1 {
-                            e.threadedTimes.append(try Self.seconds {
-                                try e.reader.attendLayer(0, queries: qp.baseAddress!, output: op.baseAddress!, workspaces: pool)
-                            } / Double(g.kvHeadCount))
+                        e.times.append(try Self.seconds { try e.attend(qp.baseAddress!, op.baseAddress!, single) } / Double(g.kvHeadCount))
+                        if threads > 1, e.threadable {
+                            e.threadedTimes.append(try Self.seconds { try e.attend(qp.baseAddress!, op.baseAddress!, pool) } / Double(g.kvHeadCount))
                         }
                     }
                 }
             }
         }
         let flops = Double(4 * g.groupSize * g.headDim * n)
-        let dense = baselines.isEmpty ? Double.nan : entries[0].times.min()!
+        // The yardstick: the faster of the two dense f16 kernels (Swift, C).
+        let dense = baselines.isEmpty ? Double.nan : entries.filter { $0.label.hasPrefix("dense f16") }.map { $0.times.min()! }.min()!
         var header = ["scheme", "tokens", "B/token/head", "attention (median)", "GB/s", "floor", "x floor", "vs f16"]
         if threads > 1 { header.append("\(threads) threads") }
         header.append("writer MB/s")
@@ -157,7 +209,7 @@ struct BenchCommand: ParsableCommand {
             var row = [e.label, "\(n)", "\(e.bytesPerToken)", "\(Self.time(best)) (\(Self.time(median)))",
                        String(format: "%.2f", perHeadBytes / best / 1e9), Self.time(floor),
                        String(format: "%.2f", best / floor), String(format: "%.2f", dense / best)]
-            if threads > 1 { row.append(String(format: "%.2fx", best / e.threadedTimes.min()!)) }
+            if threads > 1 { row.append(e.threadedTimes.isEmpty ? "-" : String(format: "%.2fx", best / e.threadedTimes.min()!)) }
             row.append(e.writerMBps.map { String(format: "%.0f", $0) } ?? "-")
             rows.append(row)
         }
@@ -336,9 +388,11 @@ struct BenchCommand: ParsableCommand {
 
     // MARK: Machine
 
-    /// Streaming read of a 256 MiB buffer (best of 5) and a multiply-add loop with 8 independent
-    /// 8-wide accumulators (best of 5), on one core.
-    static func measureMachine() -> (bandwidth: Double, flops: Double) {
+    /// Streaming read of a 256 MiB buffer (best of 5) by a Swift loop and by the C probe
+    /// (`kvk_stream_read`: eight 32-byte loads per iteration; the bandwidth is the faster of the
+    /// two, so no floor is too high because a probe was slow), and a multiply-add loop with 8
+    /// independent 8-wide accumulators (best of 5), on one core.
+    static func measureMachine() -> (bandwidth: Double, flops: Double, probes: String) {
         let count = 64 << 20
         let buffer = UnsafeMutablePointer<Float>.allocate(capacity: count)
         defer { buffer.deallocate() }
@@ -360,7 +414,17 @@ struct BenchCommand: ParsableCommand {
             sink += (a0 + a1 + a2 + a3).sum()
             best = min(best, Double(DispatchTime.now().uptimeNanoseconds - t0) * 1e-9)
         }
-        let bandwidth = Double(count * 4) / best
+        let swiftBandwidth = Double(count * 4) / best
+        var bestC = Double.infinity
+        for _ in 0 ..< 5 {
+            let t0 = DispatchTime.now().uptimeNanoseconds
+            sink += kvk_stream_read(buffer, count * 4)
+            bestC = min(bestC, Double(DispatchTime.now().uptimeNanoseconds - t0) * 1e-9)
+        }
+        let cBandwidth = Double(count * 4) / bestC
+        let bandwidth = max(swiftBandwidth, cBandwidth)
+        let probes = String(format: "C probe %.2f GB/s with %@, Swift probe %.2f GB/s", cBandwidth / 1e9, String(cString: kvk_isa_name()),
+                            swiftBandwidth / 1e9)
         var bestFlops = Double.infinity
         let iterations = 20_000_000
         for _ in 0 ..< 5 {
@@ -380,7 +444,7 @@ struct BenchCommand: ParsableCommand {
         }
         if sink == .infinity { print("") }   // keeps the loops from being optimized away
         // Each iteration: 8 independent fused multiply-adds of 8 lanes (2 flops each).
-        return (bandwidth, Double(iterations * 8 * 8 * 2) / bestFlops)
+        return (bandwidth, Double(iterations * 8 * 8 * 2) / bestFlops, probes)
     }
 
     static func cpuName() -> String {

@@ -123,7 +123,7 @@ struct ConcurrencyTests {
         #expect(try reader.decode(layer: 1, kvHead: 1, kind: .value) == data.stream(layer: 1, head: 1, kind: .value, tokens: 0 ..< 40))
         try resumed.close()
         // The copy pread makes of the mapped bytes: what is left, then nothing past the end.
-        let size = Int(try FileManager.default.attributesOfItem(atPath: crashed)[.size] as! NSNumber)
+        let size = (try FileManager.default.attributesOfItem(atPath: crashed)[.size] as! NSNumber).intValue
         var buffer = [UInt8](repeating: 0xEE, count: 256)
         let n = buffer.withUnsafeMutableBytes { mapped.copyBytes(at: size - 100, into: $0) }
         #expect(n == 100 && buffer[0 ..< 100] == fileBytes(crashed)[(size - 100)...])

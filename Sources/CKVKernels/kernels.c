@@ -1,0 +1,243 @@
+// See include/CKVKernels.h. The AVX2 functions carry their own target attribute, so the target
+// compiles with the package's default flags (no unsafeFlags) and the binary runs anywhere: the
+// dispatcher picks a variant once, when the library loads.
+#include "CKVKernels.h"
+
+#include <math.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define KVK_X86 1
+#endif
+
+enum { KVK_PORTABLE = 0, KVK_AVX2 = 1 };
+static int kvk_isa = KVK_PORTABLE;
+
+#if KVK_X86
+__attribute__((constructor)) static void kvk_detect(void) {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) kvk_isa = KVK_AVX2;
+}
+#endif
+
+const char *kvk_isa_name(void) { return kvk_isa == KVK_AVX2 ? "avx2+fma+f16c" : "portable"; }
+
+// MARK: Streaming read
+
+static float stream_read_portable(const void *p, size_t bytes) {
+    const uint64_t *w = (const uint64_t *)p;
+    uint64_t a = 0, b = 0, c = 0, d = 0;
+    for (size_t i = 0; i + 4 <= bytes / 8; i += 4) {
+        a ^= w[i];
+        b ^= w[i + 1];
+        c ^= w[i + 2];
+        d ^= w[i + 3];
+    }
+    uint64_t x = a ^ b ^ c ^ d;
+    x ^= x >> 32;
+    x ^= x >> 16;
+    return (float)(x & 0xFFFF);
+}
+
+#if KVK_X86
+__attribute__((target("avx2"))) static float stream_read_avx2(const void *p, size_t bytes) {
+    const __m256i *v = (const __m256i *)p;
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    size_t n = bytes / 256;
+    for (size_t i = 0; i < n; i++, v += 8) {
+        a0 = _mm256_xor_si256(a0, _mm256_loadu_si256(v));
+        a1 = _mm256_xor_si256(a1, _mm256_loadu_si256(v + 1));
+        a2 = _mm256_xor_si256(a2, _mm256_loadu_si256(v + 2));
+        a3 = _mm256_xor_si256(a3, _mm256_loadu_si256(v + 3));
+        a4 = _mm256_xor_si256(a4, _mm256_loadu_si256(v + 4));
+        a5 = _mm256_xor_si256(a5, _mm256_loadu_si256(v + 5));
+        a6 = _mm256_xor_si256(a6, _mm256_loadu_si256(v + 6));
+        a7 = _mm256_xor_si256(a7, _mm256_loadu_si256(v + 7));
+    }
+    __m256i x = _mm256_xor_si256(_mm256_xor_si256(_mm256_xor_si256(a0, a1), _mm256_xor_si256(a2, a3)),
+                                 _mm256_xor_si256(_mm256_xor_si256(a4, a5), _mm256_xor_si256(a6, a7)));
+    // Fold every lane into 16 bits: a flipped bit anywhere flips one bit of the result.
+    __m128i y = _mm_xor_si128(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
+    y = _mm_xor_si128(y, _mm_srli_si128(y, 8));
+    y = _mm_xor_si128(y, _mm_srli_si128(y, 4));
+    uint32_t w = (uint32_t)_mm_cvtsi128_si32(y);
+    return (float)((w ^ (w >> 16)) & 0xFFFF);
+}
+#endif
+
+float kvk_stream_read(const void *p, size_t bytes) {
+#if KVK_X86
+    if (kvk_isa == KVK_AVX2) return stream_read_avx2(p, bytes);
+#endif
+    return stream_read_portable(p, bytes);
+}
+
+float kvk_stream_read_portable(const void *p, size_t bytes) { return stream_read_portable(p, bytes); }
+
+// MARK: Dense f16 attention
+
+enum { BLOCK = 32, MAX_DIM = 256, MAX_GROUP = 8 };
+
+static float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF, bits;
+    if (exponent == 0) {
+        if (mantissa == 0) {
+            bits = sign;
+        } else {  // subnormal: normalise
+            int e = -1;
+            do { e++; mantissa <<= 1; } while ((mantissa & 0x400) == 0);
+            bits = sign | (uint32_t)(127 - 15 - e) << 23 | (mantissa & 0x3FF) << 13;
+        }
+    } else if (exponent == 31) {
+        bits = sign | 0x7F800000 | mantissa << 13;
+    } else {
+        bits = sign | (exponent + 112) << 23 | mantissa << 13;
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static void dense_f16_portable(const float *q, int group, int dim, const uint16_t *keys, const uint16_t *values, size_t tokens,
+                               float scale, float *out) {
+    for (int g = 0; g < group; g++) {
+        float m = -INFINITY, l = 0, acc[MAX_DIM] = {0};
+        for (size_t t = 0; t < tokens; t++) {
+            float s = 0;
+            for (int i = 0; i < dim; i++) s += q[g * dim + i] * half_to_float(keys[t * dim + i]);
+            s *= scale;
+            float mNew = s > m ? s : m, correction = expf(m - mNew), p = expf(s - mNew);
+            l = l * correction + p;
+            for (int i = 0; i < dim; i++) acc[i] = acc[i] * correction + p * half_to_float(values[t * dim + i]);
+            m = mNew;
+        }
+        for (int i = 0; i < dim; i++) out[g * dim + i] = acc[i] / l;
+    }
+}
+
+#if KVK_X86
+// e^x for 8 lanes: x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial (relative
+// error below 2e-7), 2^n through the exponent bits. Inputs below -87 give about 1e-38.
+__attribute__((target("avx2,fma"))) static inline __m256 exp8(__m256 x) {
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0f)), _mm256_set1_ps(-87.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 720);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// Four query heads (q0..q3, padded with zero rows when the group is smaller) over every token.
+// Scores of a block are kept as [token][4]; the running maximum, sum and output per head.
+__attribute__((target("avx2,fma,f16c"))) static void dense_f16_four(const float *q, int dim, const uint16_t *keys,
+                                                                     const uint16_t *values, size_t tokens, float scale,
+                                                                     float *acc, float *sums) {
+    __attribute__((aligned(32))) float scores[BLOCK * 4];
+    __attribute__((aligned(32))) float maxima[8] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
+    __m128 l = _mm_setzero_ps();
+    const float *q0 = q, *q1 = q + dim, *q2 = q + 2 * dim, *q3 = q + 3 * dim;
+    const __m128 vscale = _mm_set1_ps(scale);
+    for (size_t base = 0; base < tokens; base += BLOCK) {
+        size_t b = tokens - base < BLOCK ? tokens - base : BLOCK;
+        // Scores: each key row is loaded once for the four heads.
+        __m128 blockMax = _mm_set1_ps(-INFINITY);
+        for (size_t t = 0; t < b; t++) {
+            const uint16_t *k = keys + (base + t) * (size_t)dim;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int j = 0; j < dim; j += 8) {
+                __m256 kc = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + j)));
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + j), kc, a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q1 + j), kc, a1);
+                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q2 + j), kc, a2);
+                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q3 + j), kc, a3);
+            }
+            __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+            __m128 s = _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)), vscale);
+            _mm_store_ps(scores + 4 * t, s);
+            blockMax = _mm_max_ps(blockMax, s);
+        }
+        for (size_t t = b; t < BLOCK && (t & 1); t++) _mm_store_ps(scores + 4 * t, _mm_set1_ps(-INFINITY));
+        // New maxima, the factor that rescales what was accumulated, then the block's weights.
+        __m128 mOld = _mm_load_ps(maxima), mNew = _mm_max_ps(mOld, blockMax);
+        _mm_store_ps(maxima, mNew);
+        __m256 mNew8 = _mm256_set_m128(mNew, mNew);
+        __m128 correction = _mm256_castps256_ps128(exp8(_mm256_castps128_ps256(_mm_sub_ps(mOld, mNew))));
+        __m256 total = _mm256_setzero_ps();
+        for (size_t t = 0; t < b; t += 2) {
+            __m256 p = exp8(_mm256_sub_ps(_mm256_load_ps(scores + 4 * t), mNew8));
+            if (t + 1 == b) p = _mm256_blend_ps(p, _mm256_setzero_ps(), 0xF0);
+            _mm256_store_ps(scores + 4 * t, p);
+            total = _mm256_add_ps(total, p);
+        }
+        l = _mm_add_ps(_mm_mul_ps(l, correction), _mm_add_ps(_mm256_castps256_ps128(total), _mm256_extractf128_ps(total, 1)));
+        // Values: each 8-wide slice of the outputs is rescaled once, then gets the block's rows.
+        __attribute__((aligned(16))) float c[4];
+        _mm_store_ps(c, correction);
+        for (int j = 0; j < dim; j += 8) {
+            __m256 o0 = _mm256_mul_ps(_mm256_loadu_ps(acc + j), _mm256_set1_ps(c[0]));
+            __m256 o1 = _mm256_mul_ps(_mm256_loadu_ps(acc + MAX_DIM + j), _mm256_set1_ps(c[1]));
+            __m256 o2 = _mm256_mul_ps(_mm256_loadu_ps(acc + 2 * MAX_DIM + j), _mm256_set1_ps(c[2]));
+            __m256 o3 = _mm256_mul_ps(_mm256_loadu_ps(acc + 3 * MAX_DIM + j), _mm256_set1_ps(c[3]));
+            const uint16_t *v = values + base * (size_t)dim + j;
+            for (size_t t = 0; t < b; t++, v += dim) {
+                __m256 vc = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)v));
+                o0 = _mm256_fmadd_ps(_mm256_broadcast_ss(scores + 4 * t), vc, o0);
+                o1 = _mm256_fmadd_ps(_mm256_broadcast_ss(scores + 4 * t + 1), vc, o1);
+                o2 = _mm256_fmadd_ps(_mm256_broadcast_ss(scores + 4 * t + 2), vc, o2);
+                o3 = _mm256_fmadd_ps(_mm256_broadcast_ss(scores + 4 * t + 3), vc, o3);
+            }
+            _mm256_storeu_ps(acc + j, o0);
+            _mm256_storeu_ps(acc + MAX_DIM + j, o1);
+            _mm256_storeu_ps(acc + 2 * MAX_DIM + j, o2);
+            _mm256_storeu_ps(acc + 3 * MAX_DIM + j, o3);
+        }
+    }
+    _mm_storeu_ps(sums, l);
+}
+#endif
+
+int kvk_dense_f16_attention(const float *queries, int group, int dim, const uint16_t *keys, const uint16_t *values,
+                            size_t tokens, float scale, float *output) {
+    if (group < 1 || group > MAX_GROUP || dim < 8 || dim > MAX_DIM || dim % 8 != 0) return -1;
+    if (tokens == 0) {
+        memset(output, 0, sizeof(float) * (size_t)(group * dim));
+        return 0;
+    }
+#if KVK_X86
+    if (kvk_isa == KVK_AVX2) {
+        for (int g0 = 0; g0 < group; g0 += 4) {
+            // Four heads at a time; missing ones are zero queries whose results are dropped.
+            __attribute__((aligned(32))) float q[4 * MAX_DIM] = {0}, acc[4 * MAX_DIM] = {0}, sums[4];
+            int heads = group - g0 < 4 ? group - g0 : 4;
+            memcpy(q, queries + g0 * dim, sizeof(float) * (size_t)(heads * dim));
+            if (heads < 4) memset(q + heads * dim, 0, sizeof(float) * (size_t)((4 - heads) * dim));
+            // q rows are dim apart inside dense_f16_four; acc rows MAX_DIM apart.
+            dense_f16_four(q, dim, keys, values, tokens, scale, acc, sums);
+            for (int g = 0; g < heads; g++)
+                for (int i = 0; i < dim; i++) output[(g0 + g) * dim + i] = acc[g * MAX_DIM + i] / sums[g];
+        }
+        return 0;
+    }
+#endif
+    dense_f16_portable(queries, group, dim, keys, values, tokens, scale, output);
+    return 0;
+}
+
+int kvk_dense_f16_attention_portable(const float *queries, int group, int dim, const uint16_t *keys, const uint16_t *values,
+                                     size_t tokens, float scale, float *output) {
+    if (group < 1 || group > MAX_GROUP || dim < 8 || dim > MAX_DIM || dim % 8 != 0) return -1;
+    if (tokens == 0) {
+        memset(output, 0, sizeof(float) * (size_t)(group * dim));
+        return 0;
+    }
+    dense_f16_portable(queries, group, dim, keys, values, tokens, scale, output);
+    return 0;
+}
