@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """make fuzz-all: runs every fuzz target in turn for --seconds each, merges what each found into
-its minimised corpus under Fuzz/corpus/<target>, and adds a row per target to FUZZING.md (date,
-command, seconds, executions, executions per second, coverage, corpus, crashes).
+its minimised corpus under Fuzz/corpus/<target> (committed: its smallest inputs, up to 512 KiB;
+the whole merged corpus stays in fuzz-out/<target>-corpus), and adds a row per target to
+FUZZING.md (date, command, seconds, executions, executions per second, coverage, corpus,
+crashes).
 
 A target that crashes stops early (libFuzzer stops at the first crash); its input is kept as
 fuzz-out/<target>-crash-*, the row says so, the other targets still run, and the exit status is 1.
@@ -102,9 +104,24 @@ def fuzz(name, seconds, log):
     else:
         shutil.rmtree(merged, ignore_errors=True)
         print(f"fuzz-all: {name}: merge failed (status {m.returncode}); {kept} unchanged", file=sys.stderr)
+    trim(kept, CORPUS_BUDGET)
     units, size = corpus_size(kept)
     return dict(name=name, command=" ".join(args[:2]), seconds=elapsed, execs=execs, rate=rate, edges=edges, features=features,
                 units=units, bytes=size, crashes=crashes)
+
+
+# The committed corpus of a target: at most this many bytes, the smallest inputs first (the whole
+# merged corpus stays in fuzz-out/<target>-corpus, which libFuzzer keeps adding to).
+CORPUS_BUDGET = 512 * 1024
+
+
+def trim(directory, budget):
+    files = sorted((os.path.getsize(os.path.join(directory, f)), f) for f in os.listdir(directory))
+    total = 0
+    for size, name in files:
+        total += size
+        if total > budget:
+            os.remove(os.path.join(directory, name))
 
 
 def add_rows(rows, seconds):
@@ -128,7 +145,15 @@ def main():
     ap.add_argument("--seconds", type=int, default=60, help="seconds per target (default 60)")
     ap.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated, of {', '.join(TARGETS)}")
     ap.add_argument("--no-table", action="store_true", help="do not add rows to FUZZING.md")
+    ap.add_argument("--trim-only", action="store_true", help=f"only trim every Fuzz/corpus/<target> to {CORPUS_BUDGET // 1024} KiB")
     a = ap.parse_args()
+    if a.trim_only:
+        for name in TARGETS:
+            directory = os.path.join(ROOT, "Fuzz", "corpus", name)
+            if os.path.isdir(directory):
+                trim(directory, CORPUS_BUDGET)
+                print(f"fuzz-all: Fuzz/corpus/{name}: {corpus_size(directory)[0]} units, {corpus_size(directory)[1] // 1024} KiB")
+        return 0
     names = [t for t in a.targets.split(",") if t]
     unknown = [t for t in names if t not in TARGETS]
     if unknown:

@@ -13,11 +13,14 @@
 
 enum { KVK_PORTABLE = 0, KVK_AVX2 = 1 };
 static int kvk_isa = KVK_PORTABLE;
+/// AVX-512 with VNNI (foundation, byte/word and VNNI extensions): the 512-bit vpdpbusd.
+static int kvk_vnni512 = 0;
 
 #if KVK_X86
 __attribute__((constructor)) static void kvk_detect(void) {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) kvk_isa = KVK_AVX2;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni")) kvk_vnni512 = 1;
 }
 #endif
 
@@ -74,6 +77,71 @@ float kvk_stream_read(const void *p, size_t bytes) {
 }
 
 float kvk_stream_read_portable(const void *p, size_t bytes) { return stream_read_portable(p, bytes); }
+
+// MARK: Integer multiply-add probe
+
+const char *kvk_int8_isa_name(void) {
+    return kvk_vnni512 ? "avx512-vnni vpdpbusd" : kvk_isa == KVK_AVX2 ? "avx2 vpmaddubsw" : "portable";
+}
+
+#if KVK_X86
+__attribute__((target("avx2"))) static uint64_t int8_probe_avx2(uint64_t iterations, int32_t *sink) {
+    const __m256i a = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
+    __m256i b0 = _mm256_set1_epi8(1), b1 = _mm256_set1_epi8(-1), b2 = _mm256_set1_epi8(2), b3 = _mm256_set1_epi8(-2);
+    __m256i b4 = _mm256_set1_epi8(5), b5 = _mm256_set1_epi8(-5), b6 = _mm256_set1_epi8(7), b7 = _mm256_set1_epi8(-7);
+    __m256i c0 = _mm256_setzero_si256(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0;
+    for (uint64_t i = 0; i < iterations; i++) {
+        c0 = _mm256_add_epi32(c0, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b0), ones));
+        c1 = _mm256_add_epi32(c1, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b1), ones));
+        c2 = _mm256_add_epi32(c2, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b2), ones));
+        c3 = _mm256_add_epi32(c3, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b3), ones));
+        c4 = _mm256_add_epi32(c4, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b4), ones));
+        c5 = _mm256_add_epi32(c5, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b5), ones));
+        c6 = _mm256_add_epi32(c6, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b6), ones));
+        c7 = _mm256_add_epi32(c7, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b7), ones));
+        // Keeps the compiler from hoisting the products out of the loop.
+        __asm__ volatile("" : "+x"(b0), "+x"(b1), "+x"(b2), "+x"(b3), "+x"(b4), "+x"(b5), "+x"(b6), "+x"(b7));
+    }
+    __m256i c = _mm256_add_epi32(_mm256_add_epi32(_mm256_add_epi32(c0, c1), _mm256_add_epi32(c2, c3)),
+                                 _mm256_add_epi32(_mm256_add_epi32(c4, c5), _mm256_add_epi32(c6, c7)));
+    *sink = _mm256_extract_epi32(c, 0);
+    return iterations * 8 * 32;
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) static uint64_t int8_probe_vnni512(uint64_t iterations, int32_t *sink) {
+    const __m512i a = _mm512_set1_epi8(3);
+    __m512i b0 = _mm512_set1_epi8(1), b1 = _mm512_set1_epi8(-1), b2 = _mm512_set1_epi8(2), b3 = _mm512_set1_epi8(-2);
+    __m512i b4 = _mm512_set1_epi8(5), b5 = _mm512_set1_epi8(-5), b6 = _mm512_set1_epi8(7), b7 = _mm512_set1_epi8(-7);
+    __m512i c0 = _mm512_setzero_si512(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0;
+    for (uint64_t i = 0; i < iterations; i++) {
+        c0 = _mm512_dpbusd_epi32(c0, a, b0);
+        c1 = _mm512_dpbusd_epi32(c1, a, b1);
+        c2 = _mm512_dpbusd_epi32(c2, a, b2);
+        c3 = _mm512_dpbusd_epi32(c3, a, b3);
+        c4 = _mm512_dpbusd_epi32(c4, a, b4);
+        c5 = _mm512_dpbusd_epi32(c5, a, b5);
+        c6 = _mm512_dpbusd_epi32(c6, a, b6);
+        c7 = _mm512_dpbusd_epi32(c7, a, b7);
+    }
+    __m512i c = _mm512_add_epi32(_mm512_add_epi32(_mm512_add_epi32(c0, c1), _mm512_add_epi32(c2, c3)),
+                                 _mm512_add_epi32(_mm512_add_epi32(c4, c5), _mm512_add_epi32(c6, c7)));
+    *sink = _mm512_reduce_add_epi32(c);
+    return iterations * 8 * 64;
+}
+#endif
+
+uint64_t kvk_int8_madd_probe(uint64_t iterations, int32_t *sink) {
+#if KVK_X86
+    if (kvk_vnni512) return int8_probe_vnni512(iterations, sink);
+    if (kvk_isa == KVK_AVX2) return int8_probe_avx2(iterations, sink);
+#endif
+    int32_t c[8] = {0};
+    volatile int8_t b = -3;
+    for (uint64_t i = 0; i < iterations; i++)
+        for (int k = 0; k < 8; k++) c[k] += 3 * (int32_t)(b + k);
+    *sink = c[0] ^ c[7];
+    return iterations * 8;
+}
 
 // MARK: Dense f16 attention
 

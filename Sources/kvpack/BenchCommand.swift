@@ -444,7 +444,19 @@ struct BenchCommand: ParsableCommand {
         }
         if sink == .infinity { print("") }   // keeps the loops from being optimized away
         // Each iteration: 8 independent fused multiply-adds of 8 lanes (2 flops each).
-        return (bandwidth, Double(iterations * 8 * 8 * 2) / bestFlops, probes)
+        // Integer multiply-adds (u8 x s8 into 32-bit lanes): the compute floor of kernels that
+        // score codes with integer dot products.
+        var bestInt = 0.0
+        for _ in 0 ..< 5 {
+            var intSink: Int32 = 0
+            let t0 = DispatchTime.now().uptimeNanoseconds
+            let products = kvk_int8_madd_probe(20_000_000, &intSink)
+            let seconds = Double(DispatchTime.now().uptimeNanoseconds - t0) * 1e-9
+            bestInt = max(bestInt, Double(products) / seconds)
+            sink += Float(intSink & 1)
+        }
+        let intProbe = String(format: "; integer multiply-add %.0f G/s (u8 x s8, %@)", bestInt / 1e9, String(cString: kvk_int8_isa_name()))
+        return (bandwidth, Double(iterations * 8 * 8 * 2) / bestFlops, probes + intProbe)
     }
 
     static func cpuName() -> String {

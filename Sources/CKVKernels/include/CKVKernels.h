@@ -22,6 +22,15 @@ const char *kvk_isa_name(void);
 /// `kvpack bench`.
 float kvk_stream_read(const void *p, size_t bytes);
 
+/// The integer multiply-add probe of `kvpack bench`: `iterations` rounds of eight independent
+/// chains of unsigned-by-signed byte products summed into 32-bit lanes, with the widest
+/// instruction the CPU has: AVX-512 VNNI `vpdpbusd` on 512-bit registers (64 products per
+/// instruction), else AVX2 `vpmaddubsw` + `vpmaddwd` + `vpaddd` (32 per step), else portable C.
+/// Returns the number of byte products computed (time it to get the rate); `*sink` receives a
+/// value that depends on every chain. `kvk_int8_isa_name` says which variant ran.
+uint64_t kvk_int8_madd_probe(uint64_t iterations, int32_t *sink);
+const char *kvk_int8_isa_name(void);
+
 /// Dense attention of one KV head over f16 rows, the yardstick the schemes are compared with:
 /// `group` query vectors of `dim` floats (queries[g * dim + i]), `tokens` key and value rows of
 /// `dim` IEEE half floats each (keys[t * dim + i]), scale s:

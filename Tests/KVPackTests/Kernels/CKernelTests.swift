@@ -52,4 +52,18 @@ struct CKernelTests {
             }
         }
     }
+
+    @Test("the integer multiply-add probe counts the products of the variant it ran, whose chains sum as the arithmetic says")
+    func int8Probe() {
+        var sink: Int32 = 99
+        let products = kvk_int8_madd_probe(1000, &sink)
+        switch String(cString: kvk_int8_isa_name()) {
+        case "avx512-vnni vpdpbusd":
+            #expect(products == 1000 * 8 * 64 && sink == 0)   // chains of 3 x (1, -1, 2, -2, 5, -5, 7, -7) cancel
+        case "avx2 vpmaddubsw":
+            #expect(products == 1000 * 8 * 32 && sink == 0)
+        default:
+            #expect(products == 1000 * 8)
+        }
+    }
 }
