@@ -77,15 +77,16 @@ fuzz-all: setup pydeps
 	python3 scripts/fuzz-all.py --seconds $(FUZZ_SECONDS) $(if $(FUZZ_TARGETS),--targets $(FUZZ_TARGETS))
 
 FUZZ_RUN = -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -print_final_stats=1
+# A fuzz target: the library sources (and what the target needs above them) with one entry point,
+# compiled as one module with libFuzzer and AddressSanitizer (SwiftPM renames main in executables).
+FUZZ_SWIFTC = swiftc -sanitize=fuzzer,address -parse-as-library -O -g -target-cpu $(SWIFT_CPU) -module-name KVPack \
+	-suppress-warnings -I Sources/CZstd -I Sources/CXXHash -lzstd -lxxhash
 
 # Decode and attention over files (open, deep validate, summary, decode, attention, whole layers;
 # attention over codes against attention over decoded rows for files that validate), seeded with
 # corpus/.
 $(DECODE_FUZZ_BIN): $(LIB_SOURCES) Fuzz/Exercise.swift Fuzz/DecodeFuzzTarget.swift
-	swiftc -sanitize=fuzzer,address -parse-as-library -O -g -D KVPACK_FUZZING \
-		-target-cpu $(SWIFT_CPU) -module-name KVPack -suppress-warnings \
-		-I Sources/CZstd -I Sources/CXXHash -lzstd -lxxhash \
-		$(LIB_SOURCES) Fuzz/Exercise.swift Fuzz/DecodeFuzzTarget.swift -o $@
+	$(FUZZ_SWIFTC) -D KVPACK_FUZZING $(LIB_SOURCES) Fuzz/Exercise.swift Fuzz/DecodeFuzzTarget.swift -o $@
 
 fuzz-decode: setup $(DECODE_FUZZ_BIN)
 	@mkdir -p fuzz-out/decode-corpus Fuzz/corpus/decode
@@ -95,10 +96,7 @@ fuzz-decode: setup $(DECODE_FUZZ_BIN)
 # Generated files (structure-aware): every input is a recipe the real writer turns into a file of
 # any scheme (Fuzz/GeneratedFuzzTarget.swift), then byte edits; seeded with Fuzz/gen-seeds/.
 $(GENERATED_FUZZ_BIN): $(LIB_SOURCES) $(LAB_SOURCES) Fuzz/Exercise.swift Fuzz/GeneratedFuzzTarget.swift
-	swiftc -sanitize=fuzzer,address -parse-as-library -O -g -D KVPACK_FUZZING \
-		-target-cpu $(SWIFT_CPU) -module-name KVPack -suppress-warnings \
-		-I Sources/CZstd -I Sources/CXXHash -lzstd -lxxhash \
-		$(LIB_SOURCES) $(LAB_SOURCES) Fuzz/Exercise.swift Fuzz/GeneratedFuzzTarget.swift -o $@
+	$(FUZZ_SWIFTC) -D KVPACK_FUZZING $(LIB_SOURCES) $(LAB_SOURCES) Fuzz/Exercise.swift Fuzz/GeneratedFuzzTarget.swift -o $@
 
 fuzz-generated: setup $(GENERATED_FUZZ_BIN)
 	@mkdir -p fuzz-out/generated-corpus Fuzz/corpus/generated
@@ -109,10 +107,7 @@ fuzz-generated: setup $(GENERATED_FUZZ_BIN)
 # tail, tokens, token selection, notes; no decode): thousands of inputs a second, seeded with
 # corpus/; new inputs go to fuzz-out/parser-corpus.
 $(PARSER_FUZZ_BIN): $(LIB_SOURCES) Fuzz/ParserFuzzTarget.swift
-	swiftc -sanitize=fuzzer,address -parse-as-library -O -g -D KVPACK_FUZZING \
-		-target-cpu $(SWIFT_CPU) -module-name KVPack -suppress-warnings \
-		-I Sources/CZstd -I Sources/CXXHash -lzstd -lxxhash \
-		$(LIB_SOURCES) Fuzz/ParserFuzzTarget.swift -o $@
+	$(FUZZ_SWIFTC) -D KVPACK_FUZZING $(LIB_SOURCES) Fuzz/ParserFuzzTarget.swift -o $@
 
 fuzz-parser: setup $(PARSER_FUZZ_BIN)
 	@mkdir -p fuzz-out/parser-corpus Fuzz/corpus/parser
@@ -128,9 +123,7 @@ differential: build
 # libFuzzer + AddressSanitizer over the GGUF model reader, weights, tokenizer and one forward
 # pass, seeded with Fuzz/gguf-seeds (tiny models written by the gguf Python package).
 $(GGUF_FUZZ_BIN): $(LIB_SOURCES) $(MODEL_SOURCES) Fuzz/GGUFFuzzTarget.swift
-	swiftc -sanitize=fuzzer,address -parse-as-library -O -g -target-cpu $(SWIFT_CPU) -module-name KVPack \
-		-suppress-warnings -I Sources/CZstd -I Sources/CXXHash -lzstd -lxxhash \
-		$(LIB_SOURCES) $(MODEL_SOURCES) Fuzz/GGUFFuzzTarget.swift -o $@
+	$(FUZZ_SWIFTC) $(LIB_SOURCES) $(MODEL_SOURCES) Fuzz/GGUFFuzzTarget.swift -o $@
 
 fuzz-gguf: setup $(GGUF_FUZZ_BIN)
 	@mkdir -p fuzz-out/gguf-corpus Fuzz/corpus/gguf
@@ -141,9 +134,7 @@ fuzz-gguf: setup $(GGUF_FUZZ_BIN)
 # parsed, viewed as a KV cache, and small ones imported; seeded with Fuzz/tensors-seeds (written
 # by the safetensors and numpy packages: scripts/make-tensor-seeds.py).
 $(TENSORS_FUZZ_BIN): $(LIB_SOURCES) $(TENSORS_SOURCES) Fuzz/TensorsFuzzTarget.swift
-	swiftc -sanitize=fuzzer,address -parse-as-library -O -g -target-cpu $(SWIFT_CPU) -module-name KVPack \
-		-suppress-warnings -I Sources/CZstd -I Sources/CXXHash -lzstd -lxxhash \
-		$(LIB_SOURCES) $(TENSORS_SOURCES) Fuzz/TensorsFuzzTarget.swift -o $@
+	$(FUZZ_SWIFTC) $(LIB_SOURCES) $(TENSORS_SOURCES) Fuzz/TensorsFuzzTarget.swift -o $@
 
 fuzz-tensors: setup $(TENSORS_FUZZ_BIN)
 	@mkdir -p fuzz-out/tensors-corpus Fuzz/corpus/tensors
@@ -168,9 +159,7 @@ llama-cpp-roundtrip: build llama.cpp
 # libFuzzer + AddressSanitizer over the llama.cpp state-file importer (parse, fit to a model,
 # decode every row), seeded with corpus/llama.cpp (scripts/make-llama-cpp-corpus.py writes it).
 $(LLAMA_CPP_FUZZ_BIN): $(LIB_SOURCES) $(MODEL_SOURCES) $(INTEROP_SOURCES) Fuzz/LlamaCppFuzzTarget.swift
-	swiftc -sanitize=fuzzer,address -parse-as-library -O -g -target-cpu $(SWIFT_CPU) -module-name KVPack \
-		-suppress-warnings -I Sources/CZstd -I Sources/CXXHash -lzstd -lxxhash \
-		$(LIB_SOURCES) $(MODEL_SOURCES) $(INTEROP_SOURCES) Fuzz/LlamaCppFuzzTarget.swift -o $@
+	$(FUZZ_SWIFTC) $(LIB_SOURCES) $(MODEL_SOURCES) $(INTEROP_SOURCES) Fuzz/LlamaCppFuzzTarget.swift -o $@
 
 fuzz-llama-cpp: setup $(LLAMA_CPP_FUZZ_BIN)
 	@mkdir -p fuzz-out/llama-cpp-corpus Fuzz/corpus/llama-cpp

@@ -272,13 +272,21 @@ __attribute__((target("avx2,fma,f16c"))) static void dense_f16_four(const float 
 }
 #endif
 
-int kvk_dense_f16_attention(const float *queries, int group, int dim, const uint16_t *keys, const uint16_t *values,
-                            size_t tokens, float scale, float *output) {
+/// The sizes both variants take (-1 if not), and the empty range (0 after zeroing the output);
+/// 1 when there is work to do.
+static int dense_f16_precheck(int group, int dim, size_t tokens, float *output) {
     if (group < 1 || group > MAX_GROUP || dim < 8 || dim > MAX_DIM || dim % 8 != 0) return -1;
     if (tokens == 0) {
         memset(output, 0, sizeof(float) * (size_t)(group * dim));
         return 0;
     }
+    return 1;
+}
+
+int kvk_dense_f16_attention(const float *queries, int group, int dim, const uint16_t *keys, const uint16_t *values,
+                            size_t tokens, float scale, float *output) {
+    int check = dense_f16_precheck(group, dim, tokens, output);
+    if (check <= 0) return check;
 #if KVK_X86
     if (kvk_isa == KVK_AVX2) {
         for (int g0 = 0; g0 < group; g0 += 4) {
@@ -301,11 +309,8 @@ int kvk_dense_f16_attention(const float *queries, int group, int dim, const uint
 
 int kvk_dense_f16_attention_portable(const float *queries, int group, int dim, const uint16_t *keys, const uint16_t *values,
                                      size_t tokens, float scale, float *output) {
-    if (group < 1 || group > MAX_GROUP || dim < 8 || dim > MAX_DIM || dim % 8 != 0) return -1;
-    if (tokens == 0) {
-        memset(output, 0, sizeof(float) * (size_t)(group * dim));
-        return 0;
-    }
+    int check = dense_f16_precheck(group, dim, tokens, output);
+    if (check <= 0) return check;
     dense_f16_portable(queries, group, dim, keys, values, tokens, scale, output);
     return 0;
 }
