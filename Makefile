@@ -115,7 +115,8 @@ fuzz-parser: setup $(PARSER_FUZZ_BIN)
 		fuzz-out/parser-corpus Fuzz/corpus/parser corpus/
 
 # The Swift reader against the Spec's second reader on files the writer makes from random recipes
-# (every scheme, both format majors, notes): ids, positions, metadata and every value bit for bit.
+# (every scheme, both format majors, notes): ids, positions, metadata and every value bit for bit;
+# and attention over each file's codes against a dense softmax over its decoded rows.
 DIFF_FILES ?= 1000
 differential: build
 	python3 scripts/differential.py --kvpack $(KVPACK) --files $(DIFF_FILES)

@@ -3,8 +3,10 @@
 (geometry, scheme, segment size, commit pattern, append batches, format version, metadata notes)
 are read by the Swift reader (`kvpack export --format npy`, `kvpack info --json`) and by the
 second reader written from the Spec alone (Spec/reader/spec_reader.py); token ids, positions,
-every decoded value (bit for bit) and the file's metadata (manifest + notes) must agree. Any
-disagreement is a finding: the recipe is printed and the file kept.
+every decoded value (bit for bit) and the file's metadata (manifest + notes) must agree; and
+attention over the codes (`kvpack attend --check`: each scheme's kernels) must agree with a dense
+softmax over the decoded rows (1e-4 of the output's magnitude) for a random layer, KV head and
+token range. Any disagreement is a finding: the recipe is printed and the file kept.
 
     python3 scripts/differential.py [--files 200] [--seed 1] [--kvpack .build/release/kvpack] [--keep DIR]
 """
@@ -73,6 +75,18 @@ def check(kvpack, r, work):
                 sw = swift[head].reshape(-1) if swift.size else np.zeros(0, "<f4")
                 if py.size != sw.size or not np.array_equal(py.view("<u4"), sw.view("<u4")):
                     problems.append(f"layer {layer} head {head} {'KV'[kind]} values differ")
+    # The fast path against the exact one: attention over the codes (each scheme's kernels)
+    # against a dense softmax over the decoded rows, for one random (layer, head, range).
+    if state["tokens"] > 0:
+        pick = random.Random(r["seed"])
+        n = state["tokens"]
+        a, b = sorted((pick.randrange(n), pick.randrange(n)))
+        layer, head = pick.randrange(m["layers"]), pick.randrange(kvh)
+        att = json.loads(run(kvpack, ["attend", path, "--layer", str(layer), "--head", str(head), "--tokens", f"{a}..<{b + 1}",
+                                      "--query-seed", str(r["seed"]), "--check", "--json"]))
+        if not att["maxRelativeError"] < 1e-4:
+            problems.append(f"attention over codes differs from attention over decoded rows by {att['maxRelativeError']} "
+                            f"(layer {layer}, head {head}, tokens {a}..<{b + 1})")
     return problems
 
 

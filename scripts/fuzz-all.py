@@ -104,10 +104,11 @@ def fuzz(name, seconds, log):
     else:
         shutil.rmtree(merged, ignore_errors=True)
         print(f"fuzz-all: {name}: merge failed (status {m.returncode}); {kept} unchanged", file=sys.stderr)
-    trim(kept, CORPUS_BUDGET)
     units, size = corpus_size(kept)
+    trim(kept, CORPUS_BUDGET)
+    committed, committed_bytes = corpus_size(kept)
     return dict(name=name, command=" ".join(args[:2]), seconds=elapsed, execs=execs, rate=rate, edges=edges, features=features,
-                units=units, bytes=size, crashes=crashes)
+                units=units, bytes=size, committed=committed, committed_bytes=committed_bytes, crashes=crashes)
 
 
 # The committed corpus of a target: at most this many bytes, the smallest inputs first (the whole
@@ -135,7 +136,7 @@ def add_rows(rows, seconds):
         crash = "0" if not r["crashes"] else f"**{len(r['crashes'])}**: " + ", ".join(r["crashes"])
         lines.append(f"| {date} | {r['name']} | `make fuzz-all FUZZ_SECONDS={seconds}` | {r['seconds']:.0f} s | {r['execs']:,} | "
                      f"{r['rate']:,} | {r['edges']:,} edges, {r['features']:,} features | {r['units']:,} units, "
-                     f"{r['bytes'] / 1024:.0f} KiB | {crash} |")
+                     f"{r['bytes'] / 1024:,.0f} KiB; {r['committed']:,} committed, {r['committed_bytes'] / 1024:,.0f} KiB | {crash} |")
     text = text.replace(MARKER, MARKER + "\n" + "\n".join(lines), 1)
     open(path, "w").write(text)
 
@@ -164,7 +165,7 @@ def main():
         r = fuzz(name, a.seconds, os.path.join(ROOT, "fuzz-out", f"{name}.log"))
         rows.append(r)
         print(f"fuzz-all: {name}: {r['execs']:,} executions in {r['seconds']:.0f} s ({r['rate']:,}/s), {r['edges']:,} edges, "
-              f"corpus {r['units']:,} units ({r['bytes'] / 1024:.0f} KiB), crashes: {len(r['crashes'])}", flush=True)
+              f"corpus {r['units']:,} units ({r['bytes'] / 1024:,.0f} KiB; {r['committed']:,} committed), crashes: {len(r['crashes'])}", flush=True)
     if not a.no_table:
         add_rows(rows, a.seconds)
         print("fuzz-all: rows added to FUZZING.md")
