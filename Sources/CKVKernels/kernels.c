@@ -145,7 +145,7 @@ uint64_t kvk_int8_madd_probe(uint64_t iterations, int32_t *sink) {
 
 // MARK: Dense f16 attention
 
-enum { BLOCK = 32, MAX_DIM = 256, MAX_GROUP = 8 };
+enum { BLOCK = 32, MAX_DIM = 256, MAX_GROUP = 8, PREFETCH_BLOCKS = 2 };
 
 static float half_to_float(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF, bits;
@@ -186,9 +186,13 @@ static void dense_f16_portable(const float *q, int group, int dim, const uint16_
 
 #if KVK_X86
 // e^x for 8 lanes: x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial (relative
-// error below 2e-7), 2^n through the exponent bits. Inputs below -87 give about 1e-38.
+// error below 2e-7), 2^n through the exponent bits. Below -80 it returns 0: a softmax weight
+// under e^-80 changes no f32 sum that holds the maximum's weight 1, and a near-denormal weight
+// would make every product with it a denormal (a microcode assist each: softmaxes with a wide
+// range of scores ran 2x slower before).
 __attribute__((target("avx2,fma"))) static inline __m256 exp8(__m256 x) {
-    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0f)), _mm256_set1_ps(-87.0f));
+    const __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(-80.0f), _CMP_GE_OQ);
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0f)), _mm256_set1_ps(-80.0f));
     __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
     r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
@@ -200,7 +204,7 @@ __attribute__((target("avx2,fma"))) static inline __m256 exp8(__m256 x) {
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
     __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep);
 }
 
 // Four query heads (q0..q3, padded with zero rows when the group is smaller) over every token.
@@ -215,22 +219,46 @@ __attribute__((target("avx2,fma,f16c"))) static void dense_f16_four(const float 
     const __m128 vscale = _mm_set1_ps(scale);
     for (size_t base = 0; base < tokens; base += BLOCK) {
         size_t b = tokens - base < BLOCK ? tokens - base : BLOCK;
-        // Scores: each key row is loaded once for the four heads.
+        // Scores: two key rows at a time against the four heads (eight independent chains);
+        // each query chunk is loaded once for both rows.
         __m128 blockMax = _mm_set1_ps(-INFINITY);
-        for (size_t t = 0; t < b; t++) {
+        for (size_t t = 0; t < b; t += 2) {
             const uint16_t *k = keys + (base + t) * (size_t)dim;
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            const uint16_t *k2 = t + 1 < b ? k + dim : k;   // an odd last row is scored twice, kept once
+            // Both streams of the block after next: with keys and values read in turn a block at a
+            // time, the hardware prefetcher alone left half of the bandwidth unused.
+            if (base + PREFETCH_BLOCKS * BLOCK + t + 1 < tokens) {
+                const char *pk = (const char *)(k + PREFETCH_BLOCKS * BLOCK * (size_t)dim);
+                const char *pv = (const char *)(values + (base + PREFETCH_BLOCKS * BLOCK + t) * (size_t)dim);
+                for (int line = 0; line < 4 * dim; line += 64) {
+                    _mm_prefetch(pk + line, _MM_HINT_T0);
+                    _mm_prefetch(pv + line, _MM_HINT_T0);
+                }
+            }
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
             for (int j = 0; j < dim; j += 8) {
                 __m256 kc = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + j)));
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + j), kc, a0);
-                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q1 + j), kc, a1);
-                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q2 + j), kc, a2);
-                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q3 + j), kc, a3);
+                __m256 kd = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k2 + j)));
+                __m256 x0 = _mm256_loadu_ps(q0 + j), x1 = _mm256_loadu_ps(q1 + j), x2 = _mm256_loadu_ps(q2 + j), x3 = _mm256_loadu_ps(q3 + j);
+                a0 = _mm256_fmadd_ps(x0, kc, a0);
+                a1 = _mm256_fmadd_ps(x1, kc, a1);
+                a2 = _mm256_fmadd_ps(x2, kc, a2);
+                a3 = _mm256_fmadd_ps(x3, kc, a3);
+                b0 = _mm256_fmadd_ps(x0, kd, b0);
+                b1 = _mm256_fmadd_ps(x1, kd, b1);
+                b2 = _mm256_fmadd_ps(x2, kd, b2);
+                b3 = _mm256_fmadd_ps(x3, kd, b3);
             }
             __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
             __m128 s = _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)), vscale);
             _mm_store_ps(scores + 4 * t, s);
             blockMax = _mm_max_ps(blockMax, s);
+            if (t + 1 < b) {
+                __m256 g = _mm256_hadd_ps(_mm256_hadd_ps(b0, b1), _mm256_hadd_ps(b2, b3));
+                __m128 s2 = _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(g), _mm256_extractf128_ps(g, 1)), vscale);
+                _mm_store_ps(scores + 4 * (t + 1), s2);
+                blockMax = _mm_max_ps(blockMax, s2);
+            }
         }
         for (size_t t = b; t < BLOCK && (t & 1); t++) _mm_store_ps(scores + 4 * t, _mm_set1_ps(-INFINITY));
         // New maxima, the factor that rescales what was accumulated, then the block's weights.
@@ -249,19 +277,39 @@ __attribute__((target("avx2,fma,f16c"))) static void dense_f16_four(const float 
         // Values: each 8-wide slice of the outputs is rescaled once, then gets the block's rows.
         __attribute__((aligned(16))) float c[4];
         _mm_store_ps(c, correction);
-        for (int j = 0; j < dim; j += 8) {
+        // Two 8-channel slices per pass: eight independent accumulator chains, each weight
+        // broadcast once for both.
+        for (int j = 0; j < dim; j += 16) {
+            const int two = j + 8 < dim;
+            const int j2 = two ? j + 8 : j;
             __m256 o0 = _mm256_mul_ps(_mm256_loadu_ps(acc + j), _mm256_set1_ps(c[0]));
             __m256 o1 = _mm256_mul_ps(_mm256_loadu_ps(acc + MAX_DIM + j), _mm256_set1_ps(c[1]));
             __m256 o2 = _mm256_mul_ps(_mm256_loadu_ps(acc + 2 * MAX_DIM + j), _mm256_set1_ps(c[2]));
             __m256 o3 = _mm256_mul_ps(_mm256_loadu_ps(acc + 3 * MAX_DIM + j), _mm256_set1_ps(c[3]));
+            __m256 p0 = _mm256_mul_ps(_mm256_loadu_ps(acc + j2), _mm256_set1_ps(c[0]));
+            __m256 p1 = _mm256_mul_ps(_mm256_loadu_ps(acc + MAX_DIM + j2), _mm256_set1_ps(c[1]));
+            __m256 p2 = _mm256_mul_ps(_mm256_loadu_ps(acc + 2 * MAX_DIM + j2), _mm256_set1_ps(c[2]));
+            __m256 p3 = _mm256_mul_ps(_mm256_loadu_ps(acc + 3 * MAX_DIM + j2), _mm256_set1_ps(c[3]));
             const uint16_t *v = values + base * (size_t)dim + j;
             for (size_t t = 0; t < b; t++, v += dim) {
                 __m256 vc = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)v));
-                o0 = _mm256_fmadd_ps(_mm256_broadcast_ss(scores + 4 * t), vc, o0);
-                o1 = _mm256_fmadd_ps(_mm256_broadcast_ss(scores + 4 * t + 1), vc, o1);
-                o2 = _mm256_fmadd_ps(_mm256_broadcast_ss(scores + 4 * t + 2), vc, o2);
-                o3 = _mm256_fmadd_ps(_mm256_broadcast_ss(scores + 4 * t + 3), vc, o3);
+                __m256 vd = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + (j2 - j))));
+                __m256 w0 = _mm256_broadcast_ss(scores + 4 * t), w1 = _mm256_broadcast_ss(scores + 4 * t + 1);
+                __m256 w2 = _mm256_broadcast_ss(scores + 4 * t + 2), w3 = _mm256_broadcast_ss(scores + 4 * t + 3);
+                o0 = _mm256_fmadd_ps(w0, vc, o0);
+                o1 = _mm256_fmadd_ps(w1, vc, o1);
+                o2 = _mm256_fmadd_ps(w2, vc, o2);
+                o3 = _mm256_fmadd_ps(w3, vc, o3);
+                p0 = _mm256_fmadd_ps(w0, vd, p0);
+                p1 = _mm256_fmadd_ps(w1, vd, p1);
+                p2 = _mm256_fmadd_ps(w2, vd, p2);
+                p3 = _mm256_fmadd_ps(w3, vd, p3);
             }
+            // With one slice left (dim an odd multiple of 8), p duplicates o: store o last.
+            _mm256_storeu_ps(acc + j2, p0);
+            _mm256_storeu_ps(acc + MAX_DIM + j2, p1);
+            _mm256_storeu_ps(acc + 2 * MAX_DIM + j2, p2);
+            _mm256_storeu_ps(acc + 3 * MAX_DIM + j2, p3);
             _mm256_storeu_ps(acc + j, o0);
             _mm256_storeu_ps(acc + MAX_DIM + j, o1);
             _mm256_storeu_ps(acc + 2 * MAX_DIM + j, o2);
