@@ -107,7 +107,7 @@ def fuzz(name, seconds, log):
     units, size = corpus_size(kept)
     trim(kept, CORPUS_BUDGET)
     committed, committed_bytes = corpus_size(kept)
-    return dict(name=name, command=" ".join(args[:2]), seconds=elapsed, execs=execs, rate=rate, edges=edges, features=features,
+    return dict(name=name, seconds=elapsed, execs=execs, rate=rate, edges=edges, features=features,
                 units=units, bytes=size, committed=committed, committed_bytes=committed_bytes, crashes=crashes)
 
 

@@ -116,23 +116,27 @@ public struct NpyDirectoryCache: ExternalCache {
 
     public init(directory: String) throws {
         let meta = FileManager.default.contents(atPath: directory + "/meta.json").flatMap { try? JSONDecoder().decode(Meta.self, from: $0) }
-        var layers: [(key: NpyArray, value: NpyArray)] = []
-        while true {
-            let kp = String(format: "%@/k_layer%02d.npy", directory, layers.count), vp = String(format: "%@/v_layer%02d.npy", directory, layers.count)
-            guard FileManager.default.fileExists(atPath: kp) else { break }
-            layers.append((try NpyArray(path: kp), try NpyArray(path: vp)))
+        try self.init(directory: directory, meta: meta) { layer in
+            let kp = String(format: "%@/k_layer%02d.npy", directory, layer), vp = String(format: "%@/v_layer%02d.npy", directory, layer)
+            guard FileManager.default.fileExists(atPath: kp) else { return nil }
+            return (try NpyArray(path: kp), try NpyArray(path: vp))
         }
-        try self.init(directory: directory, layers: layers, meta: meta)
     }
 
     /// The arrays of each layer, read already (`directory` names them in errors).
     public init(directory: String, layers: [(key: NpyArray, value: NpyArray)], meta: Meta?) throws {
+        try self.init(directory: directory, meta: meta) { $0 < layers.count ? layers[$0] : nil }
+    }
+
+    /// Layers from `layer(0)`, `layer(1)`, ... until it returns nil, each converted to floats
+    /// before the next is read (a directory's raw arrays are never all held at once).
+    init(directory: String, meta: Meta?, layer next: (Int) throws -> (key: NpyArray, value: NpyArray)?) throws {
         self.directory = directory
         self.meta = meta
         var k: [[Float]] = [], v: [[Float]] = []
         var shape: [Int]?
-        for (layer, (ka, va)) in layers.enumerated() {
-            let kp = String(format: "%@/k_layer%02d.npy", directory, layer)
+        while let (ka, va) = try next(k.count) {
+            let kp = String(format: "%@/k_layer%02d.npy", directory, k.count)
             var s = ka.shape, vs = va.shape
             if s.count == 4, s[0] == 1 { s.removeFirst() }
             if vs.count == 4, vs[0] == 1 { vs.removeFirst() }

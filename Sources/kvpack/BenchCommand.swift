@@ -415,12 +415,7 @@ struct BenchCommand: ParsableCommand {
             best = min(best, Double(DispatchTime.now().uptimeNanoseconds - t0) * 1e-9)
         }
         let swiftBandwidth = Double(count * 4) / best
-        var bestC = Double.infinity
-        for _ in 0 ..< 5 {
-            let t0 = DispatchTime.now().uptimeNanoseconds
-            sink += kvk_stream_read(buffer, count * 4)
-            bestC = min(bestC, Double(DispatchTime.now().uptimeNanoseconds - t0) * 1e-9)
-        }
+        let bestC = (0 ..< 5).map { _ in Self.seconds { sink += kvk_stream_read(buffer, count * 4) } }.min()!
         let cBandwidth = Double(count * 4) / bestC
         let bandwidth = max(swiftBandwidth, cBandwidth)
         let probes = String(format: "C probe %.2f GB/s with %@, Swift probe %.2f GB/s", cBandwidth / 1e9, String(cString: kvk_isa_name()),
@@ -446,15 +441,11 @@ struct BenchCommand: ParsableCommand {
         // Each iteration: 8 independent fused multiply-adds of 8 lanes (2 flops each).
         // Integer multiply-adds (u8 x s8 into 32-bit lanes): the compute floor of kernels that
         // score codes with integer dot products.
-        var bestInt = 0.0
-        for _ in 0 ..< 5 {
-            var intSink: Int32 = 0
-            let t0 = DispatchTime.now().uptimeNanoseconds
-            let products = kvk_int8_madd_probe(20_000_000, &intSink)
-            let seconds = Double(DispatchTime.now().uptimeNanoseconds - t0) * 1e-9
-            bestInt = max(bestInt, Double(products) / seconds)
-            sink += Float(intSink & 1)
-        }
+        var products: UInt64 = 0, intSink: Int32 = 0
+        let bestInt = (0 ..< 5).map { _ -> Double in
+            let seconds = Self.seconds { products = kvk_int8_madd_probe(20_000_000, &intSink) }
+            return Double(products) / seconds
+        }.max()!
         let intProbe = String(format: "; integer multiply-add %.0f G/s (u8 x s8, %@)", bestInt / 1e9, String(cString: kvk_int8_isa_name()))
         return (bandwidth, Double(iterations * 8 * 8 * 2) / bestFlops, probes + intProbe)
     }

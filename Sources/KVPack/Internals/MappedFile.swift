@@ -19,29 +19,26 @@ public final class MappedFile: @unchecked Sendable {
     public init(path: String) throws {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { throw KVPackError.ioError("open", path: path) }
+        // Kept open only with a mapping (for `copyBytes`); closed on every other way out.
+        var keepOpen = false
+        defer { if !keepOpen { close(fd) } }
         var st = stat()
-        guard fstat(fd, &st) == 0 else {
-            let e = KVPackError.ioError("fstat", path: path)
-            close(fd)
-            throw e
-        }
+        guard fstat(fd, &st) == 0 else { throw KVPackError.ioError("fstat", path: path) }
         let size = Int(st.st_size)
         identity = FileIdentity(st)
         if size == 0 {
-            close(fd)
             bytes = Self.alignedCopy(UnsafeRawBufferPointer(start: nil, count: 0))
             mapped = false
             descriptor = -1
             return
         }
         guard let p = mmap(nil, size, PROT_READ, MAP_SHARED, fd, 0), p != MAP_FAILED else {
-            let e = KVPackError.ioError("mmap", path: path)
-            close(fd)
-            throw e
+            throw KVPackError.ioError("mmap", path: path)
         }
         bytes = UnsafeRawBufferPointer(start: p, count: size)
         mapped = true
         descriptor = fd
+        keepOpen = true
     }
 
     public init(copying source: UnsafeRawBufferPointer) {
