@@ -80,12 +80,19 @@ FUZZ_RUN = -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -print_final_stats
 # A fuzz target: the library sources (and what the target needs above them) with one entry point,
 # compiled as one module with libFuzzer and AddressSanitizer (SwiftPM renames main in executables).
 FUZZ_SWIFTC = swiftc -sanitize=fuzzer,address -parse-as-library -O -g -target-cpu $(SWIFT_CPU) -module-name KVPack \
-	-suppress-warnings -I Sources/CZstd -I Sources/CXXHash -lzstd -lxxhash
+	-suppress-warnings -I Sources/CZstd -I Sources/CXXHash -I Sources/CKVKernels/include -lzstd -lxxhash $(FUZZ_KERNEL_OBJECTS)
+# The C kernels (Sources/CKVKernels), instrumented like the Swift code: ASan and libFuzzer's
+# coverage, so a bad read in C is a finding and new paths through it count.
+KERNEL_SOURCES := $(wildcard Sources/CKVKernels/*.c)
+FUZZ_KERNEL_OBJECTS := $(patsubst Sources/CKVKernels/%.c,fuzz-out/ckvkernels/%.o,$(KERNEL_SOURCES))
+fuzz-out/ckvkernels/%.o: Sources/CKVKernels/%.c $(wildcard Sources/CKVKernels/*.h Sources/CKVKernels/include/*.h)
+	@mkdir -p fuzz-out/ckvkernels
+	clang -O1 -g -fsanitize=fuzzer-no-link,address -I Sources/CKVKernels/include -c $< -o $@
 
 # Decode and attention over files (open, deep validate, summary, decode, attention, whole layers;
 # attention over codes against attention over decoded rows for files that validate), seeded with
 # corpus/.
-$(DECODE_FUZZ_BIN): $(LIB_SOURCES) Fuzz/Exercise.swift Fuzz/DecodeFuzzTarget.swift
+$(DECODE_FUZZ_BIN): $(LIB_SOURCES) $(FUZZ_KERNEL_OBJECTS) Fuzz/Exercise.swift Fuzz/DecodeFuzzTarget.swift
 	$(FUZZ_SWIFTC) -D KVPACK_FUZZING $(LIB_SOURCES) Fuzz/Exercise.swift Fuzz/DecodeFuzzTarget.swift -o $@
 
 fuzz-decode: setup $(DECODE_FUZZ_BIN)
@@ -95,7 +102,7 @@ fuzz-decode: setup $(DECODE_FUZZ_BIN)
 
 # Generated files (structure-aware): every input is a recipe the real writer turns into a file of
 # any scheme (Fuzz/GeneratedFuzzTarget.swift), then byte edits; seeded with Fuzz/gen-seeds/.
-$(GENERATED_FUZZ_BIN): $(LIB_SOURCES) $(LAB_SOURCES) Fuzz/Exercise.swift Fuzz/GeneratedFuzzTarget.swift
+$(GENERATED_FUZZ_BIN): $(LIB_SOURCES) $(FUZZ_KERNEL_OBJECTS) $(LAB_SOURCES) Fuzz/Exercise.swift Fuzz/GeneratedFuzzTarget.swift
 	$(FUZZ_SWIFTC) -D KVPACK_FUZZING $(LIB_SOURCES) $(LAB_SOURCES) Fuzz/Exercise.swift Fuzz/GeneratedFuzzTarget.swift -o $@
 
 fuzz-generated: setup $(GENERATED_FUZZ_BIN)
@@ -106,7 +113,7 @@ fuzz-generated: setup $(GENERATED_FUZZ_BIN)
 # libFuzzer + AddressSanitizer over the reader's parsers alone (open, index chain, segment tables,
 # tail, tokens, token selection, notes; no decode): thousands of inputs a second, seeded with
 # corpus/; new inputs go to fuzz-out/parser-corpus.
-$(PARSER_FUZZ_BIN): $(LIB_SOURCES) Fuzz/ParserFuzzTarget.swift
+$(PARSER_FUZZ_BIN): $(LIB_SOURCES) $(FUZZ_KERNEL_OBJECTS) Fuzz/ParserFuzzTarget.swift
 	$(FUZZ_SWIFTC) -D KVPACK_FUZZING $(LIB_SOURCES) Fuzz/ParserFuzzTarget.swift -o $@
 
 fuzz-parser: setup $(PARSER_FUZZ_BIN)
@@ -123,7 +130,7 @@ differential: build
 
 # libFuzzer + AddressSanitizer over the GGUF model reader, weights, tokenizer and one forward
 # pass, seeded with Fuzz/gguf-seeds (tiny models written by the gguf Python package).
-$(GGUF_FUZZ_BIN): $(LIB_SOURCES) $(MODEL_SOURCES) Fuzz/GGUFFuzzTarget.swift
+$(GGUF_FUZZ_BIN): $(LIB_SOURCES) $(FUZZ_KERNEL_OBJECTS) $(MODEL_SOURCES) Fuzz/GGUFFuzzTarget.swift
 	$(FUZZ_SWIFTC) $(LIB_SOURCES) $(MODEL_SOURCES) Fuzz/GGUFFuzzTarget.swift -o $@
 
 fuzz-gguf: setup $(GGUF_FUZZ_BIN)
@@ -134,7 +141,7 @@ fuzz-gguf: setup $(GGUF_FUZZ_BIN)
 # libFuzzer + AddressSanitizer over the tensor files kvpack import reads: safetensors and .npy
 # parsed, viewed as a KV cache, and small ones imported; seeded with Fuzz/tensors-seeds (written
 # by the safetensors and numpy packages: scripts/make-tensor-seeds.py).
-$(TENSORS_FUZZ_BIN): $(LIB_SOURCES) $(TENSORS_SOURCES) Fuzz/TensorsFuzzTarget.swift
+$(TENSORS_FUZZ_BIN): $(LIB_SOURCES) $(FUZZ_KERNEL_OBJECTS) $(TENSORS_SOURCES) Fuzz/TensorsFuzzTarget.swift
 	$(FUZZ_SWIFTC) $(LIB_SOURCES) $(TENSORS_SOURCES) Fuzz/TensorsFuzzTarget.swift -o $@
 
 fuzz-tensors: setup $(TENSORS_FUZZ_BIN)
@@ -159,7 +166,7 @@ llama-cpp-roundtrip: build llama.cpp
 
 # libFuzzer + AddressSanitizer over the llama.cpp state-file importer (parse, fit to a model,
 # decode every row), seeded with corpus/llama.cpp (scripts/make-llama-cpp-corpus.py writes it).
-$(LLAMA_CPP_FUZZ_BIN): $(LIB_SOURCES) $(MODEL_SOURCES) $(INTEROP_SOURCES) Fuzz/LlamaCppFuzzTarget.swift
+$(LLAMA_CPP_FUZZ_BIN): $(LIB_SOURCES) $(FUZZ_KERNEL_OBJECTS) $(MODEL_SOURCES) $(INTEROP_SOURCES) Fuzz/LlamaCppFuzzTarget.swift
 	$(FUZZ_SWIFTC) $(LIB_SOURCES) $(MODEL_SOURCES) $(INTEROP_SOURCES) Fuzz/LlamaCppFuzzTarget.swift -o $@
 
 fuzz-llama-cpp: setup $(LLAMA_CPP_FUZZ_BIN)

@@ -20,7 +20,7 @@ let package = Package(
         .target(name: "CKVKernels", path: "Sources/CKVKernels"),
         .target(
             name: "KVPack",
-            dependencies: ["CZstd", "CXXHash"],
+            dependencies: ["CZstd", "CXXHash", "CKVKernels"],
             path: "Sources/KVPack"
         ),
         .target(

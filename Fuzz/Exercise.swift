@@ -58,7 +58,8 @@ func exercise(_ file: MappedFile) -> Bool {
 /// differently). A disagreement beyond rounding is a finding: it aborts, and libFuzzer keeps
 /// the input.
 func checkAttentionAgainstDecode(_ file: MappedFile, seed: UInt64) {
-    guard let reader = try? KVPackReader(file: file), reader.tokenCount > 0 else { return }
+    guard let reader = try? KVPackReader(file: file, arithmetic: .exact), reader.tokenCount > 0,
+          let fast = try? KVPackReader(file: file) else { return }
     let g = reader.geometry, n = reader.tokenCount
     var rng = SplitMix64(seed: seed)
     for _ in 0 ..< 2 {
@@ -67,6 +68,7 @@ func checkAttentionAgainstDecode(_ file: MappedFile, seed: UInt64) {
         for range in [0 ..< n, min(a, b) ..< max(a, b) + 1] {
             let q = (0 ..< g.groupSize * g.headDim).map { _ in Float(rng.nextGaussian()) }
             guard let got = try? reader.attend(layer: layer, kvHead: head, queries: q, tokens: range),
+                  let quick = try? fast.attend(layer: layer, kvHead: head, queries: q, tokens: range),
                   let keys = try? reader.decode(layer: layer, kvHead: head, kind: .key, tokens: range),
                   let values = try? reader.decode(layer: layer, kvHead: head, kind: .value, tokens: range) else {
                 fatalError("differential: a file that validates failed to attend or decode layer \(layer) head \(head) \(range)")
@@ -76,6 +78,31 @@ func checkAttentionAgainstDecode(_ file: MappedFile, seed: UInt64) {
             let err = DenseAttention.maxRelativeError(got, want)
             if !(err < 1e-4) {
                 fatalError("differential: attention over codes differs from attention over decoded rows by \(err) (layer \(layer), head \(head), tokens \(range) of \(n), schemes \(reader.manifest.schemes.map(\.kind)))")
+            }
+            checkFastAttention(quick, values: values, headDim: g.headDim, groupSize: g.groupSize,
+                               context: "layer \(layer), head \(head), tokens \(range) of \(n), schemes \(reader.manifest.schemes.map(\.kind))")
+        }
+    }
+}
+
+/// Integer arithmetic (`AttentionArithmetic.fast`) has no tight bound on arbitrary data (its
+/// score errors are exponentiated), but its output is still a softmax-weighted mean of the
+/// value rows up to the weights' quantization (at most 1/510 of a 64-token block's largest
+/// weight per token, so less than 13% of the largest value magnitude in all): finite, and
+/// inside the values' range per channel widened by that much. Anything else is a finding.
+func checkFastAttention(_ out: [Float], values: [Float], headDim d: Int, groupSize: Int, context: String) {
+    let magnitude = values.reduce(Float(0)) { max($0, abs($1)) }
+    let margin = 0.13 * 2 * magnitude + 1e-6
+    for c in 0 ..< d {
+        var lo = Float.infinity, hi = -Float.infinity
+        for t in 0 ..< values.count / d {
+            lo = min(lo, values[t * d + c])
+            hi = max(hi, values[t * d + c])
+        }
+        for q in 0 ..< groupSize {
+            let x = out[q * d + c]
+            if !(x >= lo - margin && x <= hi + margin) {
+                fatalError("differential: fast attention output \(x) of channel \(c) lies outside the values' range \(lo)...\(hi) (\(context))")
             }
         }
     }

@@ -112,7 +112,8 @@ def typecheck(lib, rooms, room):
         return []
     # -wmo: one frontend job, so every error is reported (batch jobs stop at the first failing one).
     cmd = ["swiftc", "-typecheck", "-wmo", "-parse-as-library", "-module-name", "KVPack", "-suppress-warnings",
-           "-I", os.path.join(ROOT, "Sources/CZstd"), "-I", os.path.join(ROOT, "Sources/CXXHash")] + files
+           "-I", os.path.join(ROOT, "Sources/CZstd"), "-I", os.path.join(ROOT, "Sources/CXXHash"),
+           "-I", os.path.join(ROOT, "Sources/CKVKernels/include")] + files
     run = subprocess.run(cmd, capture_output=True, text=True)
     if run.returncode == 0:
         return []

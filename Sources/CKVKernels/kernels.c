@@ -78,6 +78,13 @@ float kvk_stream_read(const void *p, size_t bytes) {
 
 float kvk_stream_read_portable(const void *p, size_t bytes) { return stream_read_portable(p, bytes); }
 
+// MARK: Prefetch
+
+void kvk_prefetch(const void *p, size_t bytes) {
+    const char *c = (const char *)p;
+    for (size_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i, 0, 2);   // to L2: a whole block at once would overrun L1's miss buffers
+}
+
 // MARK: Integer multiply-add probe
 
 const char *kvk_int8_isa_name(void) {

@@ -73,6 +73,12 @@ public enum TensorEval {
         public var keyRelativeError: Double
         public var valueRelativeError: Double
         public var attentionRelativeError: Double
+        /// The same with attention computed exactly (f32 over the decoded codes): the scheme's
+        /// own error, without the fast arithmetic's.
+        public var exactAttentionRelativeError: Double
+        /// The fast attention output against the exact one over the same file: what integer
+        /// arithmetic adds (0 for schemes without a fast path, and with `--exact`).
+        public var fastVsExactRelativeError: Double
         public var plan: [String]?
     }
 
@@ -86,7 +92,7 @@ public enum TensorEval {
     /// `positionStride` > 1 measures attention at every n-th reply position only, and
     /// `layerLimit` the first layers only (quick checks; the CLI measures everything).
     public static func run(samples: SampleTensors, schemes: [String], segmentTokens: Int = 64, directory: String,
-                           positionStride: Int = 1, layerLimit: Int? = nil,
+                           positionStride: Int = 1, layerLimit: Int? = nil, arithmetic: AttentionArithmetic = .fast,
                            progress: (String) -> Void = { _ in }) throws -> Report {
         let g = samples.geometry, d = g.headDim, n = samples.meta.tokens
         let positions = Array(stride(from: samples.meta.prompt_tokens, to: n, by: max(positionStride, 1)))
@@ -126,10 +132,11 @@ public enum TensorEval {
                               layout: .layerHeadToken(g, tokens: n))
             try writer.close()
 
-            let reader = try KVPackReader(path: path)
-            var kErr = RelativeError(), vErr = RelativeError(), aErr = RelativeError()
+            let reader = try KVPackReader(path: path, arithmetic: arithmetic)
+            let exactReader = arithmetic == .exact ? reader : try KVPackReader(path: path, arithmetic: .exact)
+            var kErr = RelativeError(), vErr = RelativeError(), aErr = RelativeError(), exactErr = RelativeError(), fastErr = RelativeError()
             let workspace = AttentionWorkspace()
-            var out = [Float](repeating: 0, count: g.groupSize * d)
+            var out = [Float](repeating: 0, count: g.groupSize * d), exactOut = out
             for layer in 0 ..< measuredLayers {
                 for head in 0 ..< g.kvHeadCount {
                     kErr.add(try reader.decode(layer: layer, kvHead: head, kind: .key), samples.rows(layer: layer, kvHead: head, kind: .key))
@@ -141,9 +148,19 @@ public enum TensorEval {
                                 try reader.attend(layer: layer, kvHead: head, queries: qp.baseAddress!, tokens: 0 ..< p + 1,
                                                   output: o.baseAddress!, workspace: workspace)
                             }
+                            if exactReader !== reader {
+                                try exactOut.withUnsafeMutableBufferPointer { o in
+                                    try exactReader.attend(layer: layer, kvHead: head, queries: qp.baseAddress!, tokens: 0 ..< p + 1,
+                                                           output: o.baseAddress!, workspace: workspace)
+                                }
+                            } else {
+                                exactOut = out
+                            }
                         }
                         let at = (head * positions.count + i) * g.groupSize * d
                         aErr.add(out, reference[layer][at ..< at + g.groupSize * d])
+                        exactErr.add(exactOut, reference[layer][at ..< at + g.groupSize * d])
+                        fastErr.add(out, exactOut)
                     }
                 }
             }
@@ -154,7 +171,8 @@ public enum TensorEval {
                                   valueBitsPerElement: Double(summary.layers.reduce(0) { $0 + $1.valueBytes } * 8) / elements,
                                   totalBitsPerElement: Double(summary.fileSize * 8) / (2 * elements),
                                   keyRelativeError: kErr.relative, valueRelativeError: vErr.relative,
-                                  attentionRelativeError: aErr.relative,
+                                  attentionRelativeError: aErr.relative, exactAttentionRelativeError: exactErr.relative,
+                                  fastVsExactRelativeError: fastErr.relative,
                                   plan: spec.rationale.isEmpty ? nil : spec.rationale))
             progress("\(text) done")
         }

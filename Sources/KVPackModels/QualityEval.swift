@@ -29,6 +29,9 @@ public enum QualityEval {
         /// Testing aid: Gaussian noise, relative to each key row's RMS, added to keys before they
         /// are stored, to show the metrics respond to a damaged cache.
         public var keyNoise: Float = 0
+        /// How attention over the quantized files computes (integer dot products where a scheme
+        /// has them, or f32 over the decoded codes).
+        public var arithmetic: AttentionArithmetic = .fast
 
         public init(directory: String) { self.directory = directory }
     }
@@ -171,7 +174,7 @@ public enum QualityEval {
             var writerOptions = WriterOptions()
             writerOptions.durability = .flush
             writerOptions.overwrite = true
-            let session = try KVCacheSession.create(path: path, file: file, options: writerOptions)
+            let session = try KVCacheSession.create(path: path, file: file, options: writerOptions, arithmetic: options.arithmetic)
             let recorder = RecordingCache(inner: session, noise: noise, seed: options.seed &+ UInt64(s), sampleEvery: max(options.attentionSampleEvery, text.count / 256))
             // Batches end where segments seal, so every token attends to exactly what it would
             // token by token: earlier segments as the file encodes them, its own segment's rows

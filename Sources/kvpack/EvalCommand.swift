@@ -34,6 +34,7 @@ struct EvalCommand: ParsableCommand {
     @Option(help: "Pruning: KVCrush representatives as a share of the budget.") var representativeShare = 0.25
     @Flag(help: "Pruning: renumber the kept tokens from 0 and rotate their keys to match (the context shift `kvpack chat` does), instead of keeping their original positions.") var reposition = false
     @Option(help: "Pruning: policies to compare, comma-separated (kvcrush, importance, recent).") var policies = "kvcrush,importance,recent"
+    @Flag(help: "Attention over the quantized caches in f32 over the decoded codes, instead of integer dot products where a scheme has them (int with per-channel key or per-token value groups, on a CPU with AVX2); comparing the two runs measures what the fast path adds.") var exact = false
     @Flag(help: "Print JSON.") var json = false
 
     func run() throws {
@@ -66,6 +67,7 @@ struct EvalCommand: ParsableCommand {
             options.seed = seed
             options.temperature = temperature
             options.segmentTokens = segmentTokens
+            options.arithmetic = exact ? .exact : .fast
             return try QualityEval.run(model: llama, options: options) { if !json { printError("eval: \($0)") } }
         }
         if json { return try printJSON(report) }
@@ -75,6 +77,8 @@ struct EvalCommand: ParsableCommand {
         } else {
             print("text: \(report.stories) stories, \(report.tokens) tokens, sampled at temperature \(report.temperature), seed \(report.seed)")
         }
+        print(exact ? "attention: exact (f32 over the decoded codes)"
+                    : "attention: fast (integer dot products where a scheme has them: \(IntegerCodeKernels.isaName); --exact for f32)")
         print("")
         print(Self.table(report))
     }

@@ -13,8 +13,8 @@ struct CLIError: Error, CustomStringConvertible {
     init(_ d: String) { description = d }
 }
 
-func openReader(_ path: String) throws -> KVPackReader {
-    try KVPackReader(path: path)
+func openReader(_ path: String, arithmetic: AttentionArithmetic = .fast) throws -> KVPackReader {
+    try KVPackReader(path: path, arithmetic: arithmetic)
 }
 
 /// The flags every command that writes a .kvpack file shares (chat, generate, convert, prune,

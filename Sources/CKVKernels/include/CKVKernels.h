@@ -41,10 +41,65 @@ const char *kvk_int8_isa_name(void);
 int kvk_dense_f16_attention(const float *queries, int group, int dim, const uint16_t *keys, const uint16_t *values,
                             size_t tokens, float scale, float *output);
 
+/// Asks the core to bring `bytes` bytes at `p` into its caches (one prefetch per 64-byte line;
+/// a hint: never faults, whatever the address). Attention calls it for the blocks it will read
+/// next, which lie too far apart for the hardware prefetchers to follow.
+void kvk_prefetch(const void *p, size_t bytes);
+
 /// The portable variants, whatever the CPU (tests compare them with the dispatched ones).
 float kvk_stream_read_portable(const void *p, size_t bytes);
 int kvk_dense_f16_attention_portable(const float *queries, int group, int dim, const uint16_t *keys, const uint16_t *values,
                                      size_t tokens, float scale, float *output);
+
+// MARK: Online softmax (softmax.c)
+
+/// Whether `kvk_softmax_absorb` runs here (AVX2).
+int kvk_softmax_available(void);
+
+/// One step of the online softmax over `count` scores per query head (row g at scores +
+/// g * stride), in place: the scores become exp(s - max) with the running max of head g, the
+/// running sum grows by their sum, and both accumulators (group x dim) are rescaled when the
+/// max grows. The same arithmetic as Swift's OnlineSoftmax.absorb. Returns 0, or -1 when the
+/// CPU lacks AVX2 (the caller then runs its own).
+int kvk_softmax_absorb(float *scores, size_t stride, size_t count, int group, float *runMax, float *runSum, float *blockAcc,
+                       float *tailAcc, int dim);
+
+// MARK: Attention over int codes (int_codes.c)
+
+/// Which variant of the integer-code kernels runs here: 2 AVX-512 VL + VNNI (`vpdpbusd` on
+/// 256-bit registers), 1 AVX2 (`vpmaddubsw` + `vpmaddwd`), 0 none (the caller's own path).
+/// Both variants compute the same integers and the same float operations: bit-identical results.
+int kvk_int_codes_isa(void);
+const char *kvk_int_codes_isa_name(void);
+
+/// Whether `kvk_int_channel_scores` runs here for `bits`-bit codes of `dim` channels: bits 1,
+/// 2 or 4; a row of codes a multiple of 16 bytes, one or an even number of 16-byte chunks;
+/// dim at most 256.
+int kvk_int_channel_supported(int bits, int dim);
+/// Whether `kvk_int_token_accumulate` runs here: as above, and groups of `groupSize` channels
+/// that divide dim, are whole 16-byte chunks of codes, and number at most 8 per token.
+int kvk_int_token_supported(int bits, int dim, int groupSize);
+
+/// Scores of tokens [t0, t0 + count) of a sealed int block with per-channel groups over runs
+/// of `runTokens` tokens (Spec, scheme int, grouping 1): codes = the block's first row,
+/// scales and offsets = its f16 arrays (any alignment, index run * dim + channel). queries =
+/// `group` rows of `dim` floats, already scaled. Writes
+///     scores[g * stride + (t - t0)] ~= sum_c queries[g][c] * (scale_c * code_tc + offset_c)
+/// with q * scale quantized to int8 per query head and run. `isa` 0 picks the best variant, 1 or
+/// 2 asks for one (tests). Returns 0, or -1 if the sizes or the variant are not supported here.
+int kvk_int_channel_scores(const uint8_t *codes, const void *scales, const void *offsets, int bits, int dim, int runTokens, size_t t0,
+                           size_t count, const float *queries, int group, float *scores, size_t stride, int isa);
+
+/// Adds sum over t in [t0, t0 + count) of weights[g * stride + (t - t0)] * v_t to `acc`
+/// (`group` rows of `dim` floats) for a sealed int block with per-token groups of `groupSize`
+/// channels (scales and offsets indexed token * (dim / groupSize) + group), the weights times
+/// the scales quantized to u8 per query head, group and 64 tokens. `acc` is in slot order: slot
+/// i holds channel channelOfSlot[i] of `kvk_int_token_layout`. Returns 0 or -1 as above.
+int kvk_int_token_accumulate(const uint8_t *codes, const void *scales, const void *offsets, int bits, int dim, int groupSize, size_t t0,
+                             size_t count, const float *weights, size_t stride, int group, float *acc, int isa);
+
+/// The channel each accumulator slot of `kvk_int_token_accumulate` holds (`dim` entries).
+int kvk_int_token_layout(int bits, int dim, int32_t *channelOfSlot);
 
 #ifdef __cplusplus
 }

@@ -1,3 +1,5 @@
+import CKVKernels
+
 /// In-memory f32 rows attended after a file's tokens: `count` rows of headDim floats each,
 /// token-major. The memory must stay valid for the call.
 public struct AppendedRows {
@@ -30,6 +32,7 @@ extension AttentionWorkspace {
 /// running max and sum per query and rescales the value accumulators when the max grows, so
 /// attention over any number of blocks needs one pass and no full score row.
 struct OnlineSoftmax {
+    static let inC = kvk_softmax_available() != 0
     let groupSize: Int
     let dim: Int
     let runMax: UnsafeMutablePointer<Float>
@@ -57,6 +60,17 @@ struct OnlineSoftmax {
     /// Turns `count` scores per query (row g at scores + g*stride) into unnormalised weights
     /// exp(s - max), in place, updating the running max, sum and accumulators.
     func absorb(scores: UnsafeMutablePointer<Float>, stride: Int, count: Int) {
+        // The same arithmetic in C where the CPU has AVX2 (the vector max and exp that Swift
+        // cannot select in a baseline build).
+        if Self.inC {
+            _ = kvk_softmax_absorb(scores, stride, count, Int32(groupSize), runMax, runSum, blockAcc, tailAcc, Int32(dim))
+            return
+        }
+        absorbInSwift(scores: scores, stride: stride, count: count)
+    }
+
+    /// The portable path of `absorb` (what runs without AVX2, and what tests hold the C one to).
+    func absorbInSwift(scores: UnsafeMutablePointer<Float>, stride: Int, count: Int) {
         let vectorEnd = count & ~7
         for g in 0 ..< groupSize {
             let row = scores + g * stride

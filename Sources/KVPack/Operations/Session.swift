@@ -54,22 +54,27 @@ public final class KVCacheSession {
     }
 
     /// Starts a new file for a model and its planned schemes (see `NewFile`).
-    public static func create(path: String, file: NewFile, options: WriterOptions = WriterOptions()) throws -> KVCacheSession {
+    /// `arithmetic` is how attention over the file's sealed blocks computes (see
+    /// `AttentionArithmetic`).
+    public static func create(path: String, file: NewFile, options: WriterOptions = WriterOptions(),
+                              arithmetic: AttentionArithmetic = .fast) throws -> KVCacheSession {
         let (manifest, blobs) = try file.manifest()
-        return try create(path: path, manifest: manifest, blobs: blobs, options: options)
+        return try create(path: path, manifest: manifest, blobs: blobs, options: options, arithmetic: arithmetic)
     }
 
     /// Starts a new file from a manifest you built.
-    public static func create(path: String, manifest: Manifest, blobs: [Blob] = [], options: WriterOptions = WriterOptions()) throws -> KVCacheSession {
+    public static func create(path: String, manifest: Manifest, blobs: [Blob] = [], options: WriterOptions = WriterOptions(),
+                              arithmetic: AttentionArithmetic = .fast) throws -> KVCacheSession {
         let writer = try KVPackWriter.create(path: path, manifest: manifest, blobs: blobs, options: options)
-        return try KVCacheSession(path: path, writer: writer, reader: KVPackReader(path: path))
+        return try KVCacheSession(path: path, writer: writer, reader: KVPackReader(path: path, arithmetic: arithmetic))
     }
 
     /// Continues a file: takes the writer lock, maps the file once, and attends its committed
     /// tokens through that mapping.
-    public static func resume(path: String, options: WriterOptions = WriterOptions()) throws -> KVCacheSession {
+    public static func resume(path: String, options: WriterOptions = WriterOptions(),
+                              arithmetic: AttentionArithmetic = .fast) throws -> KVCacheSession {
         let io = try FileAppender.open(path: path, create: false)
-        let reader = try KVPackReader(path: path)
+        let reader = try KVPackReader(path: path, arithmetic: arithmetic)
         let writer = try KVPackWriter.resume(io: io, reader: reader, options: options)
         return try KVCacheSession(path: path, writer: writer, reader: reader)
     }
@@ -175,7 +180,7 @@ public final class KVCacheSession {
         guard staged == 0 else { throw KVPackError.argument("commit during a batch; end it first") }
         try writer.commit()
         if refresh {
-            reader = try KVPackReader(path: path)
+            reader = try KVPackReader(path: path, arithmetic: reader.arithmetic)
             mirrorStart = reader.tokenCount
         }
     }

@@ -75,6 +75,7 @@ extension KVPackReader {
                         kScheme.prepare(queries: queries, groupSize: g, scale: s, into: workspace.keyState.pointer)
                         preparedKey = true
                     }
+                    prefetchBlocks(segment: segment + Self.blocksAhead, streams: kStream ... vStream)
                     let payload = try blockPayload(segment: segment, stream: kStream, workspace: workspace)
                     kScheme.scores(block: payload, tokens: local, state: workspace.keyState.pointer, groupSize: g, into: scores + at, stride: c)
                 case let .tail(piece, local, at):
@@ -104,6 +105,9 @@ extension KVPackReader {
         if preparedKey { vScheme.finishAccumulation(blockAcc, groupSize: g) }
         softmax.finish(into: output)
     }
+
+    /// How many segments ahead attention asks the core for blocks.
+    static let blocksAhead = 2
 
     /// The sealed segments `tokens` touches.
     func sealedSegments(_ tokens: Range<Int>) -> Range<Int> {

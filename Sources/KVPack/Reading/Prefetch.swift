@@ -45,6 +45,17 @@ extension KVPackReader {
         }
     }
 
+    /// Asks the core for the blocks of `streams` in sealed segment `segment` (attention calls it
+    /// a couple of segments ahead): a stream's blocks lie a whole segment of other streams apart,
+    /// too far for the hardware prefetchers, so each block would otherwise start with a wait on
+    /// memory. Only blocks that lie together, as the writer puts them; a hint, never an error.
+    func prefetchBlocks(segment: Int, streams: ClosedRange<Int>) {
+        guard segment < sealedTokenCount / segmentTokens, let lo = try? blockOffset(segment: segment, stream: streams.lowerBound),
+              let hi = try? blockOffset(segment: segment, stream: streams.upperBound) else { return }
+        let end = Int(hi) + FrameHeader.size + streamSchemes[streams.upperBound].encodedBlockSize(tokens: segmentTokens)
+        guard hi >= lo, end <= file.bytes.count, end - Int(lo) <= 1 << 20, let base = file.bytes.baseAddress else { return }
+        CacheHints.prefetch(base + Int(lo), bytes: end - Int(lo))
+    }
 
     public func releasePages(segment: Int) {
         guard segment >= 0, segment < tokenCount / segmentTokens,

@@ -40,18 +40,23 @@ public final class KVPackReader: @unchecked Sendable {
     public var commitSerial: UInt64 { state.commitSerial }
     public var fileSize: Int { file.bytes.count }
 
-    public convenience init(path: String) throws {
-        try self.init(file: MappedFile(path: path), path: path)
+    /// Which arithmetic attention uses (`.fast` unless asked).
+    public let arithmetic: AttentionArithmetic
+
+    public convenience init(path: String, arithmetic: AttentionArithmetic = .fast) throws {
+        try self.init(file: MappedFile(path: path), path: path, arithmetic: arithmetic)
     }
 
     /// Opens the bytes of `file` at their newest verified commit. An error names `path` (when
-    /// given), the offset and the field that is wrong.
-    public init(file: MappedFile, path: String? = nil) throws {
+    /// given), the offset and the field that is wrong. `arithmetic` chooses how attention over
+    /// codes computes (decode is the same either way).
+    public init(file: MappedFile, path: String? = nil, arithmetic: AttentionArithmetic = .fast) throws {
         self.file = file
         self.path = path
+        self.arithmetic = arithmetic
         let opened: Opened
         do {
-            opened = try Self.open(file)
+            opened = try Self.open(file, arithmetic: arithmetic)
         } catch let e as KVPackError {
             throw e.about(path)
         }
@@ -80,7 +85,7 @@ public final class KVPackReader: @unchecked Sendable {
         var tails: [RawScheme]
     }
 
-    private static func open(_ file: MappedFile) throws -> Opened {
+    private static func open(_ file: MappedFile, arithmetic: AttentionArithmetic) throws -> Opened {
         let bytes = file.bytes
         let header = try FileHeader.decode(bytes)
         let (manifest, m) = try Manifest.readFrame(bytes, salt: header.salt)
@@ -90,7 +95,7 @@ public final class KVPackReader: @unchecked Sendable {
         var tails: [RawScheme] = []
         for (i, d) in manifest.schemes.enumerated() {
             // The commit loader checked that every blob a descriptor names is listed.
-            let context = SchemeContext(manifest: manifest, scheme: i, blobs: d.blobIDs.map { state.blobs[$0]! })
+            let context = SchemeContext(manifest: manifest, scheme: i, blobs: d.blobIDs.map { state.blobs[$0]! }, arithmetic: arithmetic)
             do {
                 schemes.append(try SchemeRegistry.make(descriptor: d, context: context))
             } catch var e as KVPackError {

@@ -43,6 +43,12 @@ public struct IntScheme: KVScheme {
     /// Whether rows decode through `decodeTile` (every layout the writer makes: per-token groups
     /// of whole 8-channel chunks, or per-channel groups).
     let tiled: Bool
+    /// Attention with integer dot products (`IntegerCodeKernels`): key scores for per-channel
+    /// groups, value accumulation for per-token groups, where the layout and the CPU allow.
+    let fastScores: Bool
+    let fastAccumulate: Bool
+    /// With `fastAccumulate`, the channel of each accumulator slot (`finishAccumulation`).
+    let slotChannels: [Int32]
 
     public static func descriptor(bits: Int, perChannelTokens: Int? = nil, groupSize: Int = 64, residual: ElementType = .float16) -> SchemeDescriptor {
         let grouping: Grouping = perChannelTokens == nil ? .token : .channel
@@ -219,6 +225,10 @@ public struct IntScheme: KVScheme {
         shifts32 = SIMD8<UInt32>(truncatingIfNeeded: s)
         mask32 = SIMD8<UInt32>(repeating: (1 << UInt32(bits)) - 1)
         tiled = grouping == .channel || size % 8 == 0
+        let fast = context.arithmetic == .fast
+        fastScores = fast && grouping == .channel && IntegerCodeKernels.channelScoresSupported(bits: bits, dim: d)
+        fastAccumulate = fast && grouping == .token && IntegerCodeKernels.tokenAccumulateSupported(bits: bits, dim: d, groupSize: size)
+        slotChannels = fastAccumulate ? IntegerCodeKernels.tokenLayout(bits: bits, dim: d) : []
     }
 
     /// `int:kBvB:gN` (per-token groups of N) or `int:kBvB:kcT:vcT` (per-channel over T tokens):
@@ -488,6 +498,10 @@ public struct IntScheme: KVScheme {
     public func scores(block: UnsafeRawBufferPointer, tokens: Range<Int>, state: UnsafePointer<Float>, groupSize g: Int,
                        into scores: UnsafeMutablePointer<Float>, stride: Int) {
         let d = headDim, p = block.baseAddress!, lo = tokens.lowerBound
+        if fastScores {
+            return IntegerCodeKernels.channelScores(codes: p, scales: p + scalesOffset, offsets: p + offsetsOffset, bits: bits, dim: d,
+                                                    runTokens: groupSize, tokens: tokens, queries: state, groupSize: g, into: scores, stride: stride)
+        }
         if tiled {
             return TileKernels.scores(decodedBy: { decodeTile(p, from: $0.lowerBound, count: $0.count, into: $1) }, dim: d, tokens: tokens,
                                       queries: state, groupSize: g, into: scores, stride: stride)
@@ -514,7 +528,19 @@ public struct IntScheme: KVScheme {
 
     public func accumulate(block: UnsafeRawBufferPointer, tokens: Range<Int>, weights: UnsafePointer<Float>, stride: Int,
                            groupSize g: Int, into acc: UnsafeMutablePointer<Float>) {
+        if fastAccumulate {
+            let p = block.baseAddress!
+            return IntegerCodeKernels.tokenAccumulate(codes: p, scales: p + scalesOffset, offsets: p + offsetsOffset, bits: bits, dim: headDim,
+                                                      groupSize: groupSize, tokens: tokens, weights: weights, stride: stride, queryCount: g,
+                                                      into: acc)
+        }
         TileKernels.accumulate(decodedBy: { decode(block: block, tokens: $0, into: $1) }, dim: headDim, tokens: tokens,
                                weights: weights, stride: stride, groupSize: g, into: acc)
+    }
+
+    /// The fast accumulator holds channels in slot order; one permutation per attention call.
+    public func finishAccumulation(_ acc: UnsafeMutablePointer<Float>, groupSize g: Int) {
+        guard fastAccumulate else { return }
+        IntegerCodeKernels.unpermute(acc, rows: g, dim: headDim, channelOfSlot: slotChannels)
     }
 }

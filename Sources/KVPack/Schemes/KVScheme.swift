@@ -7,23 +7,28 @@ public struct SchemeContext: Sendable {
     public var role: KVKind
     /// The blobs the descriptor names, in the descriptor's order.
     public var blobs: [Blob]
+    /// Which arithmetic attention over codes uses (readers choose; decoding is the same).
+    public var arithmetic: AttentionArithmetic
 
     public var headDim: Int { geometry.headDim }
 
-    public init(geometry: ModelGeometry, segmentTokens: Int, rope: RoPEConfig, role: KVKind, blobs: [Blob] = []) {
+    public init(geometry: ModelGeometry, segmentTokens: Int, rope: RoPEConfig, role: KVKind, blobs: [Blob] = [],
+                arithmetic: AttentionArithmetic = .fast) {
         self.geometry = geometry
         self.segmentTokens = segmentTokens
         self.rope = rope
         self.role = role
         self.blobs = blobs
+        self.arithmetic = arithmetic
     }
 
     /// What scheme `index` of `manifest` is built with: the file's geometry, segment size and
     /// RoPE, the role its streams play (keys if any layer uses it for keys), and the blobs it
     /// names, in order.
-    public init(manifest: Manifest, scheme index: Int, blobs: [Blob]) {
+    public init(manifest: Manifest, scheme index: Int, blobs: [Blob], arithmetic: AttentionArithmetic = .fast) {
         let role: KVKind = manifest.layerSchemes.contains { $0.key == index } ? .key : .value
-        self.init(geometry: manifest.geometry, segmentTokens: manifest.segmentTokens, rope: manifest.rope, role: role, blobs: blobs)
+        self.init(geometry: manifest.geometry, segmentTokens: manifest.segmentTokens, rope: manifest.rope, role: role, blobs: blobs,
+                  arithmetic: arithmetic)
     }
 }
 

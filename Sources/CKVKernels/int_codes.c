@@ -1,0 +1,206 @@
+// Attention over the int scheme's codes with integer dot products (see include/CKVKernels.h).
+//
+// Layouts. A row of an int block holds `dim` codes of `bits` bits, code c at bits
+// [c*bits, (c+1)*bits) from the row's first byte, so byte B holds codes B*K .. B*K + K-1
+// (K = 8 / bits slots) and slot k of every byte is one shift and one mask away. The kernels read
+// rows in 16-byte chunks (16*K channels each), two per 256-bit register: two chunks of one row
+// when a row has an even number of chunks, or the same chunk of two tokens when it has one.
+//
+// Keys (per-channel groups, KIVI's layout): within a run of tokens sharing scale s_c and offset
+// o_c, q . k_t = sum_c (q_c s_c) code_tc + sum_c q_c o_c. The first sum is an integer dot product
+// of the codes with q~ = q * s quantized to int8 (one f32 scale per query head and run), laid out
+// in slot order; the second is one f32 constant per head and run.
+//
+// Values (per-token groups): sum_t w_t v_tc = sum_t (w_t s_tg) code_tc + sum_t w_t o_tg. The
+// weights w_t s_tg are quantized to u8 per query head, group and sub-block of 64 tokens; four
+// tokens' codes are transposed into each 32-bit lane so one vpdpbusd adds four tokens'
+// products per channel. The integer sums are flushed to f32 once per sub-block, into the
+// accumulator in slot order ("scrambled"); kvk_int_token_layout says which channel each
+// accumulator slot is, for the caller to put back once per attention call.
+#include "CKVKernels.h"
+
+#include <math.h>
+#include <string.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define KVK_INT_X86 1
+#endif
+
+// Both variants must round alike: no contraction of a * b + c into one fused operation that
+// only one of them would make.
+#pragma STDC FP_CONTRACT OFF
+
+enum { MAX_DIM = 256, MAX_ROW_BYTES = 128, MAX_GROUPS = 8, VALUE_QUERIES = 4, VALUE_SUB_BLOCK = 64 };
+enum { ISA_NONE = 0, ISA_AVX2 = 1, ISA_VNNI = 2 };
+
+static int int_isa = ISA_NONE;
+
+#if KVK_INT_X86
+__attribute__((constructor)) static void int_detect(void) {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) int_isa = ISA_AVX2;
+    if (int_isa == ISA_AVX2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni"))
+        int_isa = ISA_VNNI;
+}
+#endif
+
+const char *kvk_int_codes_isa_name(void) {
+    return int_isa == ISA_VNNI ? "avx512vl-vnni vpdpbusd" : int_isa == ISA_AVX2 ? "avx2 vpmaddubsw" : "none (Swift fallback)";
+}
+
+int kvk_int_codes_isa(void) { return int_isa; }
+
+typedef struct {
+    int bits, slots, mask, dim, rowBytes, chunks, units, chunkChannels;
+} kvk_int_layout;
+
+static int int_layout(int bits, int dim, kvk_int_layout *L) {
+    if (bits != 1 && bits != 2 && bits != 4) return 0;
+    if (dim <= 0 || dim > MAX_DIM || dim % 8) return 0;
+    int rowBytes = dim * bits / 8;
+    if (rowBytes % 16) return 0;
+    int chunks = rowBytes / 16;
+    if (chunks != 1 && chunks % 2) return 0;
+    L->bits = bits;
+    L->slots = 8 / bits;
+    L->mask = (1 << bits) - 1;
+    L->dim = dim;
+    L->rowBytes = rowBytes;
+    L->chunks = chunks;
+    L->units = chunks == 1 ? 1 : chunks / 2;
+    L->chunkChannels = 16 * L->slots;
+    return 1;
+}
+
+// MARK: Shared by both variants
+
+/// Quantized value weights of one sub-block.
+typedef struct {
+    /// One byte per token, four tokens per word, per query head and group.
+    uint32_t quads[VALUE_QUERIES][MAX_GROUPS][VALUE_SUB_BLOCK / 4];
+    /// For 4-bit values, the rounding residuals of the same, in 1/254 units (signed bytes).
+    uint32_t low[VALUE_QUERIES][MAX_GROUPS][VALUE_SUB_BLOCK / 4];
+    /// What one unit of a quantized weight is worth, per query head and group.
+    float unit[VALUE_QUERIES][MAX_GROUPS];
+    /// sum_t w_t * offset_tg, per query head and group.
+    float offsetSum[VALUE_QUERIES][MAX_GROUPS];
+} value_weights;
+
+/// The value group of lane `lane` of register `p`.
+static int value_group(const kvk_int_layout *L, int groupSize, int p, int lane) {
+    int chunk = L->chunks == 1 ? 0 : 2 * p + lane;
+    return chunk * L->chunkChannels / groupSize;
+}
+
+/// Where slot k of chunk `chunk` of a query's int8 codes goes in its slot-ordered state: the
+/// 16-byte lane of register p that holds that chunk's slot k (for one-chunk rows, lane 0; the
+/// caller copies it to lane 1).
+static int8_t *slot_lane(const kvk_int_layout *L, int8_t *state, int chunk, int k) {
+    int p = L->chunks == 1 ? 0 : chunk / 2, lane = L->chunks == 1 ? 0 : chunk % 2;
+    return state + ((p * L->slots + k) * 2 + lane) * 16;
+}
+
+// MARK: Variants
+
+#if KVK_INT_X86
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#define SUFFIX(name) name##_avx2
+#define DOT(acc, u, s) _mm256_add_epi32((acc), _mm256_madd_epi16(_mm256_maddubs_epi16((u), (s)), _mm256_set1_epi16(1)))
+#define KEY_QUERIES 2
+#define VALUE_ACCUMULATORS 8
+#include "int_codes_body.h"
+#undef SUFFIX
+#undef DOT
+#undef KEY_QUERIES
+#undef VALUE_ACCUMULATORS
+#pragma clang attribute pop
+
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni"))), apply_to = function)
+#define SUFFIX(name) name##_vnni
+#define DOT(acc, u, s) _mm256_dpbusd_epi32((acc), (u), (s))
+#define KEY_QUERIES 4
+#define VALUE_ACCUMULATORS 16
+#include "int_codes_body.h"
+#undef SUFFIX
+#undef DOT
+#undef KEY_QUERIES
+#undef VALUE_ACCUMULATORS
+#pragma clang attribute pop
+#endif
+
+// MARK: Entry points
+
+static int chosen_isa(int isa) {
+    if (isa == 0) return int_isa;
+    return isa <= int_isa ? isa : ISA_NONE;
+}
+
+int kvk_int_channel_supported(int bits, int dim) {
+    kvk_int_layout L;
+    return int_isa != ISA_NONE && int_layout(bits, dim, &L);
+}
+
+int kvk_int_token_supported(int bits, int dim, int groupSize) {
+    kvk_int_layout L;
+    if (int_isa == ISA_NONE || !int_layout(bits, dim, &L)) return 0;
+    return groupSize > 0 && dim % groupSize == 0 && groupSize % L.chunkChannels == 0 && dim / groupSize <= MAX_GROUPS;
+}
+
+int kvk_int_channel_scores(const uint8_t *codes, const void *scales, const void *offsets, int bits, int dim, int runTokens, size_t t0,
+                           size_t count, const float *queries, int group, float *scores, size_t stride, int isa) {
+    kvk_int_layout L;
+    if (!int_layout(bits, dim, &L) || runTokens <= 0 || group <= 0) return -1;
+#if KVK_INT_X86
+    switch (chosen_isa(isa)) {
+    case ISA_VNNI:
+        channel_scores_vnni(codes, scales, offsets, &L, runTokens, t0, count, queries, group, scores, stride);
+        return 0;
+    case ISA_AVX2:
+        channel_scores_avx2(codes, scales, offsets, &L, runTokens, t0, count, queries, group, scores, stride);
+        return 0;
+    }
+#endif
+    (void)codes, (void)scales, (void)offsets, (void)t0, (void)count, (void)queries, (void)scores, (void)stride, (void)isa;
+    return -1;
+}
+
+int kvk_int_token_accumulate(const uint8_t *codes, const void *scales, const void *offsets, int bits, int dim, int groupSize, size_t t0,
+                             size_t count, const float *weights, size_t stride, int group, float *acc, int isa) {
+    kvk_int_layout L;
+    if (!int_layout(bits, dim, &L) || !(groupSize > 0 && dim % groupSize == 0 && groupSize % L.chunkChannels == 0) ||
+        dim / groupSize > MAX_GROUPS || group <= 0)
+        return -1;
+#if KVK_INT_X86
+    switch (chosen_isa(isa)) {
+    case ISA_VNNI:
+        token_accumulate_vnni(codes, scales, offsets, &L, groupSize, t0, count, weights, stride, group, acc);
+        return 0;
+    case ISA_AVX2:
+        token_accumulate_avx2(codes, scales, offsets, &L, groupSize, t0, count, weights, stride, group, acc);
+        return 0;
+    }
+#endif
+    (void)codes, (void)scales, (void)offsets, (void)t0, (void)count, (void)weights, (void)stride, (void)acc, (void)isa;
+    return -1;
+}
+
+int kvk_int_token_layout(int bits, int dim, int32_t *channelOfSlot) {
+    kvk_int_layout L;
+    if (!int_layout(bits, dim, &L)) return -1;
+    const int K = L.slots;
+    if (L.chunks == 1) {
+        for (int i = 0; i < 4; i++)
+            for (int k = 0; k < K; k++)
+                for (int j = 0; j < 4; j++) channelOfSlot[(i * K + k) * 4 + j] = (4 * i + j) * K + k;
+    } else {
+        for (int p = 0; p < L.units; p++)
+            for (int i = 0; i < 4; i++)
+                for (int k = 0; k < K; k++)
+                    for (int lane = 0; lane < 2; lane++)
+                        for (int j = 0; j < 4; j++)
+                            channelOfSlot[p * 32 * K + (i * K + k) * 8 + lane * 4 + j] = (2 * p + lane) * L.chunkChannels + (4 * i + j) * K + k;
+    }
+    return 0;
+}

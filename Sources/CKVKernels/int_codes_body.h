@@ -1,0 +1,498 @@
+// The integer-code kernels of int_codes.c, written once and compiled twice: int_codes.c includes
+// this file inside a `#pragma clang attribute` region for each instruction set, with
+//   SUFFIX(name)          the variant's function names (name_avx2, name_vnni),
+//   DOT(acc, u8, s8)      acc + the sums of four adjacent unsigned-by-signed byte products per
+//                         32-bit lane (vpdpbusd, or vpmaddubsw + vpmaddwd + vpaddd, which give the
+//                         same integers here: no 16-bit pair sum exceeds 2 * 255 * 15),
+//   KEY_QUERIES           query heads per pass of the key loop (4 accumulators each),
+//   VALUE_ACCUMULATORS    accumulators the value loop may hold (queries x code slots).
+// Everything but DOT is the same code in both variants, so both give bit-identical results.
+// See int_codes.c for the layouts.
+
+/// `n` f16 values at `src` (any alignment) as floats; `dst` has room for n rounded up to 8.
+static inline void SUFFIX(halves)(const void *src, size_t n, float *dst) {
+    const uint8_t *p = (const uint8_t *)src;
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 2 * i))));
+    if (i < n) {
+        uint16_t tail[8] = {0};
+        memcpy(tail, p + 2 * i, 2 * (n - i));
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)tail)));
+    }
+}
+
+/// The largest and the sum of eight floats, in a fixed order.
+static inline float SUFFIX(hmax)(__m256 v) {
+    __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
+}
+
+static inline float SUFFIX(hsum)(__m256 v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+}
+
+/// 32 floats at `x`, each run of 8 times its factor, rounded to nearest even within [lo, hi]
+/// (NaN to lo), as 32 bytes in order: signed (int8) when lo < 0, else unsigned.
+static inline __m256i SUFFIX(quantize32)(const float *x, const float factor[4], float lo, float hi) {
+    const __m256 l = _mm256_set1_ps(lo), h = _mm256_set1_ps(hi);
+    __m256i v[4];
+    for (int i = 0; i < 4; i++)
+        v[i] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_loadu_ps(x + 8 * i), _mm256_set1_ps(factor[i])), l), h));
+    __m256i a = _mm256_packs_epi32(v[0], v[1]), b = _mm256_packs_epi32(v[2], v[3]);
+    __m256i bytes = lo < 0 ? _mm256_packs_epi16(a, b) : _mm256_packus_epi16(a, b);
+    return _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+/// The rounding residual of 32 floats times their factors (as `quantize32`), times 254 and
+/// rounded: the second int8 of a two-level quantization x * f ~ hi + lo / 254.
+static inline __m256i SUFFIX(residual32)(const float *x, const float factor[4]) {
+    const __m256 l = _mm256_set1_ps(-127), h = _mm256_set1_ps(127), k = _mm256_set1_ps(254);
+    __m256i v[4];
+    for (int i = 0; i < 4; i++) {
+        __m256 y = _mm256_mul_ps(_mm256_loadu_ps(x + 8 * i), _mm256_set1_ps(factor[i]));
+        __m256 r = _mm256_sub_ps(y, _mm256_round_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        v[i] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(r, k), l), h));
+    }
+    __m256i a = _mm256_packs_epi32(v[0], v[1]), b = _mm256_packs_epi32(v[2], v[3]);
+    return _mm256_permutevar8x32_epi32(_mm256_packs_epi16(a, b), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+/// q~ = q * s of one run (its scales and offsets as f32), quantized to int8 in slot order
+/// (register p, slot k, lane, byte), with one scale per 32-bit accumulator lane and the offset
+/// constant sum_c q_c o_c, for `nq` query heads.
+///
+/// Lane l of a register sums 4 bytes x K slots = 4K channels that lie together in channel
+/// order (a "group"); with one chunk per row, lanes 4-7 repeat lanes 0-3's groups for the
+/// second token, and with several registers per row, lane l sums group l of every register.
+/// So each lane gets its own int8 scale, from the largest |q~| of its groups: the few outlier
+/// channels of RoPE'd keys (large s) coarsen only their own groups' steps, not every channel's.
+/// With `residual`, the state is instead the rounding residual of that quantization in units of
+/// 1/254 step (scales / 254, constant 0): a second pass over the codes with it adds about 8 bits.
+static inline __attribute__((always_inline)) void SUFFIX(key_prepare)(const kvk_int_layout *L, const float *scales, const float *offsets,
+                                                                      const float *queries, int nq, int8_t *qperm, float *qscale,
+                                                                      float *qconst, const int K, const int residual) {
+    const int d = L->dim, segment = 16 / K, stateBytes = L->units * K * 32, G = 4 * K;
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    // Byte k * segment + i of a shuffled 16 bytes is byte i * K + k: slot k's bytes gathered.
+    _Alignas(16) int8_t pattern[16];
+    for (int k = 0; k < K; k++)
+        for (int i = 0; i < segment; i++) pattern[k * segment + i] = (int8_t)(i * K + k);
+    const __m128i gather = _mm_load_si128((const __m128i *)pattern);
+    _Alignas(32) float scaled[MAX_DIM];
+    _Alignas(32) int8_t q8[MAX_DIM];
+    _Alignas(16) int8_t shuffled[8 * 16];
+    float groupMax[MAX_DIM / 8];
+    for (int q = 0; q < nq; q++) {
+        const float *x = queries + (size_t)q * d;
+        __m256 constant = _mm256_setzero_ps();
+        for (int c = 0; c < d; c += 8) {
+            __m256 xv = _mm256_loadu_ps(x + c), sv = _mm256_mul_ps(xv, _mm256_loadu_ps(scales + c));
+            _mm256_store_ps(scaled + c, sv);
+            constant = _mm256_add_ps(constant, _mm256_mul_ps(xv, _mm256_loadu_ps(offsets + c)));
+        }
+        qconst[q] = residual ? 0 : SUFFIX(hsum)(constant);
+        for (int r = 0; r < d / G; r++) {
+            __m256 m = _mm256_setzero_ps();
+            for (int c = r * G; c < (r + 1) * G; c += 8) m = _mm256_max_ps(m, _mm256_and_ps(_mm256_load_ps(scaled + c), magnitude));
+            groupMax[r] = SUFFIX(hmax)(m);
+        }
+        // Lane l: group l of every register (several chunks per row), or group l % 4.
+        float inverse[8], *laneScale = qscale + 8 * q;
+        for (int l = 0; l < 8; l++) {
+            float top = 0;
+            if (L->chunks == 1) {
+                top = groupMax[l % 4];
+            } else {
+                for (int p = 0; p < L->units; p++) top = groupMax[8 * p + l] > top ? groupMax[8 * p + l] : top;
+            }
+            inverse[l] = top > 0 && top < INFINITY ? 127.0f / top : 0;
+            laneScale[l] = inverse[l] > 0 ? top / 127.0f : 0;
+            if (residual) laneScale[l] = laneScale[l] / 254.0f;
+        }
+        for (int c = 0; c < d; c += 32) {
+            float factor[4];
+            for (int i = 0; i < 4; i++) {
+                int group = (c + 8 * i) / G;
+                factor[i] = inverse[L->chunks == 1 ? group % 4 : group % 8];
+            }
+            _mm256_store_si256((__m256i *)(q8 + c), residual ? SUFFIX(residual32)(scaled + c, factor)
+                                                             : SUFFIX(quantize32)(scaled + c, factor, -127, 127));
+        }
+        int8_t *state = qperm + (size_t)q * stateBytes;
+        if (K == 4 || K == 2) {
+            // The same in registers: after the shuffle, run m holds `segment` bytes of each slot;
+            // slot k's lane is segment k of every run, a transpose of 4-byte (K = 4) or 8-byte
+            // (K = 2) pieces.
+            for (int chunk = 0; chunk < L->chunks; chunk++) {
+                const int8_t *src = q8 + chunk * L->chunkChannels;
+                __m128i out[4];
+                if (K == 4) {
+                    __m128i r0 = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)src), gather);
+                    __m128i r1 = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(src + 16)), gather);
+                    __m128i r2 = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(src + 32)), gather);
+                    __m128i r3 = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(src + 48)), gather);
+                    __m128i t0 = _mm_unpacklo_epi32(r0, r1), t1 = _mm_unpackhi_epi32(r0, r1);
+                    __m128i t2 = _mm_unpacklo_epi32(r2, r3), t3 = _mm_unpackhi_epi32(r2, r3);
+                    out[0] = _mm_unpacklo_epi64(t0, t2);
+                    out[1] = _mm_unpackhi_epi64(t0, t2);
+                    out[2] = _mm_unpacklo_epi64(t1, t3);
+                    out[3] = _mm_unpackhi_epi64(t1, t3);
+                } else {
+                    __m128i r0 = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)src), gather);
+                    __m128i r1 = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(src + 16)), gather);
+                    out[0] = _mm_unpacklo_epi64(r0, r1);
+                    out[1] = _mm_unpackhi_epi64(r0, r1);
+                }
+                for (int k = 0; k < K; k++) {
+                    int8_t *lane = slot_lane(L, state, chunk, k);
+                    _mm_storeu_si128((__m128i *)lane, out[k]);
+                    if (L->chunks == 1) _mm_storeu_si128((__m128i *)(lane + 16), out[k]);
+                }
+            }
+            continue;
+        }
+        for (int chunk = 0; chunk < L->chunks; chunk++) {
+            // The chunk's 16K channels are K runs of 16 bytes; each run holds `segment` bytes of
+            // every slot, which go to that slot's lane one after another.
+            for (int m = 0; m < K; m++)
+                _mm_store_si128((__m128i *)(shuffled + 16 * m),
+                                _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(q8 + chunk * L->chunkChannels + 16 * m)), gather));
+            for (int k = 0; k < K; k++) {
+                int8_t *lane = slot_lane(L, state, chunk, k);
+                for (int m = 0; m < K; m++) memcpy(lane + m * segment, shuffled + 16 * m + k * segment, (size_t)segment);
+                if (L->chunks == 1) memcpy(lane + 16, lane, 16);
+            }
+        }
+    }
+}
+
+/// The value weights w_t * s_tg of `n` tokens quantized to u8 per query head and group, for
+/// `nq` heads; with `precise`, also their rounding residuals (a second level, about 8 bits more). `scales` and `offsets` are group-major (g * VALUE_SUB_BLOCK + token), zero past n
+/// up to a multiple of 32.
+static void SUFFIX(value_prepare)(const kvk_int_layout *L, int groupSize, const float *scales, const float *offsets, size_t n,
+                                  const float *weights, size_t stride, int nq, value_weights *vw, int precise) {
+    const int perToken = L->dim / groupSize;
+    const size_t padded = (n + 31) & ~(size_t)31;
+    _Alignas(32) float w[VALUE_SUB_BLOCK], x[VALUE_SUB_BLOCK];
+    for (int q = 0; q < nq; q++) {
+        // Weights below 1e-20 count as 0: next to the softmax's largest weight (1, in some block)
+        // they are below f32's resolution, and their products would be subnormal (slow). NaN
+        // and negative weights (a softmax makes neither) count as 0 too.
+        const float *src = weights + (size_t)q * stride;
+        const __m256 smallest = _mm256_set1_ps(1e-20f);
+        size_t i = 0;
+        for (; i + 8 <= n; i += 8) {
+            __m256 v = _mm256_loadu_ps(src + i);
+            _mm256_store_ps(w + i, _mm256_and_ps(v, _mm256_cmp_ps(v, smallest, _CMP_GE_OQ)));
+        }
+        for (; i < padded; i++) w[i] = i < n && src[i] >= 1e-20f ? src[i] : 0;
+        for (int g = 0; g < perToken; g++) {
+            const float *s = scales + g * VALUE_SUB_BLOCK, *o = offsets + g * VALUE_SUB_BLOCK;
+            __m256 largest = _mm256_setzero_ps(), offsetSum = _mm256_setzero_ps();
+            for (size_t t = 0; t < padded; t += 8) {
+                __m256 wv = _mm256_load_ps(w + t), xv = _mm256_mul_ps(wv, _mm256_loadu_ps(s + t));
+                _mm256_store_ps(x + t, xv);
+                largest = _mm256_max_ps(largest, xv);
+                offsetSum = _mm256_add_ps(offsetSum, _mm256_mul_ps(wv, _mm256_loadu_ps(o + t)));
+            }
+            float top = SUFFIX(hmax)(largest), inverse = top > 0 && top < INFINITY ? 255.0f / top : 0;
+            vw->unit[q][g] = inverse > 0 ? top / 255.0f : 0;
+            vw->offsetSum[q][g] = SUFFIX(hsum)(offsetSum);
+            const float factor[4] = {inverse, inverse, inverse, inverse};
+            for (size_t t = 0; t < padded; t += 32) {
+                _mm256_storeu_si256((__m256i *)((uint8_t *)vw->quads[q][g] + t), SUFFIX(quantize32)(x + t, factor, 0, 255));
+                if (precise) _mm256_storeu_si256((__m256i *)((uint8_t *)vw->low[q][g] + t), SUFFIX(residual32)(x + t, factor));
+            }
+        }
+    }
+}
+
+/// The scores of 4 tokens at `rows` (each `rowBytes` apart) for KEY_QUERIES prepared query
+/// heads (the ones past `nq` are zero and not stored); `valid` of them are stored. K (slots per
+/// byte) and oneChunk are constants at every call, so the loops unroll and the accumulators
+/// stay in registers.
+static inline __attribute__((always_inline)) void SUFFIX(key_quad)(const uint8_t *rows, const kvk_int_layout *L, const int8_t *qperm,
+                                                                   const float *qscale, const float *qconst, int nq, float *out,
+                                                                   size_t stride, int valid, const int K, const int oneChunk) {
+    const __m256i mask = _mm256_set1_epi8((char)L->mask);
+    const __m256i *qv = (const __m256i *)qperm;
+    const int P = L->units, perQuery = P * K, bits = 8 / K;
+    __m256i acc[KEY_QUERIES][4];
+    for (int q = 0; q < KEY_QUERIES; q++)
+        for (int j = 0; j < 4; j++) acc[q][j] = _mm256_setzero_si256();
+    if (oneChunk) {
+        // Two tokens per register: lane 0 holds token 2u, lane 1 token 2u + 1.
+        for (int u = 0; u < 2; u++) {
+            const uint8_t *r0 = rows + (size_t)(2 * u) * L->rowBytes;
+            __m256i R = _mm256_loadu2_m128i((const __m128i *)(r0 + L->rowBytes), (const __m128i *)r0);
+            for (int k = 0; k < K; k++) {
+                __m256i S = _mm256_and_si256(k ? _mm256_srli_epi16(R, k * bits) : R, mask);
+                for (int q = 0; q < KEY_QUERIES; q++) acc[q][u] = DOT(acc[q][u], S, _mm256_load_si256(qv + q * perQuery + k));
+            }
+        }
+    } else {
+        for (int j = 0; j < 4; j++) {
+            const uint8_t *row = rows + (size_t)j * L->rowBytes;
+            for (int p = 0; p < P; p++) {
+                __m256i R = _mm256_loadu_si256((const __m256i *)(row + 32 * p));
+                for (int k = 0; k < K; k++) {
+                    __m256i S = _mm256_and_si256(k ? _mm256_srli_epi16(R, k * bits) : R, mask);
+                    for (int q = 0; q < KEY_QUERIES; q++) acc[q][j] = DOT(acc[q][j], S, _mm256_load_si256(qv + q * perQuery + p * K + k));
+                }
+            }
+        }
+    }
+    for (int q = 0; q < KEY_QUERIES && q < nq; q++) {
+        // Each lane's integer sum times its scale, then the lanes added in a fixed order.
+        const __m256 laneScale = _mm256_loadu_ps(qscale + 8 * q);
+        __m128 sums;
+        if (oneChunk) {
+            // acc[q][0] lanes: tokens 0, 1; acc[q][1]: tokens 2, 3.
+            __m256 h = _mm256_hadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[q][0]), laneScale),
+                                      _mm256_mul_ps(_mm256_cvtepi32_ps(acc[q][1]), laneScale));
+            h = _mm256_hadd_ps(h, h);
+            sums = _mm_unpacklo_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+        } else {
+            __m256 f[4];
+            for (int j = 0; j < 4; j++) f[j] = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[q][j]), laneScale);
+            __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(f[0], f[1]), _mm256_hadd_ps(f[2], f[3]));
+            sums = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+        }
+        __m128 s = _mm_add_ps(sums, _mm_set1_ps(qconst[q]));
+        if (valid == 4) {
+            _mm_storeu_ps(out + (size_t)q * stride, s);
+        } else {
+            float tmp[4];
+            _mm_storeu_ps(tmp, s);
+            for (int i = 0; i < valid; i++) out[(size_t)q * stride + i] = tmp[i];
+        }
+    }
+}
+
+/// The scores of one run's tokens [t, end) for the prepared query heads.
+static inline __attribute__((always_inline)) void SUFFIX(key_run)(const uint8_t *codes, const kvk_int_layout *L, size_t t, size_t end,
+                                                                  const int8_t *qperm, const float *qscale, const float *qconst, int nq,
+                                                                  float *out, size_t stride, const int K, const int oneChunk) {
+    _Alignas(32) uint8_t padded[4 * MAX_ROW_BYTES];
+    for (; t + 4 <= end; t += 4, out += 4)
+        SUFFIX(key_quad)(codes + t * L->rowBytes, L, qperm, qscale, qconst, nq, out, stride, 4, K, oneChunk);
+    if (t < end) {
+        // The last 1-3 tokens: rows copied next to zero rows, so nothing past them is read.
+        int n = (int)(end - t);
+        memset(padded, 0, sizeof padded);
+        memcpy(padded, codes + t * L->rowBytes, (size_t)n * L->rowBytes);
+        SUFFIX(key_quad)(padded, L, qperm, qscale, qconst, nq, out, stride, n, K, oneChunk);
+    }
+}
+
+/// Scores of one run's tokens [t, end) for query heads [0, nq) of `queries` (nq at most
+/// KEY_QUERIES), the run's scales and offsets given as f32. Keys of 4 bits (K = 2) take a second
+/// pass with the query's rounding residual (`key_prepare`): their own error is small enough that
+/// an 8-bit query's would show (tested: at most a tenth of the scheme's attention error).
+static inline __attribute__((always_inline)) void SUFFIX(key_batch)(const uint8_t *codes, const kvk_int_layout *L, const float *runScales,
+                                                                    const float *runOffsets, size_t t, size_t end, const float *queries,
+                                                                    int nq, float *out, size_t stride, const int K, const int oneChunk) {
+    const int precise = K <= 2;
+    _Alignas(32) int8_t qperm[2][KEY_QUERIES * 2 * MAX_DIM];
+    float qscale[2][KEY_QUERIES * 8], qconst[2][KEY_QUERIES];
+    const int stateBytes = L->units * K * 32;
+    for (int level = 0; level <= precise; level++) {
+        // Heads past nq score with a zero query (cheaper than a branch in the loop).
+        memset(qperm[level] + (size_t)nq * stateBytes, 0, (size_t)(KEY_QUERIES - nq) * stateBytes);
+        SUFFIX(key_prepare)(L, runScales, runOffsets, queries, nq, qperm[level], qscale[level], qconst[level], K, level);
+    }
+    if (!precise) {
+        SUFFIX(key_run)(codes, L, t, end, qperm[0], qscale[0], qconst[0], nq, out, stride, K, oneChunk);
+        return;
+    }
+    float low[KEY_QUERIES * 64];
+    for (size_t a = t; a < end; a += 64) {
+        size_t b = end - a < 64 ? end : a + 64;
+        SUFFIX(key_run)(codes, L, a, b, qperm[0], qscale[0], qconst[0], nq, out + (a - t), stride, K, oneChunk);
+        SUFFIX(key_run)(codes, L, a, b, qperm[1], qscale[1], qconst[1], nq, low, 64, K, oneChunk);
+        for (int q = 0; q < nq; q++)
+            for (size_t i = 0; i < b - a; i++) out[(size_t)q * stride + (a - t) + i] += low[q * 64 + i];
+    }
+}
+
+static void SUFFIX(channel_scores)(const uint8_t *codes, const void *scales, const void *offsets, const kvk_int_layout *L,
+                                   int runTokens, size_t t0, size_t count, const float *queries, int group, float *scores,
+                                   size_t stride) {
+    float runScales[MAX_DIM], runOffsets[MAX_DIM];
+    size_t t = t0, end = t0 + count;
+    while (t < end) {
+        size_t run = t / (size_t)runTokens;
+        size_t runEnd = (run + 1) * (size_t)runTokens;
+        if (runEnd > end) runEnd = end;
+        SUFFIX(halves)((const uint8_t *)scales + 2 * run * (size_t)L->dim, (size_t)L->dim, runScales);
+        SUFFIX(halves)((const uint8_t *)offsets + 2 * run * (size_t)L->dim, (size_t)L->dim, runOffsets);
+        for (int q0 = 0; q0 < group; q0 += KEY_QUERIES) {
+            int nq = group - q0 < KEY_QUERIES ? group - q0 : KEY_QUERIES;
+            const float *q = queries + (size_t)q0 * L->dim;
+            float *out = scores + (size_t)q0 * stride + (t - t0);
+            switch (L->slots * 2 + (L->chunks == 1)) {
+            case 4: SUFFIX(key_batch)(codes, L, runScales, runOffsets, t, runEnd, q, nq, out, stride, 2, 0); break;
+            case 5: SUFFIX(key_batch)(codes, L, runScales, runOffsets, t, runEnd, q, nq, out, stride, 2, 1); break;
+            case 8: SUFFIX(key_batch)(codes, L, runScales, runOffsets, t, runEnd, q, nq, out, stride, 4, 0); break;
+            case 9: SUFFIX(key_batch)(codes, L, runScales, runOffsets, t, runEnd, q, nq, out, stride, 4, 1); break;
+            case 16: SUFFIX(key_batch)(codes, L, runScales, runOffsets, t, runEnd, q, nq, out, stride, 8, 0); break;
+            default: SUFFIX(key_batch)(codes, L, runScales, runOffsets, t, runEnd, q, nq, out, stride, 8, 1); break;
+            }
+        }
+        t = runEnd;
+    }
+}
+
+/// Rows t .. t+3 of one 16-byte chunk pair `p` (or, one chunk per row, rows t .. t+3 in lane 0
+/// and t+4 .. t+7 in lane 1), bytes 4i .. 4i+3 of each lane transposed so that 32-bit lane j
+/// holds byte 4i + j of the four rows.
+static inline __attribute__((always_inline)) __m256i SUFFIX(value_quads)(const uint8_t *rows, const kvk_int_layout *L, int p, int i,
+                                                                         const int oneChunk) {
+    __m256i R[4];
+    for (int j = 0; j < 4; j++) {
+        const uint8_t *row = rows + (size_t)j * L->rowBytes;
+        R[j] = oneChunk ? _mm256_loadu2_m128i((const __m128i *)(row + 4 * (size_t)L->rowBytes), (const __m128i *)row)
+                        : _mm256_loadu_si256((const __m256i *)(row + 32 * p));
+    }
+    __m256i a = i < 2 ? _mm256_unpacklo_epi8(R[0], R[1]) : _mm256_unpackhi_epi8(R[0], R[1]);
+    __m256i c = i < 2 ? _mm256_unpacklo_epi8(R[2], R[3]) : _mm256_unpackhi_epi8(R[2], R[3]);
+    return (i & 1) ? _mm256_unpackhi_epi16(a, c) : _mm256_unpacklo_epi16(a, c);
+}
+
+/// What one sub-block adds to the accumulators of query heads [qa, qa + nq) (row 0 of `acc` is
+/// head 0 of the pass) for register p: integer sums over the steps, flushed to f32 once.
+/// NQ heads are computed (lanes past nq are zero), nq stored. 4-bit values (K = 2) also sum
+/// the codes against the weights' residuals (`lanesLow`, codes as the unsigned operand): their
+/// own error is small enough that 8-bit weights' would show.
+static inline __attribute__((always_inline)) void SUFFIX(value_unit)(const uint8_t *codes, const uint8_t *padded, size_t first,
+                                                                     size_t steps, size_t fullSteps, const kvk_int_layout *L, int p,
+                                                                     __m256i lanes[VALUE_QUERIES][VALUE_SUB_BLOCK / 4],
+                                                                     __m256i lanesLow[VALUE_QUERIES][VALUE_SUB_BLOCK / 4], int qa, int nq,
+                                                                     const value_weights *vw, int g0, int g1, float *acc,
+                                                                     const int K, const int oneChunk) {
+    const int precise = K <= 2, levels = 1 + precise;
+    const int NQ = VALUE_ACCUMULATORS / (K * levels) < VALUE_QUERIES ? VALUE_ACCUMULATORS / (K * levels) : VALUE_QUERIES;
+    const int per = oneChunk ? 8 : 4, bits = 8 / K;
+    const __m256i mask = _mm256_set1_epi8((char)L->mask);
+    for (int i = 0; i < 4; i++) {
+        __m256i sum[VALUE_ACCUMULATORS], low[VALUE_ACCUMULATORS];
+        for (int x = 0; x < NQ * K; x++) sum[x] = low[x] = _mm256_setzero_si256();
+        for (size_t s = 0; s < steps; s++) {
+            const uint8_t *rows = s < fullSteps ? codes + (first + s * (size_t)per) * L->rowBytes : padded;
+            __m256i W = SUFFIX(value_quads)(rows, L, p, i, oneChunk);
+            for (int k = 0; k < K; k++) {
+                __m256i S = _mm256_and_si256(k ? _mm256_srli_epi16(W, k * bits) : W, mask);
+                for (int q = 0; q < NQ; q++) {
+                    sum[q * K + k] = DOT(sum[q * K + k], lanes[(qa + q) % VALUE_QUERIES][s], S);
+                    if (precise) low[q * K + k] = DOT(low[q * K + k], S, lanesLow[(qa + q) % VALUE_QUERIES][s]);
+                }
+            }
+        }
+        for (int q = 0; q < NQ && q < nq; q++) {
+            int head = qa + q;
+            float *out = acc + (size_t)head * L->dim;
+            for (int k = 0; k < K; k++) {
+                __m256i v = sum[q * K + k], w = low[q * K + k];
+                if (oneChunk) {
+                    __m128 f = _mm_cvtepi32_ps(_mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
+                    __m128 r = _mm_mul_ps(f, _mm_set1_ps(vw->unit[head][g0]));
+                    if (precise) {
+                        __m128 fl = _mm_cvtepi32_ps(_mm_add_epi32(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1)));
+                        r = _mm_add_ps(r, _mm_mul_ps(fl, _mm_set1_ps(vw->unit[head][g0] / 254.0f)));
+                    }
+                    float *o = out + (i * K + k) * 4;
+                    _mm_storeu_ps(o, _mm_add_ps(_mm_loadu_ps(o), _mm_add_ps(r, _mm_set1_ps(vw->offsetSum[head][g0]))));
+                } else {
+                    __m256 unit = _mm256_setr_m128(_mm_set1_ps(vw->unit[head][g0]), _mm_set1_ps(vw->unit[head][g1]));
+                    __m256 off = _mm256_setr_m128(_mm_set1_ps(vw->offsetSum[head][g0]), _mm_set1_ps(vw->offsetSum[head][g1]));
+                    __m256 r = _mm256_mul_ps(_mm256_cvtepi32_ps(v), unit);
+                    if (precise)
+                        r = _mm256_add_ps(r, _mm256_mul_ps(_mm256_cvtepi32_ps(w), _mm256_setr_m128(_mm_set1_ps(vw->unit[head][g0] / 254.0f),
+                                                                                                   _mm_set1_ps(vw->unit[head][g1] / 254.0f))));
+                    float *o = out + (size_t)p * 32 * K + (i * K + k) * 8;
+                    _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), _mm256_add_ps(r, off)));
+                }
+            }
+        }
+    }
+}
+
+static void SUFFIX(token_accumulate)(const uint8_t *codes, const void *scales, const void *offsets, const kvk_int_layout *L,
+                                     int groupSize, size_t t0, size_t count, const float *weights, size_t stride, int group,
+                                     float *acc) {
+    const int K = L->slots, P = L->units, oneChunk = L->chunks == 1, per = oneChunk ? 8 : 4;
+    const int levels = K <= 2 ? 2 : 1;
+    const int NQ = VALUE_ACCUMULATORS / (K * levels) < VALUE_QUERIES ? VALUE_ACCUMULATORS / (K * levels) : VALUE_QUERIES;
+    const size_t perToken = (size_t)(L->dim / groupSize);
+    value_weights vw;
+    __m256i lanes[VALUE_QUERIES][VALUE_SUB_BLOCK / 4], lanesLow[VALUE_QUERIES][VALUE_SUB_BLOCK / 4];
+    _Alignas(32) uint8_t padded[8 * MAX_ROW_BYTES];
+    float blockScales[VALUE_SUB_BLOCK * MAX_GROUPS], blockOffsets[VALUE_SUB_BLOCK * MAX_GROUPS];
+    float tokenMajor[2 * VALUE_SUB_BLOCK * MAX_GROUPS];
+    for (size_t a = t0; a < t0 + count; a += VALUE_SUB_BLOCK) {
+        size_t n = t0 + count - a < VALUE_SUB_BLOCK ? t0 + count - a : VALUE_SUB_BLOCK;
+        size_t steps = (n + (size_t)per - 1) / (size_t)per;
+        // Full steps read the block's rows; a partial last step reads a zero-padded copy (its
+        // missing tokens have weight 0).
+        size_t fullSteps = n / (size_t)per;
+        if (fullSteps < steps) {
+            memset(padded, 0, sizeof padded);
+            memcpy(padded, codes + (a + fullSteps * (size_t)per) * L->rowBytes, (n - fullSteps * (size_t)per) * L->rowBytes);
+        }
+        // Scales and offsets group-major, zero past n (value_prepare reads 32 at a time).
+        if (n < VALUE_SUB_BLOCK || perToken > 1) {
+            memset(blockScales, 0, sizeof(float) * VALUE_SUB_BLOCK * perToken);
+            memset(blockOffsets, 0, sizeof(float) * VALUE_SUB_BLOCK * perToken);
+        }
+        if (perToken == 1) {
+            SUFFIX(halves)((const uint8_t *)scales + 2 * a, n, blockScales);
+            SUFFIX(halves)((const uint8_t *)offsets + 2 * a, n, blockOffsets);
+        } else {
+            SUFFIX(halves)((const uint8_t *)scales + 2 * a * perToken, n * perToken, tokenMajor);
+            SUFFIX(halves)((const uint8_t *)offsets + 2 * a * perToken, n * perToken, tokenMajor + VALUE_SUB_BLOCK * MAX_GROUPS);
+            for (size_t i = 0; i < n; i++)
+                for (size_t g = 0; g < perToken; g++) {
+                    blockScales[g * VALUE_SUB_BLOCK + i] = tokenMajor[i * perToken + g];
+                    blockOffsets[g * VALUE_SUB_BLOCK + i] = tokenMajor[VALUE_SUB_BLOCK * MAX_GROUPS + i * perToken + g];
+                }
+        }
+        for (int q0 = 0; q0 < group; q0 += VALUE_QUERIES) {
+            int nb = group - q0 < VALUE_QUERIES ? group - q0 : VALUE_QUERIES;
+            SUFFIX(value_prepare)(L, groupSize, blockScales, blockOffsets, n, weights + (size_t)q0 * stride + (a - t0), stride, nb, &vw, levels == 2);
+            float *rows = acc + (size_t)q0 * L->dim;
+            for (int p = 0; p < P; p++) {
+                int g0 = value_group(L, groupSize, p, 0), g1 = value_group(L, groupSize, p, 1);
+                // Each step's weights per head: lane 0's four bytes in each of its 32-bit lanes,
+                // lane 1's in its; zero for heads past nb.
+                for (int q = 0; q < VALUE_QUERIES; q++)
+                    for (size_t s = 0; s < steps; s++) {
+                        uint32_t l0 = 0, l1 = 0, r0 = 0, r1 = 0;
+                        if (q < nb) {
+                            l0 = oneChunk ? vw.quads[q][g0][2 * s] : vw.quads[q][g0][s];
+                            l1 = oneChunk ? vw.quads[q][g0][2 * s + 1] : vw.quads[q][g1][s];
+                            if (levels == 2) {
+                                r0 = oneChunk ? vw.low[q][g0][2 * s] : vw.low[q][g0][s];
+                                r1 = oneChunk ? vw.low[q][g0][2 * s + 1] : vw.low[q][g1][s];
+                            }
+                        }
+                        lanes[q][s] = _mm256_setr_epi32((int)l0, (int)l0, (int)l0, (int)l0, (int)l1, (int)l1, (int)l1, (int)l1);
+                        lanesLow[q][s] = _mm256_setr_epi32((int)r0, (int)r0, (int)r0, (int)r0, (int)r1, (int)r1, (int)r1, (int)r1);
+                    }
+                for (int qa = 0; qa < nb; qa += NQ) {
+                    int nq = nb - qa;
+                    switch (K * 2 + oneChunk) {
+                    case 4: SUFFIX(value_unit)(codes, padded, a, steps, fullSteps, L, p, lanes, lanesLow, qa, nq, &vw, g0, g1, rows, 2, 0); break;
+                    case 5: SUFFIX(value_unit)(codes, padded, a, steps, fullSteps, L, p, lanes, lanesLow, qa, nq, &vw, g0, g1, rows, 2, 1); break;
+                    case 8: SUFFIX(value_unit)(codes, padded, a, steps, fullSteps, L, p, lanes, lanesLow, qa, nq, &vw, g0, g1, rows, 4, 0); break;
+                    case 9: SUFFIX(value_unit)(codes, padded, a, steps, fullSteps, L, p, lanes, lanesLow, qa, nq, &vw, g0, g1, rows, 4, 1); break;
+                    case 16: SUFFIX(value_unit)(codes, padded, a, steps, fullSteps, L, p, lanes, lanesLow, qa, nq, &vw, g0, g1, rows, 8, 0); break;
+                    default: SUFFIX(value_unit)(codes, padded, a, steps, fullSteps, L, p, lanes, lanesLow, qa, nq, &vw, g0, g1, rows, 8, 1); break;
+                    }
+                }
+            }
+        }
+    }
+}
