@@ -99,19 +99,20 @@ static inline __attribute__((always_inline)) void SUFFIX(key_prepare)(const kvk_
             for (int c = r * G; c < (r + 1) * G; c += 8) m = _mm256_max_ps(m, _mm256_and_ps(_mm256_load_ps(scaled + c), magnitude));
             groupMax[r] = SUFFIX(hmax)(m);
         }
-        // Lane l: group l of every register (several chunks per row), or group l % 4.
-        float inverse[8], *laneScale = qscale + 8 * q;
-        for (int l = 0; l < 8; l++) {
-            float top = 0;
-            if (L->chunks == 1) {
-                top = groupMax[l % 4];
-            } else {
-                for (int p = 0; p < L->units; p++) top = groupMax[8 * p + l] > top ? groupMax[8 * p + l] : top;
-            }
-            inverse[l] = top > 0 && top < INFINITY ? 127.0f / top : 0;
-            laneScale[l] = inverse[l] > 0 ? top / 127.0f : 0;
-            if (residual) laneScale[l] = laneScale[l] / 254.0f;
-        }
+        // Lane l: group l of every register (several chunks per row), or group l % 4. Eight
+        // lanes at once: the inverses in one vector division.
+        __m256 top = L->chunks == 1 ? _mm256_setr_ps(groupMax[0], groupMax[1], groupMax[2], groupMax[3], groupMax[0], groupMax[1],
+                                                     groupMax[2], groupMax[3])
+                                    : _mm256_loadu_ps(groupMax);
+        for (int p = 1; p < L->units; p++) top = _mm256_max_ps(top, _mm256_loadu_ps(groupMax + 8 * p));
+        // Lanes whose largest |q~| is 0 (or not finite) quantize to 0 with scale 0.
+        __m256 usable = _mm256_and_ps(_mm256_cmp_ps(top, _mm256_setzero_ps(), _CMP_GT_OQ),
+                                      _mm256_cmp_ps(top, _mm256_set1_ps(INFINITY), _CMP_LT_OQ));
+        __m256 inv = _mm256_and_ps(_mm256_div_ps(_mm256_set1_ps(127.0f), top), usable);
+        __m256 unit = _mm256_and_ps(_mm256_mul_ps(top, _mm256_set1_ps(residual ? 1.0f / (127.0f * 254.0f) : 1.0f / 127.0f)), usable);
+        float inverse[8];
+        _mm256_storeu_ps(inverse, inv);
+        _mm256_storeu_ps(qscale + 8 * q, unit);
         for (int c = 0; c < d; c += 32) {
             float factor[4];
             for (int i = 0; i < 4; i++) {
@@ -377,6 +378,15 @@ static inline __attribute__((always_inline)) void SUFFIX(value_unit)(const uint8
     const int NQ = VALUE_ACCUMULATORS / (K * levels) < VALUE_QUERIES ? VALUE_ACCUMULATORS / (K * levels) : VALUE_QUERIES;
     const int per = oneChunk ? 8 : 4, bits = 8 / K;
     const __m256i mask = _mm256_set1_epi8((char)L->mask);
+    // What a unit of each head's integer sums is worth, per 128-bit lane (its group), and the
+    // offsets' share: the same for every slot, so set up once.
+    __m256 unit[VALUE_QUERIES], unitLow[VALUE_QUERIES], offset[VALUE_QUERIES];
+    for (int q = 0; q < NQ && q < nq; q++) {
+        int head = qa + q;
+        unit[q] = _mm256_setr_m128(_mm_set1_ps(vw->unit[head][g0]), _mm_set1_ps(vw->unit[head][g1]));
+        unitLow[q] = _mm256_setr_m128(_mm_set1_ps(vw->unit[head][g0] / 254.0f), _mm_set1_ps(vw->unit[head][g1] / 254.0f));
+        offset[q] = _mm256_setr_m128(_mm_set1_ps(vw->offsetSum[head][g0]), _mm_set1_ps(vw->offsetSum[head][g1]));
+    }
     for (int i = 0; i < 4; i++) {
         __m256i sum[VALUE_ACCUMULATORS], low[VALUE_ACCUMULATORS];
         for (int x = 0; x < NQ * K; x++) sum[x] = low[x] = _mm256_setzero_si256();
@@ -392,28 +402,22 @@ static inline __attribute__((always_inline)) void SUFFIX(value_unit)(const uint8
             }
         }
         for (int q = 0; q < NQ && q < nq; q++) {
-            int head = qa + q;
-            float *out = acc + (size_t)head * L->dim;
+            float *out = acc + (size_t)(qa + q) * L->dim;
             for (int k = 0; k < K; k++) {
                 __m256i v = sum[q * K + k], w = low[q * K + k];
                 if (oneChunk) {
-                    __m128 f = _mm_cvtepi32_ps(_mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
-                    __m128 r = _mm_mul_ps(f, _mm_set1_ps(vw->unit[head][g0]));
-                    if (precise) {
-                        __m128 fl = _mm_cvtepi32_ps(_mm_add_epi32(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1)));
-                        r = _mm_add_ps(r, _mm_mul_ps(fl, _mm_set1_ps(vw->unit[head][g0] / 254.0f)));
-                    }
-                    float *o = out + (i * K + k) * 4;
-                    _mm_storeu_ps(o, _mm_add_ps(_mm_loadu_ps(o), _mm_add_ps(r, _mm_set1_ps(vw->offsetSum[head][g0]))));
-                } else {
-                    __m256 unit = _mm256_setr_m128(_mm_set1_ps(vw->unit[head][g0]), _mm_set1_ps(vw->unit[head][g1]));
-                    __m256 off = _mm256_setr_m128(_mm_set1_ps(vw->offsetSum[head][g0]), _mm_set1_ps(vw->offsetSum[head][g1]));
-                    __m256 r = _mm256_mul_ps(_mm256_cvtepi32_ps(v), unit);
+                    __m128 r = _mm_mul_ps(_mm_cvtepi32_ps(_mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1))),
+                                          _mm256_castps256_ps128(unit[q]));
                     if (precise)
-                        r = _mm256_add_ps(r, _mm256_mul_ps(_mm256_cvtepi32_ps(w), _mm256_setr_m128(_mm_set1_ps(vw->unit[head][g0] / 254.0f),
-                                                                                                   _mm_set1_ps(vw->unit[head][g1] / 254.0f))));
+                        r = _mm_add_ps(r, _mm_mul_ps(_mm_cvtepi32_ps(_mm_add_epi32(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1))),
+                                                     _mm256_castps256_ps128(unitLow[q])));
+                    float *o = out + (i * K + k) * 4;
+                    _mm_storeu_ps(o, _mm_add_ps(_mm_loadu_ps(o), _mm_add_ps(r, _mm256_castps256_ps128(offset[q]))));
+                } else {
+                    __m256 r = _mm256_mul_ps(_mm256_cvtepi32_ps(v), unit[q]);
+                    if (precise) r = _mm256_add_ps(r, _mm256_mul_ps(_mm256_cvtepi32_ps(w), unitLow[q]));
                     float *o = out + (size_t)p * 32 * K + (i * K + k) * 8;
-                    _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), _mm256_add_ps(r, off)));
+                    _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), _mm256_add_ps(r, offset[q])));
                 }
             }
         }
@@ -443,11 +447,24 @@ static void SUFFIX(token_accumulate)(const uint8_t *codes, const void *scales, c
             memcpy(padded, codes + (a + fullSteps * (size_t)per) * L->rowBytes, (n - fullSteps * (size_t)per) * L->rowBytes);
         }
         // Scales and offsets group-major, zero past n (value_prepare reads 32 at a time).
-        if (n < VALUE_SUB_BLOCK || perToken > 1) {
+        if (n < VALUE_SUB_BLOCK) {
             memset(blockScales, 0, sizeof(float) * VALUE_SUB_BLOCK * perToken);
             memset(blockOffsets, 0, sizeof(float) * VALUE_SUB_BLOCK * perToken);
         }
-        if (perToken == 1) {
+        if (perToken == 2 && n == VALUE_SUB_BLOCK) {
+            // Two groups per token: eight halves are four tokens' (g0, g1) pairs; one permute
+            // puts g0's four in the low half and g1's in the high half.
+            const __m256i split = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+            for (int which = 0; which < 2; which++) {
+                const uint8_t *src = (const uint8_t *)(which ? offsets : scales) + 2 * a * perToken;
+                float *dst = which ? blockOffsets : blockScales;
+                for (size_t i = 0; i < VALUE_SUB_BLOCK; i += 4) {
+                    __m256 v = _mm256_permutevar8x32_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + 4 * i))), split);
+                    _mm_storeu_ps(dst + i, _mm256_castps256_ps128(v));
+                    _mm_storeu_ps(dst + VALUE_SUB_BLOCK + i, _mm256_extractf128_ps(v, 1));
+                }
+            }
+        } else if (perToken == 1) {
             SUFFIX(halves)((const uint8_t *)scales + 2 * a, n, blockScales);
             SUFFIX(halves)((const uint8_t *)offsets + 2 * a, n, blockOffsets);
         } else {
@@ -478,8 +495,9 @@ static void SUFFIX(token_accumulate)(const uint8_t *codes, const void *scales, c
                                 r1 = oneChunk ? vw.low[q][g0][2 * s + 1] : vw.low[q][g1][s];
                             }
                         }
-                        lanes[q][s] = _mm256_setr_epi32((int)l0, (int)l0, (int)l0, (int)l0, (int)l1, (int)l1, (int)l1, (int)l1);
-                        lanesLow[q][s] = _mm256_setr_epi32((int)r0, (int)r0, (int)r0, (int)r0, (int)r1, (int)r1, (int)r1, (int)r1);
+                        lanes[q][s] = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_set1_epi32((int)l0)), _mm_set1_epi32((int)l1), 1);
+                        if (levels == 2)
+                            lanesLow[q][s] = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_set1_epi32((int)r0)), _mm_set1_epi32((int)r1), 1);
                     }
                 for (int qa = 0; qa < nb; qa += NQ) {
                     int nq = nb - qa;

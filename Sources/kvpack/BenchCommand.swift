@@ -13,7 +13,7 @@ struct BenchCommand: ParsableCommand {
 
         1. The machine: single-core streaming read bandwidth (a 256 MiB buffer) and peak f32 multiply-add rate.
 
-        2. For each --tokens count: one layer of --model's geometry (llama-3-8b: 8 KV heads, head_dim 128, GQA group 4) of synthetic RoPE'd keys and values, written in every --scheme (writer throughput, MB/s of f16 input). Then one decode step of attention for every KV head of the layer (all query heads of each GQA group, every token) over each file, mapped and in the page cache. Files are measured round-robin, --repeat rounds, so a slow moment of a shared machine hits all of them; the best round is reported (and the median). Baselines: dense f16 and f32 rows in memory (a heap copy of a raw file) read by the same SIMD kernels. Each scheme's floor is the larger of (bytes of its codes and metadata) / bandwidth and (4 x group x head_dim flops per token) / peak rate. With --threads N > 1 the layer is also timed with its KV heads split across N threads.
+        2. For each --tokens count: one layer of --model's geometry (llama-3-8b: 8 KV heads, head_dim 128, GQA group 4) of synthetic RoPE'd keys and values, written in every --scheme (writer throughput, MB/s of f16 input). Then one decode step of attention for every KV head of the layer (all query heads of each GQA group, every token) over each file, mapped and in the page cache. Files are measured round-robin, --repeat rounds, so a slow moment of a shared machine hits all of them; the best round is reported (and the median). Baselines: dense f16 and f32 rows in memory (a heap copy of a raw file) read by the same SIMD kernels. Each scheme's floor is the larger of (bytes of its codes and metadata) / bandwidth and its arithmetic at the machine's peak rates: group x head_dim multiply-adds per token for keys and as many for values, at the f32 rate, or at the integer rate (u8 x s8 products) where the int scheme's integer kernels run (twice for 4-bit codes, which take a second, residual pass); such schemes are also timed with exact f32 arithmetic, in rows marked (exact). With --threads N > 1 the layer is also timed with its KV heads split across N threads.
 
         3. Resume latency: a 32-layer file of --resume-scheme at each --resume-tokens count, in format 1.x and 2.x: the index bytes opening reads, time to open it and produce the first attention output (layer 0, KV head 0, all tokens), cold (page cache dropped, when this process may) and warm, against a full decode step (every layer and head; the first after opening also verifies every block's checksum) and against reading every byte of the file; and the heap the reader holds (its index arrays, blobs and flags), which is all it holds beyond the file's pages.
 
@@ -58,8 +58,8 @@ struct BenchCommand: ParsableCommand {
         let specs = schemes.isEmpty ? Self.defaultSchemes : schemes
         let resumeCounts = resumeTokens.isEmpty ? [4096, 131_072] : resumeTokens.filter { $0 > 0 }
         let report = Report()
-        let measured = skipMachineMeasurement ? (bandwidth: 1e10, flops: 1e11, probes: "nominal, not measured") : Self.measureMachine()
-        let machine = (bandwidth: measured.bandwidth, flops: measured.flops)
+        let measured = skipMachineMeasurement ? (bandwidth: 1e10, flops: 1e11, products: 4e11, probes: "nominal, not measured") : Self.measureMachine()
+        let machine = Machine(bandwidth: measured.bandwidth, flops: measured.flops, products: measured.products)
         report.say(String(format: "machine: %@, %d cores, single-core read bandwidth %.2f GB/s (%@), peak multiply-add %.1f GFLOP/s (f32, one core)",
                           Self.cpuName(), ProcessInfo.processInfo.activeProcessorCount, machine.bandwidth / 1e9, measured.probes, machine.flops / 1e9))
         report.say("geometry: one layer of \(preset.name): \(g.kvHeadCount) KV heads, head_dim \(g.headDim), GQA group \(g.groupSize); a decode step attends every KV head over every token; times are per KV head")
@@ -76,8 +76,20 @@ struct BenchCommand: ParsableCommand {
 
     // MARK: Attention
 
+    /// What the floors are computed from: read bandwidth, f32 multiply-add rate (flops), and the
+    /// rate of u8 x s8 products summed into 32-bit lanes (integer kernels).
+    struct Machine {
+        var bandwidth: Double
+        var flops: Double
+        var products: Double
+    }
+
     final class Entry {
         let label: String
+        /// Per token and query head: multiply-adds in f32, and byte products in integer kernels
+        /// (keys and values; two-level ones count twice). Dense rows: 2 f32 multiply-adds per
+        /// channel (key and value).
+        var floatMACs = 2.0, integerProducts = 0.0
         /// One decode step over every KV head of the layer: (queries, output, workspaces).
         let attend: (UnsafePointer<Float>, UnsafeMutablePointer<Float>, [AttentionWorkspace]) throws -> Void
         let threadable: Bool
@@ -93,6 +105,15 @@ struct BenchCommand: ParsableCommand {
             self.streamBytes = streamBytes
             self.bytesPerToken = streamBytes / (tokens * reader.geometry.kvHeadCount)
             self.writerMBps = writerMBps
+            // Which halves of attention run on integer kernels (layer 0 is the one timed).
+            if reader.arithmetic == .fast {
+                for kind in KVKind.allCases {
+                    guard let int = reader.scheme(layer: 0, kind: kind) as? IntScheme,
+                          kind == .key ? int.fastScores : int.fastAccumulate else { continue }
+                    floatMACs -= 1
+                    integerProducts += int.bits >= 4 ? 2 : 1
+                }
+            }
         }
 
         /// The C dense f16 baseline (`kvk_dense_f16_attention`): rows [kvHead][token][dim] in memory,
@@ -145,7 +166,7 @@ struct BenchCommand: ParsableCommand {
     }
 
     func attentionTable(dir: String, preset: ModelPreset, geometry g: ModelGeometry, tokens n: Int, specs: [String],
-                        machine: (bandwidth: Double, flops: Double), report: Report) throws {
+                        machine: Machine, report: Report) throws {
         let data = Self.generate(geometry: g, rope: preset.rope, tokens: n)
         var entries: [Entry] = []
         // KVPACK_BENCH_ONLY_SCHEMES=1 leaves the baselines out (for profiling one scheme).
@@ -169,8 +190,14 @@ struct BenchCommand: ParsableCommand {
             let path = "\(dir)/bench-\(n)-\(spec.map { $0.isLetter || $0.isNumber ? $0 : "_" }.map(String.init).joined()).kvpack"
             let seconds = try Self.write(path: path, spec: spec, geometry: g, rope: preset.rope, data: data, tokens: n, segmentTokens: segmentTokens)
             let reader = try KVPackReader(path: path)
-            entries.append(Entry(label: spec, reader: reader, streamBytes: try reader.streamBytes().reduce(0, +), tokens: n,
-                                 writerMBps: inputMB / seconds))
+            let entry = Entry(label: spec, reader: reader, streamBytes: try reader.streamBytes().reduce(0, +), tokens: n,
+                              writerMBps: inputMB / seconds)
+            entries.append(entry)
+            // Where integer kernels run, the same file with exact (f32) arithmetic beside it.
+            if entry.integerProducts > 0 {
+                let exact = try KVPackReader(path: path, arithmetic: .exact)
+                entries.append(Entry(label: spec + " (exact)", reader: exact, streamBytes: entry.streamBytes, tokens: n, writerMBps: nil))
+            }
             // Unlinked now, mapped until the reader goes: the space returns when the table is done.
             try? FileManager.default.removeItem(atPath: path)
         }
@@ -195,7 +222,8 @@ struct BenchCommand: ParsableCommand {
                 }
             }
         }
-        let flops = Double(4 * g.groupSize * g.headDim * n)
+        // Multiply-adds per KV head and decode step: group x head_dim per token, for keys and values.
+        let perHalf = Double(g.groupSize * g.headDim * n)
         // The yardstick: the faster of the two dense f16 kernels (Swift, C).
         let dense = baselines.isEmpty ? Double.nan : entries.filter { $0.label.hasPrefix("dense f16") }.map { $0.times.min()! }.min()!
         var header = ["scheme", "tokens", "B/token/head", "attention (median)", "GB/s", "floor", "x floor", "vs f16"]
@@ -205,7 +233,8 @@ struct BenchCommand: ParsableCommand {
         for e in entries {
             let best = e.times.min()!, median = e.times.sorted()[e.times.count / 2]
             let perHeadBytes = Double(e.streamBytes) / Double(g.kvHeadCount)
-            let floor = max(perHeadBytes / machine.bandwidth, flops / machine.flops)
+            let compute = perHalf * (2 * e.floatMACs / machine.flops + e.integerProducts / machine.products)
+            let floor = max(perHeadBytes / machine.bandwidth, compute)
             var row = [e.label, "\(n)", "\(e.bytesPerToken)", "\(Self.time(best)) (\(Self.time(median)))",
                        String(format: "%.2f", perHeadBytes / best / 1e9), Self.time(floor),
                        String(format: "%.2f", best / floor), String(format: "%.2f", dense / best)]
@@ -392,7 +421,7 @@ struct BenchCommand: ParsableCommand {
     /// (`kvk_stream_read`: eight 32-byte loads per iteration; the bandwidth is the faster of the
     /// two, so no floor is too high because a probe was slow), and a multiply-add loop with 8
     /// independent 8-wide accumulators (best of 5), on one core.
-    static func measureMachine() -> (bandwidth: Double, flops: Double, probes: String) {
+    static func measureMachine() -> (bandwidth: Double, flops: Double, products: Double, probes: String) {
         let count = 64 << 20
         let buffer = UnsafeMutablePointer<Float>.allocate(capacity: count)
         defer { buffer.deallocate() }
@@ -447,7 +476,7 @@ struct BenchCommand: ParsableCommand {
             return Double(products) / seconds
         }.max()!
         let intProbe = String(format: "; integer multiply-add %.0f G/s (u8 x s8, %@)", bestInt / 1e9, String(cString: kvk_int8_isa_name()))
-        return (bandwidth, Double(iterations * 8 * 8 * 2) / bestFlops, probes + intProbe)
+        return (bandwidth, Double(iterations * 8 * 8 * 2) / bestFlops, bestInt, probes + intProbe)
     }
 
     static func cpuName() -> String {

@@ -126,8 +126,10 @@ public struct FrameHeader: Sendable, Equatable {
 
     /// Parses and verifies the header at `offset`. `limit` is the end of the bytes the frame
     /// may occupy (the file size, or the offset of the frame that references this one).
+    /// `verifyingChecksum: false` is for a frame this reader verified before (committed bytes
+    /// never change): its fields are still checked against the bounds, its hash is not redone.
     static func decode(_ file: UnsafeRawBufferPointer, at offset: UInt64, limit: UInt64, salt: UInt64,
-                       field: String = "frame") throws -> FrameHeader {
+                       field: String = "frame", verifyingChecksum: Bool = true) throws -> FrameHeader {
         let align = UInt64(FileHeader.frameAlignment)
         guard offset % align == 0, offset >= UInt64(FileHeader.size) else {
             throw KVPackError.invalid(offset, "\(field).offset",
@@ -139,19 +141,19 @@ public struct FrameHeader: Sendable, Equatable {
                                         have: offset < end ? end - offset : 0)
         }
         return try decode(header: UnsafeRawBufferPointer(rebasing: file[Int(offset) ..< Int(offset) + size]), at: offset, end: end,
-                          salt: salt, field: field)
+                          salt: salt, field: field, verifyingChecksum: verifyingChecksum)
     }
 
     /// Parses and verifies the `size` header bytes `h` of the frame at `offset` (a copy, or a
     /// slice of the file), whose payload must end by `end`.
     static func decode(header h: UnsafeRawBufferPointer, at offset: UInt64, end: UInt64, salt: UInt64,
-                       field: String) throws -> FrameHeader {
+                       field: String, verifyingChecksum: Bool = true) throws -> FrameHeader {
         guard h.count == size, offset <= end, end - offset >= UInt64(size) else {
             throw KVPackError.truncated(offset, "\(field).header", need: UInt64(size), have: UInt64(min(h.count, size)))
         }
         let stored = h.loadLE(56, as: UInt64.self)
-        let actual = Checksum.xxh3(UnsafeRawBufferPointer(rebasing: h[0 ..< 56]),
-                                   seed: checksumSeed(salt: salt, offset: offset))
+        let actual = verifyingChecksum ? Checksum.xxh3(UnsafeRawBufferPointer(rebasing: h[0 ..< 56]),
+                                                       seed: checksumSeed(salt: salt, offset: offset)) : stored
         guard Checksum.matches(stored, actual) else {
             throw KVPackError(.checksumMismatch, offset: offset + 56, field: "\(field).headerChecksum",
                               "stored \(hex64(stored)), computed \(hex64(actual)) (frame at \(offset))")

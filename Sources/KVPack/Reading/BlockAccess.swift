@@ -9,9 +9,11 @@ extension KVPackReader {
     func segmentTable(_ segment: Int) throws -> SegmentTable {
         let offset = state.segmentTables[segment]
         let bytes = file.bytes
-        let h = try FrameHeader.decode(bytes, at: offset, limit: state.commitOffset, salt: header.salt, field: "SEGT")
+        let verified = tablesVerified.isSet(segment)
+        let h = try FrameHeader.decode(bytes, at: offset, limit: state.commitOffset, salt: header.salt, field: "SEGT",
+                                       verifyingChecksum: !verified)
         try SegmentTable.check(h, segment: segment, streamCount: geometry.streamCount, tokenCount: segmentTokens)
-        if !tablesVerified.isSet(segment) {
+        if !verified {
             try h.verifyPayload(in: bytes, field: "SEGT")
             tablesVerified.set(segment)
         }
@@ -62,13 +64,14 @@ extension KVPackReader {
         let slot = segment * geometry.streamCount + stream
         let offset = try blockOffset(segment: segment, stream: stream)
         let bytes = file.bytes
-        let h = try FrameHeader.decode(bytes, at: offset, limit: state.commitOffset, salt: header.salt, field: "BLCK")
+        let firstUse = !verified.isSet(slot)
+        let h = try FrameHeader.decode(bytes, at: offset, limit: state.commitOffset, salt: header.salt, field: "BLCK",
+                                       verifyingChecksum: firstUse)
         let schemeIndex = manifest.scheme(forStream: stream)
         let scheme = schemes[schemeIndex]
         let expected = scheme.encodedBlockSize(tokens: segmentTokens)
         try BlockFrame.check(h, BlockFrame.Expectation(stream: stream, segment: segment, tokenCount: segmentTokens, schemeIndex: schemeIndex,
                                                        rawLength: expected, compressed: scheme.compressesBlocks))
-        let firstUse = !verified.isSet(slot)
         if firstUse { try h.verifyPayload(in: bytes, field: "BLCK") }
         var payload = h.storedPayload(in: bytes)
         if h.isCompressed {

@@ -45,8 +45,8 @@ public struct IntScheme: KVScheme {
     let tiled: Bool
     /// Attention with integer dot products (`IntegerCodeKernels`): key scores for per-channel
     /// groups, value accumulation for per-token groups, where the layout and the CPU allow.
-    let fastScores: Bool
-    let fastAccumulate: Bool
+    public let fastScores: Bool
+    public let fastAccumulate: Bool
     /// With `fastAccumulate`, the channel of each accumulator slot (`finishAccumulation`).
     let slotChannels: [Int32]
 
