@@ -54,6 +54,8 @@ extension KVPackReader {
             // at -Onone and a crash at -O. The fuzzer found it (corpus/error-checksumMismatch__
             // v1-fuzz-attend-lost-error.kvpack); no local function in this project uses rethrows.
             let chunkStart = t
+            // The value block's offset, found with the key block's (a chunk holds at most one block).
+            var valueBlock: UInt64?
             func forEachSource(_ body: (ChunkSource) throws -> Void) throws {
                 try forEachChunk(chunkStart ..< fileEnd) { chunk in
                     switch chunk {
@@ -76,7 +78,9 @@ extension KVPackReader {
                         preparedKey = true
                     }
                     prefetchBlocks(segment: segment + Self.blocksAhead, streams: kStream ... vStream)
-                    let payload = try blockPayload(segment: segment, stream: kStream, workspace: workspace)
+                    let (kOffset, vOffset) = try blockOffsets(segment: segment, streams: (kStream, vStream))
+                    valueBlock = vOffset
+                    let payload = try blockPayload(segment: segment, stream: kStream, at: kOffset, workspace: workspace)
                     kScheme.scores(block: payload, tokens: local, state: workspace.keyState.pointer, groupSize: g, into: scores + at, stride: c)
                 case let .tail(piece, local, at):
                     kTail.scores(block: tailRows(piece: piece, stream: kStream), tokens: local, state: rowState, groupSize: g,
@@ -90,7 +94,8 @@ extension KVPackReader {
             try forEachSource { source in
                 switch source {
                 case let .block(segment, local, at):
-                    let payload = try blockPayload(segment: segment, stream: vStream, workspace: workspace)
+                    let payload = try valueBlock.map { try blockPayload(segment: segment, stream: vStream, at: $0, workspace: workspace) }
+                        ?? blockPayload(segment: segment, stream: vStream, workspace: workspace)
                     vScheme.accumulate(block: payload, tokens: local, weights: scores + at, stride: c, groupSize: g, into: blockAcc)
                 case let .tail(piece, local, at):
                     vTail.accumulate(block: tailRows(piece: piece, stream: vStream), tokens: local, weights: scores + at, stride: c,

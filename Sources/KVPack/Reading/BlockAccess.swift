@@ -59,10 +59,25 @@ extension KVPackReader {
 
     // MARK: Block access
 
+    /// Where the blocks of two streams of one segment start (a key stream and its value
+    /// stream): one segment-table read for both.
+    func blockOffsets(segment: Int, streams: (Int, Int)) throws -> (UInt64, UInt64) {
+        if state.major == 1 {
+            let base = segment * geometry.streamCount
+            return (state.blockOffsets[base + streams.0], state.blockOffsets[base + streams.1])
+        }
+        let table = try segmentTable(segment)
+        return (try table.blockOffset(stream: streams.0, manifestEnd: manifestEnd), try table.blockOffset(stream: streams.1, manifestEnd: manifestEnd))
+    }
+
     /// The verified payload of a sealed block, decompressed into `workspace` when compressed.
     func blockPayload(segment: Int, stream: Int, workspace: AttentionWorkspace) throws -> UnsafeRawBufferPointer {
+        try blockPayload(segment: segment, stream: stream, at: blockOffset(segment: segment, stream: stream), workspace: workspace)
+    }
+
+    /// The same for a block whose offset the caller looked up (`blockOffsets`).
+    func blockPayload(segment: Int, stream: Int, at offset: UInt64, workspace: AttentionWorkspace) throws -> UnsafeRawBufferPointer {
         let slot = segment * geometry.streamCount + stream
-        let offset = try blockOffset(segment: segment, stream: stream)
         let bytes = file.bytes
         let firstUse = !verified.isSet(slot)
         let h = try FrameHeader.decode(bytes, at: offset, limit: state.commitOffset, salt: header.salt, field: "BLCK",

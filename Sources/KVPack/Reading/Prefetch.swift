@@ -50,8 +50,8 @@ extension KVPackReader {
     /// too far for the hardware prefetchers, so each block would otherwise start with a wait on
     /// memory. Only blocks that lie together, as the writer puts them; a hint, never an error.
     func prefetchBlocks(segment: Int, streams: ClosedRange<Int>) {
-        guard segment < sealedTokenCount / segmentTokens, let lo = try? blockOffset(segment: segment, stream: streams.lowerBound),
-              let hi = try? blockOffset(segment: segment, stream: streams.upperBound) else { return }
+        guard segment < sealedTokenCount / segmentTokens,
+              let (lo, hi) = try? blockOffsets(segment: segment, streams: (streams.lowerBound, streams.upperBound)) else { return }
         let end = Int(hi) + FrameHeader.size + streamSchemes[streams.upperBound].encodedBlockSize(tokens: segmentTokens)
         guard hi >= lo, end <= file.bytes.count, end - Int(lo) <= 1 << 20, let base = file.bytes.baseAddress else { return }
         CacheHints.prefetch(base + Int(lo), bytes: end - Int(lo))
