@@ -142,10 +142,16 @@ int kvk_int_channel_supported(int bits, int dim) {
     return int_isa != ISA_NONE && int_layout(bits, dim, &L);
 }
 
+/// The layout of `bits`-bit values in groups of `groupSize` channels, if the value kernel takes
+/// it: groups that divide dim, are whole 16-byte chunks of codes, at most MAX_GROUPS per token.
+static int token_layout(int bits, int dim, int groupSize, kvk_int_layout *L) {
+    return int_layout(bits, dim, L) && groupSize > 0 && dim % groupSize == 0 && groupSize % L->chunkChannels == 0 &&
+           dim / groupSize <= MAX_GROUPS;
+}
+
 int kvk_int_token_supported(int bits, int dim, int groupSize) {
     kvk_int_layout L;
-    if (int_isa == ISA_NONE || !int_layout(bits, dim, &L)) return 0;
-    return groupSize > 0 && dim % groupSize == 0 && groupSize % L.chunkChannels == 0 && dim / groupSize <= MAX_GROUPS;
+    return int_isa != ISA_NONE && token_layout(bits, dim, groupSize, &L);
 }
 
 int kvk_int_channel_scores(const uint8_t *codes, const void *scales, const void *offsets, int bits, int dim, int runTokens, size_t t0,
@@ -169,9 +175,7 @@ int kvk_int_channel_scores(const uint8_t *codes, const void *scales, const void 
 int kvk_int_token_accumulate(const uint8_t *codes, const void *scales, const void *offsets, int bits, int dim, int groupSize, size_t t0,
                              size_t count, const float *weights, size_t stride, int group, float *acc, int isa) {
     kvk_int_layout L;
-    if (!int_layout(bits, dim, &L) || !(groupSize > 0 && dim % groupSize == 0 && groupSize % L.chunkChannels == 0) ||
-        dim / groupSize > MAX_GROUPS || group <= 0)
-        return -1;
+    if (!token_layout(bits, dim, groupSize, &L) || group <= 0) return -1;
 #if KVK_INT_X86
     switch (chosen_isa(isa)) {
     case ISA_VNNI:
