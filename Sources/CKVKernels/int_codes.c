@@ -8,8 +8,9 @@
 //
 // Keys (per-channel groups, KIVI's layout): within a run of tokens sharing scale s_c and offset
 // o_c, q . k_t = sum_c (q_c s_c) code_tc + sum_c q_c o_c. The first sum is an integer dot product
-// of the codes with q~ = q * s quantized to int8 (one f32 scale per query head and run), laid out
-// in slot order; the second is one f32 constant per head and run.
+// of the codes with q~ = q * s quantized to int8 (one f32 scale per query head, run and 32-bit
+// accumulator lane; 4-bit keys add a pass with the rounding residual), laid out in slot order;
+// the second is one f32 constant per head and run.
 //
 // Values (per-token groups): sum_t w_t v_tc = sum_t (w_t s_tg) code_tc + sum_t w_t o_tg. The
 // weights w_t s_tg are quantized to u8 per query head, group and sub-block of 64 tokens; four

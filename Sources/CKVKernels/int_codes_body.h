@@ -34,6 +34,14 @@ static inline float SUFFIX(hsum)(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
 }
 
+/// Four vectors of 32-bit integers (already within a byte's range) as 32 bytes in order:
+/// signed saturation, or unsigned.
+static inline __m256i SUFFIX(pack32)(const __m256i v[4], int isSigned) {
+    __m256i a = _mm256_packs_epi32(v[0], v[1]), b = _mm256_packs_epi32(v[2], v[3]);
+    __m256i bytes = isSigned ? _mm256_packs_epi16(a, b) : _mm256_packus_epi16(a, b);
+    return _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
 /// 32 floats at `x`, each run of 8 times its factor, rounded to nearest even within [lo, hi]
 /// (NaN to lo), as 32 bytes in order: signed (int8) when lo < 0, else unsigned.
 static inline __m256i SUFFIX(quantize32)(const float *x, const float factor[4], float lo, float hi) {
@@ -41,9 +49,7 @@ static inline __m256i SUFFIX(quantize32)(const float *x, const float factor[4], 
     __m256i v[4];
     for (int i = 0; i < 4; i++)
         v[i] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_loadu_ps(x + 8 * i), _mm256_set1_ps(factor[i])), l), h));
-    __m256i a = _mm256_packs_epi32(v[0], v[1]), b = _mm256_packs_epi32(v[2], v[3]);
-    __m256i bytes = lo < 0 ? _mm256_packs_epi16(a, b) : _mm256_packus_epi16(a, b);
-    return _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    return SUFFIX(pack32)(v, lo < 0);
 }
 
 /// The rounding residual of 32 floats times their factors (as `quantize32`), times 254 and
@@ -56,8 +62,7 @@ static inline __m256i SUFFIX(residual32)(const float *x, const float factor[4]) 
         __m256 r = _mm256_sub_ps(y, _mm256_round_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
         v[i] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(r, k), l), h));
     }
-    __m256i a = _mm256_packs_epi32(v[0], v[1]), b = _mm256_packs_epi32(v[2], v[3]);
-    return _mm256_permutevar8x32_epi32(_mm256_packs_epi16(a, b), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    return SUFFIX(pack32)(v, 1);
 }
 
 /// q~ = q * s of one run (its scales and offsets as f32), quantized to int8 in slot order
@@ -123,41 +128,10 @@ static inline __attribute__((always_inline)) void SUFFIX(key_prepare)(const kvk_
                                                              : SUFFIX(quantize32)(scaled + c, factor, -127, 127));
         }
         int8_t *state = qperm + (size_t)q * stateBytes;
-        if (K == 4 || K == 2) {
-            // The same in registers: after the shuffle, run m holds `segment` bytes of each slot;
-            // slot k's lane is segment k of every run, a transpose of 4-byte (K = 4) or 8-byte
-            // (K = 2) pieces.
-            for (int chunk = 0; chunk < L->chunks; chunk++) {
-                const int8_t *src = q8 + chunk * L->chunkChannels;
-                __m128i out[4];
-                if (K == 4) {
-                    __m128i r0 = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)src), gather);
-                    __m128i r1 = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(src + 16)), gather);
-                    __m128i r2 = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(src + 32)), gather);
-                    __m128i r3 = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(src + 48)), gather);
-                    __m128i t0 = _mm_unpacklo_epi32(r0, r1), t1 = _mm_unpackhi_epi32(r0, r1);
-                    __m128i t2 = _mm_unpacklo_epi32(r2, r3), t3 = _mm_unpackhi_epi32(r2, r3);
-                    out[0] = _mm_unpacklo_epi64(t0, t2);
-                    out[1] = _mm_unpackhi_epi64(t0, t2);
-                    out[2] = _mm_unpacklo_epi64(t1, t3);
-                    out[3] = _mm_unpackhi_epi64(t1, t3);
-                } else {
-                    __m128i r0 = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)src), gather);
-                    __m128i r1 = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(src + 16)), gather);
-                    out[0] = _mm_unpacklo_epi64(r0, r1);
-                    out[1] = _mm_unpackhi_epi64(r0, r1);
-                }
-                for (int k = 0; k < K; k++) {
-                    int8_t *lane = slot_lane(L, state, chunk, k);
-                    _mm_storeu_si128((__m128i *)lane, out[k]);
-                    if (L->chunks == 1) _mm_storeu_si128((__m128i *)(lane + 16), out[k]);
-                }
-            }
-            continue;
-        }
         for (int chunk = 0; chunk < L->chunks; chunk++) {
-            // The chunk's 16K channels are K runs of 16 bytes; each run holds `segment` bytes of
-            // every slot, which go to that slot's lane one after another.
+            // The chunk's 16K channels are K runs of 16 bytes; after the shuffle each run holds
+            // `segment` bytes of every slot, which go to that slot's lane one after another (K is
+            // a constant here, so the copies are plain moves).
             for (int m = 0; m < K; m++)
                 _mm_store_si128((__m128i *)(shuffled + 16 * m),
                                 _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(q8 + chunk * L->chunkChannels + 16 * m)), gather));
@@ -171,8 +145,9 @@ static inline __attribute__((always_inline)) void SUFFIX(key_prepare)(const kvk_
 }
 
 /// The value weights w_t * s_tg of `n` tokens quantized to u8 per query head and group, for
-/// `nq` heads; with `precise`, also their rounding residuals (a second level, about 8 bits more). `scales` and `offsets` are group-major (g * VALUE_SUB_BLOCK + token), zero past n
-/// up to a multiple of 32.
+/// `nq` heads; with `precise`, also their rounding residuals (a second level, about 8 bits
+/// more). `scales` and `offsets` are group-major (g * VALUE_SUB_BLOCK + token), zero past n up
+/// to a multiple of 32.
 static void SUFFIX(value_prepare)(const kvk_int_layout *L, int groupSize, const float *scales, const float *offsets, size_t n,
                                   const float *weights, size_t stride, int nq, value_weights *vw, int precise) {
     const int perToken = L->dim / groupSize;
