@@ -23,9 +23,9 @@ INTEROP_SOURCES := $(shell find Sources/KVPackInterop/LlamaCpp -name '*.swift')
 SMOLLM2 := $(if $(KVPACK_MODEL_DIR),$(KVPACK_MODEL_DIR),$(if $(XDG_CACHE_HOME),$(XDG_CACHE_HOME),$(HOME)/.cache)/kvpack)/SmolLM2-135M-Instruct.Q4_1.gguf
 
 # (check-layers: see scripts/check-layers.py and ARCHITECTURE.md)
-.PHONY: all build setup native-deps models pydeps check-layers test demo fuzz fuzz-all fuzz-decode fuzz-generated fuzz-tensors fuzz-gguf fuzz-llama-cpp fuzz-parser differential corpus corpus-check bench bench-convert torture sanitize clean llama.cpp llama-cpp-fixtures llama-cpp-roundtrip llama-cpp-sizes chat-sampling long-chat
+.PHONY: capi capi-test python python-test all build setup native-deps models pydeps check-layers test demo fuzz fuzz-all fuzz-decode fuzz-generated fuzz-tensors fuzz-gguf fuzz-llama-cpp fuzz-parser differential corpus corpus-check bench bench-convert torture sanitize clean llama.cpp llama-cpp-fixtures llama-cpp-roundtrip llama-cpp-sizes chat-sampling long-chat
 
-all: build
+all: build capi
 
 # Native dependencies: libzstd and libxxhash headers (Debian packages); then the SmolLM2 model
 # (without it, the tests that need it skip and say so).
@@ -50,7 +50,7 @@ build: setup
 # The second, Python reader (Spec/reader/spec_reader.py) the tests compare against needs these;
 # gguf (llama.cpp's gguf-py) dequantizes llama.cpp cache rows in Tests/Oracles/llama_cpp_state.py.
 pydeps:
-	@python3 -c 'import numpy, xxhash, zstandard, safetensors, gguf' 2>/dev/null || python3 -m pip install --quiet numpy xxhash zstandard safetensors gguf==0.19.0
+	@python3 -c 'import numpy, xxhash, zstandard, safetensors, gguf, pytest' 2>/dev/null || python3 -m pip install --quiet numpy xxhash zstandard safetensors gguf==0.19.0 pytest
 
 # The room rule of Sources/KVPack (ARCHITECTURE.md): each room type-checked with only the rooms
 # below it, plus the rules on imports, raw memory and frame fields; then a deliberately
@@ -59,9 +59,39 @@ check-layers:
 	python3 scripts/check-layers.py
 	python3 scripts/check-layers.py --self-test
 
-# Optimised build (the SmolLM2 tests run a 135M-parameter model), with @testable imports enabled.
+# Optimised build (the SmolLM2 tests run a 135M-parameter model), with @testable imports enabled;
+# then the C ABI's C test and the Python package's tests.
 test: setup pydeps check-layers
 	swift test -c release -Xswiftc -enable-testing $(SWIFT_FLAGS)
+	@$(MAKE) --no-print-directory capi-test python-test
+
+# The C ABI (include/kvpack.h) as one shared library with the Swift runtime linked in, so it loads
+# where no Swift toolchain is installed. Its own scratch directory: SwiftPM does not relink a
+# product when only -static-stdlib changes, so sharing .build/release would mix the two kinds.
+CAPI_LIB := .build/capi/release/libKVPackC.so
+capi: setup
+	swift build -c release $(SWIFT_FLAGS) --scratch-path .build/capi --product KVPackC -Xswiftc -static-stdlib
+	@if ldd $(CAPI_LIB) | grep -q libswiftCore; then echo "capi: $(CAPI_LIB) links the Swift runtime dynamically"; exit 1; fi
+	cp $(CAPI_LIB) python/kvpack/libKVPackC.so
+	@echo "capi: $(CAPI_LIB) (header include/kvpack.h), copied into python/kvpack/"
+
+# Tests/CABI/capi_test.c: the header and library as a C program uses them, bad files included.
+capi-test: capi
+	@mkdir -p .build/capi/test
+	$(CC) -O1 -Wall -Werror -I include Tests/CABI/capi_test.c -L .build/capi/release -lKVPackC -lm \
+		-Wl,-rpath,$(CURDIR)/.build/capi/release -o .build/capi/test/capi_test
+	.build/capi/test/capi_test .build/capi/test
+
+# The Python package (python/) installed into a virtualenv, .venv-python; `pip install ./python`
+# into any other environment works the same once `make capi` (or `make`) has run.
+python: capi
+	@[ -x .venv-python/bin/python ] || python3 -m venv .venv-python
+	.venv-python/bin/pip install --quiet ./python pytest
+	@echo "python: .venv-python/bin/python -c 'import kvpack' (activate with . .venv-python/bin/activate)"
+
+# The package's tests (numpy and pytest only), against the library `capi` built.
+python-test: capi
+	cd python && PYTHONPATH=. python3 -m pytest -q tests
 
 demo: build
 	@bash scripts/demo.sh "$(KVPACK)" "$(DEMO_DIR)"

@@ -8,6 +8,8 @@ let package = Package(
         .library(name: "KVPackModels", targets: ["KVPackModels"]),
         .library(name: "KVPackInterop", targets: ["KVPackInterop"]),
         .executable(name: "kvpack", targets: ["kvpack"]),
+        // The C ABI (include/kvpack.h) as one shared library, for Python and other languages.
+        .library(name: "KVPackC", type: .dynamic, targets: ["KVPackC"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -39,6 +41,14 @@ let package = Package(
             name: "KVPackInterop",
             dependencies: ["KVPack", "KVPackModels"],
             path: "Sources/KVPackInterop"
+        ),
+        // The C ABI: the header (include/kvpack.h, a link to Sources/CKVPackABI/include) as a C
+        // target, so the Swift entry points take the very structs C callers see.
+        .target(name: "CKVPackABI", path: "Sources/CKVPackABI"),
+        .target(
+            name: "KVPackC",
+            dependencies: ["KVPack", "CKVPackABI"],
+            path: "Sources/KVPackC"
         ),
         .executableTarget(
             name: "kvpack",

@@ -1,0 +1,49 @@
+import CKVPackABI
+import FoundationEssentials
+import KVPack
+
+// kvpack_convert and kvpack_validate: whole-file operations, as the CLI's convert and validate.
+
+/// `value` as the CLI's --json prints it (sorted keys, indented).
+func json<T: Encodable>(_ value: T) throws -> String {
+    let encoder = JSONEncoder()
+    encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+    return String(decoding: try encoder.encode(value), as: UTF8.self)
+}
+
+@_cdecl("kvpack_convert")
+public func kvpack_convert(_ input: UnsafePointer<CChar>?, _ output: UnsafePointer<CChar>?, _ scheme: UnsafePointer<CChar>?,
+                           _ overwrite: UInt32, _ report: UnsafeMutablePointer<CChar>?, _ capacity: Int,
+                           _ length: UnsafeMutablePointer<Int>?, _ err: UnsafeMutablePointer<kvpack_error>?) -> Int32 {
+    withStatus(err) {
+        let inPath = try string(input, "input"), outPath = try string(output, "output"), text = try string(scheme, "scheme")
+        let source = try KVPackReader(path: inPath)
+        let spec = try SchemeSpec.parse(text, geometry: source.geometry) { try CacheStatistics(reader: source, tokens: 1024) }
+        var options = Converter.Options()
+        options.overwrite = overwrite != 0
+        options.tool = "libkvpack"
+        let result = try Converter.convert(input: inPath, output: outPath, spec: spec, options: options)
+        // The conversion is done and durable; a report that does not fit is the caller's to ask again.
+        if report != nil || length != nil {
+            let text = try json(result)
+            length?.pointee = text.utf8.count
+            if report != nil { try deliver(text, buffer: report, capacity: capacity, length: length) }
+        }
+    }
+}
+
+@_cdecl("kvpack_validate")
+public func kvpack_validate(_ path: UnsafePointer<CChar>?, _ deep: UInt32, _ valid: UnsafeMutablePointer<UInt32>?,
+                            _ report: UnsafeMutablePointer<CChar>?, _ capacity: Int, _ length: UnsafeMutablePointer<Int>?,
+                            _ err: UnsafeMutablePointer<kvpack_error>?) -> Int32 {
+    withStatus(err) {
+        let p = try string(path, "path")
+        let result = Validator.validate(file: try MappedFile(path: p), path: p, deep: deep != 0)
+        valid?.pointee = result.isValid ? 1 : 0
+        if report != nil || length != nil {
+            let text = try json(result)
+            length?.pointee = text.utf8.count
+            if report != nil { try deliver(text, buffer: report, capacity: capacity, length: length) }
+        }
+    }
+}

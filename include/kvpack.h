@@ -1,0 +1,1 @@
+../Sources/CKVPackABI/include/kvpack.h
