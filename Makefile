@@ -23,7 +23,7 @@ INTEROP_SOURCES := $(shell find Sources/KVPackInterop/LlamaCpp -name '*.swift')
 SMOLLM2 := $(if $(KVPACK_MODEL_DIR),$(KVPACK_MODEL_DIR),$(if $(XDG_CACHE_HOME),$(XDG_CACHE_HOME),$(HOME)/.cache)/kvpack)/SmolLM2-135M-Instruct.Q4_1.gguf
 
 # (check-layers: see scripts/check-layers.py and ARCHITECTURE.md)
-.PHONY: capi capi-test python python-test all build setup native-deps models pydeps check-layers test demo fuzz fuzz-all fuzz-decode fuzz-generated fuzz-tensors fuzz-gguf fuzz-llama-cpp fuzz-parser differential corpus corpus-check bench bench-convert torture sanitize clean llama.cpp llama-cpp-fixtures llama-cpp-roundtrip llama-cpp-sizes chat-sampling long-chat
+.PHONY: capi capi-test python python-test hf-env hf-test all build setup native-deps models pydeps check-layers test demo fuzz fuzz-all fuzz-decode fuzz-generated fuzz-tensors fuzz-gguf fuzz-llama-cpp fuzz-parser differential corpus corpus-check bench bench-convert torture sanitize clean llama.cpp llama-cpp-fixtures llama-cpp-roundtrip llama-cpp-sizes chat-sampling long-chat
 
 all: build capi
 
@@ -63,7 +63,7 @@ check-layers:
 # then the C ABI's C test and the Python package's tests.
 test: setup pydeps check-layers
 	swift test -c release -Xswiftc -enable-testing $(SWIFT_FLAGS)
-	@$(MAKE) --no-print-directory capi-test python-test
+	@$(MAKE) --no-print-directory capi-test python-test hf-test
 
 # The C ABI (include/kvpack.h) as one shared library with the Swift runtime linked in, so it loads
 # where no Swift toolchain is installed. Its own scratch directory: SwiftPM does not relink a
@@ -78,7 +78,7 @@ capi: setup
 # Tests/CABI/capi_test.c: the header and library as a C program uses them, bad files included.
 capi-test: capi
 	@mkdir -p .build/capi/test
-	$(CC) -O1 -Wall -Werror -I include Tests/CABI/capi_test.c -L .build/capi/release -lKVPackC -lm \
+	$(CC) -O1 -Wall -Werror -I include Tests/CABI/capi_test.c -L .build/capi/release -lKVPackC -lxxhash -lm \
 		-Wl,-rpath,$(CURDIR)/.build/capi/release -o .build/capi/test/capi_test
 	.build/capi/test/capi_test .build/capi/test
 
@@ -91,7 +91,28 @@ python: capi
 
 # The package's tests (numpy and pytest only), against the library `capi` built.
 python-test: capi
-	cd python && PYTHONPATH=. python3 -m pytest -q tests
+	cd python && PYTHONPATH=. python3 -m pytest -q tests/test_kvpack.py
+
+# Hugging Face transformers on the CPU-only torch wheel this machine image carries (torch==2.13.0:
+# any other version pulls the multi-GB CUDA build), in .venv-hf. When the packages cannot be
+# installed (offline), the transformers tests skip and say so.
+HF_PACKAGES := torch==2.13.0 transformers==5.24.0 gguf==0.19.0 accelerate==1.15.0 numpy pytest
+hf-env:
+	@if .venv-hf/bin/python -c 'import torch, transformers, pytest' 2>/dev/null; then \
+		echo "hf-env: .venv-hf has torch $$(.venv-hf/bin/python -c 'import torch; print(torch.__version__)'), transformers $$(.venv-hf/bin/python -c 'import transformers; print(transformers.__version__)')"; \
+	else \
+		rm -rf .venv-hf && python3 -m venv .venv-hf && \
+		.venv-hf/bin/pip install --quiet $(HF_PACKAGES) || { rm -rf .venv-hf; echo "hf-env: could not install $(HF_PACKAGES); the transformers tests will skip"; }; \
+	fi
+
+# kvpack.transformers against HF running SmolLM2 and the kvpack CLI (python/tests/test_transformers.py).
+hf-test: capi models
+	@$(MAKE) --no-print-directory hf-env
+	@if [ -x .venv-hf/bin/python ]; then \
+		cd python && PYTHONPATH=. HF_HUB_OFFLINE=1 KVPACK_CLI=$(CURDIR)/$(KVPACK) $(CURDIR)/.venv-hf/bin/python -m pytest -q -rs tests/test_transformers.py; \
+	else \
+		echo "hf-test: SKIPPED: no .venv-hf with torch and transformers (see hf-env above)"; \
+	fi
 
 demo: build
 	@bash scripts/demo.sh "$(KVPACK)" "$(DEMO_DIR)"

@@ -213,8 +213,11 @@ public enum CacheInterop {
     /// One safetensors file: per layer `{pattern}` key and value tensors [1, kvHeads, tokens,
     /// headDim] in `type`, plus input_ids and position_ids [1, tokens] (I64), decoded one stream at
     /// a time.
-    public static func exportSafetensors(_ reader: KVPackReader, to path: String, type: ElementType, naming: TensorNaming = TensorNaming()) throws {
+    /// With `ropeLayout`, keys are moved to that RoPE pair layout (and it is what the metadata says).
+    public static func exportSafetensors(_ reader: KVPackReader, to path: String, type: ElementType, naming: TensorNaming = TensorNaming(),
+                                         ropeLayout: RoPELayout? = nil) throws {
         let g = reader.geometry, n = reader.tokenCount
+        let (layout, pairing) = try keyPairing(reader, to: ropeLayout)
         let dtype: SafetensorsFile.DType = type == .float32 ? .f32 : type == .float16 ? .f16 : .bf16
         var entries: [SafetensorsWriter.Entry] = []
         for l in 0 ..< g.layerCount {
@@ -226,7 +229,7 @@ public enum CacheInterop {
         entries.append(.init(name: "position_ids", dtype: .i64, shape: [1, n]))
         let m = reader.manifest
         let metadata = ["format": "kvpack-export", "query_heads": String(g.queryHeadCount), "rope_theta": String(m.rope.theta),
-                        "rope_layout": m.rope.layout.description, "keys_post_rope": String(m.rope.keysArePostRoPE)]
+                        "rope_layout": layout.description, "keys_post_rope": String(m.rope.keysArePostRoPE)]
         let workspace = AttentionWorkspace()
         try SafetensorsWriter.write(path: path, entries: entries, metadata: metadata) { i in
             if i == entries.count - 2 { return try int64Bytes(reader.tokenIDs.map { Int64($0) }) }
@@ -237,6 +240,7 @@ public enum CacheInterop {
             for head in 0 ..< g.kvHeadCount {
                 try rows.withUnsafeMutableBufferPointer {
                     try reader.decode(layer: layer, kvHead: head, kind: kind, tokens: 0 ..< n, into: $0.baseAddress!, workspace: workspace)
+                    if kind == .key, let pairing { for t in 0 ..< n { pairing.apply($0.baseAddress! + t * g.headDim) } }
                 }
                 out += type.encode(rows)
             }
@@ -247,8 +251,9 @@ public enum CacheInterop {
 
     /// A directory in the kv-samples layout: k_layerNN.npy and v_layerNN.npy [kvHeads, tokens,
     /// headDim] (f32 or f16) and meta.json (geometry, RoPE, token ids, positions).
-    public static func exportNpy(_ reader: KVPackReader, to directory: String, type: ElementType) throws {
+    public static func exportNpy(_ reader: KVPackReader, to directory: String, type: ElementType, ropeLayout: RoPELayout? = nil) throws {
         let g = reader.geometry, n = reader.tokenCount
+        let (layout, pairing) = try keyPairing(reader, to: ropeLayout)
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         guard type == .float32 || type == .float16 else { throw KVPackError.argument(".npy has no bf16; export f32 or f16") }
         // Streamed: the header, then each KV head's rows as they are decoded.
@@ -261,18 +266,29 @@ public enum CacheInterop {
                 defer { try? handle.close() }
                 handle.write(Data(NpyArray.header(dtype: type == .float32 ? .float32 : .float16, shape: [g.kvHeadCount, n, g.headDim])))
                 for head in 0 ..< g.kvHeadCount {
-                    handle.write(Data(type.encode(try reader.decode(layer: layer, kvHead: head, kind: kind))))
+                    var rows = try reader.decode(layer: layer, kvHead: head, kind: kind)
+                    if kind == .key, let pairing {
+                        rows.withUnsafeMutableBufferPointer { r in for t in 0 ..< n { pairing.apply(r.baseAddress! + t * g.headDim) } }
+                    }
+                    handle.write(Data(type.encode(rows)))
                     reader.file.releasePages(0 ..< reader.fileSize)
                 }
             }
         }
         let m = reader.manifest
         let meta = NpyDirectoryCache.Meta(layers: g.layerCount, heads: g.queryHeadCount, kv_heads: g.kvHeadCount, head_dim: g.headDim,
-                                          rope_theta: m.rope.theta, rope_layout: m.rope.layout.description, tokens: n,
+                                          rope_theta: m.rope.theta, rope_layout: layout.description, tokens: n,
                                           token_ids: try reader.tokenIDs.map { Int($0) }, positions: try reader.positions.map { Int($0) })
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
         try encoder.encode(meta).write(to: URL(fileURLWithPath: directory + "/meta.json"))
+    }
+
+    /// The layout exported keys are in, and the permutation that takes the file's keys there.
+    static func keyPairing(_ reader: KVPackReader, to requested: RoPELayout?) throws -> (RoPELayout, RoPEPairing?) {
+        let own = reader.manifest.rope.layout
+        guard let requested, requested != own else { return (own, nil) }
+        return (requested, try RoPEPairing(from: own, to: requested, headDim: reader.geometry.headDim))
     }
 
     static func int64Bytes(_ values: [Int64]) -> [UInt8] {

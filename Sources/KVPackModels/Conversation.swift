@@ -91,6 +91,9 @@ public final class Conversation {
             let recorded = m.metadata("model.path") ?? "an unrecorded path"
             throw ModelError(path, "was written with a different model (fingerprint \(Manifest.fingerprintText(m.modelFingerprint)), from \(recorded)); \(model.path) has fingerprint \(Manifest.fingerprintText(model.fingerprint)). The file was not modified.")
         }
+        guard m.rope.layout == .interleaved else {
+            throw ModelError(path, "holds keys in \(m.rope.layout) RoPE pairs\(m.rope.layout == .rotateHalf ? " (Hugging Face's layout)" : ""); this model runner stores and attends interleaved pairs (llama.cpp's). `kvpack convert \(path) OUT --rope-layout interleaved` writes a copy it can continue. The file was not modified.")
+        }
         guard reader.tokenCount > 0 else { throw ModelError(path, "holds no tokens to continue from") }
     }
 

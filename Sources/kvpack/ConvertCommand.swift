@@ -9,7 +9,7 @@ struct ConvertCommand: ParsableCommand {
         discussion: """
         Decodes one output segment of every stream at a time and re-encodes it, so memory stays bounded by a few segments whatever the file size. The output is written under a temporary name and renamed when complete: an interrupted conversion never leaves a partial OUT. Token ids, positions, the model fingerprint and user metadata are kept; the source's schemes, path, producer and this tool are recorded as convert.N.* metadata.
 
-        With --layers, only those layers take the new scheme; the others keep their own. Planners calibrate on IN's first 1,024 tokens (int:auto:BUDGET its norms, svdq its bases); --plan FILE takes a plan saved by `kvpack plan --json`.
+        With --layers, only those layers take the new scheme; the others keep their own. --rope-layout moves the keys between RoPE pair layouts: interleaved (2j, 2j+1), as llama.cpp and `kvpack chat` store them, and rotate-half (j, j + d/2), as Hugging Face transformers does; each head's key dimensions are permuted, values are untouched, attention is unchanged. Given alone, every layer keeps its scheme. Planners calibrate on IN's first 1,024 tokens (int:auto:BUDGET its norms, svdq its bases); --plan FILE takes a plan saved by `kvpack plan --json`.
 
         The report: bits per element before and after (keys, values, whole file), the relative error the conversion added to keys and values (decoded OUT against decoded IN, every element), and to attention outputs for random queries over all tokens. Converting between lossless schemes that can represent the source (f16 to f32 and back, bf16 to f32) is bit-exact.
         """)
@@ -19,6 +19,7 @@ struct ConvertCommand: ParsableCommand {
     @Option(help: "Scheme spec for the output (see `kvpack --help`).") var scheme: String?
     @Option(help: "A plan saved by `kvpack plan --json` (instead of --scheme).") var plan: String?
     @Option(help: "Layers to convert, e.g. 0-3,7 (default all).") var layers: String?
+    @Option(help: "RoPE pair layout of the output's keys: interleaved or rotate-half (default: the input's).") var ropeLayout: String?
     @Option(help: "Random queries for the attention error.") var samples = 64
     @Flag(help: "Print the report as JSON.") var json = false
     @OptionGroup(title: "Writing the file") var writing: WritingOptions
@@ -29,7 +30,13 @@ struct ConvertCommand: ParsableCommand {
     }
 
     func validate() throws {
-        guard (scheme == nil) != (plan == nil) else { throw ValidationError("give exactly one of --scheme and --plan") }
+        guard scheme == nil || plan == nil else { throw ValidationError("give at most one of --scheme and --plan") }
+        guard scheme != nil || plan != nil || ropeLayout != nil else {
+            throw ValidationError("give --scheme, --plan or --rope-layout (see --help)")
+        }
+        if let ropeLayout, RoPELayout(name: ropeLayout) == nil || ropeLayout == "none" {
+            throw ValidationError("--rope-layout must be interleaved or rotate-half, got \(ropeLayout)")
+        }
     }
 
     func run() throws {
@@ -40,14 +47,19 @@ struct ConvertCommand: ParsableCommand {
             guard let data = FileManager.default.contents(atPath: plan) else { throw CLIError("\(plan) cannot be read") }
             let saved = try JSONDecoder().decode(SavedPlan.self, from: data)
             spec = try SchemeSpec.parse(saved.spec, geometry: g, calibration: saved.statistics)
+        } else if let scheme {
+            spec = try SchemeSpec.parse(scheme, geometry: g) { try CacheStatistics(reader: source, tokens: 1024) }
         } else {
-            spec = try SchemeSpec.parse(scheme!, geometry: g) { try CacheStatistics(reader: source, tokens: 1024) }
+            // --rope-layout alone: every layer keeps its scheme; the spec only fixes the layer count.
+            spec = try SchemeSpec.parse("raw:f32", geometry: g)
         }
         var options = Converter.Options(writing: writing)
         options.attentionSamples = samples
+        options.ropeLayout = ropeLayout.flatMap(RoPELayout.init(name:))
         let progress = Progress(label: "convert \(output)", total: source.tokenCount)
         options.progress = { done, _ in progress.update(done) }
-        let report = try Converter.convert(input: input, output: output, spec: spec, layers: try parseLayers(layers, count: g.layerCount),
+        let report = try Converter.convert(input: input, output: output, spec: spec,
+                                           layers: scheme == nil && plan == nil ? [] : try parseLayers(layers, count: g.layerCount),
                                            options: options)
         progress.finish()
         if json { return try printJSON(report) }

@@ -59,7 +59,7 @@ struct ImportCommand: ParsableCommand {
 
         npy: a directory of k_layerNN.npy and v_layerNN.npy [kv_heads, tokens, head_dim] with an optional meta.json (token_ids, positions, heads, rope_theta), as ../shared/kv-samples/ and `kvpack export --format npy` lay it out.
 
-        Tensor caches do not record the model's query heads or RoPE settings: give --query-heads, --rope-theta and --rope-layout (defaults: meta.json's values, else one query head per KV head, theta 10000, rotate-half for safetensors and interleaved for npy). Tokens are written a segment at a time.
+        Tensor caches do not record the model's query heads or RoPE settings: give --query-heads, --rope-theta and --rope-layout (defaults: meta.json's values, else one query head per KV head, theta 10000, rotate-half for safetensors and interleaved for npy). The file records the layout: `kvpack chat --resume` needs interleaved keys, and `kvpack convert --rope-layout` (or export --rope-layout) moves keys between the two. Tokens are written a segment at a time.
         """)
 
     @Argument(help: "A llama.cpp state file, a .safetensors file or a directory of .npy files.") var source: String
@@ -90,12 +90,8 @@ struct ImportCommand: ParsableCommand {
         case .llamaCpp: return
         }
         let layoutName = ropeLayout ?? meta?.rope_layout ?? (kind == .npy ? "interleaved" : "rotate-half")
-        let layout: RoPELayout
-        switch layoutName {
-        case "interleaved": layout = .interleaved
-        case "rotate-half": layout = .rotateHalf
-        case "none": layout = .none
-        default: throw ValidationError("--rope-layout must be interleaved, rotate-half or none, got \(layoutName)")
+        guard let layout = RoPELayout(name: layoutName) else {
+            throw ValidationError("--rope-layout must be interleaved, rotate-half or none, got \(layoutName)")
         }
         let rope = RoPEConfig(theta: layout == .none ? 0 : (ropeTheta ?? meta?.rope_theta ?? 10000), layout: layout, keysArePostRoPE: layout != .none)
         let n = try CacheInterop.importCache(cache, to: output, queryHeads: queryHeads ?? meta?.heads, rope: rope, spec: scheme,
@@ -127,7 +123,7 @@ struct ExportCommand: ParsableCommand {
         commandName: "export",
         abstract: "Write a .kvpack file's cache as a llama.cpp session or sequence file, safetensors, or a directory of .npy files.",
         discussion: """
-        llama.cpp-session / llama.cpp-seq: a file llama.cpp loads with llama_state_load_file (llama-cli --prompt-cache) or llama_state_seq_load_file (a llama-server slot). llama.cpp refuses a state whose cache types or value layout differ from its context's, so give those of the context that will load it: --type (or --type-k/--type-v: -ctk/-ctv), --v-trans 1 without flash attention (f16/f32/bf16 values only). Defaults: what an imported file recorded (so importing and exporting reproduces the llama.cpp file), else f16, values by rows, the newest version (session 10, sequence 3; --version 9 writes the layout of llama.cpp before PR #18862, with an empty output section). Quantized rows are Hadamard-rotated as llama.cpp does since #21038 unless --rotation off (a context run with LLAMA_ATTN_ROT_DISABLE=1). The session file records the model architecture (--model's GGUF, or the one the file records).
+        llama.cpp-session / llama.cpp-seq: a file llama.cpp loads with llama_state_load_file (llama-cli --prompt-cache) or llama_state_seq_load_file (a llama-server slot). llama.cpp refuses a state whose cache types or value layout differ from its context's, so give those of the context that will load it: --type (or --type-k/--type-v: -ctk/-ctv), --v-trans 1 without flash attention (f16/f32/bf16 values only). Defaults: what an imported file recorded (so importing and exporting reproduces the llama.cpp file), else f16, values by rows, the newest version (session 10, sequence 3; --version 9 writes the layout of llama.cpp before PR #18862, with an empty output section). Quantized rows are Hadamard-rotated as llama.cpp does since #21038 unless --rotation off (a context run with LLAMA_ATTN_ROT_DISABLE=1). The session file records the model architecture (--model's GGUF, or the one the file records); keys held in the other RoPE pair layout (a Hugging Face cache) are moved to the one llama.cpp uses for that architecture.
 
         safetensors: per layer a key and a value tensor [1, kv_heads, tokens, head_dim] named by --pattern, plus input_ids and position_ids [1, tokens] (I64); geometry and RoPE go in the file's metadata. npy: k_layerNN.npy and v_layerNN.npy [kv_heads, tokens, head_dim] and meta.json. Blocks are decoded one stream at a time.
         """)
@@ -145,9 +141,17 @@ struct ExportCommand: ParsableCommand {
     @Option(help: "llama.cpp: auto (rotate quantized rows, as llama.cpp does) or off.") var rotation: LlamaCppCache.Rotation?
     @Option(help: "llama.cpp: the GGUF whose architecture a session file records (default: the model the file records).") var model: String?
     @Flag(help: "Replace DESTINATION if it exists (llama.cpp formats).") var overwrite = false
+    @Option(help: "safetensors/npy: move keys to this RoPE pair layout (interleaved or rotate-half; default the file's). llama.cpp formats always get the model architecture's.") var ropeLayout: String?
 
     func run() throws {
         let reader = try openReader(input)
+        var layout: RoPELayout?
+        if let ropeLayout {
+            guard let l = RoPELayout(name: ropeLayout), l != .none else {
+                throw ValidationError("--rope-layout must be interleaved or rotate-half, got \(ropeLayout)")
+            }
+            layout = l
+        }
         let kind = format ?? (destination.hasSuffix(".safetensors") ? .safetensors : (URL(fileURLWithPath: destination).pathExtension.isEmpty ? .npy : .safetensors))
         switch kind {
         case .llamaCppSession, .llamaCppSeq:
@@ -155,9 +159,9 @@ struct ExportCommand: ParsableCommand {
         case .safetensors, .npy:
             guard let type = ElementType(name: dtype), type.isFloatingPoint else { throw ValidationError("--dtype must be f32, f16 or bf16") }
             if kind == .safetensors {
-                try CacheInterop.exportSafetensors(reader, to: destination, type: type, naming: naming.naming)
+                try CacheInterop.exportSafetensors(reader, to: destination, type: type, naming: naming.naming, ropeLayout: layout)
             } else {
-                try CacheInterop.exportNpy(reader, to: destination, type: type)
+                try CacheInterop.exportNpy(reader, to: destination, type: type, ropeLayout: layout)
             }
             print("\(destination): \(reader.tokenCount) tokens, \(reader.geometry) as \(kind.rawValue) \(type)")
         }

@@ -2,13 +2,16 @@
 // over it, convert and validate it; then every kind of bad input (missing file, foreign bytes,
 // every truncation, every flipped byte of a small file, bad arguments) must give a status and a
 // message, never a crash. Built and run by `make capi-test` (part of `make test`):
-//   cc -I include Tests/CABI/capi_test.c -L DIR -lKVPackC -lm && ./a.out SCRATCH_DIR
+//   cc -I include Tests/CABI/capi_test.c -L DIR -lKVPackC -lxxhash -lm && ./a.out SCRATCH_DIR
 #include "kvpack.h"
 
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <xxhash.h>
+
+static unsigned char *slurp(const char *path, long *size);
 
 static int failures = 0;
 #define CHECK(cond, ...)                                                   \
@@ -220,6 +223,62 @@ static void bad_arguments(const char *path) {
     CHECK(kvpack_create(path, NULL, &w, &err) == KVPACK_E_INVALID_ARGUMENT, "NULL options");
 }
 
+// Keys moved from rotate-half to interleaved pairs: interleaved dim 2j is rotate-half dim j,
+// 2j+1 is j + d/2; values stay; the schemes stay (no scheme given).
+static void rope_layout_change(const char *good, const char *scratch) {
+    kvpack_error err;
+    CHECK(kvpack_convert(good, scratch, NULL, KVPACK_ROPE_INTERLEAVED, 1, NULL, 0, NULL, &err) == KVPACK_OK, "convert layout: %s",
+          err.message);
+    CHECK(kvpack_convert(good, scratch, NULL, 7, 1, NULL, 0, NULL, &err) == KVPACK_E_INVALID_ARGUMENT, "layout 7");
+    kvpack_reader *a = NULL, *b = NULL;
+    CHECK(kvpack_open(good, 0, &a, &err) == KVPACK_OK && kvpack_open(scratch, 0, &b, &err) == KVPACK_OK, "open: %s", err.message);
+    if (!a || !b) return;
+    kvpack_geometry g;
+    kvpack_geometry_of(b, &g, &err);
+    CHECK(g.rope_layout == KVPACK_ROPE_INTERLEAVED, "recorded layout %u", g.rope_layout);
+    static float ka[KVHEADS * TOKENS * DIM], kb[KVHEADS * TOKENS * DIM], va[KVHEADS * TOKENS * DIM], vb[KVHEADS * TOKENS * DIM];
+    kvpack_decode(a, 1, -1, KVPACK_KEYS, 0, KVPACK_ALL_TOKENS, KVPACK_F32, ka, sizeof ka, &err);
+    kvpack_decode(b, 1, -1, KVPACK_KEYS, 0, KVPACK_ALL_TOKENS, KVPACK_F32, kb, sizeof kb, &err);
+    kvpack_decode(a, 1, -1, KVPACK_VALUES, 0, KVPACK_ALL_TOKENS, KVPACK_F32, va, sizeof va, &err);
+    kvpack_decode(b, 1, -1, KVPACK_VALUES, 0, KVPACK_ALL_TOKENS, KVPACK_F32, vb, sizeof vb, &err);
+    int bad = 0;
+    for (int r = 0; r < KVHEADS * TOKENS; r++)
+        for (int j = 0; j < DIM / 2; j++)
+            bad += kb[r * DIM + 2 * j] != ka[r * DIM + j] || kb[r * DIM + 2 * j + 1] != ka[r * DIM + j + DIM / 2];
+    CHECK(bad == 0 && memcmp(va, vb, sizeof va) == 0, "%d permuted keys wrong, values %s", bad, memcmp(va, vb, sizeof va) ? "differ" : "same");
+    // Attention does not change when the queries move the same way.
+    float q[QHEADS * DIM], qi[QHEADS * DIM], oa[QHEADS * DIM], ob[QHEADS * DIM];
+    for (int i = 0; i < QHEADS * DIM; i++) q[i] = sinf(0.3f * (float)i);
+    for (int h = 0; h < QHEADS; h++)
+        for (int j = 0; j < DIM / 2; j++) {
+            qi[h * DIM + 2 * j] = q[h * DIM + j];
+            qi[h * DIM + 2 * j + 1] = q[h * DIM + j + DIM / 2];
+        }
+    kvpack_attend(a, 1, q, 0, KVPACK_ALL_TOKENS, 0, 1, oa, &err);
+    kvpack_attend(b, 1, qi, 0, KVPACK_ALL_TOKENS, 0, 1, ob, &err);
+    double worst = 0;
+    for (int i = 0; i < QHEADS * DIM; i++) worst = fmax(worst, fabs(oa[i] - ob[i]));
+    CHECK(worst < 1e-5, "attention after the layout change differs by %g", worst);
+    kvpack_close(a);
+    kvpack_close(b);
+}
+
+// The fingerprint is XXH3-128 of the file's bytes, low half first.
+static void fingerprint(const char *path) {
+    long size = 0;
+    unsigned char *bytes = slurp(path, &size);
+    XXH128_hash_t h = XXH3_128bits(bytes, (size_t)size);
+    free(bytes);
+    uint8_t want[16], got[16];
+    for (int i = 0; i < 8; i++) {
+        want[i] = (uint8_t)(h.low64 >> (8 * i));
+        want[8 + i] = (uint8_t)(h.high64 >> (8 * i));
+    }
+    kvpack_error err;
+    CHECK(kvpack_model_fingerprint(path, got, &err) == KVPACK_OK && memcmp(got, want, 16) == 0, "fingerprint: %s", err.message);
+    CHECK(kvpack_model_fingerprint("/nonexistent", got, &err) == KVPACK_E_IO, "missing model: %d", err.code);
+}
+
 static unsigned char *slurp(const char *path, long *size) {
     FILE *f = fopen(path, "rb");
     if (!f) return NULL;
@@ -255,10 +314,13 @@ int main(int argc, char **argv) {
     char report[1 << 16];
     size_t length;
     uint32_t valid = 0;
-    CHECK(kvpack_convert(good, converted, "int:k4v2", 1, report, sizeof report, &length, &err) == KVPACK_OK &&
+    CHECK(kvpack_convert(good, converted, "int:k4v2", -1, 1, report, sizeof report, &length, &err) == KVPACK_OK &&
               strstr(report, "keyRelativeError"), "convert: %s", err.message);
     CHECK(kvpack_validate(converted, 1, &valid, report, sizeof report, &length, &err) == KVPACK_OK && valid == 1,
           "validate converted: %s %s", err.message, report);
+
+    rope_layout_change(good, converted);
+    fingerprint(good);
 
     // Foreign and missing files.
     kvpack_reader *r = NULL;

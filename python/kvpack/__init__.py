@@ -26,7 +26,7 @@ import numpy as np
 from . import _abi
 
 __all__ = ["KVPackError", "Geometry", "Reader", "Writer", "open", "create", "resume", "convert", "validate",
-           "abi_version", "format_major"]
+           "model_fingerprint", "abi_version", "format_major"]
 
 KEYS, VALUES = 0, 1
 _ROPE_LAYOUTS = {"none": 0, "interleaved": 1, "rotate-half": 2}
@@ -417,17 +417,29 @@ def resume(path: str | os.PathLike[str], durable: bool = True) -> Writer:
     return Writer(pointer.value, os.fspath(path), None)
 
 
-def convert(input: str | os.PathLike[str], output: str | os.PathLike[str], scheme: str,
-            overwrite: bool = False) -> dict[str, Any]:
-    """Re-encodes a file with `scheme` (as `kvpack convert`); returns the report (bits per element
-    before and after, key/value/attention errors measured on the way)."""
+def convert(input: str | os.PathLike[str], output: str | os.PathLike[str], scheme: str | None = None,
+            rope_layout: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Re-encodes a file with `scheme` (as `kvpack convert`; None keeps each layer's scheme);
+    rope_layout "interleaved" or "rotate-half" moves the keys to that RoPE pair layout. Returns
+    the report (bits per element before and after, key/value/attention errors measured)."""
+    if rope_layout is not None and rope_layout not in ("interleaved", "rotate-half"):
+        raise ValueError(f"rope_layout must be 'interleaved' or 'rotate-half', got {rope_layout!r}")
+    layout = -1 if rope_layout is None else _ROPE_LAYOUTS[rope_layout]
     # Not through _text: asking again would convert again. Reports are a few KiB.
     capacity = 1 << 22
     buffer = ctypes.create_string_buffer(capacity)
     length = c_size_t(0)
-    _call("kvpack_convert", _path(input), _path(output), scheme.encode(), 1 if overwrite else 0, buffer, capacity,
-          byref(length))
+    _call("kvpack_convert", _path(input), _path(output), None if scheme is None else scheme.encode(), layout,
+          1 if overwrite else 0, buffer, capacity, byref(length))
     return json.loads(buffer.raw[:length.value].decode("utf-8"))
+
+
+def model_fingerprint(model_path: str | os.PathLike[str]) -> bytes:
+    """The 16-byte fingerprint `kvpack chat` records for a model file (GGUF or llama2.c) and
+    checks on resume: XXH3-128 of its bytes."""
+    out = (ctypes.c_uint8 * 16)()
+    _call("kvpack_model_fingerprint", _path(model_path), out)
+    return bytes(out)
 
 
 @dataclass(frozen=True)

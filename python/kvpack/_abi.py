@@ -78,8 +78,9 @@ def _declare(lib: ctypes.CDLL) -> None:
         "kvpack_commit": (c_int32, [writer, err]),
         "kvpack_writer_token_count": (c_uint64, [writer]),
         "kvpack_writer_close": (c_int32, [writer, err]),
-        "kvpack_convert": (c_int32, [c_char_p, c_char_p, c_char_p, c_uint32, c_void_p, c_size_t, POINTER(c_size_t),
-                                     err]),
+        "kvpack_convert": (c_int32, [c_char_p, c_char_p, c_char_p, c_int32, c_uint32, c_void_p, c_size_t,
+                                     POINTER(c_size_t), err]),
+        "kvpack_model_fingerprint": (c_int32, [c_char_p, c_void_p, err]),
         "kvpack_validate": (c_int32, [c_char_p, c_uint32, POINTER(c_uint32), c_void_p, c_size_t, POINTER(c_size_t),
                                       err]),
     }

@@ -211,11 +211,18 @@ int32_t kvpack_writer_close(kvpack_writer *writer, kvpack_error *err);
 /* ---- Whole files ------------------------------------------------------------------------ */
 
 /* Re-encodes `input` into a new file `output` with `scheme` (as `kvpack convert`; auto
- * planners calibrate on the input). The output appears atomically; nothing is left on failure.
- * report: JSON with bits per element before/after and measured errors (may be NULL with
- * capacity 0, then *length is still set when length is not NULL). */
-int32_t kvpack_convert(const char *input, const char *output, const char *scheme, uint32_t overwrite,
-                       char *report, size_t capacity, size_t *length, kvpack_error *err);
+ * planners calibrate on the input; NULL keeps every layer's scheme). rope_layout: -1 keeps the
+ * input's key layout, KVPACK_ROPE_INTERLEAVED or KVPACK_ROPE_ROTATE_HALF permutes each head's key
+ * dimensions into that pair layout (values untouched). The output appears atomically; nothing is
+ * left on failure. report: JSON with bits per element before/after and measured errors; when it
+ * does not fit, the conversion is still done and KVPACK_E_BUFFER_TOO_SMALL says so (report may
+ * be NULL with capacity 0). */
+int32_t kvpack_convert(const char *input, const char *output, const char *scheme, int32_t rope_layout,
+                       uint32_t overwrite, char *report, size_t capacity, size_t *length, kvpack_error *err);
+
+/* The model fingerprint `kvpack chat` records and checks on resume for a model file (a GGUF or
+ * llama2.c checkpoint): XXH3-128 of its bytes, low 64 bits first, each little-endian. */
+int32_t kvpack_model_fingerprint(const char *model_path, uint8_t fingerprint[16], kvpack_error *err);
 
 /* Checks a file (deep: every block's checksum and code values too). Returns KVPACK_OK when the
  * check ran; *valid says whether the file passed; report: JSON list of problems, each with

@@ -59,6 +59,12 @@ public enum RoPELayout: UInt8, Sendable, Codable, CustomStringConvertible {
         case .rotateHalf: "rotate-half"
         }
     }
+
+    /// The layout `description` names ("none", "interleaved", "rotate-half").
+    public init?(name: String) {
+        guard let layout = [RoPELayout.none, .interleaved, .rotateHalf].first(where: { $0.description == name }) else { return nil }
+        self = layout
+    }
 }
 
 public struct RoPEConfig: Sendable, Equatable, Codable {

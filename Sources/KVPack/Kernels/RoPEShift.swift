@@ -54,3 +54,45 @@ public struct RoPEShift: Sendable {
         }
     }
 }
+
+/// Moves key rows between the two RoPE pair layouts: interleaved pairs (2j, 2j+1), as llama.cpp
+/// and GGUF Llama models store keys, and rotate-half pairs (j, j + d/2), as Hugging Face does.
+/// The two are one fixed permutation of each head's dimensions apart (rotate-half dim j is
+/// interleaved dim 2j, j + d/2 is 2j+1); attention is unchanged when queries move the same way,
+/// and values are not permuted.
+public struct RoPEPairing: Sendable {
+    public let from: RoPELayout
+    public let to: RoPELayout
+    public let headDim: Int
+    /// out[i] = in[source[i]].
+    private let source: [Int]
+
+    public init(from: RoPELayout, to: RoPELayout, headDim: Int) throws {
+        guard from != .none, to != .none else {
+            throw KVPackError.argument("keys move between RoPE layouts only when both are known pair layouts (from \(from) to \(to))")
+        }
+        guard headDim % 2 == 0 else { throw KVPackError.argument("rotary pairs need an even head dimension, got \(headDim)") }
+        self.from = from
+        self.to = to
+        self.headDim = headDim
+        let half = headDim / 2
+        var source = Array(0 ..< headDim)
+        if from == .interleaved && to == .rotateHalf {
+            for j in 0 ..< half { source[j] = 2 * j; source[j + half] = 2 * j + 1 }
+        } else if from == .rotateHalf && to == .interleaved {
+            for j in 0 ..< half { source[2 * j] = j; source[2 * j + 1] = j + half }
+        }
+        self.source = source
+    }
+
+    public var isIdentity: Bool { from == to }
+
+    /// Permutes one row of `headDim` floats in place.
+    public func apply(_ row: UnsafeMutablePointer<Float>) {
+        guard !isIdentity else { return }
+        withUnsafeTemporaryAllocation(of: Float.self, capacity: headDim) { tmp in
+            for i in 0 ..< headDim { tmp[i] = row[source[i]] }
+            for i in 0 ..< headDim { row[i] = tmp[i] }
+        }
+    }
+}

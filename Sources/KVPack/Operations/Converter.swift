@@ -29,6 +29,9 @@ public enum Converter {
         public var metadata: [Manifest.MetadataEntry] = []
         /// Frames the output may hold later (a chat's `.notes`); the header records the version.
         public var features: FileFeatures = []
+        /// The RoPE pair layout of the output's keys (nil: the source's). Keys are permuted per
+        /// head when it differs (`RoPEPairing`); the manifest records the new layout.
+        public var ropeLayout: RoPELayout?
 
         public init() {}
     }
@@ -71,7 +74,8 @@ public enum Converter {
         }
         let tokens = selection?.kept ?? Array(0 ..< source.tokenCount)
         let (ids, positions) = try source.tokens(0 ..< source.tokenCount)
-        let shifts = options.repositioned ? try PositionShifts(source: source, positions: positions, tokens: tokens) : nil
+        let rewrite = try KeyRewrite(source: source, positions: options.repositioned ? positions : nil, tokens: tokens,
+                                    layout: options.ropeLayout)
         if let layers, let bad = layers.first(where: { !(0 ..< g.layerCount).contains($0) }) {
             throw KVPackError.argument("layer \(bad) is outside the file's 0..<\(g.layerCount)")
         }
@@ -94,7 +98,16 @@ public enum Converter {
             }
         }
         let layerSetups = setups.map { LayerSetup(key: $0.key, value: $0.value) }
-        var file = NewFile(geometry: g, rope: m.rope,
+        var rope = m.rope
+        if let layout = options.ropeLayout, layout != rope.layout {
+            rope.layout = layout
+            // A kept scheme whose blobs were fitted to the source's channel order would encode
+            // permuted keys with the wrong channels.
+            for l in 0 ..< g.layerCount where !(layers?.contains(l) ?? true) && !setups[l].key.blobs.isEmpty {
+                throw KVPackError.argument("layer \(l) keeps its key scheme, whose blobs were fitted to the source's \(m.rope.layout) channel order; moving keys to \(layout) pairs needs that layer re-planned (give it the new scheme)")
+            }
+        }
+        var file = NewFile(geometry: g, rope: rope,
                            schemes: SchemeSpec(text: spec.text, layers: layerSetups, segmentTokens: spec.segmentTokens, rationale: spec.rationale),
                            producer: selection == nil ? "\(options.tool) convert" : options.tool)
         // Without a request, the source's segment size (unless the spec's window sets one).
@@ -112,7 +125,7 @@ public enum Converter {
             writerOptions.features = options.features
             if selection != nil { writerOptions.features.insert(.tokenSelection) }
             let writer = try KVPackWriter.create(path: replacement.temporaryPath, file: file, options: writerOptions)
-            try stream(from: source, ids: ids, positions: positions, tokens: tokens, to: writer, chunk: segmentTokens, shifts: shifts,
+            try stream(from: source, ids: ids, positions: positions, tokens: tokens, to: writer, chunk: segmentTokens, rewrite: rewrite,
                        progress: options.progress)
             if let selection { try writer.attach(selection: selection) }
             try writer.close()
@@ -122,28 +135,41 @@ public enum Converter {
             throw error
         }
         source.file.releasePages(0 ..< source.fileSize)
-        return try report(source: source, tokens: tokens, shifts: shifts, input: input, output: output, spec: spec, options: options)
+        return try report(source: source, tokens: tokens, rewrite: rewrite, input: input, output: output, spec: spec, options: options)
     }
 
-    /// What repositioning does to each kept token: its new position is its index in the output,
-    /// and its keys turn by the difference.
-    struct PositionShifts {
-        var rotation: RoPEShift
-        /// New position minus source position, per output token.
-        var deltas: [Int]
+    /// What the output's keys are against the source's, per kept token: turned to new positions
+    /// (repositioning: each token's position becomes its index in the output, its key turns by
+    /// the difference), then moved to another RoPE pair layout, or both.
+    struct KeyRewrite {
+        var rotation: RoPEShift?
+        /// New position minus source position, per output token (with `rotation`).
+        var deltas: [Int] = []
+        var pairing: RoPEPairing?
 
-        /// `positions`: the source's, of all its tokens.
-        init(source: KVPackReader, positions: [UInt32], tokens: [Int]) throws {
-            rotation = try RoPEShift(rope: source.manifest.rope, headDim: source.geometry.headDim)
-            deltas = tokens.enumerated().map { $0.offset - Int(positions[$0.element]) }
+        /// `positions`: the source's, of all its tokens; nil when the tokens keep their positions.
+        /// nil when keys are copied as they are.
+        init?(source: KVPackReader, positions: [UInt32]?, tokens: [Int], layout: RoPELayout?) throws {
+            let rope = source.manifest.rope
+            if let positions {
+                rotation = try RoPEShift(rope: rope, headDim: source.geometry.headDim)
+                deltas = tokens.enumerated().map { $0.offset - Int(positions[$0.element]) }
+            }
+            if let layout, layout != rope.layout {
+                pairing = try RoPEPairing(from: rope.layout, to: layout, headDim: source.geometry.headDim)
+            }
+            if rotation == nil && pairing == nil { return nil }
         }
 
-        /// Rotates `count` key rows that belong to output tokens `first ..< first + count`.
+        /// Rewrites `count` key rows that belong to output tokens `first ..< first + count`.
         mutating func apply(rows: UnsafeMutablePointer<Float>, first: Int, count: Int) {
-            let d = rotation.headDim
+            let d = rotation?.headDim ?? pairing!.headDim
             for i in 0 ..< count {
-                rotation.set(delta: deltas[first + i])
-                rotation.apply(rows + i * d)
+                if rotation != nil {
+                    rotation!.set(delta: deltas[first + i])
+                    rotation!.apply(rows + i * d)
+                }
+                pairing?.apply(rows + i * d)
             }
         }
     }
@@ -167,9 +193,9 @@ public enum Converter {
     /// Decodes `chunk` of the source tokens `tokens` (ascending) of every stream at a time and
     /// appends them with their ids and positions (`ids`, `positions`: the source's, all of them).
     static func stream(from source: KVPackReader, ids: [UInt32], positions: [UInt32], tokens: [Int], to writer: KVPackWriter, chunk: Int,
-                       shifts: PositionShifts?,
+                       rewrite: KeyRewrite?,
                        progress: (@Sendable (Int, Int) -> Void)?) throws {
-        var shifts = shifts
+        var rewrite = rewrite
         let g = source.geometry, d = g.headDim, n = tokens.count
         let per = g.layerCount * g.kvHeadCount * chunk * d
         var keys = [Float](repeating: 0, count: per), values = keys
@@ -185,7 +211,7 @@ public enum Converter {
                         for head in 0 ..< g.kvHeadCount {
                             let at = (layer * g.kvHeadCount + head) * t * d
                             try decodeRows(source, layer: layer, kvHead: head, kind: .key, indices: picked, into: kp.baseAddress! + at, workspace: workspace)
-                            shifts?.apply(rows: kp.baseAddress! + at, first: start, count: t)
+                            rewrite?.apply(rows: kp.baseAddress! + at, first: start, count: t)
                             try decodeRows(source, layer: layer, kvHead: head, kind: .value, indices: picked, into: vp.baseAddress! + at, workspace: workspace)
                         }
                     }
@@ -194,7 +220,7 @@ public enum Converter {
             try keys.withUnsafeBufferPointer { kp in
                 try values.withUnsafeBufferPointer { vp in
                     try writer.append(tokenIDs: picked.map { ids[$0] },
-                                      positions: shifts == nil ? picked.map { positions[$0] } : (start ..< start + t).map { UInt32($0) },
+                                      positions: rewrite?.rotation == nil ? picked.map { positions[$0] } : (start ..< start + t).map { UInt32($0) },
                                       keys: UnsafeBufferPointer(rebasing: kp[0 ..< g.layerCount * g.kvHeadCount * t * d]),
                                       values: UnsafeBufferPointer(rebasing: vp[0 ..< g.layerCount * g.kvHeadCount * t * d]),
                                       layout: .layerHeadToken(g, tokens: t))
@@ -254,12 +280,12 @@ public enum Converter {
     /// A second streaming pass: decoded output against decoded input, and sampled attention.
     /// With a token subset, output token i is compared with source token `tokens[i]`, and
     /// attention over the output with dense attention over those source rows.
-    static func report(source: KVPackReader, tokens: [Int], shifts: PositionShifts?, input: String, output: String, spec: SchemeSpec,
+    static func report(source: KVPackReader, tokens: [Int], rewrite: KeyRewrite?, input: String, output: String, spec: SchemeSpec,
                        options: Options) throws -> Report {
         let out = try KVPackReader(path: output)
         let g = source.geometry, d = g.headDim, n = tokens.count
-        var shifts = shifts
-        let subset = n != source.tokenCount || shifts != nil
+        var rewrite = rewrite
+        let subset = n != source.tokenCount || rewrite != nil
         var kErr = RelativeError(), vErr = RelativeError(), aErr = RelativeError()
         let workspace = AttentionWorkspace()
         let chunk = max(source.segmentTokens, 1)
@@ -273,7 +299,7 @@ public enum Converter {
                         try a.withUnsafeMutableBufferPointer { ap in
                             try b.withUnsafeMutableBufferPointer { bp in
                                 try decodeRows(source, layer: layer, kvHead: head, kind: kind, indices: tokens[range], into: ap.baseAddress!, workspace: workspace)
-                                if kind == .key { shifts?.apply(rows: ap.baseAddress!, first: range.lowerBound, count: range.count) }
+                                if kind == .key { rewrite?.apply(rows: ap.baseAddress!, first: range.lowerBound, count: range.count) }
                                 try out.decode(layer: layer, kvHead: head, kind: kind, tokens: range, into: bp.baseAddress!, workspace: workspace)
                                 if kind == .key { kErr.add(bp.baseAddress!, ap.baseAddress!, range.count * d) } else { vErr.add(bp.baseAddress!, ap.baseAddress!, range.count * d) }
                             }
@@ -290,7 +316,7 @@ public enum Converter {
         for _ in 0 ..< samples {
             let layer = Int(rng.next() % UInt64(g.layerCount)), head = Int(rng.next() % UInt64(g.kvHeadCount))
             let q = (0 ..< g.groupSize * d).map { _ in Float(rng.nextGaussian()) }
-            let want = subset ? try denseAttention(source, tokens: tokens, shifts: &shifts, layer: layer, kvHead: head, queries: q)
+            let want = subset ? try denseAttention(source, tokens: tokens, rewrite: &rewrite, layer: layer, kvHead: head, queries: q)
                 : try source.attend(layer: layer, kvHead: head, queries: q)
             let got = try out.attend(layer: layer, kvHead: head, queries: q)
             aErr.add(got, want)
@@ -307,14 +333,14 @@ public enum Converter {
     }
 
     /// Attention over the decoded rows of source tokens `tokens` (exact softmax, in double).
-    /// With `shifts`, the keys are first moved to the output's positions.
-    static func denseAttention(_ source: KVPackReader, tokens: [Int], shifts: inout PositionShifts?, layer: Int, kvHead: Int,
+    /// With `rewrite`, the keys are first rewritten as the output holds them (positions, layout).
+    static func denseAttention(_ source: KVPackReader, tokens: [Int], rewrite: inout KeyRewrite?, layer: Int, kvHead: Int,
                                queries: [Float]) throws -> [Float] {
         let d = source.geometry.headDim, workspace = AttentionWorkspace()
         var k = [Float](repeating: 0, count: tokens.count * d), v = k
         try k.withUnsafeMutableBufferPointer {
             try decodeRows(source, layer: layer, kvHead: kvHead, kind: .key, indices: tokens[...], into: $0.baseAddress!, workspace: workspace)
-            shifts?.apply(rows: $0.baseAddress!, first: 0, count: tokens.count)
+            rewrite?.apply(rows: $0.baseAddress!, first: 0, count: tokens.count)
         }
         try v.withUnsafeMutableBufferPointer { try decodeRows(source, layer: layer, kvHead: kvHead, kind: .value, indices: tokens[...], into: $0.baseAddress!, workspace: workspace) }
         return DenseAttention.reference(queries: queries, keys: k, values: v, groupSize: source.geometry.groupSize, headDim: d)

@@ -113,8 +113,13 @@ public enum LlamaCppExport {
                 out.u32(o.valuesTransposed ? 1 : 0)
                 out.u32(UInt32(g.layerCount))
                 let workspace = AttentionWorkspace()
+                // Keys in the other pair layout (a Hugging Face cache) move to llama.cpp's.
+                let fileLayout = reader.manifest.rope.layout, llamaLayout = LlamaCppModel.ropeLayout(architecture: o.architecture)
+                let pairing = fileLayout != .none && llamaLayout != .none && fileLayout != llamaLayout
+                    ? try RoPEPairing(from: fileLayout, to: llamaLayout, headDim: d) : nil
                 for layer in 0 ..< g.layerCount {
-                    try writeRows(reader, layer: layer, kind: .key, type: o.keyType, rotation: keyRotation, into: &out, workspace: workspace)
+                    try writeRows(reader, layer: layer, kind: .key, type: o.keyType, rotation: keyRotation, pairing: pairing, into: &out,
+                                  workspace: workspace)
                     try out.flushIfLarge()
                 }
                 for layer in 0 ..< g.layerCount {
@@ -154,7 +159,7 @@ public enum LlamaCppExport {
 
     /// One layer's keys or values, one row per token (every KV head), as llama.cpp stores them.
     static func writeRows(_ reader: KVPackReader, layer: Int, kind: KVKind, type: GGMLType, rotation: Int?,
-                          into out: inout Output, workspace: AttentionWorkspace) throws {
+                          pairing: RoPEPairing? = nil, into out: inout Output, workspace: AttentionWorkspace) throws {
         let g = reader.geometry, d = g.headDim, n = reader.tokenCount, width = g.kvHeadCount * d
         let rowBytes = type.rowBytes(width)!
         out.u32(UInt32(bitPattern: type.rawValue))
@@ -171,6 +176,7 @@ public enum LlamaCppExport {
                     try reader.decode(layer: layer, kvHead: h, kind: kind, tokens: start ..< start + count,
                                       into: buf.baseAddress! + h * count * d, workspace: workspace)
                 }
+                if let pairing { for r in 0 ..< g.kvHeadCount * count { pairing.apply(buf.baseAddress! + r * d) } }
             }
             for t in 0 ..< count {
                 for h in 0 ..< g.kvHeadCount {

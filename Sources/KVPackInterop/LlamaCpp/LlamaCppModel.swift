@@ -35,6 +35,11 @@ public struct LlamaCppModel: Sendable {
                                           "orion", "olmoe", "bitnet"]
     static let mrope: Set<String> = ["qwen2vl", "qwen25vl", "qwen3vl", "qwen3vlmoe", "glm4v"]
 
+    /// How llama.cpp pairs the rotary dimensions of `architecture`'s keys (none when unknown).
+    static func ropeLayout(architecture: String) -> RoPELayout {
+        adjacentPairs.contains(architecture) ? .interleaved : rotateHalf.contains(architecture) ? .rotateHalf : .none
+    }
+
     /// A model described directly (tests, and tools that know the geometry without the GGUF).
     /// A zero fingerprint (a file imported against it ties itself to no GGUF) and no model.path.
     public init(architecture: String, geometry: ModelGeometry, rope: RoPEConfig, contextLength: Int = 0, path: String = "") {
@@ -99,7 +104,7 @@ public struct LlamaCppModel: Sendable {
         }
         contextLength = try int("context_length", default: 0)
         let theta = gguf.metadata["\(arch).rope.freq_base"]?.asDouble ?? 10000
-        let layout: RoPELayout = Self.adjacentPairs.contains(arch) ? .interleaved : Self.rotateHalf.contains(arch) ? .rotateHalf : .none
+        let layout = Self.ropeLayout(architecture: arch)
         rope = RoPEConfig(theta: layout == .none ? 0 : theta, layout: layout, keysArePostRoPE: true)
         fingerprint = Checksum.xxh3_128(gguf.file.bytes)
         format = arch == "llama" ? ((try? LlamaWeights(gguf: gguf))?.format ?? "gguf v\(gguf.version)") : "gguf v\(gguf.version) (\(arch))"
