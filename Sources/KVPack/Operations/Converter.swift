@@ -101,10 +101,12 @@ public enum Converter {
         var rope = m.rope
         if let layout = options.ropeLayout, layout != rope.layout {
             rope.layout = layout
-            // A kept scheme whose blobs were fitted to the source's channel order would encode
-            // permuted keys with the wrong channels.
-            for l in 0 ..< g.layerCount where !(layers?.contains(l) ?? true) && !setups[l].key.blobs.isEmpty {
-                throw KVPackError.argument("layer \(l) keeps its key scheme, whose blobs were fitted to the source's \(m.rope.layout) channel order; moving keys to \(layout) pairs needs that layer re-planned (give it the new scheme)")
+            // A kept scheme with blobs fitted to the source's channel order (svdq's projections,
+            // per-channel means) would encode the permuted keys against the wrong channels.
+            // Universal codebooks and random signs do not depend on the order.
+            for l in 0 ..< g.layerCount where !(layers?.contains(l) ?? true)
+                && setups[l].key.blobs.contains(where: { $0.kind == .projection || $0.kind == .means }) {
+                throw KVPackError.argument("layer \(l) keeps its key scheme, whose blobs were fitted to the source's \(m.rope.layout) channel order; moving keys to \(layout) pairs needs that layer re-planned (give it a scheme)")
             }
         }
         var file = NewFile(geometry: g, rope: rope,

@@ -2,6 +2,7 @@ import Foundation
 import Testing
 @testable import KVPack
 @testable import KVPackInterop
+@testable import KVPackModels
 
 struct ConverterTests {
     static let geometry = ModelGeometry(layerCount: 3, queryHeadCount: 4, kvHeadCount: 2, headDim: 16)
@@ -117,5 +118,96 @@ struct ConverterTests {
         child.waitUntilExit()
         #expect(child.terminationReason == .uncaughtSignal, "the conversion finished before it could be killed")
         #expect(!FileManager.default.fileExists(atPath: dir + "/out.kvpack"))
+    }
+}
+
+struct RoPELayoutConversionTests {
+    @Test("RoPEPairing: interleaved <-> rotate-half are inverse permutations (HF dim j is 2j, j + d/2 is 2j+1)")
+    func pairing() throws {
+        let d = 8
+        let toHalf = try RoPEPairing(from: .interleaved, to: .rotateHalf, headDim: d)
+        let toPairs = try RoPEPairing(from: .rotateHalf, to: .interleaved, headDim: d)
+        var row: [Float] = (0 ..< d).map(Float.init)
+        row.withUnsafeMutableBufferPointer { toHalf.apply($0.baseAddress!) }
+        #expect(row == [0, 2, 4, 6, 1, 3, 5, 7])
+        row.withUnsafeMutableBufferPointer { toPairs.apply($0.baseAddress!) }
+        #expect(row == (0 ..< d).map(Float.init))
+        #expect(throws: KVPackError.self) { try RoPEPairing(from: .none, to: .rotateHalf, headDim: d) }
+        #expect(throws: KVPackError.self) { try RoPEPairing(from: .interleaved, to: .rotateHalf, headDim: 7) }
+    }
+
+    @Test("convert --rope-layout: keys permuted per head, values/ids/positions kept, attention unchanged for permuted queries, and back is bit-exact")
+    func convertLayout() throws {
+        let dir = temporaryDirectory()
+        let (src, _) = try ConverterTests.source(dir)
+        var o = Converter.Options()
+        o.durability = .flush
+        o.ropeLayout = .rotateHalf
+        let g = ConverterTests.geometry, d = g.headDim
+        let keep = try SchemeSpec.parse("raw:f32", geometry: g)
+        let report = try Converter.convert(input: src, output: dir + "/half.kvpack", spec: keep, layers: [], options: o)
+        #expect(report.keyRelativeError == 0 && report.valueRelativeError == 0 && report.attentionRelativeError < 1e-6)
+        let a = try KVPackReader(path: src), b = try KVPackReader(path: dir + "/half.kvpack")
+        #expect(a.manifest.rope.layout == .interleaved && b.manifest.rope.layout == .rotateHalf)
+        #expect(try b.tokenIDs == a.tokenIDs && b.positions == a.positions)
+        for layer in 0 ..< g.layerCount {
+            for head in 0 ..< g.kvHeadCount {
+                let ka = try a.decode(layer: layer, kvHead: head, kind: .key), kb = try b.decode(layer: layer, kvHead: head, kind: .key)
+                for t in 0 ..< a.tokenCount {
+                    for j in 0 ..< d / 2 {
+                        #expect(kb[t * d + j] == ka[t * d + 2 * j] && kb[t * d + j + d / 2] == ka[t * d + 2 * j + 1])
+                    }
+                }
+                #expect(try b.decode(layer: layer, kvHead: head, kind: .value) == a.decode(layer: layer, kvHead: head, kind: .value))
+                // Queries permuted the same way see the same attention.
+                let q: [Float] = (0 ..< g.groupSize * d).map { Float(sin(Double($0) * 0.7)) }
+                var qb = q
+                qb.withUnsafeMutableBufferPointer { p in
+                    for h in 0 ..< g.groupSize { try! RoPEPairing(from: .interleaved, to: .rotateHalf, headDim: d).apply(p.baseAddress! + h * d) }
+                }
+                let oa = try a.attend(layer: layer, kvHead: head, queries: q), ob = try b.attend(layer: layer, kvHead: head, queries: qb)
+                #expect(zip(oa, ob).allSatisfy { abs($0 - $1) <= 1e-5 * max(1, abs($0)) })
+            }
+        }
+        o.ropeLayout = .interleaved
+        _ = try Converter.convert(input: dir + "/half.kvpack", output: dir + "/back.kvpack", spec: keep, layers: [], options: o)
+        let c = try KVPackReader(path: dir + "/back.kvpack")
+        for s in 0 ..< g.streamCount {
+            let id = g.streamID(s)
+            #expect(try c.decode(layer: id.layer, kvHead: id.kvHead, kind: id.kind) == a.decode(layer: id.layer, kvHead: id.kvHead, kind: id.kind))
+        }
+        // A layer that keeps a projection fitted to the old channel order is refused.
+        let reader = try KVPackReader(path: src)
+        let svdq = try SchemeSpec.parse("k:svdq:4+v:raw:f16", geometry: g) { try CacheStatistics(reader: reader) }
+        o.ropeLayout = nil
+        _ = try Converter.convert(input: src, output: dir + "/svdq.kvpack", spec: svdq, options: o)
+        o.ropeLayout = .rotateHalf
+        #expect(throws: KVPackError.self) {
+            try Converter.convert(input: dir + "/svdq.kvpack", output: dir + "/svdq-half.kvpack", spec: keep, layers: [], options: o)
+        }
+    }
+
+    @Test("a conversation with rotate-half keys is refused on resume, the file untouched, and resumes after convert --rope-layout interleaved")
+    func resumeRefusesRotateHalf() throws {
+        let dir = temporaryDirectory(), path = dir + "/chat.kvpack"
+        let g = bundledModel.config.geometry
+        var c = try Conversation.start(path: path, model: bundledModel, spec: try SchemeSpec.parse("raw:f32", geometry: g), prompt: [1, 200, 300],
+                                       options: testOptions())
+        try c.session.close()
+        var o = Converter.Options()
+        o.durability = .flush
+        o.ropeLayout = .rotateHalf
+        let keep = try SchemeSpec.parse("raw:f32", geometry: g)
+        _ = try Converter.convert(input: path, output: dir + "/half.kvpack", spec: keep, layers: [], options: o)
+        let before = fileBytes(dir + "/half.kvpack")
+        #expect { try Conversation.resume(path: dir + "/half.kvpack", model: bundledModel, options: testOptions()) } throws: {
+            "\($0)".contains("rotate-half") && "\($0)".contains("--rope-layout interleaved")
+        }
+        #expect(fileBytes(dir + "/half.kvpack") == before)
+        o.ropeLayout = .interleaved
+        _ = try Converter.convert(input: dir + "/half.kvpack", output: dir + "/back.kvpack", spec: keep, layers: [], options: o)
+        c = try Conversation.resume(path: dir + "/back.kvpack", model: bundledModel, options: testOptions())
+        #expect(c.session.tokenCount == 3)
+        try c.session.close()
     }
 }
