@@ -169,7 +169,8 @@ public struct NpyDirectoryCache: ExternalCache {
 public enum CacheInterop {
     /// Writes an external cache into a new .kvpack file, a segment of tokens at a time.
     public static func importCache(_ source: ExternalCache, to path: String, queryHeads: Int?, rope: RoPEConfig, spec text: String,
-                                   segmentTokens: Int?, options: WriterOptions, producer: String) throws -> Int {
+                                   segmentTokens: Int?, options: WriterOptions, producer: String,
+                                   metadata: [Manifest.MetadataEntry] = []) throws -> Int {
         let h = source.geometryHint
         guard h.layers > 0, h.kvHeads > 0, h.headDim > 0, h.tokens >= 0 else {
             throw KVPackError.argument("the cache has \(h.layers) layers, \(h.kvHeads) KV heads, head_dim \(h.headDim): none may be 0")
@@ -186,7 +187,7 @@ public enum CacheInterop {
         var file = NewFile(geometry: g, rope: rope, schemes: spec, producer: producer)
         file.segmentTokens = segmentTokens
         file.defaultSegmentTokens = 128
-        file.metadata = spec.metadata
+        file.metadata = spec.metadata + metadata
         let c = try file.resolvedSegmentTokens()
         let writer = try KVPackWriter.create(path: path, file: file, options: options)
         let ids = source.tokenIDs, positions = source.positions

@@ -9,11 +9,13 @@ public struct SafetensorsFile {
     public enum DType: String, Sendable {
         case f64 = "F64", f32 = "F32", f16 = "F16", bf16 = "BF16"
         case i64 = "I64", i32 = "I32", i16 = "I16", i8 = "I8", u8 = "U8", bool = "BOOL"
+        /// mlx's packed quantized codes.
+        case u32 = "U32"
 
         public var byteWidth: Int {
             switch self {
             case .f64, .i64: 8
-            case .f32, .i32: 4
+            case .f32, .i32, .u32: 4
             case .f16, .bf16, .i16: 2
             case .i8, .u8, .bool: 1
             }
@@ -109,6 +111,7 @@ public struct SafetensorsFile {
             case .f64: Float(base.loadUnaligned(fromByteOffset: 8 * i, as: Double.self))
             case .i64: Float(base.loadUnaligned(fromByteOffset: 8 * i, as: Int64.self))
             case .i32: Float(base.loadUnaligned(fromByteOffset: 4 * i, as: Int32.self))
+            case .u32: Float(base.loadUnaligned(fromByteOffset: 4 * i, as: UInt32.self))
             case .i16: Float(base.loadUnaligned(fromByteOffset: 2 * i, as: Int16.self))
             case .i8: Float(base.loadUnaligned(fromByteOffset: i * w, as: Int8.self))
             case .u8, .bool: Float(base[i])
@@ -123,6 +126,7 @@ public struct SafetensorsFile {
         switch tensor.dtype {
         case .i64: return (0 ..< tensor.count).map { Int(base.loadUnaligned(fromByteOffset: 8 * $0, as: Int64.self)) }
         case .i32: return (0 ..< tensor.count).map { Int(base.loadUnaligned(fromByteOffset: 4 * $0, as: Int32.self)) }
+        case .u32: return (0 ..< tensor.count).map { Int(base.loadUnaligned(fromByteOffset: 4 * $0, as: UInt32.self)) }
         case .i16: return (0 ..< tensor.count).map { Int(base.loadUnaligned(fromByteOffset: 2 * $0, as: Int16.self)) }
         case .i8: return (0 ..< tensor.count).map { Int(base.loadUnaligned(fromByteOffset: $0, as: Int8.self)) }
         case .u8, .bool: return (0 ..< tensor.count).map { Int(base[$0]) }

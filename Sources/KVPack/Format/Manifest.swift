@@ -112,6 +112,12 @@ public struct Manifest: Sendable, Equatable {
     /// The lowest minor version whose readers know every feature this manifest uses.
     public var requiredMinorVersion: UInt16 { schemes.map(\.kind.introducedInMinor).max() ?? 0 }
 
+    /// The lowest 2.x minor that defines every scheme parameter the manifest uses: 2 when an int
+    /// descriptor sets its signed-scales flag (Spec/ 7.2, scheme 2, parameter byte 4, bit 0).
+    public var requiredMinorVersion2: UInt16 {
+        schemes.contains { $0.kind == .int && $0.parameters.count == 8 && $0.parameters[4] & 1 != 0 } ? 2 : 0
+    }
+
     public func schemeIndex(layer: Int, kind: KVKind) -> Int {
         kind == .key ? layerSchemes[layer].key : layerSchemes[layer].value
     }

@@ -4,7 +4,8 @@
 ///
 /// Parameters (8 bytes, Spec/ "Scheme 2: int"): bits u8 (1, 2, 3, 4, 8); grouping u8 (0: per
 /// token along head_dim, as the authors' code; 1: per channel over a run of tokens, as KIVI
-/// does for keys); groupSize u16 (head_dim elements, or tokens); 4 reserved bytes.
+/// does for keys); groupSize u16 (head_dim elements, or tokens); flags u8 (bit 0: scales may be
+/// negative, as mlx's affine codes have them; since format 2.2); 3 reserved bytes.
 ///
 /// Block payload: codes, then scales, then offsets.
 /// - codes: segmentTokens rows of headDim * bits / 8 bytes; code i of a row occupies bits
@@ -16,7 +17,7 @@
 /// [offset, offset + scale * (2^bits - 1)] and decodes within scale / 2.
 public struct IntScheme: KVScheme {
     public static let kind = SchemeKind.int
-    public static let specSyntax = "k<B>v<B>[:g<N>][:kc<T>|kt<N>][:vc<T>|vt<N>][:r<T>]   or   int:auto:<BUDGET>[:spectral][options]"
+    public static let specSyntax = "k<B>v<B>[:g<N>][:kc<T>|kt<N>][:vc<T>|vt<N>][:r<T>][:signed]   or   int:auto:<BUDGET>[:spectral][options]"
     public static let summary = "KV-AdaQuant: 1/2/3/4/8-bit codes, f16 scale+offset per group (gN: N head_dim elements per token; kcT/vcT: per channel over T tokens); rT: T-token f16 window; auto:BUDGET plans K/V bits per layer"
 
     public static let supportedBits = [1, 2, 3, 4, 8]
@@ -29,6 +30,8 @@ public struct IntScheme: KVScheme {
     public let descriptor: SchemeDescriptor
     public let compressesBlocks = false
     public let bits: Int
+    /// Scales may be negative (`signedScalesFlag`).
+    public let signedScales: Bool
     let grouping: Grouping
     let groupSize: Int
     let headDim: Int
@@ -50,11 +53,25 @@ public struct IntScheme: KVScheme {
     /// With `fastAccumulate`, the channel of each accumulator slot (`finishAccumulation`).
     let slotChannels: [Int32]
 
-    public static func descriptor(bits: Int, perChannelTokens: Int? = nil, groupSize: Int = 64, residual: ElementType = .float16) -> SchemeDescriptor {
+    /// Flag bit 0 of parameter byte 4: scales may be negative (mlx-lm's `mx.quantize` gives about
+    /// half its groups a negative scale, the group's maximum as offset; codes copied from an mlx
+    /// cache keep them so). Decoding is the same; only the validity rule and the integer value
+    /// kernel (which needs weight x scale >= 0) differ.
+    public static let signedScalesFlag: UInt8 = 1
+
+    public static func descriptor(bits: Int, perChannelTokens: Int? = nil, groupSize: Int = 64, residual: ElementType = .float16,
+                                  signedScales: Bool = false) -> SchemeDescriptor {
         let grouping: Grouping = perChannelTokens == nil ? .token : .channel
         let size = perChannelTokens ?? groupSize
         return SchemeDescriptor(kind: kind, residualType: residual,
-                                parameters: [UInt8(bits), grouping.rawValue, UInt8(size & 0xFF), UInt8(size >> 8), 0, 0, 0, 0])
+                                parameters: [UInt8(bits), grouping.rawValue, UInt8(size & 0xFF), UInt8(size >> 8),
+                                             signedScales ? signedScalesFlag : 0, 0, 0, 0])
+    }
+
+    /// Whether a descriptor (of any kind) is an int one with signed scales: such a file needs
+    /// format 2.2.
+    public static func hasSignedScales(_ d: SchemeDescriptor) -> Bool {
+        d.kind == kind && d.parameters.count == 8 && d.parameters[4] & signedScalesFlag != 0
     }
 
     // MARK: Spec
@@ -65,14 +82,16 @@ public struct IntScheme: KVScheme {
         var keyGrouping: (channel: Bool, size: Int)?
         var valueGrouping: (channel: Bool, size: Int)?
         var window: Int?
+        var signedScales = false
 
         init(_ arguments: ArraySlice<String>) throws {
             for arg in arguments {
+                if arg == "signed" { signedScales = true; continue }
                 func number(_ prefix: String) -> Int? { arg.hasPrefix(prefix) ? Int(arg.dropFirst(prefix.count)) : nil }
                 if let n = number("kc") { keyGrouping = (true, n) } else if let n = number("vc") { valueGrouping = (true, n) }
                 else if let n = number("kt") { keyGrouping = (false, n) } else if let n = number("vt") { valueGrouping = (false, n) }
                 else if let n = number("g") { tokenGroup = n } else if let n = number("r") { window = n }
-                else { throw KVPackError.argument("int: unknown argument \"\(arg)\" (expected gN, kcN, ktN, vcN, vtN or rN)") }
+                else { throw KVPackError.argument("int: unknown argument \"\(arg)\" (expected gN, kcN, ktN, vcN, vtN, rN or signed)") }
             }
             for n in [tokenGroup, keyGrouping?.size, valueGrouping?.size, window].compactMap({ $0 }) where !(1 ... 65535).contains(n) {
                 throw KVPackError.argument("int: group sizes and windows must be 1...65535, got \(n)")
@@ -89,14 +108,14 @@ public struct IntScheme: KVScheme {
             let grouping = role == .key ? keyGrouping : valueGrouping
             let descriptor: SchemeDescriptor
             if let grouping, grouping.channel {
-                descriptor = IntScheme.descriptor(bits: bits, perChannelTokens: grouping.size)
+                descriptor = IntScheme.descriptor(bits: bits, perChannelTokens: grouping.size, signedScales: signedScales)
             } else {
                 // Groups along head_dim hold at most head_dim elements (64 by default, as the authors').
                 let size = min(grouping?.size ?? tokenGroup ?? 64, geometry.headDim)
                 guard geometry.headDim % size == 0 else {
                     throw KVPackError.argument("int: a group of \(size) elements does not divide head_dim \(geometry.headDim)")
                 }
-                descriptor = IntScheme.descriptor(bits: bits, groupSize: size)
+                descriptor = IntScheme.descriptor(bits: bits, groupSize: size, signedScales: signedScales)
             }
             return SchemeSetup(descriptor: descriptor, segmentTokens: window)
         }
@@ -194,6 +213,10 @@ public struct IntScheme: KVScheme {
         guard Self.supportedBits.contains(bits) else { throw KVPackError.invalid(nil, "int.bits", "is \(bits), must be 1, 2, 3, 4 or 8") }
         guard let grouping = Grouping(rawValue: p[1]) else { throw KVPackError.invalid(nil, "int.grouping", "is \(p[1]), must be 0 (token) or 1 (channel)") }
         let size = Int(p[2]) | Int(p[3]) << 8
+        guard p[4] & ~Self.signedScalesFlag == 0 else {
+            throw KVPackError.invalid(nil, "int.flags", "is 0x\(String(p[4], radix: 16)); only bit 0 (signed scales) is defined")
+        }
+        signedScales = p[4] & Self.signedScalesFlag != 0
         let d = context.headDim, c = context.segmentTokens
         guard d % 8 == 0 else { throw KVPackError.invalid(nil, "int.bits", "int needs head_dim to be a multiple of 8, the file has \(d)") }
         switch grouping {
@@ -226,8 +249,10 @@ public struct IntScheme: KVScheme {
         mask32 = SIMD8<UInt32>(repeating: (1 << UInt32(bits)) - 1)
         tiled = grouping == .channel || size % 8 == 0
         let fast = context.arithmetic == .fast
-        fastScores = fast && grouping == .channel && IntegerCodeKernels.channelScoresSupported(bits: bits, dim: d)
-        fastAccumulate = fast && grouping == .token && IntegerCodeKernels.tokenAccumulateSupported(bits: bits, dim: d, groupSize: size)
+        fastScores = fast && grouping == .channel && !signedScales && IntegerCodeKernels.channelScoresSupported(bits: bits, dim: d)
+        // The value kernel quantizes weight x scale to u8: it needs scales >= 0.
+        fastAccumulate = fast && grouping == .token && !signedScales
+            && IntegerCodeKernels.tokenAccumulateSupported(bits: bits, dim: d, groupSize: size)
         slotChannels = fastAccumulate ? IntegerCodeKernels.tokenLayout(bits: bits, dim: d) : []
     }
 
@@ -235,7 +260,7 @@ public struct IntScheme: KVScheme {
     /// the same width for both roles, so the spec builds this descriptor whichever role it is for.
     public var specString: String {
         let group = grouping == .token ? "g\(groupSize)" : "kc\(groupSize):vc\(groupSize)"
-        return "int:k\(bits)v\(bits):\(group)"
+        return "int:k\(bits)v\(bits):\(group)" + (signedScales ? ":signed" : "")
     }
 
     public func encodedBlockSize(tokens: Int) -> Int { tokens * rowBytes + 4 * groupCount }
@@ -367,9 +392,9 @@ public struct IntScheme: KVScheme {
         let p = block.baseAddress!
         for g in 0 ..< groupCount {
             let s = scale(p, g), o = offset(p, g)
-            guard s.isFinite, s >= 0, o.isFinite else {
+            guard s.isFinite, s >= 0 || signedScales, o.isFinite else {
                 throw KVPackError(.corruptPayload, field: "BLCK.int.scales",
-                                  "group \(g): scale \(s), offset \(o); scales must be finite and >= 0, offsets finite")
+                                  "group \(g): scale \(s), offset \(o); scales must be finite and >= 0 (any sign with the signed-scales flag), offsets finite")
             }
         }
     }

@@ -4,6 +4,14 @@
 
 extension KVPackWriter {
     func sealSegment() throws {
+        try writeSegment { stream, raw in
+            streamSchemes[stream].encode(rows: openRow(stream: stream, row: 0), tokens: segmentTokens, into: raw)
+        }
+    }
+
+    /// Writes the open segment's blocks, each payload filled by `fill(stream, buffer)`, and its
+    /// table; the segment is then sealed.
+    private func writeSegment(_ fill: (Int, UnsafeMutableRawBufferPointer) throws -> Void) throws {
         let segment = sealedTokenCount / segmentTokens
         var blockOffsets: [UInt64] = []
         if majorVersion >= 2 { blockOffsets.reserveCapacity(streamCount) }
@@ -12,7 +20,7 @@ extension KVPackWriter {
             let size = scheme.encodedBlockSize(tokens: segmentTokens)
             encodeBuffer.reserve(size)
             let raw = UnsafeMutableRawBufferPointer(start: encodeBuffer.pointer, count: size)
-            scheme.encode(rows: openRow(stream: stream, row: 0), tokens: segmentTokens, into: raw)
+            try fill(stream, raw)
             let fields = BlockFrame(stream: stream, segment: segment, tokenCount: segmentTokens,
                                     schemeIndex: manifest.scheme(forStream: stream)).typeFields
             let offset: UInt64
@@ -47,6 +55,49 @@ extension KVPackWriter {
         persistedTailEnd = sealedTokenCount
         deltaHead = 0
         options.onSeal?(tokenCount)
+    }
+
+    /// Appends one whole segment of `segmentTokens` tokens whose blocks the caller encoded (codes
+    /// copied from another format, such as an mlx cache's quantized rows, so nothing is
+    /// requantized): `block(stream)` returns each stream's payload, exactly the scheme's block
+    /// size. Every payload is checked (`validate`) before anything is written. The open segment
+    /// must be empty (the token count a multiple of segmentTokens). Positions default to
+    /// consecutive ones.
+    public func appendEncodedSegment(tokenIDs: [UInt32], positions: [UInt32]? = nil, block: (Int) throws -> [UInt8]) throws {
+        guard !closed else { throw KVPackError.argument("the writer is closed") }
+        let c = segmentTokens
+        guard tokenCount == sealedTokenCount else {
+            throw KVPackError.argument("encoded segments start at a segment boundary; \(tokenCount - sealedTokenCount) tokens are open")
+        }
+        guard tokenIDs.count == c, positions.map({ $0.count == c }) ?? true else {
+            throw KVPackError.argument("an encoded segment holds \(c) tokens; \(tokenIDs.count) ids, \(positions?.count ?? c) positions given")
+        }
+        guard tokenCount + c <= Limits.maxTokens else { throw KVPackError.argument("a file holds at most \(Limits.maxTokens) tokens") }
+        var payloads: [[UInt8]] = []
+        payloads.reserveCapacity(streamCount)
+        for stream in 0 ..< streamCount {
+            let bytes = try block(stream)
+            let scheme = streamSchemes[stream]
+            let size = scheme.encodedBlockSize(tokens: c)
+            guard bytes.count == size else {
+                throw KVPackError.argument("stream \(stream): an encoded block of \(scheme.specString) is \(size) bytes, \(bytes.count) given")
+            }
+            try bytes.withUnsafeBytes { try scheme.validate(block: $0, tokens: c) }
+            payloads.append(bytes)
+        }
+        for i in 0 ..< c {
+            let position = positions?[i] ?? UInt32(tokenCount + i)
+            if majorVersion == 1 {
+                pending.tokenIDs.append(tokenIDs[i])
+                pending.positions.append(position)
+            } else {
+                openTokenIDs.append(tokenIDs[i])
+                openPositions.append(position)
+            }
+        }
+        tokenCount += c
+        try writeSegment { stream, raw in raw.copyBytes(from: payloads[stream]) }
+        if pending.entryCount >= options.maxPendingIndexEntries { try writeIndex(tailOffset: 0) }
     }
 
     /// Writes the open rows not yet in any tail run: tokens [persistedTailEnd, tokenCount).

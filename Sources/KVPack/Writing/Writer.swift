@@ -83,7 +83,10 @@ public final class KVPackWriter {
         let io = try FileAppender.open(path: replacement.temporaryPath, create: true)
         let salt = options.salt ?? UInt64.random(in: 1 ... .max)
         let major = options.majorVersion
-        let minor = max(major == 1 ? manifest.requiredMinorVersion : 0, options.features.requiredMinor(major: major))
+        if major == 1, manifest.requiredMinorVersion2 > 0 {
+            throw KVPackError.argument("int codes with signed scales (copied from an mlx cache) need format 2.2; version 1 cannot hold them")
+        }
+        let minor = max(major == 1 ? manifest.requiredMinorVersion : manifest.requiredMinorVersion2, options.features.requiredMinor(major: major))
         let writer = KVPackWriter(path: path, manifest: manifest, options: options, salt: salt, majorVersion: major, minorVersion: minor,
                                   schemes: schemes, io: io)
         do {

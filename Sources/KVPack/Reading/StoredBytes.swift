@@ -37,3 +37,22 @@ extension KVPackReader {
         return found
     }
 }
+
+extension KVPackReader {
+    /// The scheme of a stream, as the manifest describes it (for callers that copy its codes).
+    public func schemeDescriptor(layer: Int, kvHead: Int, kind: KVKind) throws -> SchemeDescriptor {
+        try checkStream(layer: layer, kvHead: kvHead)
+        return manifest.schemes[manifest.scheme(forStream: geometry.stream(layer: layer, kvHead: kvHead, kind: kind))]
+    }
+
+    /// A copy of the verified (and, if compressed, decompressed) payload of the sealed block of
+    /// `segment` for one stream: what an exporter that copies codes instead of decoding reads.
+    public func blockBytes(layer: Int, kvHead: Int, kind: KVKind, segment: Int) throws -> [UInt8] {
+        try checkStream(layer: layer, kvHead: kvHead)
+        guard segment >= 0, segment < sealedTokenCount / segmentTokens else {
+            throw KVPackError.argument("segment \(segment) is not sealed (the file has \(sealedTokenCount / segmentTokens) sealed segments)")
+        }
+        let stream = geometry.stream(layer: layer, kvHead: kvHead, kind: kind)
+        return Array(try blockPayload(segment: segment, stream: stream, workspace: AttentionWorkspace()))
+    }
+}
