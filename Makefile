@@ -17,13 +17,14 @@ GGUF_FUZZ_BIN := Fuzz/gguf-fuzz
 LLAMA_CPP_FUZZ_BIN := Fuzz/llama-cpp-fuzz
 PARSER_FUZZ_BIN := Fuzz/kvpack-parser-fuzz
 TENSORS_FUZZ_BIN := Fuzz/tensors-fuzz
-TENSORS_SOURCES := Sources/KVPackInterop/Safetensors.swift Sources/KVPackInterop/Npy.swift Sources/KVPackInterop/CacheInterop.swift
+TENSORS_SOURCES := Sources/KVPackInterop/Safetensors.swift Sources/KVPackInterop/Npy.swift Sources/KVPackInterop/CacheInterop.swift \
+	Sources/KVPackInterop/MlxPromptCache.swift
 INTEROP_SOURCES := $(shell find Sources/KVPackInterop/LlamaCpp -name '*.swift')
 # Where scripts/fetch-models.sh puts SmolLM2 (the same rule as ModelLocator).
 SMOLLM2 := $(if $(KVPACK_MODEL_DIR),$(KVPACK_MODEL_DIR),$(if $(XDG_CACHE_HOME),$(XDG_CACHE_HOME),$(HOME)/.cache)/kvpack)/SmolLM2-135M-Instruct.Q4_1.gguf
 
 # (check-layers: see scripts/check-layers.py and ARCHITECTURE.md)
-.PHONY: capi capi-test python python-test hf-env hf-test all build setup native-deps models pydeps check-layers test demo fuzz fuzz-all fuzz-decode fuzz-generated fuzz-tensors fuzz-gguf fuzz-llama-cpp fuzz-parser differential corpus corpus-check bench bench-convert torture sanitize clean llama.cpp llama-cpp-fixtures llama-cpp-roundtrip llama-cpp-sizes chat-sampling long-chat
+.PHONY: capi capi-test python python-test hf-env hf-test mlx-test all build setup native-deps models pydeps check-layers test demo fuzz fuzz-all fuzz-decode fuzz-generated fuzz-tensors fuzz-gguf fuzz-llama-cpp fuzz-parser differential corpus corpus-check bench bench-convert torture sanitize clean llama.cpp llama-cpp-fixtures llama-cpp-roundtrip llama-cpp-sizes chat-sampling long-chat
 
 all: build capi
 
@@ -63,7 +64,7 @@ check-layers:
 # then the C ABI's C test and the Python package's tests.
 test: setup pydeps check-layers
 	swift test -c release -Xswiftc -enable-testing $(SWIFT_FLAGS)
-	@$(MAKE) --no-print-directory capi-test python-test hf-test
+	@$(MAKE) --no-print-directory capi-test python-test hf-test mlx-test
 
 # The C ABI (include/kvpack.h) as one shared library with the Swift runtime linked in, so it loads
 # where no Swift toolchain is installed. Its own scratch directory: SwiftPM does not relink a
@@ -103,6 +104,24 @@ hf-env:
 	else \
 		rm -rf .venv-hf && python3 -m venv .venv-hf && \
 		.venv-hf/bin/pip install --quiet $(HF_PACKAGES) || { rm -rf .venv-hf; echo "hf-env: could not install $(HF_PACKAGES); the transformers tests will skip"; }; \
+	fi
+
+# mlx-lm's own load_prompt_cache on what `kvpack export --format mlx` writes (python/tests/test_mlx.py):
+# mlx (CPU) and mlx-lm 0.32.2 in .venv-mlx, and mlx-lm 0.21.5's cache.py for the older layout.
+# Skips, saying so, when they cannot be installed.
+MLX_PACKAGES := "mlx[cpu]==0.32.4" mlx-lm==0.32.2 numpy pytest
+mlx-test: models
+	@if ! .venv-mlx/bin/python -c 'import mlx.core, mlx_lm, pytest' 2>/dev/null; then \
+		rm -rf .venv-mlx && python3 -m venv .venv-mlx && \
+		.venv-mlx/bin/pip install --quiet $(MLX_PACKAGES) || { rm -rf .venv-mlx; echo "mlx-test: could not install mlx and mlx-lm"; }; \
+	fi
+	@if [ -x .venv-mlx/bin/python ]; then \
+		[ -f .venv-mlx/mlx_lm_0215/mlx_lm/models/cache.py ] || ( .venv-mlx/bin/pip download --quiet --no-deps mlx-lm==0.21.5 -d .venv-mlx/mlx_lm_0215 && \
+			cd .venv-mlx/mlx_lm_0215 && python3 -m zipfile -e mlx_lm-0.21.5-py3-none-any.whl . ) ; \
+		cd python && KVPACK_CLI=$(CURDIR)/$(KVPACK) MLX_LM_0215_CACHE=$(CURDIR)/.venv-mlx/mlx_lm_0215/mlx_lm/models/cache.py \
+			$(CURDIR)/.venv-mlx/bin/python -m pytest -q -rs tests/test_mlx.py; \
+	else \
+		echo "mlx-test: SKIPPED: no .venv-mlx with mlx and mlx-lm (see above)"; \
 	fi
 
 # kvpack.transformers against HF running SmolLM2 and the kvpack CLI (python/tests/test_transformers.py).
@@ -189,9 +208,10 @@ fuzz-gguf: setup $(GGUF_FUZZ_BIN)
 	$(GGUF_FUZZ_BIN) $(FUZZ_RUN) -max_len=131072 -dict=Fuzz/gguf.dict -artifact_prefix=fuzz-out/gguf- \
 		fuzz-out/gguf-corpus Fuzz/corpus/gguf Fuzz/gguf-seeds/
 
-# libFuzzer + AddressSanitizer over the tensor files kvpack import reads: safetensors and .npy
-# parsed, viewed as a KV cache, and small ones imported; seeded with Fuzz/tensors-seeds (written
-# by the safetensors and numpy packages: scripts/make-tensor-seeds.py).
+# libFuzzer + AddressSanitizer over the tensor files kvpack import reads: safetensors, .npy and
+# mlx-lm prompt caches parsed, viewed as a KV cache, and small ones imported; seeded with
+# Fuzz/tensors-seeds (written by the safetensors and numpy packages, scripts/make-tensor-seeds.py,
+# and by mlx-lm, scripts/mlx-fixtures.py).
 $(TENSORS_FUZZ_BIN): $(LIB_SOURCES) $(FUZZ_KERNEL_OBJECTS) $(TENSORS_SOURCES) Fuzz/TensorsFuzzTarget.swift
 	$(FUZZ_SWIFTC) $(LIB_SOURCES) $(TENSORS_SOURCES) Fuzz/TensorsFuzzTarget.swift -o $@
 

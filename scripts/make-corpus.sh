@@ -94,6 +94,11 @@ for v in 1 2; do
 done
 keep "$tmp/notes-v1.kvpack" "valid__v1.5-notes.kvpack"
 keep "$tmp/notes-v2.kvpack" "valid__v2.1-notes.kvpack"
+# Format 2.2: int codes with signed scales, as an mlx-lm QuantizedKVCache holds them (codes
+# copied by import; Tests/Fixtures/mlx, written by the real mlx-lm 0.21.5).
+"$KVPACK" import Tests/Fixtures/mlx/q4-g64-v021.safetensors "$tmp/mlx-q4.kvpack" --query-heads 9 --rope-theta 100000 \
+  --salt 4242 --no-fsync --overwrite > /dev/null
+keep "$tmp/mlx-q4.kvpack" "valid__v2.2-int-signed-scales-mlx-q4.kvpack"
 # A duplicate key inside one note is an error of that note: with no intermediate commits both
 # --note entries go into one note (a=1, b=2); its second key (payload offset 10) becomes "a".
 synth notes-dup raw:f16 --note a=1 --note b=2 --commit-every 0

@@ -7,7 +7,7 @@ Llama uses nn.RoPE(traditional=False)).
     /tmp/mlxenv/bin/pip download --no-deps mlx-lm==0.21.5 -d /tmp/oldmlx      # the older file layout
     (cd /tmp/oldmlx && unzip -o -q mlx_lm-0.21.5-py3-none-any.whl 'mlx_lm/models/cache.py')
     /tmp/mlxenv/bin/python scripts/mlx-fixtures.py ../shared/kv-samples/smollm2-chat Tests/Fixtures/mlx \
-        /tmp/oldmlx/mlx_lm/models/cache.py
+        /tmp/oldmlx/mlx_lm/models/cache.py Fuzz/tensors-seeds
 
 Files: kv-f16.safetensors (KVCache, f16), kv-bf16.safetensors (KVCache, bf16),
 q4-g64.safetensors (QuantizedKVCache, 4 bits, groups of 64), q8-g32.safetensors (8 bits, groups
@@ -16,7 +16,9 @@ beside them: what mlx decodes (mx.dequantize, f16 [kv_heads, tokens, head_dim]) 
 keys and layer 1's values of each quantized file. With the third
 argument (mlx-lm 0.21.5's cache.py, which imports only mlx), also kv-f16-v021.safetensors and
 q4-g64-v021.safetensors in that version's layout (meta states in "0.*", user metadata in "1.*",
-classes in "2.*", tensors trimmed to the offset).
+classes in "2.*", tensors trimmed to the offset). With a fourth argument (a directory, e.g.
+Fuzz/tensors-seeds), also small seeds for the tensors fuzz target (under its 16 KiB max_len): one
+layer, one head, a few tokens, in both layouts, dense and quantized.
 """
 import sys
 from pathlib import Path
@@ -75,3 +77,21 @@ if len(sys.argv) > 3:
     old.save_prompt_cache(str(out / "q4-g64-v021.safetensors"), [c.to_quantized(group_size=64, bits=4) for c in old_caches()], meta)
 for f in sorted(out.glob("*.safetensors")):
     print(f.name, f.stat().st_size)
+
+if len(sys.argv) > 4:
+    seeds = Path(sys.argv[4])
+    rng = np.random.default_rng(7)
+
+    def small(cls, dim, tokens):
+        c = cls()
+        k = rng.standard_normal((1, 1, tokens, dim)).astype(np.float32)
+        c.update_and_fetch(mx.array(k).astype(mx.float16), mx.array(k[..., ::-1].copy()).astype(mx.float16))
+        return c
+
+    save_prompt_cache(str(seeds / "mlx-kv-current.safetensors"), [small(KVCache, 8, 5)], {"seed": "1"})
+    save_prompt_cache(str(seeds / "mlx-q4-current.safetensors"), [small(KVCache, 32, 3).to_quantized(group_size=32, bits=4)])
+    old.save_prompt_cache(str(seeds / "mlx-kv-v021.safetensors"), [small(old.KVCache, 32, 6)], {"seed": "2"})
+    old.save_prompt_cache(str(seeds / "mlx-q2-v021.safetensors"),
+                          [small(old.KVCache, 64, 9).to_quantized(group_size=64, bits=2), small(old.KVCache, 64, 9).to_quantized(group_size=64, bits=2)])
+    for f in sorted(seeds.glob("mlx-*.safetensors")):
+        print(f.name, f.stat().st_size)

@@ -120,6 +120,35 @@ struct MlxTests {
         #expect(!r.copiedCodes && r.tokens == 150)
     }
 
+    @Test("signed scales: a spec option, format 2.2 only, refused in version 1; a negative scale without the flag is corrupt")
+    func signedScalesVersion() throws {
+        let g = ModelGeometry(layerCount: 1, queryHeadCount: 2, kvHeadCount: 1, headDim: 16)
+        let spec = try SchemeSpec.parse("int:k4v4:g16:signed", geometry: g)
+        let dir = temporaryDirectory()
+        var o = testOptions()
+        o.majorVersion = 1
+        var file = NewFile(geometry: g, rope: .none, schemes: spec, producer: "test")
+        file.segmentTokens = 4
+        #expect { try KVPackWriter.create(path: dir + "/v1.kvpack", file: file, options: o) } throws: { "\($0)".contains("2.2") }
+        let w = try KVPackWriter.create(path: dir + "/v2.kvpack", file: file, options: testOptions())
+        // One segment with a negative scale, copied in: valid with the flag.
+        let codes = [UInt8](repeating: 0x21, count: 4 * 8)
+        var scale = Float16(-0.5).bitPattern.littleEndian, bias = Float16(1).bitPattern.littleEndian
+        let s = withUnsafeBytes(of: &scale) { Array($0) }, b = withUnsafeBytes(of: &bias) { Array($0) }
+        try w.appendEncodedSegment(tokenIDs: [1, 2, 3, 4]) { _ in codes + Array((0 ..< 4).map { _ in s }.joined()) + Array((0 ..< 4).map { _ in b }.joined()) }
+        #expect(throws: KVPackError.self) { try w.appendEncodedSegment(tokenIDs: [1]) { _ in [] } }
+        try w.close()
+        let r = try KVPackReader(path: dir + "/v2.kvpack")
+        #expect(r.header.minor == 2 && r.scheme(layer: 0, kind: .key).specString == "int:k4v4:g16:signed")
+        // codes 0x21: 1 then 2, as scale * code + bias.
+        #expect(Array(try r.decode(layer: 0, kvHead: 0, kind: .value).prefix(2)) == [0.5, 0])
+        // Without the flag the same block is a corrupt payload.
+        let plain = try IntScheme(descriptor: IntScheme.descriptor(bits: 4, groupSize: 16),
+                                  context: SchemeContext(geometry: g, segmentTokens: 4, rope: .none, role: .key))
+        let block = codes + Array((0 ..< 4).map { _ in s }.joined()) + Array((0 ..< 4).map { _ in b }.joined())
+        #expect { try block.withUnsafeBytes { try plain.validate(block: $0, tokens: 4) } } throws: { ($0 as? KVPackError)?.code == .corruptPayload }
+    }
+
     @Test("malformed prompt caches are refused with the file and the reason")
     func badFiles() throws {
         let dir = temporaryDirectory()
