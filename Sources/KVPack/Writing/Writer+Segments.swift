@@ -85,16 +85,7 @@ extension KVPackWriter {
             try bytes.withUnsafeBytes { try scheme.validate(block: $0, tokens: c) }
             payloads.append(bytes)
         }
-        for i in 0 ..< c {
-            let position = positions?[i] ?? UInt32(tokenCount + i)
-            if majorVersion == 1 {
-                pending.tokenIDs.append(tokenIDs[i])
-                pending.positions.append(position)
-            } else {
-                openTokenIDs.append(tokenIDs[i])
-                openPositions.append(position)
-            }
-        }
+        for i in 0 ..< c { recordToken(tokenIDs[i], position: positions?[i] ?? UInt32(tokenCount + i)) }
         tokenCount += c
         try writeSegment { stream, raw in raw.copyBytes(from: payloads[stream]) }
         if pending.entryCount >= options.maxPendingIndexEntries { try writeIndex(tailOffset: 0) }

@@ -226,18 +226,23 @@ public final class KVPackWriter {
                     openRow(stream: stream + 1, row: row).update(from: vBase + src, count: dim)
                 }
             }
-            let position = positions?[i] ?? UInt32(tokenCount)
-            if majorVersion == 1 {
-                pending.tokenIDs.append(tokenIDs[i])
-                pending.positions.append(position)
-            } else {
-                openTokenIDs.append(tokenIDs[i])
-                openPositions.append(position)
-            }
+            recordToken(tokenIDs[i], position: positions?[i] ?? UInt32(tokenCount))
             tokenCount += 1
             if tokenCount - sealedTokenCount == segmentTokens { try sealSegment() }
         }
         if pending.entryCount >= options.maxPendingIndexEntries { try writeIndex(tailOffset: 0) }
+    }
+
+    /// Where a new token's id and position go until its segment seals: the next index (version 1)
+    /// or the open segment's table (version 2).
+    func recordToken(_ id: UInt32, position: UInt32) {
+        if majorVersion == 1 {
+            pending.tokenIDs.append(id)
+            pending.positions.append(position)
+        } else {
+            openTokenIDs.append(id)
+            openPositions.append(position)
+        }
     }
 
     public func append(tokenIDs: [UInt32], positions: [UInt32]? = nil, keys: [Float], values: [Float], layout: KVBatchLayout) throws {
