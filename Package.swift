@@ -13,6 +13,8 @@ let package = Package(
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        // HMAC-SHA256 and SHA-256 for S3 request signing (SigV4).
+        .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
     ],
     targets: [
         .systemLibrary(name: "CZstd", path: "Sources/CZstd"),
@@ -37,6 +39,12 @@ let package = Package(
             dependencies: ["KVPack"],
             path: "Sources/KVPackLab"
         ),
+        // Object storage: SigV4, an S3 client, push/pull of whole files.
+        .target(
+            name: "KVPackRemote",
+            dependencies: ["KVPack", .product(name: "Crypto", package: "swift-crypto")],
+            path: "Sources/KVPackRemote"
+        ),
         .target(
             name: "KVPackInterop",
             dependencies: ["KVPack", "KVPackModels"],
@@ -57,6 +65,7 @@ let package = Package(
                 "KVPackModels",
                 "KVPackInterop",
                 "KVPackLab",
+                "KVPackRemote",
                 "CKVKernels",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
@@ -64,7 +73,7 @@ let package = Package(
         ),
         .testTarget(
             name: "KVPackTests",
-            dependencies: ["KVPack", "KVPackModels", "KVPackInterop", "KVPackLab", "CKVKernels", "kvpack"],
+            dependencies: ["KVPack", "KVPackModels", "KVPackInterop", "KVPackLab", "KVPackRemote", "CKVKernels", "kvpack"],
             path: "Tests/KVPackTests"
         ),
     ]
