@@ -87,7 +87,9 @@ public final class S3Client: @unchecked Sendable {
                     continue
                 }
                 let code = Self.xmlValue("Code", in: response.body), message = Self.xmlValue("Message", in: response.body)
-                let detail = [code, message].compactMap { $0 }.joined(separator: ": ")
+                // A HEAD has no body to say why: name the usual reasons.
+                let fallback: String? = response.status == 404 ? "no such object or bucket" : response.status == 403 ? "access denied" : nil
+                let detail = [code, message].compactMap { $0 }.joined(separator: ": ").nonEmpty ?? fallback ?? ""
                 throw RemoteError("\(what): HTTP \(response.status)\(detail.isEmpty ? "" : " (\(detail))")\(attempt > 0 ? " after \(attempt + 1) attempts" : "")",
                                   status: response.status)
             }
@@ -202,4 +204,8 @@ public final class S3Client: @unchecked Sendable {
     public func abortMultipartUpload(_ location: S3Location, uploadID: String) {
         _ = try? request("DELETE", location, query: [("uploadId", uploadID)], expect: [200, 204, 404])
     }
+}
+
+extension String {
+    var nonEmpty: String? { isEmpty ? nil : self }
 }
