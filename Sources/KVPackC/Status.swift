@@ -79,10 +79,13 @@ func copyCString(_ text: String, into buffer: UnsafeMutableRawBufferPointer) {
 }
 
 /// Writes `text` for a (buffer, capacity, length) triple: *length = its byte count; the text and a
-/// NUL when capacity allows, else KVPACK_E_BUFFER_TOO_SMALL.
-func deliver(_ text: String, buffer: UnsafeMutablePointer<CChar>?, capacity: Int, length: UnsafeMutablePointer<Int>?) throws {
+/// NUL when capacity allows, else KVPACK_E_BUFFER_TOO_SMALL. With `optional` (a report the caller
+/// may decline), a NULL buffer asks for the length alone.
+func deliver(_ text: String, buffer: UnsafeMutablePointer<CChar>?, capacity: Int, length: UnsafeMutablePointer<Int>?,
+             optional: Bool = false) throws {
     let utf8 = Array(text.utf8)
     length?.pointee = utf8.count
+    if optional, buffer == nil { return }
     guard let buffer, capacity > utf8.count else {
         throw ABIError(KVPACK_E_BUFFER_TOO_SMALL, "the text needs \(utf8.count + 1) bytes, the buffer holds \(capacity)")
     }

@@ -32,11 +32,7 @@ public func kvpack_convert(_ input: UnsafePointer<CChar>?, _ output: UnsafePoint
         options.tool = "libkvpack"
         let result = try Converter.convert(input: inPath, output: outPath, spec: spec, layers: text == nil ? [] : nil, options: options)
         // The conversion is done and durable; a report that does not fit is the caller's to ask again.
-        if report != nil || length != nil {
-            let text = try json(result)
-            length?.pointee = text.utf8.count
-            if report != nil { try deliver(text, buffer: report, capacity: capacity, length: length) }
-        }
+        if report != nil || length != nil { try deliver(try json(result), buffer: report, capacity: capacity, length: length, optional: true) }
     }
 }
 
@@ -61,10 +57,6 @@ public func kvpack_validate(_ path: UnsafePointer<CChar>?, _ deep: UInt32, _ val
         let p = try string(path, "path")
         let result = Validator.validate(file: try MappedFile(path: p), path: p, deep: deep != 0)
         valid?.pointee = result.isValid ? 1 : 0
-        if report != nil || length != nil {
-            let text = try json(result)
-            length?.pointee = text.utf8.count
-            if report != nil { try deliver(text, buffer: report, capacity: capacity, length: length) }
-        }
+        if report != nil || length != nil { try deliver(try json(result), buffer: report, capacity: capacity, length: length, optional: true) }
     }
 }

@@ -241,7 +241,7 @@ public enum CacheInterop {
             for head in 0 ..< g.kvHeadCount {
                 try rows.withUnsafeMutableBufferPointer {
                     try reader.decode(layer: layer, kvHead: head, kind: kind, tokens: 0 ..< n, into: $0.baseAddress!, workspace: workspace)
-                    if kind == .key, let pairing { for t in 0 ..< n { pairing.apply($0.baseAddress! + t * g.headDim) } }
+                    if kind == .key { pairing?.apply(rows: $0.baseAddress!, count: n) }
                 }
                 out += type.encode(rows)
             }
@@ -268,9 +268,7 @@ public enum CacheInterop {
                 handle.write(Data(NpyArray.header(dtype: type == .float32 ? .float32 : .float16, shape: [g.kvHeadCount, n, g.headDim])))
                 for head in 0 ..< g.kvHeadCount {
                     var rows = try reader.decode(layer: layer, kvHead: head, kind: kind)
-                    if kind == .key, let pairing {
-                        rows.withUnsafeMutableBufferPointer { r in for t in 0 ..< n { pairing.apply(r.baseAddress! + t * g.headDim) } }
-                    }
+                    if kind == .key { pairing?.apply(&rows) }
                     handle.write(Data(type.encode(rows)))
                     reader.file.releasePages(0 ..< reader.fileSize)
                 }

@@ -77,11 +77,7 @@ public struct MlxPromptCache: ExternalCache {
         while let c = meta[classPrefix + String(classes.count)], classes.count <= Limits.maxLayers { classes.append(c) }
         guard classes.count <= Limits.maxLayers else { throw fail("more than \(Limits.maxLayers) layers") }
         var user: [String: String] = [:]
-        for (k, v) in meta where k.hasPrefix(userPrefix) {
-            let key = String(k.dropFirst(userPrefix.count))
-            // Current layout: user keys sit beside nothing else under "0."; meta states: "1.<key>".
-            user[key] = v
-        }
+        for (k, v) in meta where k.hasPrefix(userPrefix) { user[String(k.dropFirst(userPrefix.count))] = v }
         func tensor(_ name: String) throws -> SafetensorsFile.Tensor {
             guard let t = file.tensors[name] else { throw fail("tensor \(name) is missing") }
             return t
@@ -269,9 +265,10 @@ public enum MlxInterop {
     public static func importCache(_ cache: MlxPromptCache, to path: String, queryHeads: Int?, rope: RoPEConfig, spec text: String?,
                                    segmentTokens: Int?, options: WriterOptions, producer: String) throws -> ImportReport {
         let g = try geometry(cache, queryHeads: queryHeads)
+        let cacheClass = cache.quantization == nil ? "KVCache" : "QuantizedKVCache"
         var metadata: [Manifest.MetadataEntry] = [
             .init("mlx.layout", cache.layout.rawValue),
-            .init("mlx.class", cache.quantization == nil ? "KVCache" : "QuantizedKVCache"),
+            .init("mlx.class", cacheClass),
             .init("mlx.dtype", cache.dtype.rawValue),
         ]
         if let q = cache.quantization { metadata += [.init("mlx.group_size", String(q.groupSize)), .init("mlx.bits", String(q.bits))] }
@@ -288,11 +285,11 @@ public enum MlxInterop {
         if !copy {
             let n = try CacheInterop.importCache(cache, to: path, queryHeads: g.queryHeadCount, rope: rope, spec: schemeText,
                                                  segmentTokens: segmentTokens, options: options, producer: producer, metadata: metadata)
-            return ImportReport(tokens: n, layout: cache.layout.rawValue, cacheClass: metadata[1].value, copiedCodes: false, scheme: schemeText,
+            return ImportReport(tokens: n, layout: cache.layout.rawValue, cacheClass: cacheClass, copiedCodes: false, scheme: schemeText,
                                 segmentTokens: try KVPackReader(path: path).segmentTokens)
         }
         let spec = try SchemeSpec.parse(schemeText, geometry: g)
-        let c = segmentTokens ?? (1 ... Limits.maxSegmentTokens).clamp(cache.tokens)
+        let c = segmentTokens ?? min(max(cache.tokens, 1), Limits.maxSegmentTokens)
         var file = NewFile(geometry: g, rope: rope, schemes: spec, producer: producer)
         file.segmentTokens = c
         file.metadata = spec.metadata + metadata
@@ -322,7 +319,7 @@ public enum MlxInterop {
                               layout: .layerHeadToken(g, tokens: range.count))
         }
         try writer.close()
-        return ImportReport(tokens: cache.tokens, layout: cache.layout.rawValue, cacheClass: "QuantizedKVCache", copiedCodes: true,
+        return ImportReport(tokens: cache.tokens, layout: cache.layout.rawValue, cacheClass: cacheClass, copiedCodes: true,
                             scheme: schemeText, segmentTokens: c)
     }
 
@@ -376,8 +373,7 @@ public enum MlxInterop {
     /// metadata recorded by an import (`mlx.meta.*`) is restored.
     public static func export(_ reader: KVPackReader, to path: String, options o: ExportOptions) throws -> ExportReport {
         let g = reader.geometry, n = reader.tokenCount, d = g.headDim, m = reader.manifest
-        let own = m.rope.layout
-        let pairing = try o.ropeLayout.flatMap { $0 == own ? nil : try RoPEPairing(from: own, to: $0, headDim: d) }
+        let pairing = try CacheInterop.keyPairing(reader, to: o.ropeLayout).1
         let step = 256
         let allocated = o.layout == .current ? max(step, (n + step - 1) / step * step) : n
         var entries: [SafetensorsWriter.Entry] = []
@@ -436,9 +432,7 @@ public enum MlxInterop {
                         var out: [UInt8] = []
                         for head in 0 ..< g.kvHeadCount {
                             var rows = try reader.decode(layer: layer, kvHead: head, kind: kind)
-                            if kind == .key, let pairing {
-                                rows.withUnsafeMutableBufferPointer { p in for t in 0 ..< n { pairing.apply(p.baseAddress! + t * d) } }
-                            }
+                            if kind == .key { pairing?.apply(&rows) }
                             rows += [Float](repeating: 0, count: (allocated - n) * d)
                             out += type.encode(rows)
                         }
@@ -498,9 +492,7 @@ public enum MlxInterop {
             guard t < n else { continue }
             // The rest: decoded, then encoded as one block of int codes.
             var rows = try reader.decode(layer: layer, kvHead: head, kind: kind, tokens: t ..< n)
-            if kind == .key, let pairing {
-                rows.withUnsafeMutableBufferPointer { r in for i in 0 ..< n - t { pairing.apply(r.baseAddress! + i * d) } }
-            }
+            if kind == .key { pairing?.apply(&rows) }
             let context = SchemeContext(geometry: g, segmentTokens: n - t, rope: reader.manifest.rope, role: kind)
             let scheme = try IntScheme(descriptor: target, context: context)
             var block = [UInt8](repeating: 0, count: scheme.encodedBlockSize(tokens: n - t))
@@ -513,8 +505,4 @@ public enum MlxInterop {
         reader.file.releasePages(0 ..< reader.fileSize)
         return ([codes, scales, biases], copied, runs)
     }
-}
-
-extension ClosedRange where Bound == Int {
-    func clamp(_ x: Int) -> Int { Swift.min(Swift.max(x, lowerBound), upperBound) }
 }

@@ -39,23 +39,17 @@ public final class S3Client: @unchecked Sendable {
     public func request(_ method: String, _ location: S3Location?, bucket: String? = nil, query: [(String, String)] = [],
                         headers extra: [String: String] = [:], body: Data = Data(), expect: Set<Int> = [200]) throws -> Response {
         let bucketName = location?.bucket ?? bucket ?? ""
-        var path = "/"
-        var host = configuration.endpoint.host ?? ""
-        if let port = configuration.endpoint.port { host += ":\(port)" }
         let key = location.map { SigV4Signer.uriEncode($0.key, keepSlash: true) }
-        if configuration.pathStyle {
-            path += SigV4Signer.uriEncode(bucketName, keepSlash: false) + (key.map { "/" + $0 } ?? "")
-        } else {
-            host = "\(bucketName).\(host)"
-            path += key ?? ""
-        }
+        let path = "/" + (configuration.pathStyle ? SigV4Signer.uriEncode(bucketName, keepSlash: false) + (key.map { "/" + $0 } ?? "") : key ?? "")
         var components = URLComponents()
         components.scheme = configuration.endpoint.scheme
         components.host = configuration.endpoint.host.map { configuration.pathStyle ? $0 : "\(bucketName).\($0)" }
         components.port = configuration.endpoint.port
         components.percentEncodedPath = path
         if !query.isEmpty { components.percentEncodedQuery = SigV4Signer.canonicalQuery(query) }
-        guard let url = components.url else { throw RemoteError("cannot form a URL for \(method) \(path)") }
+        guard let url = components.url, let urlHost = components.host else { throw RemoteError("cannot form a URL for \(method) \(path)") }
+        // The Host header signed is the one the URL sends.
+        let host = urlHost + (components.port.map { ":\($0)" } ?? "")
         let payloadHash = SigV4Signer.sha256Hex(body)
         var attempt = 0
         while true {

@@ -34,9 +34,7 @@ struct ConvertCommand: ParsableCommand {
         guard scheme != nil || plan != nil || ropeLayout != nil else {
             throw ValidationError("give --scheme, --plan or --rope-layout (see --help)")
         }
-        if let ropeLayout, RoPELayout(name: ropeLayout) == nil || ropeLayout == "none" {
-            throw ValidationError("--rope-layout must be interleaved or rotate-half, got \(ropeLayout)")
-        }
+        if let ropeLayout { _ = try pairLayout(ropeLayout) }
     }
 
     func run() throws {
@@ -55,7 +53,7 @@ struct ConvertCommand: ParsableCommand {
         }
         var options = Converter.Options(writing: writing)
         options.attentionSamples = samples
-        options.ropeLayout = ropeLayout.flatMap(RoPELayout.init(name:))
+        options.ropeLayout = try ropeLayout.map(pairLayout)
         let progress = Progress(label: "convert \(output)", total: source.tokenCount)
         options.progress = { done, _ in progress.update(done) }
         let report = try Converter.convert(input: input, output: output, spec: spec,

@@ -174,13 +174,7 @@ struct ExportCommand: ParsableCommand {
 
     func run() throws {
         let reader = try openReader(input)
-        var layout: RoPELayout?
-        if let ropeLayout {
-            guard let l = RoPELayout(name: ropeLayout), l != .none else {
-                throw ValidationError("--rope-layout must be interleaved or rotate-half, got \(ropeLayout)")
-            }
-            layout = l
-        }
+        let layout = try ropeLayout.map(pairLayout)
         let kind = format ?? (destination.hasSuffix(".safetensors") ? .safetensors : (URL(fileURLWithPath: destination).pathExtension.isEmpty ? .npy : .safetensors))
         switch kind {
         case .llamaCppSession, .llamaCppSeq:

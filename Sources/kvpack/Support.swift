@@ -162,6 +162,14 @@ extension Converter.Options {
 }
 
 /// The model path a conversation file records (`model.path` metadata).
+/// A --rope-layout that keys move to: interleaved or rotate-half (convert, export).
+func pairLayout(_ text: String) throws -> RoPELayout {
+    guard let layout = RoPELayout(name: text), layout != .none else {
+        throw ValidationError("--rope-layout must be interleaved or rotate-half, got \(text)")
+    }
+    return layout
+}
+
 func recordedModelPath(_ reader: KVPackReader) throws -> String {
     guard let recorded = reader.manifest.metadata("model.path") else {
         throw CLIError("\(reader.path ?? "the file") does not record its model; pass --model")

@@ -87,6 +87,16 @@ public struct RoPEPairing: Sendable {
 
     public var isIdentity: Bool { from == to }
 
+    /// Permutes `count` consecutive rows of `headDim` floats in place.
+    public func apply(rows: UnsafeMutablePointer<Float>, count: Int) {
+        for r in 0 ..< count { apply(rows + r * headDim) }
+    }
+
+    /// Permutes every row of `rows` (a whole number of rows of `headDim` floats) in place.
+    public func apply(_ rows: inout [Float]) {
+        rows.withUnsafeMutableBufferPointer { apply(rows: $0.baseAddress!, count: $0.count / headDim) }
+    }
+
     /// Permutes one row of `headDim` floats in place.
     public func apply(_ row: UnsafeMutablePointer<Float>) {
         guard !isIdentity else { return }

@@ -166,13 +166,13 @@ public enum Converter {
         /// Rewrites `count` key rows that belong to output tokens `first ..< first + count`.
         mutating func apply(rows: UnsafeMutablePointer<Float>, first: Int, count: Int) {
             let d = rotation?.headDim ?? pairing!.headDim
-            for i in 0 ..< count {
-                if rotation != nil {
+            if rotation != nil {
+                for i in 0 ..< count {
                     rotation!.set(delta: deltas[first + i])
                     rotation!.apply(rows + i * d)
                 }
-                pairing?.apply(rows + i * d)
             }
+            pairing?.apply(rows: rows, count: count)
         }
     }
 

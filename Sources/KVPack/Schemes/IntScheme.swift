@@ -68,11 +68,6 @@ public struct IntScheme: KVScheme {
                                              signedScales ? signedScalesFlag : 0, 0, 0, 0])
     }
 
-    /// Whether a descriptor (of any kind) is an int one with signed scales: such a file needs
-    /// format 2.2.
-    public static func hasSignedScales(_ d: SchemeDescriptor) -> Bool {
-        d.kind == kind && d.parameters.count == 8 && d.parameters[4] & signedScalesFlag != 0
-    }
 
     // MARK: Spec
 

@@ -176,7 +176,7 @@ public enum LlamaCppExport {
                     try reader.decode(layer: layer, kvHead: h, kind: kind, tokens: start ..< start + count,
                                       into: buf.baseAddress! + h * count * d, workspace: workspace)
                 }
-                if let pairing { for r in 0 ..< g.kvHeadCount * count { pairing.apply(buf.baseAddress! + r * d) } }
+                pairing?.apply(rows: buf.baseAddress!, count: g.kvHeadCount * count)
             }
             for t in 0 ..< count {
                 for h in 0 ..< g.kvHeadCount {
