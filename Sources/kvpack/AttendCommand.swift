@@ -12,7 +12,7 @@ struct AttendCommand: ParsableCommand {
         Attention over codes uses integer dot products where the scheme has them (int with per-channel key groups or per-token value groups, on a CPU with AVX2): a few times faster, within a small bound of attention over the decoded rows. --exact computes in f32 over the decoded codes instead, which --check then matches to float rounding.
         """)
 
-    @Argument(help: "The .kvpack file.") var file: String
+    @Argument(help: "The .kvpack file, or s3://bucket/key (only the layer's pages are fetched).") var file: String
     @Option(help: "Layer index.") var layer: Int = 0
     @Option(help: "KV head index.") var head: Int = 0
     @Option(help: "Seed for the random queries.") var querySeed: UInt64 = 1
@@ -33,6 +33,7 @@ struct AttendCommand: ParsableCommand {
 
     func run() throws {
         let reader = try openReader(file, arithmetic: exact ? .exact : .fast)
+        defer { reportFetches(reader.file) }
         let g = reader.geometry
         let range = tokens?.range ?? 0 ..< reader.tokenCount
         var rng = SplitMix64(seed: querySeed)

@@ -14,7 +14,7 @@ struct ConvertCommand: ParsableCommand {
         The report: bits per element before and after (keys, values, whole file), the relative error the conversion added to keys and values (decoded OUT against decoded IN, every element), and to attention outputs for random queries over all tokens. Converting between lossless schemes that can represent the source (f16 to f32 and back, bf16 to f32) is bit-exact.
         """)
 
-    @Argument(help: "Source .kvpack file.") var input: String
+    @Argument(help: "Source .kvpack file, or s3://bucket/key.") var input: String
     @Argument(help: "Output .kvpack file.") var output: String
     @Option(help: "Scheme spec for the output (see `kvpack --help`).") var scheme: String?
     @Option(help: "A plan saved by `kvpack plan --json` (instead of --scheme).") var plan: String?
@@ -39,6 +39,8 @@ struct ConvertCommand: ParsableCommand {
 
     func run() throws {
         let source = try openReader(input)
+        defer { reportFetches(source.file) }
+        try source.file.ensure(0 ..< source.fileSize)
         let g = source.geometry
         let spec: SchemeSpec
         if let plan {
@@ -56,7 +58,7 @@ struct ConvertCommand: ParsableCommand {
         options.ropeLayout = try ropeLayout.map(pairLayout)
         let progress = Progress(label: "convert \(output)", total: source.tokenCount)
         options.progress = { done, _ in progress.update(done) }
-        let report = try Converter.convert(input: input, output: output, spec: spec,
+        let report = try Converter.convert(input: input, source: source, output: output, spec: spec,
                                            layers: scheme == nil && plan == nil ? [] : try parseLayers(layers, count: g.layerCount),
                                            options: options)
         progress.finish()

@@ -154,7 +154,7 @@ struct ExportCommand: ParsableCommand {
         mlx: an mlx-lm prompt cache that load_prompt_cache reads: a KVCache per layer (--dtype), or a QuantizedKVCache (--mlx-bits, --mlx-group-size); by default what an mlx import recorded, so importing and exporting gives back the same tensors and user metadata. Int blocks with the same bits and grouping are copied; everything else is quantized here. Keys go out rotate-half unless --rope-layout says otherwise.
         """)
 
-    @Argument(help: "The .kvpack file.") var input: String
+    @Argument(help: "The .kvpack file, or s3://bucket/key.") var input: String
     @Argument(help: "The file to write (a directory for npy).") var destination: String
     @Option(help: "Format (default: npy when DESTINATION has no extension and is not a .safetensors file, else safetensors).") var format: ExportFormat?
     @Option(help: "Element type: f32, f16 or bf16 (bf16: safetensors and mlx; default f32, mlx: what an import recorded, else f16).") var dtype: String?
@@ -174,6 +174,9 @@ struct ExportCommand: ParsableCommand {
 
     func run() throws {
         let reader = try openReader(input)
+        defer { reportFetches(reader.file) }
+        // Every block will be read: an object is fetched in large requests up front.
+        try reader.file.ensure(0 ..< reader.fileSize)
         let layout = try ropeLayout.map(pairLayout)
         let kind = format ?? (destination.hasSuffix(".safetensors") ? .safetensors : (URL(fileURLWithPath: destination).pathExtension.isEmpty ? .npy : .safetensors))
         switch kind {

@@ -9,13 +9,14 @@ struct InfoCommand: ParsableCommand {
         abstract: "Describe a .kvpack file: geometry, schemes, tokens, sizes, bits per element.",
         discussion: "Reads the header, manifest, index and (for sizes) each block's 64-byte header; block payloads are not read or checked. Use `validate` to check them.")
 
-    @Argument(help: "The .kvpack file.") var file: String
+    @Argument(help: "The .kvpack file, or s3://bucket/key (only the pages described are fetched).") var file: String
     @Flag(help: "Print the description as JSON.") var json = false
     @Flag(help: "Print the stored tokens as text (the transcript), decoded with the model's tokenizer.") var text = false
     @Option(help: "With --text: the GGUF model whose tokenizer decodes the ids (default: the model the file records).") var model: String?
 
     func run() throws {
         let reader = try openReader(file)
+        defer { reportFetches(reader.file) }
         if text { return try printTranscript(reader) }
         let s = try FileSummary(reader: reader)
         if json { return try printJSON(s) }

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import KVPack
+import KVPackRemote
 
 enum KVPackVersion {
     static let string = "0.1.0"
@@ -13,8 +14,17 @@ struct CLIError: Error, CustomStringConvertible {
     init(_ d: String) { description = d }
 }
 
+/// A reader over a local file or an `s3://bucket/key` object (fetched as it is read; README:
+/// "Object storage").
 func openReader(_ path: String, arithmetic: AttentionArithmetic = .fast) throws -> KVPackReader {
-    try KVPackReader(path: path, arithmetic: arithmetic)
+    try RemoteFiles.reader(path: path, arithmetic: arithmetic)
+}
+
+/// For a remote file, one line on stderr saying what reading it cost.
+func reportFetches(_ file: MappedFile) {
+    guard let name = file.remoteName, let s = file.remoteStatistics else { return }
+    let cached = s.cachedPagesAtOpen > 0 ? ", \(formatBytes(s.cachedPagesAtOpen * 4096)) already in the local cache" : ""
+    printError("\(name): \(s.requests) request\(s.requests == 1 ? "" : "s"), \(formatBytes(s.bytes)) fetched in \(String(format: "%.2f", s.seconds)) s\(cached)")
 }
 
 /// The flags every command that writes a .kvpack file shares (chat, generate, convert, prune,

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import KVPack
+import KVPackRemote
 
 struct ValidateCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -12,19 +13,20 @@ struct ValidateCommand: ParsableCommand {
         Exit status: 0 valid, 1 invalid, 2 unreadable (the file cannot be opened or mapped).
         """)
 
-    @Argument(help: "The .kvpack file.") var file: String
+    @Argument(help: "The .kvpack file, or s3://bucket/key.") var file: String
     @Flag(help: "Decode every block and check every value is finite.") var deep = false
     @Flag(help: "Print the report as JSON.") var json = false
 
     func run() throws {
         let mapped: MappedFile
         do {
-            mapped = try MappedFile(path: file)
+            mapped = try RemoteFiles.mappedFile(path: file)
         } catch {
             printError("\(file): unreadable: \(error)")
             throw ExitCode(2)
         }
         let report = Validator.validate(file: mapped, path: file, deep: deep)
+        reportFetches(mapped)
         if json {
             try printJSON(report)
         } else {

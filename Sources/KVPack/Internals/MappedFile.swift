@@ -4,8 +4,9 @@ import Glibc
 import Darwin
 #endif
 
-/// Read-only bytes of a file: an `mmap` of the whole file, or an aligned heap copy (for
-/// fuzzing and tests). Immutable once created.
+/// Read-only bytes of a file: an `mmap` of the whole file, an aligned heap copy (for fuzzing
+/// and tests), or the local image of a remote object (`RemoteBytes`), whose pages are fetched
+/// when a reader first `ensure`s them. Immutable once created (a remote image only gains pages).
 public final class MappedFile: @unchecked Sendable {
     // @unchecked: the memory is never written after init and is unmapped only in deinit.
     public let bytes: UnsafeRawBufferPointer
@@ -15,6 +16,8 @@ public final class MappedFile: @unchecked Sendable {
     /// Which file was mapped (nil for a heap copy): a writer resuming from a reader checks that
     /// it holds the lock of the same file.
     let identity: FileIdentity?
+    /// A remote object's local image; nil for local files and heap copies.
+    let remote: RemoteBytes?
 
     public init(path: String) throws {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
@@ -26,6 +29,7 @@ public final class MappedFile: @unchecked Sendable {
         guard fstat(fd, &st) == 0 else { throw KVPackError.ioError("fstat", path: path) }
         let size = Int(st.st_size)
         identity = FileIdentity(st)
+        remote = nil
         if size == 0 {
             bytes = Self.alignedCopy(UnsafeRawBufferPointer(start: nil, count: 0))
             mapped = false
@@ -46,6 +50,7 @@ public final class MappedFile: @unchecked Sendable {
         mapped = false
         descriptor = -1
         identity = nil
+        remote = nil
     }
 
     public init(copying array: [UInt8]) {
@@ -53,6 +58,48 @@ public final class MappedFile: @unchecked Sendable {
         mapped = false
         descriptor = -1
         identity = nil
+        remote = nil
+    }
+
+    /// The bytes of a remote object, fetched as readers ensure them and kept as `cache` says.
+    /// Opening fetches the first and last 64 KiB at once (header, manifest, the newest commit
+    /// and usually its index), so opening a .kvpack costs two requests however large it is.
+    public init(remote object: any RemoteObject, cache: RemoteCache) throws {
+        let image = try RemoteBytes(object: object, cache: cache)
+        remote = image
+        bytes = image.bytes
+        mapped = false
+        descriptor = -1
+        identity = nil
+        let size = bytes.count, edge = 64 << 10
+        try image.ensure([0 ..< min(size, edge), max(0, size - edge) ..< size])
+    }
+
+    /// Whether the bytes are a remote object's (and reading a range first needs `ensure`).
+    public var isRemote: Bool { remote != nil }
+    /// The remote object's name (`s3://bucket/key`), nil for a local file.
+    public var remoteName: String? { remote?.object.name }
+    /// Requests and bytes a remote file fetched so far; nil for a local file.
+    public var remoteStatistics: RemoteStatistics? { remote?.statistics }
+
+    /// Makes `range` readable: a no-op for a local file; for a remote one, fetches the pages not
+    /// yet fetched. Throws when they cannot be fetched (the error names the object).
+    @inline(__always)
+    public func ensure(_ range: Range<Int>) throws {
+        if let remote { try remote.ensure([range]) }
+    }
+
+    /// The same for many ranges at once (coalesced into as few requests as sensible, sent together).
+    public func ensure(_ ranges: [Range<Int>]) throws {
+        if let remote { try remote.ensure(ranges) }
+    }
+
+    /// For a remote file, drops and fetches again the pages of `range` (their bytes failed a
+    /// checksum) and returns true; false for a local file, whose bytes are what they are.
+    func refetch(_ range: Range<Int>) throws -> Bool {
+        guard let remote else { return false }
+        try remote.refetch(range)
+        return true
     }
 
     /// Copies the bytes at `offset` into `buffer` without touching the mapping, and returns how
@@ -99,7 +146,17 @@ public final class MappedFile: @unchecked Sendable {
     /// waiting: many small scattered reads queued together finish far sooner than the same reads
     /// faulted in one at a time. A no-op for heap copies.
     public func willNeed(_ range: Range<Int>) {
-        advise(range, MADV_WILLNEED, wholePagesOnly: false)
+        willNeed([range])
+    }
+
+    /// The same for many ranges: for a remote file, one batch of requests fetches them now (a
+    /// hint: a failure is left for the read that needs the bytes to report).
+    public func willNeed(_ ranges: [Range<Int>]) {
+        if let remote {
+            try? remote.ensure(ranges)
+            return
+        }
+        for r in ranges { advise(r, MADV_WILLNEED, wholePagesOnly: false) }
     }
 
     /// `madvise` over the pages of `range` within the mapping: only the pages wholly inside it,
@@ -115,7 +172,8 @@ public final class MappedFile: @unchecked Sendable {
     }
 
     deinit {
-        guard let base = bytes.baseAddress else { return }
+        // A remote image unmaps itself.
+        guard remote == nil, let base = bytes.baseAddress else { return }
         if mapped {
             munmap(UnsafeMutableRawPointer(mutating: base), bytes.count)
             close(descriptor)

@@ -27,4 +27,10 @@ final class VerificationFlags: @unchecked Sendable {
 
     func isSet(_ i: Int) -> Bool { words[i >> 6].load(ordering: .acquiring) & (1 << UInt64(i & 63)) != 0 }
     func set(_ i: Int) { words[i >> 6].bitwiseOr(1 << UInt64(i & 63), ordering: .releasing) }
+    func clear(_ i: Int) { words[i >> 6].bitwiseAnd(~(1 << UInt64(i & 63)), ordering: .releasing) }
+
+    // Whole words, for a caller that saves and restores the flags (a remote file's page map).
+    var wordCount: Int { max((count + 63) / 64, 1) }
+    func word(_ w: Int) -> UInt64 { words[w].load(ordering: .acquiring) }
+    func setWord(_ w: Int, _ bits: UInt64) { words[w].bitwiseOr(bits, ordering: .releasing) }
 }

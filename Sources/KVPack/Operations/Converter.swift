@@ -64,10 +64,11 @@ public enum Converter {
     /// layers keep the source's schemes (re-encoded). With a `selection` (`kvpack prune`), the
     /// output holds only the selected tokens of the source's first `selection.sourceTokenCount`,
     /// at their original positions, and records the selection (a `tsel` frame, format 1.4).
-    public static func convert(input: String, output: String, spec: SchemeSpec, layers: Set<Int>? = nil,
+    /// `source`, when given, is `input` already open (a remote object's reader, say).
+    public static func convert(input: String, source opened: KVPackReader? = nil, output: String, spec: SchemeSpec, layers: Set<Int>? = nil,
                                selection: TokenSelection? = nil, options: Options = Options()) throws -> Report {
         let replacement = try AtomicReplacement(destination: output, overwrite: options.overwrite, label: "converting")
-        let source = try KVPackReader(path: input)
+        let source = try opened ?? KVPackReader(path: input)
         let m = source.manifest, g = m.geometry
         if let selection, selection.sourceTokenCount > source.tokenCount {
             throw KVPackError.argument("the selection chooses from \(selection.sourceTokenCount) tokens; \(input) has \(source.tokenCount)")

@@ -100,6 +100,13 @@ public enum Validator {
         }
 
         let walkEnd = reader.map { $0.state.commitEnd } ?? UInt64(bytes.count)
+        // The walk reads every byte: a remote object is fetched whole first, in large requests.
+        do {
+            try file.ensure(0 ..< Int(walkEnd))
+        } catch let e as KVPackError {
+            report.add(.error, e)
+            return report
+        } catch {}
         let frames = walkFrames(file, salt: header.salt, end: walkEnd, report: &report)
         guard let reader else { return report }
         checkReferences(reader, frames: frames, report: &report)

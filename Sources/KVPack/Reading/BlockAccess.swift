@@ -8,17 +8,19 @@ extension KVPackReader {
     /// on first use (Spec/ 8.1).
     func segmentTable(_ segment: Int) throws -> SegmentTable {
         let offset = state.segmentTables[segment]
-        let bytes = file.bytes
-        let verified = tablesVerified.isSet(segment)
-        let h = try FrameHeader.decode(bytes, at: offset, limit: state.commitOffset, salt: header.salt, field: "SEGT",
-                                       verifyingChecksum: !verified)
-        try SegmentTable.check(h, segment: segment, streamCount: geometry.streamCount, tokenCount: segmentTokens)
-        if !verified {
-            try h.verifyPayload(in: bytes, field: "SEGT")
-            tablesVerified.set(segment)
+        return try readingFrame(at: offset, limit: state.commitOffset) {
+            let bytes = file.bytes
+            let verified = tablesVerified.isSet(segment)
+            let h = try FrameHeader.decode(bytes, at: offset, limit: state.commitOffset, salt: header.salt, field: "SEGT",
+                                           verifyingChecksum: !verified)
+            try SegmentTable.check(h, segment: segment, streamCount: geometry.streamCount, tokenCount: segmentTokens)
+            if !verified {
+                try h.verifyPayload(in: bytes, field: "SEGT")
+                tablesVerified.set(segment)
+            }
+            return SegmentTable(payload: h.storedPayload(in: bytes), frameOffset: offset, streamCount: geometry.streamCount,
+                                tokenCount: segmentTokens)
         }
-        return SegmentTable(payload: h.storedPayload(in: bytes), frameOffset: offset, streamCount: geometry.streamCount,
-                            tokenCount: segmentTokens)
     }
 
     /// Where the block of (segment, stream) starts: from the version 1 index, or from the
@@ -35,6 +37,7 @@ extension KVPackReader {
         var ids: [UInt32] = [], positions: [UInt32] = []
         ids.reserveCapacity(range.count)
         positions.reserveCapacity(range.count)
+        if file.isRemote { prefetchTables(sealedSegments(range)) }
         try forEachChunk(range) { chunk in
             switch chunk {
             case let .block(segment, local):
@@ -77,6 +80,12 @@ extension KVPackReader {
 
     /// The same for a block whose offset the caller looked up (`blockOffsets`).
     func blockPayload(segment: Int, stream: Int, at offset: UInt64, workspace: AttentionWorkspace) throws -> UnsafeRawBufferPointer {
+        try readingFrame(at: offset, limit: state.commitOffset) {
+            try verifiedBlockPayload(segment: segment, stream: stream, at: offset, workspace: workspace)
+        }
+    }
+
+    private func verifiedBlockPayload(segment: Int, stream: Int, at offset: UInt64, workspace: AttentionWorkspace) throws -> UnsafeRawBufferPointer {
         let slot = segment * geometry.streamCount + stream
         let bytes = file.bytes
         let firstUse = !verified.isSet(slot)

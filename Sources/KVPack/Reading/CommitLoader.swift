@@ -89,6 +89,7 @@ struct CommitLoader {
             defer { p -= align }
             if p < windowStart {
                 let start = max(manifestEnd, p + headerSize > UInt64(window.count) ? p + headerSize - UInt64(window.count) : 0)
+                try source.ensure(Int(start) ..< Int(p + headerSize))
                 windowCount = UInt64(window.withUnsafeMutableBytes {
                     source.copyBytes(at: Int(start), into: UnsafeMutableRawBufferPointer(rebasing: $0[0 ..< Int(p + headerSize - start)]))
                 })
@@ -159,6 +160,7 @@ struct CommitLoader {
         var offset = newest
         var limit = commit
         while true {
+            try source.ensureFrame(at: offset, limit: limit, salt: salt)
             let frame = try IndexFrame.load(file, at: offset, limit: limit, salt: salt, major: major)
             guard frame.header.nextFrameOffset <= limit else {
                 throw KVPackError.invalid(offset + 8, "INDX.storedLength", "frame runs past its successor at \(limit)")
@@ -250,6 +252,7 @@ struct CommitLoader {
                 guard blobs[e.blobID] == nil else {
                     throw KVPackError.invalid(entryAt, "INDX.blob.blobID", "blob \(e.blobID) is listed twice")
                 }
+                try source.ensureFrame(at: e.frameOffset, limit: f.header.offset, salt: salt)
                 let blob = try Blob.decode(file, at: e.frameOffset, limit: f.header.offset, salt: salt)
                 guard blob.id == e.blobID else {
                     throw KVPackError.invalid(e.frameOffset + 32, "BLOB.blobID", "is \(blob.id) but the index lists it as \(e.blobID)")
@@ -337,6 +340,7 @@ struct CommitLoader {
         var limit = newest.header.offset
         while true {
             try checkReference(offset, before: limit, at: tailAt, field: "INDX.tailOffset")
+            try source.ensureFrame(at: offset, limit: limit, salt: salt)
             let h = try FrameHeader.decode(file, at: offset, limit: limit, salt: salt, field: "DLTA")
             let run = try TailRun.decode(h, in: file, manifest: manifest, major: major, end: end, sealed: sealed, committed: tokenCount)
             pieces.append(run)

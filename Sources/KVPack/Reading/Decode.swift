@@ -9,6 +9,8 @@ extension KVPackReader {
         let stream = geometry.stream(layer: layer, kvHead: kvHead, kind: kind)
         let schemeIndex = manifest.scheme(forStream: stream)
         let d = geometry.headDim
+        // A remote file: one batch of requests for the stream's blocks, not one per block.
+        if file.isRemote { prefetchOnce(streams: stream ..< stream + 1, segments: sealedSegments(tokens)) }
         var row = 0
         try forEachChunk(tokens) { chunk in
             switch chunk {

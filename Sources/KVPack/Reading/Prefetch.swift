@@ -19,30 +19,38 @@ extension KVPackReader {
         // Runs for heap copies too (willNeed is then a no-op), so tests and the fuzzer exercise it.
         guard !segments.isEmpty, !streams.isEmpty, !prefetched.isSet(streams.lowerBound) else { return }
         for stream in streams { prefetched.set(stream) }
-        if state.major != 1 {
-            let tableBytes = FrameHeader.size + 8 * geometry.streamCount + 8 * segmentTokens
-            for s in segments where !tablesVerified.isSet(s) {
-                let at = Int(state.segmentTables[s])
-                file.willNeed(at ..< at + tableBytes)
-            }
-        }
+        // Gathered and asked for together: a remote file fetches each list in one batch of
+        // coalesced requests (the tables first, since they say where the blocks are).
+        prefetchTables(segments)
         // A compressed block is at most about its raw size: a bound for the request, not a promise.
         func frameBytes(_ stream: Int) -> Int {
             FrameHeader.size + roundUp(streamSchemes[stream].encodedBlockSize(tokens: segmentTokens), to: FileHeader.frameAlignment)
         }
         let first = streams.lowerBound, last = streams.upperBound - 1
         let span = streams.reduce(0) { $0 + frameBytes($1) }
+        var ranges: [Range<Int>] = []
+        defer { file.willNeed(ranges) }
         for s in segments {
             guard let lo = try? blockOffset(segment: s, stream: first), let hi = try? blockOffset(segment: s, stream: last) else { return }
             if hi >= lo, Int(hi - lo) < 2 * span {
-                file.willNeed(Int(lo) ..< Int(hi) + frameBytes(last))
+                ranges.append(Int(lo) ..< Int(hi) + frameBytes(last))
             } else {
                 for stream in streams {
                     guard let at = try? blockOffset(segment: s, stream: stream) else { return }
-                    file.willNeed(Int(at) ..< Int(at) + frameBytes(stream))
+                    ranges.append(Int(at) ..< Int(at) + frameBytes(stream))
                 }
             }
         }
+    }
+
+    /// Asks for the segment tables of `segments` not yet verified, in one batch (version 2).
+    func prefetchTables(_ segments: Range<Int>) {
+        guard state.major != 1 else { return }
+        let tableBytes = FrameHeader.size + 8 * geometry.streamCount + 8 * segmentTokens
+        file.willNeed(segments.filter { !tablesVerified.isSet($0) }.map { s -> Range<Int> in
+            let at = Int(state.segmentTables[s])
+            return at ..< at + tableBytes
+        })
     }
 
     /// Asks the core for the blocks of `streams` in sealed segment `segment` (attention calls it

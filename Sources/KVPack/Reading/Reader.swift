@@ -88,6 +88,7 @@ public final class KVPackReader: @unchecked Sendable {
     private static func open(_ file: MappedFile, arithmetic: AttentionArithmetic) throws -> Opened {
         let bytes = file.bytes
         let header = try FileHeader.decode(bytes)
+        try file.ensureFrame(at: UInt64(FileHeader.size), limit: UInt64(bytes.count), salt: header.salt)
         let (manifest, m) = try Manifest.readFrame(bytes, salt: header.salt)
         let loader = CommitLoader(source: file, major: header.major, salt: header.salt, manifest: manifest, manifestEnd: m.nextFrameOffset)
         let state = try loader.loadNewest()
@@ -129,8 +130,10 @@ public final class KVPackReader: @unchecked Sendable {
     /// never stops the tokens from being read, since attention does not depend on it.
     public func tokenSelection() throws -> TokenSelection? {
         guard let at = state.selectionOffset else { return nil }
-        let h = try FrameHeader.decode(file.bytes, at: at, limit: state.commitOffset, salt: header.salt, field: "tsel")
-        return try TokenSelection.decode(header: h, file: file.bytes, fileTokens: tokenCount)
+        return try readingFrame(at: at, limit: state.commitOffset) {
+            let h = try FrameHeader.decode(file.bytes, at: at, limit: state.commitOffset, salt: header.salt, field: "tsel")
+            return try TokenSelection.decode(header: h, file: file.bytes, fileTokens: tokenCount)
+        }
     }
 
     /// How many `note` frames (metadata added after creation) the commit lists.
@@ -140,8 +143,10 @@ public final class KVPackReader: @unchecked Sendable {
     /// token selection, damage to one is an error here (and in `validate`), never in reading tokens.
     public func metadataNotes() throws -> [MetadataNote] {
         try state.metadataNotes.map { at in
-            let h = try FrameHeader.decode(file.bytes, at: at, limit: state.commitOffset, salt: header.salt, field: "note")
-            return try MetadataNote.decode(header: h, file: file.bytes)
+            try readingFrame(at: at, limit: state.commitOffset) {
+                let h = try FrameHeader.decode(file.bytes, at: at, limit: state.commitOffset, salt: header.salt, field: "note")
+                return try MetadataNote.decode(header: h, file: file.bytes)
+            }
         }
     }
 

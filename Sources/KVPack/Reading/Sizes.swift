@@ -2,14 +2,22 @@ extension KVPackReader {
     // MARK: Sizes
 
     /// Stored bytes of every stream: its sealed block frames (headers and payloads) and its share
-    /// of the tail rows. Reads each block's header (a segment at a time, releasing the pages, so
-    /// a summary of a large file does not leave it resident).
+    /// of the tail rows. A block of a scheme without zstd has the size its scheme gives (a reader
+    /// refuses any other when it reads the block); a compressed block's size is read from its
+    /// 64-byte header, a segment at a time, releasing the pages, so a summary of a large file does
+    /// not leave it resident.
     public func streamBytes() throws -> [Int] {
-        let streams = geometry.streamCount
+        let streams = geometry.streamCount, segments = tokenCount / segmentTokens
         var total = [Int](repeating: 0, count: streams)
-        for segment in 0 ..< tokenCount / segmentTokens {
-            for stream in 0 ..< streams {
-                let offset = try blockOffset(segment: segment, stream: stream)
+        let compressed = (0 ..< streams).filter { streamSchemes[$0].compressesBlocks }
+        for stream in 0 ..< streams where !streamSchemes[stream].compressesBlocks {
+            total[stream] = segments * (FrameHeader.size + streamSchemes[stream].encodedBlockSize(tokens: segmentTokens))
+        }
+        if !compressed.isEmpty { prefetchTables(0 ..< segments) }
+        for segment in 0 ..< segments where !compressed.isEmpty {
+            let offsets = try compressed.map { try blockOffset(segment: segment, stream: $0) }
+            try file.ensure(offsets.map { Int($0) ..< Int($0) + FrameHeader.size })
+            for (stream, offset) in zip(compressed, offsets) {
                 let h = try FrameHeader.decode(file.bytes, at: offset, limit: state.commitOffset, salt: header.salt, field: "BLCK")
                 total[stream] += FrameHeader.size + Int(h.storedLength)
             }
