@@ -184,6 +184,21 @@ public final class S3Client: @unchecked Sendable {
         return etag
     }
 
+    /// Makes part `number` of an upload from bytes `range` of another object, on the server
+    /// (UploadPartCopy): nothing crosses the network. `ifMatch` refuses the copy (HTTP 412) if
+    /// the source is no longer that version. Returns the part's ETag.
+    public func uploadPartCopy(_ location: S3Location, uploadID: String, number: Int, source: S3Location, range: Range<Int>,
+                               ifMatch: String? = nil) throws -> String {
+        var headers = ["x-amz-copy-source": "/\(SigV4Signer.uriEncode(source.bucket, keepSlash: false))/\(SigV4Signer.uriEncode(source.key, keepSlash: true))",
+                       "x-amz-copy-source-range": "bytes=\(range.lowerBound)-\(range.upperBound - 1)"]
+        if let ifMatch { headers["x-amz-copy-source-if-match"] = ifMatch }
+        let r = try request("PUT", location, query: [("partNumber", String(number)), ("uploadId", uploadID)], headers: headers)
+        guard let etag = Self.xmlValue("ETag", in: r.body) else {
+            throw RemoteError("PUT \(location) part \(number) (copy of \(source) bytes \(range)): no ETag in the response")
+        }
+        return etag.replacingOccurrences(of: "&quot;", with: "\"")
+    }
+
     /// Completes an upload: the object appears whole, atomically.
     public func completeMultipartUpload(_ location: S3Location, uploadID: String, etags: [String]) throws {
         let parts = etags.enumerated().map { "<Part><PartNumber>\($0.offset + 1)</PartNumber><ETag>\($0.element)</ETag></Part>" }.joined()

@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import KVPack
 import KVPackModels
+import KVPackRemote
 
 struct ChatCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -29,7 +30,7 @@ struct ChatCommand: ParsableCommand {
     @Option(help: "GGUF model: a path, or smollm2 (the downloaded SmolLM2-135M-Instruct). With --resume, defaults to the model the file records.")
     var model: String?
     @Option(help: "Start a new chat in this file.") var save: String?
-    @Option(help: "Continue the chat in this file.") var resume: String?
+    @Option(help: "Continue the chat in this file, or in an object (s3://bucket/key: pulled into a local working file, and each turn published back).") var resume: String?
     @Option(name: .customLong("message"), help: "A user message; repeat for several turns. Without it, messages are read from standard input.")
     var messages: [String] = []
     @Option(help: "System message for a new chat (default: the model template's own, if it has one).") var system: String?
@@ -73,11 +74,20 @@ struct ChatCommand: ParsableCommand {
 
     func run() throws {
         let options = writing.writerOptions()
+        let remote = try resume.flatMap(S3Location.init(url:)).map(Self.pullConversation)
         // A resumed file is mapped once: its recorded model, the model check and the session.
-        let resumed = try resume.map { try KVPackReader(path: $0) }
+        let resumed = try (remote?.path ?? resume).map { try KVPackReader(path: $0) }
         let modelPath = try ModelLocator.resolve(model ?? (resumed.map(recordedModelPath) ?? "smollm2"))
         let llama = try LlamaModel(path: modelPath)
-        let path = save ?? resume!
+        let path = save ?? remote?.path ?? resume!
+        /// After each committed turn, a remote conversation's new bytes go to the object.
+        let publish = { (quiet: Bool) throws in
+            guard let remote, let r = try remote.publish() else { return }
+            if !quiet {
+                printError(String(format: "[published to %@: %@ uploaded, %@ copied on the server, %d part%@, %.2f s]", remote.location.description,
+                                  formatBytes(r.uploadedBytes), formatBytes(r.copiedBytes), r.parts, r.parts == 1 ? "" : "s", r.seconds))
+            }
+        }
         let chat: Chat
         if let save {
             let template = try ChatTemplate(model: llama)
@@ -122,6 +132,7 @@ struct ChatCommand: ParsableCommand {
             let turn = try chat.finishReply(maxTokens: maxTokens, sampler: &sampler, clock: Self.now, onText: stream)
             turns.append(turn)
             if !json { report(turn, chat: chat, path: path) }
+            try publish(json)
             interrupted = turn.interrupted
         }
         let dropped = Set(chat.template.tokenizer.unrepresentableBytes)
@@ -167,6 +178,7 @@ struct ChatCommand: ParsableCommand {
                                      }, onText: stream)
             turns.append(turn)
             if !json { report(turn, chat: chat, path: path) }
+            try publish(json)
             if turn.interrupted {
                 interrupted = true
                 // At a terminal, Ctrl-C stops the reply and the chat goes on; otherwise it ends.
@@ -174,11 +186,23 @@ struct ChatCommand: ParsableCommand {
             }
         }
         try chat.close()
+        try publish(json)
         if json {
             try printJSON(Summary(file: path, model: llama.path, turns: turns, totalTokens: chat.conversation.tokenIDs.count,
                                   sampling: sampler.settings, interrupted: interrupted))
         }
         if interrupted && editor == nil { throw ExitCode(130) }
+    }
+
+    /// The local working file of a conversation kept in object storage (downloaded unless this
+    /// machine has the object's current version already).
+    static func pullConversation(_ location: S3Location) throws -> RemoteConversation {
+        let client = S3Client(configuration: try S3Configuration.load())
+        let remote = try RemoteConversation(location, client: client, directory: RemoteConversation.defaultDirectory(cache: try RemoteFiles.cache()))
+        printError(String(format: "kvpack chat: %@ is %@ in %@ (%@, %.2f s); each turn is published back", location.description,
+                          formatBytes(remote.version.size), remote.path, remote.reused ? "unchanged since this machine last had it: no download" : "downloaded",
+                          remote.pullSeconds))
+        return remote
     }
 
     /// Runs a /command typed at the prompt; true ends the chat.
