@@ -90,10 +90,14 @@ public final class S3Client: @unchecked Sendable {
         }
     }
 
+    /// Whether asking again may help: every transport failure (refused, reset, timed out, a body
+    /// cut short, which libcurl reports under several codes) except a request that can never
+    /// work as sent.
     static func transient(_ error: Error) -> Bool {
         guard let e = error as? URLError else { return true }
-        return [.timedOut, .cannotConnectToHost, .networkConnectionLost, .cannotFindHost, .notConnectedToInternet,
-                .dnsLookupFailed, .badServerResponse].contains(e.code)
+        return ![.badURL, .unsupportedURL, .cancelled, .userCancelledAuthentication, .userAuthenticationRequired,
+                 .secureConnectionFailed, .serverCertificateUntrusted, .serverCertificateHasBadDate,
+                 .serverCertificateNotYetValid, .serverCertificateHasUnknownRoot, .clientCertificateRejected].contains(e.code)
     }
 
     private final class Box: @unchecked Sendable {
@@ -135,25 +139,32 @@ public final class S3Client: @unchecked Sendable {
         return (size, r.header("etag"))
     }
 
-    /// Bytes [range] of the object, checked against what was asked.
+    /// Bytes [range] of the object, checked against what was asked. A response that is short or
+    /// covers other bytes (a connection cut mid-body, a confused proxy) is asked again, like a
+    /// 5xx, `retries` times; then it is an error saying what arrived.
     public func get(_ location: S3Location, range: Range<Int>) throws -> Data {
         guard !range.isEmpty else { return Data() }
-        let r = try request("GET", location, headers: ["range": "bytes=\(range.lowerBound)-\(range.upperBound - 1)"], expect: [206, 200])
-        if r.status == 200 {
-            // A server that ignores Range sends everything: accept only if that is what was asked.
-            guard range.lowerBound == 0, r.body.count == range.count else {
-                throw RemoteError("GET \(location) bytes \(range): the server ignored the range (HTTP 200, \(r.body.count) bytes)")
+        var attempt = 0
+        while true {
+            let r = try request("GET", location, headers: ["range": "bytes=\(range.lowerBound)-\(range.upperBound - 1)"], expect: [206, 200])
+            let problem: String
+            let expected = "bytes \(range.lowerBound)-\(range.upperBound - 1)/"
+            if r.status == 200 {
+                // A server that ignores Range sends everything: accept only if that is what was asked.
+                if range.lowerBound == 0, r.body.count == range.count { return r.body }
+                problem = "the server ignored the range (HTTP 200, \(r.body.count) bytes)"
+            } else if let contentRange = r.header("content-range"), contentRange.hasPrefix(expected) {
+                if r.body.count == range.count { return r.body }
+                problem = "\(r.body.count) bytes arrived, \(range.count) expected (a truncated response)"
+            } else {
+                problem = "Content-Range is \(r.header("content-range") ?? "missing"), expected \(expected)*"
             }
-            return r.body
+            guard attempt < retries else {
+                throw RemoteError("GET \(location) bytes \(range): \(problem)\(attempt > 0 ? " (after \(attempt + 1) attempts)" : "")")
+            }
+            attempt += 1
+            Thread.sleep(forTimeInterval: backoff * pow(4, Double(attempt - 1)))
         }
-        let expected = "bytes \(range.lowerBound)-\(range.upperBound - 1)/"
-        guard let contentRange = r.header("content-range"), contentRange.hasPrefix(expected) else {
-            throw RemoteError("GET \(location) bytes \(range): Content-Range is \(r.header("content-range") ?? "missing"), expected \(expected)*")
-        }
-        guard r.body.count == range.count else {
-            throw RemoteError("GET \(location) bytes \(range): \(r.body.count) bytes arrived, \(range.count) expected (a truncated response)")
-        }
-        return r.body
     }
 
     public func put(_ location: S3Location, data: Data) throws {

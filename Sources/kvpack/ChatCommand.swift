@@ -74,20 +74,14 @@ struct ChatCommand: ParsableCommand {
 
     func run() throws {
         let options = writing.writerOptions()
-        let remote = try resume.flatMap(S3Location.init(url:)).map(Self.pullConversation)
+        let remote = try resume.flatMap(S3Location.init(url:)).map { try pullConversation($0, tool: "chat") }
         // A resumed file is mapped once: its recorded model, the model check and the session.
         let resumed = try (remote?.path ?? resume).map { try KVPackReader(path: $0) }
         let modelPath = try ModelLocator.resolve(model ?? (resumed.map(recordedModelPath) ?? "smollm2"))
         let llama = try LlamaModel(path: modelPath)
         let path = save ?? remote?.path ?? resume!
         /// After each committed turn, a remote conversation's new bytes go to the object.
-        let publish = { (quiet: Bool) throws in
-            guard let remote, let r = try remote.publish() else { return }
-            if !quiet {
-                printError(String(format: "[published to %@: %@ uploaded, %@ copied on the server, %d part%@, %.2f s]", remote.location.description,
-                                  formatBytes(r.uploadedBytes), formatBytes(r.copiedBytes), r.parts, r.parts == 1 ? "" : "s", r.seconds))
-            }
-        }
+        let publish = { (quiet: Bool) throws in try remote.map { try publishConversation($0, quiet: quiet) } }
         let chat: Chat
         if let save {
             let template = try ChatTemplate(model: llama)
@@ -192,17 +186,6 @@ struct ChatCommand: ParsableCommand {
                                   sampling: sampler.settings, interrupted: interrupted))
         }
         if interrupted && editor == nil { throw ExitCode(130) }
-    }
-
-    /// The local working file of a conversation kept in object storage (downloaded unless this
-    /// machine has the object's current version already).
-    static func pullConversation(_ location: S3Location) throws -> RemoteConversation {
-        let client = S3Client(configuration: try S3Configuration.load())
-        let remote = try RemoteConversation(location, client: client, directory: RemoteConversation.defaultDirectory(cache: try RemoteFiles.cache()))
-        printError(String(format: "kvpack chat: %@ is %@ in %@ (%@, %.2f s); each turn is published back", location.description,
-                          formatBytes(remote.version.size), remote.path, remote.reused ? "unchanged since this machine last had it: no download" : "downloaded",
-                          remote.pullSeconds))
-        return remote
     }
 
     /// Runs a /command typed at the prompt; true ends the chat.

@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import KVPack
 import KVPackModels
+import KVPackRemote
 
 struct GenerateCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -19,7 +20,7 @@ struct GenerateCommand: ParsableCommand {
     @Option(help: "The model: a Llama-architecture GGUF (smollm2: the downloaded SmolLM2-135M-Instruct) or a llama2.c checkpoint. With --resume, defaults to the one the file records.")
     var model: String?
     @Option(help: "Start a new conversation in this file.") var save: String?
-    @Option(help: "Continue the conversation in this file.") var resume: String?
+    @Option(help: "Continue the conversation in this file, or in an object (s3://bucket/key: pulled into a local working file, its new commits published back).") var resume: String?
     @Option(help: "Comma-separated token ids to feed first (default for a new conversation: 1, BOS).")
     var promptTokens: String?
     @Option(help: "Tokens to generate.") var steps = 64
@@ -54,6 +55,7 @@ struct GenerateCommand: ParsableCommand {
     func run() throws {
         let prompt = try parseTokens(promptTokens) ?? (resume == nil ? [1] : [])
         let options = writing.writerOptions()
+        let remote = try resume.flatMap(S3Location.init(url:)).map { try pullConversation($0, tool: "generate") }
         let conversation: Conversation
         let modelPath: String
         if let save {
@@ -68,7 +70,7 @@ struct GenerateCommand: ParsableCommand {
                                                   prompt: prompt, options: options, producer: "\(KVPackVersion.producer) generate")
         } else {
             // Mapped once: its recorded model, the model check and the session.
-            let reader = try KVPackReader(path: resume!)
+            let reader = try KVPackReader(path: remote?.path ?? resume!)
             modelPath = try model.map { try absolute($0) } ?? recordedModelPath(reader)
             let llama = try LlamaModel(path: modelPath)
             conversation = try Conversation.resume(reader: reader, model: llama, options: options)
@@ -98,6 +100,7 @@ struct GenerateCommand: ParsableCommand {
                 try conversation.feed([token])
             }
             try conversation.close()
+            try remote.map { try publishConversation($0, quiet: true) }
             return try printJSON(Summary(file: conversation.path, model: modelPath, resumed: resume != nil, prompt: prompt, generated: chosen,
                                          margins: margins, runnersUp: runnersUp, totalTokens: conversation.tokenIDs.count,
                                          nextPosition: conversation.session.nextPosition))
@@ -111,6 +114,7 @@ struct GenerateCommand: ParsableCommand {
             if commitEvery > 0, produced % commitEvery == 0 { try conversation.commit() }
         }
         try conversation.close()
+        try remote.map { try publishConversation($0, quiet: json) }
         let total = conversation.tokenIDs.count
         if json {
             try printJSON(Summary(file: conversation.path, model: modelPath, resumed: resume != nil, prompt: prompt,

@@ -20,6 +20,26 @@ func openReader(_ path: String, arithmetic: AttentionArithmetic = .fast) throws 
     try RemoteFiles.reader(path: path, arithmetic: arithmetic)
 }
 
+/// The local working file of a conversation kept in object storage (`chat`/`generate --resume
+/// s3://...`): downloaded unless this machine has the object's current version already.
+func pullConversation(_ location: S3Location, tool: String) throws -> RemoteConversation {
+    let client = S3Client(configuration: try S3Configuration.load())
+    let remote = try RemoteConversation(location, client: client, directory: RemoteConversation.defaultDirectory(cache: try RemoteFiles.cache()))
+    printError(String(format: "kvpack %@: %@ is %@ in %@ (%@, %.2f s); its new commits are published back", tool, location.description,
+                      formatBytes(remote.version.size), remote.path, remote.reused ? "unchanged since this machine last had it: no download" : "downloaded",
+                      remote.pullSeconds))
+    return remote
+}
+
+/// Publishes a remote conversation's newest commit and says what it cost (unless `quiet`).
+func publishConversation(_ remote: RemoteConversation, quiet: Bool) throws {
+    guard let r = try remote.publish() else { return }
+    if !quiet {
+        printError(String(format: "[published to %@: %@ uploaded, %@ copied on the server, %d part%@, %.2f s]", remote.location.description,
+                          formatBytes(r.uploadedBytes), formatBytes(r.copiedBytes), r.parts, r.parts == 1 ? "" : "s", r.seconds))
+    }
+}
+
 /// For a remote file, one line on stderr saying what reading it cost.
 func reportFetches(_ file: MappedFile) {
     guard let name = file.remoteName, let s = file.remoteStatistics else { return }

@@ -171,15 +171,17 @@ let kvpackBinary: String = {
 
 /// Runs kvpack with arguments; returns (status, stdout, stderr).
 @discardableResult
-func runKVPack(_ args: [String]) throws -> (Int32, String, String) {
-    try runProcess(kvpackBinary, args)
+func runKVPack(_ args: [String], environment: [String: String]? = nil) throws -> (Int32, String, String) {
+    try runProcess(kvpackBinary, args, environment: environment)
 }
 
-/// Runs a program to completion; returns (status, stdout, stderr).
-func runProcess(_ executable: String, _ args: [String]) throws -> (Int32, String, String) {
+/// Runs a program to completion; returns (status, stdout, stderr). `environment` is added to
+/// this process's.
+func runProcess(_ executable: String, _ args: [String], environment: [String: String]? = nil) throws -> (Int32, String, String) {
     let p = Process()
     p.executableURL = URL(fileURLWithPath: executable)
     p.arguments = args
+    if let environment { p.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 } }
     let out = Pipe(), err = Pipe()
     p.standardOutput = out
     p.standardError = err
