@@ -17,6 +17,7 @@ The Swift tests (Tests/KVPackTests/Remote) start it beside the server and stop i
 import http.client
 import http.server
 import os
+import signal
 import socket
 import sys
 import threading
@@ -92,6 +93,9 @@ class Proxy(http.server.BaseHTTPRequestHandler):
     do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = handle_any
 
 
+# A test harness may start this from a thread that blocks signals, and the mask is inherited:
+# without this, SIGTERM would never stop the proxy.
+signal.pthread_sigmask(signal.SIG_UNBLOCK, set(signal.Signals))
 server = http.server.ThreadingHTTPServer(("127.0.0.1", listen_port), Proxy)
 with open(pid_file, "w") as f:
     f.write(str(os.getpid()))

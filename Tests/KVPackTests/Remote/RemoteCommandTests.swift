@@ -171,7 +171,7 @@ extension S3ServerTests {
         let dir = temporaryDirectory()
         let pidFile = dir + "/proxy.pid"
         defer {
-            if let pid = try? String(contentsOfFile: pidFile, encoding: .utf8), let p = Int32(pid) { kill(p, SIGTERM) }
+            if let pid = try? String(contentsOfFile: pidFile, encoding: .utf8), let p = Int32(pid) { kill(p, SIGKILL) }
             _ = Self.server("stop")
             try? FileManager.default.removeItem(atPath: Self.dir)
         }
