@@ -507,7 +507,8 @@ struct BenchCommand: ParsableCommand {
 
     /// Replaces the text between the markers (appending both when absent) with the command line,
     /// the date and the output in a code block.
-    static func replaceSection(of path: String, with lines: [String], command: [String]) throws {
+    static func replaceSection(of path: String, with lines: [String], command: [String], markers: (begin: String, end: String) = (beginMarker, endMarker)) throws {
+        let (beginMarker, endMarker) = markers
         let existing = (try? String(contentsOfFile: path, encoding: .utf8)) ?? ""
         let formatter = ISO8601DateFormatter()
         formatter.formatOptions = [.withFullDate]

@@ -15,7 +15,7 @@ struct KVPackCommand: ParsableCommand {
           e.g. raw:f32+v:raw:f16:zstd.
         """,
         version: KVPackVersion.string,
-        subcommands: [ChatCommand.self, GenerateCommand.self, BenchCommand.self, CodebookCommand.self, ConvertCommand.self, ImportCommand.self, ExportCommand.self, EvalCommand.self, EvalTensorsCommand.self, PlanCommand.self, PruneCommand.self, InfoCommand.self, TortureCommand.self, ValidateCommand.self, AttendCommand.self, SynthCommand.self, PushCommand.self, PullCommand.self])
+        subcommands: [ChatCommand.self, GenerateCommand.self, BenchCommand.self, RemoteBenchCommand.self, CodebookCommand.self, ConvertCommand.self, ImportCommand.self, ExportCommand.self, EvalCommand.self, EvalTensorsCommand.self, PlanCommand.self, PruneCommand.self, InfoCommand.self, TortureCommand.self, ValidateCommand.self, AttendCommand.self, SynthCommand.self, PushCommand.self, PullCommand.self])
 
     /// The one place errors become messages: a library error is printed as it is (code, field,
     /// offset, message), naming the file the command works on when the error is about a file and

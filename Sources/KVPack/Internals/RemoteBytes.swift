@@ -53,6 +53,8 @@ public struct RemoteStatistics: Sendable, Equatable {
     public var seconds = 0.0
     /// Pages found in a cache directory when it opened (fetched by an earlier process).
     public var cachedPagesAtOpen = 0
+
+    public init() {}
 }
 
 /// The local image of a remote object: a sparse file the size of the object, mapped read-only,

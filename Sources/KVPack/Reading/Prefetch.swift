@@ -19,6 +19,16 @@ extension KVPackReader {
         // Runs for heap copies too (willNeed is then a no-op), so tests and the fuzzer exercise it.
         guard !segments.isEmpty, !streams.isEmpty, !prefetched.isSet(streams.lowerBound) else { return }
         for stream in streams { prefetched.set(stream) }
+        // Every stream of a remote version 2 file (a whole decode step): a segment's blocks lie
+        // between the previous segment's table and its own, so the span from one table to the
+        // last is what the pass reads (plus the few index and tail frames between), asked for as
+        // one range that goes out in a few large requests, tables included.
+        if file.isRemote, state.major != 1, streams.count == geometry.streamCount {
+            let tableBytes = FrameHeader.size + 8 * geometry.streamCount + 8 * segmentTokens
+            let lo = segments.lowerBound == 0 ? Int(manifestEnd) : Int(state.segmentTables[segments.lowerBound - 1]) + tableBytes
+            let hi = Int(state.segmentTables[segments.upperBound - 1]) + tableBytes
+            if lo < hi { file.willNeed([lo ..< hi]) }
+        }
         // Gathered and asked for together: a remote file fetches each list in one batch of
         // coalesced requests (the tables first, since they say where the blocks are).
         prefetchTables(segments)
@@ -41,6 +51,22 @@ extension KVPackReader {
                 }
             }
         }
+    }
+
+    /// Asks now for everything attention over `layers` (every KV head) and `tokens` (default all)
+    /// will read: a whole decode step declared at once. For a local file these are the kernel
+    /// read-ahead requests attention would make layer by layer; for a remote object, one batch
+    /// in which each segment's blocks of all those layers lie together, so they go out as a few
+    /// large requests instead of one per segment and layer.
+    public func prefetch(layers: Range<Int>, tokens: Range<Int>? = nil) throws {
+        guard !layers.isEmpty else { return }
+        try checkStream(layer: layers.lowerBound, kvHead: 0)
+        try checkStream(layer: layers.upperBound - 1, kvHead: 0)
+        let range = tokens ?? 0 ..< tokenCount
+        try checkTokens(range)
+        let first = geometry.stream(layer: layers.lowerBound, kvHead: 0, kind: .key)
+        let last = geometry.stream(layer: layers.upperBound - 1, kvHead: geometry.kvHeadCount - 1, kind: .value)
+        prefetchOnce(streams: first ..< last + 1, segments: sealedSegments(range))
     }
 
     /// Asks for the segment tables of `segments` not yet verified, in one batch (version 2).

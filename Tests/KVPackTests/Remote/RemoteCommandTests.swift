@@ -1,3 +1,4 @@
+import Crypto
 import Foundation
 import Testing
 @testable import KVPack
@@ -114,11 +115,18 @@ extension S3ServerTests {
         #expect(Validator.validate(file: object.file, path: location.description, deep: true).isValid)
 
         // Machine B continues the object; machine A, resuming again, sees B's turn (its copy is
-        // stale: downloaded again) and adds its own.
+        // stale: downloaded again) and adds its own. A reader opened before B published keeps
+        // reading its own commit from the new object (it starts with the old one's bytes).
+        let before = try RemoteFiles.reader(location, client: client, cache: RemoteCache(directory: nil, coalesceGap: 0))
         let machineB = Self.environment(dir + "/b")
         let (bs, _, be) = try runKVPack(["chat", "--resume", location.description, "--temperature", "0", "--max-tokens", "8",
                                          "--message", "Thanks!"], environment: machineB)
         #expect(bs == 0 && be.contains("downloaded"), "\(be)")
+        #expect(try before.tokenIDs == local.tokenIDs)
+        for layer in [3, 29] {
+            #expect(try before.decode(layer: layer, kvHead: 2, kind: .value) == local.decode(layer: layer, kvHead: 2, kind: .value))
+        }
+        #expect(before.recoveryNotes.isEmpty && (before.file.remoteStatistics?.requests ?? 0) > 2)
         let (as2, _, ae2) = try runKVPack(["chat", "--resume", location.description, "--temperature", "0", "--max-tokens", "8",
                                            "--message", "Bye."], environment: machineA)
         #expect(as2 == 0 && ae2.contains("downloaded") && ae2.contains("published"), "\(ae2)")
@@ -163,6 +171,20 @@ extension S3ServerTests {
     /// The next `count` GETs through the proxy fail as `kind` says (503, truncate, cut, none).
     static func inject(_ kind: String, _ count: Int, proxyPort: Int) throws {
         _ = try Data(contentsOf: URL(string: "http://127.0.0.1:\(proxyPort)/__faults__/\(kind)/\(count)")!)
+    }
+
+    @Test("a published part whose MD5 ETag does not match the bytes sent is an error; ETags that are not MD5s are not judged")
+    func partChecks() throws {
+        let bytes: [UInt8] = Array("the new turn".utf8)
+        let location = S3Location(bucket: "b", key: "k")
+        try bytes.withUnsafeBytes { part in
+            let md5 = Insecure.MD5.hash(data: part).map { String(format: "%02x", $0) }.joined()
+            try ObjectTransfer.checkPart("\"\(md5)\"", part, at: 0, location: location, file: "f")
+            try ObjectTransfer.checkPart("\"not-an-md5-etag\"", part, at: 0, location: location, file: "f")
+            #expect { try ObjectTransfer.checkPart("\"00000000000000000000000000000000\"", part, at: 40, location: location, file: "f") } throws: {
+                "\($0)".contains("bytes 40..<52") && "\($0)".contains("damaged on the way")
+            }
+        }
     }
 
     @Test("faults: 503s and cut or short bodies are retried, then reported; the server stopped mid-read is an error naming the object and reading goes on when it is back; flipped bytes in the object are an error, never data")
