@@ -31,6 +31,8 @@ public enum ObjectTransfer {
         guard partSize >= 1024 else { throw RemoteError("part size \(partSize) is below 1 KiB") }
         let reader = try KVPackReader(path: file)
         try requireClean(reader, what: file, acceptRecovered: acceptRecovered)
+        // `bytes` points into the reader's mapping: the reader must outlive every use of it.
+        defer { withExtendedLifetime(reader) {} }
         let bytes = reader.file.bytes, size = bytes.count
         let start = Date()
         var parts = 1

@@ -8,6 +8,12 @@ public struct PublishedVersion: Sendable, Codable, Equatable {
     public var etag: String
     public var size: Int
     public var hash: UInt64
+
+    public init(etag: String, size: Int, hash: UInt64) {
+        self.etag = etag
+        self.size = size
+        self.hash = hash
+    }
 }
 
 extension ObjectTransfer {
@@ -25,6 +31,8 @@ extension ObjectTransfer {
     /// The smallest part S3 accepts (except the last): a previous version shorter than this
     /// cannot be the copied first part, and the file is uploaded whole.
     public static let minimumPartSize = 5 << 20
+    /// The largest part a publish copies on the server (S3 allows 5 GiB).
+    public static let maximumCopyPart = 2 << 30
 
     /// Checks an uploaded part by the ETag S3 returns for it, the MD5 of the bytes it stored:
     /// the new bytes of a publish are verified without reading them back (which would download
@@ -49,10 +57,12 @@ extension ObjectTransfer {
     /// object when the upload completes. If someone else published meanwhile (another ETag),
     /// nothing is overwritten: the error says where the local file is.
     public static func publish(file: String, to location: S3Location, client: S3Client, previous: PublishedVersion?,
-                               partSize: Int = 8 << 20) throws -> (PublishReport, PublishedVersion) {
+                               partSize: Int = 8 << 20, copyPartSize: Int = maximumCopyPart) throws -> (PublishReport, PublishedVersion) {
         let start = Date()
         let reader = try KVPackReader(path: file)
         try requireClean(reader, what: file, acceptRecovered: false)
+        // `bytes` points into the reader's mapping: the reader must outlive every use of it.
+        defer { withExtendedLifetime(reader) {} }
         let bytes = reader.file.bytes, size = bytes.count
         if let previous {
             let current: String?
@@ -73,17 +83,23 @@ extension ObjectTransfer {
             let id = try client.createMultipartUpload(location)
             var etags: [String] = []
             do {
-                do {
-                    etags.append(try client.uploadPartCopy(location, uploadID: id, number: 1, source: location, range: 0 ..< previous.size,
-                                                           ifMatch: previous.etag))
-                } catch let e as RemoteError where e.status == 412 {
-                    // Some servers (OpenStack Swift's s3api) compare another ETag than the one
-                    // they report for a multipart object: if HEAD still reports the version we
-                    // hold, the copy goes ahead guarded by that check alone.
-                    guard try client.head(location).etag == previous.etag else {
-                        throw RemoteError("\(location) changed while publishing: another writer published it; nothing was overwritten, and this conversation is in \(file)")
+                // S3 copies at most 5 GiB per part: the previous version goes in equal parts of
+                // at most 2 GiB (each well over the 5 MiB minimum).
+                let copyParts = (previous.size + copyPartSize - 1) / max(copyPartSize, minimumPartSize)
+                for i in 0 ..< copyParts {
+                    let range = previous.size * i / copyParts ..< previous.size * (i + 1) / copyParts
+                    do {
+                        etags.append(try client.uploadPartCopy(location, uploadID: id, number: etags.count + 1, source: location, range: range,
+                                                               ifMatch: previous.etag))
+                    } catch let e as RemoteError where e.status == 412 {
+                        // Some servers (OpenStack Swift's s3api) compare another ETag than the one
+                        // they report for a multipart object: if HEAD still reports the version we
+                        // hold, the copy goes ahead guarded by that check alone.
+                        guard try client.head(location).etag == previous.etag else {
+                            throw RemoteError("\(location) changed while publishing: another writer published it; nothing was overwritten, and this conversation is in \(file)")
+                        }
+                        etags.append(try client.uploadPartCopy(location, uploadID: id, number: etags.count + 1, source: location, range: range))
                     }
-                    etags.append(try client.uploadPartCopy(location, uploadID: id, number: 1, source: location, range: 0 ..< previous.size))
                 }
                 copied = previous.size
                 var offset = previous.size
@@ -149,13 +165,13 @@ public final class RemoteConversation {
         if let data = FileManager.default.contents(atPath: versionPath),
            let recorded = try? JSONDecoder().decode(PublishedVersion.self, from: data),
            recorded.etag == etag, recorded.size == head.size,
-           let local = try? MappedFile(path: path), local.bytes.count == head.size, Checksum.xxh3(local.bytes) == recorded.hash {
+           let local = try? Self.sizeAndHash(path), local.size == head.size, local.hash == recorded.hash {
             version = recorded
             reused = true
         } else {
             _ = try ObjectTransfer.pull(location, to: path, client: client, overwrite: true)
-            let local = try MappedFile(path: path)
-            version = PublishedVersion(etag: etag, size: local.bytes.count, hash: Checksum.xxh3(local.bytes))
+            let local = try Self.sizeAndHash(path)
+            version = PublishedVersion(etag: etag, size: local.size, hash: local.hash)
             reused = false
         }
         pullSeconds = Date().timeIntervalSince(start)
@@ -172,11 +188,17 @@ public final class RemoteConversation {
     @discardableResult
     public func publish(partSize: Int = 8 << 20) throws -> ObjectTransfer.PublishReport? {
         let size = (try? FileManager.default.attributesOfItem(atPath: path)[.size] as? Int) ?? nil
-        if size == version.size, let local = try? MappedFile(path: path), Checksum.xxh3(local.bytes) == version.hash { return nil }
+        if size == version.size, let local = try? Self.sizeAndHash(path), local.hash == version.hash { return nil }
         let (report, newVersion) = try ObjectTransfer.publish(file: path, to: location, client: client, previous: version, partSize: partSize)
         version = newVersion
         try saveVersion()
         return report
+    }
+
+    /// A file's size and the XXH3-64 of its bytes (what `PublishedVersion` records).
+    public static func sizeAndHash(_ path: String) throws -> (size: Int, hash: UInt64) {
+        let file = try MappedFile(path: path)
+        return withExtendedLifetime(file) { (file.bytes.count, Checksum.xxh3(file.bytes)) }
     }
 
     private func saveVersion() throws {

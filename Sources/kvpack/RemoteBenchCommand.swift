@@ -15,7 +15,8 @@ struct RemoteBenchCommand: ParsableCommand {
         - open + first attention: the same through the first attention output (layer 0, KV head 0, every token), what resuming a conversation waits for before its first token could attend;
         - decode step, cold: open, then one decode step (every layer and KV head over every token), its pages declared at once (KVPackReader.prefetch);
         - decode step, warm: the same with the cache directory the cold step filled (a second process on the same machine);
-        - download first: the whole object fetched (kvpack pull), then opened and attended locally: the alternative.
+        - download first: the whole object fetched (kvpack pull), then opened and attended locally: the alternative;
+        - publish a turn: 300 tokens appended to the local file and published as `chat --resume s3://` does after each turn (the previous version copied on the server, only the new bytes uploaded).
 
         The S3 endpoint and credentials come the standard AWS way (see `kvpack push --help`); `make bench-remote` runs it against the local test server (scripts/s3-server.sh), whose requests cost about 5 ms: a real object store's first byte takes longer, which the request counts let you scale. --write FILE replaces the section between the `kvpack bench-remote` markers of FILE (BENCHMARKS.md). Timing is never a test.
         """)
@@ -49,7 +50,8 @@ struct RemoteBenchCommand: ParsableCommand {
         report.say("machine: \(BenchCommand.cpuName()), \(ProcessInfo.processInfo.activeProcessorCount) cores; object store: \(client.configuration.endpoint.absoluteString)")
         report.say("files: \(g.layerCount) layers of \(preset.name) (\(g.kvHeadCount) KV heads, head_dim \(g.headDim)), \(scheme), segments of \(segmentTokens) tokens")
         var rows = [["tokens", "object", "open: req", "bytes", "time", "open+1st attn: req", "bytes", "time",
-                     "decode step cold: req", "bytes", "time", "warm: req", "time", "download first", "+open+1st attn"]]
+                     "decode step cold: req", "bytes", "time", "warm: req", "time", "download first", "+open+1st attn",
+                     "publish turn: sent", "copied", "time"]]
         try withWorkDirectory(keep: keep, prefix: "kvpack-bench-remote") { dir in
             for n in counts {
                 rows.append(try measure(tokens: n, preset: preset, client: client, dir: dir))
@@ -73,7 +75,7 @@ struct RemoteBenchCommand: ParsableCommand {
         let size = (try FileManager.default.attributesOfItem(atPath: path)[.size] as? Int) ?? 0
         printError("bench-remote: pushing \(BenchCommand.bytes(size)) to \(location)")
         _ = try ObjectTransfer.push(file: path, to: location, client: client, partSize: 64 << 20, verify: false)
-        try? FileManager.default.removeItem(atPath: path)
+        let pushed = try PublishedVersion(etag: client.head(location).etag ?? "", size: size, hash: RemoteConversation.sizeAndHash(path).hash)
 
         var rng = SplitMix64(seed: 3)
         let q = (0 ..< g.kvHeadCount * g.groupSize * g.headDim).map { _ in Float(rng.nextGaussian()) }
@@ -121,8 +123,18 @@ struct RemoteBenchCommand: ParsableCommand {
         try local.attend(layer: 0, kvHead: 0, queries: q, output: &out, workspace: workspace)
         let pulledFirst = Double(DispatchTime.now().uptimeNanoseconds - pullStart) * 1e-9
         try? FileManager.default.removeItem(atPath: downloaded)
+
+        printError("bench-remote: appending a 300-token turn and publishing it")
+        let turn = 300
+        let writer = try KVPackWriter.resume(path: path)
+        let rows = [Float](repeating: 0.125, count: g.layerCount * turn * g.kvHeadCount * g.headDim)
+        try writer.append(tokenIDs: (0 ..< turn).map { UInt32($0) }, keys: rows, values: rows, layout: .layerTokenHead(g, tokens: turn))
+        try writer.close()
+        let (published, _) = try ObjectTransfer.publish(file: path, to: location, client: client, previous: pushed)
+        try? FileManager.default.removeItem(atPath: path)
         try client.delete(location)
         return ["\(n)", BenchCommand.bytes(size)] + open.cells + firstAttention.cells + coldStep.cells
-            + ["\(warmStep.requests)", BenchCommand.time(warmStep.seconds), BenchCommand.time(pulled), BenchCommand.time(pulledFirst)]
+            + ["\(warmStep.requests)", BenchCommand.time(warmStep.seconds), BenchCommand.time(pulled), BenchCommand.time(pulledFirst),
+               BenchCommand.bytes(published.uploadedBytes), BenchCommand.bytes(published.copiedBytes), BenchCommand.time(published.seconds)]
     }
 }

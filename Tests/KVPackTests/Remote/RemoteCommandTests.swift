@@ -173,6 +173,30 @@ extension S3ServerTests {
         _ = try Data(contentsOf: URL(string: "http://127.0.0.1:\(proxyPort)/__faults__/\(kind)/\(count)")!)
     }
 
+    @Test("publishing copies a previous version larger than a copy part in several parts; the object is then the file, byte for byte")
+    func publishInCopyParts() throws {
+        guard Self.startOrSkip("publishInCopyParts") else { return }
+        defer { _ = Self.server("stop"); try? FileManager.default.removeItem(atPath: Self.dir) }
+        let dir = temporaryDirectory()
+        let path = dir + "/big.kvpack"
+        let (s, _, e) = try runKVPack(["synth", path, "--model", "llama-3-8b", "--layers", "3", "--tokens", "1100"])
+        try #require(s == 0, "\(e)")
+        let client = try Self.client()
+        try client.createBucket("kvpack-test")
+        let location = S3Location(bucket: "kvpack-test", key: "big.kvpack")
+        _ = try ObjectTransfer.push(file: path, to: location, client: client)
+        let before = try RemoteConversation.sizeAndHash(path)
+        #expect(before.size > 2 * ObjectTransfer.minimumPartSize)
+        let previous = PublishedVersion(etag: try client.head(location).etag ?? "", size: before.size, hash: before.hash)
+        let (a, _, ae) = try runKVPack(["synth", path, "--model", "llama-3-8b", "--layers", "3", "--tokens", "40", "--resume"])
+        try #require(a == 0, "\(ae)")
+        let (report, version) = try ObjectTransfer.publish(file: path, to: location, client: client, previous: previous,
+                                                           copyPartSize: before.size / 2 + 1)
+        #expect(report.parts == 3 && report.copiedBytes == before.size && report.uploadedBytes == fileBytes(path).count - before.size)
+        #expect(version.size == fileBytes(path).count)
+        #expect(try client.get(location, range: 0 ..< version.size) == Data(fileBytes(path)))
+    }
+
     @Test("a published part whose MD5 ETag does not match the bytes sent is an error; ETags that are not MD5s are not judged")
     func partChecks() throws {
         let bytes: [UInt8] = Array("the new turn".utf8)
