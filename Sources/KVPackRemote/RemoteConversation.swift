@@ -148,6 +148,8 @@ public final class RemoteConversation {
     /// Whether the working file was already here (the object unchanged), so nothing was downloaded.
     public let reused: Bool
     public let pullSeconds: Double
+    /// Where a previous working file with unpublished commits was moved (nil if there was none).
+    public private(set) var unpublished: String?
     private let versionPath: String
 
     /// The working file for `location` lives in `directory` (the object cache directory's
@@ -169,6 +171,16 @@ public final class RemoteConversation {
             version = recorded
             reused = true
         } else {
+            // A working file with commits that were never published (a publish refused because
+            // another writer got there first, or a process that died before publishing) is kept
+            // beside, not overwritten: the user decides what to do with those turns.
+            if let data = FileManager.default.contents(atPath: versionPath),
+               let recorded = try? JSONDecoder().decode(PublishedVersion.self, from: data),
+               let local = try? Self.sizeAndHash(path), local.hash != recorded.hash {
+                let aside = directory + "/\(name).unpublished-\(Int(Date().timeIntervalSince1970)).kvpack"
+                try FileManager.default.moveItem(atPath: path, toPath: aside)
+                unpublished = aside
+            }
             _ = try ObjectTransfer.pull(location, to: path, client: client, overwrite: true)
             let local = try Self.sizeAndHash(path)
             version = PublishedVersion(etag: etag, size: local.size, hash: local.hash)

@@ -28,6 +28,9 @@ func pullConversation(_ location: S3Location, tool: String) throws -> RemoteConv
     printError(String(format: "kvpack %@: %@ is %@ in %@ (%@, %.2f s); its new commits are published back", tool, location.description,
                       formatBytes(remote.version.size), remote.path, remote.reused ? "unchanged since this machine last had it: no download" : "downloaded",
                       remote.pullSeconds))
+    if let aside = remote.unpublished {
+        printError("kvpack \(tool): this machine's copy held commits never published to \(location) (another writer published first, or a publish failed); kept as \(aside)")
+    }
     return remote
 }
 

@@ -152,6 +152,12 @@ extension S3ServerTests {
         let after = try RemoteFiles.reader(location, client: client, cache: RemoteCache(directory: nil))
         #expect(try after.tokenIDs.last == 11)
         #expect(try KVPackReader(path: two.path).tokenIDs.last == 22)
+        // Resuming again where the refused turn is: the object's version is fetched, and the
+        // unpublished file is kept beside it, not overwritten.
+        let again = try RemoteConversation(location, client: client, directory: dir + "/two")
+        #expect(try KVPackReader(path: again.path).tokenIDs.last == 11)
+        let aside = try #require(again.unpublished)
+        #expect(try KVPackReader(path: aside).tokenIDs.last == 22)
     }
 }
 
