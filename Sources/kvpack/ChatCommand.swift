@@ -156,7 +156,7 @@ struct ChatCommand: ParsableCommand {
                 message = line
             }
             if fromStdin, message.hasPrefix("/") {
-                if try command(message, chat: chat, path: path, settings: sampler.settings) { break }
+                if try command(message, chat: chat, path: path, settings: sampler.settings, remote: remote) { break }
                 continue
             }
             if message.utf8.contains(where: dropped.contains) {
@@ -189,7 +189,7 @@ struct ChatCommand: ParsableCommand {
     }
 
     /// Runs a /command typed at the prompt; true ends the chat.
-    func command(_ line: String, chat: Chat, path: String, settings: SamplerSettings) throws -> Bool {
+    func command(_ line: String, chat: Chat, path: String, settings: SamplerSettings, remote: RemoteConversation? = nil) throws -> Bool {
         let word = line.split(separator: " ").first.map(String.init) ?? line
         switch word {
         case "/exit", "/quit", "/bye":
@@ -205,6 +205,9 @@ struct ChatCommand: ParsableCommand {
               sampling:   \(settings.summary)
               model:      \(chat.conversation.model.path)
             """)
+            if let remote {
+                printError("  object:     \(remote.location), published after each turn (\(formatBytes(remote.version.size)), ETag \(remote.version.etag))")
+            }
         case "/help":
             printError("""
               /info   tokens, file size, bits per element, scheme, sampling
