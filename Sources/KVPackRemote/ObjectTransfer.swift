@@ -1,6 +1,25 @@
 import Foundation
 import KVPack
 
+/// Bytes a pull has written so far, reported from the request threads one at a time.
+private final class PullProgress: @unchecked Sendable {
+    // @unchecked: `done` is only touched under `lock`.
+    private let lock = NSLock()
+    private var done = 0
+    let total: Int
+    let report: ((Int, Int) -> Void)?
+    init(total: Int, report: ((Int, Int) -> Void)?) {
+        self.total = total
+        self.report = report
+    }
+    func add(_ n: Int) {
+        lock.lock()
+        defer { lock.unlock() }
+        done += n
+        report?(done, total)
+    }
+}
+
 /// `kvpack push` and `kvpack pull`: whole .kvpack files to and from object storage.
 public enum ObjectTransfer {
     public struct PushReport: Sendable, Codable {
@@ -85,31 +104,39 @@ public enum ObjectTransfer {
         throw RemoteError("\(what) opens only by recovery: \(reader.recoveryNotes.map(\.description).joined(separator: "; ")) (--accept-recovered takes its last good commit, \(reader.tokenCount) tokens)")
     }
 
-    /// Downloads an object into `path` in ranged GETs of `chunk` bytes, written beside it and
-    /// renamed into place only once the file opens (its header, manifest and commit checksums
-    /// verified) and, with `deep`, validates block by block: a damaged or partial object leaves
-    /// nothing behind.
-    public static func pull(_ location: S3Location, to path: String, client: S3Client, chunk: Int = 8 << 20, overwrite: Bool = false,
-                            deep: Bool = false, acceptRecovered: Bool = false, progress: ((Int, Int) -> Void)? = nil) throws -> PullReport {
+    /// Downloads an object into `path` in ranged GETs of `chunk` bytes, `concurrency` at a time,
+    /// written beside it and renamed into place only once the file opens (its header, manifest
+    /// and commit checksums verified) and, with `deep`, validates block by block: a damaged or
+    /// partial object leaves nothing behind.
+    public static func pull(_ location: S3Location, to path: String, client: S3Client, chunk: Int = 8 << 20, concurrency: Int = 8,
+                            overwrite: Bool = false, deep: Bool = false, acceptRecovered: Bool = false,
+                            progress: ((Int, Int) -> Void)? = nil) throws -> PullReport {
         let start = Date()
         let (size, _) = try client.head(location)
-        var requests = 1
+        let chunks = (size + chunk - 1) / chunk
+        let requests = 1 + chunks
         let replacement = try AtomicReplacement(destination: path, overwrite: overwrite, label: "pull")
         do {
-            guard FileManager.default.createFile(atPath: replacement.temporaryPath, contents: nil),
-                  let handle = FileHandle(forWritingAtPath: replacement.temporaryPath) else {
-                throw KVPackError(.io, "cannot create \(replacement.temporaryPath)")
+            let fd = open(replacement.temporaryPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+            guard fd >= 0 else { throw KVPackError(.io, "cannot create \(replacement.temporaryPath): \(String(cString: strerror(errno)))") }
+            defer { close(fd) }
+            let done = PullProgress(total: size, report: progress)
+            let temporary = replacement.temporaryPath
+            try ConcurrentRequests.run(count: chunks, width: concurrency) { i in
+                let range = i * chunk ..< min(size, (i + 1) * chunk)
+                let data = try client.get(location, range: range)
+                try data.withUnsafeBytes { bytes in
+                    var written = 0
+                    while written < bytes.count {
+                        let n = pwrite(fd, bytes.baseAddress! + written, bytes.count - written, off_t(range.lowerBound + written))
+                        if n > 0 { written += n } else if n < 0, errno == EINTR { continue } else {
+                            throw KVPackError(.io, "writing \(temporary): \(String(cString: strerror(errno)))")
+                        }
+                    }
+                }
+                done.add(range.count)
             }
-            defer { try? handle.close() }
-            var offset = 0
-            while offset < size {
-                let end = min(size, offset + chunk)
-                try handle.write(contentsOf: try client.get(location, range: offset ..< end))
-                requests += 1
-                offset = end
-                progress?(offset, size)
-            }
-            try handle.synchronize()
+            guard fsync(fd) == 0 else { throw KVPackError(.io, "fsync \(replacement.temporaryPath): \(String(cString: strerror(errno)))") }
             let reader: KVPackReader
             do {
                 reader = try KVPackReader(path: replacement.temporaryPath)
