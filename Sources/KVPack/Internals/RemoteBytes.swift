@@ -97,19 +97,20 @@ final class RemoteBytes: @unchecked Sendable {
             let entry = Self.entryName(object)
             let dataPath = "\(directory)/\(entry).bytes", mapPath = "\(directory)/\(entry).pages"
             Self.evict(directory: directory, keeping: entry, adding: size, limit: cache.limitBytes, sameObject: Self.objectPrefix(object))
-            fd = open(dataPath, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
-            guard fd >= 0 else { throw KVPackError.ioError("open", path: dataPath) }
-            mapFD = open(mapPath, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
-            guard mapFD >= 0 else { throw KVPackError.ioError("open", path: mapPath) }
             var st = stat()
-            guard fstat(fd, &st) == 0 else { throw KVPackError.ioError("fstat", path: dataPath) }
-            if Int(st.st_size) == size, !cache.discardExisting {
+            fd = cache.discardExisting ? -1 : open(dataPath, O_RDWR | O_CLOEXEC)
+            mapFD = fd < 0 ? -1 : open(mapPath, O_RDWR | O_CLOEXEC)
+            if fd >= 0, mapFD >= 0, fstat(fd, &st) == 0, Int(st.st_size) == size {
                 stats.cachedPagesAtOpen = Self.loadPageMap(mapFD, into: pages)
             } else {
-                // A new entry, or a damaged one: start empty.
-                guard ftruncate(fd, 0) == 0, ftruncate(fd, off_t(size)) == 0, ftruncate(mapFD, 0) == 0 else {
-                    throw KVPackError.ioError("ftruncate", path: dataPath)
-                }
+                // A new entry, or one to start afresh: new files renamed over the old ones, never
+                // the old ones truncated, since another process may have them mapped (touching a
+                // page past a shrunk end is SIGBUS) and keeps its own copy this way.
+                if fd >= 0 { close(fd) }
+                if mapFD >= 0 { close(mapFD) }
+                (fd, mapFD) = (-1, -1)
+                fd = try Self.createFresh(dataPath, size: size)
+                mapFD = try Self.createFresh(mapPath, size: 0)
             }
             // The entry was used now: eviction goes by modification time.
             futimens(mapFD, nil)
@@ -301,6 +302,22 @@ final class RemoteBytes: @unchecked Sendable {
     private static func hex(_ v: UInt64) -> String {
         let s = String(v, radix: 16)
         return String(repeating: "0", count: 16 - s.count) + s
+    }
+
+    /// A new file of `size` zero bytes (sparse) at `path`, made under a temporary name and
+    /// renamed into place; returns its descriptor, open for reading and writing.
+    private static func createFresh(_ path: String, size: Int) throws -> Int32 {
+        var template = Array("\(path).XXXXXX".utf8CString)
+        let fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
+        let temporary = String(cString: template)
+        guard fd >= 0 else { throw KVPackError.ioError("mkstemp", path: temporary) }
+        guard ftruncate(fd, off_t(size)) == 0, fchmod(fd, 0o644) == 0, rename(temporary, path) == 0 else {
+            let e = KVPackError.ioError("creating", path: path)
+            close(fd)
+            unlink(temporary)
+            throw e
+        }
+        return fd
     }
 
     private static func makeDirectory(_ path: String) throws {
