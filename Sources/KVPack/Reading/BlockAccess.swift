@@ -8,19 +8,22 @@ extension KVPackReader {
     /// on first use (Spec/ 8.1).
     func segmentTable(_ segment: Int) throws -> SegmentTable {
         let offset = state.segmentTables[segment]
-        return try readingFrame(at: offset, limit: state.commitOffset) {
-            let bytes = file.bytes
-            let verified = tablesVerified.isSet(segment)
-            let h = try FrameHeader.decode(bytes, at: offset, limit: state.commitOffset, salt: header.salt, field: "SEGT",
-                                           verifyingChecksum: !verified)
-            try SegmentTable.check(h, segment: segment, streamCount: geometry.streamCount, tokenCount: segmentTokens)
-            if !verified {
-                try h.verifyPayload(in: bytes, field: "SEGT")
-                tablesVerified.set(segment)
-            }
-            return SegmentTable(payload: h.storedPayload(in: bytes), frameOffset: offset, streamCount: geometry.streamCount,
-                                tokenCount: segmentTokens)
+        guard file.isRemote else { return try verifiedSegmentTable(segment, at: offset) }
+        return try readingFrame(at: offset, limit: state.commitOffset) { try verifiedSegmentTable(segment, at: offset) }
+    }
+
+    private func verifiedSegmentTable(_ segment: Int, at offset: UInt64) throws -> SegmentTable {
+        let bytes = file.bytes
+        let verified = tablesVerified.isSet(segment)
+        let h = try FrameHeader.decode(bytes, at: offset, limit: state.commitOffset, salt: header.salt, field: "SEGT",
+                                       verifyingChecksum: !verified)
+        try SegmentTable.check(h, segment: segment, streamCount: geometry.streamCount, tokenCount: segmentTokens)
+        if !verified {
+            try h.verifyPayload(in: bytes, field: "SEGT")
+            tablesVerified.set(segment)
         }
+        return SegmentTable(payload: h.storedPayload(in: bytes), frameOffset: offset, streamCount: geometry.streamCount,
+                            tokenCount: segmentTokens)
     }
 
     /// Where the block of (segment, stream) starts: from the version 1 index, or from the
@@ -80,7 +83,9 @@ extension KVPackReader {
 
     /// The same for a block whose offset the caller looked up (`blockOffsets`).
     func blockPayload(segment: Int, stream: Int, at offset: UInt64, workspace: AttentionWorkspace) throws -> UnsafeRawBufferPointer {
-        try readingFrame(at: offset, limit: state.commitOffset) {
+        // Once per block per pass: a local file goes straight to the bytes.
+        guard file.isRemote else { return try verifiedBlockPayload(segment: segment, stream: stream, at: offset, workspace: workspace) }
+        return try readingFrame(at: offset, limit: state.commitOffset) {
             try verifiedBlockPayload(segment: segment, stream: stream, at: offset, workspace: workspace)
         }
     }
