@@ -1,3 +1,4 @@
+import Crypto
 import Foundation
 import KVPack
 
@@ -59,23 +60,11 @@ public enum ObjectTransfer {
             try client.put(location, data: Data(bytes))
             progress?(size, size)
         } else {
-            let id = try client.createMultipartUpload(location)
-            var etags: [String] = []
-            do {
-                var offset = 0
-                while offset < size {
-                    let end = min(size, offset + partSize)
-                    etags.append(try client.uploadPart(location, uploadID: id, number: etags.count + 1,
-                                                       data: Data(UnsafeRawBufferPointer(rebasing: bytes[offset ..< end]))))
-                    offset = end
-                    progress?(offset, size)
+            parts = try multipartUpload(location, client: client) { id, etags in
+                try uploadParts(bytes, 0 ..< size, partSize: partSize, to: location, uploadID: id, client: client, file: file, etags: &etags) {
+                    progress?($0, size)
                 }
-                try client.completeMultipartUpload(location, uploadID: id, etags: etags)
-            } catch {
-                client.abortMultipartUpload(location, uploadID: id)
-                throw error
             }
-            parts = etags.count
         }
         let uploaded = Date()
         if verify {
@@ -94,6 +83,51 @@ public enum ObjectTransfer {
         }
         return PushReport(location: location.description, bytes: size, parts: parts, seconds: uploaded.timeIntervalSince(start),
                           verified: verify, verifySeconds: Date().timeIntervalSince(uploaded))
+    }
+
+    /// Runs `body(uploadID, etags)` inside a multipart upload of `location`, then completes it
+    /// with the parts `body` appended to `etags`: the object appears whole, atomically. On any
+    /// failure the upload is aborted (the previous object, if any, stays). Returns the part count.
+    static func multipartUpload(_ location: S3Location, client: S3Client, _ body: (String, inout [String]) throws -> Void) throws -> Int {
+        let id = try client.createMultipartUpload(location)
+        var etags: [String] = []
+        do {
+            try body(id, &etags)
+            try client.completeMultipartUpload(location, uploadID: id, etags: etags)
+        } catch {
+            client.abortMultipartUpload(location, uploadID: id)
+            throw error
+        }
+        return etags.count
+    }
+
+    /// Uploads `bytes[range]` as parts of `partSize` bytes (the last one shorter), numbered after
+    /// those already in `etags`, each checked by its ETag (`checkPart`); `sent(end)` after each.
+    static func uploadParts(_ bytes: UnsafeRawBufferPointer, _ range: Range<Int>, partSize: Int, to location: S3Location, uploadID: String,
+                            client: S3Client, file: String, etags: inout [String], sent: ((Int) -> Void)? = nil) throws {
+        var offset = range.lowerBound
+        while offset < range.upperBound {
+            let end = min(range.upperBound, offset + partSize)
+            let part = UnsafeRawBufferPointer(rebasing: bytes[offset ..< end])
+            let etag = try client.uploadPart(location, uploadID: uploadID, number: etags.count + 1, data: Data(part))
+            try checkPart(etag, part, at: offset, location: location, file: file)
+            etags.append(etag)
+            offset = end
+            sent?(offset)
+        }
+    }
+
+    /// Checks an uploaded part by the ETag S3 returns for it, the MD5 of the bytes it stored:
+    /// the new bytes of a publish are verified without reading them back (which would download
+    /// every turn again). Where part ETags are not MD5s (AWS with KMS encryption) this check is
+    /// skipped and the object's final size is all that is compared.
+    static func checkPart(_ etag: String, _ part: UnsafeRawBufferPointer, at offset: Int, location: S3Location, file: String) throws {
+        let hex = etag.trimmingCharacters(in: CharacterSet(charactersIn: "\""))
+        guard hex.count == 32, hex.allSatisfy(\.isHexDigit) else { return }
+        let md5 = Insecure.MD5.hash(data: part).map { String(format: "%02x", $0) }.joined()
+        guard md5 == hex.lowercased() else {
+            throw RemoteError("\(location): the server stored a part of \(file) (bytes \(offset)..<\(offset + part.count)) whose MD5 is \(hex), not \(md5): damaged on the way")
+        }
     }
 
     /// A file that opened only by recovery (bytes after its last commit, damaged commits
@@ -117,26 +151,15 @@ public enum ObjectTransfer {
         let requests = 1 + chunks
         let replacement = try AtomicReplacement(destination: path, overwrite: overwrite, label: "pull")
         do {
-            let fd = open(replacement.temporaryPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-            guard fd >= 0 else { throw KVPackError(.io, "cannot create \(replacement.temporaryPath): \(String(cString: strerror(errno)))") }
-            defer { close(fd) }
+            let out = try PositionalFile(creating: replacement.temporaryPath)
             let done = PullProgress(total: size, report: progress)
-            let temporary = replacement.temporaryPath
             try ConcurrentRequests.run(count: chunks, width: concurrency) { i in
                 let range = i * chunk ..< min(size, (i + 1) * chunk)
                 let data = try client.get(location, range: range)
-                try data.withUnsafeBytes { bytes in
-                    var written = 0
-                    while written < bytes.count {
-                        let n = pwrite(fd, bytes.baseAddress! + written, bytes.count - written, off_t(range.lowerBound + written))
-                        if n > 0 { written += n } else if n < 0, errno == EINTR { continue } else {
-                            throw KVPackError(.io, "writing \(temporary): \(String(cString: strerror(errno)))")
-                        }
-                    }
-                }
+                try data.withUnsafeBytes { try out.write($0, at: range.lowerBound) }
                 done.add(range.count)
             }
-            guard fsync(fd) == 0 else { throw KVPackError(.io, "fsync \(replacement.temporaryPath): \(String(cString: strerror(errno)))") }
+            try out.sync()
             let reader: KVPackReader
             do {
                 reader = try KVPackReader(path: replacement.temporaryPath)

@@ -1,4 +1,3 @@
-import Crypto
 import Foundation
 import KVPack
 
@@ -34,19 +33,6 @@ extension ObjectTransfer {
     /// The largest part a publish copies on the server (S3 allows 5 GiB).
     public static let maximumCopyPart = 2 << 30
 
-    /// Checks an uploaded part by the ETag S3 returns for it, the MD5 of the bytes it stored:
-    /// the new bytes of a publish are verified without reading them back (which would download
-    /// every turn again). Where part ETags are not MD5s (AWS with KMS encryption) this check is
-    /// skipped and the object's final size is all that is compared.
-    static func checkPart(_ etag: String, _ part: UnsafeRawBufferPointer, at offset: Int, location: S3Location, file: String) throws {
-        let hex = etag.trimmingCharacters(in: CharacterSet(charactersIn: "\""))
-        guard hex.count == 32, hex.allSatisfy(\.isHexDigit) else { return }
-        let md5 = Insecure.MD5.hash(data: part).map { String(format: "%02x", $0) }.joined()
-        guard md5 == hex.lowercased() else {
-            throw RemoteError("\(location): the server stored a part of \(file) (bytes \(offset)..<\(offset + part.count)) whose MD5 is \(hex), not \(md5): damaged on the way")
-        }
-    }
-
     /// Publishes `file`, a longer version of the object `previous` describes, so that no reader
     /// ever sees a torn object and an open reader of the old version keeps reading valid bytes:
     /// a .kvpack grows only by appending, so the new object starts with the old one's bytes.
@@ -80,12 +66,11 @@ extension ObjectTransfer {
             p.size >= minimumPartSize && p.size <= size && Checksum.xxh3(UnsafeRawBufferPointer(rebasing: bytes[0 ..< p.size])) == p.hash
         } ?? false
         if let previous, appendable {
-            let id = try client.createMultipartUpload(location)
-            var etags: [String] = []
-            do {
+            parts = try multipartUpload(location, client: client) { id, etags in
                 // S3 copies at most 5 GiB per part: the previous version goes in equal parts of
-                // at most 2 GiB (each well over the 5 MiB minimum).
-                let copyParts = (previous.size + copyPartSize - 1) / max(copyPartSize, minimumPartSize)
+                // at most `copyPartSize` (each over the 5 MiB minimum).
+                let piece = max(copyPartSize, minimumPartSize)
+                let copyParts = (previous.size + piece - 1) / piece
                 for i in 0 ..< copyParts {
                     let range = previous.size * i / copyParts ..< previous.size * (i + 1) / copyParts
                     do {
@@ -101,24 +86,11 @@ extension ObjectTransfer {
                         etags.append(try client.uploadPartCopy(location, uploadID: id, number: etags.count + 1, source: location, range: range))
                     }
                 }
-                copied = previous.size
-                var offset = previous.size
-                while offset < size {
-                    // The last part may be short; every other part is a full partSize.
-                    let end = size - offset < partSize + minimumPartSize ? size : offset + partSize
-                    let part = UnsafeRawBufferPointer(rebasing: bytes[offset ..< end])
-                    let etag = try client.uploadPart(location, uploadID: id, number: etags.count + 1, data: Data(part))
-                    try checkPart(etag, part, at: offset, location: location, file: file)
-                    etags.append(etag)
-                    offset = end
-                }
-                uploaded = size - previous.size
-                try client.completeMultipartUpload(location, uploadID: id, etags: etags)
-            } catch {
-                client.abortMultipartUpload(location, uploadID: id)
-                throw error
+                try uploadParts(bytes, previous.size ..< size, partSize: partSize, to: location, uploadID: id, client: client, file: file,
+                                etags: &etags)
             }
-            parts = etags.count
+            copied = previous.size
+            uploaded = size - previous.size
         } else {
             let report = try push(file: file, to: location, client: client, partSize: max(partSize, minimumPartSize), verify: false)
             uploaded = size

@@ -136,8 +136,9 @@ public enum RemoteFiles {
 
     /// A reader over a remote object. Pages a previous process left in the cache are checked
     /// like any others; if opening fails a check with such pages, or opens only by falling back
-    /// to an older commit (any recovery note), the cache entry is dropped and the object read afresh once: a damaged
-    /// cache costs a refetch, never a wrong answer or a refusal the object does not deserve.
+    /// to an older commit (any recovery note), the cache entry is dropped and the object read
+    /// afresh once: a damaged cache costs a refetch, never a wrong answer or a refusal the
+    /// object does not deserve.
     public static func reader(_ object: any RemoteObject, cache: RemoteCache, arithmetic: AttentionArithmetic = .fast) throws -> KVPackReader {
         let file = try MappedFile(remote: object, cache: cache)
         let warm = (file.remoteStatistics?.cachedPagesAtOpen ?? 0) > 0

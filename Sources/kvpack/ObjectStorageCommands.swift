@@ -54,7 +54,7 @@ struct PullCommand: ParsableCommand {
         commandName: "pull",
         abstract: "Download a .kvpack file from object storage (S3 API) and check it before it appears.",
         discussion: """
-        Ranged GETs of --chunk MiB, each checked (status 206, the Content-Range asked for, every byte). The download is written beside FILE and renamed over it only once it opens as a .kvpack file (header, manifest and commit checksums) and, with --deep, validates block by block; a damaged or partial object leaves nothing.
+        Ranged GETs of --chunk MiB, 8 at a time, each checked (status 206, the Content-Range asked for, every byte). The download is written beside FILE and renamed over it only once it opens as a .kvpack file (header, manifest and commit checksums) and, with --deep, validates block by block; a damaged or partial object leaves nothing.
 
         \(s3Discussion)
         """)

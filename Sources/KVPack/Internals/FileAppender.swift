@@ -122,15 +122,7 @@ final class FileAppender {
     }
 
     private func writeFully(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws {
-        var done = 0
-        while done < bytes.count {
-            let n = pwrite(fd, bytes.baseAddress! + done, bytes.count - done, off_t(offset + UInt64(done)))
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw KVPackError.ioError("write", path: path)
-            }
-            done += n
-        }
+        if let code = KVPack.writeFully(fd, bytes, at: Int(offset)) { throw KVPackError.ioError("write", path: path, errno: code) }
     }
 
     /// Reads bytes already in the file (flushes first so buffered bytes are visible).

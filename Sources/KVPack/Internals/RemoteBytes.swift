@@ -115,12 +115,9 @@ final class RemoteBytes: @unchecked Sendable {
             // The entry was used now: eviction goes by modification time.
             futimens(mapFD, nil)
         } else {
-            var template = Array("\(Self.temporaryDirectory)/kvpack-remote-XXXXXX".utf8CString)
-            fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
-            let path = String(cString: template)
-            guard fd >= 0 else { throw KVPackError.ioError("mkstemp", path: path) }
+            let (descriptor, path) = try Self.temporaryFile("\(Self.temporaryDirectory)/kvpack-remote", size: size)
+            fd = descriptor
             unlink(path)
-            guard ftruncate(fd, off_t(size)) == 0 else { throw KVPackError.ioError("ftruncate", path: path) }
         }
         if size == 0 {
             bytes = UnsafeRawBufferPointer(start: nil, count: 0)
@@ -227,15 +224,11 @@ final class RemoteBytes: @unchecked Sendable {
         do {
             try object.fetch(requests) { i, data in
                 let r = requests[i]
-                guard data.count == r.count, let base = data.baseAddress else {
+                guard data.count == r.count else {
                     throw KVPackError(.io, "\(data.count) bytes arrived for bytes \(r.lowerBound)..<\(r.upperBound), \(r.count) expected")
                 }
-                var done = 0
-                while done < data.count {
-                    let n = pwrite(fd, base + done, data.count - done, off_t(r.lowerBound + done))
-                    if n > 0 { done += n } else if n < 0, errno == EINTR { continue } else {
-                        throw KVPackError(.io, "writing fetched bytes into the cache: \(String(cString: strerror(errno)))")
-                    }
+                if let code = writeFully(fd, data, at: r.lowerBound) {
+                    throw KVPackError(.io, "writing fetched bytes into the cache: \(String(cString: strerror(code)))")
                 }
                 // Every page the range covers is whole: ranges are page-aligned or end the object.
                 for page in r.lowerBound / Self.pageSize ..< (min(r.upperBound, size) + Self.pageSize - 1) / Self.pageSize { pages.set(page) }
@@ -307,17 +300,30 @@ final class RemoteBytes: @unchecked Sendable {
     /// A new file of `size` zero bytes (sparse) at `path`, made under a temporary name and
     /// renamed into place; returns its descriptor, open for reading and writing.
     private static func createFresh(_ path: String, size: Int) throws -> Int32 {
-        var template = Array("\(path).XXXXXX".utf8CString)
-        let fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
-        let temporary = String(cString: template)
-        guard fd >= 0 else { throw KVPackError.ioError("mkstemp", path: temporary) }
-        guard ftruncate(fd, off_t(size)) == 0, fchmod(fd, 0o644) == 0, rename(temporary, path) == 0 else {
+        let (fd, temporary) = try temporaryFile(path, size: size)
+        guard fchmod(fd, 0o644) == 0, rename(temporary, path) == 0 else {
             let e = KVPackError.ioError("creating", path: path)
             close(fd)
             unlink(temporary)
             throw e
         }
         return fd
+    }
+
+    /// A new file named `prefix` plus a unique suffix, `size` zero bytes long (sparse), open
+    /// for reading and writing.
+    private static func temporaryFile(_ prefix: String, size: Int) throws -> (fd: Int32, path: String) {
+        var template = Array("\(prefix).XXXXXX".utf8CString)
+        let fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
+        let path = template.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
+        guard fd >= 0 else { throw KVPackError.ioError("mkstemp", path: path) }
+        guard ftruncate(fd, off_t(size)) == 0 else {
+            let e = KVPackError.ioError("ftruncate", path: path)
+            close(fd)
+            unlink(path)
+            throw e
+        }
+        return (fd, path)
     }
 
     private static func makeDirectory(_ path: String) throws {

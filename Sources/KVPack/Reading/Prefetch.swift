@@ -24,9 +24,8 @@ extension KVPackReader {
         // last is what the pass reads (plus the few index and tail frames between), asked for as
         // one range that goes out in a few large requests, tables included.
         if file.isRemote, state.major != 1, streams.count == geometry.streamCount {
-            let tableBytes = FrameHeader.size + 8 * geometry.streamCount + 8 * segmentTokens
-            let lo = segments.lowerBound == 0 ? Int(manifestEnd) : Int(state.segmentTables[segments.lowerBound - 1]) + tableBytes
-            let hi = Int(state.segmentTables[segments.upperBound - 1]) + tableBytes
+            let lo = segments.lowerBound == 0 ? Int(manifestEnd) : Int(state.segmentTables[segments.lowerBound - 1]) + segmentTableFrameBytes
+            let hi = Int(state.segmentTables[segments.upperBound - 1]) + segmentTableFrameBytes
             if lo < hi { file.willNeed([lo ..< hi]) }
         }
         // Gathered and asked for together: a remote file fetches each list in one batch of
@@ -72,11 +71,15 @@ extension KVPackReader {
     /// Asks for the segment tables of `segments` not yet verified, in one batch (version 2).
     func prefetchTables(_ segments: Range<Int>) {
         guard state.major != 1 else { return }
-        let tableBytes = FrameHeader.size + 8 * geometry.streamCount + 8 * segmentTokens
         file.willNeed(segments.filter { !tablesVerified.isSet($0) }.map { s -> Range<Int> in
             let at = Int(state.segmentTables[s])
-            return at ..< at + tableBytes
+            return at ..< at + segmentTableFrameBytes
         })
+    }
+
+    /// Bytes of one `SEGT` frame, header included (Spec 8.1).
+    var segmentTableFrameBytes: Int {
+        FrameHeader.size + SegmentTable.payloadSize(streamCount: geometry.streamCount, tokenCount: segmentTokens)
     }
 
     /// Asks the core for the blocks of `streams` in sealed segment `segment` (attention calls it

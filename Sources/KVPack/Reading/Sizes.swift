@@ -13,15 +13,17 @@ extension KVPackReader {
         for stream in 0 ..< streams where !streamSchemes[stream].compressesBlocks {
             total[stream] = segments * (FrameHeader.size + streamSchemes[stream].encodedBlockSize(tokens: segmentTokens))
         }
-        if !compressed.isEmpty { prefetchTables(0 ..< segments) }
-        for segment in 0 ..< segments where !compressed.isEmpty {
-            let offsets = try compressed.map { try blockOffset(segment: segment, stream: $0) }
-            try file.ensure(offsets.map { Int($0) ..< Int($0) + FrameHeader.size })
-            for (stream, offset) in zip(compressed, offsets) {
-                let h = try FrameHeader.decode(file.bytes, at: offset, limit: state.commitOffset, salt: header.salt, field: "BLCK")
-                total[stream] += FrameHeader.size + Int(h.storedLength)
+        if !compressed.isEmpty {
+            prefetchTables(0 ..< segments)
+            for segment in 0 ..< segments {
+                let offsets = try compressed.map { try blockOffset(segment: segment, stream: $0) }
+                try file.ensure(offsets.map { Int($0) ..< Int($0) + FrameHeader.size })
+                for (stream, offset) in zip(compressed, offsets) {
+                    let h = try FrameHeader.decode(file.bytes, at: offset, limit: state.commitOffset, salt: header.salt, field: "BLCK")
+                    total[stream] += FrameHeader.size + Int(h.storedLength)
+                }
+                releasePages(segment: segment)
             }
-            releasePages(segment: segment)
         }
         for piece in state.tail.indices {
             for stream in 0 ..< streams { total[stream] += tailRows(piece: piece, stream: stream).count }
