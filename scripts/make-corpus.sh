@@ -99,6 +99,16 @@ keep "$tmp/notes-v2.kvpack" "valid__v2.1-notes.kvpack"
 "$KVPACK" import Tests/Fixtures/mlx/q4-g64-v021.safetensors "$tmp/mlx-q4.kvpack" --query-heads 9 --rope-theta 100000 \
   --salt 4242 --no-fsync --overwrite > /dev/null
 keep "$tmp/mlx-q4.kvpack" "valid__v2.2-int-signed-scales-mlx-q4.kvpack"
+# Format 2.3: a lossless window of 12 tokens and 3 sink tokens in int:k4v2 (37 tokens in segments
+# of 8: 24 sealed, 13 in tail runs that span two segments, tokens 0-2 read from the SINK frame).
+synth window-sinks "int:k4v2+window:12+sinks:3"
+keep "$tmp/window-sinks.kvpack" "valid__v2.3-int-k4v2-window12-sinks3.kvpack"
+# Its manifest with the LOSSLESS_TOKENS flag but no window and no sinks (payload offsets 56..63
+# zeroed), and with more sinks than a segment holds (9 > 8): invalid fields, not misreadings.
+patch_first_frame "$tmp/window-sinks.kvpack" "$tmp/lossless-no-counts.kvpack" MANI 56 set:0000000000000000
+keep "$tmp/lossless-no-counts.kvpack" "error-invalidField__v2.3-lossless-tokens-flag-without-counts.kvpack"
+patch_first_frame "$tmp/window-sinks.kvpack" "$tmp/sinks-past-segment.kvpack" MANI 60 set:09000000
+keep "$tmp/sinks-past-segment.kvpack" "error-invalidField__v2.3-sinks-past-first-segment.kvpack"
 # A duplicate key inside one note is an error of that note: with no intermediate commits both
 # --note entries go into one note (a=1, b=2); its second key (payload offset 10) becomes "a".
 synth notes-dup raw:f16 --note a=1 --note b=2 --commit-every 0

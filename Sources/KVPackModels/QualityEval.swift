@@ -166,6 +166,7 @@ public enum QualityEval {
         let g = model.config.geometry
         var run = Run(spec: spec.text)
         let segmentTokens = try spec.segmentTokens(requested: nil, fallback: options.segmentTokens)
+        let windowTokens = spec.fileOptions.windowTokens
         for (s, text) in texts.enumerated() {
             let name = spec.text.map { $0.isLetter || $0.isNumber ? $0 : "_" }
             let path = "\(options.directory)/eval-\(String(name))-story\(s)\(noise > 0 ? "-noisy" : "").kvpack"
@@ -182,7 +183,9 @@ public enum QualityEval {
             var at = 0
             let vocab = model.config.vocabSize
             while at < text.count {
-                let end = min(text.count, (at / segmentTokens + 1) * segmentTokens)
+                // With a lossless window W, segments seal at W + k * segmentTokens tokens.
+                let phase = ((at - windowTokens) % segmentTokens + segmentTokens) % segmentTokens
+                let end = min(text.count, at + segmentTokens - phase)
                 let logits = try model.forward(tokens: Array(text[at ..< end]), cache: recorder, logits: .all)
                 for i in at ..< end where i + 1 < text.count {
                     run.record(logits: logits[(i - at) * vocab ..< (i - at + 1) * vocab], target: text[i + 1])
@@ -209,7 +212,10 @@ public enum QualityEval {
             let summary = try FileSummary(reader: reader)
             run.keyBytes += summary.layers.reduce(0) { $0 + $1.keyBytes }
             run.valueBytes += summary.layers.reduce(0) { $0 + $1.valueBytes }
-            run.fileBytes += summary.fileSize
+            // Bits count what the cache holds: superseded frames (tail runs of tokens sealed
+            // since, which a window leaves behind at every commit, and older index frames) are
+            // not part of it; `kvpack convert` writes the file without them.
+            run.fileBytes += summary.fileSize - Validator.validate(file: reader.file, path: path).supersededBytes
             run.elements += reader.tokenCount * g.headDim * g.kvHeadCount * g.layerCount
         }
         return run

@@ -28,6 +28,10 @@ struct InfoCommand: ParsableCommand {
             "theta \(s.rope.theta), \(s.rope.layout) pairs, keys \(s.rope.keysArePostRoPE ? "stored after" : "stored before") RoPE"
         print("rope       \(rope)" + (s.maxPositions > 0 ? ", context \(s.maxPositions)" : ""))
         print("tokens     \(s.tokenCount): \(s.sealedTokens / s.segmentTokens) sealed segments of \(s.segmentTokens) + \(s.tailTokens) in the tail; positions \(s.positionsAreIndices ? "0..<\(s.tokenCount)" : "explicit (not the token indices)")")
+        if s.windowTokens > 0 || s.sinkTokens > 0 {
+            print("lossless   " + [s.windowTokens > 0 ? "the newest \(s.windowTokens) tokens at least (window: segments seal \(s.windowTokens) tokens late)" : nil,
+                                   s.sinkTokens > 0 ? "the first \(s.sinkTokens) (sinks)" : nil].compactMap { $0 }.joined(separator: "; "))
+        }
         if !s.firstTokenIDs.isEmpty {
             print("token ids  \(s.firstTokenIDs.map(String.init).joined(separator: " "))\(s.tokenCount > s.firstTokenIDs.count ? " ..." : "")")
         }

@@ -89,7 +89,14 @@ def parse_manifest(p):
     metadata, pos = parse_metadata(p, pos + 4, u("I", p, pos))
     if pos != len(p):
         raise FormatError("manifest end")
-    return dict(layers=layers, query_heads=qh, kv_heads=kvh, head_dim=d, segment=seg,
+    # Section 6.1: bit 0 KEYS_POST_ROPE, bit 1 LOSSLESS_TOKENS (6.3: windowTokens and
+    # sinkTokens at offsets 56 and 60).
+    if flags & ~3:
+        raise FormatError("unknown manifest flags")
+    window, sinks = (u("I", p, 56), u("I", p, 60)) if flags & 2 else (0, 0)
+    if flags & 2 and (window > 65536 or sinks > seg or window + sinks == 0):
+        raise FormatError("windowTokens / sinkTokens")
+    return dict(layers=layers, query_heads=qh, kv_heads=kvh, head_dim=d, segment=seg, window=window, sinks=sinks,
                 keys_post_rope=bool(flags & 1), theta=theta, rope_layout=rope_layout,
                 layer_schemes=layer_schemes, schemes=schemes, producer=producer, metadata=metadata)
 
@@ -317,9 +324,12 @@ def load_commit(data, salt, m, cmit, streams, d, C, manifest_end, major):
         limit, off = off, prev
     ids, positions, blocks, blobs = [0] * n, [0] * n, {}, {}
     selection = None
+    sink_frame = None
     notes, note_errors = [], []
-    # Version 1 frames tile the tokens [0, n); version 2 frames tile the segments [0, n // C).
-    end = n if major == 1 else n // C
+    # Sealed segments (13.1; with a lossless window W, 6.3, they seal W tokens late).
+    sealed = max(n - m["window"], 0) // C
+    # Version 1 frames tile the tokens [0, n); version 2 frames tile the sealed segments.
+    end = n if major == 1 else sealed
     for fr in chain:
         b, l, t, e = struct.unpack_from("<4I", fr.payload, 0)
         if 16 + 16 * (b + l + e) + 8 * t != fr.stored or (major == 2 and t != 0):
@@ -375,17 +385,36 @@ def load_commit(data, salt, m, cmit, streams, d, C, manifest_end, major):
                     notes.append((fo, parse_note(Frame(data, fo, cmit.off, salt))))
                 except FormatError as e:
                     note_errors.append(f"note at {fo}: {e}")
+            elif tag == b"SINK":  # section 6.3: the sink rows, laid out as a tail run
+                if sink_frame is not None or fo >= fr.off:
+                    raise FormatError("SINK reference")
+                sink_frame = Frame(data, fo, cmit.off, salt)
             elif not (tag[0] & 0x20):
                 raise FormatError(f"unknown critical frame {tag!r}")
-    if end != 0 or len(blocks) != (n // C) * streams:
+    if end != 0 or len(blocks) != sealed * streams:
         raise FormatError("index incomplete")
+    K = m["sinks"]
+    if (sink_frame is not None) != (K > 0 and sealed > 0):
+        raise FormatError("SINK listed or missing")
+    if sink_frame is not None and (sink_frame.tag != "SINK" or sink_frame.f("I", 32) != 0 or sink_frame.f("I", 36) != K
+                                   or sink_frame.f("I", 48) != streams):
+        raise FormatError("SINK frame")
+
+    def run_rows(fr, s):
+        """Rows of stream s in a tail run (or SINK frame): sections in stream order, each padded to 64."""
+        count = fr.f("I", 36)
+        pos = 0 if major == 1 else round_up(8 * count)
+        for s2 in range(s):
+            pos += round_up(count * d * WIDTH[stream_scheme(s2)["residual"]])
+        size = count * d * WIDTH[stream_scheme(s)["residual"]]
+        return widen(fr.payload[pos:pos + size], stream_scheme(s)["residual"])
 
     def stream_scheme(s):
         layer, kind = s // (2 * m["kv_heads"]), s % 2
         return m["schemes"][m["layer_schemes"][layer][kind]]
 
     # Section 9: tail runs from the newest index frame's tailOffset back to S.
-    S = n // C * C
+    S = sealed * C
     runs = []
     toff, tend, tlimit = chain[0].f("Q", 40), n, chain[0].off
     while tend > S:
@@ -406,7 +435,7 @@ def load_commit(data, salt, m, cmit, streams, d, C, manifest_end, major):
         if sch["kind"] not in (1, 2, 3, 4, 5):
             raise FormatError(f"scheme kind {sch['kind']} not implemented here")
         rows = []
-        for seg in range(n // C):
+        for seg in range(sealed):
             fr = Frame(data, blocks[(seg, s)], cmit.off, salt)
             if fr.tag != "BLCK" or fr.f("I", 32) != s or fr.f("I", 36) != seg:
                 raise FormatError("block")
@@ -431,14 +460,12 @@ def load_commit(data, salt, m, cmit, streams, d, C, manifest_end, major):
                 basis = blobs[sch["blobs"][0]]
                 head = (s // 2) % m["kv_heads"]
                 rows.append(decode_svdq(payload, sch["params"], C, d, basis[0 if basis.shape[0] == 1 else head]))
-        for fr in runs:  # sections in stream order, each padded to 64
-            count = fr.f("I", 36)
-            pos = 0 if major == 1 else round_up(8 * count)
-            for s2 in range(s):
-                pos += round_up(count * d * WIDTH[stream_scheme(s2)["residual"]])
-            size = count * d * WIDTH[sch["residual"]]
-            rows.append(widen(fr.payload[pos:pos + size], sch["residual"]))
+        for fr in runs:
+            rows.append(run_rows(fr, s))
         out[s] = np.concatenate(rows) if rows else np.zeros(0, np.float32)
+        if sink_frame is not None:  # section 6.3: tokens [0, K) from the SINK frame, not the blocks
+            out[s] = out[s].copy()
+            out[s][:K * d] = run_rows(sink_frame, s)
     # Section 10.4: the manifest's metadata, then the notes in file order; a later value wins.
     metadata = dict(m["metadata"])
     for _, entries in sorted(notes):

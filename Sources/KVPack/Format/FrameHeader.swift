@@ -30,8 +30,10 @@ public struct FrameTag: RawRepresentable, Hashable, Sendable, CustomStringConver
     public static let commit = FrameTag("CMIT")
     /// A sealed segment's table of block offsets and tokens (version 2).
     public static let segmentTable = FrameTag("SEGT")
+    /// The lossless rows of a file's first `sinkTokens` tokens (format 2.3), laid out as a tail run.
+    public static let sink = FrameTag("SINK")
 
-    public static let known: [FrameTag] = [.manifest, .blob, .block, .delta, .index, .commit, .segmentTable, TokenSelection.tag]
+    public static let known: [FrameTag] = [.manifest, .blob, .block, .delta, .index, .commit, .segmentTable, .sink, TokenSelection.tag]
 }
 
 /// The 64-byte header in front of every frame (Spec/: "Frames").

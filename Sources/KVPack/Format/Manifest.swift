@@ -75,6 +75,20 @@ public struct Manifest: Sendable, Equatable {
     public var layerSchemes: [LayerSchemes]
     public var producer: String
     public var userMetadata: [MetadataEntry]
+    /// The newest tokens kept lossless (Spec 6.1, since 2.3): a segment seals only once
+    /// `windowTokens` newer tokens follow it, so at least that many stay in tail runs.
+    public var windowTokens: Int = 0
+    /// The first tokens kept lossless (since 2.3), at most `segmentTokens`: once segment 0
+    /// seals, a `SINK` frame holds their rows and readers take rows `[0, sinkTokens)` from it
+    /// instead of from segment 0's blocks (attention sinks: the first tokens draw much of every
+    /// query's attention, so their keys' error costs the most).
+    public var sinkTokens: Int = 0
+
+    /// Whether the file keeps a lossless window or sinks (manifest flag bit 1
+    /// `LOSSLESS_TOKENS`, format 2.3).
+    public var keepsLosslessTokens: Bool { windowTokens > 0 || sinkTokens > 0 }
+    /// Bound on `windowTokens`.
+    public static let maxWindowTokens = 65536
 
     public struct MetadataEntry: Hashable, Sendable, Codable {
         public var key: String
@@ -115,7 +129,14 @@ public struct Manifest: Sendable, Equatable {
     /// The lowest 2.x minor that defines every scheme parameter the manifest uses: 2 when an int
     /// descriptor sets its signed-scales flag (Spec/ 7.2, scheme 2, parameter byte 4, bit 0).
     public var requiredMinorVersion2: UInt16 {
-        schemes.contains { $0.kind == .int && $0.parameters.count == 8 && $0.parameters[4] & 1 != 0 } ? 2 : 0
+        if keepsLosslessTokens { return 3 }
+        return schemes.contains { $0.kind == .int && $0.parameters.count == 8 && $0.parameters[4] & 1 != 0 } ? 2 : 0
+    }
+
+    /// Tokens of `tokenCount` committed ones that sit in sealed segments: every full segment with
+    /// at least `windowTokens` tokens after it.
+    public func sealedTokens(of tokenCount: Int) -> Int {
+        tokenCount > windowTokens ? (tokenCount - windowTokens) / segmentTokens * segmentTokens : 0
     }
 
     public func schemeIndex(layer: Int, kind: KVKind) -> Int {
@@ -129,6 +150,7 @@ public struct Manifest: Sendable, Equatable {
 
     static let fixedSize = 64
     static let keysPostRoPEFlag: UInt32 = 1
+    static let losslessTokensFlag: UInt32 = 2
 
     public func encoded() -> [UInt8] {
         var w = ByteWriter(capacity: 256)
@@ -137,14 +159,15 @@ public struct Manifest: Sendable, Equatable {
         w.write(UInt32(geometry.kvHeadCount))
         w.write(UInt32(geometry.headDim))
         w.write(UInt32(segmentTokens))
-        w.write(rope.keysArePostRoPE ? Self.keysPostRoPEFlag : 0)
+        w.write((rope.keysArePostRoPE ? Self.keysPostRoPEFlag : 0) | (keepsLosslessTokens ? Self.losslessTokensFlag : 0))
         w.write(rope.theta)
         w.write(rope.layout.rawValue)
         w.write(UInt8(0))
         w.write(UInt16(schemes.count))
         w.write(maxPositions)
         w.write(bytes: modelFingerprint)
-        w.write(zeros: 8)
+        w.write(UInt32(windowTokens))
+        w.write(UInt32(sinkTokens))
         for l in layerSchemes {
             w.write(UInt16(l.key))
             w.write(UInt16(l.value))
@@ -244,8 +267,9 @@ public struct Manifest: Sendable, Equatable {
                             "a GQA group of \(group) query heads x max(segmentTokens \(segment), headDim \(headDim)) exceeds \(Limits.maxBlockElements)")
         }
         let flags = try c.read(UInt32.self, "flags")
-        guard flags & ~keysPostRoPEFlag == 0 else {
-            throw c.invalid("flags", at: base + 20, "unknown bits \(hex64(UInt64(flags & ~keysPostRoPEFlag)))")
+        let known = keysPostRoPEFlag | losslessTokensFlag
+        guard flags & ~known == 0 else {
+            throw c.invalid("flags", at: base + 20, "unknown bits \(hex64(UInt64(flags & ~known)))")
         }
         let theta = try c.readFloat64("ropeTheta")
         guard theta.isFinite, theta >= 0 else { throw c.invalid("ropeTheta", at: base + 24, "is \(theta), must be finite and >= 0") }
@@ -263,7 +287,22 @@ public struct Manifest: Sendable, Equatable {
         }
         let maxPositions = try c.read(UInt32.self, "maxPositions")
         let fingerprint = Array(try c.readBytes(16, "modelFingerprint"))
-        _ = try c.readBytes(8, "reserved")
+        // Reserved (ignored) unless the LOSSLESS_TOKENS flag says they hold the window and sinks.
+        let window = try c.read(UInt32.self, "windowTokens"), sinks = try c.read(UInt32.self, "sinkTokens")
+        var windowTokens = 0, sinkTokens = 0
+        if flags & losslessTokensFlag != 0 {
+            guard window <= maxWindowTokens else {
+                throw c.invalid("windowTokens", at: base + 56, "is \(window), must be in 0...\(maxWindowTokens)")
+            }
+            guard sinks <= segment else {
+                throw c.invalid("sinkTokens", at: base + 60, "is \(sinks), must be in 0...segmentTokens (\(segment))")
+            }
+            guard window + sinks > 0 else {
+                throw c.invalid("flags", at: base + 20, "LOSSLESS_TOKENS is set but windowTokens and sinkTokens are both 0")
+            }
+            windowTokens = Int(window)
+            sinkTokens = Int(sinks)
+        }
 
         // layers x 2 x u16 is at most 16 KiB: the bound on layerCount makes this allocation safe.
         var layerSchemes: [LayerSchemes] = []
@@ -301,11 +340,14 @@ public struct Manifest: Sendable, Equatable {
         guard c.remaining == 0 else {
             throw c.invalid("end", "\(c.remaining) bytes follow the last field; the manifest must end exactly there")
         }
-        return Manifest(
+        var m = Manifest(
             geometry: ModelGeometry(layerCount: layers, queryHeadCount: qHeads, kvHeadCount: kvHeads, headDim: headDim),
             segmentTokens: segment,
             rope: RoPEConfig(theta: theta, layout: layout, keysArePostRoPE: flags & keysPostRoPEFlag != 0),
             maxPositions: maxPositions, modelFingerprint: fingerprint, schemes: schemes,
             layerSchemes: layerSchemes, producer: producer, userMetadata: metadata)
+        m.windowTokens = windowTokens
+        m.sinkTokens = sinkTokens
+        return m
     }
 }

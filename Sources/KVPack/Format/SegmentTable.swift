@@ -49,7 +49,7 @@ struct SegmentTable {
         return f.words
     }
 
-    static func encodePayload(blockOffsets: [UInt64], tokenIDs: [UInt32], positions: [UInt32]) -> [UInt8] {
+    static func encodePayload(blockOffsets: [UInt64], tokenIDs: ArraySlice<UInt32>, positions: ArraySlice<UInt32>) -> [UInt8] {
         var w = ByteWriter(capacity: 8 * blockOffsets.count + 4 * tokenIDs.count + 4 * positions.count)
         for offset in blockOffsets { w.write(offset) }
         for id in tokenIDs { w.write(id) }

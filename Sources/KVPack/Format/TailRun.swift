@@ -80,33 +80,35 @@ struct TailRun: Sendable {
     /// Reads and checks the run at `h` (header verified, ending before `limit`) that must end at
     /// token `end` and start at or after `sealed`: counts, stream count, and the payload size the
     /// manifest implies, then the payload checksum.
+    /// A `SINK` frame (the file's sink rows, Spec 6.3) has the same layout: `tag` says which is expected.
     static func decode(_ h: FrameHeader, in file: UnsafeRawBufferPointer, manifest: Manifest, major: UInt16,
-                       end: Int, sealed: Int, committed: Int) throws -> TailRun {
+                       end: Int, sealed: Int, committed: Int, tag: FrameTag = .delta) throws -> TailRun {
         let offset = h.offset
         let streamCount = manifest.geometry.streamCount
-        guard h.tag == .delta else { throw KVPackError.invalid(offset, "DLTA.tag", "expected a DLTA frame, found \(h.tag)") }
-        guard !h.isCompressed else { throw KVPackError.invalid(offset + 4, "DLTA.flags", "tail rows are never compressed in version 1") }
+        let name = tag.description
+        guard h.tag == tag else { throw KVPackError.invalid(offset, "\(name).tag", "expected a \(name) frame, found \(h.tag)") }
+        guard !h.isCompressed else { throw KVPackError.invalid(offset + 4, "\(name).flags", "tail rows are never compressed") }
         let start = Int(h.field32(32))
         let count = Int(h.field32(36))
         let streams = Int(h.field32(48))
         guard count >= 1, start + count == end, start >= sealed else {
-            throw KVPackError.invalid(offset + 32, "DLTA.tokenStart",
+            throw KVPackError.invalid(offset + 32, "\(name).tokenStart",
                                       "covers \(start)..<\(start + count); the tail needs a run ending at \(end) within \(sealed)..<\(committed)")
         }
         guard streams == streamCount else {
-            throw KVPackError.invalid(offset + 48, "DLTA.streamCount", "is \(streams), the manifest has \(streamCount) streams")
+            throw KVPackError.invalid(offset + 48, "\(name).streamCount", "is \(streams), the manifest has \(streamCount) streams")
         }
         // Every section pads to at least 64 bytes: check the claim before allocating per stream.
         guard h.storedLength / UInt64(FileHeader.frameAlignment) >= UInt64(streamCount) else {
-            throw KVPackError.invalid(offset + 8, "DLTA.storedLength",
+            throw KVPackError.invalid(offset + 8, "\(name).storedLength",
                                       "\(h.storedLength) bytes cannot hold sections for \(streamCount) streams")
         }
         let layout = Layout(manifest: manifest, major: major, tokenCount: count)
         guard UInt64(layout.payloadSize) == h.storedLength else {
-            throw KVPackError.invalid(offset + 8, "DLTA.storedLength",
+            throw KVPackError.invalid(offset + 8, "\(name).storedLength",
                                       "is \(h.storedLength); \(count) rows of \(streamCount) streams need \(layout.payloadSize)")
         }
-        try h.verifyPayload(in: file, field: "DLTA")
+        try h.verifyPayload(in: file, field: name)
         let base = Int(h.payloadOffset)
         return TailRun(frameOffset: offset, tokenStart: start, tokenCount: count, prevDeltaOffset: h.field64(40),
                        streamOffsets: layout.streamOffsets.map { base + $0 }, tokenSection: major == 1 ? nil : base)

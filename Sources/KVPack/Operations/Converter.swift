@@ -111,7 +111,8 @@ public enum Converter {
             }
         }
         var file = NewFile(geometry: g, rope: rope,
-                           schemes: SchemeSpec(text: spec.text, layers: layerSetups, segmentTokens: spec.segmentTokens, rationale: spec.rationale),
+                           schemes: SchemeSpec(text: spec.text, layers: layerSetups, segmentTokens: spec.segmentTokens, rationale: spec.rationale,
+                                              fileOptions: spec.fileOptions),
                            producer: selection == nil ? "\(options.tool) convert" : options.tool)
         // Without a request, the source's segment size (unless the spec's window sets one).
         file.segmentTokens = options.segmentTokens

@@ -59,7 +59,7 @@ public final class KVCacheSession {
     public static func create(path: String, file: NewFile, options: WriterOptions = WriterOptions(),
                               arithmetic: AttentionArithmetic = .fast) throws -> KVCacheSession {
         let (manifest, blobs) = try file.manifest()
-        return try create(path: path, manifest: manifest, blobs: blobs, options: options, arithmetic: arithmetic)
+        return try create(path: path, manifest: manifest, blobs: blobs, options: file.writerOptions(options), arithmetic: arithmetic)
     }
 
     /// Starts a new file from a manifest you built.

@@ -25,6 +25,9 @@ public struct FileSummary: Sendable, Codable {
     public var geometry: ModelGeometry
     public var rope: RoPEConfig
     public var segmentTokens: Int
+    /// Lossless window and sinks (Spec 6.3; 0 when the file keeps none).
+    public var windowTokens: Int
+    public var sinkTokens: Int
     public var maxPositions: UInt32
     public var modelFingerprint: String
     public var producer: String
@@ -61,6 +64,8 @@ public struct FileSummary: Sendable, Codable {
         geometry = g
         rope = m.rope
         segmentTokens = m.segmentTokens
+        windowTokens = m.windowTokens
+        sinkTokens = m.sinkTokens
         maxPositions = m.maxPositions
         modelFingerprint = Manifest.fingerprintText(m.modelFingerprint)
         producer = m.producer

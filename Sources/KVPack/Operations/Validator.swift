@@ -171,6 +171,7 @@ public enum Validator {
         }
         for link in s.chain { expect(link.offset, .index, "index frame") }
         for p in s.tail { expect(p.frameOffset, .delta, "tail run") }
+        if let sink = s.sink { expect(sink.frameOffset, .sink, "sink run") }
         for (id, offset) in s.blobFrames { expect(offset, .blob, "blob \(id)") }
         for offset in s.blockOffsets { expect(offset, .block, "block") }
         for (segment, table) in s.segmentTables.enumerated() {
@@ -194,7 +195,7 @@ public enum Validator {
         let workspace = AttentionWorkspace()
         let c = reader.segmentTokens
         let rows = workspace.decodeBuffer(c * g.headDim)
-        for segment in 0 ..< reader.tokenCount / c {
+        for segment in 0 ..< reader.sealedTokenCount / c {
             for stream in 0 ..< g.streamCount {
                 do {
                     let payload = try reader.blockPayload(segment: segment, stream: stream, workspace: workspace)
@@ -212,8 +213,8 @@ public enum Validator {
             reader.releasePages(segment: segment)
         }
         guard deep else { return }
-        for piece in reader.state.tail.indices {
-            let p = reader.state.tail[piece]
+        for piece in reader.state.runs.indices {
+            let p = reader.state.runs[piece]
             for stream in 0 ..< g.streamCount {
                 let kernel = reader.tailKernels[reader.manifest.scheme(forStream: stream)]
                 kernel.decode(block: reader.tailRows(piece: piece, stream: stream), tokens: 0 ..< p.tokenCount, into: rows)

@@ -62,7 +62,7 @@ extension KVPackReader {
                     case let .block(segment, local):
                         try body(.block(segment: segment, local: local, at: segment * c + local.lowerBound - chunkStart))
                     case let .tail(piece, local):
-                        try body(.tail(piece: piece, local: local, at: state.tail[piece].tokenStart + local.lowerBound - chunkStart))
+                        try body(.tail(piece: piece, local: local, at: state.runs[piece].tokenStart + local.lowerBound - chunkStart))
                     }
                 }
                 if chunkEnd > range.upperBound, let rows {

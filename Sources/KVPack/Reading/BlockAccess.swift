@@ -50,7 +50,7 @@ extension KVPackReader {
                     positions.append(table.position(i))
                 }
             case let .tail(piece, local):
-                let p = state.tail[piece]
+                let p = state.runs[piece]
                 // Version 2 runs always have a token section (the loader set it).
                 let at = p.tokenSection ?? 0, bytes = file.bytes
                 for i in local {
@@ -130,21 +130,31 @@ extension KVPackReader {
     func forEachChunk(_ tokens: Range<Int>, _ body: (Chunk) throws -> Void) rethrows {
         let c = segmentTokens
         let sealedEnd = min(tokens.upperBound, sealedTokenCount)
+        // Sealed sink tokens come from the SINK run (runs[0]), not from segment 0's blocks.
+        let sinkEnd = state.sink?.tokenCount ?? 0
         var t = tokens.lowerBound
         while t < sealedEnd {
+            if t < sinkEnd {
+                let end = min(sealedEnd, sinkEnd)
+                try body(.tail(piece: 0, local: t ..< end))
+                t = end
+                continue
+            }
             let segment = t / c
             let end = min(sealedEnd, (segment + 1) * c)
             try body(.block(segment: segment, local: (t - segment * c) ..< (end - segment * c)))
             t = end
         }
+        let first = state.sink == nil ? 0 : 1
         for (i, piece) in state.tail.enumerated() {
             let lo = max(t, piece.tokenStart), hi = min(tokens.upperBound, piece.tokenStart + piece.tokenCount)
-            if lo < hi { try body(.tail(piece: i, local: (lo - piece.tokenStart) ..< (hi - piece.tokenStart))) }
+            if lo < hi { try body(.tail(piece: first + i, local: (lo - piece.tokenStart) ..< (hi - piece.tokenStart))) }
         }
     }
 
+    /// Rows of `stream` in run `piece` of `state.runs` (a chunk's piece).
     func tailRows(piece: Int, stream: Int) -> UnsafeRawBufferPointer {
-        let p = state.tail[piece]
+        let p = state.runs[piece]
         let start = p.streamOffsets[stream]
         let width = manifest.schemes[manifest.scheme(forStream: stream)].residualType.byteWidth
         return UnsafeRawBufferPointer(rebasing: file.bytes[start ..< start + p.tokenCount * geometry.headDim * width])

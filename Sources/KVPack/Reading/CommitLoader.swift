@@ -40,6 +40,10 @@ struct CommitState: Sendable {
     var positions: [UInt32]
     /// Ordered by tokenStart; tiles [sealedTokens, tokenCount).
     var tail: [TailRun]
+    /// The `SINK` frame: rows of tokens [0, sinkTokens), once segment 0 is sealed (Spec 6.3).
+    var sink: TailRun?
+    /// The runs chunks name (`Chunk.tail(piece:)`): the sink run, if any, then the tail.
+    var runs: [TailRun]
     /// Newest first, ending with the FULL frame.
     var chain: [IndexChainLink]
     /// The `tsel` frame the chain lists, if any (parsed on demand: it is ancillary).
@@ -134,7 +138,7 @@ struct CommitLoader {
         let frame = try CommitFrame.decode(commit, manifestEnd: manifestEnd)
         let tokenCount = frame.tokenCount
         let frames = try indexChain(newest: frame.indexOffset, commit: at)
-        let segments = tokenCount / manifest.segmentTokens
+        let segments = manifest.sealedTokens(of: tokenCount) / manifest.segmentTokens
         try checkTiling(frames, tokenCount: tokenCount, segments: segments)
 
         var tokenIDs: [UInt32] = [], positions: [UInt32] = []
@@ -145,11 +149,13 @@ struct CommitLoader {
         } else {
             segmentTables = try loadSegmentEntries(frames, segments: segments, commit: at)
         }
-        let (blobs, blobFrames, selectionOffset, metadataNotes) = try loadBlobsAndExtensions(frames)
+        let (blobs, blobFrames, selectionOffset, metadataNotes, sinkEntry) = try loadBlobsAndExtensions(frames)
         let tail = try loadTail(newest: frames[0], tokenCount: tokenCount, sealed: segments * manifest.segmentTokens)
+        let sink = try loadSink(sinkEntry, segments: segments, tokenCount: tokenCount, commit: at)
         return CommitState(major: major, commitOffset: at, commitSerial: frame.serial, tokenCount: tokenCount, blockOffsets: blockOffsets,
                            segmentTables: segmentTables, blobs: blobs, blobFrames: blobFrames, tokenIDs: tokenIDs, positions: positions,
-                           tail: tail, chain: frames.map(IndexChainLink.init(frame:)), selectionOffset: selectionOffset, metadataNotes: metadataNotes, notes: [])
+                           tail: tail, sink: sink, runs: (sink.map { [$0] } ?? []) + tail,
+                           chain: frames.map(IndexChainLink.init(frame:)), selectionOffset: selectionOffset, metadataNotes: metadataNotes, notes: [])
     }
 
     /// The index chain from the commit's index back to a FULL frame, newest first. Offsets
@@ -239,10 +245,11 @@ struct CommitLoader {
     /// the token selection and metadata notes it references; an unknown critical extension is
     /// an error.
     func loadBlobsAndExtensions(_ frames: [IndexFrame]) throws -> (blobs: [UInt32: Blob], frames: [UInt32: UInt64], selection: UInt64?,
-                                                                    notes: [UInt64]) {
+                                                                    notes: [UInt64], sink: (offset: UInt64, entryAt: UInt64)?) {
         var blobs: [UInt32: Blob] = [:]
         var blobFrames: [UInt32: UInt64] = [:]
         var selectionOffset: UInt64?
+        var sink: (offset: UInt64, entryAt: UInt64)?
         var notes: Set<UInt64> = []
         for f in frames {
             for i in 0 ..< f.blobCount {
@@ -274,6 +281,12 @@ struct CommitLoader {
                     guard notes.insert(e.frameOffset).inserted else {
                         throw KVPackError.invalid(entryAt, "INDX.extension", "the note frame at \(e.frameOffset) is listed twice")
                     }
+                } else if e.tag == .sink {
+                    try checkReference(e.frameOffset, before: f.header.offset, at: entryAt, field: "INDX.extension.frameOffset")
+                    guard sink == nil else {
+                        throw KVPackError.invalid(entryAt, "INDX.extension", "a second SINK frame is listed; a file holds at most one")
+                    }
+                    sink = (e.frameOffset, entryAt)
                 } else if e.tag.isCritical {
                     throw KVPackError(.unknownCriticalFrame, offset: entryAt, field: "INDX.extension.tag",
                                       "the index references a \(e.tag) frame, a critical kind this reader does not know")
@@ -286,7 +299,28 @@ struct CommitLoader {
                 throw KVPackError.invalid(nil, "manifest.schemes[\(i)].blobIDs", "names blob \(id), which the index does not list")
             }
         }
-        return (blobs, blobFrames, selectionOffset, notes.sorted())
+        return (blobs, blobFrames, selectionOffset, notes.sorted(), sink)
+    }
+
+    /// The `SINK` frame (Spec 6.3): listed exactly when the manifest keeps sinks and segment 0
+    /// is sealed; a run of tokens [0, sinkTokens).
+    func loadSink(_ entry: (offset: UInt64, entryAt: UInt64)?, segments: Int, tokenCount: Int, commit: UInt64) throws -> TailRun? {
+        let expected = manifest.sinkTokens > 0 && segments > 0
+        guard let entry else {
+            if expected {
+                throw KVPackError.invalid(nil, "INDX.extension",
+                                          "the manifest keeps \(manifest.sinkTokens) sink tokens and segment 0 is sealed, but no SINK frame is listed")
+            }
+            return nil
+        }
+        guard expected else {
+            throw KVPackError.invalid(entry.entryAt, "INDX.extension",
+                                      "a SINK frame is listed, but the manifest keeps \(manifest.sinkTokens) sink tokens and \(segments) segments are sealed")
+        }
+        try source.ensureFrame(at: entry.offset, limit: commit, salt: salt)
+        let h = try FrameHeader.decode(file, at: entry.offset, limit: commit, salt: salt, field: "SINK")
+        return try TailRun.decode(h, in: file, manifest: manifest, major: major, end: manifest.sinkTokens, sealed: 0,
+                                  committed: tokenCount, tag: .sink)
     }
 
     /// Version 1: the block entries of the whole chain name every (segment, stream) once.

@@ -95,7 +95,7 @@ extension KVPackReader {
     }
 
     public func releasePages(segment: Int) {
-        guard segment >= 0, segment < tokenCount / segmentTokens,
+        guard segment >= 0, segment < sealedTokenCount / segmentTokens,
               let offsets = try? (0 ..< geometry.streamCount).map({ try blockOffset(segment: segment, stream: $0) }) else { return }
         // A version 2 segment's table follows its blocks.
         let table = state.major == 1 ? [] : [state.segmentTables[segment]]

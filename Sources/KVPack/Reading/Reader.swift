@@ -28,7 +28,7 @@ public final class KVPackReader: @unchecked Sendable {
     public var geometry: ModelGeometry { manifest.geometry }
     public var tokenCount: Int { state.tokenCount }
     public var segmentTokens: Int { manifest.segmentTokens }
-    public var sealedTokenCount: Int { tokenCount / segmentTokens * segmentTokens }
+    public var sealedTokenCount: Int { manifest.sealedTokens(of: tokenCount) }
     /// Every token id, in order. A version 2 file keeps them in its segment tables, which this
     /// reads (and verifies) on first use: O(tokens), unlike opening.
     public var tokenIDs: [UInt32] { get throws { try tokens(0 ..< tokenCount).ids } }
@@ -69,7 +69,7 @@ public final class KVPackReader: @unchecked Sendable {
         let g = manifest.geometry, manifest = opened.manifest, schemes = opened.schemes
         streamSchemes = (0 ..< g.streamCount).map { schemes[manifest.scheme(forStream: $0)].forKVHead(g.streamID($0).kvHead) }
         // Bounded by the file size: the commit loader checked that the bytes can hold the blocks.
-        verified = VerificationFlags(count: state.tokenCount / manifest.segmentTokens * g.streamCount)
+        verified = VerificationFlags(count: manifest.sealedTokens(of: state.tokenCount) / manifest.segmentTokens * g.streamCount)
         tablesVerified = VerificationFlags(count: state.segmentTables.count)
         prefetched = VerificationFlags(count: g.streamCount)
     }

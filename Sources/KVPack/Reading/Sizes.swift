@@ -7,7 +7,7 @@ extension KVPackReader {
     /// 64-byte header, a segment at a time, releasing the pages, so a summary of a large file does
     /// not leave it resident.
     public func streamBytes() throws -> [Int] {
-        let streams = geometry.streamCount, segments = tokenCount / segmentTokens
+        let streams = geometry.streamCount, segments = sealedTokenCount / segmentTokens
         var total = [Int](repeating: 0, count: streams)
         let compressed = (0 ..< streams).filter { streamSchemes[$0].compressesBlocks }
         for stream in 0 ..< streams where !streamSchemes[stream].compressesBlocks {
@@ -25,7 +25,7 @@ extension KVPackReader {
                 releasePages(segment: segment)
             }
         }
-        for piece in state.tail.indices {
+        for piece in state.runs.indices {
             for stream in 0 ..< streams { total[stream] += tailRows(piece: piece, stream: stream).count }
         }
         return total

@@ -27,7 +27,7 @@ extension KVPackReader {
                 found = MappedRows(base: payload.baseAddress!, tokens: segment * segmentTokens ..< (segment + 1) * segmentTokens,
                                    elementType: raw.elementType, rowBytes: d * width)
             case let .tail(piece, _):
-                let p = state.tail[piece]
+                let p = state.runs[piece]
                 let type = manifest.schemes[manifest.scheme(forStream: stream)].residualType
                 let rows = tailRows(piece: piece, stream: stream)
                 found = MappedRows(base: rows.baseAddress!, tokens: p.tokenStart ..< p.tokenStart + p.tokenCount,

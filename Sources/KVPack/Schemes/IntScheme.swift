@@ -52,6 +52,8 @@ public struct IntScheme: KVScheme {
     public let fastAccumulate: Bool
     /// With `fastAccumulate`, the channel of each accumulator slot (`finishAccumulation`).
     let slotChannels: [Int32]
+    /// How `encode` chooses each group's scale and offset.
+    let rangeFit: RangeFit
 
     /// Flag bit 0 of parameter byte 4: scales may be negative (mlx-lm's `mx.quantize` gives about
     /// half its groups a negative scale, the group's maximum as offset; codes copied from an mlx
@@ -249,6 +251,7 @@ public struct IntScheme: KVScheme {
         fastAccumulate = fast && grouping == .token && !signedScales
             && IntegerCodeKernels.tokenAccumulateSupported(bits: bits, dim: d, groupSize: size)
         slotChannels = fastAccumulate ? IntegerCodeKernels.tokenLayout(bits: bits, dim: d) : []
+        rangeFit = context.rangeFit
     }
 
     /// `int:kBvB:gN` (per-token groups of N) or `int:kBvB:kcT:vcT` (per-channel over T tokens):
@@ -286,6 +289,8 @@ public struct IntScheme: KVScheme {
         // Members of group g: per token, a run of head_dim; per channel, a column over a token
         // run. Walked as (first element, step) so encoding allocates nothing.
         let per = d / groupSize
+        // One group's members, made representable, so the range search reads them contiguously.
+        var members = [Float](repeating: 0, count: groupSize)
         for g in 0 ..< groupCount {
             let first: Int, step: Int
             if grouping == .token {
@@ -295,16 +300,11 @@ public struct IntScheme: KVScheme {
                 first = (g / d) * groupSize * d + g % d
                 step = d
             }
-            var lo = Float.infinity, hi = -Float.infinity
-            for i in 0 ..< groupSize {
-                let x = Self.representable(rows[first + i * step])
-                lo = min(lo, x)
-                hi = max(hi, x)
+            let (scale16, offset16) = members.withUnsafeMutableBufferPointer { x in
+                for i in 0 ..< groupSize { x[i] = Self.representable(rows[first + i * step]) }
+                return fitRange(x.baseAddress!, count: groupSize)
             }
-            let offset16 = Self.f16(lo, roundingUp: false)
-            let offset = Float(offset16)
-            let scale16 = Self.f16((hi - offset) / levels, roundingUp: true)
-            let scale = Float(scale16)
+            let offset = Float(offset16), scale = Float(scale16)
             out.storeBytes(of: scale16.bitPattern, toByteOffset: scalesOffset + 2 * g, as: UInt16.self)
             out.storeBytes(of: offset16.bitPattern, toByteOffset: offsetsOffset + 2 * g, as: UInt16.self)
             guard scale > 0, !tiled else { continue }  // scale 0: every member equals the offset, codes stay 0
@@ -325,6 +325,76 @@ public struct IntScheme: KVScheme {
             }
         }
         if tiled { encodeCodes(rows, out) }
+    }
+
+    /// A group's f16 scale and offset. `minMax`: the offset is the minimum rounded down, the
+    /// scale covers the maximum (rounded up), so every member decodes within half a step.
+    /// `minimumError` (`fit:mse`): that range and 21 clipped ones are tried, as llama.cpp's k-quants search
+    /// theirs (`make_qkx2_quants`): codes assigned with a step of (max - min) / (levels - 1 ...
+    /// levels + 1), then scale and offset refitted to those codes by least squares and rounded to
+    /// f16; the candidate whose codes (assigned as `encodeCodes` assigns them) give the smallest
+    /// squared error wins. Members beyond the chosen range clip to the end codes.
+    func fitRange(_ x: UnsafePointer<Float>, count n: Int) -> (scale: Float16, offset: Float16) {
+        var lo = Float.infinity, hi = -Float.infinity
+        for i in 0 ..< n {
+            lo = min(lo, x[i])
+            hi = max(hi, x[i])
+        }
+        let offset16 = Self.f16(lo, roundingUp: false)
+        let scale16 = Self.f16((hi - Float(offset16)) / levels, roundingUp: true)
+        guard rangeFit == .minimumError, hi > lo, scale16 > 0 else { return (scale16, offset16) }
+        var best = (scale: scale16, offset: offset16, error: squaredError(x, count: n, scale: Float(scale16), offset: Float(offset16)))
+        func consider(_ s: Double, _ o: Double) {
+            let s16 = Float16(Float(s)), o16 = Float16(Float(o))
+            guard s16 > 0, s16.isFinite, o16.isFinite else { return }
+            let e = squaredError(x, count: n, scale: Float(s16), offset: Float(o16))
+            if e < best.error { best = (s16, o16, e) }
+        }
+        let range = Double(hi - lo)
+        for k in 0 ... 20 {
+            let inverse = (Double(levels) - 1 + 0.1 * Double(k)) / range
+            guard inverse > 0, let (s, o) = leastSquares(x, count: n, codes: { v in
+                min(max((inverse * Double(v - lo)).rounded(.toNearestOrEven), 0), Double(self.levels))
+            }) else { continue }
+            consider(s, o)
+        }
+        // One more refit to the winner's own codes (each refit can only lower the error before
+        // f16 rounding).
+        let (s0, o0) = (Float(best.scale), Float(best.offset))
+        if let (s, o) = leastSquares(x, count: n, codes: { v in Double(self.code(v, scale: s0, offset: o0)) }) { consider(s, o) }
+        return (best.scale, best.offset)
+    }
+
+    /// The code `encodeCodes` gives `x` (already representable) for a positive scale.
+    @inline(__always)
+    func code(_ x: Float, scale: Float, offset: Float) -> Float {
+        min(max(((x - offset) / scale).rounded(.toNearestOrEven), 0), levels)
+    }
+
+    func squaredError(_ x: UnsafePointer<Float>, count n: Int, scale: Float, offset: Float) -> Double {
+        var e: Double = 0
+        for i in 0 ..< n {
+            let r = Double(scale * code(x[i], scale: scale, offset: offset) + offset - x[i])
+            e += r * r
+        }
+        return e
+    }
+
+    /// The scale and offset that minimise sum (scale * code_i + offset - x_i)^2 for fixed codes;
+    /// nil when the codes are all equal (no scale is determined).
+    func leastSquares(_ x: UnsafePointer<Float>, count n: Int, codes: (Float) -> Double) -> (scale: Double, offset: Double)? {
+        var sl = 0.0, sll = 0.0, sx = 0.0, sxl = 0.0
+        for i in 0 ..< n {
+            let l = codes(x[i]), v = Double(x[i])
+            sl += l
+            sll += l * l
+            sx += v
+            sxl += v * l
+        }
+        let count = Double(n), det = count * sll - sl * sl
+        guard det > 0 else { return nil }
+        let s = (count * sxl - sx * sl) / det
+        return s > 0 ? (s, (sx - s * sl) / count) : nil
     }
 
     /// Codes of every row once the scales and offsets are stored: 8 elements per vector step,

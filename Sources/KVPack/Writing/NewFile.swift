@@ -31,15 +31,29 @@ public struct NewFile: Sendable {
         try schemes.segmentTokens(requested: segmentTokens, fallback: defaultSegmentTokens)
     }
 
+    /// `options` with what the spec asks of the encoders (`fit:minmax`).
+    public func writerOptions(_ options: WriterOptions) -> WriterOptions {
+        var o = options
+        o.keyRangeFit = schemes.fileOptions.keyFit
+        o.valueRangeFit = schemes.fileOptions.valueFit
+        return o
+    }
+
     /// The manifest and the blobs to embed: identical descriptors and blobs stored once.
     public func manifest() throws -> (manifest: Manifest, blobs: [Blob]) {
         guard schemes.layers.count == geometry.layerCount else {
             throw KVPackError.argument("the scheme spec was planned for \(schemes.layers.count) layers, the model has \(geometry.layerCount)")
         }
         let plan = SchemePlan(spec: schemes)
-        let m = Manifest(geometry: geometry, segmentTokens: try resolvedSegmentTokens(), rope: rope, maxPositions: maxPositions,
+        let segment = try resolvedSegmentTokens()
+        var m = Manifest(geometry: geometry, segmentTokens: segment, rope: rope, maxPositions: maxPositions,
                          modelFingerprint: modelFingerprint, schemes: plan.schemes, layerSchemes: plan.layerSchemes,
                          producer: producer, userMetadata: metadata)
+        m.windowTokens = schemes.fileOptions.windowTokens
+        m.sinkTokens = schemes.fileOptions.sinkTokens
+        guard m.sinkTokens <= segment else {
+            throw KVPackError.argument("sinks:\(m.sinkTokens): sinks lie in the first segment, which holds \(segment) tokens")
+        }
         return (m, plan.blobs)
     }
 }

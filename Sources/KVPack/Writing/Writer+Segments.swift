@@ -4,6 +4,12 @@
 
 extension KVPackWriter {
     func sealSegment() throws {
+        if sealedTokenCount == 0, manifest.sinkTokens > 0 {
+            // The sink rows, lossless, before segment 0's blocks take them in encoded form; the
+            // next index lists the frame (Spec 6.3).
+            let offset = try writeRun(tokens: 0 ..< manifest.sinkTokens, tag: .sink, previous: 0)
+            pending.extensions.append(ExtensionEntry(frameOffset: offset, tag: .sink))
+        }
         try writeSegment { stream, raw in
             streamSchemes[stream].encode(rows: openRow(stream: stream, row: 0), tokens: segmentTokens, into: raw)
         }
@@ -46,14 +52,26 @@ extension KVPackWriter {
             // reader finds any of them without reading the index whole.
             let table = try writeFrame(tag: .segmentTable,
                                        fields: SegmentTable.typeFields(segment: segment, streamCount: streamCount, tokenCount: segmentTokens),
-                                       payload: SegmentTable.encodePayload(blockOffsets: blockOffsets, tokenIDs: openTokenIDs, positions: openPositions))
+                                       payload: SegmentTable.encodePayload(blockOffsets: blockOffsets, tokenIDs: openTokenIDs[..<segmentTokens],
+                                                                           positions: openPositions[..<segmentTokens]))
             pending.blocks.append(BlockEntry(frameOffset: table, segment: UInt32(segment), stream: 0))
-            openTokenIDs.removeAll(keepingCapacity: true)
-            openPositions.removeAll(keepingCapacity: true)
+            openTokenIDs.removeFirst(segmentTokens)
+            openPositions.removeFirst(segmentTokens)
         }
         sealedTokenCount += segmentTokens
-        persistedTailEnd = sealedTokenCount
-        deltaHead = 0
+        if manifest.windowTokens == 0 {
+            persistedTailEnd = sealedTokenCount
+            deltaHead = 0
+        } else {
+            // The window's rows move to the front of the open rows; their tail runs stay valid
+            // (runs never cross a segment boundary, so the newest run's chain reaches one that
+            // starts exactly at the new sealed end).
+            persistedTailEnd = max(persistedTailEnd, sealedTokenCount)
+            let kept = tokenCount - sealedTokenCount
+            for stream in 0 ..< streamCount {
+                openRow(stream: stream, row: 0).update(from: openRow(stream: stream, row: segmentTokens), count: kept * dim)
+            }
+        }
         options.onSeal?(tokenCount)
     }
 
@@ -66,6 +84,9 @@ extension KVPackWriter {
     public func appendEncodedSegment(tokenIDs: [UInt32], positions: [UInt32]? = nil, block: (Int) throws -> [UInt8]) throws {
         guard !closed else { throw KVPackError.argument("the writer is closed") }
         let c = segmentTokens
+        guard !manifest.keepsLosslessTokens else {
+            throw KVPackError.argument("encoded segments cannot be appended to a file that keeps a lossless window or sinks (those rows must stay unencoded)")
+        }
         guard tokenCount == sealedTokenCount else {
             throw KVPackError.argument("encoded segments start at a segment boundary; \(tokenCount - sealedTokenCount) tokens are open")
         }
@@ -91,10 +112,22 @@ extension KVPackWriter {
         if pending.entryCount >= options.maxPendingIndexEntries { try writeIndex(tailOffset: 0) }
     }
 
-    /// Writes the open rows not yet in any tail run: tokens [persistedTailEnd, tokenCount).
+    /// Writes the open rows not yet in any tail run: tokens [persistedTailEnd, tokenCount), one
+    /// run per segment they touch (a run never crosses a segment boundary: with a lossless window
+    /// the tail spans segments, and a reader's walk back from the newest run must stop at a run
+    /// that starts exactly where the sealed tokens end).
     func writeDelta() throws {
-        let first = persistedTailEnd - sealedTokenCount
-        let count = tokenCount - persistedTailEnd
+        while persistedTailEnd < tokenCount {
+            let end = min(tokenCount, (persistedTailEnd / segmentTokens + 1) * segmentTokens)
+            deltaHead = try writeRun(tokens: persistedTailEnd ..< end, tag: .delta, previous: deltaHead)
+            persistedTailEnd = end
+        }
+    }
+
+    /// Writes open rows `tokens` as a run (`DLTA`, or the same layout tagged `SINK`); returns its offset.
+    private func writeRun(tokens: Range<Int>, tag: FrameTag, previous: UInt64) throws -> UInt64 {
+        let first = tokens.lowerBound - sealedTokenCount
+        let count = tokens.count
         let layout = TailRun.Layout(manifest: manifest, major: majorVersion, tokenCount: count)
         tailBuffer.reserve(layout.payloadSize)
         let base = tailBuffer.pointer
@@ -106,9 +139,8 @@ extension KVPackWriter {
             let type = manifest.schemes[manifest.scheme(forStream: stream)].residualType
             RowKernels.narrow(openRow(stream: stream, row: first), to: type, base + layout.streamOffsets[stream], count * dim)
         }
-        let fields = TailRun.typeFields(tokenStart: persistedTailEnd, tokenCount: count, prevDeltaOffset: deltaHead, streamCount: streamCount)
-        deltaHead = try writeFrame(tag: .delta, fields: fields, payload: UnsafeRawBufferPointer(start: base, count: layout.payloadSize),
-                                   rawLength: layout.payloadSize)
-        persistedTailEnd = tokenCount
+        let fields = TailRun.typeFields(tokenStart: tokens.lowerBound, tokenCount: count, prevDeltaOffset: previous, streamCount: streamCount)
+        return try writeFrame(tag: tag, fields: fields, payload: UnsafeRawBufferPointer(start: base, count: layout.payloadSize),
+                              rawLength: layout.payloadSize)
     }
 }

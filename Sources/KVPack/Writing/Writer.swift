@@ -10,7 +10,9 @@ public final class KVPackWriter {
     public let manifest: Manifest
     let options: WriterOptions
     let salt: UInt64
-    let schemes: [any KVScheme]
+    /// The codec of each scheme index, for key streams and for value streams (built with each
+    /// role's range fit; the same instances when the fits agree).
+    let schemes: (key: [any KVScheme], value: [any KVScheme])
     /// The codec of each stream (`schemes[index].forKVHead(head)`).
     let streamSchemes: [any KVScheme]
     let io: FileAppender
@@ -21,7 +23,9 @@ public final class KVPackWriter {
     let streamCount: Int
     let dim: Int
     let segmentTokens: Int
-    /// streams x segmentTokens x dim floats: the open block of every stream.
+    /// Rows kept open per stream: a segment plus the lossless window (Spec 6.1).
+    let openCapacity: Int
+    /// streams x openCapacity x dim floats: every stream's rows not sealed yet.
     let openRows: AlignedFloats
     var encodeBuffer = GrowableBytes()
     var tailBuffer = GrowableBytes()
@@ -47,7 +51,7 @@ public final class KVPackWriter {
     public var isDirty: Bool { tokenCount != committedTokenCount || !pending.isEmpty }
 
     private init(path: String, manifest: Manifest, options: WriterOptions, salt: UInt64, majorVersion: UInt16, minorVersion: UInt16,
-                 schemes: [any KVScheme], io: FileAppender) {
+                 schemes: (key: [any KVScheme], value: [any KVScheme]), io: FileAppender) {
         self.path = path
         self.majorVersion = majorVersion
         self.minorVersion = minorVersion
@@ -56,15 +60,19 @@ public final class KVPackWriter {
         self.salt = salt
         self.schemes = schemes
         let g = manifest.geometry
-        streamSchemes = (0 ..< g.streamCount).map { schemes[manifest.scheme(forStream: $0)].forKVHead(g.streamID($0).kvHead) }
+        streamSchemes = (0 ..< g.streamCount).map { stream in
+            let id = g.streamID(stream)
+            return (id.kind == .key ? schemes.key : schemes.value)[manifest.scheme(forStream: stream)].forKVHead(id.kvHead)
+        }
         self.io = io
         streamCount = manifest.geometry.streamCount
         dim = manifest.geometry.headDim
         segmentTokens = manifest.segmentTokens
-        openRows = AlignedFloats(count: streamCount * segmentTokens * dim)
+        openCapacity = manifest.segmentTokens + manifest.windowTokens
+        openRows = AlignedFloats(count: streamCount * openCapacity * dim)
         if majorVersion >= 2 {
-            openTokenIDs.reserveCapacity(segmentTokens)
-            openPositions.reserveCapacity(segmentTokens)
+            openTokenIDs.reserveCapacity(openCapacity)
+            openPositions.reserveCapacity(openCapacity)
         }
     }
 
@@ -78,11 +86,14 @@ public final class KVPackWriter {
         guard FileHeader.supportedMajors.contains(options.majorVersion) else {
             throw KVPackError.argument("format version \(options.majorVersion) is not one this library writes (\(FileHeader.supportedMajors))")
         }
-        let schemes = try makeSchemes(manifest: manifest, blobs: blobs)
+        let schemes = try makeSchemes(manifest: manifest, blobs: blobs, options: options)
         let replacement = try AtomicReplacement(destination: path, overwrite: options.overwrite, label: "tmp")
         let io = try FileAppender.open(path: replacement.temporaryPath, create: true)
         let salt = options.salt ?? UInt64.random(in: 1 ... .max)
         let major = options.majorVersion
+        if major == 1, manifest.keepsLosslessTokens {
+            throw KVPackError.argument("a lossless window or sinks (window:N, sinks:N) need format 2.3; version 1 cannot hold them")
+        }
         if major == 1, manifest.requiredMinorVersion2 > 0 {
             throw KVPackError.argument("int codes with signed scales (copied from an mlx cache) need format 2.2; version 1 cannot hold them")
         }
@@ -111,10 +122,21 @@ public final class KVPackWriter {
     /// turn a scheme spec into a file.
     public static func create(path: String, file: NewFile, options: WriterOptions = WriterOptions()) throws -> KVPackWriter {
         let (manifest, blobs) = try file.manifest()
-        return try create(path: path, manifest: manifest, blobs: blobs, options: options)
+        return try create(path: path, manifest: manifest, blobs: blobs, options: file.writerOptions(options))
     }
 
-    static func makeSchemes(manifest: Manifest, blobs: [Blob]) throws -> [any KVScheme] {
+    /// Encoders for key and value streams, with the options' range fit for each role.
+    static func makeSchemes(manifest: Manifest, blobs: [Blob], options: WriterOptions,
+                            reusing decoders: [any KVScheme]? = nil) throws -> (key: [any KVScheme], value: [any KVScheme]) {
+        func make(_ fit: RangeFit) throws -> [any KVScheme] {
+            if fit == .minMax, let decoders { return decoders }   // a reader's instances have the default fit
+            return try makeSchemes(manifest: manifest, blobs: blobs, rangeFit: fit)
+        }
+        let key = try make(options.keyRangeFit)
+        return (key, options.valueRangeFit == options.keyRangeFit ? key : try make(options.valueRangeFit))
+    }
+
+    static func makeSchemes(manifest: Manifest, blobs: [Blob], rangeFit: RangeFit) throws -> [any KVScheme] {
         var byID: [UInt32: Blob] = [:]
         for b in blobs {
             guard byID.updateValue(b, forKey: b.id) == nil else { throw KVPackError.argument("blob id \(b.id) is used twice") }
@@ -124,7 +146,7 @@ public final class KVPackWriter {
                 guard let b = byID[id] else { throw KVPackError.argument("scheme \(i) names blob \(id), which was not supplied") }
                 return b
             }
-            return try SchemeRegistry.make(descriptor: d, context: SchemeContext(manifest: manifest, scheme: i, blobs: named))
+            return try SchemeRegistry.make(descriptor: d, context: SchemeContext(manifest: manifest, scheme: i, blobs: named, rangeFit: rangeFit))
         }
     }
 
@@ -157,8 +179,11 @@ public final class KVPackWriter {
                                   "the newest commit is damaged (\(reason)); resuming would discard it. Validate the file to see the damage; resume with discardDamagedCommits to fall back to the commit at \(reader.commitOffset)")
             }
         }
+        // The reader's schemes decode; the writer's encode with the options' range fits.
+        let schemes = try makeSchemes(manifest: reader.manifest, blobs: Array(reader.state.blobs.values), options: options,
+                                      reusing: reader.schemes)
         let writer = KVPackWriter(path: io.path, manifest: reader.manifest, options: options, salt: reader.header.salt,
-                                  majorVersion: reader.header.major, minorVersion: reader.header.minor, schemes: reader.schemes, io: io)
+                                  majorVersion: reader.header.major, minorVersion: reader.header.minor, schemes: schemes, io: io)
         try writer.restore(from: reader)
         // Drop the uncommitted bytes. The reader's mapping may still cover them; it never reads
         // past the commit it loaded, so the truncated pages are never touched.
@@ -182,12 +207,13 @@ public final class KVPackWriter {
             openTokenIDs = open.ids
             openPositions = open.positions
         }
+        let first = s.sink == nil ? 0 : 1   // runs[0] is the sink run, whose rows are sealed
         for piece in s.tail.indices {
             let p = s.tail[piece]
             for stream in 0 ..< streamCount {
                 let kernel = reader.tailKernels[manifest.scheme(forStream: stream)]
                 let row = p.tokenStart - sealedTokenCount
-                kernel.decode(block: reader.tailRows(piece: piece, stream: stream), tokens: 0 ..< p.tokenCount,
+                kernel.decode(block: reader.tailRows(piece: first + piece, stream: stream), tokens: 0 ..< p.tokenCount,
                               into: openRow(stream: stream, row: row))
             }
         }
@@ -197,7 +223,7 @@ public final class KVPackWriter {
 
     @inline(__always)
     func openRow(stream: Int, row: Int) -> UnsafeMutablePointer<Float> {
-        openRows.pointer + (stream * segmentTokens + row) * dim
+        openRows.pointer + (stream * openCapacity + row) * dim
     }
 
     /// Appends `tokenIDs.count` tokens: their keys and values for every layer and KV head, laid
@@ -228,7 +254,7 @@ public final class KVPackWriter {
             }
             recordToken(tokenIDs[i], position: positions?[i] ?? UInt32(tokenCount))
             tokenCount += 1
-            if tokenCount - sealedTokenCount == segmentTokens { try sealSegment() }
+            if tokenCount - sealedTokenCount == openCapacity { try sealSegment() }
         }
         if pending.entryCount >= options.maxPendingIndexEntries { try writeIndex(tailOffset: 0) }
     }

@@ -28,6 +28,12 @@ public struct WriterOptions: Sendable {
     /// Frames a created file will hold that a later minor version defines: the header records
     /// the lowest minor that defines them (Spec 3: `tsel` needs 1.4; `note` needs 1.5 or 2.1).
     public var features: FileFeatures = []
+    /// How encoders choose each group's range (the int scheme's scale and offset), for key and
+    /// for value streams: the least squared error or min/max (every element within half a step).
+    /// Not recorded in the file; a scheme spec's `fit:` parts set them for files created from
+    /// the spec.
+    public var keyRangeFit: RangeFit = SchemeSpec.FileOptions.defaultKeyFit
+    public var valueRangeFit: RangeFit = SchemeSpec.FileOptions.defaultValueFit
     /// Called after each sealed segment with the tokens appended so far (progress display).
     public var onSeal: (@Sendable (Int) -> Void)?
 

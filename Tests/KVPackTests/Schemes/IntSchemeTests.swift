@@ -5,10 +5,10 @@ import Testing
 struct IntSchemeTests {
     static let geometry = ModelGeometry(layerCount: 2, queryHeadCount: 6, kvHeadCount: 2, headDim: 24)
 
-    static func scheme(_ d: SchemeDescriptor, segmentTokens: Int = 32, headDim: Int = 24) throws -> IntScheme {
+    static func scheme(_ d: SchemeDescriptor, segmentTokens: Int = 32, headDim: Int = 24, fit: RangeFit = .minimumError) throws -> IntScheme {
         var g = geometry
         g.headDim = headDim
-        return try IntScheme(descriptor: d, context: SchemeContext(geometry: g, segmentTokens: segmentTokens, rope: .none, role: .key))
+        return try IntScheme(descriptor: d, context: SchemeContext(geometry: g, segmentTokens: segmentTokens, rope: .none, role: .key, rangeFit: fit))
     }
 
     /// Rows with awkward content: wide ranges, constant groups, a huge value, a NaN.
@@ -22,13 +22,13 @@ struct IntSchemeTests {
         return x
     }
 
-    @Test("decode error is at most half a quantization step, for every width and grouping",
+    @Test("min/max ranges: decode error is at most half a quantization step, for every width and grouping",
           arguments: [1, 2, 3, 4, 8])
     func halfStepBound(bits: Int) throws {
         let c = 32, d = 24
         for descriptor in [IntScheme.descriptor(bits: bits, groupSize: 8), IntScheme.descriptor(bits: bits, groupSize: 24),
                            IntScheme.descriptor(bits: bits, perChannelTokens: 8), IntScheme.descriptor(bits: bits, perChannelTokens: 32)] {
-            let s = try Self.scheme(descriptor, segmentTokens: c, headDim: d)
+            let s = try Self.scheme(descriptor, segmentTokens: c, headDim: d, fit: .minMax)
             let x = Self.rows(tokens: c, dim: d, seed: UInt64(bits))
             var block = [UInt8](repeating: 0xAA, count: s.encodedBlockSize(tokens: c))
             x.withUnsafeBufferPointer { src in block.withUnsafeMutableBytes { s.encode(rows: src.baseAddress!, tokens: c, into: $0) } }
@@ -50,6 +50,48 @@ struct IntSchemeTests {
                 var part = [Float](repeating: 0, count: 5 * d)
                 part.withUnsafeMutableBufferPointer { s.decode(block: b, tokens: 10 ..< 15, into: $0.baseAddress!) }
                 #expect(part == Array(out[10 * d ..< 15 * d]))
+            }
+        }
+    }
+
+    @Test("minimum-error ranges: never more squared error than min/max per group, and clearly less on Gaussian rows at 2 and 3 bits",
+          arguments: [1, 2, 3, 4, 8])
+    func minimumErrorRanges(bits: Int) throws {
+        let c = 64, d = 64
+        var rng = SplitMix64(seed: UInt64(40 + bits))
+        let gaussian = (0 ..< c * d).map { _ in Float(rng.nextGaussian()) }
+        for x in [gaussian, Self.rows(tokens: c, dim: d, seed: UInt64(bits))] {
+            for descriptor in [IntScheme.descriptor(bits: bits, groupSize: 64), IntScheme.descriptor(bits: bits, groupSize: 16),
+                               IntScheme.descriptor(bits: bits, perChannelTokens: 64), IntScheme.descriptor(bits: bits, perChannelTokens: 8)] {
+                var perGroup: [RangeFit: [Double]] = [:]
+                for fit in RangeFit.allCases {
+                    let s = try Self.scheme(descriptor, segmentTokens: c, headDim: d, fit: fit)
+                    var block = [UInt8](repeating: 0, count: s.encodedBlockSize(tokens: c))
+                    x.withUnsafeBufferPointer { src in block.withUnsafeMutableBytes { s.encode(rows: src.baseAddress!, tokens: c, into: $0) } }
+                    var out = [Float](repeating: 0, count: c * d)
+                    try block.withUnsafeBytes { b in
+                        try s.validate(block: b, tokens: c)
+                        out.withUnsafeMutableBufferPointer { s.decode(block: b, tokens: 0 ..< c, into: $0.baseAddress!) }
+                    }
+                    var errors = [Double](repeating: 0, count: s.groupCount)
+                    for t in 0 ..< c {
+                        for ch in 0 ..< d {
+                            let e = Double(out[t * d + ch]) - Double(IntScheme.representable(x[t * d + ch]))
+                            errors[s.group(token: t, channel: ch)] += e * e
+                        }
+                    }
+                    perGroup[fit] = errors
+                }
+                let best = perGroup[.minimumError]!, minMax = perGroup[.minMax]!
+                for g in best.indices {
+                    // The search starts from the min/max range, so it never ends worse (a
+                    // relative slack for the float sums).
+                    #expect(best[g] <= minMax[g] * (1 + 1e-5) + 1e-12, "bits \(bits) \(descriptor.parameters) group \(g): \(best[g]) > \(minMax[g])")
+                }
+                if x == gaussian, bits == 2 || bits == 3, descriptor.parameters[1] == 0, descriptor.parameters[2] == 64 {
+                    let ratio = minMax.reduce(0, +) / best.reduce(0, +)
+                    #expect(ratio > (bits == 2 ? 1.5 : 1.15), "bits \(bits): min/max MSE / minimum-error MSE = \(ratio)")
+                }
             }
         }
     }

@@ -24,6 +24,8 @@ public struct ParsedSchemeSpec {
     }
 
     let parts: [Part]
+    /// File-wide parts (`window:N`, `sinks:N`, `fit:minmax`).
+    let fileOptions: SchemeSpec.FileOptions
 
     /// Whether a part asks a planner, which `planned(calibration:)` must then be given statistics for.
     public var needsCalibration: Bool {
@@ -34,8 +36,10 @@ public struct ParsedSchemeSpec {
         self.text = text
         self.geometry = geometry
         var parts: [Part] = []
+        var fileOptions = SchemeSpec.FileOptions()
         let pieces = text.split(separator: "+", omittingEmptySubsequences: false).map(String.init)
         for part in pieces {
+            if try fileOptions.parse(part) { continue }
             var roles: [KVKind] = [.key, .value]
             var body = Substring(part)
             if body.hasPrefix("k:") {
@@ -70,7 +74,9 @@ public struct ParsedSchemeSpec {
             }
             parts.append(.setups(roles: roles, key: key, value: value))
         }
+        guard !parts.isEmpty else { throw KVPackError.argument("scheme spec \"\(text)\" names no scheme") }
         self.parts = parts
+        self.fileOptions = fileOptions
     }
 
     /// Step 2: every layer's key and value setups. `calibration` is needed exactly when
@@ -110,7 +116,7 @@ public struct ParsedSchemeSpec {
         guard hints.count <= 1 else {
             throw KVPackError.argument("scheme spec \"\(text)\" asks for different residual windows \(hints.sorted()); one file has one segment size")
         }
-        return SchemeSpec(text: text, layers: layers, segmentTokens: hints.first, rationale: rationale)
+        return SchemeSpec(text: text, layers: layers, segmentTokens: hints.first, rationale: rationale, fileOptions: fileOptions)
     }
 }
 
@@ -130,6 +136,70 @@ public struct SchemeSpec: Sendable, Equatable, CustomStringConvertible {
     public var segmentTokens: Int?
     /// How a planner chose per-layer settings (empty when none was involved).
     public var rationale: [String]
+    /// The spec's file-wide parts.
+    public var fileOptions: FileOptions
+
+    public init(text: String, layers: [LayerSetup], segmentTokens: Int?, rationale: [String], fileOptions: FileOptions = FileOptions()) {
+        self.text = text
+        self.layers = layers
+        self.segmentTokens = segmentTokens
+        self.rationale = rationale
+        self.fileOptions = fileOptions
+    }
+
+    /// Parts of a spec that set something of the whole file rather than a scheme:
+    /// `window:N` (the newest N tokens stay lossless: segments seal N tokens late), `sinks:N`
+    /// (the first N tokens stay lossless: a `SINK` frame holds them) and
+    /// `[k:|v:]fit:mse|minmax` (how encoders choose their ranges, for both roles or one).
+    public struct FileOptions: Sendable, Equatable {
+        public var windowTokens = 0
+        public var sinkTokens = 0
+        public var keyFit = defaultKeyFit
+        public var valueFit = defaultValueFit
+
+        /// Min/max for both, measured (BENCHMARKS.md, "Ranges chosen for error"): on SmolLM2,
+        /// minimum-error ranges cut the values' squared error by a quarter and the sampled
+        /// attention error too, yet raise the perplexity (int:k4v2:kc64 +2.08 against +1.91;
+        /// keys as well: +2.18), since they clip the outliers (sink tokens' keys, massive value
+        /// channels) the model leans on; on the bundled stories260K model they lower it a lot.
+        public static let defaultKeyFit = RangeFit.minMax
+        public static let defaultValueFit = RangeFit.minMax
+
+        public init() {}
+
+        static let names = ["window", "sinks", "fit"]
+
+        /// Takes `part` if it is a file-wide part; false if it is a scheme part.
+        mutating func parse(_ part: String) throws -> Bool {
+            var body = Substring(part)
+            var roles: [KVKind] = [.key, .value]
+            if body.hasPrefix("k:") || body.hasPrefix("v:") {
+                roles = body.hasPrefix("k:") ? [.key] : [.value]
+                body = body.dropFirst(2)
+            }
+            let fields = body.split(separator: ":", omittingEmptySubsequences: false).map(String.init)
+            guard let name = fields.first, Self.names.contains(name) else { return false }
+            guard name == "fit" || roles.count == 2 else {
+                throw KVPackError.argument("scheme spec part \"\(part)\": \(name) is the whole file's, not one role's")
+            }
+            guard fields.count == 2 else {
+                throw KVPackError.argument("scheme spec part \"\(part)\": \(name) takes one argument, as in window:128, sinks:4 or fit:minmax")
+            }
+            if name == "fit" {
+                guard let fit = RangeFit(rawValue: fields[1]) else {
+                    throw KVPackError.argument("fit:\(fields[1]): the range fits are \(RangeFit.allCases.map(\.rawValue).joined(separator: " and "))")
+                }
+                if roles.contains(.key) { keyFit = fit }
+                if roles.contains(.value) { valueFit = fit }
+                return true
+            }
+            guard let n = Int(fields[1]), (0 ... Manifest.maxWindowTokens).contains(n) else {
+                throw KVPackError.argument("\(name):\(fields[1]): a token count in 0...\(Manifest.maxWindowTokens)")
+            }
+            if name == "window" { windowTokens = n } else { sinkTokens = n }
+            return true
+        }
+    }
 
     /// The first layer's setups (all layers', unless a planner chose per layer).
     public var key: SchemeSetup { layers[0].key }
@@ -165,8 +235,16 @@ public struct SchemeSpec: Sendable, Equatable, CustomStringConvertible {
     }
 
     public static var help: String {
-        SchemeRegistry.all.map { "  \($0.name):\($0.specSyntax)\n      \($0.summary)" }.joined(separator: "\n")
+        SchemeRegistry.all.map { "  \($0.name):\($0.specSyntax)\n      \($0.summary)" }.joined(separator: "\n") + "\n" + fileOptionsHelp
     }
+
+    /// The file-wide parts any spec may add.
+    public static let fileOptionsHelp = """
+          +window:N   the newest N tokens stay lossless (f16): segments seal N tokens late (format 2.3)
+          +sinks:N    the first N tokens (at most a segment) stay lossless (format 2.3)
+          +[k:|v:]fit:mse|minmax   how int codes choose each group's range: least squared error, or
+                      min/max (the default: clipping raised SmolLM2's perplexity, BENCHMARKS.md)
+        """
 }
 
 extension SchemeSetup: Equatable {
