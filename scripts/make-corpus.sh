@@ -103,6 +103,10 @@ keep "$tmp/mlx-q4.kvpack" "valid__v2.2-int-signed-scales-mlx-q4.kvpack"
 # of 8: 24 sealed, 13 in tail runs that span two segments, tokens 0-2 read from the SINK frame).
 synth window-sinks "int:k4v2+window:12+sinks:3"
 keep "$tmp/window-sinks.kvpack" "valid__v2.3-int-k4v2-window12-sinks3.kvpack"
+# Format 2.3: raw rows compressed as byte planes, one zstd frame per plane (codec 2), in f16
+# (two planes) and f32 (four).
+synth raw-f16-planes "raw:f16:zstd:planes";  keep "$tmp/raw-f16-planes.kvpack" "valid__v2.3-raw-f16-zstd-planes.kvpack"
+synth raw-f32-planes "raw:f32:zstd=9:planes"; keep "$tmp/raw-f32-planes.kvpack" "valid__v2.3-raw-f32-zstd-planes.kvpack"
 # Its manifest with the LOSSLESS_TOKENS flag but no window and no sinks (payload offsets 56..63
 # zeroed), and with more sinks than a segment holds (9 > 8): invalid fields, not misreadings.
 patch_first_frame "$tmp/window-sinks.kvpack" "$tmp/lossless-no-counts.kvpack" MANI 56 set:0000000000000000

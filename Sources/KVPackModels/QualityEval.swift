@@ -36,12 +36,19 @@ public enum QualityEval {
         public init(directory: String) { self.directory = directory }
     }
 
+    /// The context length `SchemeResult.asymptoticBitsPerElement` is given for.
+    public static let asymptoticTokens = 32768
+
     public struct SchemeResult: Sendable, Codable {
         public var spec: String
         public var keyBitsPerElement: Double
         public var valueBitsPerElement: Double
         /// Whole files (manifest, index, blobs, tails, headers) per cached K/V element.
         public var totalBitsPerElement: Double
+        /// The same file grown to `asymptoticTokens` tokens: sealed blocks at this run's bits per
+        /// sealed element, an average tail (window + half a segment) and the sinks at their
+        /// tail type's width, blobs spread over every token.
+        public var asymptoticBitsPerElement: Double
         public var compressionVsF16: Double
         /// ||K_decoded - K|| / ||K|| over every stored key, K as the model produced it in this run.
         public var keyRelativeError: Double
@@ -130,6 +137,20 @@ public enum QualityEval {
         var targetLogProbs: [Double] = []
         var greedy: [Int] = []
         var keyBytes = 0, valueBytes = 0, fileBytes = 0, elements = 0
+        /// For `asymptoticBits`: bytes of sealed blocks and the elements they hold, blob bytes,
+        /// and the file's window, sinks, segment size and tail width (the same in every file).
+        var sealedBlockBytes = 0, sealedElements = 0, blobBytes = 0, elementsPerToken = 0
+        var windowTokens = 0, sinkTokens = 0, segmentTokens = 1, tailBits = 16.0
+
+        /// Bits per element of a file of `tokens` tokens like this run's.
+        func asymptoticBits(tokens n: Int) -> Double {
+            guard sealedElements > 0, elementsPerToken > 0 else { return Double(fileBytes * 8) / Double(max(2 * elements, 1)) }
+            let sealedBits = Double(sealedBlockBytes * 8) / Double(sealedElements)
+            let tail = min(Double(n), Double(windowTokens) + Double(segmentTokens - 1) / 2)
+            let lossless = tail + Double(sinkTokens)
+            return (sealedBits * (Double(n) - tail) + tailBits * lossless) / Double(n)
+                + Double(blobBytes * 8) / Double(n * elementsPerToken)
+        }
         var keyError = RelativeError(), valueError = RelativeError(), attentionError = RelativeError()
 
         func result(baseline: Run) -> SchemeResult {
@@ -138,6 +159,7 @@ public enum QualityEval {
             let total = Double(fileBytes * 8) / Double(2 * elements)
             return SchemeResult(spec: spec, keyBitsPerElement: Double(keyBytes * 8) / Double(elements),
                                 valueBitsPerElement: Double(valueBytes * 8) / Double(elements), totalBitsPerElement: total,
+                                asymptoticBitsPerElement: asymptoticBits(tokens: QualityEval.asymptoticTokens),
                                 compressionVsF16: 16 / total, keyRelativeError: keyError.relative,
                                 valueRelativeError: valueError.relative, attentionRelativeError: attentionError.relative,
                                 perplexity: ppl, perplexityDelta: ppl - baseline.perplexity(),
@@ -216,6 +238,19 @@ public enum QualityEval {
             // since, which a window leaves behind at every commit, and older index frames) are
             // not part of it; `kvpack convert` writes the file without them.
             run.fileBytes += summary.fileSize - Validator.validate(file: reader.file, path: path).supersededBytes
+            // Sealed blocks alone: every stream's stored bytes less its lossless rows (the tail,
+            // and the sink rows once segment 0 is sealed).
+            let m = reader.manifest, d = g.headDim
+            let lossless = reader.tokenCount - reader.sealedTokenCount + (reader.sealedTokenCount > 0 ? m.sinkTokens : 0)
+            let widths = (0 ..< g.streamCount).map { m.schemes[m.scheme(forStream: $0)].residualType.byteWidth }
+            run.sealedBlockBytes += try reader.streamBytes().reduce(0, +) - lossless * d * widths.reduce(0, +)
+            run.sealedElements += reader.sealedTokenCount * d * g.streamCount
+            run.blobBytes += summary.blobBytes
+            run.elementsPerToken = d * g.streamCount
+            run.windowTokens = m.windowTokens
+            run.sinkTokens = m.sinkTokens
+            run.segmentTokens = m.segmentTokens
+            run.tailBits = Double(8 * widths.max()!)
             run.elements += reader.tokenCount * g.headDim * g.kvHeadCount * g.layerCount
         }
         return run

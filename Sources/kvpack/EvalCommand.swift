@@ -84,13 +84,14 @@ struct EvalCommand: ParsableCommand {
     }
 
     static func table(_ report: QualityEval.Report) -> String {
-        let header = ["scheme", "K bits", "V bits", "total bits", "vs f16", "K err", "V err", "attn err", "ppl", "Δppl", "agree"]
+        let header = ["scheme", "K bits", "V bits", "total bits", "bits@32K", "vs f16", "K err", "V err", "attn err", "ppl", "Δppl", "agree"]
         var rows = [header]
         for (i, r) in ([report.baseline] + report.schemes).enumerated() {
             rows.append([
                 r.spec + (i == 0 ? " (baseline)" : ""),
                 String(format: "%.3f", r.keyBitsPerElement), String(format: "%.3f", r.valueBitsPerElement),
-                String(format: "%.3f", r.totalBitsPerElement), String(format: "%.2fx", r.compressionVsF16),
+                String(format: "%.3f", r.totalBitsPerElement), String(format: "%.3f", r.asymptoticBitsPerElement),
+                String(format: "%.2fx", r.compressionVsF16),
                 String(format: "%.2e", r.keyRelativeError), String(format: "%.2e", r.valueRelativeError),
                 String(format: "%.2e", r.attentionRelativeError), String(format: "%.4f", r.perplexity),
                 String(format: "%+.4f", r.perplexityDelta), String(format: "%.2f%%", 100 * r.greedyAgreement),

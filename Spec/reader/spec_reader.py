@@ -306,6 +306,22 @@ def load(path):
     raise FormatError("no valid commit")
 
 
+def join_planes(payload, C, d, w):
+    """Section 7.2, scheme 1, codec 2: w concatenated zstd frames, frame p holding byte p of every
+    element, channel-major; returns the token-major block bytes."""
+    n = C * d
+    planes = []
+    rest = bytes(payload)
+    for p in range(w):
+        obj = zstandard.ZstdDecompressor().decompressobj()
+        plane = obj.decompress(rest)
+        if len(plane) != n or (p < w - 1) != bool(obj.unused_data):
+            raise FormatError("byte plane frames")
+        planes.append(np.frombuffer(plane, np.uint8).reshape(d, C).T)  # [t, c]
+        rest = obj.unused_data
+    return np.stack(planes, axis=-1).reshape(-1).tobytes()  # element (t, c), byte p
+
+
 def load_commit(data, salt, m, cmit, streams, d, C, manifest_end, major):
     index_off = cmit.f("Q", 32)
     n = cmit.f("I", 40)
@@ -440,7 +456,9 @@ def load_commit(data, salt, m, cmit, streams, d, C, manifest_end, major):
             if fr.tag != "BLCK" or fr.f("I", 32) != s or fr.f("I", 36) != seg:
                 raise FormatError("block")
             payload = fr.payload
-            if fr.flags & 1:
+            if fr.flags & 1 and sch["kind"] == 1 and sch["params"][1] == 2:
+                payload = join_planes(payload, C, d, WIDTH[sch["params"][0]])
+            elif fr.flags & 1:
                 payload = dctx.decompress(payload, max_output_size=fr.raw)
             if sch["kind"] == 1:
                 etype = sch["params"][0]

@@ -130,6 +130,7 @@ public struct Manifest: Sendable, Equatable {
     /// descriptor sets its signed-scales flag (Spec/ 7.2, scheme 2, parameter byte 4, bit 0).
     public var requiredMinorVersion2: UInt16 {
         if keepsLosslessTokens { return 3 }
+        if schemes.contains(where: { $0.kind == .raw && $0.parameters.count == 4 && $0.parameters[1] == 2 }) { return 3 }
         return schemes.contains { $0.kind == .int && $0.parameters.count == 8 && $0.parameters[4] & 1 != 0 } ? 2 : 0
     }
 

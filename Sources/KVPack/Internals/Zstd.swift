@@ -42,9 +42,31 @@ enum Zstd {
         init() { dctx = ZSTD_createDCtx() }
         deinit { ZSTD_freeDCtx(dctx) }
 
-        /// Decompresses exactly one frame that must expand to exactly `out.count` bytes.
-        func decompress(_ src: UnsafeRawBufferPointer, into out: UnsafeMutableRawBufferPointer,
+        /// Decompresses `parts` consecutive frames (one, unless a scheme compresses byte planes
+        /// separately), frame i expanding to exactly part i of `out` (`out.count / parts` bytes
+        /// each); nothing may follow the last frame.
+        func decompress(_ src: UnsafeRawBufferPointer, into out: UnsafeMutableRawBufferPointer, parts: Int = 1,
                         offset: UInt64, field: String) throws {
+            guard parts > 1 else { return try decompressFrame(src, into: out, offset: offset, field: field) }
+            let size = out.count / parts
+            var at = 0
+            for i in 0 ..< parts {
+                let rest = UnsafeRawBufferPointer(rebasing: src[at...])
+                let frameSize = ZSTD_findFrameCompressedSize(rest.baseAddress, rest.count)
+                guard ZSTD_isError(frameSize) == 0, frameSize <= rest.count, i < parts - 1 || frameSize == rest.count else {
+                    throw KVPackError(.corruptPayload, offset: offset + UInt64(at), field: field,
+                                      "payload is not exactly \(parts) zstd frames (frame \(i) \(ZSTD_isError(frameSize) == 0 ? "leaves bytes after the last" : "is damaged"))")
+                }
+                try decompressFrame(UnsafeRawBufferPointer(rebasing: rest[..<frameSize]),
+                                    into: UnsafeMutableRawBufferPointer(rebasing: out[i * size ..< (i + 1) * size]),
+                                    offset: offset + UInt64(at), field: field)
+                at += frameSize
+            }
+        }
+
+        /// Decompresses exactly one frame that must expand to exactly `out.count` bytes.
+        private func decompressFrame(_ src: UnsafeRawBufferPointer, into out: UnsafeMutableRawBufferPointer,
+                                     offset: UInt64, field: String) throws {
             let frameSize = ZSTD_findFrameCompressedSize(src.baseAddress, src.count)
             guard ZSTD_isError(frameSize) == 0, frameSize == src.count else {
                 throw KVPackError(.corruptPayload, offset: offset, field: field,

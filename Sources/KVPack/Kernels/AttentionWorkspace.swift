@@ -10,6 +10,7 @@ public final class AttentionWorkspace {
     private(set) var runMax = GrowableFloats()
     private(set) var runSum = GrowableFloats()
     private(set) var decompressed = GrowableBytes()
+    private var reordered = GrowableBytes()
     private(set) var decodeRows = GrowableFloats()
     private var zstd: Zstd.Decompressor?
 
@@ -35,6 +36,12 @@ public final class AttentionWorkspace {
     func decompressionBuffer(_ bytes: Int) -> UnsafeMutableRawBufferPointer {
         decompressed.reserve(bytes)
         return UnsafeMutableRawBufferPointer(start: decompressed.pointer, count: bytes)
+    }
+
+    /// A decompressed block's bytes put back in order (raw's byte planes).
+    func reorderBuffer(_ bytes: Int) -> UnsafeMutableRawBufferPointer {
+        reordered.reserve(bytes)
+        return UnsafeMutableRawBufferPointer(start: reordered.pointer, count: bytes)
     }
 
     func decodeBuffer(_ floats: Int) -> UnsafeMutablePointer<Float> {

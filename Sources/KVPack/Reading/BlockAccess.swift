@@ -105,8 +105,13 @@ extension KVPackReader {
         var payload = h.storedPayload(in: bytes)
         if h.isCompressed {
             let out = workspace.decompressionBuffer(expected)
-            try workspace.decompressor.decompress(payload, into: out, offset: h.payloadOffset, field: "BLCK.payload")
+            try workspace.decompressor.decompress(payload, into: out, parts: scheme.compressedParts, offset: h.payloadOffset, field: "BLCK.payload")
             payload = UnsafeRawBufferPointer(out)
+            if scheme.compressesReorderedBytes {
+                let block = workspace.reorderBuffer(expected)
+                scheme.blockFromDecompressed(payload, tokens: segmentTokens, into: block)
+                payload = UnsafeRawBufferPointer(block)
+            }
         }
         if firstUse {
             do {

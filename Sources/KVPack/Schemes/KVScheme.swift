@@ -122,6 +122,14 @@ public protocol KVScheme: Sendable {
     var compressionLevel: Int32 { get }
     /// Bytes of one (uncompressed) block of `tokens` rows.
     func encodedBlockSize(tokens: Int) -> Int
+    /// Whether compressed blocks hold the block's bytes reordered (raw's byte planes): writers
+    /// compress `bytesToCompress`, readers undo it with `blockFromDecompressed`.
+    var compressesReorderedBytes: Bool { get }
+    /// Zstd frames per compressed block (each an equal share of the block's bytes): 1, or one per
+    /// byte plane.
+    var compressedParts: Int { get }
+    func bytesToCompress(_ block: UnsafeRawBufferPointer, tokens: Int, into out: UnsafeMutableRawBufferPointer)
+    func blockFromDecompressed(_ bytes: UnsafeRawBufferPointer, tokens: Int, into out: UnsafeMutableRawBufferPointer)
 
     func encode(rows: UnsafePointer<Float>, tokens: Int, into block: UnsafeMutableRawBufferPointer)
     /// Content checks that a checksum cannot make (code values in range, ...).
@@ -153,6 +161,10 @@ extension KVScheme {
     public static var name: String { kind.name ?? kind.description }
     public static func planner(arguments: [String], geometry: ModelGeometry) throws -> SchemePlanner? { nil }
     public var compressionLevel: Int32 { 0 }
+    public var compressesReorderedBytes: Bool { false }
+    public var compressedParts: Int { 1 }
+    public func bytesToCompress(_ block: UnsafeRawBufferPointer, tokens: Int, into out: UnsafeMutableRawBufferPointer) {}
+    public func blockFromDecompressed(_ bytes: UnsafeRawBufferPointer, tokens: Int, into out: UnsafeMutableRawBufferPointer) {}
     public func validate(block: UnsafeRawBufferPointer, tokens: Int) throws {}
     public func finishAccumulation(_ acc: UnsafeMutablePointer<Float>, groupSize: Int) {}
     public func forKVHead(_ head: Int) -> any KVScheme { self }

@@ -36,8 +36,23 @@ extension KVPackWriter {
                     compressors[scheme.compressionLevel] = c
                     return c
                 }()
-                let packed = try compressor.compress(UnsafeRawBufferPointer(raw))
-                offset = try writeFrame(tag: .block, flags: FrameHeader.compressedFlag, fields: fields, payload: packed, rawLength: size)
+                if scheme.compressesReorderedBytes {
+                    // Reordered (byte planes), then one zstd frame per equal part, concatenated.
+                    planeBuffer.reserve(size)
+                    let planes = UnsafeMutableRawBufferPointer(start: planeBuffer.pointer, count: size)
+                    scheme.bytesToCompress(UnsafeRawBufferPointer(raw), tokens: segmentTokens, into: planes)
+                    let parts = scheme.compressedParts, share = size / parts
+                    framesBuffer.removeAll(keepingCapacity: true)
+                    for i in 0 ..< parts {
+                        framesBuffer += try compressor.compress(UnsafeRawBufferPointer(rebasing: planes[i * share ..< (i + 1) * share]))
+                    }
+                    offset = try framesBuffer.withUnsafeBytes {
+                        try writeFrame(tag: .block, flags: FrameHeader.compressedFlag, fields: fields, payload: $0, rawLength: size)
+                    }
+                } else {
+                    let packed = try compressor.compress(UnsafeRawBufferPointer(raw))
+                    offset = try writeFrame(tag: .block, flags: FrameHeader.compressedFlag, fields: fields, payload: packed, rawLength: size)
+                }
             } else {
                 offset = try writeFrame(tag: .block, fields: fields, payload: UnsafeRawBufferPointer(raw), rawLength: size)
             }

@@ -28,6 +28,9 @@ public final class KVPackWriter {
     /// streams x openCapacity x dim floats: every stream's rows not sealed yet.
     let openRows: AlignedFloats
     var encodeBuffer = GrowableBytes()
+    /// A block's bytes reordered for compression (raw's byte planes).
+    var planeBuffer = GrowableBytes()
+    var framesBuffer: [UInt8] = []
     var tailBuffer = GrowableBytes()
     var compressors: [Int32: Zstd.Compressor] = [:]
 
@@ -95,7 +98,7 @@ public final class KVPackWriter {
             throw KVPackError.argument("a lossless window or sinks (window:N, sinks:N) need format 2.3; version 1 cannot hold them")
         }
         if major == 1, manifest.requiredMinorVersion2 > 0 {
-            throw KVPackError.argument("int codes with signed scales (copied from an mlx cache) need format 2.2; version 1 cannot hold them")
+            throw KVPackError.argument("int codes with signed scales (copied from an mlx cache) and raw byte planes need format 2.\(manifest.requiredMinorVersion2); version 1 cannot hold them")
         }
         let minor = max(major == 1 ? manifest.requiredMinorVersion : manifest.requiredMinorVersion2, options.features.requiredMinor(major: major))
         let writer = KVPackWriter(path: path, manifest: manifest, options: options, salt: salt, majorVersion: major, minorVersion: minor,

@@ -4,7 +4,8 @@ import Testing
 
 struct RoundTripTests {
     static let geometry = ModelGeometry(layerCount: 3, queryHeadCount: 6, kvHeadCount: 2, headDim: 12)
-    static let specs = ["raw:f32", "raw:f16", "raw:bf16", "raw:f32:zstd", "raw:f16:zstd=9", "raw:bf16:zstd"]
+    static let specs = ["raw:f32", "raw:f16", "raw:bf16", "raw:f32:zstd", "raw:f16:zstd=9", "raw:bf16:zstd",
+                        "raw:f32:zstd:planes", "raw:f16:zstd=9:planes", "raw:bf16:planes"]
 
     @Test("decode returns the input exactly (f32) or exactly rounded (f16, bf16)", arguments: specs)
     func roundTrip(spec: String) throws {
@@ -34,6 +35,38 @@ struct RoundTripTests {
         let report = Validator.validate(file: reader.file, path: path, deep: true)
         #expect(report.isValid, "\(report.problems)")
         #expect(report.problems.isEmpty)
+    }
+
+    @Test("byte planes: codec 2, one zstd frame per plane, format 2.3; split and join are inverses")
+    func bytePlanes() throws {
+        let spec = try SchemeSpec.parse("raw:f16:planes", geometry: Self.geometry)
+        #expect(spec.key.descriptor.parameters == [2, RawScheme.bytePlanesCodec, 3, 0])
+        let dir = temporaryDirectory()
+        let data = RandomKV(geometry: Self.geometry, tokens: 70, seed: 5)
+        try writeFile(dir + "/p.kvpack", data: data, segmentTokens: 32, spec: "raw:f16:planes", batches: [70])
+        let reader = try KVPackReader(path: dir + "/p.kvpack")
+        #expect(reader.header.minor == 3)
+        #expect(throws: KVPackError.self) {
+            try writeFile(dir + "/v1.kvpack", data: data, segmentTokens: 32, spec: "raw:f16:planes", batches: [70], options: testOptions(major: 1))
+        }
+        // The two frames of a block: the first expands to the low plane, the second to the high.
+        let workspace = AttentionWorkspace()
+        let h = try FrameHeader.decode(reader.file.bytes, at: try reader.blockOffset(segment: 0, stream: 0), limit: reader.state.commitOffset,
+                                       salt: reader.header.salt, field: "BLCK")
+        let stored = h.storedPayload(in: reader.file.bytes)
+        let out = UnsafeMutableRawBufferPointer.allocate(byteCount: 32 * 12 * 2, alignment: 64)
+        defer { out.deallocate() }
+        try workspace.decompressor.decompress(stored, into: out, parts: 2, offset: 0, field: "test")
+        #expect(throws: KVPackError.self) { try workspace.decompressor.decompress(stored, into: out, parts: 1, offset: 0, field: "test") }
+        var rng = SplitMix64(seed: 9)
+        for (tokens, dim, width) in [(32, 12, 2), (5, 8, 4), (1, 3, 2)] {
+            let bytes = (0 ..< tokens * dim * width).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
+            var planes = [UInt8](repeating: 0, count: bytes.count), back = planes
+            bytes.withUnsafeBytes { b in planes.withUnsafeMutableBytes { BytePlanes.split(b.baseAddress!, into: $0.baseAddress!, tokens: tokens, dim: dim, width: width) } }
+            #expect(planes[0] == bytes[0] && planes[tokens * dim] == bytes[1])   // element 0's bytes start both planes
+            planes.withUnsafeBytes { p in back.withUnsafeMutableBytes { BytePlanes.join(p.baseAddress!, into: $0.baseAddress!, tokens: tokens, dim: dim, width: width) } }
+            #expect(back == bytes)
+        }
     }
 
     @Test("both batch layouts store the same cache")
