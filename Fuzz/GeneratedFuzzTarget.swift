@@ -27,6 +27,8 @@ enum GeneratedFile {
         "raw:f32", "raw:f16:zstd", "raw:bf16", "int:k4v2", "int:k1v3:kc8:vc4", "int:k8v2:g8:r4", "int:auto:3.0:kc8",
         "polar:r4a4+v:int:k4v2", "k:polar:r2a3:g4:half+v:polar:r8a8:adjacent", "svdq:2", "k:svdq:8-4-0-2:shared+v:svdq:1.25",
         "nsn:1", "k:nsn:2:seed9+v:nsn:1", "k:int:k4v4:kc8+v:nsn:2",
+        // Format 2.3: byte planes, a lossless window, sinks (version 1 recipes fail to write: skipped).
+        "raw:f16:planes", "raw:f32:zstd=5:planes+window:3", "int:k4v2:kc8+window:6+sinks:2", "nsn:1+sinks:1",
     ]
     static let headDims = [8, 16, 24, 32, 64]
     static let path = "/tmp/kvpack-fuzz-generated-\(getpid()).kvpack"

@@ -9,6 +9,16 @@ extension KVPackWriter {
             // next index lists the frame (Spec 6.3).
             let offset = try writeRun(tokens: 0 ..< manifest.sinkTokens, tag: .sink, previous: 0)
             pending.extensions.append(ExtensionEntry(frameOffset: offset, tag: .sink))
+            // Readers never read the sink rows of segment 0's blocks: encode copies of the first
+            // other row there, so the sinks' outliers (attention sinks have the largest keys and
+            // values) do not stretch the ranges the segment's other tokens are coded with.
+            let k = manifest.sinkTokens
+            if k < segmentTokens {
+                for stream in 0 ..< streamCount {
+                    let first = openRow(stream: stream, row: k)
+                    for row in 0 ..< k { openRow(stream: stream, row: row).update(from: first, count: dim) }
+                }
+            }
         }
         try writeSegment { stream, raw in
             streamSchemes[stream].encode(rows: openRow(stream: stream, row: 0), tokens: segmentTokens, into: raw)

@@ -54,6 +54,17 @@ struct LosslessWindowTests {
         try writer.close()
         let reader = try KVPackReader(path: path)
         #expect(Validator.validate(file: reader.file, path: path, deep: true).problems.isEmpty)
+        if sinks > 0, sinks < c {
+            // Segment 0's blocks encode copies of row `sinks` where the sinks were (their ranges
+            // are not stretched by the sinks' outliers); readers take the sinks from SINK.
+            let workspace = AttentionWorkspace(), d = Self.geometry.headDim
+            for stream in 0 ..< Self.geometry.streamCount {
+                let payload = try reader.blockPayload(segment: 0, stream: stream, workspace: workspace)
+                var rows = [Float](repeating: 0, count: c * d)
+                rows.withUnsafeMutableBufferPointer { reader.streamSchemes[stream].decode(block: payload, tokens: 0 ..< c, into: $0.baseAddress!) }
+                for row in 0 ..< sinks { #expect(rows[row * d ..< (row + 1) * d] == rows[sinks * d ..< (sinks + 1) * d]) }
+            }
+        }
         try expectAttentionMatchesDecoded(reader, label: "window \(w) sinks \(sinks)", seed: 3,
                                           ranges: [0 ..< 190, 31 ..< 97, 64 ..< 96, 120 ..< 190, 150 ..< 151, 2 ..< 3, 1 ..< 40])
     }
