@@ -36,7 +36,7 @@ struct BenchCommand: ParsableCommand {
     /// Tests: nominal floors instead of two seconds of measuring (ratios are then meaningless).
     @Flag(help: .hidden) var skipMachineMeasurement = false
 
-    static let defaultSchemes = ["raw:f16", "raw:bf16", "int:k8v8:kc64", "int:k4v4:kc64", "int:k4v2:kc64", "int:k2v2:kc64",
+    static let defaultSchemes = ["raw:f16", "raw:bf16", "raw:f16:zstd:planes", "int:k8v8:kc64", "int:k4v4:kc64", "int:k4v2:kc64", "int:k2v2:kc64",
                                  "polar:r4a4+v:raw:f16", "svdq:2:shared+v:raw:f16", "nsn:2", "nsn:1"]
 
     /// Everything printed, for --write.

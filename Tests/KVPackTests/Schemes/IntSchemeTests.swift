@@ -11,6 +11,18 @@ struct IntSchemeTests {
         return try IntScheme(descriptor: d, context: SchemeContext(geometry: g, segmentTokens: segmentTokens, rope: .none, role: .key, rangeFit: fit))
     }
 
+    /// `x` encoded into a block (checked valid) and decoded back.
+    static func roundTrip(_ s: IntScheme, _ x: [Float], tokens c: Int) throws -> [Float] {
+        var block = [UInt8](repeating: 0, count: s.encodedBlockSize(tokens: c))
+        x.withUnsafeBufferPointer { src in block.withUnsafeMutableBytes { s.encode(rows: src.baseAddress!, tokens: c, into: $0) } }
+        var out = [Float](repeating: 0, count: x.count)
+        try block.withUnsafeBytes { b in
+            try s.validate(block: b, tokens: c)
+            out.withUnsafeMutableBufferPointer { s.decode(block: b, tokens: 0 ..< c, into: $0.baseAddress!) }
+        }
+        return out
+    }
+
     /// Rows with awkward content: wide ranges, constant groups, a huge value, a NaN.
     static func rows(tokens: Int, dim: Int, seed: UInt64) -> [Float] {
         var rng = SplitMix64(seed: seed)
@@ -66,13 +78,7 @@ struct IntSchemeTests {
                 var perGroup: [RangeFit: [Double]] = [:]
                 for fit in RangeFit.allCases {
                     let s = try Self.scheme(descriptor, segmentTokens: c, headDim: d, fit: fit)
-                    var block = [UInt8](repeating: 0, count: s.encodedBlockSize(tokens: c))
-                    x.withUnsafeBufferPointer { src in block.withUnsafeMutableBytes { s.encode(rows: src.baseAddress!, tokens: c, into: $0) } }
-                    var out = [Float](repeating: 0, count: c * d)
-                    try block.withUnsafeBytes { b in
-                        try s.validate(block: b, tokens: c)
-                        out.withUnsafeMutableBufferPointer { s.decode(block: b, tokens: 0 ..< c, into: $0.baseAddress!) }
-                    }
+                    let out = try Self.roundTrip(s, x, tokens: c)
                     var errors = [Double](repeating: 0, count: s.groupCount)
                     for t in 0 ..< c {
                         for ch in 0 ..< d {
