@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import KVPack
 
 /// A conversation with a model whose KV cache lives in a KVPack file: started, continued for
@@ -43,18 +46,25 @@ public final class Conversation {
 
     /// Parses a scheme spec for `model`; a planner that needs calibration (`int:auto`) gets the
     /// statistics of `prompt` run through an in-memory cache.
+    /// A planner that measures layer sensitivity (`int:auto:B:measured`) runs the model over the
+    /// prompt once per layer and role.
     public static func parseSpec(_ text: String, model: LlamaModel, prompt: [Int]) throws -> SchemeSpec {
         let g = model.config.geometry
-        return try SchemeSpec.parse(text, geometry: g) {
-            guard prompt.count >= 8 else {
-                throw KVPackError(.needsCalibration, "\(text) plans from calibration statistics, here those of the prompt, which has \(prompt.count) tokens; a planner needs at least 8")
-            }
-            let cache = DenseKVCache(geometry: g)
-            try model.forward(tokens: prompt, cache: cache)
-            return CacheStatistics(geometry: g, tokens: prompt.count) { layer, head, kind in
-                Array(cache.rows(layer: layer, kvHead: head, kind: kind))
-            }
+        let parsed = try ParsedSchemeSpec(text, geometry: g)
+        guard parsed.needsCalibration else { return try parsed.planned(calibration: nil) }
+        guard prompt.count >= 8 else {
+            throw KVPackError(.needsCalibration, "\(text) plans from calibration statistics, here those of the prompt, which has \(prompt.count) tokens; a planner needs at least 8")
         }
+        let cache = DenseKVCache(geometry: g)
+        try model.forward(tokens: prompt, cache: cache)
+        var statistics = CacheStatistics(geometry: g, tokens: prompt.count) { layer, head, kind in
+            Array(cache.rows(layer: layer, kvHead: head, kind: kind))
+        }
+        if let probe = parsed.sensitivityProbe {
+            statistics.sensitivity = try LayerSensitivityProbe.measure(model: model, tokens: prompt, probe: probe,
+                                                                        directory: getenv("TMPDIR").map { String(cString: $0) } ?? "/tmp")
+        }
+        return try parsed.planned(calibration: statistics)
     }
 
     /// Starts a conversation in a new file and feeds `prompt` (one batched prefill).

@@ -22,6 +22,8 @@ public enum QualityEval {
         public var directory: String
         /// Planners calibrate on this many tokens from the start of the baseline's cache.
         public var calibrationTokens = 512
+        /// Tokens of the first text `int:auto:B:measured` measures layer sensitivity on.
+        public var sensitivityTokens = 256
         /// A fixed text (token ids) to read instead of sampled stories: one sequence.
         public var text: [Int]?
         /// Where `text` came from, for the report.
@@ -111,12 +113,36 @@ public enum QualityEval {
         let baseline = try evaluate(spec: try SchemeSpec.parse("raw:f32", geometry: g), model: model, texts: texts, options: options, noise: 0)
         progress("raw:f32 baseline done")
         var results: [SchemeResult] = []
+        struct ProbeKey: Hashable {
+            var probe: LayerSetup
+            var fileOptions: SchemeSpec.FileOptions
+            static func == (a: ProbeKey, b: ProbeKey) -> Bool { a.probe == b.probe && a.fileOptions == b.fileOptions }
+            func hash(into h: inout Hasher) {
+                h.combine(probe.key.descriptor.parameters)
+                h.combine(probe.value.descriptor.parameters)
+                h.combine(fileOptions.windowTokens)
+                h.combine(fileOptions.sinkTokens)
+            }
+        }
+        var sensitivities: [ProbeKey: CacheStatistics.LayerSensitivity] = [:]
         for text in options.schemes {
             // Planners (int:auto norms, svdq bases) calibrate on the first `calibrationTokens` of
             // the baseline's cache of the first story: what a prefill would give them.
-            let spec = try SchemeSpec.parse(text, geometry: g) {
-                try CacheStatistics(reader: KVPackReader(path: baseline.paths[0]), tokens: options.calibrationTokens)
+            let parsed = try ParsedSchemeSpec(text, geometry: g)
+            var calibration: CacheStatistics?
+            if parsed.needsCalibration {
+                var statistics = try CacheStatistics(reader: KVPackReader(path: baseline.paths[0]), tokens: options.calibrationTokens)
+                if let probe = parsed.sensitivityProbe {
+                    // Measured once per probe and lossless window/sinks (2 x layers + 1 passes).
+                    let key = ProbeKey(probe: probe, fileOptions: parsed.fileOptions)
+                    statistics.sensitivity = try sensitivities[key] ?? LayerSensitivityProbe.measure(
+                        model: model, tokens: Array(texts[0].prefix(options.sensitivityTokens)), probe: probe,
+                        fileOptions: parsed.fileOptions, segmentTokens: options.segmentTokens, directory: options.directory, progress: progress)
+                    sensitivities[key] = statistics.sensitivity
+                }
+                calibration = statistics
             }
+            let spec = try parsed.planned(calibration: calibration)
             let run = try evaluate(spec: spec, model: model, texts: texts, options: options, noise: options.keyNoise)
             var result = run.result(baseline: baseline)
             if !spec.rationale.isEmpty { result.plan = spec.rationale }

@@ -17,8 +17,8 @@
 /// [offset, offset + scale * (2^bits - 1)] and decodes within scale / 2.
 public struct IntScheme: KVScheme {
     public static let kind = SchemeKind.int
-    public static let specSyntax = "k<B>v<B>[:g<N>][:kc<T>|kt<N>][:vc<T>|vt<N>][:r<T>][:signed]   or   int:auto:<BUDGET>[:spectral][options]"
-    public static let summary = "KV-AdaQuant: 1/2/3/4/8-bit codes, f16 scale+offset per group (gN: N head_dim elements per token; kcT/vcT: per channel over T tokens); rT: T-token f16 window; auto:BUDGET plans K/V bits per layer"
+    public static let specSyntax = "k<B>v<B>[:g<N>][:kc<T>|kt<N>][:vc<T>|vt<N>][:r<T>][:signed]   or   int:auto:<BUDGET>[:spectral|:measured][options]"
+    public static let summary = "KV-AdaQuant: 1/2/3/4/8-bit codes, f16 scale+offset per group (gN: N head_dim elements per token; kcT/vcT: per channel over T tokens); rT: T-token f16 window; auto:BUDGET plans K/V bits per layer (from norms, or :measured from the model's loss per layer)"
 
     public static let supportedBits = [1, 2, 3, 4, 8]
 
@@ -138,15 +138,17 @@ public struct IntScheme: KVScheme {
             throw KVPackError.argument("int:auto needs an average bit budget in 1...8, as in int:auto:3.0")
         }
         var rest = arguments.dropFirst(2)
-        var spectral = false
-        if let m = rest.first, m == "spectral" || m == "frobenius" {
+        var spectral = false, measured = false
+        if let m = rest.first, m == "spectral" || m == "frobenius" || m == "measured" {
             spectral = m == "spectral"
+            measured = m == "measured"
             rest = rest.dropFirst()
         }
         let options = try Options(rest)
         // Checked now, so a bad option is reported before any calibration runs.
         _ = try options.setup(bits: 1, role: .key, geometry: geometry)
         _ = try options.setup(bits: 1, role: .value, geometry: geometry)
+        if measured { return try measuredPlanner(budget: budget, options: options, geometry: geometry) }
         let needs = "int:auto plans each layer's bit widths from calibration statistics (the norms of a cache of the same model), and none were given"
         return SchemePlanner(needs: needs) { calibration in
             guard calibration.layers.count == geometry.layerCount else {
@@ -166,6 +168,36 @@ public struct IntScheme: KVScheme {
                                          value: try options.setup(bits: vb, role: .value, geometry: geometry)))
                 let (k, v) = spectral ? (l.keySpectralNorm, l.valueSpectralNorm) : (l.keyNorm, l.valueNorm)
                 rationale.append("layer \(i): key \(metric) \(format(k)), value \(metric) \(format(v)) (ratio \(format(k / max(v, 1e-30)))) -> K\(kb) V\(vb)")
+            }
+            let mean = Double(widths.reduce(0, +)) / Double(widths.count)
+            rationale.append("average \(format(mean)) bits per element of codes (budget \(budget)); group scales and offsets add 32 bits per group")
+            return PlannedSchemes(layers: layers, rationale: rationale)
+        }
+    }
+
+    /// `auto:BUDGET:measured`: widths from {2, 3, 4, 8} per layer and role from what the model
+    /// itself loses when that layer's keys (or values) alone are 2-bit codes (the statistics'
+    /// `sensitivity`, measured by running the model on a calibration text; the norms of plain
+    /// `auto` do not see which layers' errors the model tolerates). Loss modelled as
+    /// delta(b) = delta(2) * 4^(2 - b), allocated greedily as `auto` does.
+    static func measuredPlanner(budget: Double, options: Options, geometry: ModelGeometry) throws -> SchemePlanner {
+        guard budget >= 2 else { throw KVPackError.argument("int:auto:\(budget):measured: widths start at 2 bits; give a budget of at least 2") }
+        let probe = LayerSetup(key: try options.setup(bits: 2, role: .key, geometry: geometry),
+                               value: try options.setup(bits: 2, role: .value, geometry: geometry))
+        let needs = "int:auto:\(budget):measured plans from each layer's measured sensitivity (the model's loss with one layer's keys or values as 2-bit codes), which only a command that runs the model measures: kvpack eval, generate or chat"
+        return SchemePlanner(needs: needs, sensitivityProbe: probe) { calibration in
+            let n = geometry.layerCount
+            guard let s = calibration.sensitivity, s.key.count == n, s.value.count == n else { throw KVPackError(.needsCalibration, needs) }
+            var sensitivities: [Double] = []
+            for l in 0 ..< n { sensitivities += [4 * max(s.key[l], 1e-9).squareRoot(), 4 * max(s.value[l], 1e-9).squareRoot()] }
+            let widths = allocateBits(sensitivities: sensitivities, total: budget * Double(2 * n), widths: [2, 3, 4, 8])
+            var layers: [LayerSetup] = []
+            var rationale = ["int:auto:\(budget):measured: per layer, the loss increase (nats/token over \(s.tokens) tokens) with only its keys or values as \(s.probe); modelled as that * 4^(2 - bits); greedy allocation from 2 bits, widths {2,3,4,8}"]
+            for l in 0 ..< n {
+                let kb = widths[2 * l], vb = widths[2 * l + 1]
+                layers.append(LayerSetup(key: try options.setup(bits: kb, role: .key, geometry: geometry),
+                                         value: try options.setup(bits: vb, role: .value, geometry: geometry)))
+                rationale.append("layer \(l): key loss \(format(s.key[l] * 1000))e-3, value loss \(format(s.value[l] * 1000))e-3 -> K\(kb) V\(vb)")
             }
             let mean = Double(widths.reduce(0, +)) / Double(widths.count)
             rationale.append("average \(format(mean)) bits per element of codes (budget \(budget)); group scales and offsets add 32 bits per group")

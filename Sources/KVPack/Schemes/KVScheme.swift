@@ -81,10 +81,14 @@ public struct PlannedSchemes: Sendable {
 public struct SchemePlanner {
     /// What the planner needs the statistics for, said when none are supplied.
     public var needs: String
+    /// Set when the planner needs `CacheStatistics.sensitivity`: the per-layer setups to probe
+    /// each layer with (one layer's keys, or values, coded so; everything else lossless).
+    public var sensitivityProbe: LayerSetup?
     let plan: (CacheStatistics) throws -> PlannedSchemes
 
-    public init(needs: String, plan: @escaping (CacheStatistics) throws -> PlannedSchemes) {
+    public init(needs: String, sensitivityProbe: LayerSetup? = nil, plan: @escaping (CacheStatistics) throws -> PlannedSchemes) {
         self.needs = needs
+        self.sensitivityProbe = sensitivityProbe
         self.plan = plan
     }
 }

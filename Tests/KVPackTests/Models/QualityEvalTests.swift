@@ -35,6 +35,24 @@ struct QualityEvalTests {
         #expect(bf16.attentionRelativeError > f16.attentionRelativeError)
     }
 
+    @Test("the measured planner runs the model per layer and role, and plans within its budget")
+    func measuredPlanner() throws {
+        let g = bundledModel.config.geometry
+        let tokens = Array(try QualityEval.stories(model: bundledModel, options: {
+            var o = QualityEval.Options(directory: temporaryDirectory()); o.storyCount = 1; o.totalTokens = 80; return o
+        }())[0])
+        let probe = try #require(try ParsedSchemeSpec("int:auto:3.0:measured:kc8", geometry: g).sensitivityProbe)
+        let s = try LayerSensitivityProbe.measure(model: bundledModel, tokens: tokens, probe: probe, segmentTokens: 8, directory: temporaryDirectory())
+        #expect(s.key.count == g.layerCount && s.value.count == g.layerCount && s.tokens == 80)
+        #expect((s.key + s.value).allSatisfy { $0.isFinite })
+        // 2-bit codes in one layer cost the model something somewhere (values of head_dim 8 do).
+        #expect((s.key + s.value).max()! > 1e-3)
+        // The same through a conversation's spec parsing (the prompt is the calibration text).
+        let spec = try Conversation.parseSpec("int:auto:3.0:measured:kc8", model: bundledModel, prompt: tokens)
+        let bits = spec.layers.map { Int($0.key.descriptor.parameters[0]) + Int($0.value.descriptor.parameters[0]) }
+        #expect(bits.reduce(0, +) <= 6 * g.layerCount && spec.rationale[0].contains("measured"))
+    }
+
     @Test("int: K4V2 costs the model less than K2V4 at the same budget, and the planner's plan is reported")
     func moreForKeys() throws {
         let r = try report(schemes: ["int:k4v2", "int:k2v4", "int:auto:3.0"])

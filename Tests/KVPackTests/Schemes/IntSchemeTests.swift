@@ -169,6 +169,33 @@ struct IntSchemeTests {
     }
 }
 
+extension IntSchemeTests {
+    @Test("the measured planner gives the layers whose coding costs the model most the bits, needs measured sensitivity, and probes at 2 bits")
+    func measuredPlanner() throws {
+        let g = ModelGeometry(layerCount: 4, queryHeadCount: 4, kvHeadCount: 2, headDim: 16)
+        let parsed = try ParsedSchemeSpec("int:auto:3.0:measured:kc16+sinks:1", geometry: g)
+        #expect(parsed.needsCalibration)
+        let probe = try #require(parsed.sensitivityProbe)
+        #expect(probe.key.descriptor == IntScheme.descriptor(bits: 2, perChannelTokens: 16))
+        #expect(probe.value.descriptor == IntScheme.descriptor(bits: 2, groupSize: 16))
+        #expect(parsed.fileOptions.sinkTokens == 1)
+        // Norms alone are not enough: the planner says what it needs.
+        let norms = CacheStatistics(tokens: 100, layers: Array(repeating: .init(keyNorm: 1, valueNorm: 1, keySpectralNorm: 1, valueSpectralNorm: 1), count: 4))
+        #expect(throws: KVPackError.self) { try parsed.planned(calibration: norms) }
+        // Layer 1's values and layer 2's keys cost the model the most; layer 3 almost nothing.
+        var stats = norms
+        stats.sensitivity = .init(probeBits: 2, probe: "test", tokens: 100, key: [0.01, 0.01, 0.5, 1e-5], value: [0.02, 0.8, 0.01, -0.001])
+        let spec = try parsed.planned(calibration: stats)
+        let bits = spec.layers.map { (IntScheme.bitsOf($0.key), IntScheme.bitsOf($0.value)) }
+        #expect(bits.reduce(0) { $0 + $1.0 + $1.1 } <= 3 * 8)
+        #expect(bits.allSatisfy { $0.0 >= 2 && $0.1 >= 2 })
+        #expect(bits[1].1 == bits.map { max($0.0, $0.1) }.max(), "\(bits)")
+        #expect(bits[2].0 > bits[3].0 && bits[1].1 > bits[3].1, "\(bits)")
+        #expect(spec.rationale.count == 6 && spec.rationale[0].contains("measured"))
+        #expect(throws: KVPackError.self) { try ParsedSchemeSpec("int:auto:1.5:measured", geometry: g) }
+    }
+}
+
 extension IntScheme {
     static func bitsOf(_ setup: SchemeSetup) -> Int { Int(setup.descriptor.parameters[0]) }
 }

@@ -127,7 +127,7 @@ struct LosslessWindowTests {
         try windowed.close()
     }
 
-    @Test("the manifest's window field: written with the WINDOWED flag, refused without a window or beyond the bound")
+    @Test("the manifest's window and sinks fields: written with the LOSSLESS_TOKENS flag, refused without counts or beyond their bounds")
     func manifestField() throws {
         let (plainManifest, _) = try makeManifest(Self.geometry, segmentTokens: 32, spec: "raw:f16")
         var m = plainManifest

@@ -23,14 +23,38 @@ public struct CacheStatistics: Sendable, Codable, Equatable {
     /// X^T X (headDim x headDim, row-major) of every stream, in stream order (layer, KV head,
     /// K then V); empty when built from norms alone. SVDq's bases come from these.
     public var grams: [[Double]]
+    /// What coding one layer's keys or values alone costs the model, measured by running it
+    /// (`int:auto:B:measured`); nil unless a tool that has the model measured it.
+    public var sensitivity: LayerSensitivity?
 
-    /// Saved plans (`kvpack plan --json`) keep the norms; Gram matrices are megabytes.
-    enum CodingKeys: String, CodingKey { case tokens, layers }
+    /// The model's loss when one layer's keys (or values) alone are coded with a probe scheme
+    /// and everything else is lossless: per layer, the increase of the mean negative
+    /// log-likelihood (nats per token) over a calibration text, against the lossless cache.
+    public struct LayerSensitivity: Sendable, Codable, Equatable {
+        /// The probe's code width (its scheme spec is in `probe`).
+        public var probeBits: Int
+        public var probe: String
+        public var tokens: Int
+        public var key: [Double]
+        public var value: [Double]
+
+        public init(probeBits: Int, probe: String, tokens: Int, key: [Double], value: [Double]) {
+            self.probeBits = probeBits
+            self.probe = probe
+            self.tokens = tokens
+            self.key = key
+            self.value = value
+        }
+    }
+
+    /// Saved plans (`kvpack plan --json`) keep the norms and sensitivities; Gram matrices are megabytes.
+    enum CodingKeys: String, CodingKey { case tokens, layers, sensitivity }
 
     public init(from decoder: Decoder) throws {
         let c = try decoder.container(keyedBy: CodingKeys.self)
         tokens = try c.decode(Int.self, forKey: .tokens)
         layers = try c.decode([Layer].self, forKey: .layers)
+        sensitivity = try c.decodeIfPresent(LayerSensitivity.self, forKey: .sensitivity)
         grams = []
     }
 

@@ -25,11 +25,18 @@ public struct ParsedSchemeSpec {
 
     let parts: [Part]
     /// File-wide parts (`window:N`, `sinks:N`, `fit:minmax`).
-    let fileOptions: SchemeSpec.FileOptions
+    public let fileOptions: SchemeSpec.FileOptions
 
     /// Whether a part asks a planner, which `planned(calibration:)` must then be given statistics for.
     public var needsCalibration: Bool {
         parts.contains { if case .planner = $0 { true } else { false } }
+    }
+
+    /// The probe of the first planner that needs measured per-layer sensitivity (the statistics'
+    /// `sensitivity`, which only a tool running the model can measure), if one does.
+    public var sensitivityProbe: LayerSetup? {
+        for case let .planner(_, planner) in parts { if let probe = planner.sensitivityProbe { return probe } }
+        return nil
     }
 
     public init(_ text: String, geometry: ModelGeometry) throws {
