@@ -44,7 +44,7 @@ public enum LayerSensitivityProbe {
     }
 
     /// Mean negative log-likelihood (nats per predicted token) of `tokens` read by teacher forcing
-    /// through a file-backed cache of `spec`; batches end where segments seal, as `eval`'s do.
+    /// through a file-backed cache of `spec`, as `eval` reads.
     static func meanLoss(model: LlamaModel, tokens: [Int], spec: SchemeSpec, segmentTokens: Int, path: String) throws -> Double {
         let file = Conversation.newFile(for: model, spec: spec, segmentTokens: segmentTokens, producer: "kvpack sensitivity probe")
         var options = WriterOptions()
@@ -52,19 +52,11 @@ public enum LayerSensitivityProbe {
         options.overwrite = true
         let session = try KVCacheSession.create(path: path, file: file, options: options)
         defer { try? session.close() }
-        let vocab = model.config.vocabSize
-        var at = 0, loss = 0.0, count = 0
-        let window = spec.fileOptions.windowTokens
-        while at < tokens.count {
-            // Segments seal at window + k * segmentTokens tokens.
-            let phase = ((at - window) % segmentTokens + segmentTokens) % segmentTokens
-            let end = min(tokens.count, at + segmentTokens - phase)
-            let logits = try model.forward(tokens: Array(tokens[at ..< end]), cache: session, logits: .all)
-            for i in at ..< end where i + 1 < tokens.count {
-                loss -= QualityEval.Run.score(logits: logits[(i - at) * vocab ..< (i - at + 1) * vocab], target: tokens[i + 1]).logProb
-                count += 1
-            }
-            at = end
+        var loss = 0.0, count = 0
+        try QualityEval.teacherForce(model: model, text: tokens, cache: session, segmentTokens: segmentTokens,
+                                     windowTokens: spec.fileOptions.windowTokens) { logits, target in
+            loss -= QualityEval.Run.score(logits: logits, target: target).logProb
+            count += 1
         }
         return loss / Double(max(count, 1))
     }

@@ -210,6 +210,23 @@ public enum QualityEval {
         }
     }
 
+    /// Reads `text` by teacher forcing through `cache`, handing each position's logits and the
+    /// next token to `body`. Batches end where segments seal (with a lossless window W, at
+    /// W + k * segmentTokens tokens), so every token attends to exactly what it would token by
+    /// token: earlier segments as the file encodes them, the rest as tail rows.
+    static func teacherForce(model: LlamaModel, text: [Int], cache: KVCache, segmentTokens: Int, windowTokens: Int,
+                             _ body: (ArraySlice<Float>, Int) -> Void) throws {
+        let vocab = model.config.vocabSize
+        var at = 0
+        while at < text.count {
+            let phase = ((at - windowTokens) % segmentTokens + segmentTokens) % segmentTokens
+            let end = min(text.count, at + segmentTokens - phase)
+            let logits = try model.forward(tokens: Array(text[at ..< end]), cache: cache, logits: .all)
+            for i in at ..< end where i + 1 < text.count { body(logits[(i - at) * vocab ..< (i - at + 1) * vocab], text[i + 1]) }
+            at = end
+        }
+    }
+
     static func evaluate(spec: SchemeSpec, model: LlamaModel, texts: [[Int]], options: Options, noise: Float) throws -> Run {
         let g = model.config.geometry
         var run = Run(spec: spec.text)
@@ -225,20 +242,8 @@ public enum QualityEval {
             writerOptions.overwrite = true
             let session = try KVCacheSession.create(path: path, file: file, options: writerOptions, arithmetic: options.arithmetic)
             let recorder = RecordingCache(inner: session, noise: noise, seed: options.seed &+ UInt64(s), sampleEvery: max(options.attentionSampleEvery, text.count / 256))
-            // Batches end where segments seal, so every token attends to exactly what it would
-            // token by token: earlier segments as the file encodes them, its own segment's rows
-            // in the scheme's residual type.
-            var at = 0
-            let vocab = model.config.vocabSize
-            while at < text.count {
-                // With a lossless window W, segments seal at W + k * segmentTokens tokens.
-                let phase = ((at - windowTokens) % segmentTokens + segmentTokens) % segmentTokens
-                let end = min(text.count, at + segmentTokens - phase)
-                let logits = try model.forward(tokens: Array(text[at ..< end]), cache: recorder, logits: .all)
-                for i in at ..< end where i + 1 < text.count {
-                    run.record(logits: logits[(i - at) * vocab ..< (i - at + 1) * vocab], target: text[i + 1])
-                }
-                at = end
+            try teacherForce(model: model, text: text, cache: recorder, segmentTokens: segmentTokens, windowTokens: windowTokens) { logits, target in
+                run.record(logits: logits, target: target)
             }
             try session.close()
             run.attentionError.add(recorder.attentionError)
