@@ -90,6 +90,10 @@ public final class KVPackReader: @unchecked Sendable {
         let header = try FileHeader.decode(bytes)
         try file.ensureFrame(at: UInt64(FileHeader.size), limit: UInt64(bytes.count), salt: header.salt)
         let (manifest, m) = try Manifest.readFrame(bytes, salt: header.salt)
+        // LOSSLESS_TOKENS is a 2.3 feature; version 1 defines no manifest flag but bit 0.
+        guard header.major >= 2 || !manifest.keepsLosslessTokens else {
+            throw KVPackError.invalid(m.payloadOffset + 20, "manifest.flags", "LOSSLESS_TOKENS (bit 1) is defined for version 2 files only; this is a version 1 file")
+        }
         let loader = CommitLoader(source: file, major: header.major, salt: header.salt, manifest: manifest, manifestEnd: m.nextFrameOffset)
         let state = try loader.loadNewest()
         var schemes: [any KVScheme] = []

@@ -152,6 +152,18 @@ struct LosslessWindowTests {
         #expect(try m.encoded().withUnsafeBytes { try Manifest.decode($0, base: 0) } == m)
         #expect(decodeError(field(56, 65537, in: bytes))?.offset == 56)
         #expect(decodeError(field(20, 4, in: bytes))?.offset == 20)
+        // A version 1 file cannot hold the flag: its reader refuses one that says it does.
+        let dir = temporaryDirectory()
+        try writeFile(dir + "/v1.kvpack", data: RandomKV(geometry: Self.geometry, tokens: 40, seed: 3), segmentTokens: 32, spec: "raw:f16",
+                      batches: [40], options: testOptions(major: 1))
+        var v1 = fileBytes(dir + "/v1.kvpack")
+        let salt = v1.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: 24, as: UInt64.self) }
+        let manifestFrame = try BadInputTests.frames(v1)[0]
+        BadInputTests.reseal(&v1, frame: manifestFrame, salt: salt, payload: { payload in
+            payload[20] |= 2
+            payload[56] = 8
+        })
+        #expect(openError(v1)?.field == "manifest.flags")
         // Without the flag the word is reserved: ignored, as a 2.2 reader ignores it.
         let plain = plainManifest.encoded()
         let ignored = try field(56, 77, in: plain).withUnsafeBytes { try Manifest.decode($0, base: 0) }
