@@ -1,6 +1,3 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import KVPack
 
 /// A conversation with a model whose KV cache lives in a KVPack file: started, continued for
@@ -62,7 +59,7 @@ public final class Conversation {
         }
         if let probe = parsed.sensitivityProbe {
             statistics.sensitivity = try LayerSensitivityProbe.measure(model: model, tokens: prompt, probe: probe,
-                                                                        directory: getenv("TMPDIR").map { String(cString: $0) } ?? "/tmp")
+                                                                        directory: TemporaryDirectory.path)
         }
         return try parsed.planned(calibration: statistics)
     }

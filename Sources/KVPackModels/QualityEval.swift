@@ -113,18 +113,8 @@ public enum QualityEval {
         let baseline = try evaluate(spec: try SchemeSpec.parse("raw:f32", geometry: g), model: model, texts: texts, options: options, noise: 0)
         progress("raw:f32 baseline done")
         var results: [SchemeResult] = []
-        struct ProbeKey: Hashable {
-            var probe: LayerSetup
-            var fileOptions: SchemeSpec.FileOptions
-            static func == (a: ProbeKey, b: ProbeKey) -> Bool { a.probe == b.probe && a.fileOptions == b.fileOptions }
-            func hash(into h: inout Hasher) {
-                h.combine(probe.key.descriptor.parameters)
-                h.combine(probe.value.descriptor.parameters)
-                h.combine(fileOptions.windowTokens)
-                h.combine(fileOptions.sinkTokens)
-            }
-        }
-        var sensitivities: [ProbeKey: CacheStatistics.LayerSensitivity] = [:]
+        // Measured sensitivities, one per probe and file options (2 x layers + 1 passes each).
+        var measured: [(probe: LayerSetup, fileOptions: SchemeSpec.FileOptions, sensitivity: CacheStatistics.LayerSensitivity)] = []
         for text in options.schemes {
             // Planners (int:auto norms, svdq bases) calibrate on the first `calibrationTokens` of
             // the baseline's cache of the first story: what a prefill would give them.
@@ -133,12 +123,15 @@ public enum QualityEval {
             if parsed.needsCalibration {
                 var statistics = try CacheStatistics(reader: KVPackReader(path: baseline.paths[0]), tokens: options.calibrationTokens)
                 if let probe = parsed.sensitivityProbe {
-                    // Measured once per probe and lossless window/sinks (2 x layers + 1 passes).
-                    let key = ProbeKey(probe: probe, fileOptions: parsed.fileOptions)
-                    statistics.sensitivity = try sensitivities[key] ?? LayerSensitivityProbe.measure(
-                        model: model, tokens: Array(texts[0].prefix(options.sensitivityTokens)), probe: probe,
-                        fileOptions: parsed.fileOptions, segmentTokens: options.segmentTokens, directory: options.directory, progress: progress)
-                    sensitivities[key] = statistics.sensitivity
+                    if let done = measured.first(where: { $0.probe == probe && $0.fileOptions == parsed.fileOptions }) {
+                        statistics.sensitivity = done.sensitivity
+                    } else {
+                        let s = try LayerSensitivityProbe.measure(
+                            model: model, tokens: Array(texts[0].prefix(options.sensitivityTokens)), probe: probe,
+                            fileOptions: parsed.fileOptions, segmentTokens: options.segmentTokens, directory: options.directory, progress: progress)
+                        measured.append((probe, parsed.fileOptions, s))
+                        statistics.sensitivity = s
+                    }
                 }
                 calibration = statistics
             }

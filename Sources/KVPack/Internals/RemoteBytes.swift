@@ -115,7 +115,7 @@ final class RemoteBytes: @unchecked Sendable {
             // The entry was used now: eviction goes by modification time.
             futimens(mapFD, nil)
         } else {
-            let (descriptor, path) = try Self.temporaryFile("\(Self.temporaryDirectory)/kvpack-remote", size: size)
+            let (descriptor, path) = try Self.temporaryFile("\(TemporaryDirectory.path)/kvpack-remote", size: size)
             fd = descriptor
             unlink(path)
         }
@@ -277,11 +277,6 @@ final class RemoteBytes: @unchecked Sendable {
     }
 
     // MARK: The cache directory
-
-    private static var temporaryDirectory: String {
-        guard let t = getenv("TMPDIR"), t.pointee != 0 else { return "/tmp" }
-        return String(cString: t)
-    }
 
     /// Entries of one object share a prefix (its name's hash); the version and size follow.
     static func objectPrefix(_ object: any RemoteObject) -> String {

@@ -213,11 +213,10 @@ public enum Validator {
             reader.releasePages(segment: segment)
         }
         guard deep else { return }
-        for piece in reader.state.runs.indices {
-            let p = reader.state.runs[piece]
+        for p in reader.state.runs {
             for stream in 0 ..< g.streamCount {
                 let kernel = reader.tailKernels[reader.manifest.scheme(forStream: stream)]
-                kernel.decode(block: reader.tailRows(piece: piece, stream: stream), tokens: 0 ..< p.tokenCount, into: rows)
+                kernel.decode(block: reader.tailRows(run: p, stream: stream), tokens: 0 ..< p.tokenCount, into: rows)
                 checkFinite(rows, p.tokenCount * g.headDim, first: p.tokenStart, stream: stream, reader: reader,
                             at: p.frameOffset, report: &report)
                 report.tailRowsChecked += p.tokenCount

@@ -159,7 +159,11 @@ extension KVPackReader {
 
     /// Rows of `stream` in run `piece` of `state.runs` (a chunk's piece).
     func tailRows(piece: Int, stream: Int) -> UnsafeRawBufferPointer {
-        let p = state.runs[piece]
+        tailRows(run: state.runs[piece], stream: stream)
+    }
+
+    /// Rows of `stream` in `p`, a tail run or the sink run.
+    func tailRows(run p: TailRun, stream: Int) -> UnsafeRawBufferPointer {
         let start = p.streamOffsets[stream]
         let width = manifest.schemes[manifest.scheme(forStream: stream)].residualType.byteWidth
         return UnsafeRawBufferPointer(rebasing: file.bytes[start ..< start + p.tokenCount * geometry.headDim * width])

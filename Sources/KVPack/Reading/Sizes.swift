@@ -25,8 +25,8 @@ extension KVPackReader {
                 releasePages(segment: segment)
             }
         }
-        for piece in state.runs.indices {
-            for stream in 0 ..< streams { total[stream] += tailRows(piece: piece, stream: stream).count }
+        for run in state.runs {
+            for stream in 0 ..< streams { total[stream] += tailRows(run: run, stream: stream).count }
         }
         return total
     }

@@ -179,7 +179,7 @@ public struct IntScheme: KVScheme {
     /// itself loses when that layer's keys (or values) alone are 2-bit codes (the statistics'
     /// `sensitivity`, measured by running the model on a calibration text; the norms of plain
     /// `auto` do not see which layers' errors the model tolerates). Loss modelled as
-    /// delta(b) = delta(2) * 4^(2 - b), allocated greedily as `auto` does.
+    /// delta(b) = delta(p) * 4^(p - b) for the probe's width p (2), allocated greedily as `auto` does.
     static func measuredPlanner(budget: Double, options: Options, geometry: ModelGeometry) throws -> SchemePlanner {
         guard budget >= 2 else { throw KVPackError.argument("int:auto:\(budget):measured: widths start at 2 bits; give a budget of at least 2") }
         let probe = LayerSetup(key: try options.setup(bits: 2, role: .key, geometry: geometry),
@@ -187,12 +187,16 @@ public struct IntScheme: KVScheme {
         let needs = "int:auto:\(budget):measured plans from each layer's measured sensitivity (the model's loss with one layer's keys or values as 2-bit codes), which only a command that runs the model measures: kvpack eval, generate or chat"
         return SchemePlanner(needs: needs, sensitivityProbe: probe) { calibration in
             let n = geometry.layerCount
-            guard let s = calibration.sensitivity, s.key.count == n, s.value.count == n else { throw KVPackError(.needsCalibration, needs) }
+            guard let s = calibration.sensitivity, s.key.count == n, s.value.count == n, (1 ... 8).contains(s.probeBits) else {
+                throw KVPackError(.needsCalibration, needs)
+            }
             var sensitivities: [Double] = []
-            for l in 0 ..< n { sensitivities += [4 * max(s.key[l], 1e-9).squareRoot(), 4 * max(s.value[l], 1e-9).squareRoot()] }
+            // allocateBits models error s^2 * 2^(-2b); loss(p) * 4^(p - b) is that with s = 2^p sqrt(loss(p)).
+            let scale = Double(1 << s.probeBits)
+            for l in 0 ..< n { sensitivities += [scale * max(s.key[l], 1e-9).squareRoot(), scale * max(s.value[l], 1e-9).squareRoot()] }
             let widths = allocateBits(sensitivities: sensitivities, total: budget * Double(2 * n), widths: [2, 3, 4, 8])
             var layers: [LayerSetup] = []
-            var rationale = ["int:auto:\(budget):measured: per layer, the loss increase (nats/token over \(s.tokens) tokens) with only its keys or values as \(s.probe); modelled as that * 4^(2 - bits); greedy allocation from 2 bits, widths {2,3,4,8}"]
+            var rationale = ["int:auto:\(budget):measured: per layer, the loss increase (nats/token over \(s.tokens) tokens) with only its keys or values as \(s.probe); modelled as that * 4^(\(s.probeBits) - bits); greedy allocation from 2 bits, widths {2,3,4,8}"]
             for l in 0 ..< n {
                 let kb = widths[2 * l], vb = widths[2 * l + 1]
                 layers.append(LayerSetup(key: try options.setup(bits: kb, role: .key, geometry: geometry),
@@ -321,8 +325,6 @@ public struct IntScheme: KVScheme {
         // Members of group g: per token, a run of head_dim; per channel, a column over a token
         // run. Walked as (first element, step) so encoding allocates nothing.
         let per = d / groupSize
-        // One group's members, made representable, so the range search reads them contiguously.
-        var members = [Float](repeating: 0, count: groupSize)
         for g in 0 ..< groupCount {
             let first: Int, step: Int
             if grouping == .token {
@@ -332,10 +334,7 @@ public struct IntScheme: KVScheme {
                 first = (g / d) * groupSize * d + g % d
                 step = d
             }
-            let (scale16, offset16) = members.withUnsafeMutableBufferPointer { x in
-                for i in 0 ..< groupSize { x[i] = Self.representable(rows[first + i * step]) }
-                return fitRange(x.baseAddress!, count: groupSize)
-            }
+            let (scale16, offset16) = fitRange(Group(first: rows + first, step: step, count: groupSize))
             let offset = Float(offset16), scale = Float(scale16)
             out.storeBytes(of: scale16.bitPattern, toByteOffset: scalesOffset + 2 * g, as: UInt16.self)
             out.storeBytes(of: offset16.bitPattern, toByteOffset: offsetsOffset + 2 * g, as: UInt16.self)
@@ -359,6 +358,17 @@ public struct IntScheme: KVScheme {
         if tiled { encodeCodes(rows, out) }
     }
 
+    /// One group's members where the rows lie (a run of a token's channels, or a channel's column
+    /// over a run of tokens), read as `encodeCodes` reads them: NaN as 0, magnitudes within f16.
+    struct Group {
+        let first: UnsafePointer<Float>
+        let step: Int
+        let count: Int
+
+        @inline(__always)
+        subscript(i: Int) -> Float { IntScheme.representable(first[i * step]) }
+    }
+
     /// A group's f16 scale and offset. `minMax`: the offset is the minimum rounded down, the
     /// scale covers the maximum (rounded up), so every member decodes within half a step.
     /// `minimumError` (`fit:mse`): that range and 21 clipped ones are tried, as llama.cpp's k-quants search
@@ -366,26 +376,26 @@ public struct IntScheme: KVScheme {
     /// levels + 1), then scale and offset refitted to those codes by least squares and rounded to
     /// f16; the candidate whose codes (assigned as `encodeCodes` assigns them) give the smallest
     /// squared error wins. Members beyond the chosen range clip to the end codes.
-    func fitRange(_ x: UnsafePointer<Float>, count n: Int) -> (scale: Float16, offset: Float16) {
+    func fitRange(_ x: Group) -> (scale: Float16, offset: Float16) {
         var lo = Float.infinity, hi = -Float.infinity
-        for i in 0 ..< n {
+        for i in 0 ..< x.count {
             lo = min(lo, x[i])
             hi = max(hi, x[i])
         }
         let offset16 = Self.f16(lo, roundingUp: false)
         let scale16 = Self.f16((hi - Float(offset16)) / levels, roundingUp: true)
         guard rangeFit == .minimumError, hi > lo, scale16 > 0 else { return (scale16, offset16) }
-        var best = (scale: scale16, offset: offset16, error: squaredError(x, count: n, scale: Float(scale16), offset: Float(offset16)))
+        var best = (scale: scale16, offset: offset16, error: squaredError(x, scale: Float(scale16), offset: Float(offset16)))
         func consider(_ s: Double, _ o: Double) {
             let s16 = Float16(Float(s)), o16 = Float16(Float(o))
             guard s16 > 0, s16.isFinite, o16.isFinite else { return }
-            let e = squaredError(x, count: n, scale: Float(s16), offset: Float(o16))
+            let e = squaredError(x, scale: Float(s16), offset: Float(o16))
             if e < best.error { best = (s16, o16, e) }
         }
         let range = Double(hi - lo)
         for k in 0 ... 20 {
             let inverse = (Double(levels) - 1 + 0.1 * Double(k)) / range
-            guard inverse > 0, let (s, o) = leastSquares(x, count: n, codes: { v in
+            guard inverse > 0, let (s, o) = leastSquares(x, codes: { v in
                 min(max((inverse * Double(v - lo)).rounded(.toNearestOrEven), 0), Double(self.levels))
             }) else { continue }
             consider(s, o)
@@ -393,7 +403,7 @@ public struct IntScheme: KVScheme {
         // One more refit to the winner's own codes (each refit can only lower the error before
         // f16 rounding).
         let (s0, o0) = (Float(best.scale), Float(best.offset))
-        if let (s, o) = leastSquares(x, count: n, codes: { v in Double(self.code(v, scale: s0, offset: o0)) }) { consider(s, o) }
+        if let (s, o) = leastSquares(x, codes: { v in Double(self.code(v, scale: s0, offset: o0)) }) { consider(s, o) }
         return (best.scale, best.offset)
     }
 
@@ -403,9 +413,9 @@ public struct IntScheme: KVScheme {
         min(max(((x - offset) / scale).rounded(.toNearestOrEven), 0), levels)
     }
 
-    func squaredError(_ x: UnsafePointer<Float>, count n: Int, scale: Float, offset: Float) -> Double {
+    func squaredError(_ x: Group, scale: Float, offset: Float) -> Double {
         var e: Double = 0
-        for i in 0 ..< n {
+        for i in 0 ..< x.count {
             let r = Double(scale * code(x[i], scale: scale, offset: offset) + offset - x[i])
             e += r * r
         }
@@ -414,16 +424,16 @@ public struct IntScheme: KVScheme {
 
     /// The scale and offset that minimise sum (scale * code_i + offset - x_i)^2 for fixed codes;
     /// nil when the codes are all equal (no scale is determined).
-    func leastSquares(_ x: UnsafePointer<Float>, count n: Int, codes: (Float) -> Double) -> (scale: Double, offset: Double)? {
+    func leastSquares(_ x: Group, codes: (Float) -> Double) -> (scale: Double, offset: Double)? {
         var sl = 0.0, sll = 0.0, sx = 0.0, sxl = 0.0
-        for i in 0 ..< n {
+        for i in 0 ..< x.count {
             let l = codes(x[i]), v = Double(x[i])
             sl += l
             sll += l * l
             sx += v
             sxl += v * l
         }
-        let count = Double(n), det = count * sll - sl * sl
+        let count = Double(x.count), det = count * sll - sl * sl
         guard det > 0 else { return nil }
         let s = (count * sxl - sx * sl) / det
         return s > 0 ? (s, (sx - s * sl) / count) : nil

@@ -210,13 +210,11 @@ public final class KVPackWriter {
             openTokenIDs = open.ids
             openPositions = open.positions
         }
-        let first = s.sink == nil ? 0 : 1   // runs[0] is the sink run, whose rows are sealed
-        for piece in s.tail.indices {
-            let p = s.tail[piece]
+        for p in s.tail {
             for stream in 0 ..< streamCount {
                 let kernel = reader.tailKernels[manifest.scheme(forStream: stream)]
                 let row = p.tokenStart - sealedTokenCount
-                kernel.decode(block: reader.tailRows(piece: first + piece, stream: stream), tokens: 0 ..< p.tokenCount,
+                kernel.decode(block: reader.tailRows(run: p, stream: stream), tokens: 0 ..< p.tokenCount,
                               into: openRow(stream: stream, row: row))
             }
         }

@@ -46,7 +46,6 @@ public struct ParsedSchemeSpec {
         var fileOptions = SchemeSpec.FileOptions()
         let pieces = text.split(separator: "+", omittingEmptySubsequences: false).map(String.init)
         for part in pieces {
-            if try fileOptions.parse(part) { continue }
             var roles: [KVKind] = [.key, .value]
             var body = Substring(part)
             if body.hasPrefix("k:") {
@@ -57,6 +56,7 @@ public struct ParsedSchemeSpec {
                 body = body.dropFirst(2)
             }
             let fields = body.split(separator: ":", omittingEmptySubsequences: false).map(String.init)
+            if try fileOptions.parse(fields, roles: roles, part: part) { continue }
             guard let name = fields.first, !name.isEmpty else {
                 throw KVPackError.argument("scheme spec \"\(text)\": empty part \"\(part)\"")
             }
@@ -176,15 +176,9 @@ public struct SchemeSpec: Sendable, Equatable, CustomStringConvertible {
 
         static let names = ["window", "sinks", "fit"]
 
-        /// Takes `part` if it is a file-wide part; false if it is a scheme part.
-        mutating func parse(_ part: String) throws -> Bool {
-            var body = Substring(part)
-            var roles: [KVKind] = [.key, .value]
-            if body.hasPrefix("k:") || body.hasPrefix("v:") {
-                roles = body.hasPrefix("k:") ? [.key] : [.value]
-                body = body.dropFirst(2)
-            }
-            let fields = body.split(separator: ":", omittingEmptySubsequences: false).map(String.init)
+        /// Takes a part (its `:`-separated fields and the roles its prefix names) if it is a
+        /// file-wide part; false if it is a scheme part.
+        mutating func parse(_ fields: [String], roles: [KVKind], part: String) throws -> Bool {
             guard let name = fields.first, Self.names.contains(name) else { return false }
             guard name == "fit" || roles.count == 2 else {
                 throw KVPackError.argument("scheme spec part \"\(part)\": \(name) is the whole file's, not one role's")
