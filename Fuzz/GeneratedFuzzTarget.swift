@@ -29,6 +29,8 @@ enum GeneratedFile {
         "nsn:1", "k:nsn:2:seed9+v:nsn:1", "k:int:k4v4:kc8+v:nsn:2",
         // Format 2.3: byte planes, a lossless window, sinks (version 1 recipes fail to write: skipped).
         "raw:f16:planes", "raw:f32:zstd=5:planes+window:3", "int:k4v2:kc8+window:6+sinks:2", "nsn:1+sinks:1",
+        // Format 2.4: int with per-channel widths (head_dim 8 and 24 cannot hold these averages: skipped).
+        "int:k2.5v2:kc8", "int:k3.25v2.5:kc4:vc8+sinks:1",
     ]
     static let headDims = [8, 16, 24, 32, 64]
     static let path = "/tmp/kvpack-fuzz-generated-\(getpid()).kvpack"

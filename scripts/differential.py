@@ -24,7 +24,8 @@ SCHEMES = ["raw:f32", "raw:f16", "raw:bf16", "raw:f16:zstd", "raw:bf16:zstd=9", 
            "int:k8v4:g8", "int:auto:3.0:kc8", "polar:r4a4+v:int:k4v2", "k:polar:r2a3:g4:half+v:polar:r8a8:adjacent", "svdq:2",
            "k:svdq:8-4-0-2:shared+v:svdq:1.25", "nsn:1", "nsn:2", "k:nsn:2:seed9+v:nsn:1", "k:int:k4v4:kc8+v:nsn:2",
            "raw:f32+v:raw:bf16:zstd=9", "raw:f16:planes", "raw:f32:zstd=5:planes", "int:k4v2:kc8+window:6+sinks:2",
-           "nsn:1+sinks:1", "k:polar:r3a4:half+v:int:k4v2+window:11", "raw:bf16:planes+window:3+sinks:1"]
+           "nsn:1+sinks:1", "k:polar:r3a4:half+v:int:k4v2+window:11", "raw:bf16:planes+window:3+sinks:1",
+           "int:k2.5v2:kc8", "int:k3.25v2.5:kc4:vc8+sinks:1"]
 MODELS = [("stories260k", [1, 2, 5]), ("smollm2-135m", [1, 2]), ("llama-3-8b", [1])]
 
 

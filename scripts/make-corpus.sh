@@ -107,6 +107,16 @@ keep "$tmp/window-sinks.kvpack" "valid__v2.3-int-k4v2-window12-sinks3.kvpack"
 # (two planes) and f32 (four).
 synth raw-f16-planes "raw:f16:zstd:planes";  keep "$tmp/raw-f16-planes.kvpack" "valid__v2.3-raw-f16-zstd-planes.kvpack"
 synth raw-f32-planes "raw:f32:zstd=9:planes"; keep "$tmp/raw-f32-planes.kvpack" "valid__v2.3-raw-f32-zstd-planes.kvpack"
+# Format 2.4: int keys with per-channel widths averaging 2.5 bits (calibrated on the synthetic
+# keys' own outlier channels), values 2 bits, in SmolLM2's geometry: widths change in runs of 8
+# channels, so head_dim 8 has room for one width only. Then one width made 5 (no such width).
+"$KVPACK" synth "$tmp/channel-widths.kvpack" --model smollm2-135m --layers 1 --tokens 37 --segment-tokens 8 \
+  --commit-every 5 --batch 3 --seed 7 --salt 4242 --scheme "int:k2.5v2:kc8" --overwrite
+keep "$tmp/channel-widths.kvpack" "valid__v2.4-int-k2.5v2-channel-widths.kvpack"
+# Manifest payload: 64 fixed bytes, 1 layer's scheme pair (4), the key descriptor's 8-byte head and
+# 8 parameter bytes: head 0's first width at 84.
+patch_first_frame "$tmp/channel-widths.kvpack" "$tmp/channel-width-5.kvpack" MANI 84 set:05
+keep "$tmp/channel-width-5.kvpack" "error-invalidField__v2.4-int-channel-width-5.kvpack"
 # Its manifest with the LOSSLESS_TOKENS flag but no window and no sinks (payload offsets 56..63
 # zeroed), and with more sinks than a segment holds (9 > 8): invalid fields, not misreadings.
 patch_first_frame "$tmp/window-sinks.kvpack" "$tmp/lossless-no-counts.kvpack" MANI 56 set:0000000000000000

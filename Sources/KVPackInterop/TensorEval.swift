@@ -53,10 +53,20 @@ public struct SampleTensors {
         return (kind == .key ? keys : values)[layer][kvHead * n ..< (kvHead + 1) * n]
     }
 
-    /// Statistics of the first `tokens` tokens.
+    /// Statistics of the first `tokens` tokens, the queries' channel RMS included.
     public func statistics(tokens: Int) -> CacheStatistics {
-        let n = min(tokens, meta.tokens)
-        return CacheStatistics(geometry: geometry, tokens: n) { l, h, k in Array(rows(layer: l, kvHead: h, kind: k).prefix(n * geometry.headDim)) }
+        let g = geometry, n = min(tokens, meta.tokens), d = g.headDim
+        var statistics = CacheStatistics(geometry: g, tokens: n) { l, h, k in Array(rows(layer: l, kvHead: h, kind: k).prefix(n * d)) }
+        var sums = QueryChannelSums(geometry: g)
+        for l in 0 ..< g.layerCount {
+            queries[l].withUnsafeBufferPointer { q in
+                for h in 0 ..< g.queryHeadCount {
+                    sums.add(layer: l, kvHead: h / g.groupSize, queries: q.baseAddress! + h * meta.tokens * d, count: n)
+                }
+            }
+        }
+        statistics.queryRMS = sums.rms
+        return statistics
     }
 }
 

@@ -53,10 +53,12 @@ public final class Conversation {
             throw KVPackError(.needsCalibration, "\(text) plans from calibration statistics, here those of the prompt, which has \(prompt.count) tokens; a planner needs at least 8")
         }
         let cache = DenseKVCache(geometry: g)
+        if parsed.needsQueryStatistics { cache.querySums = QueryChannelSums(geometry: g) }
         try model.forward(tokens: prompt, cache: cache)
         var statistics = CacheStatistics(geometry: g, tokens: prompt.count) { layer, head, kind in
             Array(cache.rows(layer: layer, kvHead: head, kind: kind))
         }
+        statistics.queryRMS = cache.querySums?.rms ?? []
         if let probe = parsed.sensitivityProbe {
             statistics.sensitivity = try LayerSensitivityProbe.measure(model: model, tokens: prompt, probe: probe,
                                                                         directory: TemporaryDirectory.path)

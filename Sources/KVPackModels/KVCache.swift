@@ -66,9 +66,14 @@ public final class DenseKVCache: KVCache {
         }
     }
 
+    /// When set, every query that attends is added to it (the calibration that per-channel
+    /// widths, `int:k2.5v2:kc64`, weight key channels with).
+    public var querySums: QueryChannelSums?
+
     public func attend(layer: Int, kvHead: Int, queries: UnsafePointer<Float>, count: Int, scale: Float?,
                        output: UnsafeMutablePointer<Float>) throws {
         let i = layer * geometry.kvHeadCount + kvHead
+        querySums?.add(layer: layer, kvHead: kvHead, queries: queries, count: geometry.groupSize)
         keys[i].withUnsafeBufferPointer { k in
             values[i].withUnsafeBufferPointer { v in
                 workspace.attend(rows: AppendedRows(keys: k.baseAddress!, values: v.baseAddress!, count: count), queries: queries,

@@ -122,6 +122,13 @@ public enum QualityEval {
             var calibration: CacheStatistics?
             if parsed.needsCalibration {
                 var statistics = try CacheStatistics(reader: KVPackReader(path: baseline.paths[0]), tokens: options.calibrationTokens)
+                if parsed.needsQueryStatistics {
+                    // The same tokens' queries, from one more prefill (the baseline file holds no queries).
+                    let cache = DenseKVCache(geometry: g)
+                    cache.querySums = QueryChannelSums(geometry: g)
+                    try model.forward(tokens: Array(texts[0].prefix(statistics.tokens)), cache: cache)
+                    statistics.queryRMS = cache.querySums?.rms ?? []
+                }
                 if let probe = parsed.sensitivityProbe {
                     if let done = measured.first(where: { $0.probe == probe && $0.fileOptions == parsed.fileOptions }) {
                         statistics.sensitivity = done.sensitivity

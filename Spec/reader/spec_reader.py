@@ -137,9 +137,26 @@ def widen(raw, etype):
     raise FormatError(f"element type {etype}")
 
 
-def decode_int(payload, params, C, d):
-    """Scheme 2 (int), section 7.2 of the Spec: codes, then f16 scales, then f16 offsets."""
+def decode_int(payload, params, C, d, head=0):
+    """Scheme 2 (int), section 7.2 of the Spec: codes, then f16 scales, then f16 offsets; with
+    per-channel widths (flag bit 1), one such payload per width, narrowest first."""
     b, grouping, size = params[0], params[1], params[2] | params[3] << 8
+    if params[4] & 2:
+        widths = list(params[8 + head * d:8 + (head + 1) * d])
+        out = np.zeros((C, d), np.float32)
+        at = 0
+        for w in sorted(set(widths)):
+            channels = [c for c in range(d) if widths[c] == w]
+            n = len(channels)
+            if n % 8:
+                raise FormatError("int channel widths")
+            sub = C * n * w // 8 + 4 * (C // size) * n
+            cols = decode_int(payload[at:at + sub], [w, 1, params[2], params[3], params[4] & 1, 0, 0, 0], C, n)
+            out[:, channels] = cols.reshape(C, n)
+            at += sub
+        if at != len(payload):
+            raise FormatError("int block size")
+        return out.reshape(-1)
     groups = C * d // size
     code_bytes = C * d * b // 8
     if len(payload) != code_bytes + 4 * groups:
@@ -466,7 +483,7 @@ def load_commit(data, salt, m, cmit, streams, d, C, manifest_end, major):
                     raise FormatError("block size")
                 rows.append(widen(payload, etype))
             elif sch["kind"] == 2:
-                rows.append(decode_int(payload, sch["params"], C, d))
+                rows.append(decode_int(payload, sch["params"], C, d, (s // 2) % m["kv_heads"]))
             elif sch["kind"] == 3:
                 rows.append(decode_polar(payload, sch["params"], C, d, m["rope_layout"]))
             elif sch["kind"] == 5:

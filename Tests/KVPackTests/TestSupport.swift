@@ -40,6 +40,11 @@ struct RandomKV {
         range.flatMap { row(kind == .key ? keys : values, layer: layer, token: $0, head: head) }
     }
 
+    /// Calibration statistics of every token (norms and per-channel moments; no queries).
+    var statistics: CacheStatistics {
+        CacheStatistics(geometry: geometry, tokens: tokens) { l, h, k in stream(layer: l, head: h, kind: k, tokens: 0 ..< tokens) }
+    }
+
     /// Appends tokens `range` to `writer` (ids `id(t)`, positions default to the writer's).
     func append(to writer: KVPackWriter, _ range: Range<Int>, positions: [UInt32]? = nil,
                 id: (Int) -> UInt32 = { UInt32($0) }) throws {
@@ -82,8 +87,9 @@ func rounded(_ x: Float, to type: ElementType) -> Float {
     }
 }
 
-func makeManifest(_ g: ModelGeometry, segmentTokens: Int, spec: String, rope: RoPEConfig = .init(theta: 10000, layout: .interleaved)) throws -> (Manifest, [Blob]) {
-    var file = NewFile(geometry: g, rope: rope, schemes: try SchemeSpec.parse(spec, geometry: g), producer: "kvpack tests")
+func makeManifest(_ g: ModelGeometry, segmentTokens: Int, spec: String, rope: RoPEConfig = .init(theta: 10000, layout: .interleaved),
+                  calibration: CacheStatistics? = nil) throws -> (Manifest, [Blob]) {
+    var file = NewFile(geometry: g, rope: rope, schemes: try SchemeSpec.parse(spec, geometry: g, calibration: calibration), producer: "kvpack tests")
     file.segmentTokens = segmentTokens
     return try file.manifest()
 }
@@ -101,7 +107,9 @@ func testOptions(salt: UInt64? = nil, major: UInt16 = FileHeader.currentMajor) -
 @discardableResult
 func writeFile(_ path: String, data: RandomKV, segmentTokens: Int, spec: String, batches: [Int], commitsAfter: Set<Int> = [],
                position: ((Int) -> UInt32)? = nil, options: WriterOptions = testOptions()) throws -> KVPackWriter {
-    let (m, blobs) = try makeManifest(data.geometry, segmentTokens: segmentTokens, spec: spec)
+    // A spec that asks a planner (int:k2.5v2:kc8) plans from the data's own statistics.
+    let calibration = try ParsedSchemeSpec(spec, geometry: data.geometry).needsCalibration ? data.statistics : nil
+    let (m, blobs) = try makeManifest(data.geometry, segmentTokens: segmentTokens, spec: spec, calibration: calibration)
     let w = try KVPackWriter.create(path: path, manifest: m, blobs: blobs, options: options)
     var t = 0
     var i = 0

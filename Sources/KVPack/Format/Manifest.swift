@@ -126,9 +126,12 @@ public struct Manifest: Sendable, Equatable {
     /// The lowest minor version whose readers know every feature this manifest uses.
     public var requiredMinorVersion: UInt16 { schemes.map(\.kind.introducedInMinor).max() ?? 0 }
 
-    /// The lowest 2.x minor that defines every scheme parameter the manifest uses: 2 when an int
-    /// descriptor sets its signed-scales flag (Spec/ 7.2, scheme 2, parameter byte 4, bit 0).
+    /// The lowest 2.x minor that defines every scheme parameter the manifest uses: 4 when an int
+    /// descriptor has per-channel widths (Spec/ 7.2, scheme 2, parameter byte 4, bit 1); 3 with
+    /// lossless tokens or raw byte planes; 2 when an int descriptor sets its signed-scales flag
+    /// (bit 0).
     public var requiredMinorVersion2: UInt16 {
+        if schemes.contains(where: { $0.kind == .int && $0.parameters.count > 8 && $0.parameters[4] & 2 != 0 }) { return 4 }
         if keepsLosslessTokens { return 3 }
         if schemes.contains(where: { $0.kind == .raw && $0.parameters.count == 4 && $0.parameters[1] == 2 }) { return 3 }
         return schemes.contains { $0.kind == .int && $0.parameters.count == 8 && $0.parameters[4] & 1 != 0 } ? 2 : 0
@@ -147,6 +150,15 @@ public struct Manifest: Sendable, Equatable {
     public func scheme(forStream stream: Int) -> Int {
         let id = geometry.streamID(stream)
         return schemeIndex(layer: id.layer, kind: id.kind)
+    }
+
+    /// Where scheme `index`'s parameter bytes begin, counted from the manifest payload's start
+    /// (6.2: the fixed part, the layer schemes, then each descriptor's 8-byte head, parameters
+    /// and blob ids), so an invalid parameter is reported at its own offset.
+    public func parameterOffset(scheme index: Int) -> Int {
+        var at = Self.fixedSize + 4 * layerSchemes.count
+        for s in schemes.prefix(index) { at += 8 + s.parameters.count + 4 * s.blobIDs.count }
+        return at + 8
     }
 
     static let fixedSize = 64

@@ -97,7 +97,7 @@ extension KVPackReader {
         let h = try FrameHeader.decode(bytes, at: offset, limit: state.commitOffset, salt: header.salt, field: "BLCK",
                                        verifyingChecksum: firstUse)
         let schemeIndex = manifest.scheme(forStream: stream)
-        let scheme = schemes[schemeIndex]
+        let scheme = streamSchemes[stream]
         let expected = scheme.encodedBlockSize(tokens: segmentTokens)
         try BlockFrame.check(h, BlockFrame.Expectation(stream: stream, segment: segment, tokenCount: segmentTokens, schemeIndex: schemeIndex,
                                                        rawLength: expected, compressed: scheme.compressesBlocks))

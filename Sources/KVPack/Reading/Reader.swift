@@ -105,7 +105,8 @@ public final class KVPackReader: @unchecked Sendable {
                 schemes.append(try SchemeRegistry.make(descriptor: d, context: context))
             } catch var e as KVPackError {
                 e.field = e.field.map { "manifest.schemes[\(i)].\($0)" } ?? "manifest.schemes[\(i)]"
-                e.offset = e.offset ?? m.payloadOffset
+                // A scheme reports a parameter by its index in the parameter bytes (`offset`).
+                e.offset = m.payloadOffset + UInt64(manifest.parameterOffset(scheme: i)) + (e.offset ?? 0)
                 throw e
             }
             tails.append(try RawScheme(descriptor: RawScheme.descriptor(elementType: d.residualType), context: context))

@@ -5,7 +5,8 @@
 /// Parameters (8 bytes, Spec/ "Scheme 2: int"): bits u8 (1, 2, 3, 4, 8); grouping u8 (0: per
 /// token along head_dim, as the authors' code; 1: per channel over a run of tokens, as KIVI
 /// does for keys); groupSize u16 (head_dim elements, or tokens); flags u8 (bit 0: scales may be
-/// negative, as mlx's affine codes have them; since format 2.2); 3 reserved bytes.
+/// negative, as mlx's affine codes have them; since format 2.2; bit 1: per-channel widths, since
+/// 2.4); 3 reserved bytes; with per-channel widths, `kvHeadCount * headDim` width bytes follow.
 ///
 /// Block payload: codes, then scales, then offsets.
 /// - codes: segmentTokens rows of headDim * bits / 8 bytes; code i of a row occupies bits
@@ -15,6 +16,11 @@
 ///   (token run, channel). An element decodes to scale * code + offset.
 /// The encoder rounds the offset down and the scale up to f16, so every value of a group lies in
 /// [offset, offset + scale * (2^bits - 1)] and decodes within scale / 2.
+///
+/// Per-channel widths (`int:k2.5v2:kc64`, per-channel groups only): each KV head's channels get
+/// widths from a calibrated importance, in runs of 8 channels; a block is then one ordinary
+/// per-channel payload per width, over that width's channels (`WidthClass`). Attention works in
+/// the order the classes put the channels in (queries permuted once per call).
 public struct IntScheme: KVScheme {
     public static let kind = SchemeKind.int
     public static let specSyntax = "k<B>v<B>[:g<N>][:kc<T>|kt<N>][:vc<T>|vt<N>][:r<T>][:signed]   or   int:auto:<BUDGET>[:spectral|:measured][options]"
@@ -54,12 +60,35 @@ public struct IntScheme: KVScheme {
     let slotChannels: [Int32]
     /// How `encode` chooses each group's scale and offset.
     let rangeFit: RangeFit
+    /// Per-channel widths (flag bit 1): `kvHeadCount * headDim` entries, head-major; empty when
+    /// every channel has `bits`.
+    public let channelWidths: [UInt8]
+    /// With per-channel widths, the width classes of every KV head, and those of the head this
+    /// instance is bound to (`forKVHead`; head 0 until then).
+    let headClasses: [[WidthClass]]
+    private(set) var classes: [WidthClass]
+    /// With per-channel widths, the channel at each position of the class order (the order the
+    /// classes' sub-blocks hold them), as the query and accumulator permutations need it.
+    private(set) var channelOfColumn: [Int32]
+
+    /// The channels of one width in a block with per-channel widths: an ordinary per-channel int
+    /// payload over `channels` (ascending), at `payloadOffset` in the block; its channels sit
+    /// at `column ..< column + channels.count` of the class order.
+    struct WidthClass: Sendable {
+        let codec: IntScheme
+        let channels: [Int]
+        let payloadOffset: Int
+        let column: Int
+    }
 
     /// Flag bit 0 of parameter byte 4: scales may be negative (mlx-lm's `mx.quantize` gives about
     /// half its groups a negative scale, the group's maximum as offset; codes copied from an mlx
     /// cache keep them so). Decoding is the same; only the validity rule and the integer value
     /// kernel (which needs weight x scale >= 0) differ.
     public static let signedScalesFlag: UInt8 = 1
+    /// Flag bit 1 (since 2.4): per-channel widths follow the 8 parameter bytes, one u8 per
+    /// channel of every KV head; `bits` is then 0 and the grouping per channel.
+    public static let channelWidthsFlag: UInt8 = 2
 
     public static func descriptor(bits: Int, perChannelTokens: Int? = nil, groupSize: Int = 64, residual: ElementType = .float16,
                                   signedScales: Bool = false) -> SchemeDescriptor {
@@ -68,6 +97,15 @@ public struct IntScheme: KVScheme {
         return SchemeDescriptor(kind: kind, residualType: residual,
                                 parameters: [UInt8(bits), grouping.rawValue, UInt8(size & 0xFF), UInt8(size >> 8),
                                              signedScales ? signedScalesFlag : 0, 0, 0, 0])
+    }
+
+    /// Per-channel groups of `perChannelTokens` tokens with a width per channel: `widths` holds
+    /// `kvHeadCount * headDim` entries, head-major (Spec 7.2, scheme 2, since 2.4).
+    public static func descriptor(channelWidths widths: [UInt8], perChannelTokens size: Int, residual: ElementType = .float16,
+                                  signedScales: Bool = false) -> SchemeDescriptor {
+        SchemeDescriptor(kind: kind, residualType: residual,
+                         parameters: [0, Grouping.channel.rawValue, UInt8(size & 0xFF), UInt8(size >> 8),
+                                      (signedScales ? signedScalesFlag : 0) | channelWidthsFlag, 0, 0, 0] + widths)
     }
 
 
@@ -133,6 +171,9 @@ public struct IntScheme: KVScheme {
     /// reduction per added bit. Norms are per-token Frobenius norms (default, as the authors) or
     /// spectral norms of a calibration cache of the same model.
     public static func planner(arguments: [String], geometry: ModelGeometry) throws -> SchemePlanner? {
+        if let first = arguments.first, let (kb, vb) = fractionalWidths(first) {
+            return try channelWidthPlanner(first, key: kb, value: vb, options: Options(arguments.dropFirst()), geometry: geometry)
+        }
         guard arguments.first == "auto" else { return nil }
         guard arguments.count >= 2, let budget = Double(arguments[1]), budget >= 1, budget <= 8 else {
             throw KVPackError.argument("int:auto needs an average bit budget in 1...8, as in int:auto:3.0")
@@ -209,6 +250,102 @@ public struct IntScheme: KVScheme {
         }
     }
 
+    /// `k2.5v2` and the like: the widths when one of them is not a whole number (nil otherwise,
+    /// and for anything that is not `k<B>v<B>`).
+    static func fractionalWidths(_ text: String) -> (key: Double, value: Double)? {
+        guard text.hasPrefix("k"), let v = text.firstIndex(of: "v"),
+              let kb = Double(text[text.index(after: text.startIndex) ..< v]), let vb = Double(text[text.index(after: v)...]),
+              kb.rounded() != kb || vb.rounded() != vb else { return nil }
+        return (kb, vb)
+    }
+
+    /// `int:kBvB` with a fractional width (`int:k2.5v2:kc64`): per-channel widths for that role,
+    /// averaging B, chosen per layer and KV head from calibration statistics (`channelWidths`).
+    /// A whole width for the other role is an ordinary setup.
+    static func channelWidthPlanner(_ widths: String, key kb: Double, value vb: Double, options: Options,
+                                    geometry: ModelGeometry) throws -> SchemePlanner {
+        let d = geometry.headDim
+        for (role, b) in [(KVKind.key, kb), (.value, vb)] where b.rounded() != b {
+            let name = role == .key ? "k" : "v"
+            guard (role == .key ? options.keyGrouping : options.valueGrouping)?.channel == true else {
+                throw KVPackError.argument("int:\(name)\(b): a fractional width gives each channel its own width, which needs per-channel groups (add \(name)c64, for example)")
+            }
+            guard b > 1, b < 4 else { throw KVPackError.argument("int:\(name)\(b): per-channel widths average between 1 and 4 bits") }
+            guard d >= 16, d % 8 == 0 else {
+                throw KVPackError.argument("int:\(name)\(b): widths change in runs of 8 channels, so head_dim \(d) has room for one width only; give a whole number")
+            }
+            guard (b * Double(d)).truncatingRemainder(dividingBy: 8) == 0 else {
+                throw KVPackError.argument("int:\(name)\(b): widths change in runs of 8 channels, so on head_dim \(d) the average must be a multiple of \(8 / Double(d)) bits")
+            }
+        }
+        _ = try options.setup(bits: 1, role: .key, geometry: geometry)
+        let needs = "int:\(widths): per-channel widths are chosen from calibration statistics (each channel's RMS in a cache of the same model, weighted by the RMS of the queries that read it when the tool runs the model)"
+        return SchemePlanner(needs: needs, usesQueryStatistics: kb.rounded() != kb) { calibration in
+            guard calibration.layers.count == geometry.layerCount, calibration.grams.count == geometry.streamCount else {
+                throw KVPackError(.needsCalibration, needs + "; the statistics given hold no per-channel moments")
+            }
+            let heads = geometry.kvHeadCount
+            let withQueries = calibration.queryRMS.count == geometry.layerCount * heads && calibration.queryRMS.allSatisfy { $0.count == d }
+            var rationale = ["int:\(widths): per KV head, channels ranked by " + (withQueries ? "key RMS x query RMS" : "RMS")
+                             + " over \(calibration.tokens) calibration tokens, in runs of 8; each run starts at the floor of the average and gains a bit where rms^2 * (step(b)^2 - step(b+1)^2) is largest, step(b) = 1/(2^b - 1), up to 4 bits; widths listed per head as width:channels"]
+            var layers: [LayerSetup] = []
+            for l in 0 ..< geometry.layerCount {
+                func setup(_ role: KVKind, _ b: Double) throws -> SchemeSetup {
+                    guard b.rounded() != b else { return try options.setup(bits: Int(b), role: role, geometry: geometry) }
+                    var table: [UInt8] = []
+                    var lines: [String] = []
+                    for h in 0 ..< heads {
+                        let gram = calibration.gram(layer: l, kvHead: h, kind: role, geometry: geometry)
+                        var importance = (0 ..< d).map { (gram[$0 * d + $0] / Double(max(calibration.tokens, 1))).squareRoot() }
+                        if withQueries, role == .key { importance = zip(importance, calibration.queryRMS[l * heads + h]).map { $0 * $1 } }
+                        let widths = channelWidths(importance: importance, average: b)
+                        table += widths
+                        lines.append("head \(h) " + Set(widths).sorted(by: >).map { w in
+                            "\(w):" + widths.indices.filter { widths[$0] == w }.map(String.init).joined(separator: ",")
+                        }.joined(separator: " "))
+                    }
+                    rationale.append("layer \(l) \(role == .key ? "keys" : "values"): " + lines.joined(separator: "; "))
+                    let grouping = role == .key ? options.keyGrouping! : options.valueGrouping!
+                    return SchemeSetup(descriptor: descriptor(channelWidths: table, perChannelTokens: grouping.size, signedScales: options.signedScales),
+                                       segmentTokens: options.window)
+                }
+                layers.append(LayerSetup(key: try setup(.key, kb), value: try setup(.value, vb)))
+            }
+            return PlannedSchemes(layers: layers, rationale: rationale)
+        }
+    }
+
+    /// Widths for channels of the given importance, averaging `average` bits (a multiple of 8 /
+    /// count): channels ranked by importance in runs of 8 (a run's importance is its members'
+    /// RMS), every run starting at floor(average), then one bit at a time to the run where
+    /// importance^2 * (step(b)^2 - step(b + 1)^2) is largest (step(b) = 1 / (2^b - 1): the
+    /// squared quantization step of a b-bit code over the channel's range), at most 4 bits,
+    /// until the budget is spent exactly.
+    static func channelWidths(importance: [Double], average: Double) -> [UInt8] {
+        let order = importance.indices.sorted { importance[$0] > importance[$1] || (importance[$0] == importance[$1] && $0 < $1) }
+        let runs = order.count / 8
+        let runImportance = (0 ..< runs).map { r in
+            (order[8 * r ..< 8 * r + 8].reduce(0.0) { $0 + importance[$1] * importance[$1] } / 8).squareRoot()
+        }
+        let base = Int(average.rounded(.down))
+        var widths = Array(repeating: base, count: runs)
+        var spare = Int((average - Double(base)) * Double(runs) + 0.5)
+        func step(_ b: Int) -> Double { let s = 1 / Double((1 << b) - 1); return s * s }
+        while spare > 0 {
+            var best: (gain: Double, run: Int)?
+            for r in 0 ..< runs where widths[r] < 4 {
+                let gain = runImportance[r] * runImportance[r] * (step(widths[r]) - step(widths[r] + 1))
+                if best == nil || gain > best!.gain { best = (gain, r) }
+            }
+            guard let choice = best else { break }
+            widths[choice.run] += 1
+            spare -= 1
+        }
+        var out = [UInt8](repeating: 0, count: importance.count)
+        for r in 0 ..< runs { for c in order[8 * r ..< 8 * r + 8] { out[c] = UInt8(widths[r]) } }
+        return out
+    }
+
     /// Greedy rate-distortion allocation: error_i(b) = s_i^2 * 2^(-2b).
     static func allocateBits(sensitivities: [Double], total: Double, widths: [Int]) -> [Int] {
         let sorted = widths.sorted()
@@ -239,23 +376,37 @@ public struct IntScheme: KVScheme {
 
     public init(descriptor: SchemeDescriptor, context: SchemeContext) throws {
         let p = descriptor.parameters
-        guard p.count == 8 else {
+        guard p.count >= 8 else {
             throw KVPackError.invalid(nil, "parameters", "int takes 8 parameter bytes, found \(p.count)")
         }
+        guard p[4] & ~(Self.signedScalesFlag | Self.channelWidthsFlag) == 0 else {
+            throw KVPackError.invalid(nil, "int.flags", "is 0x\(String(p[4], radix: 16)); only bits 0 (signed scales) and 1 (per-channel widths) are defined")
+        }
+        let perChannelWidths = p[4] & Self.channelWidthsFlag != 0
+        let d = context.headDim, c = context.segmentTokens, heads = context.geometry.kvHeadCount
+        let expected = 8 + (perChannelWidths ? heads * d : 0)
+        guard p.count == expected else {
+            throw KVPackError.invalid(nil, "parameters", perChannelWidths
+                ? "int with per-channel widths takes 8 + kvHeadCount x headDim = \(expected) parameter bytes, found \(p.count)"
+                : "int takes 8 parameter bytes, found \(p.count)")
+        }
         let bits = Int(p[0])
-        guard Self.supportedBits.contains(bits) else { throw KVPackError.invalid(nil, "int.bits", "is \(bits), must be 1, 2, 3, 4 or 8") }
+        if perChannelWidths {
+            guard bits == 0 else { throw KVPackError.invalid(0, "int.bits", "is \(bits); with per-channel widths it must be 0") }
+        } else {
+            guard Self.supportedBits.contains(bits) else { throw KVPackError.invalid(nil, "int.bits", "is \(bits), must be 1, 2, 3, 4 or 8") }
+        }
         guard let grouping = Grouping(rawValue: p[1]) else { throw KVPackError.invalid(nil, "int.grouping", "is \(p[1]), must be 0 (token) or 1 (channel)") }
         let size = Int(p[2]) | Int(p[3]) << 8
-        guard p[4] & ~Self.signedScalesFlag == 0 else {
-            throw KVPackError.invalid(nil, "int.flags", "is 0x\(String(p[4], radix: 16)); only bit 0 (signed scales) is defined")
-        }
         signedScales = p[4] & Self.signedScalesFlag != 0
-        let d = context.headDim, c = context.segmentTokens
         guard d % 8 == 0 else { throw KVPackError.invalid(nil, "int.bits", "int needs head_dim to be a multiple of 8, the file has \(d)") }
         switch grouping {
         case .token:
             guard size >= 1, d % size == 0 else {
                 throw KVPackError.invalid(nil, "int.groupSize", "is \(size); per-token groups must divide head_dim \(d)")
+            }
+            guard !perChannelWidths else {
+                throw KVPackError.invalid(nil, "int.grouping", "is 0 (per token); per-channel widths need per-channel groups (1)")
             }
         case .channel:
             guard size >= 1, c % size == 0 else {
@@ -271,7 +422,6 @@ public struct IntScheme: KVScheme {
         self.groupSize = size
         headDim = d
         segmentTokens = c
-        rowBytes = d * bits / 8
         groupCount = grouping == .token ? c * (d / size) : (c / size) * d
         levels = Float((1 << bits) - 1)
         var s = SIMD8<UInt64>()
@@ -281,20 +431,90 @@ public struct IntScheme: KVScheme {
         shifts32 = SIMD8<UInt32>(truncatingIfNeeded: s)
         mask32 = SIMD8<UInt32>(repeating: (1 << UInt32(bits)) - 1)
         tiled = grouping == .channel || size % 8 == 0
+        rangeFit = context.rangeFit
+        if perChannelWidths {
+            let widths = Array(p[8...])
+            headClasses = try Self.widthClasses(widths, heads: heads, context: context, groupTokens: size, signedScales: signedScales)
+            channelWidths = widths
+            classes = headClasses[0]
+            channelOfColumn = classes.flatMap { $0.channels.map { Int32($0) } }
+            rowBytes = widths[0 ..< d].reduce(0) { $0 + Int($1) } / 8
+            // The integer kernels take one width per call (per-class calls: not yet).
+            fastScores = false
+            fastAccumulate = false
+            slotChannels = []
+            return
+        }
+        channelWidths = []
+        headClasses = []
+        classes = []
+        channelOfColumn = []
+        rowBytes = d * bits / 8
         let fast = context.arithmetic == .fast
         fastScores = fast && grouping == .channel && !signedScales && IntegerCodeKernels.channelScoresSupported(bits: bits, dim: d)
         // The value kernel quantizes weight x scale to u8: it needs scales >= 0.
         fastAccumulate = fast && grouping == .token && !signedScales
             && IntegerCodeKernels.tokenAccumulateSupported(bits: bits, dim: d, groupSize: size)
         slotChannels = fastAccumulate ? IntegerCodeKernels.tokenLayout(bits: bits, dim: d) : []
-        rangeFit = context.rangeFit
+    }
+
+    /// Checks a per-channel width table (Spec 7.2, scheme 2: widths 1, 2, 3, 4 or 8; per head,
+    /// each width's channel count a multiple of 8; the same total width in every head, so every
+    /// block has one size) and lays out each head's classes, narrowest first.
+    static func widthClasses(_ widths: [UInt8], heads: Int, context: SchemeContext, groupTokens: Int,
+                             signedScales: Bool) throws -> [[WidthClass]] {
+        let d = context.headDim, c = context.segmentTokens
+        var all: [[WidthClass]] = []
+        var total: Int?
+        for h in 0 ..< heads {
+            let row = widths[h * d ..< (h + 1) * d]
+            // Errors carry the parameter byte's index as their offset; the reader adds where the
+            // parameters begin.
+            if let bad = row.firstIndex(where: { !supportedBits.contains(Int($0)) }) {
+                throw KVPackError.invalid(UInt64(8 + bad), "int.channelWidths", "head \(h), channel \(bad - h * d): width \(widths[bad]), must be 1, 2, 3, 4 or 8")
+            }
+            let sum = row.reduce(0) { $0 + Int($1) }
+            if let total, total != sum {
+                throw KVPackError.invalid(UInt64(8 + h * d), "int.channelWidths", "head \(h)'s widths sum to \(sum) bits, head 0's to \(total); every head must have the same total")
+            }
+            total = sum
+            var classes: [WidthClass] = []
+            var offset = 0, column = 0
+            for w in supportedBits {
+                let channels = row.indices.filter { row[$0] == w }.map { $0 - h * d }
+                guard !channels.isEmpty else { continue }
+                guard channels.count % 8 == 0 else {
+                    throw KVPackError.invalid(UInt64(8 + h * d), "int.channelWidths", "head \(h) has \(channels.count) channels of width \(w); each width's count must be a multiple of 8")
+                }
+                var sub = context
+                sub.geometry = ModelGeometry(layerCount: 1, queryHeadCount: 1, kvHeadCount: 1, headDim: channels.count)
+                sub.arithmetic = .exact
+                let codec = try IntScheme(descriptor: descriptor(bits: w, perChannelTokens: groupTokens, signedScales: signedScales), context: sub)
+                classes.append(WidthClass(codec: codec, channels: channels, payloadOffset: offset, column: column))
+                offset += codec.encodedBlockSize(tokens: c)
+                column += channels.count
+            }
+            all.append(classes)
+        }
+        return all
+    }
+
+    public func forKVHead(_ head: Int) -> any KVScheme {
+        guard !headClasses.isEmpty, headClasses.indices.contains(head) else { return self }
+        var bound = self
+        bound.classes = headClasses[head]
+        bound.channelOfColumn = bound.classes.flatMap { $0.channels.map { Int32($0) } }
+        return bound
     }
 
     /// `int:kBvB:gN` (per-token groups of N) or `int:kBvB:kcT:vcT` (per-channel over T tokens):
     /// the same width for both roles, so the spec builds this descriptor whichever role it is for.
+    /// With per-channel widths, the average width stands for `bits` (`int:k2.5v2.5:kc64:vc64`;
+    /// as a spec it asks the planner again, which needs calibration).
     public var specString: String {
         let group = grouping == .token ? "g\(groupSize)" : "kc\(groupSize):vc\(groupSize)"
-        return "int:k\(bits)v\(bits):\(group)" + (signedScales ? ":signed" : "")
+        let width = channelWidths.isEmpty ? "\(bits)" : "\(Double(rowBytes * 8) / Double(headDim))"
+        return "int:k\(width)v\(width):\(group)" + (signedScales ? ":signed" : "")
     }
 
     public func encodedBlockSize(tokens: Int) -> Int { tokens * rowBytes + 4 * groupCount }
@@ -319,6 +539,7 @@ public struct IntScheme: KVScheme {
     }
 
     public func encode(rows: UnsafePointer<Float>, tokens: Int, into block: UnsafeMutableRawBufferPointer) {
+        if !classes.isEmpty { return encodeClasses(rows: rows, tokens: tokens, into: block) }
         let out = block.baseAddress!
         out.initializeMemory(as: UInt8.self, repeating: 0, count: block.count)
         let d = headDim
@@ -496,6 +717,8 @@ public struct IntScheme: KVScheme {
     }
 
     public func validate(block: UnsafeRawBufferPointer, tokens: Int) throws {
+        for k in classes { try k.codec.validate(block: subBlock(block, k), tokens: tokens) }
+        guard classes.isEmpty else { return }
         let p = block.baseAddress!
         for g in 0 ..< groupCount {
             let s = scale(p, g), o = offset(p, g)
@@ -528,6 +751,11 @@ public struct IntScheme: KVScheme {
 
     public func decode(block: UnsafeRawBufferPointer, tokens: Range<Int>, into out: UnsafeMutablePointer<Float>) {
         let d = headDim, p = block.baseAddress!
+        if !classes.isEmpty {
+            decodeClasses(p, from: tokens.lowerBound, count: tokens.count, into: out)
+            IntegerCodeKernels.unpermute(out, rows: tokens.count, dim: d, channelOfSlot: channelOfColumn)
+            return
+        }
         if tiled {
             decodeTile(p, from: tokens.lowerBound, count: tokens.count, into: out)
             return
@@ -544,9 +772,11 @@ public struct IntScheme: KVScheme {
 
     /// Rows [t0, t0 + n) of a sealed block, decoded into `tile` (n x headDim f32), 8 codes per
     /// step in vector registers.
+    /// `stride`: floats from one tile row to the next (headDim unless a width class decodes
+    /// into its columns of a wider tile).
     @inline(__always)
-    func decodeTile(_ p: UnsafeRawPointer, from t0: Int, count n: Int, into tile: UnsafeMutablePointer<Float>) {
-        let d = headDim
+    func decodeTile(_ p: UnsafeRawPointer, from t0: Int, count n: Int, into tile: UnsafeMutablePointer<Float>, stride: Int? = nil) {
+        let d = headDim, rowStride = stride ?? headDim
         if grouping == .channel {
             // Scales and offsets of a token run are converted to f32 once, then shared by its rows.
             withUnsafeTemporaryAllocation(of: SIMD8<Float>.self, capacity: d / 4) { buffer in
@@ -562,7 +792,7 @@ public struct IntScheme: KVScheme {
                     }
                     for row in t ..< end {
                         let codes = p + row &* rowBytes
-                        let o = UnsafeMutableRawPointer(tile + (row - t0) &* d)
+                        let o = UnsafeMutableRawPointer(tile + (row - t0) &* rowStride)
                         for j in 0 ..< d / 8 {
                             o.storeBytes(of: of[j].addingProduct(codeValues(codes, chunk: j), sc[j]), toByteOffset: 32 &* j, as: SIMD8<Float>.self)
                         }
@@ -576,7 +806,7 @@ public struct IntScheme: KVScheme {
         for row in 0 ..< n {
             let t = t0 + row
             let codes = p + t &* rowBytes
-            let o = UnsafeMutableRawPointer(tile + row &* d)
+            let o = UnsafeMutableRawPointer(tile + row &* rowStride)
             var j = 0
             for grp in 0 ..< perToken {
                 let g = t &* perToken &+ grp
@@ -614,6 +844,15 @@ public struct IntScheme: KVScheme {
     }
 
     public func prepare(queries: UnsafePointer<Float>, groupSize g: Int, scale: Float, into state: UnsafeMutablePointer<Float>) {
+        if !classes.isEmpty {
+            // Queries in class order, so a tile decoded class by class lines up with them.
+            for q in 0 ..< g {
+                for (column, channel) in channelOfColumn.enumerated() {
+                    state[q * headDim + column] = scale * queries[q * headDim + Int(channel)]
+                }
+            }
+            return
+        }
         RowKernels.scaled(queries, by: scale, into: state, count: g * headDim)
         guard !tiled else { return }
         let per = headDim / groupSize
@@ -633,6 +872,10 @@ public struct IntScheme: KVScheme {
         if fastScores {
             return IntegerCodeKernels.channelScores(codes: p, scales: p + scalesOffset, offsets: p + offsetsOffset, bits: bits, dim: d,
                                                     runTokens: groupSize, tokens: tokens, queries: state, groupSize: g, into: scores, stride: stride)
+        }
+        if !classes.isEmpty {
+            return TileKernels.scores(decodedBy: { decodeClasses(p, from: $0.lowerBound, count: $0.count, into: $1) }, dim: d, tokens: tokens,
+                                      queries: state, groupSize: g, into: scores, stride: stride)
         }
         if tiled {
             return TileKernels.scores(decodedBy: { decodeTile(p, from: $0.lowerBound, count: $0.count, into: $1) }, dim: d, tokens: tokens,
@@ -666,13 +909,53 @@ public struct IntScheme: KVScheme {
                                                       groupSize: groupSize, tokens: tokens, weights: weights, stride: stride, queryCount: g,
                                                       into: acc)
         }
+        if !classes.isEmpty {
+            // Accumulated in class order; `finishAccumulation` puts the channels back.
+            let p = block.baseAddress!
+            return TileKernels.accumulate(decodedBy: { decodeClasses(p, from: $0.lowerBound, count: $0.count, into: $1) }, dim: headDim,
+                                          tokens: tokens, weights: weights, stride: stride, groupSize: g, into: acc)
+        }
         TileKernels.accumulate(decodedBy: { decode(block: block, tokens: $0, into: $1) }, dim: headDim, tokens: tokens,
                                weights: weights, stride: stride, groupSize: g, into: acc)
     }
 
     /// The fast accumulator holds channels in slot order; one permutation per attention call.
     public func finishAccumulation(_ acc: UnsafeMutablePointer<Float>, groupSize g: Int) {
+        if !classes.isEmpty { return IntegerCodeKernels.unpermute(acc, rows: g, dim: headDim, channelOfSlot: channelOfColumn) }
         guard fastAccumulate else { return }
         IntegerCodeKernels.unpermute(acc, rows: g, dim: headDim, channelOfSlot: slotChannels)
+    }
+
+    // MARK: Per-channel widths
+
+    /// Width class `k`'s sub-block of a block.
+    @inline(__always)
+    func subBlock(_ block: UnsafeRawBufferPointer, _ k: WidthClass) -> UnsafeRawBufferPointer {
+        UnsafeRawBufferPointer(rebasing: block[k.payloadOffset ..< k.payloadOffset + k.codec.encodedBlockSize(tokens: segmentTokens)])
+    }
+
+    /// Each class encodes its channels' columns, gathered into a stack buffer.
+    func encodeClasses(rows: UnsafePointer<Float>, tokens: Int, into block: UnsafeMutableRawBufferPointer) {
+        let d = headDim
+        for k in classes {
+            let n = k.channels.count
+            withUnsafeTemporaryAllocation(of: Float.self, capacity: tokens * n) { buffer in
+                let columns = buffer.baseAddress!
+                for t in 0 ..< tokens {
+                    for (i, c) in k.channels.enumerated() { columns[t * n + i] = rows[t * d + c] }
+                }
+                let size = k.codec.encodedBlockSize(tokens: segmentTokens)
+                k.codec.encode(rows: columns, tokens: tokens, into: UnsafeMutableRawBufferPointer(rebasing: block[k.payloadOffset ..< k.payloadOffset + size]))
+            }
+        }
+    }
+
+    /// Rows [t0, t0 + n) with the channels in class order (`channelOfColumn`): each class
+    /// decodes into its columns of the tile.
+    @inline(__always)
+    func decodeClasses(_ p: UnsafeRawPointer, from t0: Int, count n: Int, into tile: UnsafeMutablePointer<Float>) {
+        for k in classes {
+            k.codec.decodeTile(p + k.payloadOffset, from: t0, count: n, into: tile + k.column, stride: headDim)
+        }
     }
 }

@@ -84,11 +84,16 @@ public struct SchemePlanner {
     /// Set when the planner needs `CacheStatistics.sensitivity`: the per-layer setups to probe
     /// each layer with (one layer's keys, or values, coded so; everything else lossless).
     public var sensitivityProbe: LayerSetup?
+    /// Whether the planner uses the statistics' `queryRMS` when a tool that runs the model can
+    /// record them (it plans without them otherwise).
+    public var usesQueryStatistics: Bool
     let plan: (CacheStatistics) throws -> PlannedSchemes
 
-    public init(needs: String, sensitivityProbe: LayerSetup? = nil, plan: @escaping (CacheStatistics) throws -> PlannedSchemes) {
+    public init(needs: String, sensitivityProbe: LayerSetup? = nil, usesQueryStatistics: Bool = false,
+                plan: @escaping (CacheStatistics) throws -> PlannedSchemes) {
         self.needs = needs
         self.sensitivityProbe = sensitivityProbe
+        self.usesQueryStatistics = usesQueryStatistics
         self.plan = plan
     }
 }

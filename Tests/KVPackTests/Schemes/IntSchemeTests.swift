@@ -199,3 +199,181 @@ extension IntSchemeTests {
 extension IntScheme {
     static func bitsOf(_ setup: SchemeSetup) -> Int { Int(setup.descriptor.parameters[0]) }
 }
+
+/// Per-channel widths (`int:k2.5v2:kc64`, parameter flag bit 1, format 2.4).
+struct IntChannelWidthTests {
+    static let geometry = ModelGeometry(layerCount: 2, queryHeadCount: 4, kvHeadCount: 2, headDim: 32)
+
+    /// Head 0: channels 0-7 at 4 bits, 8-23 at 2, 24-31 at 1 (72 bits a row); head 1 the same
+    /// widths in another order, so the heads' classes differ but their totals agree.
+    static let widths: [UInt8] = {
+        let head0: [UInt8] = Array(repeating: 4, count: 8) + Array(repeating: 2, count: 16) + Array(repeating: 1, count: 8)
+        let head1: [UInt8] = (0 ..< 32).map { head0[($0 * 5 + 3) % 32] }
+        return head0 + head1
+    }()
+
+    static func scheme(_ descriptor: SchemeDescriptor, segmentTokens: Int = 32) throws -> IntScheme {
+        try IntScheme(descriptor: descriptor, context: SchemeContext(geometry: geometry, segmentTokens: segmentTokens, rope: .none, role: .key,
+                                                                     rangeFit: .minMax))
+    }
+
+    @Test("a block is one ordinary per-channel payload per width, narrowest first, over that width's channels in ascending order (Spec 7.2, scheme 2)")
+    func layoutMatchesUniformClasses() throws {
+        let c = 32, d = 32
+        let mixed = try Self.scheme(IntScheme.descriptor(channelWidths: Self.widths, perChannelTokens: 8), segmentTokens: c)
+        #expect(mixed.encodedBlockSize(tokens: c) == c * (8 * 4 + 16 * 2 + 8 * 1) / 8 + 4 * (c / 8) * d)
+        let x = IntSchemeTests.rows(tokens: c, dim: d, seed: 77)
+        for head in 0 ..< 2 {
+            let s = try #require(mixed.forKVHead(head) as? IntScheme)
+            var block = [UInt8](repeating: 0xAA, count: s.encodedBlockSize(tokens: c))
+            x.withUnsafeBufferPointer { src in block.withUnsafeMutableBytes { s.encode(rows: src.baseAddress!, tokens: c, into: $0) } }
+            let decoded = try IntSchemeTests.roundTrip(s, x, tokens: c)
+            var offset = 0
+            for w in [1, 2, 3, 4, 8] {
+                let channels = (0 ..< d).filter { Int(Self.widths[head * d + $0]) == w }
+                guard !channels.isEmpty else { continue }
+                // The same channels coded alone by a uniform-width scheme give the same bytes and values.
+                var g = Self.geometry
+                g.headDim = channels.count
+                let uniform = try IntScheme(descriptor: IntScheme.descriptor(bits: w, perChannelTokens: 8),
+                                            context: SchemeContext(geometry: g, segmentTokens: c, rope: .none, role: .key, rangeFit: .minMax))
+                let columns = (0 ..< c).flatMap { t in channels.map { x[t * d + $0] } }
+                var expected = [UInt8](repeating: 0, count: uniform.encodedBlockSize(tokens: c))
+                columns.withUnsafeBufferPointer { src in expected.withUnsafeMutableBytes { uniform.encode(rows: src.baseAddress!, tokens: c, into: $0) } }
+                #expect(Array(block[offset ..< offset + expected.count]) == expected, "head \(head) width \(w)")
+                let back = try IntSchemeTests.roundTrip(uniform, columns, tokens: c)
+                for t in 0 ..< c {
+                    for (i, ch) in channels.enumerated() { #expect(decoded[t * d + ch] == back[t * channels.count + i]) }
+                }
+                offset += expected.count
+            }
+            #expect(offset == block.count)
+        }
+        // Attention over a head's block in class order equals attention over its decoded rows.
+        let s = try #require(mixed.forKVHead(1) as? IntScheme)
+        var block = [UInt8](repeating: 0, count: s.encodedBlockSize(tokens: c))
+        x.withUnsafeBufferPointer { src in block.withUnsafeMutableBytes { s.encode(rows: src.baseAddress!, tokens: c, into: $0) } }
+        let rows = try IntSchemeTests.roundTrip(s, x, tokens: c)
+        var rng = SplitMix64(seed: 5)
+        let q = (0 ..< 2 * d).map { _ in Float(rng.nextGaussian()) }
+        var state = [Float](repeating: 0, count: s.queryStateSize(groupSize: 2))
+        var scores = [Float](repeating: 0, count: 2 * 20)
+        block.withUnsafeBytes { b in
+            q.withUnsafeBufferPointer { qp in state.withUnsafeMutableBufferPointer { s.prepare(queries: qp.baseAddress!, groupSize: 2, scale: 0.5, into: $0.baseAddress!) } }
+            state.withUnsafeBufferPointer { st in
+                scores.withUnsafeMutableBufferPointer { s.scores(block: b, tokens: 5 ..< 25, state: st.baseAddress!, groupSize: 2, into: $0.baseAddress!, stride: 20) }
+            }
+        }
+        for g in 0 ..< 2 {
+            for t in 5 ..< 25 {
+                let want = 0.5 * (0 ..< d).reduce(Float(0)) { $0 + q[g * d + $1] * rows[t * d + $1] }
+                #expect(abs(scores[g * 20 + t - 5] - want) <= 1e-4 * max(1, abs(want)), "query \(g) token \(t)")
+            }
+        }
+    }
+
+    @Test("a width table that breaks a rule is refused, naming the field")
+    func invalidTables() throws {
+        var valid = IntScheme.descriptor(channelWidths: Self.widths, perChannelTokens: 8)
+        _ = try Self.scheme(valid)
+        func refused(_ change: (inout SchemeDescriptor) -> Void, _ field: String) {
+            var d = valid
+            change(&d)
+            do {
+                _ = try Self.scheme(d)
+                Issue.record("accepted: \(field)")
+            } catch let e as KVPackError {
+                #expect(e.field?.contains(field) == true, "\(e)")
+            } catch { Issue.record("\(error)") }
+        }
+        refused({ $0.parameters[0] = 2 }, "int.bits")
+        refused({ $0.parameters[1] = 0; $0.parameters[2] = 32 }, "int.grouping")
+        refused({ $0.parameters[8] = 5 }, "int.channelWidths")                        // not a width
+        refused({ $0.parameters[8] = 2; $0.parameters[16] = 3; $0.parameters[17] = 3 }, "int.channelWidths")  // same total, 7 channels of 4 bits
+        refused({ $0.parameters[8 + 32] = 2 }, "int.channelWidths")                   // head 1 sums differ (and a count breaks)
+        refused({ $0.parameters.removeLast() }, "parameters")
+        refused({ $0.parameters[4] |= 4 }, "int.flags")
+        // Both heads' first runs swapped between widths 4 and 1: still valid (same totals, whole runs).
+        valid.parameters.replaceSubrange(8 ..< 16, with: Array(repeating: 1, count: 8))
+        valid.parameters.replaceSubrange(32 ..< 40, with: Array(repeating: 4, count: 8))
+        _ = try Self.scheme(valid)
+    }
+
+    @Test("widths: runs of 8 channels by importance, the budget spent exactly, the most important runs widest")
+    func allocation() throws {
+        let importance = (0 ..< 32).map { c -> Double in c % 4 == 0 ? 100 : (c % 4 == 1 ? 10 : 1) }
+        let w = IntScheme.channelWidths(importance: importance, average: 2.5)
+        #expect(w.reduce(0) { $0 + Int($1) } == 80)
+        for width in Set(w) { #expect(w.filter { $0 == width }.count % 8 == 0) }
+        #expect((0 ..< 32).filter { $0 % 4 == 0 }.allSatisfy { w[$0] == w.max()! }, "\(w)")
+        #expect(w.allSatisfy { (2 ... 4).contains($0) })
+        let low = IntScheme.channelWidths(importance: importance, average: 1.25)
+        #expect(low.reduce(0) { $0 + Int($1) } == 40 && low.allSatisfy { (1 ... 4).contains($0) })
+    }
+
+    @Test("specs: a fractional width plans per-channel widths from calibration, keys weighted by the queries when given; errors say why")
+    func specs() throws {
+        let g = Self.geometry
+        let parsed = try ParsedSchemeSpec("int:k2.5v2:kc8+window:8", geometry: g)
+        #expect(parsed.needsCalibration && parsed.needsQueryStatistics)
+        #expect(try !ParsedSchemeSpec("int:k2v2.5:kc8:vc8", geometry: g).needsQueryStatistics)
+        #expect(throws: KVPackError.self) { try parsed.planned(calibration: nil) }
+        for bad in ["int:k2.5v2", "int:k2.3v2:kc8", "int:k4.5v2:kc8", "int:k0.5v2:kc8", "int:k2v2.5:kc8"] {
+            #expect(throws: KVPackError.self, "\(bad)") { try ParsedSchemeSpec(bad, geometry: g) }
+        }
+        var narrow = g
+        narrow.headDim = 8
+        #expect(throws: KVPackError.self) { try ParsedSchemeSpec("int:k2.5v2:kc8", geometry: narrow) }
+
+        // Key channel 31 is small, channel 0 large; queries that read channel 31 hard move it up.
+        let data = RandomKV(geometry: g, tokens: 64, seed: 3, maxExponent: 6)
+        var stats = data.statistics
+        let plain = try parsed.planned(calibration: stats)
+        #expect(plain.key.descriptor.parameters.count == 8 + 2 * 32 && plain.value.descriptor == IntScheme.descriptor(bits: 2, groupSize: 32))
+        #expect(plain.rationale[0].contains("RMS over 64"))
+        stats.queryRMS = Array(repeating: (0 ..< 32).map { $0 < 8 ? 1000.0 : 1e-3 }, count: g.layerCount * g.kvHeadCount)
+        let weighted = try parsed.planned(calibration: stats)
+        #expect(weighted.rationale[0].contains("query RMS"))
+        let widths = Array(weighted.key.descriptor.parameters[8 ..< 40])
+        #expect((0 ..< 8).allSatisfy { widths[$0] == widths.max()! } && widths.max()! > widths.min()!, "\(widths)")
+        #expect(plain.key.descriptor != weighted.key.descriptor)
+    }
+
+    @Test("a file with per-channel key widths: every head reads back, attention over codes equals attention over the decoded cache, format 2.4, refused by version 1")
+    func file() throws {
+        let spec = "int:k2.5v2:kc8+window:4"
+        let (reader, data) = try writeSchemeTestFile(Self.geometry, spec: spec, seed: 12)
+        #expect(reader.header.minor == 4)
+        #expect(reader.scheme(layer: 0, kind: .key).specString == "int:k2.5v2.5:kc8:vc8")
+        try expectAttentionMatchesDecoded(reader, label: spec, seed: 9)
+        // Codes, so not exact; but within a 2-bit code's half step of the (range-wide) data.
+        let k = try reader.decode(layer: 1, kvHead: 1, kind: .key, tokens: 0 ..< 128)
+        let exact = data.stream(layer: 1, head: 1, kind: .key, tokens: 0 ..< 128)
+        let range = exact.map(abs).max()!
+        #expect(zip(k, exact).allSatisfy { abs($0 - $1) <= range / 3 + 1e-3 })
+        #expect(zip(k, exact).contains { $0 != $1 })
+        let path = temporaryDirectory() + "/v1.kvpack"
+        #expect(throws: KVPackError.self) {
+            try writeFile(path, data: data, segmentTokens: 32, spec: spec, batches: [40], options: testOptions(major: 1))
+        }
+    }
+}
+
+extension IntChannelWidthTests {
+    @Test("an invalid width is reported at its own byte of the file")
+    func errorOffset() throws {
+        let path = packageRoot + "/corpus/error-invalidField__v2.4-int-channel-width-5.kvpack"
+        let bytes = fileBytes(path)
+        do {
+            _ = try KVPackReader(path: path)
+            Issue.record("opened")
+        } catch let e as KVPackError {
+            #expect(e.code == .invalidField && e.field == "manifest.schemes[0].int.channelWidths")
+            let at = try #require(e.offset.map(Int.init))
+            #expect(bytes[at] == 5, "offset \(at)")
+            // The same file before the damage reads, and its byte there is a width.
+            let valid = fileBytes(packageRoot + "/corpus/valid__v2.4-int-k2.5v2-channel-widths.kvpack")
+            #expect([1, 2, 3, 4].contains(valid[at]))
+        }
+    }
+}

@@ -26,6 +26,10 @@ public struct CacheStatistics: Sendable, Codable, Equatable {
     /// What coding one layer's keys or values alone costs the model, measured by running it
     /// (`int:auto:B:measured`); nil unless a tool that has the model measured it.
     public var sensitivity: LayerSensitivity?
+    /// Per (layer, KV head), in that order: each channel's RMS over the queries that read the
+    /// head (its query group) and the calibration tokens; empty unless a tool that ran the
+    /// model recorded them. Per-channel widths (`int:k2.5v2:kc64`) weight key channels by them.
+    public var queryRMS: [[Double]] = []
 
     /// The model's loss when one layer's keys (or values) alone are coded with a probe scheme
     /// and everything else is lossless: per layer, the increase of the mean negative
@@ -48,13 +52,14 @@ public struct CacheStatistics: Sendable, Codable, Equatable {
     }
 
     /// Saved plans (`kvpack plan --json`) keep the norms and sensitivities; Gram matrices are megabytes.
-    enum CodingKeys: String, CodingKey { case tokens, layers, sensitivity }
+    enum CodingKeys: String, CodingKey { case tokens, layers, sensitivity, queryRMS }
 
     public init(from decoder: Decoder) throws {
         let c = try decoder.container(keyedBy: CodingKeys.self)
         tokens = try c.decode(Int.self, forKey: .tokens)
         layers = try c.decode([Layer].self, forKey: .layers)
         sensitivity = try c.decodeIfPresent(LayerSensitivity.self, forKey: .sensitivity)
+        queryRMS = try c.decodeIfPresent([[Double]].self, forKey: .queryRMS) ?? []
         grams = []
     }
 
@@ -124,3 +129,37 @@ public struct CacheStatistics: Sendable, Codable, Equatable {
         return lambda
     }
 }
+
+/// Sums of squared query channels per (layer, KV head), collected while a model runs (or from
+/// saved queries), for `CacheStatistics.queryRMS`.
+public struct QueryChannelSums: Sendable {
+    public let geometry: ModelGeometry
+    private var sums: [Double]
+    private var counts: [Int]
+
+    public init(geometry: ModelGeometry) {
+        self.geometry = geometry
+        sums = Array(repeating: 0, count: geometry.layerCount * geometry.kvHeadCount * geometry.headDim)
+        counts = Array(repeating: 0, count: geometry.layerCount * geometry.kvHeadCount)
+    }
+
+    /// Adds `count` query rows (headDim floats each) that attend with `kvHead` of `layer`.
+    public mutating func add(layer: Int, kvHead: Int, queries: UnsafePointer<Float>, count: Int) {
+        let d = geometry.headDim, at = layer * geometry.kvHeadCount + kvHead
+        for r in 0 ..< count {
+            for c in 0 ..< d {
+                let x = Double(queries[r * d + c])
+                sums[at * d + c] += x * x
+            }
+        }
+        counts[at] += count
+    }
+
+    /// Per (layer, KV head), each channel's RMS; empty when nothing was added.
+    public var rms: [[Double]] {
+        guard counts.contains(where: { $0 > 0 }) else { return [] }
+        let d = geometry.headDim
+        return counts.indices.map { i in (0 ..< d).map { c in (sums[i * d + c] / Double(max(counts[i], 1))).squareRoot() } }
+    }
+}
+

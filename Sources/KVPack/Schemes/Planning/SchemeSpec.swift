@@ -39,6 +39,11 @@ public struct ParsedSchemeSpec {
         return nil
     }
 
+    /// Whether a planner would use the queries' per-channel RMS (`CacheStatistics.queryRMS`).
+    public var needsQueryStatistics: Bool {
+        parts.contains { if case let .planner(_, planner) = $0 { planner.usesQueryStatistics } else { false } }
+    }
+
     public init(_ text: String, geometry: ModelGeometry) throws {
         self.text = text
         self.geometry = geometry
