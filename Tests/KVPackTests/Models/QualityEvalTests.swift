@@ -74,3 +74,24 @@ struct QualityEvalTests {
         #expect(damaged.greedyAgreement < clean.greedyAgreement)
     }
 }
+
+extension QualityEvalTests {
+    @Test("a dense cache records the queries that read each KV head: per layer and head, each channel's RMS over the group and the tokens")
+    func querySums() throws {
+        let g = bundledModel.config.geometry
+        let cache = DenseKVCache(geometry: g)
+        cache.querySums = QueryChannelSums(geometry: g)
+        try bundledModel.forward(tokens: [1, 45, 496, 170, 263], cache: cache)
+        let rms = try #require(cache.querySums?.rms)
+        #expect(rms.count == g.layerCount * g.kvHeadCount)
+        #expect(rms.allSatisfy { $0.count == g.headDim && $0.allSatisfy { $0.isFinite && $0 > 0 } })
+        // The same queries summed by hand (a group of queries counted per token).
+        var sums = QueryChannelSums(geometry: g)
+        let q: [Float] = (0 ..< 2 * g.headDim).map { Float($0 % 7) - 3 }
+        q.withUnsafeBufferPointer { sums.add(layer: 0, kvHead: 0, queries: $0.baseAddress!, count: 2) }
+        let c0 = sums.rms[0][0], c1 = sums.rms[0][1]
+        #expect(abs(c0 - ((9.0 + Double(((g.headDim % 7) - 3) * ((g.headDim % 7) - 3))) / 2).squareRoot()) < 1e-12)
+        #expect(c1 > 0 && sums.rms[1].allSatisfy { $0 == 0 })
+        #expect(QueryChannelSums(geometry: g).rms.isEmpty)
+    }
+}
