@@ -24,7 +24,7 @@
 public struct IntScheme: KVScheme {
     public static let kind = SchemeKind.int
     public static let specSyntax = "k<B>v<B>[:g<N>][:kc<T>|kt<N>][:vc<T>|vt<N>][:r<T>][:signed]   or   int:auto:<BUDGET>[:spectral|:measured][options]"
-    public static let summary = "KV-AdaQuant: 1/2/3/4/8-bit codes, f16 scale+offset per group (gN: N head_dim elements per token; kcT/vcT: per channel over T tokens); rT: T-token f16 window; auto:BUDGET plans K/V bits per layer (from norms, or :measured from the model's loss per layer)"
+    public static let summary = "KV-AdaQuant: 1/2/3/4/8-bit codes, f16 scale+offset per group (gN: N head_dim elements per token; kcT/vcT: per channel over T tokens); rT: T-token f16 window; auto:BUDGET plans K/V bits per layer (from norms, or :measured from the model's loss per layer); a fractional width with kcT/vcT (k2.5v2:kc64) gives each channel its own width, calibrated (format 2.4)"
 
     public static let supportedBits = [1, 2, 3, 4, 8]
 
@@ -380,7 +380,7 @@ public struct IntScheme: KVScheme {
             throw KVPackError.invalid(nil, "parameters", "int takes 8 parameter bytes, found \(p.count)")
         }
         guard p[4] & ~(Self.signedScalesFlag | Self.channelWidthsFlag) == 0 else {
-            throw KVPackError.invalid(nil, "int.flags", "is 0x\(String(p[4], radix: 16)); only bits 0 (signed scales) and 1 (per-channel widths) are defined")
+            throw KVPackError.invalid(4, "int.flags", "is 0x\(String(p[4], radix: 16)); only bits 0 (signed scales) and 1 (per-channel widths) are defined")
         }
         let perChannelWidths = p[4] & Self.channelWidthsFlag != 0
         let d = context.headDim, c = context.segmentTokens, heads = context.geometry.kvHeadCount
@@ -394,23 +394,23 @@ public struct IntScheme: KVScheme {
         if perChannelWidths {
             guard bits == 0 else { throw KVPackError.invalid(0, "int.bits", "is \(bits); with per-channel widths it must be 0") }
         } else {
-            guard Self.supportedBits.contains(bits) else { throw KVPackError.invalid(nil, "int.bits", "is \(bits), must be 1, 2, 3, 4 or 8") }
+            guard Self.supportedBits.contains(bits) else { throw KVPackError.invalid(0, "int.bits", "is \(bits), must be 1, 2, 3, 4 or 8") }
         }
-        guard let grouping = Grouping(rawValue: p[1]) else { throw KVPackError.invalid(nil, "int.grouping", "is \(p[1]), must be 0 (token) or 1 (channel)") }
+        guard let grouping = Grouping(rawValue: p[1]) else { throw KVPackError.invalid(1, "int.grouping", "is \(p[1]), must be 0 (token) or 1 (channel)") }
         let size = Int(p[2]) | Int(p[3]) << 8
         signedScales = p[4] & Self.signedScalesFlag != 0
         guard d % 8 == 0 else { throw KVPackError.invalid(nil, "int.bits", "int needs head_dim to be a multiple of 8, the file has \(d)") }
         switch grouping {
         case .token:
             guard size >= 1, d % size == 0 else {
-                throw KVPackError.invalid(nil, "int.groupSize", "is \(size); per-token groups must divide head_dim \(d)")
+                throw KVPackError.invalid(2, "int.groupSize", "is \(size); per-token groups must divide head_dim \(d)")
             }
             guard !perChannelWidths else {
-                throw KVPackError.invalid(nil, "int.grouping", "is 0 (per token); per-channel widths need per-channel groups (1)")
+                throw KVPackError.invalid(1, "int.grouping", "is 0 (per token); per-channel widths need per-channel groups (1)")
             }
         case .channel:
             guard size >= 1, c % size == 0 else {
-                throw KVPackError.invalid(nil, "int.groupSize", "is \(size); per-channel groups of tokens must divide segmentTokens \(c)")
+                throw KVPackError.invalid(2, "int.groupSize", "is \(size); per-channel groups of tokens must divide segmentTokens \(c)")
             }
         }
         guard descriptor.blobIDs.isEmpty else {

@@ -120,7 +120,9 @@ public protocol KVScheme: Sendable {
     /// calibration statistics later); nil for arguments that describe one setup (`setup`).
     static func planner(arguments: [String], geometry: ModelGeometry) throws -> SchemePlanner?
 
-    /// Validates a descriptor read from a file and prepares the codec.
+    /// Validates a descriptor read from a file and prepares the codec. An invalid parameter is an
+    /// error whose `offset` is the parameter byte's index (nil: the parameters as a whole); the
+    /// reader adds where the descriptor's parameters lie in the file.
     init(descriptor: SchemeDescriptor, context: SchemeContext) throws
 
     var descriptor: SchemeDescriptor { get }

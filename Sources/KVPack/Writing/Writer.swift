@@ -149,7 +149,15 @@ public final class KVPackWriter {
                 guard let b = byID[id] else { throw KVPackError.argument("scheme \(i) names blob \(id), which was not supplied") }
                 return b
             }
-            return try SchemeRegistry.make(descriptor: d, context: SchemeContext(manifest: manifest, scheme: i, blobs: named, rangeFit: rangeFit))
+            do {
+                return try SchemeRegistry.make(descriptor: d, context: SchemeContext(manifest: manifest, scheme: i, blobs: named, rangeFit: rangeFit))
+            } catch var e as KVPackError {
+                // No file yet: a parameter's index (the error's offset) names no byte of one.
+                e.message += e.offset.map { " (parameter byte \($0))" } ?? ""
+                e.offset = nil
+                e.field = e.field.map { "manifest.schemes[\(i)].\($0)" } ?? "manifest.schemes[\(i)]"
+                throw e
+            }
         }
     }
 
