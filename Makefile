@@ -24,7 +24,7 @@ INTEROP_SOURCES := $(shell find Sources/KVPackInterop/LlamaCpp -name '*.swift')
 SMOLLM2 := $(if $(KVPACK_MODEL_DIR),$(KVPACK_MODEL_DIR),$(if $(XDG_CACHE_HOME),$(XDG_CACHE_HOME),$(HOME)/.cache)/kvpack)/SmolLM2-135M-Instruct.Q4_1.gguf
 
 # (check-layers: see scripts/check-layers.py and ARCHITECTURE.md)
-.PHONY: bench-remote capi capi-test python python-test hf-env hf-test mlx-test all build setup native-deps models pydeps check-layers test demo fuzz fuzz-all fuzz-decode fuzz-generated fuzz-tensors fuzz-gguf fuzz-llama-cpp fuzz-parser differential corpus corpus-check bench bench-convert torture sanitize clean llama.cpp llama-cpp-fixtures llama-cpp-roundtrip llama-cpp-sizes chat-sampling long-chat
+.PHONY: bench-runner bench-remote capi capi-test python python-test hf-env hf-test mlx-test all build setup native-deps models pydeps check-layers test demo fuzz fuzz-all fuzz-decode fuzz-generated fuzz-tensors fuzz-gguf fuzz-llama-cpp fuzz-parser differential corpus corpus-check bench bench-convert torture sanitize clean llama.cpp llama-cpp-fixtures llama-cpp-roundtrip llama-cpp-sizes chat-sampling long-chat
 
 all: build capi
 
@@ -269,6 +269,11 @@ long-chat: build models
 # (BENCHMARKS.md "Speed"). Not a test: timings vary from run to run.
 bench: build
 	$(KVPACK) bench --threads 2 --write BENCHMARKS.md | tee bench-out.txt
+
+# The model runner against llama.cpp's llama-bench on the same GGUF (SmolLM2), prefill and
+# decode at 1 and 2 threads, f32 and 8-bit activations (BENCHMARKS.md, "The runner").
+bench-runner: build models llama.cpp
+	bash scripts/runner-vs-llama.sh $(KVPACK)
 
 # Reading caches in place from object storage against downloading them (BENCHMARKS.md): the
 # local test S3 server (scripts/s3-server.sh) is started for it and stopped after.

@@ -29,7 +29,7 @@ let package = Package(
         ),
         .target(
             name: "KVPackModels",
-            dependencies: ["KVPack"],
+            dependencies: ["KVPack", "CKVKernels"],
             path: "Sources/KVPackModels"
         ),
         // Lab code: synthetic caches, model presets, the torture harness. Not a product: the

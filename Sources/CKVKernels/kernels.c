@@ -2,6 +2,7 @@
 // compiles with the package's default flags (no unsafeFlags) and the binary runs anywhere: the
 // dispatcher picks a variant once, when the library loads.
 #include "CKVKernels.h"
+#include "half.h"
 
 #include <math.h>
 #include <string.h>
@@ -154,25 +155,6 @@ uint64_t kvk_int8_madd_probe(uint64_t iterations, int32_t *sink) {
 
 enum { BLOCK = 32, MAX_DIM = 256, MAX_GROUP = 8, PREFETCH_BLOCKS = 2 };
 
-static float half_to_float(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF, bits;
-    if (exponent == 0) {
-        if (mantissa == 0) {
-            bits = sign;
-        } else {  // subnormal: normalise
-            int e = -1;
-            do { e++; mantissa <<= 1; } while ((mantissa & 0x400) == 0);
-            bits = sign | (uint32_t)(127 - 15 - e) << 23 | (mantissa & 0x3FF) << 13;
-        }
-    } else if (exponent == 31) {
-        bits = sign | 0x7F800000 | mantissa << 13;
-    } else {
-        bits = sign | (exponent + 112) << 23 | mantissa << 13;
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
 
 static void dense_f16_portable(const float *q, int group, int dim, const uint16_t *keys, const uint16_t *values, size_t tokens,
                                float scale, float *out) {

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import CKVKernels
 import Dispatch
 import KVPack
 
@@ -44,18 +45,65 @@ struct WeightMatrix: @unchecked Sendable {
         return max(1, min(sysconf(Int32(_SC_NPROCESSORS_ONLN)), 64))
     }()
 
+    /// What the block-quantized products (Q8_0, Q4_0, Q4_1) multiply the weights with.
+    enum Activations: String, Sendable {
+        /// The f32 inputs, each weight block expanded to f32: the exact product of the stored
+        /// weights, summed in `RowKernels.dot`'s order. The default: it is why the runner agrees
+        /// with Hugging Face and a float64 reference where llama.cpp flips a near tie.
+        case f32
+        /// The inputs quantized to int8 per 32-element block, integer products per weight block
+        /// (`kvk_weight_dots`), as llama.cpp computes its Q4/Q8 products: faster, not exact.
+        case q8
+    }
+
+    /// `KVPACK_ACTIVATIONS=q8` selects `Activations.q8` for every model in the process (read once).
+    static let activations: Activations = {
+        getenv("KVPACK_ACTIVATIONS").flatMap { Activations(rawValue: String(cString: $0)) } ?? .f32
+    }()
+
     /// Y[t] = W x X[t] for `count` input rows (stride cols) into output rows (stride rows).
-    func apply(_ x: UnsafePointer<Float>, count: Int, into y: UnsafeMutablePointer<Float>) {
-        let work = rows * cols * count
-        let threads = work >= 1 << 18 ? Self.threadCount : 1
-        if threads == 1 { return applyRows(0 ..< rows, x, count: count, into: y) }
-        let chunk = (rows + threads * 4 - 1) / (threads * 4)
-        let chunks = (rows + chunk - 1) / chunk
+    func apply(_ x: UnsafePointer<Float>, count: Int, into y: UnsafeMutablePointer<Float>, activations: Activations = WeightMatrix.activations) {
+        if isBlockQuantized, activations == .q8 { return applyQuantized(x, count: count, into: y) }
         // Sendable wrappers: each chunk writes disjoint outputs.
         let xs = UncheckedPointer(x), ys = UncheckedMutablePointer(y)
+        parallelRows(count: count) { applyRows($0, xs.p, count: count, into: ys.p) }
+    }
+
+    /// Runs `body` over all rows, split between worker threads when the product is large (each
+    /// output row is computed by one thread, so results do not depend on the thread count).
+    private func parallelRows(count: Int, _ body: @escaping @Sendable (Range<Int>) -> Void) {
+        let work = rows * cols * count
+        let threads = work >= 1 << 18 ? Self.threadCount : 1
+        if threads == 1 { return body(0 ..< rows) }
+        let chunk = (rows + threads * 4 - 1) / (threads * 4)
+        let chunks = (rows + chunk - 1) / chunk
         DispatchQueue.concurrentPerform(iterations: chunks) { c in
-            let lo = c * chunk, hi = min(rows, lo + chunk)
-            applyRows(lo ..< hi, xs.p, count: count, into: ys.p)
+            let lo = c * chunk
+            body(lo ..< min(rows, lo + chunk))
+        }
+    }
+
+    /// `Activations.q8`: every input row quantized once, then each weight row against all of them.
+    private func applyQuantized(_ x: UnsafePointer<Float>, count: Int, into y: UnsafeMutablePointer<Float>) {
+        let blocks = cols / 32
+        let encoding = Int32(encoding == .q8_0 ? KVK_WEIGHTS_Q8_0 : encoding == .q4_0 ? KVK_WEIGHTS_Q4_0 : KVK_WEIGHTS_Q4_1)
+        withUnsafeTemporaryAllocation(of: Int8.self, capacity: count * cols) { q in
+            withUnsafeTemporaryAllocation(of: Float.self, capacity: 2 * count * blocks) { f in
+                let codes = q.baseAddress!, steps = f.baseAddress!, sums = steps + count * blocks
+                for t in 0 ..< count {
+                    kvk_quantize_q8(x + t * cols, Int32(cols), codes + t * cols, steps + t * blocks, sums + t * blocks)
+                }
+                // Sendable wrappers: each chunk reads the shared inputs and writes disjoint outputs.
+                let cs = UncheckedInt8Pointer(codes), ss = UncheckedPointer(steps), us = UncheckedPointer(sums), ys = UncheckedMutablePointer(y)
+                parallelRows(count: count) { range in
+                    withUnsafeTemporaryAllocation(of: Float.self, capacity: count) { out in
+                        for r in range {
+                            kvk_weight_dots(encoding, data + r * rowBytes, Int32(blocks), cs.p, ss.p, us.p, Int32(count), cols, out.baseAddress!)
+                            for t in 0 ..< count { ys.p[t * rows + r] = out[t] }
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -180,5 +228,6 @@ struct WeightMatrix: @unchecked Sendable {
     }
 }
 
+struct UncheckedInt8Pointer: @unchecked Sendable { let p: UnsafePointer<Int8>; init(_ p: UnsafePointer<Int8>) { self.p = p } }
 struct UncheckedPointer: @unchecked Sendable { let p: UnsafePointer<Float>; init(_ p: UnsafePointer<Float>) { self.p = p } }
 struct UncheckedMutablePointer: @unchecked Sendable { let p: UnsafeMutablePointer<Float>; init(_ p: UnsafeMutablePointer<Float>) { self.p = p } }

@@ -51,6 +51,28 @@ float kvk_stream_read_portable(const void *p, size_t bytes);
 int kvk_dense_f16_attention_portable(const float *queries, int group, int dim, const uint16_t *keys, const uint16_t *values,
                                      size_t tokens, float scale, float *output);
 
+// MARK: Weight products on 8-bit activations (weights.c)
+
+enum { KVK_WEIGHTS_Q8_0 = 0, KVK_WEIGHTS_Q4_0 = 1, KVK_WEIGHTS_Q4_1 = 2 };
+
+/// "avx2 vpmaddubsw" or "portable": the variant `kvk_weight_dots` runs.
+const char *kvk_weights_isa_name(void);
+
+/// Quantizes `cols` floats (a multiple of 32) to int8 per 32-element block, as llama.cpp's
+/// Q8 activations: step[b] = max|x| / 127 (0 for an all-zero or non-finite block, whose codes are
+/// then 0), q = round-to-nearest-even(x / step) within +-127, sum[b] = step[b] * sum of the codes.
+void kvk_quantize_q8(const float *x, int cols, int8_t *q, float *step, float *sum);
+
+/// out[t] = row . x_t for `count` quantized inputs (input t: codes at xq + t * xStride, steps and
+/// sums at xd/xs + t * xStride / 32), `row` being `blocks` ggml blocks of 32 weights in
+/// `encoding` (Q8_0: f16 d, 32 int8; Q4_0: f16 d, 16 bytes of nibbles; Q4_1: f16 d, f16 m, 16
+/// bytes). Integer products per block, scaled in f32 (weights.c says exactly how); the AVX2 and
+/// portable variants give the same bits.
+void kvk_weight_dots(int encoding, const void *row, int blocks, const int8_t *xq, const float *xd, const float *xs, int count,
+                     size_t xStride, float *out);
+void kvk_weight_dots_portable(int encoding, const void *row, int blocks, const int8_t *xq, const float *xd, const float *xs, int count,
+                              size_t xStride, float *out);
+
 // MARK: Online softmax (softmax.c)
 
 /// Whether `kvk_softmax_absorb` runs here (AVX2).

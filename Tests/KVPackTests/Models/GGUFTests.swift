@@ -1,3 +1,4 @@
+import CKVKernels
 import Foundation
 import Testing
 @testable import KVPack
@@ -233,5 +234,75 @@ struct GGUFTests {
         }
         try Data(good).write(to: URL(fileURLWithPath: dir + "/ok.gguf"))
         _ = try LlamaModel(path: dir + "/ok.gguf")
+    }
+}
+
+/// The runner's products on 8-bit activations (`WeightMatrix.Activations.q8`, C `kvk_weight_dots`).
+struct Q8ActivationTests {
+    static let types: [(UInt32, WeightMatrix.Encoding, Int32)] = [(8, .q8_0, Int32(KVK_WEIGHTS_Q8_0)), (2, .q4_0, Int32(KVK_WEIGHTS_Q4_0)),
+                                                                 (3, .q4_1, Int32(KVK_WEIGHTS_Q4_1))]
+
+    @Test("activations quantize to int8 per 32 with step max/127; the dispatched kernel equals the portable one bit for bit and the exact product within the int8 rounding",
+          arguments: [0, 1, 2])
+    func products(index: Int) {
+        let (type, encoding, code) = Self.types[index]
+        var rng = SplitMix64(seed: 90 + UInt64(type))
+        let rows = 29, cols = 160, blocks = cols / 32
+        let weights = (0 ..< rows * cols).map { _ in Float(rng.nextGaussian()) }
+        let bytes = GGMLEncode.encode(weights, as: type)
+        let reference = GGMLEncode.decode(bytes, as: type, count: rows * cols)
+        var x = (0 ..< 5 * cols).map { _ in Float(rng.nextGaussian()) * 3 }
+        for c in 0 ..< 32 { x[2 * cols + c] = 0 }  // an all-zero block
+        x[3 * cols + 40] = 400                     // an outlier coarsens its block only
+        var q = [Int8](repeating: 0, count: x.count), step = [Float](repeating: 0, count: 5 * blocks), sum = step
+        for t in 0 ..< 5 {
+            x.withUnsafeBufferPointer { xp in
+                q.withUnsafeMutableBufferPointer { qp in
+                    step.withUnsafeMutableBufferPointer { sp in
+                        sum.withUnsafeMutableBufferPointer { up in
+                            kvk_quantize_q8(xp.baseAddress! + t * cols, Int32(cols), qp.baseAddress! + t * cols, sp.baseAddress! + t * blocks,
+                                            up.baseAddress! + t * blocks)
+                        }
+                    }
+                }
+            }
+        }
+        for t in 0 ..< 5 {
+            for b in 0 ..< blocks {
+                let v = x[t * cols + 32 * b ..< t * cols + 32 * b + 32], codes = q[t * cols + 32 * b ..< t * cols + 32 * b + 32]
+                #expect(step[t * blocks + b] == v.map(abs).max()! / 127)
+                #expect(codes.allSatisfy { abs(Int($0)) <= 127 } && (v.map(abs).max()! == 0) == codes.allSatisfy { $0 == 0 })
+                #expect(sum[t * blocks + b] == step[t * blocks + b] * Float(codes.reduce(0) { $0 + Int($1) }))
+                for (a, c) in zip(v, codes) { #expect(abs(a - step[t * blocks + b] * Float(c)) <= step[t * blocks + b] / 2 * 1.0001) }
+            }
+        }
+        bytes.withUnsafeBytes { raw in
+            for r in 0 ..< rows {
+                let row = raw.baseAddress! + r * bytes.count / rows
+                for count in 1 ... 5 {
+                    var fast = [Float](repeating: 0, count: count), portable = fast
+                    kvk_weight_dots(code, row, Int32(blocks), q, step, sum, Int32(count), cols, &fast)
+                    kvk_weight_dots_portable(code, row, Int32(blocks), q, step, sum, Int32(count), cols, &portable)
+                    #expect(fast.map(\.bitPattern) == portable.map(\.bitPattern), "row \(r) count \(count)")
+                    for t in 0 ..< count {
+                        var exact = 0.0, scale = 0.0
+                        for c in 0 ..< cols {
+                            exact += Double(reference[r * cols + c]) * Double(x[t * cols + c])
+                            scale += abs(Double(reference[r * cols + c])) * Double(step[t * blocks + c / 32])
+                        }
+                        // Each activation is off by at most half its step.
+                        #expect(abs(Double(fast[t]) - exact) <= 0.5 * scale + 1e-3, "row \(r) input \(t)")
+                    }
+                }
+            }
+            // Through WeightMatrix: q8 mode gives the kernel's results for every batch size.
+            let m = WeightMatrix(rows: rows, cols: cols, encoding: encoding, data: raw.baseAddress!)
+            var y = [Float](repeating: 0, count: 5 * rows)
+            x.withUnsafeBufferPointer { xp in y.withUnsafeMutableBufferPointer { m.apply(xp.baseAddress!, count: 5, into: $0.baseAddress!, activations: .q8) } }
+            var one = [Float](repeating: 0, count: 1)
+            kvk_weight_dots(code, raw.baseAddress! + 7 * bytes.count / rows, Int32(blocks), Array(q[3 * cols ..< 4 * cols]),
+                            Array(step[3 * blocks ..< 4 * blocks]), Array(sum[3 * blocks ..< 4 * blocks]), 1, cols, &one)
+            #expect(y[3 * rows + 7] == one[0])
+        }
     }
 }
