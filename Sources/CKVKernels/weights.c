@@ -66,7 +66,7 @@ static float finish_lanes(const float acc[8], float offsets) {
     return ((a0 + a2) + (a1 + a3)) + offsets;
 }
 
-static void dots_portable(int encoding, const uint8_t *row, int blocks, const int8_t *xq, const float *xd, const float *xs, int count,
+static void row_dots_portable(int encoding, const uint8_t *row, int blocks, const int8_t *xq, const float *xd, const float *xs, int count,
                           size_t xStride, float *out) {
     const size_t bb = block_bytes(encoding), perInput = xStride / 32;
     for (int t = 0; t < count; t++) {
@@ -116,7 +116,7 @@ static inline __m256i block_lanes_avx2(__m256i codes, __m256i x, int isSigned) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(codes, x), _mm256_set1_epi16(1));
 }
 
-static void dots_avx2(int encoding, const uint8_t *row, int blocks, const int8_t *xq, const float *xd, const float *xs, int count,
+static void row_dots_avx2(int encoding, const uint8_t *row, int blocks, const int8_t *xq, const float *xd, const float *xs, int count,
                       size_t xStride, float *out) {
     const size_t bb = block_bytes(encoding), perInput = xStride / 32;
     const int isSigned = encoding == KVK_WEIGHTS_Q8_0;
@@ -145,18 +145,69 @@ static void dots_avx2(int encoding, const uint8_t *row, int blocks, const int8_t
     }
 }
 
+/// One input against four rows at once (decode): four independent accumulator chains instead of
+/// one, the input's codes loaded once per block. Each row's arithmetic is `row_dots_avx2`'s.
+static void four_rows_avx2(int encoding, const uint8_t *rows, size_t rowBytes, int blocks, const int8_t *xq, const float *xd,
+                           const float *xs, float *out) {
+    const size_t bb = block_bytes(encoding);
+    const int isSigned = encoding == KVK_WEIGHTS_Q8_0;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    float offsets[4] = {0, 0, 0, 0};
+    for (int b = 0; b < blocks; b++) {
+        const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + 32 * (size_t)b));
+        const float dx = xd[b], s = xs[b];
+        for (int r = 0; r < 4; r++) {
+            const uint8_t *w = rows + r * rowBytes + b * bb;
+            const __m256i codes = block_codes_avx2(encoding, w);
+            const float d = _cvtsh_ss(load_u16(w));
+            acc[r] = _mm256_add_ps(acc[r], _mm256_mul_ps(_mm256_cvtepi32_ps(block_lanes_avx2(codes, x, isSigned)), _mm256_set1_ps(d * dx)));
+            if (encoding == KVK_WEIGHTS_Q4_0) offsets[r] += (-8.0f * d) * s;
+            if (encoding == KVK_WEIGHTS_Q4_1) offsets[r] += _cvtsh_ss(load_u16(w + 2)) * s;
+        }
+    }
+    for (int r = 0; r < 4; r++) {
+        float lanes[8];
+        _mm256_storeu_ps(lanes, acc[r]);
+        out[r] = finish_lanes(lanes, offsets[r]);
+    }
+}
+
 #pragma clang attribute pop
 #endif
 
-void kvk_weight_dots(int encoding, const void *row, int blocks, const int8_t *xq, const float *xd, const float *xs, int count,
-                     size_t xStride, float *out) {
+void kvk_weight_dots(int encoding, const void *rows, size_t rowBytes, int rowCount, int blocks, const int8_t *xq, const float *xd,
+                     const float *xs, int count, size_t xStride, float *out, size_t outStride) {
+    const uint8_t *w = (const uint8_t *)rows;
+    float tmp[64];
+    int r = 0;
 #if KVK_WEIGHTS_X86
-    if (weights_avx2) return dots_avx2(encoding, (const uint8_t *)row, blocks, xq, xd, xs, count, xStride, out);
+    if (weights_avx2) {
+        if (count == 1)
+            for (; r + 4 <= rowCount; r += 4) four_rows_avx2(encoding, w + r * rowBytes, rowBytes, blocks, xq, xd, xs, out + r);
+        for (; r < rowCount; r++) {
+            for (int t0 = 0; t0 < count; t0 += 64) {
+                int n = count - t0 < 64 ? count - t0 : 64;
+                row_dots_avx2(encoding, w + r * rowBytes, blocks, xq + (size_t)t0 * xStride, xd + (size_t)t0 * (xStride / 32),
+                              xs + (size_t)t0 * (xStride / 32), n, xStride, tmp);
+                for (int t = 0; t < n; t++) out[(size_t)(t0 + t) * outStride + r] = tmp[t];
+            }
+        }
+        return;
+    }
 #endif
-    dots_portable(encoding, (const uint8_t *)row, blocks, xq, xd, xs, count, xStride, out);
+    kvk_weight_dots_portable(encoding, rows, rowBytes, rowCount, blocks, xq, xd, xs, count, xStride, out, outStride);
 }
 
-void kvk_weight_dots_portable(int encoding, const void *row, int blocks, const int8_t *xq, const float *xd, const float *xs, int count,
-                              size_t xStride, float *out) {
-    dots_portable(encoding, (const uint8_t *)row, blocks, xq, xd, xs, count, xStride, out);
+void kvk_weight_dots_portable(int encoding, const void *rows, size_t rowBytes, int rowCount, int blocks, const int8_t *xq, const float *xd,
+                              const float *xs, int count, size_t xStride, float *out, size_t outStride) {
+    const uint8_t *w = (const uint8_t *)rows;
+    float tmp[64];
+    for (int r = 0; r < rowCount; r++) {
+        for (int t0 = 0; t0 < count; t0 += 64) {
+            int n = count - t0 < 64 ? count - t0 : 64;
+            row_dots_portable(encoding, w + r * rowBytes, blocks, xq + (size_t)t0 * xStride, xd + (size_t)t0 * (xStride / 32),
+                              xs + (size_t)t0 * (xStride / 32), n, xStride, tmp);
+            for (int t = 0; t < n; t++) out[(size_t)(t0 + t) * outStride + r] = tmp[t];
+        }
+    }
 }

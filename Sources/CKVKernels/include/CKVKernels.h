@@ -63,15 +63,16 @@ const char *kvk_weights_isa_name(void);
 /// then 0), q = round-to-nearest-even(x / step) within +-127, sum[b] = step[b] * sum of the codes.
 void kvk_quantize_q8(const float *x, int cols, int8_t *q, float *step, float *sum);
 
-/// out[t] = row . x_t for `count` quantized inputs (input t: codes at xq + t * xStride, steps and
-/// sums at xd/xs + t * xStride / 32), `row` being `blocks` ggml blocks of 32 weights in
-/// `encoding` (Q8_0: f16 d, 32 int8; Q4_0: f16 d, 16 bytes of nibbles; Q4_1: f16 d, f16 m, 16
-/// bytes). Integer products per block, scaled in f32 (weights.c says exactly how); the AVX2 and
-/// portable variants give the same bits.
-void kvk_weight_dots(int encoding, const void *row, int blocks, const int8_t *xq, const float *xd, const float *xs, int count,
-                     size_t xStride, float *out);
-void kvk_weight_dots_portable(int encoding, const void *row, int blocks, const int8_t *xq, const float *xd, const float *xs, int count,
-                              size_t xStride, float *out);
+/// out[t * outStride + r] = row_r . x_t for `rowCount` rows (row r at rows + r * rowBytes, each
+/// `blocks` ggml blocks of 32 weights in `encoding`: Q8_0 f16 d, 32 int8; Q4_0 f16 d, 16 bytes
+/// of nibbles; Q4_1 f16 d, f16 m, 16 bytes) and `count` quantized inputs (input t: codes at
+/// xq + t * xStride, steps and sums at xd/xs + t * xStride / 32). Integer products per block,
+/// scaled in f32 (weights.c says exactly how); a row's result does not depend on which other
+/// rows and inputs are in the call, and the AVX2 and portable variants give the same bits.
+void kvk_weight_dots(int encoding, const void *rows, size_t rowBytes, int rowCount, int blocks, const int8_t *xq, const float *xd,
+                     const float *xs, int count, size_t xStride, float *out, size_t outStride);
+void kvk_weight_dots_portable(int encoding, const void *rows, size_t rowBytes, int rowCount, int blocks, const int8_t *xq,
+                              const float *xd, const float *xs, int count, size_t xStride, float *out, size_t outStride);
 
 // MARK: Online softmax (softmax.c)
 

@@ -276,33 +276,38 @@ struct Q8ActivationTests {
                 for (a, c) in zip(v, codes) { #expect(abs(a - step[t * blocks + b] * Float(c)) <= step[t * blocks + b] / 2 * 1.0001) }
             }
         }
+        let rowBytes = bytes.count / rows
         bytes.withUnsafeBytes { raw in
-            for r in 0 ..< rows {
-                let row = raw.baseAddress! + r * bytes.count / rows
-                for count in 1 ... 5 {
-                    var fast = [Float](repeating: 0, count: count), portable = fast
-                    kvk_weight_dots(code, row, Int32(blocks), q, step, sum, Int32(count), cols, &fast)
-                    kvk_weight_dots_portable(code, row, Int32(blocks), q, step, sum, Int32(count), cols, &portable)
-                    #expect(fast.map(\.bitPattern) == portable.map(\.bitPattern), "row \(r) count \(count)")
-                    for t in 0 ..< count {
+            for count in 1 ... 5 {
+                // All rows in one call (four at a time for one input), and each row alone.
+                var fast = [Float](repeating: 0, count: count * rows), portable = fast, single = fast
+                kvk_weight_dots(code, raw.baseAddress!, rowBytes, Int32(rows), Int32(blocks), q, step, sum, Int32(count), cols, &fast, rows)
+                kvk_weight_dots_portable(code, raw.baseAddress!, rowBytes, Int32(rows), Int32(blocks), q, step, sum, Int32(count), cols, &portable, rows)
+                for r in 0 ..< rows {
+                    single.withUnsafeMutableBufferPointer {
+                        kvk_weight_dots(code, raw.baseAddress! + r * rowBytes, rowBytes, 1, Int32(blocks), q, step, sum, Int32(count), cols,
+                                        $0.baseAddress! + r, rows)
+                    }
+                }
+                #expect(fast.map(\.bitPattern) == portable.map(\.bitPattern), "count \(count)")
+                #expect(fast.map(\.bitPattern) == single.map(\.bitPattern), "count \(count)")
+                for t in 0 ..< count {
+                    for r in 0 ..< rows {
                         var exact = 0.0, scale = 0.0
                         for c in 0 ..< cols {
                             exact += Double(reference[r * cols + c]) * Double(x[t * cols + c])
                             scale += abs(Double(reference[r * cols + c])) * Double(step[t * blocks + c / 32])
                         }
                         // Each activation is off by at most half its step.
-                        #expect(abs(Double(fast[t]) - exact) <= 0.5 * scale + 1e-3, "row \(r) input \(t)")
+                        #expect(abs(Double(fast[t * rows + r]) - exact) <= 0.5 * scale + 1e-3, "row \(r) input \(t)")
                     }
                 }
+                // Through WeightMatrix: q8 mode gives the kernel's results for every batch size.
+                let m = WeightMatrix(rows: rows, cols: cols, encoding: encoding, data: raw.baseAddress!)
+                var y = [Float](repeating: 0, count: count * rows)
+                x.withUnsafeBufferPointer { xp in y.withUnsafeMutableBufferPointer { m.apply(xp.baseAddress!, count: count, into: $0.baseAddress!, activations: .q8) } }
+                #expect(y.map(\.bitPattern) == fast.map(\.bitPattern), "count \(count)")
             }
-            // Through WeightMatrix: q8 mode gives the kernel's results for every batch size.
-            let m = WeightMatrix(rows: rows, cols: cols, encoding: encoding, data: raw.baseAddress!)
-            var y = [Float](repeating: 0, count: 5 * rows)
-            x.withUnsafeBufferPointer { xp in y.withUnsafeMutableBufferPointer { m.apply(xp.baseAddress!, count: 5, into: $0.baseAddress!, activations: .q8) } }
-            var one = [Float](repeating: 0, count: 1)
-            kvk_weight_dots(code, raw.baseAddress! + 7 * bytes.count / rows, Int32(blocks), Array(q[3 * cols ..< 4 * cols]),
-                            Array(step[3 * blocks ..< 4 * blocks]), Array(sum[3 * blocks ..< 4 * blocks]), 1, cols, &one)
-            #expect(y[3 * rows + 7] == one[0])
         }
     }
 }
