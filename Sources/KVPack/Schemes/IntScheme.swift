@@ -590,74 +590,86 @@ public struct IntScheme: KVScheme {
         subscript(i: Int) -> Float { IntScheme.representable(first[i * step]) }
     }
 
-    /// A group's f16 scale and offset. `minMax`: the offset is the minimum rounded down, the
-    /// scale covers the maximum (rounded up), so every member decodes within half a step.
-    /// `minimumError` (`fit:mse`): that range and 21 clipped ones are tried, as llama.cpp's k-quants search
-    /// theirs (`make_qkx2_quants`): codes assigned with a step of (max - min) / (levels - 1 ...
-    /// levels + 1), then scale and offset refitted to those codes by least squares and rounded to
-    /// f16; the candidate whose codes (assigned as `encodeCodes` assigns them) give the smallest
-    /// squared error wins. Members beyond the chosen range clip to the end codes.
+    /// A group's f16 scale and offset, as `RangeFitter` chooses them for this scheme's width.
     func fitRange(_ x: Group) -> (scale: Float16, offset: Float16) {
-        var lo = Float.infinity, hi = -Float.infinity
-        for i in 0 ..< x.count {
-            lo = min(lo, x[i])
-            hi = max(hi, x[i])
-        }
-        let offset16 = Self.f16(lo, roundingUp: false)
-        let scale16 = Self.f16((hi - Float(offset16)) / levels, roundingUp: true)
-        guard rangeFit == .minimumError, hi > lo, scale16 > 0 else { return (scale16, offset16) }
-        var best = (scale: scale16, offset: offset16, error: squaredError(x, scale: Float(scale16), offset: Float(offset16)))
-        func consider(_ s: Double, _ o: Double) {
-            let s16 = Float16(Float(s)), o16 = Float16(Float(o))
-            guard s16 > 0, s16.isFinite, o16.isFinite else { return }
-            let e = squaredError(x, scale: Float(s16), offset: Float(o16))
-            if e < best.error { best = (s16, o16, e) }
-        }
-        let range = Double(hi - lo)
-        for k in 0 ... 20 {
-            let inverse = (Double(levels) - 1 + 0.1 * Double(k)) / range
-            guard inverse > 0, let (s, o) = leastSquares(x, codes: { v in
-                min(max((inverse * Double(v - lo)).rounded(.toNearestOrEven), 0), Double(self.levels))
-            }) else { continue }
-            consider(s, o)
-        }
-        // One more refit to the winner's own codes (each refit can only lower the error before
-        // f16 rounding).
-        let (s0, o0) = (Float(best.scale), Float(best.offset))
-        if let (s, o) = leastSquares(x, codes: { v in Double(self.code(v, scale: s0, offset: o0)) }) { consider(s, o) }
-        return (best.scale, best.offset)
+        RangeFitter(levels: levels, fit: rangeFit).range(of: x)
     }
 
-    /// The code `encodeCodes` gives `x` (already representable) for a positive scale.
-    @inline(__always)
-    func code(_ x: Float, scale: Float, offset: Float) -> Float {
-        min(max(((x - offset) / scale).rounded(.toNearestOrEven), 0), levels)
-    }
+    /// Chooses a group's f16 scale and offset for `levels + 1` codes (the int scheme's groups;
+    /// polar's radius ranges use it too).
+    struct RangeFitter {
+        let levels: Float
+        let fit: RangeFit
 
-    func squaredError(_ x: Group, scale: Float, offset: Float) -> Double {
-        var e: Double = 0
-        for i in 0 ..< x.count {
-            let r = Double(scale * code(x[i], scale: scale, offset: offset) + offset - x[i])
-            e += r * r
+        /// `minMax`: the offset is the minimum rounded down, the scale covers the maximum (rounded
+        /// up), so every member decodes within half a step. `minimumError` (`fit:mse`): that range
+        /// and 21 clipped ones are tried, as llama.cpp's k-quants search theirs
+        /// (`make_qkx2_quants`): codes assigned with a step of (max - min) / (levels - 1 ...
+        /// levels + 1), then scale and offset refitted to those codes by least squares and rounded
+        /// to f16; the candidate whose codes (assigned as `encodeCodes` assigns them) give the
+        /// smallest squared error wins. Members beyond the chosen range clip to the end codes.
+        func range(of x: Group) -> (scale: Float16, offset: Float16) {
+            var lo = Float.infinity, hi = -Float.infinity
+            for i in 0 ..< x.count {
+                lo = min(lo, x[i])
+                hi = max(hi, x[i])
+            }
+            let offset16 = IntScheme.f16(lo, roundingUp: false)
+            let scale16 = IntScheme.f16((hi - Float(offset16)) / levels, roundingUp: true)
+            guard fit == .minimumError, hi > lo, scale16 > 0 else { return (scale16, offset16) }
+            var best = (scale: scale16, offset: offset16, error: squaredError(x, scale: Float(scale16), offset: Float(offset16)))
+            func consider(_ s: Double, _ o: Double) {
+                let s16 = Float16(Float(s)), o16 = Float16(Float(o))
+                guard s16 > 0, s16.isFinite, o16.isFinite else { return }
+                let e = squaredError(x, scale: Float(s16), offset: Float(o16))
+                if e < best.error { best = (s16, o16, e) }
+            }
+            let range = Double(hi - lo)
+            for k in 0 ... 20 {
+                let inverse = (Double(levels) - 1 + 0.1 * Double(k)) / range
+                guard inverse > 0, let (s, o) = leastSquares(x, codes: { v in
+                    min(max((inverse * Double(v - lo)).rounded(.toNearestOrEven), 0), Double(self.levels))
+                }) else { continue }
+                consider(s, o)
+            }
+            // One more refit to the winner's own codes (each refit can only lower the error before
+            // f16 rounding).
+            let (s0, o0) = (Float(best.scale), Float(best.offset))
+            if let (s, o) = leastSquares(x, codes: { v in Double(self.code(v, scale: s0, offset: o0)) }) { consider(s, o) }
+            return (best.scale, best.offset)
         }
-        return e
-    }
 
-    /// The scale and offset that minimise sum (scale * code_i + offset - x_i)^2 for fixed codes;
-    /// nil when the codes are all equal (no scale is determined).
-    func leastSquares(_ x: Group, codes: (Float) -> Double) -> (scale: Double, offset: Double)? {
-        var sl = 0.0, sll = 0.0, sx = 0.0, sxl = 0.0
-        for i in 0 ..< x.count {
-            let l = codes(x[i]), v = Double(x[i])
-            sl += l
-            sll += l * l
-            sx += v
-            sxl += v * l
+        /// The code `encodeCodes` gives `x` (already representable) for a positive scale.
+        @inline(__always)
+        func code(_ x: Float, scale: Float, offset: Float) -> Float {
+            min(max(((x - offset) / scale).rounded(.toNearestOrEven), 0), levels)
         }
-        let count = Double(x.count), det = count * sll - sl * sl
-        guard det > 0 else { return nil }
-        let s = (count * sxl - sx * sl) / det
-        return s > 0 ? (s, (sx - s * sl) / count) : nil
+
+        func squaredError(_ x: Group, scale: Float, offset: Float) -> Double {
+            var e: Double = 0
+            for i in 0 ..< x.count {
+                let r = Double(scale * code(x[i], scale: scale, offset: offset) + offset - x[i])
+                e += r * r
+            }
+            return e
+        }
+
+        /// The scale and offset that minimise sum (scale * code_i + offset - x_i)^2 for fixed
+        /// codes; nil when the codes are all equal (no scale is determined).
+        func leastSquares(_ x: Group, codes: (Float) -> Double) -> (scale: Double, offset: Double)? {
+            var sl = 0.0, sll = 0.0, sx = 0.0, sxl = 0.0
+            for i in 0 ..< x.count {
+                let l = codes(x[i]), v = Double(x[i])
+                sl += l
+                sll += l * l
+                sx += v
+                sxl += v * l
+            }
+            let count = Double(x.count), det = count * sll - sl * sl
+            guard det > 0 else { return nil }
+            let s = (count * sxl - sx * sl) / det
+            return s > 0 ? (s, (sx - s * sl) / count) : nil
+        }
     }
 
     /// Codes of every row once the scales and offsets are stored: 8 elements per vector step,

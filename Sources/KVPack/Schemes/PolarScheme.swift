@@ -44,6 +44,8 @@ public struct PolarScheme: KVScheme {
     let angleTable: [Float]
     /// Dimension of each pair's x and y: [x_0, y_0, x_1, y_1, ...].
     let dims: [Int]
+    /// How `encode` fits each radius range (`fit:mse` for keys: least squared radius error).
+    let rangeFit: RangeFit
 
     public static func descriptor(radiusBits: Int, angleBits: Int, pairing: Pairing = .fromManifest, radiusGroup: Int = 0,
                                   residual: ElementType = .float16) -> SchemeDescriptor {
@@ -109,6 +111,7 @@ public struct PolarScheme: KVScheme {
         }
         let half = pairing == .rotateHalf || (pairing == .fromManifest && context.rope.layout == .rotateHalf)
         dims = (0 ..< d / 2).flatMap { j in half ? [j, j + d / 2] : [2 * j, 2 * j + 1] }
+        rangeFit = context.rangeFit
     }
 
     static func paddedBytes(bits: Int) -> Int { (bits + 63) / 64 * 8 }
@@ -161,21 +164,19 @@ public struct PolarScheme: KVScheme {
             for run in 0 ..< runs {
                 for j in 0 ..< pairs {
                     let t0 = run * radiusGroup
-                    var lo = Float.infinity, hi = -Float.infinity
                     for i in 0 ..< radiusGroup {
                         let t = t0 + i
                         let x = IntScheme.representable(rows[t * d + dims[2 * j]]), y = IntScheme.representable(rows[t * d + dims[2 * j + 1]])
                         let r = min((x * x + y * y).squareRoot(), 65504)
                         radii[i] = r
-                        lo = min(lo, r)
-                        hi = max(hi, r)
                         var theta = LibM.atan2(Double(y), Double(x))
                         if theta < 0 { theta += 2 * Double.pi }
                         let a = Int((theta / step).rounded()) % angles
                         Self.put(out, section: 0, index: t * pairs + j, bits: angleBits, value: a)
                     }
-                    let offset16 = IntScheme.f16(lo, roundingUp: false), offset = Float(offset16)
-                    let scale16 = IntScheme.f16((hi - offset) / levels, roundingUp: true), scale = Float(scale16)
+                    let (scale16, offset16) = IntScheme.RangeFitter(levels: levels, fit: rangeFit)
+                        .range(of: IntScheme.Group(first: radii.baseAddress!, step: 1, count: radiusGroup))
+                    let offset = Float(offset16), scale = Float(scale16)
                     out.storeBytes(of: scale16.bitPattern, toByteOffset: scalesOffset + 2 * (run * pairs + j), as: UInt16.self)
                     out.storeBytes(of: offset16.bitPattern, toByteOffset: offsetsOffset + 2 * (run * pairs + j), as: UInt16.self)
                     guard scale > 0 else { continue }

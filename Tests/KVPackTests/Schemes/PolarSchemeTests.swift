@@ -121,3 +121,49 @@ struct PolarSchemeTests {
         #expect(throws: KVPackError.self) { try block.withUnsafeBytes { try sc.validate(block: $0, tokens: 32) } }
     }
 }
+
+extension PolarSchemeTests {
+    @Test("fit:mse radius ranges: never more squared radius error per pair and run than min/max, and clearly less at 2 bits; angles unchanged")
+    func minimumErrorRadii() throws {
+        let c = 32, d = 24
+        var rng = SplitMix64(seed: 61)
+        let rows = (0 ..< c * d).map { _ in Float(rng.nextGaussian()) }
+        let descriptor = PolarScheme.descriptor(radiusBits: 2, angleBits: 4, radiusGroup: 8)
+        var decoded: [RangeFit: [Float]] = [:]
+        for fit in RangeFit.allCases {
+            let s = try PolarScheme(descriptor: descriptor, context: SchemeContext(geometry: Self.geometry, segmentTokens: c,
+                                                                                  rope: RoPEConfig(theta: 10000, layout: .interleaved),
+                                                                                  role: .key, rangeFit: fit))
+            var block = [UInt8](repeating: 0, count: s.encodedBlockSize(tokens: c))
+            rows.withUnsafeBufferPointer { r in block.withUnsafeMutableBytes { s.encode(rows: r.baseAddress!, tokens: c, into: $0) } }
+            var out = [Float](repeating: 0, count: c * d)
+            try block.withUnsafeBytes { b in
+                try s.validate(block: b, tokens: c)
+                out.withUnsafeMutableBufferPointer { s.decode(block: b, tokens: 0 ..< c, into: $0.baseAddress!) }
+            }
+            decoded[fit] = out
+        }
+        func radius(_ x: [Float], _ t: Int, _ j: Int) -> Double { Double(hypot(x[t * d + 2 * j], x[t * d + 2 * j + 1])) }
+        var total: [RangeFit: Double] = [.minMax: 0, .minimumError: 0]
+        for run in 0 ..< c / 8 {
+            for j in 0 ..< d / 2 {
+                var e: [RangeFit: Double] = [:]
+                for fit in RangeFit.allCases {
+                    e[fit] = (run * 8 ..< run * 8 + 8).reduce(0.0) { acc, t in
+                        let r = radius(decoded[fit]!, t, j) - radius(rows, t, j)
+                        return acc + r * r
+                    }
+                    total[fit]! += e[fit]!
+                }
+                #expect(e[.minimumError]! <= e[.minMax]! * (1 + 1e-3) + 1e-6, "run \(run) pair \(j)")
+                // The angle codes do not depend on the range: each decoded pair keeps its direction.
+                for t in run * 8 ..< run * 8 + 8 {
+                    let a = atan2(decoded[.minMax]![t * d + 2 * j + 1], decoded[.minMax]![t * d + 2 * j])
+                    let b = atan2(decoded[.minimumError]![t * d + 2 * j + 1], decoded[.minimumError]![t * d + 2 * j])
+                    if radius(decoded[.minMax]!, t, j) > 1e-3 && radius(decoded[.minimumError]!, t, j) > 1e-3 { #expect(abs(a - b) < 1e-4) }
+                }
+            }
+        }
+        #expect(total[.minimumError]! < 0.9 * total[.minMax]!, "\(total)")
+    }
+}

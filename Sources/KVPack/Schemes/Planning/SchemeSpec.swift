@@ -248,7 +248,7 @@ public struct SchemeSpec: Sendable, Equatable, CustomStringConvertible {
     public static let fileOptionsHelp = """
           +window:N   the newest N tokens stay lossless (f16): segments seal N tokens late (format 2.3)
           +sinks:N    the first N tokens (at most a segment) stay lossless (format 2.3)
-          +[k:|v:]fit:mse|minmax   how int codes choose each group's range: least squared error, or
+          +[k:|v:]fit:mse|minmax   how int codes (and polar radii) choose each range: least squared error, or
                       min/max (the default: clipping raised SmolLM2's perplexity, BENCHMARKS.md)
         """
 }
