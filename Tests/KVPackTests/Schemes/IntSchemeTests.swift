@@ -12,7 +12,7 @@ struct IntSchemeTests {
     }
 
     /// `x` encoded into a block (checked valid) and decoded back.
-    static func roundTrip(_ s: IntScheme, _ x: [Float], tokens c: Int) throws -> [Float] {
+    static func roundTrip(_ s: any KVScheme, _ x: [Float], tokens c: Int) throws -> [Float] {
         var block = [UInt8](repeating: 0, count: s.encodedBlockSize(tokens: c))
         x.withUnsafeBufferPointer { src in block.withUnsafeMutableBytes { s.encode(rows: src.baseAddress!, tokens: c, into: $0) } }
         var out = [Float](repeating: 0, count: x.count)

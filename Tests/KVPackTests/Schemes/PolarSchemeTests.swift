@@ -134,14 +134,7 @@ extension PolarSchemeTests {
             let s = try PolarScheme(descriptor: descriptor, context: SchemeContext(geometry: Self.geometry, segmentTokens: c,
                                                                                   rope: RoPEConfig(theta: 10000, layout: .interleaved),
                                                                                   role: .key, rangeFit: fit))
-            var block = [UInt8](repeating: 0, count: s.encodedBlockSize(tokens: c))
-            rows.withUnsafeBufferPointer { r in block.withUnsafeMutableBytes { s.encode(rows: r.baseAddress!, tokens: c, into: $0) } }
-            var out = [Float](repeating: 0, count: c * d)
-            try block.withUnsafeBytes { b in
-                try s.validate(block: b, tokens: c)
-                out.withUnsafeMutableBufferPointer { s.decode(block: b, tokens: 0 ..< c, into: $0.baseAddress!) }
-            }
-            decoded[fit] = out
+            decoded[fit] = try IntSchemeTests.roundTrip(s, rows, tokens: c)
         }
         func radius(_ x: [Float], _ t: Int, _ j: Int) -> Double { Double(hypot(x[t * d + 2 * j], x[t * d + 2 * j + 1])) }
         var total: [RangeFit: Double] = [.minMax: 0, .minimumError: 0]
