@@ -115,19 +115,27 @@ public enum QualityEval {
         var results: [SchemeResult] = []
         // Measured sensitivities, one per probe and file options (2 x layers + 1 passes each).
         var measured: [(probe: LayerSetup, fileOptions: SchemeSpec.FileOptions, sensitivity: CacheStatistics.LayerSensitivity)] = []
+        // The calibration prefix's statistics and its queries' RMS, computed for the first scheme
+        // that needs them and shared by the rest.
+        var prefix: CacheStatistics?
+        var prefixQueryRMS: [[Double]]?
         for text in options.schemes {
             // Planners (int:auto norms, svdq bases) calibrate on the first `calibrationTokens` of
             // the baseline's cache of the first story: what a prefill would give them.
             let parsed = try ParsedSchemeSpec(text, geometry: g)
             var calibration: CacheStatistics?
             if parsed.needsCalibration {
-                var statistics = try CacheStatistics(reader: KVPackReader(path: baseline.paths[0]), tokens: options.calibrationTokens)
+                if prefix == nil { prefix = try CacheStatistics(reader: KVPackReader(path: baseline.paths[0]), tokens: options.calibrationTokens) }
+                var statistics = prefix!
                 if parsed.needsQueryStatistics {
-                    // The same tokens' queries, from one more prefill (the baseline file holds no queries).
-                    let cache = DenseKVCache(geometry: g)
-                    cache.querySums = QueryChannelSums(geometry: g)
-                    try model.forward(tokens: Array(texts[0].prefix(statistics.tokens)), cache: cache)
-                    statistics.queryRMS = cache.querySums?.rms ?? []
+                    if prefixQueryRMS == nil {
+                        // The same tokens' queries, from one more prefill (the baseline file holds no queries).
+                        let cache = DenseKVCache(geometry: g)
+                        cache.querySums = QueryChannelSums(geometry: g)
+                        try model.forward(tokens: Array(texts[0].prefix(statistics.tokens)), cache: cache)
+                        prefixQueryRMS = cache.querySums?.rms ?? []
+                    }
+                    statistics.queryRMS = prefixQueryRMS!
                 }
                 if let probe = parsed.sensitivityProbe {
                     if let done = measured.first(where: { $0.probe == probe && $0.fileOptions == parsed.fileOptions }) {

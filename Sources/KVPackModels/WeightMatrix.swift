@@ -93,9 +93,8 @@ struct WeightMatrix: @unchecked Sendable {
         withUnsafeTemporaryAllocation(of: Int8.self, capacity: count * cols) { q in
             withUnsafeTemporaryAllocation(of: Float.self, capacity: 2 * count * blocks) { f in
                 let codes = q.baseAddress!, steps = f.baseAddress!, sums = steps + count * blocks
-                for t in 0 ..< count {
-                    kvk_quantize_q8(x + t * cols, Int32(cols), codes + t * cols, steps + t * blocks, sums + t * blocks)
-                }
+                // The input rows lie back to back, and cols is a multiple of 32: one call quantizes them all.
+                kvk_quantize_q8(x, Int32(count * cols), codes, steps, sums)
                 // Sendable wrappers: each chunk reads the shared inputs and writes disjoint outputs.
                 let cs = UncheckedInt8Pointer(codes), ss = UncheckedPointer(steps), us = UncheckedPointer(sums), ys = UncheckedMutablePointer(y)
                 parallelRows(count: count, threshold: 1 << 19) { range in

@@ -61,6 +61,12 @@ public struct KVPackError: Error, CustomStringConvertible, Sendable, Equatable {
         return e
     }
 
+    /// Puts the field under `parent` (`int.bits` becomes `manifest.schemes[2].int.bits`; no field
+    /// becomes `parent`), for errors a part reports about itself.
+    mutating func nest(under parent: String) {
+        field = field.map { "\(parent).\($0)" } ?? parent
+    }
+
     // Shorthands used throughout the parsers.
     static func truncated(_ offset: UInt64, _ field: String, need: UInt64, have: UInt64) -> KVPackError {
         KVPackError(.truncated, offset: offset, field: field,

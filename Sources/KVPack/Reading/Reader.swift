@@ -104,7 +104,7 @@ public final class KVPackReader: @unchecked Sendable {
             do {
                 schemes.append(try SchemeRegistry.make(descriptor: d, context: context))
             } catch var e as KVPackError {
-                e.field = e.field.map { "manifest.schemes[\(i)].\($0)" } ?? "manifest.schemes[\(i)]"
+                e.nest(under: "manifest.schemes[\(i)]")
                 // A scheme reports a parameter by its index in the parameter bytes (`offset`).
                 e.offset = m.payloadOffset + UInt64(manifest.parameterOffset(scheme: i)) + (e.offset ?? 0)
                 throw e

@@ -437,7 +437,7 @@ public struct IntScheme: KVScheme {
             headClasses = try Self.widthClasses(widths, heads: heads, context: context, groupTokens: size, signedScales: signedScales)
             channelWidths = widths
             classes = headClasses[0]
-            channelOfColumn = classes.flatMap { $0.channels.map { Int32($0) } }
+            channelOfColumn = Self.columnOrder(classes)
             rowBytes = widths[0 ..< d].reduce(0) { $0 + Int($1) } / 8
             // The integer kernels take one width per call (per-class calls: not yet).
             fastScores = false
@@ -499,11 +499,16 @@ public struct IntScheme: KVScheme {
         return all
     }
 
+    /// The channel at each column of the class order: the classes' channels one after another.
+    static func columnOrder(_ classes: [WidthClass]) -> [Int32] {
+        classes.flatMap { $0.channels.map { Int32($0) } }
+    }
+
     public func forKVHead(_ head: Int) -> any KVScheme {
-        guard !headClasses.isEmpty, headClasses.indices.contains(head) else { return self }
+        guard headClasses.indices.contains(head) else { return self }
         var bound = self
         bound.classes = headClasses[head]
-        bound.channelOfColumn = bound.classes.flatMap { $0.channels.map { Int32($0) } }
+        bound.channelOfColumn = Self.columnOrder(bound.classes)
         return bound
     }
 

@@ -155,7 +155,7 @@ public final class KVPackWriter {
                 // No file yet: a parameter's index (the error's offset) names no byte of one.
                 e.message += e.offset.map { " (parameter byte \($0))" } ?? ""
                 e.offset = nil
-                e.field = e.field.map { "manifest.schemes[\(i)].\($0)" } ?? "manifest.schemes[\(i)]"
+                e.nest(under: "manifest.schemes[\(i)]")
                 throw e
             }
         }
