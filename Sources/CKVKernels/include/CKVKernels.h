@@ -55,7 +55,9 @@ int kvk_dense_f16_attention_portable(const float *queries, int group, int dim, c
 
 enum { KVK_WEIGHTS_Q8_0 = 0, KVK_WEIGHTS_Q4_0 = 1, KVK_WEIGHTS_Q4_1 = 2 };
 
-/// "avx2 vpmaddubsw" or "portable": the variant `kvk_weight_dots` runs.
+/// The variant `kvk_weight_dots` runs: 2 AVX-512 VL + VNNI (vpdpbusd), 1 AVX2 (vpmaddubsw +
+/// vpmaddwd), 0 portable C; and its name.
+int kvk_weights_isa(void);
 const char *kvk_weights_isa_name(void);
 
 /// Quantizes `cols` floats (a multiple of 32) to int8 per 32-element block, as llama.cpp's
@@ -68,11 +70,13 @@ void kvk_quantize_q8(const float *x, int cols, int8_t *q, float *step, float *su
 /// of nibbles; Q4_1 f16 d, f16 m, 16 bytes) and `count` quantized inputs (input t: codes at
 /// xq + t * xStride, steps and sums at xd/xs + t * xStride / 32). Integer products per block,
 /// scaled in f32 (weights.c says exactly how); a row's result does not depend on which other
-/// rows and inputs are in the call, and the AVX2 and portable variants give the same bits.
+/// rows and inputs are in the call, and every variant gives the same bits.
 void kvk_weight_dots(int encoding, const void *rows, size_t rowBytes, int rowCount, int blocks, const int8_t *xq, const float *xd,
                      const float *xs, int count, size_t xStride, float *out, size_t outStride);
-void kvk_weight_dots_portable(int encoding, const void *rows, size_t rowBytes, int rowCount, int blocks, const int8_t *xq,
-                              const float *xd, const float *xs, int count, size_t xStride, float *out, size_t outStride);
+/// `kvk_weight_dots` in one variant (0 portable, 1 AVX2, 2 VNNI; see `kvk_weights_isa`), for
+/// tests; -1 (and nothing written) when this machine cannot run it.
+int kvk_weight_dots_variant(int variant, int encoding, const void *rows, size_t rowBytes, int rowCount, int blocks, const int8_t *xq,
+                            const float *xd, const float *xs, int count, size_t xStride, float *out, size_t outStride);
 
 // MARK: Online softmax (softmax.c)
 

@@ -282,7 +282,17 @@ struct Q8ActivationTests {
                 // All rows in one call (four at a time for one input), and each row alone.
                 var fast = [Float](repeating: 0, count: count * rows), portable = fast, single = fast
                 kvk_weight_dots(code, raw.baseAddress!, rowBytes, Int32(rows), Int32(blocks), q, step, sum, Int32(count), cols, &fast, rows)
-                kvk_weight_dots_portable(code, raw.baseAddress!, rowBytes, Int32(rows), Int32(blocks), q, step, sum, Int32(count), cols, &portable, rows)
+                #expect(kvk_weight_dots_variant(0, code, raw.baseAddress!, rowBytes, Int32(rows), Int32(blocks), q, step, sum, Int32(count), cols,
+                                                &portable, rows) == 0)
+                // Every variant this machine runs (AVX2, VNNI) gives the portable bits.
+                for variant in 1 ... kvk_weights_isa() {
+                    var other = [Float](repeating: .nan, count: count * rows)
+                    #expect(kvk_weight_dots_variant(variant, code, raw.baseAddress!, rowBytes, Int32(rows), Int32(blocks), q, step, sum, Int32(count),
+                                                    cols, &other, rows) == 0)
+                    #expect(other.map(\.bitPattern) == portable.map(\.bitPattern), "variant \(variant) count \(count)")
+                }
+                #expect(kvk_weight_dots_variant(kvk_weights_isa() + 1, code, raw.baseAddress!, rowBytes, Int32(rows), Int32(blocks), q, step, sum,
+                                                Int32(count), cols, &single, rows) == -1)
                 for r in 0 ..< rows {
                     single.withUnsafeMutableBufferPointer {
                         kvk_weight_dots(code, raw.baseAddress! + r * rowBytes, rowBytes, 1, Int32(blocks), q, step, sum, Int32(count), cols,
