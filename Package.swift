@@ -22,6 +22,8 @@ let package = Package(
         // Hot loops in C with per-function target attributes and run-time dispatch (AVX2, FMA,
         // F16C where the CPU has them, portable C elsewhere); no flags beyond the defaults.
         .target(name: "CKVKernels", path: "Sources/CKVKernels"),
+        // The runner's worker pool (pthreads; spins briefly, then sleeps).
+        .target(name: "CKVWorkers", path: "Sources/CKVWorkers"),
         .target(
             name: "KVPack",
             dependencies: ["CZstd", "CXXHash", "CKVKernels"],
@@ -29,7 +31,7 @@ let package = Package(
         ),
         .target(
             name: "KVPackModels",
-            dependencies: ["KVPack", "CKVKernels"],
+            dependencies: ["KVPack", "CKVKernels", "CKVWorkers"],
             path: "Sources/KVPackModels"
         ),
         // Lab code: synthetic caches, model presets, the torture harness. Not a product: the
@@ -73,7 +75,7 @@ let package = Package(
         ),
         .testTarget(
             name: "KVPackTests",
-            dependencies: ["KVPack", "KVPackModels", "KVPackInterop", "KVPackLab", "KVPackRemote", "CKVKernels", "kvpack"],
+            dependencies: ["KVPack", "KVPackModels", "KVPackInterop", "KVPackLab", "KVPackRemote", "CKVKernels", "CKVWorkers", "kvpack"],
             path: "Tests/KVPackTests"
         ),
     ]

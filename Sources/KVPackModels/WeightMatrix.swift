@@ -2,7 +2,7 @@
 import Glibc
 #endif
 import CKVKernels
-import Dispatch
+import CKVWorkers
 import KVPack
 
 /// A row-major weight matrix [rows x cols] in mapped memory, in one of the encodings models ship
@@ -64,26 +64,44 @@ struct WeightMatrix: @unchecked Sendable {
     /// Y[t] = W x X[t] for `count` input rows (stride cols) into output rows (stride rows).
     func apply(_ x: UnsafePointer<Float>, count: Int, into y: UnsafeMutablePointer<Float>, activations: Activations = WeightMatrix.activations) {
         if isBlockQuantized, activations == .q8 { return applyQuantized(x, count: count, into: y) }
-        // Sendable wrappers: each chunk writes disjoint outputs.
-        let xs = UncheckedPointer(x), ys = UncheckedMutablePointer(y)
-        parallelRows(count: count, threshold: 1 << 18) { applyRows($0, xs.p, count: count, into: ys.p) }
+        // Each chunk writes disjoint outputs.
+        parallelRows(count: count, threshold: 1 << 18) { applyRows($0, x, count: count, into: y) }
     }
 
     /// Runs `body` over all rows, split between worker threads when the product has at least
     /// `threshold` multiply-adds (each output row is computed by one thread, so results do not
-    /// depend on the thread count). Measured on SmolLM2 decode at 2 threads: f32 products pay for
-    /// a split from 2^18 (q and o projections: 41.8 tokens/s, 38.8 with 2^19), integer ones, about
-    /// twice as fast, from 2^19 (83-88 tokens/s, 78 with 2^18, 79 with 2^20).
-    private func parallelRows(count: Int, threshold: Int, _ body: @escaping @Sendable (Range<Int>) -> Void) {
+    /// depend on the thread count). The threads are `kvk_workers_run`'s pool, which stays alive
+    /// between products: a split costs about a microsecond to start, where a dispatch queue's cost
+    /// tens and made two threads decode slower than one (SmolLM2 q8: 134 against 140 tokens/s;
+    /// with the pool 153-175). Thresholds, measured on SmolLM2 decode at 2 threads: f32 products
+    /// pay for a split from 2^18 multiply-adds (the q and o projections); so do integer ones with
+    /// the pool (2^19, which leaves q and o on one thread: 152-178 tokens/s; 2^18 and 2^17, the
+    /// same split here: 171-184; 2^16, which splits k and v too: 157-177).
+    private func parallelRows(count: Int, threshold: Int, _ body: (Range<Int>) -> Void) {
         let work = rows * cols * count
         let threads = work >= threshold ? Self.threadCount : 1
         if threads == 1 { return body(0 ..< rows) }
-        let chunk = (rows + threads * 4 - 1) / (threads * 4)
+        // Chunks of whole four-row groups (the decode kernel's unit), four per thread so a slow
+        // thread is caught up by the others.
+        let chunk = ((rows + threads * 4 - 1) / (threads * 4) + 3) & ~3
         let chunks = (rows + chunk - 1) / chunk
-        DispatchQueue.concurrentPerform(iterations: chunks) { c in
-            let lo = c * chunk
-            body(lo ..< min(rows, lo + chunk))
+        withoutActuallyEscaping(body) { body in
+            var job = RowJob(rows: rows, chunk: chunk, body: body)
+            withUnsafeMutablePointer(to: &job) { pointer in
+                kvk_workers_run(Int32(threads), Int32(chunks), { context, c in
+                    let job = context!.assumingMemoryBound(to: RowJob.self)
+                    let lo = Int(c) * job.pointee.chunk
+                    job.pointee.body(lo ..< min(job.pointee.rows, lo + job.pointee.chunk))
+                }, pointer)
+            }
         }
+    }
+
+    /// What the pool's C callback needs: read by every worker, written by none.
+    private struct RowJob {
+        let rows: Int
+        let chunk: Int
+        let body: (Range<Int>) -> Void
     }
 
     /// `Activations.q8`: every input row quantized once, then each weight row against all of them.
@@ -95,11 +113,10 @@ struct WeightMatrix: @unchecked Sendable {
                 let codes = q.baseAddress!, steps = f.baseAddress!, sums = steps + count * blocks
                 // The input rows lie back to back, and cols is a multiple of 32: one call quantizes them all.
                 kvk_quantize_q8(x, Int32(count * cols), codes, steps, sums)
-                // Sendable wrappers: each chunk reads the shared inputs and writes disjoint outputs.
-                let cs = UncheckedInt8Pointer(codes), ss = UncheckedPointer(steps), us = UncheckedPointer(sums), ys = UncheckedMutablePointer(y)
-                parallelRows(count: count, threshold: 1 << 19) { range in
-                    kvk_weight_dots(encoding, data + range.lowerBound * rowBytes, rowBytes, Int32(range.count), Int32(blocks), cs.p, ss.p, us.p,
-                                    Int32(count), cols, ys.p + range.lowerBound, rows)
+                // Each chunk reads the shared inputs and writes disjoint outputs.
+                parallelRows(count: count, threshold: 1 << 18) { range in
+                    kvk_weight_dots(encoding, data + range.lowerBound * rowBytes, rowBytes, Int32(range.count), Int32(blocks), codes, steps, sums,
+                                    Int32(count), cols, y + range.lowerBound, rows)
                 }
             }
         }
@@ -225,7 +242,3 @@ struct WeightMatrix: @unchecked Sendable {
         return ((a0 + a1).sum(), (b0 + b1).sum(), (c0 + c1).sum(), (d0 + d1).sum())
     }
 }
-
-struct UncheckedInt8Pointer: @unchecked Sendable { let p: UnsafePointer<Int8>; init(_ p: UnsafePointer<Int8>) { self.p = p } }
-struct UncheckedPointer: @unchecked Sendable { let p: UnsafePointer<Float>; init(_ p: UnsafePointer<Float>) { self.p = p } }
-struct UncheckedMutablePointer: @unchecked Sendable { let p: UnsafeMutablePointer<Float>; init(_ p: UnsafeMutablePointer<Float>) { self.p = p } }
