@@ -47,22 +47,24 @@ int kvk_weights_isa(void) { return weights_best; }
 
 static uint16_t load_u16(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
 
-void kvk_quantize_q8(const float *x, int cols, int8_t *q, float *step, float *sum) {
-    for (int b = 0; b < cols / 32; b++) {
-        const float *v = x + 32 * b;
-        float top = 0;
-        for (int i = 0; i < 32; i++) top = fmaxf(top, fabsf(v[i]));
-        float d = top / 127.0f, inverse = top > 0 && top < INFINITY ? 127.0f / top : 0;
-        int total = 0;
-        for (int i = 0; i < 32; i++) {
-            float r = nearbyintf(v[i] * inverse);
-            int c = (int)fmaxf(-127.0f, fminf(127.0f, r));
-            q[32 * b + i] = (int8_t)c;
-            total += c;
-        }
-        step[b] = inverse > 0 ? d : 0;
-        sum[b] = step[b] * (float)total;
+/// One 32-element block of `kvk_quantize_q8`, in portable C (the reference every variant matches).
+static void quantize_q8_block(const float *v, int8_t *q, float *step, float *sum) {
+    float top = 0;
+    for (int i = 0; i < 32; i++) top = fmaxf(top, fabsf(v[i]));
+    float d = top / 127.0f, inverse = top > 0 && top < INFINITY ? 127.0f / top : 0;
+    int total = 0;
+    for (int i = 0; i < 32; i++) {
+        float r = nearbyintf(v[i] * inverse);
+        int c = (int)fmaxf(-127.0f, fminf(127.0f, r));
+        q[i] = (int8_t)c;
+        total += c;
     }
+    *step = inverse > 0 ? d : 0;
+    *sum = *step * (float)total;
+}
+
+static void quantize_q8_portable(const float *x, int cols, int8_t *q, float *step, float *sum) {
+    for (int b = 0; b < cols / 32; b++) quantize_q8_block(x + 32 * b, q + 32 * b, step + b, sum + b);
 }
 
 // Every variant keeps eight f32 accumulators per input, lane j adding the integer sum of bytes
@@ -147,6 +149,21 @@ int kvk_weight_dots_variant(int variant, int encoding, const void *rows, size_t 
 #endif
     default: weight_dots_portable(encoding, w, rowBytes, rowCount, blocks, xq, xd, xs, count, xStride, out, outStride); return 0;
     }
+}
+
+int kvk_quantize_q8_variant(int variant, const float *x, int cols, int8_t *q, float *step, float *sum) {
+    if (variant < VARIANT_PORTABLE || variant > weights_best) return -1;
+    switch (variant) {
+#if KVK_WEIGHTS_X86
+    case VARIANT_VNNI: quantize_q8_vnni(x, cols, q, step, sum); return 0;
+    case VARIANT_AVX2: quantize_q8_avx2(x, cols, q, step, sum); return 0;
+#endif
+    default: quantize_q8_portable(x, cols, q, step, sum); return 0;
+    }
+}
+
+void kvk_quantize_q8(const float *x, int cols, int8_t *q, float *step, float *sum) {
+    (void)kvk_quantize_q8_variant(weights_best, x, cols, q, step, sum);
 }
 
 void kvk_weight_dots(int encoding, const void *rows, size_t rowBytes, int rowCount, int blocks, const int8_t *xq, const float *xd,

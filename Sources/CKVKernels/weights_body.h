@@ -100,6 +100,51 @@ KVK_INLINE void SUFFIX(four_body)(const int encoding, const uint8_t *rows, size_
     out[3] = finish_lanes(lanes, off3);
 }
 
+/// `kvk_quantize_q8` with eight lanes: the same operations per element (|x| max, x * (127 /
+/// max) rounded to nearest even, clamped; integer sums are exact), so the same codes, steps
+/// and sums.
+static void SUFFIX(quantize_q8)(const float *x, int cols, int8_t *q, float *step, float *sum) {
+    const __m256 signBit = _mm256_set1_ps(-0.0f), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+    for (int b = 0; b < cols / 32; b++) {
+        const float *v = x + 32 * b;
+        __m256 a0 = _mm256_loadu_ps(v), a1 = _mm256_loadu_ps(v + 8), a2 = _mm256_loadu_ps(v + 16), a3 = _mm256_loadu_ps(v + 24);
+        __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(signBit, a0), _mm256_andnot_ps(signBit, a1)),
+                                 _mm256_max_ps(_mm256_andnot_ps(signBit, a2), _mm256_andnot_ps(signBit, a3)));
+        // A NaN or an infinity: the portable loop's fmaxf/fminf rules decide (rare; the vector
+        // min/max would propagate NaN differently).
+        const __m256 inf = _mm256_set1_ps(INFINITY);
+        const __m256 bad = _mm256_or_ps(_mm256_or_ps(_mm256_cmp_ps(_mm256_andnot_ps(signBit, a0), inf, _CMP_NLT_UQ),
+                                                     _mm256_cmp_ps(_mm256_andnot_ps(signBit, a1), inf, _CMP_NLT_UQ)),
+                                        _mm256_or_ps(_mm256_cmp_ps(_mm256_andnot_ps(signBit, a2), inf, _CMP_NLT_UQ),
+                                                     _mm256_cmp_ps(_mm256_andnot_ps(signBit, a3), inf, _CMP_NLT_UQ)));
+        if (_mm256_movemask_ps(bad)) {
+            quantize_q8_block(v, q + 32 * b, step + b, sum + b);
+            continue;
+        }
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        const float top = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));  // exact in any order
+        const float d = top / 127.0f, inverse = top > 0 && top < INFINITY ? 127.0f / top : 0;
+        const __m256 inv = _mm256_set1_ps(inverse);
+        __m256i c[4];
+        const __m256 parts[4] = {a0, a1, a2, a3};
+        for (int k = 0; k < 4; k++) {
+            __m256 r = _mm256_round_ps(_mm256_mul_ps(parts[k], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            c[k] = _mm256_cvtps_epi32(_mm256_max_ps(lo, _mm256_min_ps(hi, r)));
+        }
+        // Pack 32 int32 to int8 in order: packs interleave 128-bit lanes, a permute restores it.
+        __m256i w01 = _mm256_packs_epi32(c[0], c[1]), w23 = _mm256_packs_epi32(c[2], c[3]);
+        __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w01, w23), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)(q + 32 * b), bytes);
+        __m256i total = _mm256_add_epi32(_mm256_add_epi32(c[0], c[1]), _mm256_add_epi32(c[2], c[3]));
+        __m128i t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
+        step[b] = inverse > 0 ? d : 0;
+        sum[b] = step[b] * (float)_mm_cvtsi128_si32(t);
+    }
+}
+
 #define KVK_PER_ENCODING(call)                                                                                                             \
     switch (encoding) {                                                                                                                    \
     case KVK_WEIGHTS_Q8_0: call(KVK_WEIGHTS_Q8_0); break;                                                                                  \

@@ -61,9 +61,13 @@ int kvk_weights_isa(void);
 const char *kvk_weights_isa_name(void);
 
 /// Quantizes `cols` floats (a multiple of 32) to int8 per 32-element block, as llama.cpp's
-/// Q8 activations: step[b] = max|x| / 127 (0 for an all-zero or non-finite block, whose codes are
-/// then 0), q = round-to-nearest-even(x / step) within +-127, sum[b] = step[b] * sum of the codes.
+/// Q8 activations: step[b] = max|x| / 127, q = round-to-nearest-even(x / step) within +-127,
+/// sum[b] = step[b] * sum of the codes. Step and sum are 0 for an all-zero block or one with an
+/// infinity (its codes are then 0, the infinities' 127); NaN is left out of the max and coded 127.
 void kvk_quantize_q8(const float *x, int cols, int8_t *q, float *step, float *sum);
+/// `kvk_quantize_q8` in one variant (as `kvk_weight_dots_variant`; every variant gives the same
+/// bytes), for tests; -1 when this machine cannot run it.
+int kvk_quantize_q8_variant(int variant, const float *x, int cols, int8_t *q, float *step, float *sum);
 
 /// out[t * outStride + r] = row_r . x_t for `rowCount` rows (row r at rows + r * rowBytes, each
 /// `blocks` ggml blocks of 32 weights in `encoding`: Q8_0 f16 d, 32 int8; Q4_0 f16 d, 16 bytes

@@ -242,6 +242,35 @@ struct Q8ActivationTests {
     static let types: [(UInt32, WeightMatrix.Encoding, Int32)] = [(8, .q8_0, Int32(KVK_WEIGHTS_Q8_0)), (2, .q4_0, Int32(KVK_WEIGHTS_Q4_0)),
                                                                  (3, .q4_1, Int32(KVK_WEIGHTS_Q4_1))]
 
+    @Test("every quantizer variant this machine runs gives the portable codes, steps and sums, for ordinary, tiny, huge, zero, infinite and NaN inputs")
+    func quantizerVariants() {
+        var rng = SplitMix64(seed: 77)
+        let blocks = 40
+        var x = (0 ..< 32 * blocks).map { _ in Float(rng.nextGaussian()) * 5 }
+        for i in 0 ..< 32 { x[32 + i] = 0 }                                     // block 1: zeros
+        for i in 0 ..< 32 { x[64 + i] = Float(rng.nextGaussian()) * 1e-41 }    // block 2: subnormals
+        for i in 0 ..< 32 { x[96 + i] = Float(rng.nextGaussian()) * 1e37 }     // block 3: huge
+        x[128 + 5] = .infinity                                                 // block 4: an infinity
+        x[160 + 31] = -.infinity
+        x[192 + 0] = .nan                                                      // block 6: NaN first
+        x[224 + 17] = .nan
+        for i in 0 ..< 32 { x[256 + i] = 127 * Float(i - 16) / 16 + 0.5 }     // block 8: ties at .5
+        func run(_ variant: Int32) -> ([Int8], [UInt32], [UInt32])? {
+            var q = [Int8](repeating: 0, count: x.count), step = [Float](repeating: .nan, count: blocks), sum = step
+            guard kvk_quantize_q8_variant(variant, x, Int32(x.count), &q, &step, &sum) == 0 else { return nil }
+            return (q, step.map(\.bitPattern), sum.map(\.bitPattern))
+        }
+        let portable = run(0)!
+        #expect(portable.1[1] == 0 && portable.0[32 ..< 64].allSatisfy { $0 == 0 })
+        for variant in 1 ... kvk_weights_isa() {
+            let other = run(variant)
+            #expect(other?.0 == portable.0, "variant \(variant) codes")
+            #expect(other?.1 == portable.1, "variant \(variant) steps")
+            #expect(other?.2 == portable.2, "variant \(variant) sums")
+        }
+        #expect(run(kvk_weights_isa() + 1) == nil)
+    }
+
     @Test("activations quantize to int8 per 32 with step max/127; the dispatched kernel equals the portable one bit for bit and the exact product within the int8 rounding",
           arguments: [0, 1, 2])
     func products(index: Int) {
