@@ -70,6 +70,7 @@ public final class LlamaModel: @unchecked Sendable {
         var k = [Float](repeating: 0, count: n * kvDim), v = k
         var h1 = [Float](repeating: 0, count: n * c.hiddenDim), h3 = h1
         for (i, t) in tokens.enumerated() { x.withUnsafeMutableBufferPointer { w.embedding.row(t, into: $0.baseAddress!.advanced(by: i * dim)) } }
+        let rotations = ropeTable(positions: positions)
 
         for layer in 0 ..< c.layerCount {
             rmsnorm(x, weight: w.rmsAttention[layer], rows: n, into: &xb)
@@ -79,8 +80,8 @@ public final class LlamaModel: @unchecked Sendable {
                 v.withUnsafeMutableBufferPointer { w.wv[layer].apply(inp.baseAddress!, count: n, into: $0.baseAddress!) }
             }
             for i in 0 ..< n {
-                rope(&q, row: i, width: dim, position: positions[i])
-                rope(&k, row: i, width: kvDim, position: positions[i])
+                rope(&q, row: i, width: dim, table: rotations)
+                rope(&k, row: i, width: kvDim, table: rotations)
             }
             if store {
                 k.withUnsafeBufferPointer { kp in
@@ -138,12 +139,29 @@ public final class LlamaModel: @unchecked Sendable {
 
     /// Rotates adjacent pairs (2i, 2i+1) of every head by position * theta^(-2i/headDim), with
     /// llama2.c's float arithmetic.
-    private func rope(_ v: inout [Float], row: Int, width: Int, position: Int) {
-        let hs = config.headDim
+    /// Each position's RoPE rotations, (cos, sin) per channel pair of a head: the same for every
+    /// layer and head, so computed once per forward pass (per layer, the powf/cosf/sinf calls
+    /// were 2% of a prefill).
+    private func ropeTable(positions: [Int]) -> [Float] {
+        let hs = config.headDim, pairs = hs / 2
+        var table = [Float](repeating: 0, count: positions.count * hs)
+        for (row, position) in positions.enumerated() {
+            for j in 0 ..< pairs {
+                let freq = 1 / powf(config.ropeTheta, Float(2 * j) / Float(hs))
+                let angle = Float(position) * freq
+                table[(row * pairs + j) * 2] = cosf(angle)
+                table[(row * pairs + j) * 2 + 1] = sinf(angle)
+            }
+        }
+        return table
+    }
+
+    /// Rotates adjacent pairs (2i, 2i+1) of every head in row `row` by its position's angles.
+    private func rope(_ v: inout [Float], row: Int, width: Int, table: [Float]) {
+        let hs = config.headDim, pairs = hs / 2
         for i in stride(from: 0, to: width, by: 2) {
-            let freq = 1 / powf(config.ropeTheta, Float(i % hs) / Float(hs))
-            let angle = Float(position) * freq
-            let c = cosf(angle), s = sinf(angle)
+            let at = (row * pairs + (i % hs) / 2) * 2
+            let c = table[at], s = table[at + 1]
             let a = v[row * width + i], b = v[row * width + i + 1]
             v[row * width + i] = a * c - b * s
             v[row * width + i + 1] = a * s + b * c
