@@ -125,6 +125,134 @@ static void row_dots_portable(int encoding, const uint8_t *row, int blocks, cons
 #pragma clang attribute pop
 #endif
 
+// MARK: Exact products on f32 inputs (the runner's default)
+//
+// The Swift path's arithmetic (WeightMatrix.blockDot1/blockDot4), so the same bits: each block
+// expanded to f32 weights (Q8_0 d*q, Q4_0 d*(q-8), both exact; Q4_1 fma(d, q, m)), then per
+// input two accumulators of eight, a0 += w[0..7] x[0..7], a1 += w[8..15] x[8..15], a0 +=
+// w[16..23] x[16..23], a1 += w[24..31] x[24..31] (fused), and the lanes of a0 + a1 summed in
+// order 0...7 (Swift's SIMD8.sum()).
+#if KVK_WEIGHTS_X86
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+
+#define KVK_INLINE static inline __attribute__((always_inline))
+
+KVK_INLINE void expand_block(const int encoding, const uint8_t *w, __m256 out[4]) {
+    const __m256 d = _mm256_set1_ps(_cvtsh_ss(load_u16(w)));
+    if (encoding == KVK_WEIGHTS_Q8_0) {
+        const __m128i lo = _mm_loadu_si128((const __m128i *)(w + 2)), hi = _mm_loadu_si128((const __m128i *)(w + 18));
+        out[0] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)));
+        out[1] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))));
+        out[2] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)));
+        out[3] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))));
+        return;
+    }
+    const __m128i packed = _mm_loadu_si128((const __m128i *)(w + (encoding == KVK_WEIGHTS_Q4_1 ? 4 : 2)));
+    const __m128i mask = _mm_set1_epi8(15), lo = _mm_and_si128(packed, mask), hi = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
+    __m256 q[4] = {_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))),
+                   _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)))};
+    if (encoding == KVK_WEIGHTS_Q4_0) {
+        const __m256 eight = _mm256_set1_ps(8.0f);
+        for (int k = 0; k < 4; k++) out[k] = _mm256_mul_ps(d, _mm256_sub_ps(q[k], eight));
+    } else {
+        const __m256 m = _mm256_set1_ps(_cvtsh_ss(load_u16(w + 2)));
+        for (int k = 0; k < 4; k++) out[k] = _mm256_fmadd_ps(d, q[k], m);
+    }
+}
+
+/// (a0 + a1).sum() as Swift computes it: lane by lane from 0 to 7 (measured: SIMD8<Float>.sum()
+/// is a sequential sum, not a tree).
+KVK_INLINE float fold_sum(__m256 a0, __m256 a1) {
+    float lanes[8];
+    _mm256_storeu_ps(lanes, _mm256_add_ps(a0, a1));
+    float s = lanes[0];
+    for (int j = 1; j < 8; j++) s += lanes[j];
+    return s;
+}
+
+/// Four rows against one input (decode), the rows two groups ahead prefetched as in four_body.
+KVK_INLINE void f32_four_rows(const int encoding, const uint8_t *rows, size_t rowBytes, int blocks, const float *x, float *out) {
+    const size_t bb = block_bytes(encoding);
+    __m256 acc[8];
+    for (int k = 0; k < 8; k++) acc[k] = _mm256_setzero_ps();
+    const char *ahead = (const char *)rows + 2 * 4 * rowBytes;
+    for (int b = 0; b < blocks; b++, ahead += 4 * bb) {
+        _mm_prefetch(ahead, _MM_HINT_T0);
+        _mm_prefetch(ahead + 64, _MM_HINT_T0);
+        if (4 * bb > 128) _mm_prefetch(ahead + 128, _MM_HINT_T0);
+        const __m256 x0 = _mm256_loadu_ps(x + 32 * b), x1 = _mm256_loadu_ps(x + 32 * b + 8);
+        const __m256 x2 = _mm256_loadu_ps(x + 32 * b + 16), x3 = _mm256_loadu_ps(x + 32 * b + 24);
+        for (int r = 0; r < 4; r++) {
+            __m256 w[4];
+            expand_block(encoding, rows + r * rowBytes + b * bb, w);
+            acc[2 * r] = _mm256_fmadd_ps(w[0], x0, acc[2 * r]);
+            acc[2 * r + 1] = _mm256_fmadd_ps(w[1], x1, acc[2 * r + 1]);
+            acc[2 * r] = _mm256_fmadd_ps(w[2], x2, acc[2 * r]);
+            acc[2 * r + 1] = _mm256_fmadd_ps(w[3], x3, acc[2 * r + 1]);
+        }
+    }
+    for (int r = 0; r < 4; r++) out[r] = fold_sum(acc[2 * r], acc[2 * r + 1]);
+}
+
+/// One row against up to four inputs (prefill): the block expanded once for all of them.
+KVK_INLINE void f32_row(const int encoding, const uint8_t *row, int blocks, const float *x, size_t xStride, int n, float *out) {
+    const size_t bb = block_bytes(encoding);
+    __m256 acc[8];
+    for (int k = 0; k < 8; k++) acc[k] = _mm256_setzero_ps();
+    for (int b = 0; b < blocks; b++) {
+        __m256 w[4];
+        expand_block(encoding, row + b * bb, w);
+        for (int t = 0; t < n; t++) {
+            const float *xt = x + t * xStride + 32 * b;
+            acc[2 * t] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xt), acc[2 * t]);
+            acc[2 * t + 1] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xt + 8), acc[2 * t + 1]);
+            acc[2 * t] = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xt + 16), acc[2 * t]);
+            acc[2 * t + 1] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xt + 24), acc[2 * t + 1]);
+        }
+    }
+    for (int t = 0; t < n; t++) out[t] = fold_sum(acc[2 * t], acc[2 * t + 1]);
+}
+
+KVK_INLINE void f32_dots(const int encoding, const uint8_t *w, size_t rowBytes, int rowCount, int blocks, const float *x, int count,
+                         size_t xStride, float *out, size_t outStride) {
+    int r = 0;
+    if (count == 1)
+        for (; r + 4 <= rowCount; r += 4) f32_four_rows(encoding, w + r * rowBytes, rowBytes, blocks, x, out + r);
+    for (; r < rowCount; r++) {
+        for (int t0 = 0; t0 < count; t0 += 4) {
+            const int n = count - t0 < 4 ? count - t0 : 4;
+            float tmp[4];
+            f32_row(encoding, w + r * rowBytes, blocks, x + (size_t)t0 * xStride, xStride, n, tmp);
+            for (int t = 0; t < n; t++) out[(size_t)(t0 + t) * outStride + r] = tmp[t];
+        }
+    }
+}
+
+static void weight_dots_f32_avx2(int encoding, const uint8_t *w, size_t rowBytes, int rowCount, int blocks, const float *x, int count,
+                                 size_t xStride, float *out, size_t outStride) {
+    switch (encoding) {
+    case KVK_WEIGHTS_Q8_0: f32_dots(KVK_WEIGHTS_Q8_0, w, rowBytes, rowCount, blocks, x, count, xStride, out, outStride); break;
+    case KVK_WEIGHTS_Q4_0: f32_dots(KVK_WEIGHTS_Q4_0, w, rowBytes, rowCount, blocks, x, count, xStride, out, outStride); break;
+    default: f32_dots(KVK_WEIGHTS_Q4_1, w, rowBytes, rowCount, blocks, x, count, xStride, out, outStride); break;
+    }
+}
+
+#undef KVK_INLINE
+#pragma clang attribute pop
+#endif
+
+int kvk_weight_dots_f32(int encoding, const void *rows, size_t rowBytes, int rowCount, int blocks, const float *x, int count, size_t xStride,
+                        float *out, size_t outStride) {
+#if KVK_WEIGHTS_X86
+    if (weights_best >= VARIANT_AVX2) {
+        weight_dots_f32_avx2(encoding, (const uint8_t *)rows, rowBytes, rowCount, blocks, x, count, xStride, out, outStride);
+        return 0;
+    }
+#endif
+    (void)encoding, (void)rows, (void)rowBytes, (void)rowCount, (void)blocks, (void)x, (void)count, (void)xStride, (void)out, (void)outStride;
+    return -1;
+}
+
 static void weight_dots_portable(int encoding, const uint8_t *w, size_t rowBytes, int rowCount, int blocks, const int8_t *xq, const float *xd,
                                  const float *xs, int count, size_t xStride, float *out, size_t outStride) {
     float tmp[64];

@@ -106,8 +106,7 @@ struct WeightMatrix: @unchecked Sendable {
 
     /// `Activations.q8`: every input row quantized once, then each weight row against all of them.
     private func applyQuantized(_ x: UnsafePointer<Float>, count: Int, into y: UnsafeMutablePointer<Float>) {
-        let blocks = cols / 32
-        let encoding = Int32(encoding == .q8_0 ? KVK_WEIGHTS_Q8_0 : encoding == .q4_0 ? KVK_WEIGHTS_Q4_0 : KVK_WEIGHTS_Q4_1)
+        let blocks = cols / 32, encoding = kernelEncoding
         withUnsafeTemporaryAllocation(of: Int8.self, capacity: count * cols) { q in
             withUnsafeTemporaryAllocation(of: Float.self, capacity: 2 * count * blocks) { f in
                 let codes = q.baseAddress!, steps = f.baseAddress!, sums = steps + count * blocks
@@ -120,6 +119,11 @@ struct WeightMatrix: @unchecked Sendable {
                 }
             }
         }
+    }
+
+    /// The C kernels' name for a block encoding.
+    private var kernelEncoding: Int32 {
+        Int32(encoding == .q8_0 ? KVK_WEIGHTS_Q8_0 : encoding == .q4_0 ? KVK_WEIGHTS_Q4_0 : KVK_WEIGHTS_Q4_1)
     }
 
     private func applyRows(_ range: Range<Int>, _ x: UnsafePointer<Float>, count: Int, into y: UnsafeMutablePointer<Float>) {
@@ -137,6 +141,20 @@ struct WeightMatrix: @unchecked Sendable {
                 RowKernels.widenFloat16(data + r * rowBytes, scratch, cols)
                 for t in 0 ..< count { y[t * rows + r] = RowKernels.dot(scratch, x + t * cols, cols) }
             }
+        case .q8_0, .q4_0, .q4_1:
+            // The same arithmetic in C (AVX2 + FMA, decode rows prefetched ahead): Swift cannot
+            // select those instructions in a baseline build, and its SIMD code here spilled and
+            // called a generic conversion per block (SmolLM2 decode 29 -> see BENCHMARKS).
+            if kvk_weight_dots_f32(kernelEncoding, data + range.lowerBound * rowBytes, rowBytes, Int32(range.count), Int32(cols / 32), x,
+                                   Int32(count), cols, y + range.lowerBound, rows) == 0 { return }
+            blockRows(range, x, count: count, into: y)
+        }
+    }
+
+    /// The exact block products in Swift: where the C kernel cannot run, and for tests.
+    func blockRows(_ range: Range<Int>, _ x: UnsafePointer<Float>, count: Int, into y: UnsafeMutablePointer<Float>) {
+        switch encoding {
+        case .f32, .f16: preconditionFailure("blockRows is for block encodings")
         case .q8_0, .q4_0, .q4_1:
             for r in range {
                 var t = 0

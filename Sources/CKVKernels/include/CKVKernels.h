@@ -77,6 +77,12 @@ int kvk_quantize_q8_variant(int variant, const float *x, int cols, int8_t *q, fl
 /// rows and inputs are in the call, and every variant gives the same bits.
 void kvk_weight_dots(int encoding, const void *rows, size_t rowBytes, int rowCount, int blocks, const int8_t *xq, const float *xd,
                      const float *xs, int count, size_t xStride, float *out, size_t outStride);
+/// out[t * outStride + r] = row_r . x_t with f32 inputs `x` (input t at x + t * xStride), the
+/// exact arithmetic of the runner's default path (Swift `WeightMatrix.blockDot1/4`, bit for bit:
+/// weights expanded to f32, two fused accumulators of eight, lanes summed in order). Returns -1, and
+/// writes nothing, where the machine lacks AVX2 + FMA + F16C (the Swift path runs there).
+int kvk_weight_dots_f32(int encoding, const void *rows, size_t rowBytes, int rowCount, int blocks, const float *x, int count, size_t xStride,
+                        float *out, size_t outStride);
 /// `kvk_weight_dots` in one variant (0 portable, 1 AVX2, 2 VNNI; see `kvk_weights_isa`), for
 /// tests; -1 (and nothing written) when this machine cannot run it.
 int kvk_weight_dots_variant(int variant, int encoding, const void *rows, size_t rowBytes, int rowCount, int blocks, const int8_t *xq,

@@ -242,6 +242,32 @@ struct Q8ActivationTests {
     static let types: [(UInt32, WeightMatrix.Encoding, Int32)] = [(8, .q8_0, Int32(KVK_WEIGHTS_Q8_0)), (2, .q4_0, Int32(KVK_WEIGHTS_Q4_0)),
                                                                  (3, .q4_1, Int32(KVK_WEIGHTS_Q4_1))]
 
+    @Test("the exact f32-input block products in C (the default path) equal the Swift ones bit for bit, one to nine inputs, all three encodings",
+          arguments: [0, 1, 2])
+    func exactProductsInC(index: Int) {
+        let (type, encoding, _) = Self.types[index]
+        var rng = SplitMix64(seed: 40 + UInt64(type))
+        let rows = 29, cols = 192
+        let bytes = GGMLEncode.encode((0 ..< rows * cols).map { _ in Float(rng.nextGaussian()) }, as: type)
+        let x = (0 ..< 9 * cols).map { _ in Float(rng.nextGaussian()) * 3 }
+        bytes.withUnsafeBytes { raw in
+            let m = WeightMatrix(rows: rows, cols: cols, encoding: encoding, data: raw.baseAddress!)
+            for count in 1 ... 9 {
+                var fast = [Float](repeating: .nan, count: count * rows), swift = fast
+                x.withUnsafeBufferPointer { xp in
+                    fast.withUnsafeMutableBufferPointer { m.apply(xp.baseAddress!, count: count, into: $0.baseAddress!, activations: .f32) }
+                    swift.withUnsafeMutableBufferPointer { m.blockRows(0 ..< rows, xp.baseAddress!, count: count, into: $0.baseAddress!) }
+                }
+                #expect(fast.map(\.bitPattern) == swift.map(\.bitPattern), "count \(count)")
+            }
+            if kvk_weights_isa() >= 1 {  // the kernel itself ran (not the Swift fallback)
+                var y = [Float](repeating: 0, count: rows)
+                #expect(kvk_weight_dots_f32(Int32(index == 0 ? KVK_WEIGHTS_Q8_0 : index == 1 ? KVK_WEIGHTS_Q4_0 : KVK_WEIGHTS_Q4_1),
+                                            raw.baseAddress!, bytes.count / rows, Int32(rows), Int32(cols / 32), x, 1, cols, &y, rows) == 0)
+            }
+        }
+    }
+
     @Test("every quantizer variant this machine runs gives the portable codes, steps and sums, for ordinary, tiny, huge, zero, infinite and NaN inputs")
     func quantizerVariants() {
         var rng = SplitMix64(seed: 77)
