@@ -19,6 +19,7 @@
 // accumulator in slot order ("scrambled"); kvk_int_token_layout says which channel each
 // accumulator slot is, for the caller to put back once per attention call.
 #include "CKVKernels.h"
+#include "cpu_tier.h"
 
 #include <math.h>
 #include <string.h>
@@ -33,19 +34,11 @@
 #pragma STDC FP_CONTRACT OFF
 
 enum { MAX_DIM = 256, MAX_ROW_BYTES = 128, MAX_GROUPS = 8, VALUE_QUERIES = 4, VALUE_SUB_BLOCK = 64 };
-enum { ISA_NONE = 0, ISA_AVX2 = 1, ISA_VNNI = 2 };
+enum { ISA_NONE = KVK_TIER_NONE, ISA_AVX2 = KVK_TIER_AVX2, ISA_VNNI = KVK_TIER_VNNI };
 
 static int int_isa = ISA_NONE;
 
-#if KVK_INT_X86
-__attribute__((constructor)) static void int_detect(void) {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) int_isa = ISA_AVX2;
-    if (int_isa == ISA_AVX2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni"))
-        int_isa = ISA_VNNI;
-}
-#endif
+__attribute__((constructor)) static void int_detect(void) { int_isa = kvk_cpu_tier(); }
 
 const char *kvk_int_codes_isa_name(void) {
     return int_isa == ISA_VNNI ? "avx512vl-vnni vpdpbusd" : int_isa == ISA_AVX2 ? "avx2 vpmaddubsw" : "none (Swift fallback)";

@@ -65,16 +65,9 @@ KVK_INLINE void SUFFIX(four_body)(const int encoding, const uint8_t *rows, size_
     __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
     float off0 = 0, off1 = 0, off2 = 0, off3 = 0;
     const uint8_t *w0 = rows, *w1 = rows + rowBytes, *w2 = rows + 2 * rowBytes, *w3 = rows + 3 * rowBytes;
-    // The four rows lie back to back, and a decode step reads every matrix once (96 MB per
-    // SmolLM2 token, far beyond the caches): left to the hardware prefetcher, the loads wait on
-    // memory half the time. The group two groups on is asked for into L1 in step with this one
-    // (SmolLM2 decode, one core: 70 -> 130 tokens/s; one group ahead 129, four 124; prefill,
-    // which reuses each row for 64 inputs, gained nothing from the same and is left alone).
-    const char *ahead = (const char *)rows + 2 * 4 * rowBytes;
+    const char *ahead = (const char *)rows + PREFETCH_GROUPS * 4 * rowBytes;  // see prefetch_step
     for (int b = 0; b < blocks; b++, w0 += bb, w1 += bb, w2 += bb, w3 += bb, ahead += 4 * bb) {
-        _mm_prefetch(ahead, _MM_HINT_T0);
-        _mm_prefetch(ahead + 64, _MM_HINT_T0);
-        if (4 * bb > 128) _mm_prefetch(ahead + 128, _MM_HINT_T0);  // Q8_0: 136 bytes per step
+        prefetch_step(ahead, 4 * bb);
         const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + 32 * (size_t)b));
         const float dx = xd[b], s = xs[b];
         const float d0 = _cvtsh_ss(load_u16(w0)), d1 = _cvtsh_ss(load_u16(w1)), d2 = _cvtsh_ss(load_u16(w2)), d3 = _cvtsh_ss(load_u16(w3));
