@@ -3,6 +3,7 @@
 // dispatcher picks a variant once, when the library loads.
 #include "CKVKernels.h"
 #include "half.h"
+#include "prefetch_plan.h"
 
 #include <math.h>
 #include <string.h>
@@ -84,6 +85,19 @@ float kvk_stream_read_portable(const void *p, size_t bytes) { return stream_read
 void kvk_prefetch(const void *p, size_t bytes) {
     const char *c = (const char *)p;
     for (size_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i, 0, 2);   // to L2: a whole block at once would overrun L1's miss buffers
+}
+
+_Thread_local kvk_plan_state kvk_plan;
+
+void kvk_prefetch_plan(const void *p, size_t bytes) {
+    kvk_prefetch_finish();
+    kvk_plan.next = (const char *)p;
+    kvk_plan.end = (const char *)p + bytes;
+}
+
+void kvk_prefetch_finish(void) {
+    if (kvk_plan.next < kvk_plan.end) kvk_prefetch(kvk_plan.next, (size_t)(kvk_plan.end - kvk_plan.next));
+    kvk_plan.next = kvk_plan.end = NULL;
 }
 
 // MARK: Integer multiply-add probe

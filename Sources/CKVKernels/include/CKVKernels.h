@@ -46,10 +46,35 @@ int kvk_dense_f16_attention(const float *queries, int group, int dim, const uint
 /// next, which lie too far apart for the hardware prefetchers to follow.
 void kvk_prefetch(const void *p, size_t bytes);
 
+/// Sets the calling thread's prefetch plan to `bytes` bytes at `p` (the blocks attention reads
+/// next), first finishing the previous plan. The kernels of rows.c and int_codes.c then prefetch
+/// as many bytes of the plan as they read of their own input, spreading the misses over their
+/// arithmetic; `kvk_prefetch_finish` prefetches whatever they left (kernels written elsewhere
+/// leave all of it) and clears the plan. Hints only: nothing here faults.
+void kvk_prefetch_plan(const void *p, size_t bytes);
+void kvk_prefetch_finish(void);
+
 /// The portable variants, whatever the CPU (tests compare them with the dispatched ones).
 float kvk_stream_read_portable(const void *p, size_t bytes);
 int kvk_dense_f16_attention_portable(const float *queries, int group, int dim, const uint16_t *keys, const uint16_t *values,
                                      size_t tokens, float scale, float *output);
+
+// MARK: Attention products over plain rows (rows.c)
+
+/// Whether `kvk_rows_scores` and `kvk_rows_accumulate` run here (AVX2 + FMA + F16C).
+int kvk_rows_available(void);
+
+/// Scores of `count` rows of `dim` elements (`type` 0 f32, 1 IEEE f16, 2 bf16; row t at
+/// rows + t * dim * width, any alignment) for `group` query heads (queries[g * dim + i]):
+///     out[g * stride + t] = sum over 8-channel chunks, in order, of fused multiply-adds,
+/// lanes reduced as ((a0 + a4) + (a1 + a5)) + ((a2 + a6) + (a3 + a7)): bit for bit what the
+/// Swift TileKernels.scores give over the rows widened to f32. `dim` a multiple of 8. Returns 0,
+/// or -1 (nothing written) when unsupported here.
+int kvk_rows_scores(const void *rows, int type, int dim, size_t count, const float *queries, int group, float *out, size_t stride);
+
+/// acc[g * dim + c] += weights[g * stride + t] * row t [c] for t = 0 ..< count in order, one fused
+/// multiply-add each: bit for bit TileKernels.accumulate. Returns 0 or -1 as above.
+int kvk_rows_accumulate(const void *rows, int type, int dim, size_t count, const float *weights, size_t stride, int group, float *acc);
 
 // MARK: Weight products on 8-bit activations (weights.c)
 

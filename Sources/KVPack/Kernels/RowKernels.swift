@@ -1,3 +1,4 @@
+import CKVKernels
 /// Dense-row kernels over f32, f16 and bf16 rows, read in place. The raw scheme uses them for
 /// sealed blocks and every stream uses them for its tail rows.
 ///
@@ -180,9 +181,42 @@ public enum RowKernels {
         TileKernels.byTiles(dim: dim, tokens: tokens, decode: { widen(rows + $0.lowerBound * rowBytes, from: type, $1, $0.count * dim) }, body)
     }
 
+    /// The C kernels' row type (rows.c), for the floating-point types they take.
+    @inline(__always)
+    static func cRowType(_ type: ElementType) -> Int32? {
+        switch type {
+        case .float32: 0
+        case .float16: 1
+        case .bfloat16: 2
+        default: nil
+        }
+    }
+
+    /// Whether rows of `type` go to the C kernels here (rows.c: the same bits as the tile
+    /// kernels below, with the rows widened in registers instead of through a tile).
+    @inline(__always)
+    static func inC(_ type: ElementType, dim: Int) -> Int32? {
+        guard rowsInC, dim % 8 == 0 else { return nil }
+        return cRowType(type)
+    }
+
+    static let rowsInC = kvk_rows_available() != 0
+
     static func scores(rows: UnsafeRawPointer, type: ElementType, dim: Int, tokens: Range<Int>,
                        queries: UnsafePointer<Float>, groupSize: Int,
                        into out: UnsafeMutablePointer<Float>, stride: Int) {
+        let base = tokens.lowerBound
+        if let t = inC(type, dim: dim) {
+            _ = kvk_rows_scores(rows + base * dim * type.byteWidth, t, Int32(dim), tokens.count, queries, Int32(groupSize), out, stride)
+            return
+        }
+        scoresInSwift(rows: rows, type: type, dim: dim, tokens: tokens, queries: queries, groupSize: groupSize, into: out, stride: stride)
+    }
+
+    /// The Swift path of `scores` (machines without AVX2, and what tests hold the C one to).
+    static func scoresInSwift(rows: UnsafeRawPointer, type: ElementType, dim: Int, tokens: Range<Int>,
+                              queries: UnsafePointer<Float>, groupSize: Int,
+                              into out: UnsafeMutablePointer<Float>, stride: Int) {
         let base = tokens.lowerBound
         guard dim % 8 == 0 else {
             forEachRow(rows, type: type, dim: dim, tokens: tokens) { t, k in
@@ -193,13 +227,25 @@ public enum RowKernels {
             return
         }
         forEachTile(rows, type: type, dim: dim, tokens: tokens) { t, n, tile in
-            TileKernels.scores(tile: tile, count: n, dim: dim, queries: queries, groupSize: groupSize, into: out + (t - base), stride: stride)
+            TileKernels.scoresInSwift(tile: tile, count: n, dim: dim, queries: queries, groupSize: groupSize, into: out + (t - base), stride: stride)
         }
     }
 
     static func accumulate(rows: UnsafeRawPointer, type: ElementType, dim: Int, tokens: Range<Int>,
                            weights: UnsafePointer<Float>, stride: Int, groupSize: Int,
                            into acc: UnsafeMutablePointer<Float>) {
+        if let t = inC(type, dim: dim) {
+            _ = kvk_rows_accumulate(rows + tokens.lowerBound * dim * type.byteWidth, t, Int32(dim), tokens.count, weights, stride,
+                                    Int32(groupSize), acc)
+            return
+        }
+        accumulateInSwift(rows: rows, type: type, dim: dim, tokens: tokens, weights: weights, stride: stride, groupSize: groupSize, into: acc)
+    }
+
+    /// The Swift path of `accumulate`.
+    static func accumulateInSwift(rows: UnsafeRawPointer, type: ElementType, dim: Int, tokens: Range<Int>,
+                                  weights: UnsafePointer<Float>, stride: Int, groupSize: Int,
+                                  into acc: UnsafeMutablePointer<Float>) {
         let base = tokens.lowerBound
         guard dim % 8 == 0 else {
             forEachRow(rows, type: type, dim: dim, tokens: tokens) { t, v in
@@ -210,7 +256,7 @@ public enum RowKernels {
             return
         }
         forEachTile(rows, type: type, dim: dim, tokens: tokens) { t, n, tile in
-            TileKernels.accumulate(tile: tile, count: n, dim: dim, weights: weights + (t - base), stride: stride,
+            TileKernels.accumulateInSwift(tile: tile, count: n, dim: dim, weights: weights + (t - base), stride: stride,
                                    groupSize: groupSize, into: acc)
         }
     }

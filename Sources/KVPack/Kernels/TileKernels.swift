@@ -1,3 +1,5 @@
+import CKVKernels
+
 /// The two small matrix products of decode-step attention, over an f32 tile of rows in L1:
 /// scores (queries x tile^T) and value accumulation (weights x tile). Every scheme's fast path
 /// decodes a run of its rows into such a tile (codes unpacked once, whatever the GQA group size)
@@ -81,9 +83,21 @@ public enum TileKernels {
 
     // MARK: Scores
 
-    /// out[q * stride + t] = queries[q] . tile[t] for t < count, q < groupSize.
+    /// out[q * stride + t] = queries[q] . tile[t] for t < count, q < groupSize. In C where the
+    /// CPU has AVX2 + FMA (rows.c, the same bits), else `scoresInSwift`.
+    @inline(__always)
     public static func scores(tile: UnsafePointer<Float>, count n: Int, dim d: Int, queries: UnsafePointer<Float>,
                               groupSize g: Int, into out: UnsafeMutablePointer<Float>, stride: Int) {
+        if RowKernels.rowsInC, d % 8 == 0 {
+            _ = kvk_rows_scores(tile, 0, Int32(d), n, queries, Int32(g), out, stride)
+            return
+        }
+        scoresInSwift(tile: tile, count: n, dim: d, queries: queries, groupSize: g, into: out, stride: stride)
+    }
+
+    /// The Swift path of `scores` (what runs without AVX2, and what tests hold the C one to).
+    public static func scoresInSwift(tile: UnsafePointer<Float>, count n: Int, dim d: Int, queries: UnsafePointer<Float>,
+                                     groupSize g: Int, into out: UnsafeMutablePointer<Float>, stride: Int) {
         var q = 0
         while q + 2 <= g {
             scores2(tile: tile, count: n, dim: d, qa: queries + q * d, qb: queries + (q + 1) * d,
@@ -198,8 +212,19 @@ public enum TileKernels {
     /// gives, however the caller splits tokens into tiles and calls. That keeps attention
     /// independent of where blocks, tail pieces and appended rows begin, so a resumed
     /// conversation reproduces an uninterrupted one exactly.
+    @inline(__always)
     public static func accumulate(tile: UnsafePointer<Float>, count n: Int, dim d: Int, weights: UnsafePointer<Float>,
                                   stride: Int, groupSize g: Int, into acc: UnsafeMutablePointer<Float>) {
+        if RowKernels.rowsInC, d % 8 == 0 {
+            _ = kvk_rows_accumulate(tile, 0, Int32(d), n, weights, stride, Int32(g), acc)
+            return
+        }
+        accumulateInSwift(tile: tile, count: n, dim: d, weights: weights, stride: stride, groupSize: g, into: acc)
+    }
+
+    /// The Swift path of `accumulate`.
+    public static func accumulateInSwift(tile: UnsafePointer<Float>, count n: Int, dim d: Int, weights: UnsafePointer<Float>,
+                                         stride: Int, groupSize g: Int, into acc: UnsafeMutablePointer<Float>) {
         var q = 0
         while q < g {
             let wa = weights + q * stride, accA = acc + q * d

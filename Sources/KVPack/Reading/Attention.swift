@@ -105,6 +105,8 @@ extension KVPackReader {
                                           weights: scores + at, stride: c, groupSize: g, into: tailAcc)
                 }
             }
+            // Whatever of the blocks ahead the kernels did not prefetch as they went.
+            CacheHints.finishPrefetch()
             t = chunkEnd
         }
         if preparedKey { vScheme.finishAccumulation(blockAcc, groupSize: g) }

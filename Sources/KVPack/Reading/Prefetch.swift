@@ -86,12 +86,14 @@ extension KVPackReader {
     /// a couple of segments ahead): a stream's blocks lie a whole segment of other streams apart,
     /// too far for the hardware prefetchers, so each block would otherwise start with a wait on
     /// memory. Only blocks that lie together, as the writer puts them; a hint, never an error.
+    /// The bytes become the thread's prefetch plan: the C kernels that read this segment's
+    /// blocks prefetch them as they go, and `CacheHints.finishPrefetch` asks for the rest.
     func prefetchBlocks(segment: Int, streams: ClosedRange<Int>) {
         guard segment < sealedTokenCount / segmentTokens,
               let (lo, hi) = try? blockOffsets(segment: segment, streams: (streams.lowerBound, streams.upperBound)) else { return }
         let end = Int(hi) + FrameHeader.size + streamSchemes[streams.upperBound].encodedBlockSize(tokens: segmentTokens)
         guard hi >= lo, end <= file.bytes.count, end - Int(lo) <= 1 << 20, let base = file.bytes.baseAddress else { return }
-        CacheHints.prefetch(base + Int(lo), bytes: end - Int(lo))
+        CacheHints.planPrefetch(base + Int(lo), bytes: end - Int(lo))
     }
 
     public func releasePages(segment: Int) {

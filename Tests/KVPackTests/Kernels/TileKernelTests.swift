@@ -36,6 +36,44 @@ struct TileKernelTests {
         }
     }
 
+    @Test("the C row kernels give the Swift tile kernels' bits for f32, f16 and bf16 rows",
+          arguments: [ElementType.float32, .float16, .bfloat16])
+    func rowKernelsInCAgree(type: ElementType) {
+        guard RowKernels.rowsInC else { return }
+        var rng = SplitMix64(seed: UInt64(type.rawValue) * 77)
+        for (g, d) in [(1, 8), (2, 16), (3, 64), (4, 128), (5, 40), (8, 128), (9, 64), (4, 256)] {
+            for (first, n) in [(0, 1), (0, 2), (3, 5), (1, 17), (0, 64), (7, 57)] {
+                let count = first + n, stride = n + 3
+                // Rows in the type's bytes, with zeros, signed zeros and large values among them.
+                var values = Self.randomFloats(count * d, &rng).map { $0 * 30 }
+                for i in Swift.stride(from: 0, to: values.count, by: 13) { values[i] = i % 2 == 0 ? 0 : -0.0 }
+                let rows = type.encode(values)
+                let queries = Self.randomFloats(g * d, &rng)
+                let weights = Self.randomFloats(g * stride, &rng).map { abs($0) }
+                let start = Self.randomFloats(g * d, &rng)
+                var fast = [Float](repeating: .nan, count: g * stride), slow = fast
+                var accFast = start, accSlow = start
+                rows.withUnsafeBytes { r in
+                    let p = r.baseAddress!
+                    RowKernels.scores(rows: p, type: type, dim: d, tokens: first ..< count, queries: queries, groupSize: g, into: &fast, stride: stride)
+                    RowKernels.scoresInSwift(rows: p, type: type, dim: d, tokens: first ..< count, queries: queries, groupSize: g,
+                                             into: &slow, stride: stride)
+                    RowKernels.accumulate(rows: p, type: type, dim: d, tokens: first ..< count, weights: weights, stride: stride,
+                                          groupSize: g, into: &accFast)
+                    RowKernels.accumulateInSwift(rows: p, type: type, dim: d, tokens: first ..< count, weights: weights, stride: stride,
+                                                 groupSize: g, into: &accSlow)
+                }
+                // NaN lanes (not written) compare equal by bit pattern too.
+                let same = fast.map { $0.bitPattern } == slow.map { $0.bitPattern }
+                let sameAcc = accFast.map { $0.bitPattern } == accSlow.map { $0.bitPattern }
+                let written = fast.contains { !$0.isNaN }
+                #expect(same, "scores: \(type) g \(g) d \(d) rows \(first)..<\(count)")
+                #expect(sameAcc, "accumulators: \(type) g \(g) d \(d) rows \(first)..<\(count)")
+                #expect(written)
+            }
+        }
+    }
+
     @Test("a token's score and the accumulated sum do not depend on how rows are split into tiles")
     func splitInvariance() {
         let g = 4, d = 128, n = 37

@@ -1,0 +1,27 @@
+// The calling thread's prefetch plan (kvk_prefetch_plan in include/CKVKernels.h): bytes the
+// next kernels should ask the caches for while they compute. A kernel that reads N bytes of its
+// own input calls kvk_plan_advance(N): it prefetches as much of the plan as it consumes, so the
+// next block arrives spread over this one's arithmetic instead of in one burst that stalls the
+// core on its miss buffers (measured: raw f16 attention at 32K tokens 2.3 ms with the burst,
+// 1.4 ms spread). Prefetches go to L2 (T1): to L1 they were slower (1.55 ms).
+#ifndef KVK_PREFETCH_PLAN_H
+#define KVK_PREFETCH_PLAN_H
+
+#include <stddef.h>
+
+typedef struct {
+    const char *next;
+    const char *end;
+} kvk_plan_state;
+
+extern _Thread_local kvk_plan_state kvk_plan;
+
+static inline __attribute__((always_inline)) void kvk_plan_advance(size_t bytes) {
+    const char *p = kvk_plan.next, *end = kvk_plan.end;
+    if (p >= end) return;
+    const char *stop = (size_t)(end - p) > bytes ? p + bytes : end;
+    for (; p < stop; p += 64) __builtin_prefetch(p, 0, 2);
+    kvk_plan.next = p;
+}
+
+#endif
