@@ -20,6 +20,7 @@
 // accumulator slot is, for the caller to put back once per attention call.
 #include "CKVKernels.h"
 #include "cpu_tier.h"
+#include "prefetch_plan.h"
 
 #include <math.h>
 #include <string.h>
@@ -86,14 +87,6 @@ typedef struct {
 static int value_group(const kvk_int_layout *L, int groupSize, int p, int lane) {
     int chunk = L->chunks == 1 ? 0 : 2 * p + lane;
     return chunk * L->chunkChannels / groupSize;
-}
-
-/// Where slot k of chunk `chunk` of a query's int8 codes goes in its slot-ordered state: the
-/// 16-byte lane of register p that holds that chunk's slot k (for one-chunk rows, lane 0; the
-/// caller copies it to lane 1).
-static int8_t *slot_lane(const kvk_int_layout *L, int8_t *state, int chunk, int k) {
-    int p = L->chunks == 1 ? 0 : chunk / 2, lane = L->chunks == 1 ? 0 : chunk % 2;
-    return state + ((p * L->slots + k) * 2 + lane) * 16;
 }
 
 // MARK: Variants

@@ -65,6 +65,51 @@ static inline __m256i SUFFIX(residual32)(const float *x, const float factor[4]) 
     return SUFFIX(pack32)(v, 1);
 }
 
+/// Lane r: the largest of the eight floats of v[r] (a transposing reduction, 21 operations
+/// instead of eight horizontal ones).
+static inline __attribute__((always_inline)) __m256 SUFFIX(max8)(const __m256 v[8]) {
+    __m256 a[4], b[2];
+    for (int i = 0; i < 4; i++)
+        a[i] = _mm256_max_ps(_mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm256_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 2; i++)
+        b[i] = _mm256_max_ps(_mm256_shuffle_ps(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm256_shuffle_ps(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    return _mm256_max_ps(_mm256_permute2f128_ps(b[0], b[1], 0x20), _mm256_permute2f128_ps(b[0], b[1], 0x31));
+}
+
+/// Segment k of X[m] to segment m of X[k], within each 128-bit lane (segments of 16 / K bytes:
+/// a K x K transpose of qwords, dwords or words).
+static inline __attribute__((always_inline)) void SUFFIX(segment_transpose)(__m256i X[8], const int K) {
+    if (K == 2) {
+        __m256i a = _mm256_unpacklo_epi64(X[0], X[1]), b = _mm256_unpackhi_epi64(X[0], X[1]);
+        X[0] = a, X[1] = b;
+        return;
+    }
+    __m256i a[8], b[8];
+    if (K == 4) {
+        for (int i = 0; i < 2; i++) {
+            a[2 * i] = _mm256_unpacklo_epi32(X[2 * i], X[2 * i + 1]);
+            a[2 * i + 1] = _mm256_unpackhi_epi32(X[2 * i], X[2 * i + 1]);
+        }
+        X[0] = _mm256_unpacklo_epi64(a[0], a[2]), X[1] = _mm256_unpackhi_epi64(a[0], a[2]);
+        X[2] = _mm256_unpacklo_epi64(a[1], a[3]), X[3] = _mm256_unpackhi_epi64(a[1], a[3]);
+        return;
+    }
+    for (int i = 0; i < 4; i++) {
+        a[2 * i] = _mm256_unpacklo_epi16(X[2 * i], X[2 * i + 1]);
+        a[2 * i + 1] = _mm256_unpackhi_epi16(X[2 * i], X[2 * i + 1]);
+    }
+    for (int h = 0; h < 2; h++)
+        for (int i = 0; i < 2; i++) {
+            b[4 * h + 2 * i] = _mm256_unpacklo_epi32(a[4 * h + i], a[4 * h + i + 2]);
+            b[4 * h + 2 * i + 1] = _mm256_unpackhi_epi32(a[4 * h + i], a[4 * h + i + 2]);
+        }
+    for (int i = 0; i < 4; i++) {
+        X[2 * i] = _mm256_unpacklo_epi64(b[i], b[i + 4]);
+        X[2 * i + 1] = _mm256_unpackhi_epi64(b[i], b[i + 4]);
+    }
+}
+
 /// q~ = q * s of one run (its scales and offsets as f32), quantized to int8 in slot order
 /// (register p, slot k, lane, byte), with one scale per 32-bit accumulator lane and the offset
 /// constant sum_c q_c o_c, for `nq` query heads.
@@ -85,11 +130,9 @@ static inline __attribute__((always_inline)) void SUFFIX(key_prepare)(const kvk_
     _Alignas(16) int8_t pattern[16];
     for (int k = 0; k < K; k++)
         for (int i = 0; i < segment; i++) pattern[k * segment + i] = (int8_t)(i * K + k);
-    const __m128i gather = _mm_load_si128((const __m128i *)pattern);
+    const __m256i gather = _mm256_broadcastsi128_si256(_mm_load_si128((const __m128i *)pattern));
     _Alignas(32) float scaled[MAX_DIM];
     _Alignas(32) int8_t q8[MAX_DIM];
-    _Alignas(16) int8_t shuffled[8 * 16];
-    float groupMax[MAX_DIM / 8];
     for (int q = 0; q < nq; q++) {
         const float *x = queries + (size_t)q * d;
         __m256 constant = _mm256_setzero_ps();
@@ -99,18 +142,21 @@ static inline __attribute__((always_inline)) void SUFFIX(key_prepare)(const kvk_
             constant = _mm256_add_ps(constant, _mm256_mul_ps(xv, _mm256_loadu_ps(offsets + c)));
         }
         qconst[q] = residual ? 0 : SUFFIX(hsum)(constant);
-        for (int r = 0; r < d / G; r++) {
-            __m256 m = _mm256_setzero_ps();
-            for (int c = r * G; c < (r + 1) * G; c += 8) m = _mm256_max_ps(m, _mm256_and_ps(_mm256_load_ps(scaled + c), magnitude));
-            groupMax[r] = SUFFIX(hmax)(m);
+        // Lane l: the largest |q~| of group l of every register (several chunks per row), or of
+        // group l % 4 (one chunk: 4 groups). Groups are G = 4K channels, G / 8 vectors each.
+        __m256 top = _mm256_setzero_ps();
+        for (int c0 = 0; c0 < d; c0 += 8 * G) {
+            __m256 v[8];
+            for (int r = 0; r < 8; r++) {
+                v[r] = _mm256_setzero_ps();
+                if (c0 + r * G >= d) continue;   // one chunk: 4 groups
+                for (int c = c0 + r * G; c < c0 + (r + 1) * G; c += 8) v[r] = _mm256_max_ps(v[r], _mm256_and_ps(_mm256_load_ps(scaled + c), magnitude));
+            }
+            top = _mm256_max_ps(top, SUFFIX(max8)(v));
         }
-        // Lane l: group l of every register (several chunks per row), or group l % 4. Eight
-        // lanes at once: the inverses in one vector division.
-        __m256 top = L->chunks == 1 ? _mm256_setr_ps(groupMax[0], groupMax[1], groupMax[2], groupMax[3], groupMax[0], groupMax[1],
-                                                     groupMax[2], groupMax[3])
-                                    : _mm256_loadu_ps(groupMax);
-        for (int p = 1; p < L->units; p++) top = _mm256_max_ps(top, _mm256_loadu_ps(groupMax + 8 * p));
-        // Lanes whose largest |q~| is 0 (or not finite) quantize to 0 with scale 0.
+        if (L->chunks == 1) top = _mm256_permute2f128_ps(top, top, 0x00);
+        // Lanes whose largest |q~| is 0 (or not finite) quantize to 0 with scale 0. Eight lanes at
+        // once: the inverses in one vector division.
         __m256 usable = _mm256_and_ps(_mm256_cmp_ps(top, _mm256_setzero_ps(), _CMP_GT_OQ),
                                       _mm256_cmp_ps(top, _mm256_set1_ps(INFINITY), _CMP_LT_OQ));
         __m256 inv = _mm256_and_ps(_mm256_div_ps(_mm256_set1_ps(127.0f), top), usable);
@@ -127,31 +173,31 @@ static inline __attribute__((always_inline)) void SUFFIX(key_prepare)(const kvk_
             _mm256_store_si256((__m256i *)(q8 + c), residual ? SUFFIX(residual32)(scaled + c, factor)
                                                              : SUFFIX(quantize32)(scaled + c, factor, -127, 127));
         }
+        // Slot order: register (p, k) holds slot k of chunk 2p in its low lane and of chunk
+        // 2p + 1 in its high lane (one chunk: the same in both). A chunk's 16K channels are K
+        // runs of 16 bytes; after the shuffle each run holds `segment` bytes of every slot, and
+        // slot k's lane takes segment k of run 0, 1, ... in order: a segment transpose.
         int8_t *state = qperm + (size_t)q * stateBytes;
-        for (int chunk = 0; chunk < L->chunks; chunk++) {
-            // The chunk's 16K channels are K runs of 16 bytes; after the shuffle each run holds
-            // `segment` bytes of every slot, which go to that slot's lane one after another (K is
-            // a constant here, so the copies are plain moves).
+        for (int p = 0; p < L->units; p++) {
+            const int8_t *lo = q8 + (L->chunks == 1 ? 0 : 2 * p) * L->chunkChannels;
+            const int8_t *hi = L->chunks == 1 ? lo : lo + L->chunkChannels;
+            __m256i X[8];
             for (int m = 0; m < K; m++)
-                _mm_store_si128((__m128i *)(shuffled + 16 * m),
-                                _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(q8 + chunk * L->chunkChannels + 16 * m)), gather));
-            for (int k = 0; k < K; k++) {
-                int8_t *lane = slot_lane(L, state, chunk, k);
-                for (int m = 0; m < K; m++) memcpy(lane + m * segment, shuffled + 16 * m + k * segment, (size_t)segment);
-                if (L->chunks == 1) memcpy(lane + 16, lane, 16);
-            }
+                X[m] = _mm256_shuffle_epi8(_mm256_loadu2_m128i((const __m128i *)(hi + 16 * m), (const __m128i *)(lo + 16 * m)), gather);
+            SUFFIX(segment_transpose)(X, K);
+            for (int k = 0; k < K; k++) _mm256_store_si256((__m256i *)(state + (size_t)(p * K + k) * 32), X[k]);
         }
     }
 }
 
 /// The value weights w_t * s_tg of `n` tokens quantized to u8 per query head and group, for
 /// `nq` heads; with `precise`, also their rounding residuals (a second level, about 8 bits
-/// more). `scales` and `offsets` are group-major (g * VALUE_SUB_BLOCK + token), zero past n up
-/// to a multiple of 32.
+/// more). `scales` and `offsets` are group-major (g * VALUE_SUB_BLOCK + token), zero past n.
 static void SUFFIX(value_prepare)(const kvk_int_layout *L, int groupSize, const float *scales, const float *offsets, size_t n,
                                   const float *weights, size_t stride, int nq, value_weights *vw, int precise) {
     const int perToken = L->dim / groupSize;
-    const size_t padded = (n + 31) & ~(size_t)31;
+    // Every word of the quads is written (zero past n): `weight_lanes` reads four steps at once.
+    const size_t padded = VALUE_SUB_BLOCK;
     _Alignas(32) float w[VALUE_SUB_BLOCK], x[VALUE_SUB_BLOCK];
     for (int q = 0; q < nq; q++) {
         // Weights below 1e-20 count as 0: next to the softmax's largest weight (1, in some block)
@@ -253,8 +299,10 @@ static inline __attribute__((always_inline)) void SUFFIX(key_run)(const uint8_t 
                                                                   const int8_t *qperm, const float *qscale, const float *qconst, int nq,
                                                                   float *out, size_t stride, const int K, const int oneChunk) {
     _Alignas(32) uint8_t padded[4 * MAX_ROW_BYTES];
-    for (; t + 4 <= end; t += 4, out += 4)
+    for (; t + 4 <= end; t += 4, out += 4) {
+        kvk_plan_advance(4 * (size_t)L->rowBytes);
         SUFFIX(key_quad)(codes + t * L->rowBytes, L, qperm, qscale, qconst, nq, out, stride, 4, K, oneChunk);
+    }
     if (t < end) {
         // The last 1-3 tokens: rows copied next to zero rows, so nothing past them is read.
         int n = (int)(end - t);
@@ -399,6 +447,28 @@ static inline __attribute__((always_inline)) void SUFFIX(value_unit)(const uint8
     }
 }
 
+/// One head's weights per step (`value_prepare`'s quads of groups g0 and g1, all 16 words
+/// written): each 32-bit lane of the low half holds the four bytes of the tokens its codes
+/// hold, and so the high half: group g0's word s and g1's word s (two chunks per row), or words
+/// 2s and 2s + 1 of g0 (one chunk: the high half holds the next four tokens). Four steps per load.
+static inline __attribute__((always_inline)) void SUFFIX(weight_lanes)(const uint32_t *w0, const uint32_t *w1, size_t steps, __m256i *out,
+                                                                       const int oneChunk) {
+    for (size_t s = 0; s < steps; s += 4) {
+        if (oneChunk) {
+            __m256i c = _mm256_loadu_si256((const __m256i *)(w0 + 2 * s));
+            for (int j = 0; j < 4; j++)
+                out[s + j] = _mm256_permutevar8x32_epi32(c, _mm256_setr_epi32(2 * j, 2 * j, 2 * j, 2 * j, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1));
+        } else {
+            __m256i c = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(w0 + s))),
+                                                _mm_loadu_si128((const __m128i *)(w1 + s)), 1);
+            out[s] = _mm256_shuffle_epi32(c, 0x00);
+            out[s + 1] = _mm256_shuffle_epi32(c, 0x55);
+            out[s + 2] = _mm256_shuffle_epi32(c, 0xAA);
+            out[s + 3] = _mm256_shuffle_epi32(c, 0xFF);
+        }
+    }
+}
+
 static void SUFFIX(token_accumulate)(const uint8_t *codes, const void *scales, const void *offsets, const kvk_int_layout *L,
                                      int groupSize, size_t t0, size_t count, const float *weights, size_t stride, int group,
                                      float *acc) {
@@ -413,6 +483,7 @@ static void SUFFIX(token_accumulate)(const uint8_t *codes, const void *scales, c
     float tokenMajor[2 * VALUE_SUB_BLOCK * MAX_GROUPS];
     for (size_t a = t0; a < t0 + count; a += VALUE_SUB_BLOCK) {
         size_t n = t0 + count - a < VALUE_SUB_BLOCK ? t0 + count - a : VALUE_SUB_BLOCK;
+        kvk_plan_advance(n * (size_t)L->rowBytes);
         size_t steps = (n + (size_t)per - 1) / (size_t)per;
         // Full steps read the block's rows; a partial last step reads a zero-padded copy (its
         // missing tokens have weight 0).
@@ -421,7 +492,7 @@ static void SUFFIX(token_accumulate)(const uint8_t *codes, const void *scales, c
             memset(padded, 0, sizeof padded);
             memcpy(padded, codes + (a + fullSteps * (size_t)per) * L->rowBytes, (n - fullSteps * (size_t)per) * L->rowBytes);
         }
-        // Scales and offsets group-major, zero past n (value_prepare reads 32 at a time).
+        // Scales and offsets group-major, zero past n (value_prepare reads all 64).
         if (n < VALUE_SUB_BLOCK) {
             memset(blockScales, 0, sizeof(float) * VALUE_SUB_BLOCK * perToken);
             memset(blockOffsets, 0, sizeof(float) * VALUE_SUB_BLOCK * perToken);
@@ -459,21 +530,14 @@ static void SUFFIX(token_accumulate)(const uint8_t *codes, const void *scales, c
                 int g0 = value_group(L, groupSize, p, 0), g1 = value_group(L, groupSize, p, 1);
                 // Each step's weights per head: lane 0's four bytes in each of its 32-bit lanes,
                 // lane 1's in its; zero for heads past nb.
-                for (int q = 0; q < VALUE_QUERIES; q++)
-                    for (size_t s = 0; s < steps; s++) {
-                        uint32_t l0 = 0, l1 = 0, r0 = 0, r1 = 0;
-                        if (q < nb) {
-                            l0 = oneChunk ? vw.quads[q][g0][2 * s] : vw.quads[q][g0][s];
-                            l1 = oneChunk ? vw.quads[q][g0][2 * s + 1] : vw.quads[q][g1][s];
-                            if (levels == 2) {
-                                r0 = oneChunk ? vw.low[q][g0][2 * s] : vw.low[q][g0][s];
-                                r1 = oneChunk ? vw.low[q][g0][2 * s + 1] : vw.low[q][g1][s];
-                            }
-                        }
-                        lanes[q][s] = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_set1_epi32((int)l0)), _mm_set1_epi32((int)l1), 1);
-                        if (levels == 2)
-                            lanesLow[q][s] = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_set1_epi32((int)r0)), _mm_set1_epi32((int)r1), 1);
+                for (int q = 0; q < VALUE_QUERIES; q++) {
+                    if (q >= nb) {
+                        for (size_t s = 0; s < steps; s++) lanes[q][s] = lanesLow[q][s] = _mm256_setzero_si256();
+                        continue;
                     }
+                    SUFFIX(weight_lanes)(vw.quads[q][g0], vw.quads[q][g1], steps, lanes[q], oneChunk);
+                    if (levels == 2) SUFFIX(weight_lanes)(vw.low[q][g0], vw.low[q][g1], steps, lanesLow[q], oneChunk);
+                }
                 for (int qa = 0; qa < nb; qa += NQ) {
                     int nq = nb - qa;
                     switch (K * 2 + oneChunk) {
