@@ -19,7 +19,25 @@
 
 #pragma STDC FP_CONTRACT OFF
 
-enum { ROW_F32 = 0, ROW_F16 = 1, ROW_BF16 = 2 };
+enum { ROW_F32 = 0, ROW_F16 = 1, ROW_BF16 = 2, ROW_NSN1 = 3, ROW_NSN2 = 4 };
+
+/// Bytes of one 8-element chunk of a row: f32 32, f16 and bf16 16; an nsn piece is one code byte
+/// (1 bit) or a sign byte and a magnitude byte (2 bits).
+static inline __attribute__((always_inline)) int chunk_bytes(const int type) {
+    switch (type) {
+    case ROW_F32: return 32;
+    case ROW_NSN1: return 1;
+    case ROW_NSN2: return 2;
+    default: return 16;
+    }
+}
+
+/// What decodes an nsn piece: the 256 x 8 codebook (entries, or magnitudes for 2 bits) and, for
+/// 2 bits, the 256 x 8 sign masks (bit j of a sign byte as bit 31 of lane j).
+typedef struct {
+    const float *book;
+    const uint32_t *signs;
+} row_codes;
 
 static int rows_available = 0;
 
@@ -30,11 +48,16 @@ int kvk_rows_available(void) { return rows_available; }
 #if KVK_ROWS_X86
 #pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
 
-/// Eight elements of a row at `p` (any alignment) as floats.
-static inline __attribute__((always_inline)) __m256 load8(const uint8_t *p, const int type) {
+/// Eight elements of a row at `p` (any alignment) as floats: widened, or an nsn piece's codeword.
+static inline __attribute__((always_inline)) __m256 load8(const uint8_t *p, const int type, const row_codes *codes) {
     switch (type) {
     case ROW_F16: return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
     case ROW_BF16: return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+    case ROW_NSN1: return _mm256_loadu_ps(codes->book + 8 * (size_t)p[0]);
+    case ROW_NSN2: {
+        __m256i magnitude = _mm256_loadu_si256((const __m256i *)(codes->book + 8 * (size_t)p[1]));
+        return _mm256_castsi256_ps(_mm256_xor_si256(magnitude, _mm256_loadu_si256((const __m256i *)(codes->signs + 8 * (size_t)p[0]))));
+    }
     default: return _mm256_loadu_ps((const float *)p);
     }
 }
@@ -50,9 +73,9 @@ static inline __attribute__((always_inline)) __m128 pair_sums(__m256 a, __m256 b
 /// Scores of `count` rows for QB query heads: two rows at a time, each 8-channel chunk of a
 /// row widened once for every head.
 static inline __attribute__((always_inline)) void scores_block(const uint8_t *rows, size_t rowBytes, int dim, size_t count,
-                                                               const float *queries, float *out, size_t stride, const int QB,
-                                                               const int type) {
-    const int width = type == ROW_F32 ? 4 : 2;
+                                                               const float *queries, float *out, size_t stride, const row_codes *codes,
+                                                               const int QB, const int type) {
+    const int chunk = chunk_bytes(type);
     size_t t = 0;
     for (; t + 2 <= count; t += 2) {
         const uint8_t *r0 = rows + t * rowBytes, *r1 = r0 + rowBytes;
@@ -60,7 +83,7 @@ static inline __attribute__((always_inline)) void scores_block(const uint8_t *ro
         __m256 a[4][2];
         for (int q = 0; q < QB; q++) a[q][0] = a[q][1] = _mm256_setzero_ps();
         for (int c = 0; c < dim; c += 8) {
-            __m256 k0 = load8(r0 + c * width, type), k1 = load8(r1 + c * width, type);
+            __m256 k0 = load8(r0 + c / 8 * chunk, type, codes), k1 = load8(r1 + c / 8 * chunk, type, codes);
             for (int q = 0; q < QB; q++) {
                 __m256 x = _mm256_loadu_ps(queries + (size_t)q * dim + c);
                 a[q][0] = _mm256_fmadd_ps(x, k0, a[q][0]);
@@ -75,7 +98,7 @@ static inline __attribute__((always_inline)) void scores_block(const uint8_t *ro
         __m256 a[4];
         for (int q = 0; q < QB; q++) a[q] = _mm256_setzero_ps();
         for (int c = 0; c < dim; c += 8) {
-            __m256 k0 = load8(r0 + c * width, type);
+            __m256 k0 = load8(r0 + c / 8 * chunk, type, codes);
             for (int q = 0; q < QB; q++) a[q] = _mm256_fmadd_ps(_mm256_loadu_ps(queries + (size_t)q * dim + c), k0, a[q]);
         }
         for (int q = 0; q < QB; q++) out[(size_t)q * stride + t] = _mm_cvtss_f32(pair_sums(a[q], a[q]));
@@ -85,9 +108,9 @@ static inline __attribute__((always_inline)) void scores_block(const uint8_t *ro
 /// acc rows of QB query heads += their weights times `count` rows: 16 channels at a time, the
 /// accumulators in registers across every row, each row chunk widened once for every head.
 static inline __attribute__((always_inline)) void accumulate_block(const uint8_t *rows, size_t rowBytes, int dim, size_t count,
-                                                                   const float *weights, size_t stride, float *acc, const int QB,
-                                                                   const int type) {
-    const int width = type == ROW_F32 ? 4 : 2;
+                                                                   const float *weights, size_t stride, float *acc, const row_codes *codes,
+                                                                   const int QB, const int type) {
+    const int chunk = chunk_bytes(type);
     int c = 0;
     for (; c + 16 <= dim; c += 16) {
         __m256 a[4][2];
@@ -95,10 +118,10 @@ static inline __attribute__((always_inline)) void accumulate_block(const uint8_t
             a[q][0] = _mm256_loadu_ps(acc + (size_t)q * dim + c);
             a[q][1] = _mm256_loadu_ps(acc + (size_t)q * dim + c + 8);
         }
-        const uint8_t *r = rows + (size_t)c * width;
+        const uint8_t *r = rows + (size_t)(c / 8 * chunk);
         for (size_t t = 0; t < count; t++, r += rowBytes) {
             if (c == 0) kvk_plan_advance(rowBytes);   // the first pass over the rows reads them all
-            __m256 v0 = load8(r, type), v1 = load8(r + 8 * width, type);
+            __m256 v0 = load8(r, type, codes), v1 = load8(r + chunk, type, codes);
             for (int q = 0; q < QB; q++) {
                 __m256 w = _mm256_broadcast_ss(weights + (size_t)q * stride + t);
                 a[q][0] = _mm256_fmadd_ps(w, v0, a[q][0]);
@@ -113,10 +136,10 @@ static inline __attribute__((always_inline)) void accumulate_block(const uint8_t
     if (c < dim) {   // the last 8 channels (dim a multiple of 8, not of 16)
         __m256 a[4];
         for (int q = 0; q < QB; q++) a[q] = _mm256_loadu_ps(acc + (size_t)q * dim + c);
-        const uint8_t *r = rows + (size_t)c * width;
+        const uint8_t *r = rows + (size_t)(c / 8 * chunk);
         if (c == 0) kvk_plan_advance(count * rowBytes);
         for (size_t t = 0; t < count; t++, r += rowBytes) {
-            __m256 v = load8(r, type);
+            __m256 v = load8(r, type, codes);
             for (int q = 0; q < QB; q++) a[q] = _mm256_fmadd_ps(_mm256_broadcast_ss(weights + (size_t)q * stride + t), v, a[q]);
         }
         for (int q = 0; q < QB; q++) _mm256_storeu_ps(acc + (size_t)q * dim + c, a[q]);
@@ -129,37 +152,145 @@ static inline __attribute__((always_inline)) void accumulate_block(const uint8_t
     switch (type) {                                                    \
     case ROW_F16: fn(__VA_ARGS__, QB, ROW_F16); break;                 \
     case ROW_BF16: fn(__VA_ARGS__, QB, ROW_BF16); break;               \
+    case ROW_NSN1: fn(__VA_ARGS__, QB, ROW_NSN1); break;               \
+    case ROW_NSN2: fn(__VA_ARGS__, QB, ROW_NSN2); break;               \
     default: fn(__VA_ARGS__, QB, ROW_F32); break;                      \
     }
 
 static void rows_scores_avx2(const uint8_t *rows, int type, int dim, size_t count, const float *queries, int group, float *out,
-                             size_t stride) {
-    const size_t rowBytes = (size_t)dim * (type == ROW_F32 ? 4 : 2);
+                             size_t stride, const row_codes *codes) {
+    const size_t rowBytes = (size_t)(dim / 8 * chunk_bytes(type));
     for (int q0 = 0; q0 < group; q0 += 4) {
         const float *q = queries + (size_t)q0 * dim;
         float *o = out + (size_t)q0 * stride;
         switch (group - q0 < 4 ? group - q0 : 4) {
-        case 1: ROWS_DISPATCH(scores_block, 1, rows, rowBytes, dim, count, q, o, stride) break;
-        case 2: ROWS_DISPATCH(scores_block, 2, rows, rowBytes, dim, count, q, o, stride) break;
-        case 3: ROWS_DISPATCH(scores_block, 3, rows, rowBytes, dim, count, q, o, stride) break;
-        default: ROWS_DISPATCH(scores_block, 4, rows, rowBytes, dim, count, q, o, stride) break;
+        case 1: ROWS_DISPATCH(scores_block, 1, rows, rowBytes, dim, count, q, o, stride, codes) break;
+        case 2: ROWS_DISPATCH(scores_block, 2, rows, rowBytes, dim, count, q, o, stride, codes) break;
+        case 3: ROWS_DISPATCH(scores_block, 3, rows, rowBytes, dim, count, q, o, stride, codes) break;
+        default: ROWS_DISPATCH(scores_block, 4, rows, rowBytes, dim, count, q, o, stride, codes) break;
         }
     }
 }
 
 static void rows_accumulate_avx2(const uint8_t *rows, int type, int dim, size_t count, const float *weights, size_t stride, int group,
-                                 float *acc) {
-    const size_t rowBytes = (size_t)dim * (type == ROW_F32 ? 4 : 2);
+                                 float *acc, const row_codes *codes) {
+    const size_t rowBytes = (size_t)(dim / 8 * chunk_bytes(type));
     for (int q0 = 0; q0 < group; q0 += 4) {
         const float *w = weights + (size_t)q0 * stride;
         float *a = acc + (size_t)q0 * dim;
         switch (group - q0 < 4 ? group - q0 : 4) {
-        case 1: ROWS_DISPATCH(accumulate_block, 1, rows, rowBytes, dim, count, w, stride, a) break;
-        case 2: ROWS_DISPATCH(accumulate_block, 2, rows, rowBytes, dim, count, w, stride, a) break;
-        case 3: ROWS_DISPATCH(accumulate_block, 3, rows, rowBytes, dim, count, w, stride, a) break;
-        default: ROWS_DISPATCH(accumulate_block, 4, rows, rowBytes, dim, count, w, stride, a) break;
+        case 1: ROWS_DISPATCH(accumulate_block, 1, rows, rowBytes, dim, count, w, stride, a, codes) break;
+        case 2: ROWS_DISPATCH(accumulate_block, 2, rows, rowBytes, dim, count, w, stride, a, codes) break;
+        case 3: ROWS_DISPATCH(accumulate_block, 3, rows, rowBytes, dim, count, w, stride, a, codes) break;
+        default: ROWS_DISPATCH(accumulate_block, 4, rows, rowBytes, dim, count, w, stride, a, codes) break;
         }
     }
+}
+
+/// The lookup table of `kvk_nsn_lut` for query heads [q0, q0 + QB): entry (s, e) holds the QB
+/// dot products of piece s of each query with codeword e (four floats, the unused ones zero).
+static void nsn_lut_avx2(const float *book, const float *queries, int group, int dim, float *lut) {
+    const int pieces = dim / 8;
+    for (int q0 = 0; q0 < group; q0 += 4) {
+        const int QB = group - q0 < 4 ? group - q0 : 4;
+        float *table = lut + (size_t)(q0 / 4) * pieces * 1024;
+        for (int s = 0; s < pieces; s++) {
+            // Lane j of the queries' piece as one vector of the four heads.
+            __m128 Q[8];
+            for (int j = 0; j < 8; j++) {
+                float x[4] = {0, 0, 0, 0};
+                for (int q = 0; q < QB; q++) x[q] = queries[(size_t)(q0 + q) * dim + 8 * s + j];
+                Q[j] = _mm_loadu_ps(x);
+            }
+            for (int e = 0; e < 256; e++) {
+                const float *c = book + 8 * e;
+                __m128 a = _mm_mul_ps(_mm_set1_ps(c[0]), Q[0]);
+                for (int j = 1; j < 8; j++) a = _mm_fmadd_ps(_mm_set1_ps(c[j]), Q[j], a);
+                _mm_storeu_ps(table + (size_t)s * 1024 + 4 * e, a);
+            }
+        }
+    }
+}
+
+/// Four tokens' scores for four heads from the table: per token, one 16-byte load per piece.
+/// `P` is the number of pieces when the caller knows it (0: dim / 8): with a constant, each
+/// piece's table is a fixed displacement and a lookup is a byte load, a shift and an add.
+static inline __attribute__((always_inline)) void nsn_lut_dots_body(const uint8_t *codes, int dim, size_t count, const float *lut,
+                                                                    int group, float *out, size_t stride, const int P) {
+    const int pieces = P ? P : dim / 8;
+    for (int q0 = 0; q0 < group; q0 += 4) {
+        const int QB = group - q0 < 4 ? group - q0 : 4;
+        const float *table = lut + (size_t)(q0 / 4) * pieces * 1024;
+        for (size_t t = 0; t < count; t += 4) {
+            const int n = count - t < 4 ? (int)(count - t) : 4;
+            kvk_plan_advance((size_t)n * pieces);
+            __m128 acc[4];
+            for (int i = 0; i < 4; i++) {
+                // Two chains (even and odd pieces) for latency; tokens past count score zero.
+                __m128 a = _mm_setzero_ps(), b = _mm_setzero_ps();
+                if (i < n) {
+                    const uint8_t *c = codes + (t + i) * (size_t)pieces;
+                    int s = 0;
+                    for (; s + 2 <= pieces; s += 2) {
+                        a = _mm_add_ps(a, _mm_loadu_ps(table + (size_t)s * 1024 + 4 * c[s]));
+                        b = _mm_add_ps(b, _mm_loadu_ps(table + (size_t)(s + 1) * 1024 + 4 * c[s + 1]));
+                    }
+                    if (s < pieces) a = _mm_add_ps(a, _mm_loadu_ps(table + (size_t)s * 1024 + 4 * c[s]));
+                }
+                acc[i] = _mm_add_ps(a, b);
+            }
+            _MM_TRANSPOSE4_PS(acc[0], acc[1], acc[2], acc[3]);   // now acc[q] holds head q's four tokens
+            for (int q = 0; q < QB; q++) {
+                float *o = out + (size_t)(q0 + q) * stride + t;
+                if (n == 4) {
+                    _mm_storeu_ps(o, acc[q]);
+                } else {
+                    float x[4];
+                    _mm_storeu_ps(x, acc[q]);
+                    for (int i = 0; i < n; i++) o[i] = x[i];
+                }
+            }
+        }
+    }
+}
+
+static void nsn_lut_dots_avx2(const uint8_t *codes, int dim, size_t count, const float *lut, int group, float *out, size_t stride) {
+    switch (dim) {
+    case 64: nsn_lut_dots_body(codes, dim, count, lut, group, out, stride, 8); break;
+    case 128: nsn_lut_dots_body(codes, dim, count, lut, group, out, stride, 16); break;
+    default: nsn_lut_dots_body(codes, dim, count, lut, group, out, stride, 0); break;
+    }
+}
+
+/// The orthonormal Walsh-Hadamard transform of `size` floats (a power of two, 8 or more), in
+/// place: at each stage h = 1, 2, 4, ... the pairs (j, j + h) become (a + b, a - b), then every
+/// element times 1 / sqrt(size). The same operations, on the same operands, as the Swift loop.
+static void hadamard_avx2(float *x, int size, float norm) {
+    const int n = size / 8;
+    __m256 odd1 = _mm256_castsi256_ps(_mm256_setr_epi32(0, -1, 0, -1, 0, -1, 0, -1));
+    __m256 odd2 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, -1, -1, 0, 0, -1, -1));
+    for (int k = 0; k < n; k++) {
+        __m256 v = _mm256_loadu_ps(x + 8 * k);
+        // h = 1: lane j pairs with j ^ 1; even lanes take a + b, odd ones a - b (a the even lane).
+        __m256 p = _mm256_permute_ps(v, _MM_SHUFFLE(2, 3, 0, 1));
+        v = _mm256_blendv_ps(_mm256_add_ps(v, p), _mm256_sub_ps(p, v), odd1);
+        // h = 2: lane j pairs with j ^ 2.
+        p = _mm256_permute_ps(v, _MM_SHUFFLE(1, 0, 3, 2));
+        v = _mm256_blendv_ps(_mm256_add_ps(v, p), _mm256_sub_ps(p, v), odd2);
+        // h = 4: the two 128-bit halves.
+        p = _mm256_permute2f128_ps(v, v, 0x01);
+        v = _mm256_blend_ps(_mm256_add_ps(v, p), _mm256_sub_ps(p, v), 0xF0);
+        _mm256_storeu_ps(x + 8 * k, v);
+    }
+    for (int h = 1; h < n; h *= 2)
+        for (int i = 0; i < n; i += 2 * h)
+            for (int k = i; k < i + h; k++) {
+                __m256 a = _mm256_loadu_ps(x + 8 * k), b = _mm256_loadu_ps(x + 8 * (k + h));
+                _mm256_storeu_ps(x + 8 * k, _mm256_add_ps(a, b));
+                _mm256_storeu_ps(x + 8 * (k + h), _mm256_sub_ps(a, b));
+            }
+    const __m256 f = _mm256_set1_ps(norm);
+    for (int k = 0; k < n; k++) _mm256_storeu_ps(x + 8 * k, _mm256_mul_ps(_mm256_loadu_ps(x + 8 * k), f));
 }
 
 #pragma clang attribute pop
@@ -172,7 +303,7 @@ static int rows_supported(int type, int dim, int group) {
 int kvk_rows_scores(const void *rows, int type, int dim, size_t count, const float *queries, int group, float *out, size_t stride) {
     if (!rows_supported(type, dim, group)) return -1;
 #if KVK_ROWS_X86
-    rows_scores_avx2((const uint8_t *)rows, type, dim, count, queries, group, out, stride);
+    rows_scores_avx2((const uint8_t *)rows, type, dim, count, queries, group, out, stride, NULL);
     return 0;
 #else
     (void)rows, (void)count, (void)queries, (void)out, (void)stride;
@@ -183,10 +314,77 @@ int kvk_rows_scores(const void *rows, int type, int dim, size_t count, const flo
 int kvk_rows_accumulate(const void *rows, int type, int dim, size_t count, const float *weights, size_t stride, int group, float *acc) {
     if (!rows_supported(type, dim, group)) return -1;
 #if KVK_ROWS_X86
-    rows_accumulate_avx2((const uint8_t *)rows, type, dim, count, weights, stride, group, acc);
+    rows_accumulate_avx2((const uint8_t *)rows, type, dim, count, weights, stride, group, acc, NULL);
     return 0;
 #else
     (void)rows, (void)count, (void)weights, (void)stride, (void)acc;
+    return -1;
+#endif
+}
+
+// MARK: nsn codes as rows
+
+static int nsn_supported(int bits, int dim, int group) {
+    return rows_available && (bits == 1 || bits == 2) && dim > 0 && dim % 8 == 0 && group > 0;
+}
+
+int kvk_nsn_dots(const uint8_t *codes, int bits, int dim, size_t count, const float *book, const uint32_t *signs, const float *queries,
+                 int group, float *out, size_t stride) {
+    if (!nsn_supported(bits, dim, group)) return -1;
+#if KVK_ROWS_X86
+    const row_codes c = {book, signs};
+    rows_scores_avx2(codes, bits == 1 ? ROW_NSN1 : ROW_NSN2, dim, count, queries, group, out, stride, &c);
+    return 0;
+#else
+    (void)codes, (void)count, (void)book, (void)signs, (void)queries, (void)out, (void)stride;
+    return -1;
+#endif
+}
+
+int kvk_nsn_accumulate(const uint8_t *codes, int bits, int dim, size_t count, const float *book, const uint32_t *signs,
+                       const float *weights, size_t stride, int group, float *acc) {
+    if (!nsn_supported(bits, dim, group)) return -1;
+#if KVK_ROWS_X86
+    const row_codes c = {book, signs};
+    rows_accumulate_avx2(codes, bits == 1 ? ROW_NSN1 : ROW_NSN2, dim, count, weights, stride, group, acc, &c);
+    return 0;
+#else
+    (void)codes, (void)count, (void)book, (void)signs, (void)weights, (void)stride, (void)acc;
+    return -1;
+#endif
+}
+
+size_t kvk_nsn_lut_floats(int group, int dim) { return (size_t)((group + 3) / 4) * (size_t)(dim / 8) * 1024; }
+
+int kvk_nsn_lut(const float *book, const float *queries, int group, int dim, float *lut) {
+    if (!nsn_supported(1, dim, group)) return -1;
+#if KVK_ROWS_X86
+    nsn_lut_avx2(book, queries, group, dim, lut);
+    return 0;
+#else
+    (void)book, (void)queries, (void)lut;
+    return -1;
+#endif
+}
+
+int kvk_nsn_lut_dots(const uint8_t *codes, int dim, size_t count, const float *lut, int group, float *out, size_t stride) {
+    if (!nsn_supported(1, dim, group)) return -1;
+#if KVK_ROWS_X86
+    nsn_lut_dots_avx2(codes, dim, count, lut, group, out, stride);
+    return 0;
+#else
+    (void)codes, (void)count, (void)lut, (void)out, (void)stride;
+    return -1;
+#endif
+}
+
+int kvk_hadamard(float *x, int size, float norm) {
+    if (!rows_available || size < 8 || (size & (size - 1))) return -1;
+#if KVK_ROWS_X86
+    hadamard_avx2(x, size, norm);
+    return 0;
+#else
+    (void)x, (void)norm;
     return -1;
 #endif
 }

@@ -76,6 +76,35 @@ int kvk_rows_scores(const void *rows, int type, int dim, size_t count, const flo
 /// multiply-add each: bit for bit TileKernels.accumulate. Returns 0 or -1 as above.
 int kvk_rows_accumulate(const void *rows, int type, int dim, size_t count, const float *weights, size_t stride, int group, float *acc);
 
+/// The nsn scheme's codes read as rows (rows.c): `count` tokens of dim / 8 pieces, each piece one
+/// code byte (bits 1: codeword book[code]) or a sign byte then a magnitude byte (bits 2: codeword
+/// book[magnitude] with lane j's sign bit flipped by bit j of the sign byte; `signs` holds the
+/// 256 x 8 masks). `book` is the 256 x 8 codebook. Scores are the plain dot products
+/// out[g * stride + t] = queries[g] . codewords(t) (the caller applies the token's norms);
+/// accumulation adds weights[g * stride + t] times the codewords to acc[g * dim ...], in token
+/// order. The same operations as kvk_rows_scores / kvk_rows_accumulate over the decoded
+/// codewords. Returns 0, or -1 when unsupported here (no AVX2 + FMA, or dim not a multiple of 8).
+int kvk_nsn_dots(const uint8_t *codes, int bits, int dim, size_t count, const float *book, const uint32_t *signs, const float *queries,
+                 int group, float *out, size_t stride);
+int kvk_nsn_accumulate(const uint8_t *codes, int bits, int dim, size_t count, const float *book, const uint32_t *signs,
+                       const float *weights, size_t stride, int group, float *acc);
+
+/// For 1-bit nsn codes: a table of every query piece's dot product with every codeword, so a
+/// token's score is one lookup per piece (`kvk_nsn_lut_dots`) instead of eight multiply-adds
+/// per head. `lut` holds `kvk_nsn_lut_floats(group, dim)` floats: for each four heads, piece s and
+/// codeword e, the four heads' dot products. Building it costs 256 x dim multiply-adds per head
+/// (worth it over about a thousand tokens). The scores are the dots of `kvk_nsn_dots` summed in
+/// another order (pieces, two chains), so they differ from them by float rounding only.
+size_t kvk_nsn_lut_floats(int group, int dim);
+int kvk_nsn_lut(const float *book, const float *queries, int group, int dim, float *lut);
+int kvk_nsn_lut_dots(const uint8_t *codes, int dim, size_t count, const float *lut, int group, float *out, size_t stride);
+
+/// The orthonormal Walsh-Hadamard transform of `size` floats at `x` in place (size a power of two,
+/// at least 8): stages h = 1, 2, 4, ... turn each pair (j, j + h) into (a + b, a - b), then every
+/// element is multiplied by `norm` (1 / sqrt(size)). Bit for bit the nsn scheme's Swift loop.
+/// Returns 0, or -1 (nothing done) when unsupported here.
+int kvk_hadamard(float *x, int size, float norm);
+
 // MARK: Weight products on 8-bit activations (weights.c)
 
 enum { KVK_WEIGHTS_Q8_0 = 0, KVK_WEIGHTS_Q4_0 = 1, KVK_WEIGHTS_Q4_1 = 2 };

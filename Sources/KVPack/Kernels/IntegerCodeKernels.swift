@@ -3,7 +3,7 @@ import CKVKernels
 /// How attention over codes does its arithmetic.
 public enum AttentionArithmetic: Sendable, Equatable {
     /// Integer dot products over the codes where a scheme has them (int8 queries against the
-    /// stored codes, u8 softmax weights against value codes): int:k2v2:kc64 2.3x faster than
+    /// stored codes, u8 softmax weights against value codes): int:k2v2:kc64 2.9x faster than
     /// `exact` at 32K tokens (BENCHMARKS.md), and within a small bound of it (tests hold it to a
     /// tenth of the scheme's own attention error on real SmolLM2 tensors).
     case fast

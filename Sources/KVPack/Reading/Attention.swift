@@ -74,7 +74,8 @@ extension KVPackReader {
                 switch source {
                 case let .block(segment, local, at):
                     if !preparedKey {
-                        kScheme.prepare(queries: queries, groupSize: g, scale: s, into: workspace.keyState.pointer)
+                        kScheme.prepare(queries: queries, groupSize: g, scale: s, tokenCount: end - range.lowerBound,
+                                        into: workspace.keyState.pointer)
                         preparedKey = true
                     }
                     prefetchBlocks(segment: segment + Self.blocksAhead, streams: kStream ... vStream)

@@ -152,6 +152,10 @@ public protocol KVScheme: Sendable {
     /// Turns `groupSize` queries (row-major, headDim each) into the scheme's query state,
     /// folding in the softmax scale (rotations, projections, lookup tables go here).
     func prepare(queries: UnsafePointer<Float>, groupSize: Int, scale: Float, into state: UnsafeMutablePointer<Float>)
+    /// The same, told how many tokens the call will attend over: a scheme may build tables that
+    /// pay off only over long spans (nsn's codeword lookup table). Attention calls this one; by
+    /// default it is `prepare` above.
+    func prepare(queries: UnsafePointer<Float>, groupSize: Int, scale: Float, tokenCount: Int, into state: UnsafeMutablePointer<Float>)
     /// scores[g * stride + (t - tokens.lowerBound)] = scaled q_g . k_t for every t in `tokens`.
     func scores(block: UnsafeRawBufferPointer, tokens: Range<Int>, state: UnsafePointer<Float>, groupSize: Int,
                 into scores: UnsafeMutablePointer<Float>, stride: Int)
@@ -178,6 +182,9 @@ extension KVScheme {
     public func blockFromDecompressed(_ bytes: UnsafeRawBufferPointer, tokens: Int, into out: UnsafeMutableRawBufferPointer) {}
     public func validate(block: UnsafeRawBufferPointer, tokens: Int) throws {}
     public func finishAccumulation(_ acc: UnsafeMutablePointer<Float>, groupSize: Int) {}
+    public func prepare(queries: UnsafePointer<Float>, groupSize: Int, scale: Float, tokenCount: Int, into state: UnsafeMutablePointer<Float>) {
+        prepare(queries: queries, groupSize: groupSize, scale: scale, into: state)
+    }
     public func forKVHead(_ head: Int) -> any KVScheme { self }
 }
 

@@ -38,6 +38,10 @@ public struct NSNScheme: KVScheme {
     /// +1 / -1 per dimension.
     let signs: [Float]
     let search: NearestSearch
+    /// Attention reads the codes in place with the C kernels (codewords decoded in registers);
+    /// with `.exact` arithmetic, or without AVX2, codewords go through an f32 tile (the products
+    /// are the same, the roundings of the token's norms differ: tests bound the difference).
+    let codewordsInC: Bool
     /// For each sign byte, the 8 lanes' sign-bit masks (bit j of the byte -> bit 31 of lane j):
     /// one 8 KiB table, so a 2-bit codeword's signs cost a load and an XOR.
     static let signMasks: [SIMD8<UInt32>] = (0 ..< 256).map { b in
@@ -224,6 +228,7 @@ public struct NSNScheme: KVScheme {
         headDim = d
         segmentTokens = context.segmentTokens
         pieces = d / Self.pieceDim
+        codewordsInC = context.arithmetic == .fast && CodewordKernels.available(dim: d)
         codeBytes = pieces * bits
         codebook = book
         search = NearestSearch(codebook: book)
@@ -256,26 +261,31 @@ public struct NSNScheme: KVScheme {
     @inline(__always)
     func f16(_ p: UnsafeRawPointer, _ at: Int) -> Float { Float(Float16(bitPattern: p.loadUnaligned(fromByteOffset: at, as: UInt16.self))) }
 
-    /// v <- H v (orthonormal, block-diagonal), in place.
+    /// v <- H v (orthonormal, block-diagonal), in place: in C where it runs (the same bits;
+    /// attention rotates every block's mean), else `hadamardInSwift`.
     func hadamard(_ v: UnsafeMutablePointer<Float>) {
-        for (start, size) in hadamardBlocks {
-            let x = v + start
-            var h = 1
-            while h < size {
-                var i = 0
-                while i < size {
-                    for j in i ..< i + h {
-                        let a = x[j], b = x[j + h]
-                        x[j] = a + b
-                        x[j + h] = a - b
-                    }
-                    i += 2 * h
-                }
-                h *= 2
-            }
-            let norm = 1 / Float(size).squareRoot()
-            for j in 0 ..< size { x[j] *= norm }
+        for (start, size) in hadamardBlocks where !CodewordKernels.hadamard(v + start, size: size, norm: 1 / Float(size).squareRoot()) {
+            Self.hadamardInSwift(v + start, size: size)
         }
+    }
+
+    /// One power-of-two block of `hadamard`, in Swift.
+    static func hadamardInSwift(_ x: UnsafeMutablePointer<Float>, size: Int) {
+        var h = 1
+        while h < size {
+            var i = 0
+            while i < size {
+                for j in i ..< i + h {
+                    let a = x[j], b = x[j + h]
+                    x[j] = a + b
+                    x[j + h] = a - b
+                }
+                i += 2 * h
+            }
+            h *= 2
+        }
+        let norm = 1 / Float(size).squareRoot()
+        for j in 0 ..< size { x[j] *= norm }
     }
 
     /// The rotated, unit-variance form of a unit vector: sqrt(d) * H D u.
@@ -404,7 +414,30 @@ public struct NSNScheme: KVScheme {
     /// domain, codewords times their token's norms, and scored and accumulated by the shared
     /// tile kernels; the 1-bit per-query tables of earlier versions cost a lookup per piece,
     /// query and token and measured slower.
-    public func queryStateSize(groupSize g: Int) -> Int { 2 * g * headDim }
+    /// Then, for 1-bit codes read in C, one float saying whether the lookup table was built, and
+    /// the table (`CodewordKernels.buildTable`).
+    public func queryStateSize(groupSize g: Int) -> Int {
+        2 * g * headDim + (usesTable ? 1 + CodewordKernels.tableFloats(groupSize: g, dim: headDim) : 0)
+    }
+
+    /// Whether 1-bit scores may come from the lookup table.
+    var usesTable: Bool { codewordsInC && bits == 1 }
+
+    /// Tokens from which the table pays for itself: building it costs 256 x head_dim
+    /// multiply-adds per head, about what scoring a thousand tokens saves.
+    static let tableTokens = 1024
+
+    public func prepare(queries: UnsafePointer<Float>, groupSize g: Int, scale: Float, tokenCount: Int, into state: UnsafeMutablePointer<Float>) {
+        prepare(queries: queries, groupSize: g, scale: scale, into: state)
+        guard usesTable else { return }
+        let flag = state + 2 * g * headDim
+        flag.pointee = 0
+        guard tokenCount >= Self.tableTokens else { return }
+        codebook.withUnsafeBytes { book in
+            CodewordKernels.buildTable(book: book.baseAddress!, queries: state, groupSize: g, dim: headDim, into: flag + 1)
+        }
+        flag.pointee = 1
+    }
 
     public func prepare(queries: UnsafePointer<Float>, groupSize g: Int, scale: Float, into state: UnsafeMutablePointer<Float>) {
         let d = headDim, invRoot = 1 / Float(d).squareRoot()
@@ -442,12 +475,30 @@ public struct NSNScheme: KVScheme {
         let p = block.baseAddress!, d = headDim, lo = tokens.lowerBound, n = tokens.count
         codebook.withUnsafeBytes { book in
         Self.signMasks.withUnsafeBytes { signs in
-            withUnsafeTemporaryAllocation(of: Float.self, capacity: g + d + n) { tmp in
+            withUnsafeTemporaryAllocation(of: Float.self, capacity: g + d + 2 * n) { tmp in
                 let meanTerms = tmp.baseAddress!, mean = meanTerms + g, n1 = mean + d
                 widen(p, at: meanOffset, count: d, into: mean)
                 widen(p, at: 2 * lo, count: n, into: n1)
                 // q . mu once per block and query.
                 for q in 0 ..< g { meanTerms[q] = RowKernels.dot(state + (g + q) * d, mean, d) }
+                if codewordsInC {
+                    // score = (n1 n2) (q' . y) + n1 (q . mu), the dots read from the codes in place.
+                    let n2 = n1 + n
+                    widen(p, at: 2 * (segmentTokens + lo), count: n, into: n2)
+                    let flag = state + 2 * g * d
+                    if usesTable && flag.pointee == 1 {
+                        CodewordKernels.tableDots(codes: p + codesOffset + lo * codeBytes, dim: d, count: n, table: flag + 1, groupSize: g,
+                                                  into: scores, stride: stride)
+                    } else {
+                        CodewordKernels.dots(codes: p + codesOffset + lo * codeBytes, bits: bits, dim: d, count: n, book: book.baseAddress!,
+                                             signs: signs.baseAddress!, queries: state, groupSize: g, into: scores, stride: stride)
+                    }
+                    for q in 0 ..< g {
+                        let row = scores + q * stride, m = meanTerms[q]
+                        for i in 0 ..< n { row[i] = (n1[i] * n2[i]) * row[i] + m * n1[i] }
+                    }
+                    return
+                }
                 // score = n1 (n2 (q' . y) + q . mu) = q' . (n1 n2 y) + n1 (q . mu)
                 TileKernels.byTiles(dim: d, tokens: tokens, decode: { range, tile in
                     rotatedRows(p, book: book.baseAddress!, signs: signs.baseAddress!, from: range.lowerBound, count: range.count, into: tile) { $0 * $1 }
@@ -468,11 +519,24 @@ public struct NSNScheme: KVScheme {
         let invRoot = 1 / Float(d).squareRoot()
         codebook.withUnsafeBytes { book in
         Self.signMasks.withUnsafeBytes { signs in
-            withUnsafeTemporaryAllocation(of: Float.self, capacity: d + n) { tmp in
+            withUnsafeTemporaryAllocation(of: Float.self, capacity: d + 2 * n + g * n) { tmp in
                 let mean = tmp.baseAddress!, n1 = mean + d
                 widen(p, at: meanOffset, count: d, into: mean)
                 widen(p, at: 2 * lo, count: n, into: n1)
                 rotate(mean)
+                if codewordsInC {
+                    // v = n1 (n2 y / sqrt(d) + mu): each weight times its token's factor, then the
+                    // codewords read from the codes in place.
+                    let n2 = n1 + n, scaled = n2 + n
+                    widen(p, at: 2 * (segmentTokens + lo), count: n, into: n2)
+                    for q in 0 ..< g {
+                        for i in 0 ..< n { scaled[q * n + i] = weights[q * stride + i] * (n1[i] * (n2[i] * invRoot)) }
+                    }
+                    CodewordKernels.accumulate(codes: p + codesOffset + lo * codeBytes, bits: bits, dim: d, count: n, book: book.baseAddress!,
+                                               signs: signs.baseAddress!, weights: scaled, stride: n, groupSize: g, into: acc)
+                    for q in 0 ..< g { RowKernels.axpy(RowKernels.dot(weights + q * stride, n1, n), mean, acc + q * d, d) }
+                    return
+                }
                 // v = n1 (n2 y / sqrt(d) + mu): the y part through the tile kernels, the mu part
                 // as one weight per query.
                 TileKernels.byTiles(dim: d, tokens: tokens, decode: { range, tile in

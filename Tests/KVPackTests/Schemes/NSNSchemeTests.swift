@@ -65,6 +65,40 @@ struct NSNSchemeTests {
         #expect(e.relative > 1e-3 && e.relative < (spec.contains("nsn:1") ? 0.7 : 0.5), "\(kind) error \(e.relative)")
     }
 
+    @Test("the C Hadamard transform gives the Swift loop's bits", arguments: [8, 16, 32, 64, 128, 256])
+    func hadamardInC(size: Int) {
+        var rng = SplitMix64(seed: UInt64(size))
+        let x = (0 ..< size).map { _ in Float(rng.nextGaussian()) * 5 }
+        var c = x, swift = x
+        let ran = c.withUnsafeMutableBufferPointer { CodewordKernels.hadamard($0.baseAddress!, size: size, norm: 1 / Float(size).squareRoot()) }
+        guard ran else { return }   // no AVX2 here: only the Swift loop runs
+        swift.withUnsafeMutableBufferPointer { NSNScheme.hadamardInSwift($0.baseAddress!, size: size) }
+        let same = c.map { $0.bitPattern } == swift.map { $0.bitPattern }
+        #expect(same, "size \(size)")
+    }
+
+    @Test("codes read in place (and 1-bit scores from the lookup table) agree with the f32 tile path, short and long spans",
+          arguments: ["nsn:1", "nsn:2"])
+    func inPlaceMatchesTiles(spec: String) throws {
+        // GQA group 3 (a partial pass of four heads), head_dim 64; 1,300 tokens so one span is past
+        // the table's threshold (1,024) and one is not.
+        let g = ModelGeometry(layerCount: 1, queryHeadCount: 6, kvHeadCount: 2, headDim: 64)
+        let data = RandomKV(geometry: g, tokens: 1300, seed: 17, maxExponent: 4)
+        let path = temporaryDirectory() + "/nsn-long.kvpack"
+        try writeFile(path, data: data, segmentTokens: 64, spec: spec, batches: [300, 700, 300], commitsAfter: [1000])
+        let fast = try KVPackReader(path: path), exact = try KVPackReader(path: path, arithmetic: .exact)
+        var rng = SplitMix64(seed: 3)
+        for range in [0 ..< 1300, 37 ..< 1200, 0 ..< 200, 1290 ..< 1300] {
+            for head in 0 ..< 2 {
+                let q = (0 ..< g.groupSize * g.headDim).map { _ in Float(rng.nextGaussian()) * 2 }
+                let a = try fast.attend(layer: 0, kvHead: head, queries: q, tokens: range)
+                let b = try exact.attend(layer: 0, kvHead: head, queries: q, tokens: range)
+                let err = DenseAttention.maxRelativeError(a, b)
+                #expect(err < 1e-5, "\(spec) \(range) head \(head): \(err)")
+            }
+        }
+    }
+
     @Test("the codebook recipe is deterministic; a codebook whose hash mismatches, or of the wrong shape, is refused")
     func codebook() throws {
         let a = NSNScheme.fitCodebook(bits: 2, seed: 5, samples: 4096, rounds: 5)

@@ -1,0 +1,51 @@
+import CKVKernels
+
+/// The nsn scheme's codes read in place by the C row kernels (Sources/CKVKernels/rows.c): each
+/// 8-dim piece decoded to its codeword in registers and multiplied into every query head of the
+/// group, instead of decoded into an f32 tile first. Only where the CPU has AVX2 + FMA.
+public enum CodewordKernels {
+    /// Whether the kernels run here for `dim` channels.
+    public static func available(dim: Int) -> Bool { RowKernels.rowsInC && dim % 8 == 0 }
+
+    /// out[g * stride + t] = queries[g] . codewords(t) for `count` tokens of codes at `codes`
+    /// (`bits` 1: a code byte per piece; 2: a sign byte and a magnitude byte). `book`: the
+    /// 256 x 8 codebook; `signs`: the 256 sign masks of 8 lanes (2 bits).
+    @inline(__always)
+    public static func dots(codes: UnsafeRawPointer, bits: Int, dim: Int, count: Int, book: UnsafeRawPointer, signs: UnsafeRawPointer,
+                            queries: UnsafePointer<Float>, groupSize g: Int, into out: UnsafeMutablePointer<Float>, stride: Int) {
+        _ = kvk_nsn_dots(codes.assumingMemoryBound(to: UInt8.self), Int32(bits), Int32(dim), count, book.assumingMemoryBound(to: Float.self),
+                         signs.assumingMemoryBound(to: UInt32.self), queries, Int32(g), out, stride)
+    }
+
+    /// acc[g * dim ...] += weights[g * stride + t] * codewords(t), tokens in order.
+    @inline(__always)
+    public static func accumulate(codes: UnsafeRawPointer, bits: Int, dim: Int, count: Int, book: UnsafeRawPointer, signs: UnsafeRawPointer,
+                                  weights: UnsafePointer<Float>, stride: Int, groupSize g: Int, into acc: UnsafeMutablePointer<Float>) {
+        _ = kvk_nsn_accumulate(codes.assumingMemoryBound(to: UInt8.self), Int32(bits), Int32(dim), count, book.assumingMemoryBound(to: Float.self),
+                               signs.assumingMemoryBound(to: UInt32.self), weights, stride, Int32(g), acc)
+    }
+
+    /// Floats of the 1-bit lookup table for `g` heads of `dim` channels.
+    public static func tableFloats(groupSize g: Int, dim: Int) -> Int { kvk_nsn_lut_floats(Int32(g), Int32(dim)) }
+
+    /// The 1-bit lookup table: every (rotated, scaled) query piece's dot product with every codeword.
+    @inline(__always)
+    public static func buildTable(book: UnsafeRawPointer, queries: UnsafePointer<Float>, groupSize g: Int, dim: Int,
+                                  into table: UnsafeMutablePointer<Float>) {
+        _ = kvk_nsn_lut(book.assumingMemoryBound(to: Float.self), queries, Int32(g), Int32(dim), table)
+    }
+
+    /// `dots` for 1-bit codes from the table: one lookup per piece and token for four heads.
+    @inline(__always)
+    public static func tableDots(codes: UnsafeRawPointer, dim: Int, count: Int, table: UnsafePointer<Float>, groupSize g: Int,
+                                 into out: UnsafeMutablePointer<Float>, stride: Int) {
+        _ = kvk_nsn_lut_dots(codes.assumingMemoryBound(to: UInt8.self), Int32(dim), count, table, Int32(g), out, stride)
+    }
+
+    /// The orthonormal Walsh-Hadamard transform of `size` floats in place (a power of two, at
+    /// least 8), in C: the same bits as the loop it stands in for. False when it did not run.
+    @inline(__always)
+    public static func hadamard(_ x: UnsafeMutablePointer<Float>, size: Int, norm: Float) -> Bool {
+        kvk_hadamard(x, Int32(size), norm) == 0
+    }
+}
