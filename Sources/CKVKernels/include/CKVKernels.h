@@ -105,6 +105,18 @@ int kvk_nsn_lut_dots(const uint8_t *codes, int dim, size_t count, const float *l
 /// Returns 0, or -1 (nothing done) when unsupported here.
 int kvk_hadamard(float *x, int size, float norm);
 
+// MARK: The polar scheme's keys (polar.c)
+
+/// Rows [t0, t0 + count) of a polar block decoded to f32 (out: count x 2 * pairs floats), bit for
+/// bit what PolarScheme's vector decoder gives: angle and radius codes of 1-4 or 8 bits (the bit
+/// streams at `block` and block + radiusSection), f16 radius scales and offsets per run of
+/// `radiusGroup` tokens and pair (run-major), `table` the 2^angleBits (cos, sin) pairs; pair j
+/// goes to dims (2j, 2j + 1), or with `half` to (j, j + pairs). pairs a multiple of 8. Reads up
+/// to 4 bytes past a stream's last code, as the Swift decoder does (the next section follows).
+/// Returns 0, or -1 (nothing written) when unsupported here.
+int kvk_polar_decode(const uint8_t *block, int angleBits, int radiusBits, int pairs, int radiusGroup, size_t radiusSection,
+                     size_t scalesOffset, size_t offsetsOffset, const float *table, int half, size_t t0, size_t count, float *out);
+
 // MARK: Weight products on 8-bit activations (weights.c)
 
 enum { KVK_WEIGHTS_Q8_0 = 0, KVK_WEIGHTS_Q4_0 = 1, KVK_WEIGHTS_Q4_1 = 2 };

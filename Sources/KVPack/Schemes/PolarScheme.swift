@@ -240,6 +240,17 @@ public struct PolarScheme: KVScheme {
     /// The same values as the scalar path, 8 pairs per step for codes and radii; cos and sin are
     /// one lookup per pair.
     func decodeVector(_ p: UnsafeRawPointer, tokens: Range<Int>, into out: UnsafeMutablePointer<Float>) {
+        // In C where it runs: the same operations, cos and sin from registers (tested bit for bit).
+        let inC = angleTable.withUnsafeBufferPointer { table in
+            PolarKernels.decode(p, angleBits: angleBits, radiusBits: radiusBits, pairs: pairs, radiusGroup: radiusGroup,
+                                radiusSection: angleBytes, scalesOffset: scalesOffset, offsetsOffset: offsetsOffset, table: table.baseAddress!,
+                                half: dims[1] == pairs, tokens: tokens, into: out)
+        }
+        if !inC { decodeVectorInSwift(p, tokens: tokens, into: out) }
+    }
+
+    /// The Swift path of `decodeVector`.
+    func decodeVectorInSwift(_ p: UnsafeRawPointer, tokens: Range<Int>, into out: UnsafeMutablePointer<Float>) {
         let d = headDim, groups = pairs / 8
         let exponent = SIMD8<UInt32>(repeating: 0x4B00_0000), bias = SIMD8<Float>(repeating: 8_388_608)
         angleTable.withUnsafeBufferPointer { table in

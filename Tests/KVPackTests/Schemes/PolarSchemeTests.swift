@@ -80,6 +80,30 @@ struct PolarSchemeTests {
         }
     }
 
+    @Test("the C decoder gives the Swift vector decoder's bits (widths 1-4 and 8, both pairings, radius groups, partial ranges)",
+          arguments: [(4, 4), (2, 3), (3, 2), (1, 1), (8, 8), (4, 8), (8, 1)])
+    func decodeInC(rb: Int, ab: Int) throws {
+        let c = 64, d = 128
+        let g = ModelGeometry(layerCount: 1, queryHeadCount: 4, kvHeadCount: 1, headDim: d)
+        for (group, pairing) in [(0, PolarScheme.Pairing.rotateHalf), (16, .adjacent), (8, .rotateHalf)] {
+            let s = try PolarScheme(descriptor: PolarScheme.descriptor(radiusBits: rb, angleBits: ab, pairing: pairing, radiusGroup: group),
+                                    context: SchemeContext(geometry: g, segmentTokens: c, rope: RoPEConfig(theta: 10000, layout: .rotateHalf),
+                                                           role: .key))
+            let x = IntSchemeTests.rows(tokens: c, dim: d, seed: UInt64(rb * 10 + ab + group))
+            var block = [UInt8](repeating: 0, count: s.encodedBlockSize(tokens: c))
+            x.withUnsafeBufferPointer { src in block.withUnsafeMutableBytes { s.encode(rows: src.baseAddress!, tokens: c, into: $0) } }
+            for range in [0 ..< c, 5 ..< 6, 17 ..< 63] {
+                var fast = [Float](repeating: .nan, count: range.count * d), slow = fast
+                block.withUnsafeBytes { b in
+                    fast.withUnsafeMutableBufferPointer { s.decode(block: b, tokens: range, into: $0.baseAddress!) }
+                    slow.withUnsafeMutableBufferPointer { s.decodeVectorInSwift(b.baseAddress!, tokens: range, into: $0.baseAddress!) }
+                }
+                let same = fast.map { $0.bitPattern } == slow.map { $0.bitPattern }
+                #expect(same, "r\(rb)a\(ab) group \(group) \(pairing) tokens \(range)")
+            }
+        }
+    }
+
     @Test("bits per element: (radius + angle bits) / 2, plus 32 bits per radius range of a pair")
     func sizes() throws {
         let s = try Self.scheme(PolarScheme.descriptor(radiusBits: 3, angleBits: 4), segmentTokens: 64)
