@@ -429,10 +429,8 @@ public struct NSNScheme: KVScheme {
 
     public func prepare(queries: UnsafePointer<Float>, groupSize g: Int, scale: Float, tokenCount: Int, into state: UnsafeMutablePointer<Float>) {
         prepare(queries: queries, groupSize: g, scale: scale, into: state)
-        guard usesTable else { return }
+        guard usesTable, tokenCount >= Self.tableTokens else { return }
         let flag = state + 2 * g * headDim
-        flag.pointee = 0
-        guard tokenCount >= Self.tableTokens else { return }
         codebook.withUnsafeBytes { book in
             CodewordKernels.buildTable(book: book.baseAddress!, queries: state, groupSize: g, dim: headDim, into: flag + 1)
         }
@@ -448,6 +446,8 @@ public struct NSNScheme: KVScheme {
             rotate(rotated)
             for i in 0 ..< d { rotated[i] *= invRoot }
         }
+        // No table for these queries (a table left by an earlier call must not be read).
+        if usesTable { state[2 * g * d] = 0 }
     }
 
     /// Rows [t0, t0 + n) in the rotated domain, codeword times `factor(n1, n2)` of the token.
