@@ -8,6 +8,11 @@
 // Each score and each accumulator depends only on its own operations, so the blocking here
 // (four query heads at once, rows widened once for all of them) gives the same bits. Swift
 // keeps its path for machines without AVX2 + FMA + F16C, where this returns -1.
+//
+// The same loops read the nsn scheme's codes in place: a row is then a token's pieces, and the
+// "widening" of an 8-element chunk decodes a piece's codeword. For 1-bit codes over long spans
+// nsn scores from a table of every query piece's dot product with every codeword instead, and
+// its Hadamard transform is here too (the rotation of every block's mean during attention).
 #include "CKVKernels.h"
 #include "cpu_tier.h"
 #include "prefetch_plan.h"
