@@ -151,8 +151,9 @@ static inline __attribute__((always_inline)) void accumulate_block(const uint8_t
     }
 }
 
-// One instantiation per (heads in the block, row type): the loops above then have constant
-// bounds and their accumulators stay in registers.
+// One instantiation per (heads in the pass, row type): the loops above then have constant
+// bounds and their accumulators stay in registers. ROWS_DISPATCH picks the row type,
+// ROWS_BY_HEADS the heads of a pass (1-4, `heads` at run time).
 #define ROWS_DISPATCH(fn, QB, ...)                                     \
     switch (type) {                                                    \
     case ROW_F16: fn(__VA_ARGS__, QB, ROW_F16); break;                 \
@@ -161,6 +162,13 @@ static inline __attribute__((always_inline)) void accumulate_block(const uint8_t
     case ROW_NSN2: fn(__VA_ARGS__, QB, ROW_NSN2); break;               \
     default: fn(__VA_ARGS__, QB, ROW_F32); break;                      \
     }
+#define ROWS_BY_HEADS(fn, heads, ...)                                  \
+    switch (heads) {                                                   \
+    case 1: ROWS_DISPATCH(fn, 1, __VA_ARGS__) break;                   \
+    case 2: ROWS_DISPATCH(fn, 2, __VA_ARGS__) break;                   \
+    case 3: ROWS_DISPATCH(fn, 3, __VA_ARGS__) break;                   \
+    default: ROWS_DISPATCH(fn, 4, __VA_ARGS__) break;                  \
+    }
 
 static void rows_scores_avx2(const uint8_t *rows, int type, int dim, size_t count, const float *queries, int group, float *out,
                              size_t stride, const row_codes *codes) {
@@ -168,12 +176,7 @@ static void rows_scores_avx2(const uint8_t *rows, int type, int dim, size_t coun
     for (int q0 = 0; q0 < group; q0 += 4) {
         const float *q = queries + (size_t)q0 * dim;
         float *o = out + (size_t)q0 * stride;
-        switch (group - q0 < 4 ? group - q0 : 4) {
-        case 1: ROWS_DISPATCH(scores_block, 1, rows, rowBytes, dim, count, q, o, stride, codes) break;
-        case 2: ROWS_DISPATCH(scores_block, 2, rows, rowBytes, dim, count, q, o, stride, codes) break;
-        case 3: ROWS_DISPATCH(scores_block, 3, rows, rowBytes, dim, count, q, o, stride, codes) break;
-        default: ROWS_DISPATCH(scores_block, 4, rows, rowBytes, dim, count, q, o, stride, codes) break;
-        }
+        ROWS_BY_HEADS(scores_block, group - q0, rows, rowBytes, dim, count, q, o, stride, codes)
     }
 }
 
@@ -183,12 +186,7 @@ static void rows_accumulate_avx2(const uint8_t *rows, int type, int dim, size_t 
     for (int q0 = 0; q0 < group; q0 += 4) {
         const float *w = weights + (size_t)q0 * stride;
         float *a = acc + (size_t)q0 * dim;
-        switch (group - q0 < 4 ? group - q0 : 4) {
-        case 1: ROWS_DISPATCH(accumulate_block, 1, rows, rowBytes, dim, count, w, stride, a, codes) break;
-        case 2: ROWS_DISPATCH(accumulate_block, 2, rows, rowBytes, dim, count, w, stride, a, codes) break;
-        case 3: ROWS_DISPATCH(accumulate_block, 3, rows, rowBytes, dim, count, w, stride, a, codes) break;
-        default: ROWS_DISPATCH(accumulate_block, 4, rows, rowBytes, dim, count, w, stride, a, codes) break;
-        }
+        ROWS_BY_HEADS(accumulate_block, group - q0, rows, rowBytes, dim, count, w, stride, a, codes)
     }
 }
 

@@ -137,11 +137,10 @@ public final class LlamaModel: @unchecked Sendable {
         }
     }
 
-    /// Rotates adjacent pairs (2i, 2i+1) of every head by position * theta^(-2i/headDim), with
-    /// llama2.c's float arithmetic.
-    /// Each position's RoPE rotations, (cos, sin) per channel pair of a head: the same for every
-    /// layer and head, so computed once per forward pass (per layer, the powf/cosf/sinf calls
-    /// were 2% of a prefill).
+    /// Each position's RoPE rotations, (cos, sin) per channel pair of a head, angle position *
+    /// theta^(-2i/headDim) with llama2.c's float arithmetic: the same for every layer and head,
+    /// so computed once per forward pass (per layer, the powf/cosf/sinf calls were 2% of a
+    /// prefill).
     private func ropeTable(positions: [Int]) -> [Float] {
         let hs = config.headDim, pairs = hs / 2
         var table = [Float](repeating: 0, count: positions.count * hs)

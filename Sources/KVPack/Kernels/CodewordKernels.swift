@@ -5,7 +5,7 @@ import CKVKernels
 /// group, instead of decoded into an f32 tile first. Only where the CPU has AVX2 + FMA.
 public enum CodewordKernels {
     /// Whether the kernels run here for `dim` channels.
-    public static func available(dim: Int) -> Bool { RowKernels.rowsInC && dim % 8 == 0 }
+    public static func available(dim: Int) -> Bool { RowKernels.inC(dim: dim) }
 
     /// out[g * stride + t] = queries[g] . codewords(t) for `count` tokens of codes at `codes`
     /// (`bits` 1: a code byte per piece; 2: a sign byte and a magnitude byte). `book`: the

@@ -181,26 +181,25 @@ public enum RowKernels {
         TileKernels.byTiles(dim: dim, tokens: tokens, decode: { widen(rows + $0.lowerBound * rowBytes, from: type, $1, $0.count * dim) }, body)
     }
 
-    /// The C kernels' row type (rows.c), for the floating-point types they take.
+    /// Whether the C row kernels (rows.c) run here for rows of `dim` elements: AVX2 + FMA + F16C,
+    /// and whole 8-element chunks. They give the tile kernels' bits, with the rows widened (or,
+    /// for nsn, decoded) in registers instead of through a tile.
     @inline(__always)
-    static func cRowType(_ type: ElementType) -> Int32? {
-        switch type {
-        case .float32: 0
-        case .float16: 1
-        case .bfloat16: 2
-        default: nil
-        }
-    }
-
-    /// Whether rows of `type` go to the C kernels here (rows.c: the same bits as the tile
-    /// kernels below, with the rows widened in registers instead of through a tile).
-    @inline(__always)
-    static func inC(_ type: ElementType, dim: Int) -> Int32? {
-        guard rowsInC, dim % 8 == 0 else { return nil }
-        return cRowType(type)
-    }
+    static func inC(dim: Int) -> Bool { rowsInC && dim % 8 == 0 }
 
     static let rowsInC = kvk_rows_available() != 0
+
+    /// The C kernels' row type for rows of `type` where they run here, else nil.
+    @inline(__always)
+    static func inC(_ type: ElementType, dim: Int) -> Int32? {
+        guard inC(dim: dim) else { return nil }
+        switch type {
+        case .float32: return 0
+        case .float16: return 1
+        case .bfloat16: return 2
+        default: return nil
+        }
+    }
 
     static func scores(rows: UnsafeRawPointer, type: ElementType, dim: Int, tokens: Range<Int>,
                        queries: UnsafePointer<Float>, groupSize: Int,

@@ -88,7 +88,7 @@ public enum TileKernels {
     @inline(__always)
     public static func scores(tile: UnsafePointer<Float>, count n: Int, dim d: Int, queries: UnsafePointer<Float>,
                               groupSize g: Int, into out: UnsafeMutablePointer<Float>, stride: Int) {
-        if RowKernels.rowsInC, d % 8 == 0 {
+        if RowKernels.inC(dim: d) {
             _ = kvk_rows_scores(tile, 0, Int32(d), n, queries, Int32(g), out, stride)
             return
         }
@@ -215,7 +215,7 @@ public enum TileKernels {
     @inline(__always)
     public static func accumulate(tile: UnsafePointer<Float>, count n: Int, dim d: Int, weights: UnsafePointer<Float>,
                                   stride: Int, groupSize g: Int, into acc: UnsafeMutablePointer<Float>) {
-        if RowKernels.rowsInC, d % 8 == 0 {
+        if RowKernels.inC(dim: d) {
             _ = kvk_rows_accumulate(tile, 0, Int32(d), n, weights, stride, Int32(g), acc)
             return
         }

@@ -108,7 +108,7 @@ extension KVPackReader {
     func prefetchTableHead(segment: Int, stream: Int) {
         guard state.major != 1, !file.isRemote, segment < state.segmentTables.count, let base = file.bytes.baseAddress else { return }
         let offset = Int(state.segmentTables[segment]), bytes = FrameHeader.size + 8 * (stream + 1)
-        guard offset >= 0, offset <= file.bytes.count - bytes else { return }
+        guard offset <= file.bytes.count - bytes else { return }
         CacheHints.prefetch(base + offset, bytes: bytes)
     }
 

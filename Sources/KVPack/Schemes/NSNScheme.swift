@@ -410,12 +410,13 @@ public struct NSNScheme: KVScheme {
     // MARK: Attention over codes
 
     /// The rotated queries (scaled, divided by sqrt(d)) of the whole group, then the unrotated
-    /// scaled queries (for the mean term). Rows are decoded a tile at a time in the rotated
-    /// domain, codewords times their token's norms, and scored and accumulated by the shared
-    /// tile kernels; the 1-bit per-query tables of earlier versions cost a lookup per piece,
-    /// query and token and measured slower.
-    /// Then, for 1-bit codes read in C, one float saying whether the lookup table was built, and
-    /// the table (`CodewordKernels.buildTable`).
+    /// scaled queries (for the mean term); then, for 1-bit codes read in C, one float saying
+    /// whether the lookup table was built, and the table (`CodewordKernels.buildTable`). Codes
+    /// are read in place by the C kernels (`codewordsInC`), or decoded a tile at a time in the
+    /// rotated domain, codewords times their token's norms, for the shared tile kernels. The
+    /// 1-bit per-query tables of earlier versions cost a scalar lookup per piece, query and token
+    /// and measured slower than the tiles; the C table holds four heads per entry (one 16-byte
+    /// load per piece and token) and is built only over spans where it pays (`tableTokens`).
     public func queryStateSize(groupSize g: Int) -> Int {
         2 * g * headDim + (usesTable ? 1 + CodewordKernels.tableFloats(groupSize: g, dim: headDim) : 0)
     }
