@@ -19,7 +19,7 @@ struct BenchCommand: ParsableCommand {
 
         Columns of the attention table: bytes per token and KV head (K+V), attention time per KV head (best round; median in brackets), effective bandwidth, floor, time / floor, dense f16 time / time, writer MB/s. --write FILE replaces the section between the `kvpack bench` markers of FILE (BENCHMARKS.md) with this output. Timing is never a test.
 
-        Profiling one scheme: KVPACK_BENCH_ONLY_SCHEMES=1 leaves the dense baselines out (their ratio columns then read nan), e.g. `KVPACK_BENCH_ONLY_SCHEMES=1 perf record kvpack bench --tokens 32768 --scheme int:k2v2:kc64 --repeat 60 --resume-tokens 0`.
+        Profiling one scheme: KVPACK_BENCH_ONLY_SCHEMES=1 leaves the dense baselines out (their ratio columns then read nan), =fast also the (exact) rows, e.g. `KVPACK_BENCH_ONLY_SCHEMES=1 perf record kvpack bench --tokens 32768 --scheme int:k2v2:kc64 --repeat 60 --resume-tokens 0`.
         """)
 
     @Option(help: "Geometry preset (llama-3-8b, smollm2-135m, stories260k, ...).") var model = "llama-3-8b"
@@ -169,8 +169,10 @@ struct BenchCommand: ParsableCommand {
                         machine: Machine, report: Report) throws {
         let data = Self.generate(geometry: g, rope: preset.rope, tokens: n)
         var entries: [Entry] = []
-        // KVPACK_BENCH_ONLY_SCHEMES=1 leaves the baselines out (for profiling one scheme).
-        let baselines = ProcessInfo.processInfo.environment["KVPACK_BENCH_ONLY_SCHEMES"] == nil
+        // KVPACK_BENCH_ONLY_SCHEMES=1 leaves the baselines out (for profiling one scheme); =fast
+        // also the (exact) rows, so a profile holds only the fast path.
+        let onlySchemes = ProcessInfo.processInfo.environment["KVPACK_BENCH_ONLY_SCHEMES"]
+        let baselines = onlySchemes == nil
             ? [("dense f16 (memory)", "raw:f16"), ("dense f32 (memory)", "raw:f32")] : []
         for (label, spec) in baselines {
             let path = "\(dir)/dense-\(n).kvpack"
@@ -194,7 +196,7 @@ struct BenchCommand: ParsableCommand {
                               writerMBps: inputMB / seconds)
             entries.append(entry)
             // Where integer kernels run, the same file with exact (f32) arithmetic beside it.
-            if entry.integerProducts > 0 {
+            if entry.integerProducts > 0, onlySchemes != "fast" {
                 let exact = try KVPackReader(path: path, arithmetic: .exact)
                 entries.append(Entry(label: spec + " (exact)", reader: exact, streamBytes: entry.streamBytes, tokens: n, writerMBps: nil))
             }
