@@ -117,6 +117,25 @@ int kvk_hadamard(float *x, int size, float norm);
 int kvk_polar_decode(const uint8_t *block, int angleBits, int radiusBits, int pairs, int radiusGroup, size_t radiusSection,
                      size_t scalesOffset, size_t offsetsOffset, const float *table, int half, size_t t0, size_t count, float *out);
 
+// MARK: The svdq scheme's keys (svdq.c)
+
+/// What the svdq key scores need of a scheme's layout, computed once: for blocks of blockBytes and
+/// `tokens` tokens (a multiple of 8), rank f16 scales then rank f16 offsets first, channel c of
+/// width channelBits[c] (0: not stored, 1-6, 8 or 16) with its codes at streamOffsets[c]. Writes
+/// kvk_svdq_plan_ints(rank) int64s at `plan`. Returns 0, or -1 if a width is not one of these,
+/// rank is above 512, or a channel's codes would leave the block.
+size_t kvk_svdq_plan_ints(int rank);
+int kvk_svdq_plan(size_t blockBytes, int rank, const intptr_t *channelBits, const intptr_t *streamOffsets, size_t tokens, int64_t *plan);
+
+/// Scores of tokens [t0, t0 + count) (t0 and count multiples of 8) of an svdq block laid out as
+/// `plan` says, bit for bit what SVDqScheme.scores computes for whole vectors of eight tokens:
+/// scores[g * stride + (t - t0)] = sum over stored channels c, in order, of state[g][c] * latent
+/// (fused), latent = scale_c * code + offset_c (f16 channels: the value); `state` holds `group`
+/// rows of `rank` projected queries. Never reads outside the block. Returns 0, or -1 (nothing
+/// written) when unsupported here or when the block or range is not the plan's.
+int kvk_svdq_scores(const uint8_t *block, size_t blockBytes, const int64_t *plan, size_t t0, size_t count, const float *state, int group,
+                    float *scores, size_t stride);
+
 // MARK: Weight products on 8-bit activations (weights.c)
 
 enum { KVK_WEIGHTS_Q8_0 = 0, KVK_WEIGHTS_Q4_0 = 1, KVK_WEIGHTS_Q4_1 = 2 };

@@ -35,6 +35,8 @@ public struct SVDqScheme: KVScheme {
     let allBases: [Float]
     /// The basis this instance uses (a KV head's, after `forKVHead`).
     let basisIndex: Int
+    /// The C key scores' view of the block layout (SVDqKernels.plan); nil where they do not run.
+    let kernelPlan: [Int64]?
 
     // MARK: Spec
 
@@ -180,6 +182,7 @@ public struct SVDqScheme: KVScheme {
         }
         streamOffsets = offsets
         blockBytes = at
+        kernelPlan = SVDqKernels.plan(blockBytes: at, rank: rank, channelBits: bits, streamOffsets: offsets, tokens: context.segmentTokens & ~7)
     }
 
     private init(_ other: SVDqScheme, basis: Int) {
@@ -194,6 +197,7 @@ public struct SVDqScheme: KVScheme {
         blockBytes = other.blockBytes
         allBases = other.allBases
         basisIndex = basis
+        kernelPlan = other.kernelPlan
     }
 
     public func forKVHead(_ head: Int) -> any KVScheme {
@@ -404,6 +408,13 @@ public struct SVDqScheme: KVScheme {
 
     public func scores(block: UnsafeRawBufferPointer, tokens: Range<Int>, state: UnsafePointer<Float>, groupSize g: Int,
                        into scores: UnsafeMutablePointer<Float>, stride: Int) {
+        self.scores(block: block, tokens: tokens, state: state, groupSize: g, into: scores, stride: stride, inC: true)
+    }
+
+    /// `scores`, with the whole vectors of eight tokens in C (SVDqKernels, the same bits) where it
+    /// runs and `inC`, else in Swift (what tests hold the C path to).
+    func scores(block: UnsafeRawBufferPointer, tokens: Range<Int>, state: UnsafePointer<Float>, groupSize g: Int,
+                into scores: UnsafeMutablePointer<Float>, stride: Int, inC: Bool) {
         let p = block.baseAddress!, lo = tokens.lowerBound, n = tokens.count
         let vector = Self.aligned(tokens)
         for q in 0 ..< g { (scores + q * stride).update(repeating: 0, count: n) }
@@ -412,6 +423,11 @@ public struct SVDqScheme: KVScheme {
                 let z = latent(p, channel: c, token: t)
                 for q in 0 ..< g { scores[q * stride + (t - lo)] += state[q * rank + c] * z }
             }
+        }
+        if vector.isEmpty { return }
+        if inC, let kernelPlan,
+           SVDqKernels.scores(block, plan: kernelPlan, tokens: vector, state: state, groupSize: g, into: scores + (vector.lowerBound - lo), stride: stride) {
+            return
         }
         // Channel-major codes: 8 tokens x 4 queries of scores stay in registers while every
         // latent channel is decoded once (8 tokens per vector step) and multiplied in. Shift and

@@ -79,6 +79,55 @@ struct SVDqSchemeTests {
         #expect(e.relative > 1e-3 && e.relative < 1)
     }
 
+    @Test("the C key scores are the Swift ones bit for bit: every width, partial and unaligned ranges, groups 1-9")
+    func scoresInC() throws {
+        let g = ModelGeometry(layerCount: 1, queryHeadCount: 9, kvHeadCount: 1, headDim: 32)
+        let data = RandomKV(geometry: g, tokens: 64, seed: 3)
+        let stats = CacheStatistics(geometry: g, tokens: 64) { l, h, k in Array(data.stream(layer: l, head: h, kind: k, tokens: 0 ..< 64)) }
+        let c = 64
+        for spec in ["svdq:8-6-5-4-3-2-1-16-0-2-1", "svdq:2", "svdq:16-16-1"] {
+            let parsed = try SchemeSpec.parse(spec, geometry: g, calibration: stats)
+            let s = try SVDqScheme(descriptor: parsed.key.descriptor,
+                                   context: SchemeContext(geometry: g, segmentTokens: c, rope: .none, role: .key, blobs: parsed.key.blobs))
+            let rows = IntSchemeTests.rows(tokens: c, dim: 32, seed: 9)
+            var block = [UInt8](repeating: 0, count: s.encodedBlockSize(tokens: c))
+            rows.withUnsafeBufferPointer { src in block.withUnsafeMutableBytes { s.encode(rows: src.baseAddress!, tokens: c, into: $0) } }
+            var rng = SplitMix64(seed: 4)
+            let state = (0 ..< 9 * s.rank).map { _ in Float(rng.nextGaussian()) }
+            for group in 1 ... 9 {
+                for range in [0 ..< c, 8 ..< 40, 3 ..< 61, 5 ..< 6, 56 ..< 64] {
+                    var fast = [Float](repeating: .nan, count: group * c), slow = fast
+                    block.withUnsafeBytes { b in
+                        state.withUnsafeBufferPointer { q in
+                            fast.withUnsafeMutableBufferPointer {
+                                s.scores(block: b, tokens: range, state: q.baseAddress!, groupSize: group, into: $0.baseAddress!, stride: c, inC: true)
+                            }
+                            slow.withUnsafeMutableBufferPointer {
+                                s.scores(block: b, tokens: range, state: q.baseAddress!, groupSize: group, into: $0.baseAddress!, stride: c, inC: false)
+                            }
+                        }
+                    }
+                    #expect(fast.map(\.bitPattern) == slow.map(\.bitPattern), "\(spec) group \(group) tokens \(range)")
+                }
+            }
+            // Where the C kernels run, this one does (else the comparison above proves nothing)...
+            #expect((s.kernelPlan != nil) == RowKernels.inC(dim: 8), "\(spec)")
+            guard let plan = s.kernelPlan else { continue }
+            // ...and for a block not of the plan's size, or a range past its tokens, it declines and writes nothing.
+            var out = [Float](repeating: 7, count: 2 * c)
+            let ran = block.withUnsafeBytes { b in
+                state.withUnsafeBufferPointer { q in
+                    out.withUnsafeMutableBufferPointer {
+                        SVDqKernels.scores(UnsafeRawBufferPointer(rebasing: b[0 ..< b.count - 1]), plan: plan, tokens: 0 ..< c,
+                                           state: q.baseAddress!, groupSize: 1, into: $0.baseAddress!, stride: c)
+                            || SVDqKernels.scores(b, plan: plan, tokens: 8 ..< c + 8, state: q.baseAddress!, groupSize: 1, into: $0.baseAddress!, stride: c)
+                    }
+                }
+            }
+            #expect(!ran && out.allSatisfy { $0 == 7 }, "\(spec)")
+        }
+    }
+
     @Test("specs and descriptors: averages, explicit widths, ranks; bad values are errors")
     func grammar() throws {
         let g = Self.geometry
