@@ -39,6 +39,7 @@ extension KVPackReader {
         let rowState = workspace.tailState.pointer
         RowKernels.scaled(queries, by: s, into: rowState, count: g * d)
         var preparedKey = false
+        var offsetsAhead = OffsetsAhead()
         let end = range.upperBound + extra   // appended row i is token range.upperBound + i
         var t = range.lowerBound
         while t < end {
@@ -78,8 +79,10 @@ extension KVPackReader {
                                         into: workspace.keyState.pointer)
                         preparedKey = true
                     }
-                    prefetchBlocks(segment: segment + Self.blocksAhead, streams: kStream ... vStream)
-                    let (kOffset, vOffset) = try blockOffsets(segment: segment, streams: (kStream, vStream))
+                    if let found = prefetchBlocks(segment: segment + Self.blocksAhead, streams: kStream ... vStream) {
+                        offsetsAhead.put(segment + Self.blocksAhead, found)
+                    }
+                    let (kOffset, vOffset) = try offsetsAhead.take(segment) ?? blockOffsets(segment: segment, streams: (kStream, vStream))
                     valueBlock = vOffset
                     let payload = try blockPayload(segment: segment, stream: kStream, at: kOffset, workspace: workspace)
                     kScheme.scores(block: payload, tokens: local, state: workspace.keyState.pointer, groupSize: g, into: scores + at, stride: c)
@@ -121,6 +124,33 @@ extension KVPackReader {
     func sealedSegments(_ tokens: Range<Int>) -> Range<Int> {
         let c = segmentTokens, end = min(tokens.upperBound, sealedTokenCount)
         return end > tokens.lowerBound ? tokens.lowerBound / c ..< (end + c - 1) / c : 0 ..< 0
+    }
+
+    /// The block offsets `prefetchBlocks` found for the segments ahead (a few slots, by segment).
+    private struct OffsetsAhead {
+        private var slots: ((Int, UInt64, UInt64), (Int, UInt64, UInt64), (Int, UInt64, UInt64), (Int, UInt64, UInt64)) =
+            ((-1, 0, 0), (-1, 0, 0), (-1, 0, 0), (-1, 0, 0))
+
+        mutating func put(_ segment: Int, _ offsets: (UInt64, UInt64)) {
+            let entry = (segment, offsets.0, offsets.1)
+            switch segment & 3 {
+            case 0: slots.0 = entry
+            case 1: slots.1 = entry
+            case 2: slots.2 = entry
+            default: slots.3 = entry
+            }
+        }
+
+        func take(_ segment: Int) -> (UInt64, UInt64)? {
+            let entry: (Int, UInt64, UInt64)
+            switch segment & 3 {
+            case 0: entry = slots.0
+            case 1: entry = slots.1
+            case 2: entry = slots.2
+            default: entry = slots.3
+            }
+            return entry.0 == segment ? (entry.1, entry.2) : nil
+        }
     }
 
     /// Where the rows of part of a chunk come from; `at` is their offset in the chunk's scores.

@@ -97,12 +97,22 @@ extension KVPackReader {
         let h = try FrameHeader.decode(bytes, at: offset, limit: state.commitOffset, salt: header.salt, field: "BLCK",
                                        verifyingChecksum: firstUse)
         let schemeIndex = manifest.scheme(forStream: stream)
-        let scheme = streamSchemes[stream]
-        let expected = scheme.encodedBlockSize(tokens: segmentTokens)
+        let expected = streamBlockBytes[stream]
         try BlockFrame.check(h, BlockFrame.Expectation(stream: stream, segment: segment, tokenCount: segmentTokens, schemeIndex: schemeIndex,
-                                                       rawLength: expected, compressed: scheme.compressesBlocks))
+                                                       rawLength: expected, compressed: streamCompressed[stream]))
         if firstUse { try h.verifyPayload(in: bytes, field: "BLCK") }
-        var payload = h.storedPayload(in: bytes)
+        let payload = h.storedPayload(in: bytes)
+        // The scheme (an existential: copying it out retains its storage) only where needed.
+        if h.isCompressed || firstUse { return try decodedPayload(h, payload, slot: slot, stream: stream, firstUse: firstUse, workspace: workspace) }
+        return payload
+    }
+
+    /// The rest of `verifiedBlockPayload` for a compressed block or a block's first use.
+    private func decodedPayload(_ h: FrameHeader, _ stored: UnsafeRawBufferPointer, slot: Int, stream: Int, firstUse: Bool,
+                                workspace: AttentionWorkspace) throws -> UnsafeRawBufferPointer {
+        let scheme = streamSchemes[stream]
+        let expected = streamBlockBytes[stream]
+        var payload = stored
         if h.isCompressed {
             let out = workspace.decompressionBuffer(expected)
             try workspace.decompressor.decompress(payload, into: out, parts: scheme.compressedParts, offset: h.payloadOffset, field: "BLCK.payload")

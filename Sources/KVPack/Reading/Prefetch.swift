@@ -33,7 +33,7 @@ extension KVPackReader {
         prefetchTables(segments)
         // A compressed block is at most about its raw size: a bound for the request, not a promise.
         func frameBytes(_ stream: Int) -> Int {
-            FrameHeader.size + roundUp(streamSchemes[stream].encodedBlockSize(tokens: segmentTokens), to: FileHeader.frameAlignment)
+            FrameHeader.size + roundUp(streamBlockBytes[stream], to: FileHeader.frameAlignment)
         }
         let first = streams.lowerBound, last = streams.upperBound - 1
         let span = streams.reduce(0) { $0 + frameBytes($1) }
@@ -88,13 +88,18 @@ extension KVPackReader {
     /// memory. Only blocks that lie together, as the writer puts them; a hint, never an error.
     /// The bytes become the thread's prefetch plan: the C kernels that read this segment's
     /// blocks prefetch them as they go, and `CacheHints.finishPrefetch` asks for the rest.
-    func prefetchBlocks(segment: Int, streams: ClosedRange<Int>) {
+    /// Returns the two blocks' offsets where it found them (checked as `blockOffsets` checks them),
+    /// so attention need not look them up again two segments later.
+    @discardableResult
+    func prefetchBlocks(segment: Int, streams: ClosedRange<Int>) -> (UInt64, UInt64)? {
         prefetchTableHead(segment: segment + Self.tablesAheadOfBlocks, stream: streams.upperBound)
         guard segment < sealedTokenCount / segmentTokens,
-              let (lo, hi) = try? blockOffsets(segment: segment, streams: (streams.lowerBound, streams.upperBound)) else { return }
-        let end = Int(hi) + FrameHeader.size + streamSchemes[streams.upperBound].encodedBlockSize(tokens: segmentTokens)
-        guard hi >= lo, end <= file.bytes.count, end - Int(lo) <= 1 << 20, let base = file.bytes.baseAddress else { return }
-        CacheHints.planPrefetch(base + Int(lo), bytes: end - Int(lo))
+              let (lo, hi) = try? blockOffsets(segment: segment, streams: (streams.lowerBound, streams.upperBound)) else { return nil }
+        let end = Int(hi) + FrameHeader.size + streamBlockBytes[streams.upperBound]
+        if hi >= lo, end <= file.bytes.count, end - Int(lo) <= 1 << 20, let base = file.bytes.baseAddress {
+            CacheHints.planPrefetch(base + Int(lo), bytes: end - Int(lo))
+        }
+        return (lo, hi)
     }
 
     /// How many segments beyond the blocks it prefetches `prefetchBlocks` asks for a version 2

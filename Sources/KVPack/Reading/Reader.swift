@@ -16,6 +16,10 @@ public final class KVPackReader: @unchecked Sendable {
     let schemes: [any KVScheme]
     /// The codec of each stream (`schemes[index].forKVHead(head)`).
     let streamSchemes: [any KVScheme]
+    /// Each stream's block size (decoded) and whether its blocks are compressed: what every block
+    /// read checks, kept apart so that the check copies no scheme out of `streamSchemes`.
+    let streamBlockBytes: [Int]
+    let streamCompressed: [Bool]
     /// Tail rows are attended with the raw kernels of each scheme's residual type.
     let tailKernels: [RawScheme]
     let verified: VerificationFlags
@@ -68,6 +72,8 @@ public final class KVPackReader: @unchecked Sendable {
         tailKernels = opened.tails
         let g = manifest.geometry, manifest = opened.manifest, schemes = opened.schemes
         streamSchemes = (0 ..< g.streamCount).map { schemes[manifest.scheme(forStream: $0)].forKVHead(g.streamID($0).kvHead) }
+        streamBlockBytes = streamSchemes.map { $0.encodedBlockSize(tokens: manifest.segmentTokens) }
+        streamCompressed = streamSchemes.map(\.compressesBlocks)
         // Bounded by the file size: the commit loader checked that the bytes can hold the blocks.
         verified = VerificationFlags(count: manifest.sealedTokens(of: state.tokenCount) / manifest.segmentTokens * g.streamCount)
         tablesVerified = VerificationFlags(count: state.segmentTables.count)
