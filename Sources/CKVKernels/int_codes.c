@@ -35,6 +35,9 @@
 #pragma STDC FP_CONTRACT OFF
 
 enum { MAX_DIM = 256, MAX_ROW_BYTES = 128, MAX_GROUPS = 8, VALUE_QUERIES = 4, VALUE_SUB_BLOCK = 64 };
+/// Floats of one query head's key state beside its int8 query: 8 lane scales, 16 int16 lane
+/// multipliers (8 floats' room), the multipliers' unit (key_prepare).
+enum { KEY_STATE = 24 };
 enum { ISA_NONE = KVK_TIER_NONE, ISA_AVX2 = KVK_TIER_AVX2, ISA_VNNI = KVK_TIER_VNNI };
 
 static int int_isa = ISA_NONE;

@@ -123,7 +123,7 @@ static inline __attribute__((always_inline)) void SUFFIX(segment_transpose)(__m2
 /// 1/254 step (scales / 254, constant 0): a second pass over the codes with it adds about 8 bits.
 static inline __attribute__((always_inline)) void SUFFIX(key_prepare)(const kvk_int_layout *L, const float *scales, const float *offsets,
                                                                       const float *queries, int nq, int8_t *qperm, float *qscale,
-                                                                      float *qconst, const int K, const int residual) {
+                                                                      float *qconst, int mmax, const int K, const int residual) {
     const int d = L->dim, segment = 16 / K, stateBytes = L->units * K * 32, G = 4 * K;
     const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
     // Byte k * segment + i of a shuffled 16 bytes is byte i * K + k: slot k's bytes gathered.
@@ -163,7 +163,18 @@ static inline __attribute__((always_inline)) void SUFFIX(key_prepare)(const kvk_
         __m256 unit = _mm256_and_ps(_mm256_mul_ps(top, _mm256_set1_ps(residual ? 1.0f / (127.0f * 254.0f) : 1.0f / 127.0f)), usable);
         float inverse[8];
         _mm256_storeu_ps(inverse, inv);
-        _mm256_storeu_ps(qscale + 8 * q, unit);
+        float *lanes = qscale + KEY_STATE * q;
+        _mm256_storeu_ps(lanes, unit);
+        if (mmax) {
+            // The lane scales as integers m_l ~ unit_l / factor (m_l <= mmax), for the integer finish
+            // of key_quad: sum_l unit_l a_l ~ factor * sum_l m_l a_l, off by at most factor / 2 per
+            // lane unit, 1/2048 of the int8 query's own rounding or less (mmax >= 1024).
+            float top = SUFFIX(hmax)(unit);
+            __m256i m = _mm256_cvtps_epi32(_mm256_mul_ps(unit, _mm256_set1_ps(top > 0 ? (float)mmax / top : 0)));
+            // Per 128-bit half: lanes 0-3 (4-7) twice, as int16: what packs of two accumulators pair with.
+            _mm256_storeu_si256((__m256i *)(lanes + 8), _mm256_packs_epi32(m, m));
+            lanes[16] = top > 0 ? top / (float)mmax : 0;
+        }
         for (int c = 0; c < d; c += 32) {
             float factor[4];
             for (int i = 0; i < 4; i++) {
@@ -238,7 +249,8 @@ static void SUFFIX(value_prepare)(const kvk_int_layout *L, int groupSize, const 
 /// stay in registers.
 static inline __attribute__((always_inline)) void SUFFIX(key_quad)(const uint8_t *rows, const kvk_int_layout *L, const int8_t *qperm,
                                                                    const float *qscale, const float *qconst, int nq, float *out,
-                                                                   size_t stride, int valid, const int K, const int oneChunk) {
+                                                                   size_t stride, int valid, const int K, const int oneChunk,
+                                                                   const int intFinish) {
     const __m256i mask = _mm256_set1_epi8((char)L->mask);
     const __m256i *qv = (const __m256i *)qperm;
     const int P = L->units, perQuery = P * K, bits = 8 / K;
@@ -269,9 +281,28 @@ static inline __attribute__((always_inline)) void SUFFIX(key_quad)(const uint8_t
     }
     for (int q = 0; q < KEY_QUERIES && q < nq; q++) {
         // Each lane's integer sum times its scale, then the lanes added in a fixed order.
-        const __m256 laneScale = _mm256_loadu_ps(qscale + 8 * q);
+        const float *state = qscale + KEY_STATE * q;
+        const __m256 laneScale = _mm256_loadu_ps(state);
         __m128 sums;
-        if (oneChunk) {
+        if (intFinish) {
+            // The lane sums fit int16 and their products with the lane multipliers an int32 sum
+            // (key_batch checked): pairs of accumulators packed, multiplied and summed per pair of
+            // lanes (vpmaddwd), the pairs summed, one conversion and one scale per four tokens.
+            const __m256i m = _mm256_loadu_si256((const __m256i *)(state + 8));
+            __m128i total;
+            if (oneChunk) {
+                // Halves of the packed pair: tokens 0, 2 (lanes 0-3) and 1, 3 (lanes 4-7).
+                __m256i y = _mm256_madd_epi16(_mm256_packs_epi32(acc[q][0], acc[q][1]), m);
+                __m256i z = _mm256_hadd_epi32(y, y);
+                total = _mm_unpacklo_epi32(_mm256_castsi256_si128(z), _mm256_extracti128_si256(z, 1));
+            } else {
+                __m256i y01 = _mm256_madd_epi16(_mm256_packs_epi32(acc[q][0], acc[q][1]), m);
+                __m256i y23 = _mm256_madd_epi16(_mm256_packs_epi32(acc[q][2], acc[q][3]), m);
+                __m256i z = _mm256_hadd_epi32(y01, y23);
+                total = _mm_add_epi32(_mm256_castsi256_si128(z), _mm256_extracti128_si256(z, 1));
+            }
+            sums = _mm_mul_ps(_mm_cvtepi32_ps(total), _mm_set1_ps(state[16]));
+        } else if (oneChunk) {
             // acc[q][0] lanes: tokens 0, 1; acc[q][1]: tokens 2, 3.
             __m256 h = _mm256_hadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[q][0]), laneScale),
                                       _mm256_mul_ps(_mm256_cvtepi32_ps(acc[q][1]), laneScale));
@@ -297,18 +328,19 @@ static inline __attribute__((always_inline)) void SUFFIX(key_quad)(const uint8_t
 /// The scores of one run's tokens [t, end) for the prepared query heads.
 static inline __attribute__((always_inline)) void SUFFIX(key_run)(const uint8_t *codes, const kvk_int_layout *L, size_t t, size_t end,
                                                                   const int8_t *qperm, const float *qscale, const float *qconst, int nq,
-                                                                  float *out, size_t stride, const int K, const int oneChunk) {
+                                                                  float *out, size_t stride, const int K, const int oneChunk,
+                                                                  const int intFinish) {
     _Alignas(32) uint8_t padded[4 * MAX_ROW_BYTES];
     for (; t + 4 <= end; t += 4, out += 4) {
         kvk_plan_advance(4 * (size_t)L->rowBytes);
-        SUFFIX(key_quad)(codes + t * L->rowBytes, L, qperm, qscale, qconst, nq, out, stride, 4, K, oneChunk);
+        SUFFIX(key_quad)(codes + t * L->rowBytes, L, qperm, qscale, qconst, nq, out, stride, 4, K, oneChunk, intFinish);
     }
     if (t < end) {
         // The last 1-3 tokens: rows copied next to zero rows, so nothing past them is read.
         int n = (int)(end - t);
         memset(padded, 0, sizeof padded);
         memcpy(padded, codes + t * L->rowBytes, (size_t)n * L->rowBytes);
-        SUFFIX(key_quad)(padded, L, qperm, qscale, qconst, nq, out, stride, n, K, oneChunk);
+        SUFFIX(key_quad)(padded, L, qperm, qscale, qconst, nq, out, stride, n, K, oneChunk, intFinish);
     }
 }
 
@@ -321,25 +353,33 @@ static inline __attribute__((always_inline)) void SUFFIX(key_batch)(const uint8_
                                                                     int nq, float *out, size_t stride, const int K, const int oneChunk) {
     const int precise = K <= 2;
     _Alignas(32) int8_t qperm[2][KEY_QUERIES * 2 * MAX_DIM];
-    float qscale[2][KEY_QUERIES * 8], qconst[2][KEY_QUERIES];
+    float qscale[2][KEY_QUERIES * KEY_STATE], qconst[2][KEY_QUERIES];
     const int stateBytes = L->units * K * 32;
+    // The integer finish where a lane's sum (channels x largest code x 127) fits int16 and eight
+    // lanes' products with multipliers of at least 1024 fit int32 (1 and 2 bits, and 4 bits up
+    // to 128 channels); else the f32 one.
+    const int laneChannels = 4 * K * (oneChunk ? 1 : L->units), laneMax = laneChannels * L->mask * 127;
+    const int mmax = laneMax > 32767 ? 0 : (int)(2147483647 / (8 * (long)laneMax) < 32767 ? 2147483647 / (8 * (long)laneMax) : 32767);
+    const int intFinish = mmax >= 1024;
     for (int level = 0; level <= precise; level++) {
         // Heads past nq score with a zero query (cheaper than a branch in the loop).
         memset(qperm[level] + (size_t)nq * stateBytes, 0, (size_t)(KEY_QUERIES - nq) * stateBytes);
-        SUFFIX(key_prepare)(L, runScales, runOffsets, queries, nq, qperm[level], qscale[level], qconst[level], K, level);
+        SUFFIX(key_prepare)(L, runScales, runOffsets, queries, nq, qperm[level], qscale[level], qconst[level], intFinish ? mmax : 0, K, level);
     }
+#define KEY_RUN(...) (intFinish ? SUFFIX(key_run)(__VA_ARGS__, K, oneChunk, 1) : SUFFIX(key_run)(__VA_ARGS__, K, oneChunk, 0))
     if (!precise) {
-        SUFFIX(key_run)(codes, L, t, end, qperm[0], qscale[0], qconst[0], nq, out, stride, K, oneChunk);
+        KEY_RUN(codes, L, t, end, qperm[0], qscale[0], qconst[0], nq, out, stride);
         return;
     }
     float low[KEY_QUERIES * 64];
     for (size_t a = t; a < end; a += 64) {
         size_t b = end - a < 64 ? end : a + 64;
-        SUFFIX(key_run)(codes, L, a, b, qperm[0], qscale[0], qconst[0], nq, out + (a - t), stride, K, oneChunk);
-        SUFFIX(key_run)(codes, L, a, b, qperm[1], qscale[1], qconst[1], nq, low, 64, K, oneChunk);
+        KEY_RUN(codes, L, a, b, qperm[0], qscale[0], qconst[0], nq, out + (a - t), stride);
+        KEY_RUN(codes, L, a, b, qperm[1], qscale[1], qconst[1], nq, low, 64);
         for (int q = 0; q < nq; q++)
             for (size_t i = 0; i < b - a; i++) out[(size_t)q * stride + (a - t) + i] += low[q * 64 + i];
     }
+#undef KEY_RUN
 }
 
 static void SUFFIX(channel_scores)(const uint8_t *codes, const void *scales, const void *offsets, const kvk_int_layout *L,
