@@ -296,8 +296,71 @@ static void hadamard_avx2(float *x, int size, float norm) {
     for (int k = 0; k < n; k++) _mm256_storeu_ps(x + 8 * k, _mm256_mul_ps(_mm256_loadu_ps(x + 8 * k), f));
 }
 
+/// RowKernels.dot: two vectors of fused products over 16 elements at a time (a last 8 into the
+/// first), their sum, its lanes added in order, then the tail as multiply and add.
+static float dot_avx2(const float *a, const float *b, size_t n) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+    }
+    if (i + 8 <= n) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+        i += 8;
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, _mm256_add_ps(acc0, acc1));
+    float s = lanes[0];
+    for (int l = 1; l < 8; l++) s += lanes[l];
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/// RowKernels.axpy: y += alpha x, fused by eights, the tail as multiply and add.
+static void axpy_avx2(float alpha, const float *x, float *y, size_t n) {
+    const __m256 a = _mm256_set1_ps(alpha);
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(a, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += alpha * x[i];
+}
+
+static void widen_f16_avx2(const uint16_t *src, float *dst, size_t n) {
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+    for (; i < n; i++) dst[i] = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(src[i])));
+}
+
 #pragma clang attribute pop
 #endif
+
+// MARK: Small vector helpers (RowKernels.dot, axpy, widenFloat16), for builds where Swift's SIMD
+// types compile to calls. Only where kvk_rows_available() (the caller checks).
+
+float kvk_dot(const float *a, const float *b, size_t n) {
+#if KVK_ROWS_X86
+    return dot_avx2(a, b, n);
+#else
+    (void)a, (void)b, (void)n;
+    return 0;
+#endif
+}
+
+void kvk_axpy(float alpha, const float *x, float *y, size_t n) {
+#if KVK_ROWS_X86
+    axpy_avx2(alpha, x, y, n);
+#else
+    (void)alpha, (void)x, (void)y, (void)n;
+#endif
+}
+
+void kvk_widen_f16(const void *src, float *dst, size_t n) {
+#if KVK_ROWS_X86
+    widen_f16_avx2((const uint16_t *)src, dst, n);
+#else
+    (void)src, (void)dst, (void)n;
+#endif
+}
 
 static int rows_supported(int type, int dim, int group) {
     return rows_available && (type == ROW_F32 || type == ROW_F16 || type == ROW_BF16) && dim > 0 && dim % 8 == 0 && group > 0;

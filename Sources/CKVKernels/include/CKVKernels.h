@@ -105,6 +105,13 @@ int kvk_nsn_lut_dots(const uint8_t *codes, int dim, size_t count, const float *l
 /// Returns 0, or -1 (nothing done) when unsupported here.
 int kvk_hadamard(float *x, int size, float norm);
 
+/// RowKernels.dot, axpy and widenFloat16 with the same operations (so the same bits): for a
+/// Swift build without -target-cpu, where SIMD arithmetic compiles to calls. Only where
+/// kvk_rows_available() (otherwise they do nothing).
+float kvk_dot(const float *a, const float *b, size_t n);
+void kvk_axpy(float alpha, const float *x, float *y, size_t n);
+void kvk_widen_f16(const void *src, float *dst, size_t n);
+
 // MARK: The polar scheme's keys (polar.c)
 
 /// Rows [t0, t0 + count) of a polar block decoded to f32 (out: count x 2 * pairs floats), bit for

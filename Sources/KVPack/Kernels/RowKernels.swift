@@ -9,6 +9,12 @@ public enum RowKernels {
 
     @inlinable
     public static func dot(_ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, _ n: Int) -> Float {
+        if rowsInC { return kvk_dot(a, b, n) }
+        return dotInSwift(a, b, n)
+    }
+
+    /// `dot` in Swift: what machines without AVX2 + FMA + F16C run, and what tests hold the C one to.
+    @usableFromInline static func dotInSwift(_ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, _ n: Int) -> Float {
         var acc0 = SIMD8<Float>(), acc1 = SIMD8<Float>()
         let ra = UnsafeRawPointer(a), rb = UnsafeRawPointer(b)
         var i = 0
@@ -35,6 +41,11 @@ public enum RowKernels {
     /// y += alpha * x
     @inlinable
     public static func axpy(_ alpha: Float, _ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, _ n: Int) {
+        if rowsInC { return kvk_axpy(alpha, x, y, n) }
+        axpyInSwift(alpha, x, y, n)
+    }
+
+    @usableFromInline static func axpyInSwift(_ alpha: Float, _ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, _ n: Int) {
         let rx = UnsafeRawPointer(x), ry = UnsafeMutableRawPointer(y)
         let a = SIMD8<Float>(repeating: alpha)
         var i = 0
@@ -60,8 +71,12 @@ public enum RowKernels {
 
     // MARK: Element conversion
 
-    @inline(__always)
     public static func widenFloat16(_ src: UnsafeRawPointer, _ dst: UnsafeMutablePointer<Float>, _ n: Int) {
+        if rowsInC { return kvk_widen_f16(src, dst, n) }
+        widenFloat16InSwift(src, dst, n)
+    }
+
+    static func widenFloat16InSwift(_ src: UnsafeRawPointer, _ dst: UnsafeMutablePointer<Float>, _ n: Int) {
         let rd = UnsafeMutableRawPointer(dst)
         var i = 0
         while i + 8 <= n {
@@ -187,7 +202,7 @@ public enum RowKernels {
     @inline(__always)
     static func inC(dim: Int) -> Bool { rowsInC && dim % 8 == 0 }
 
-    static let rowsInC = kvk_rows_available() != 0
+    @usableFromInline static let rowsInC = kvk_rows_available() != 0
 
     /// The C kernels' row type for rows of `type` where they run here, else nil.
     @inline(__always)

@@ -74,6 +74,32 @@ struct TileKernelTests {
         }
     }
 
+    @Test("dot, axpy and f16 widening in C give the Swift loops' bits, every length 0-70")
+    func vectorHelpersInC() {
+        guard RowKernels.rowsInC else { return }
+        var rng = SplitMix64(seed: 21)
+        for n in 0 ... 70 {
+            let a = Self.randomFloats(n, &rng).map { $0 * 7 }, b = Self.randomFloats(n, &rng)
+            let d = a.withUnsafeBufferPointer { x in b.withUnsafeBufferPointer { RowKernels.dot(x.baseAddress!, $0.baseAddress!, n) } }
+            let e = a.withUnsafeBufferPointer { x in b.withUnsafeBufferPointer { RowKernels.dotInSwift(x.baseAddress!, $0.baseAddress!, n) } }
+            #expect(d.bitPattern == e.bitPattern, "dot, n \(n)")
+            var y1 = b, y2 = b
+            a.withUnsafeBufferPointer { x in
+                RowKernels.axpy(0.37, x.baseAddress!, &y1, n)
+                RowKernels.axpyInSwift(0.37, x.baseAddress!, &y2, n)
+            }
+            #expect(y1.map(\.bitPattern) == y2.map(\.bitPattern), "axpy, n \(n)")
+            // Every f16 class: normals, subnormals, zeros, infinities, NaN.
+            let halves = (0 ..< n).map { i in UInt16(truncatingIfNeeded: i * 997 + 1) ^ (i % 5 == 0 ? 0x7C00 : 0) }
+            var w1 = [Float](repeating: 1, count: n), w2 = w1
+            halves.withUnsafeBytes {
+                RowKernels.widenFloat16($0.baseAddress!, &w1, n)
+                RowKernels.widenFloat16InSwift($0.baseAddress!, &w2, n)
+            }
+            #expect(w1.map(\.bitPattern) == w2.map(\.bitPattern), "widen, n \(n)")
+        }
+    }
+
     @Test("a token's score and the accumulated sum do not depend on how rows are split into tiles")
     func splitInvariance() {
         let g = 4, d = 128, n = 37
