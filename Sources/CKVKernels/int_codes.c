@@ -198,3 +198,101 @@ int kvk_int_token_layout(int bits, int dim, int32_t *channelOfSlot) {
     }
     return 0;
 }
+
+// MARK: Decoding (the exact path)
+
+#if KVK_INT_X86
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+
+/// Codes 8j ..< 8j + 8 of a row as floats, as IntScheme.codeValues reads them: one 4-byte word
+/// (bits 1-4) or 8 bytes (bits 8), per-lane shifts, the int-to-float exponent trick.
+static inline __attribute__((always_inline)) __m256 code_values(const uint8_t *row, int j, const int B) {
+    __m256i word;
+    if (B == 8) {
+        word = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(row + 8 * j)));
+    } else {
+        uint32_t w;
+        memcpy(&w, row + j * B, 4);
+        const __m256i shifts = _mm256_setr_epi32(0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B);
+        word = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)w), shifts), _mm256_set1_epi32((1 << B) - 1));
+    }
+    return _mm256_sub_ps(_mm256_castsi256_ps(_mm256_or_si256(word, _mm256_set1_epi32(0x4B000000))), _mm256_set1_ps(8388608.0f));
+}
+
+static inline __attribute__((always_inline)) void decode_body(const uint8_t *block, int dim, int channelGrouping, int groupSize,
+                                                              size_t scalesOffset, size_t offsetsOffset, size_t t0, size_t n, float *tile,
+                                                              size_t rowStride, const int B) {
+    const size_t rowBytes = (size_t)dim * B / 8;
+    const int chunks = dim / 8;
+    if (channelGrouping) {
+        size_t t = t0;
+        while (t < t0 + n) {
+            const size_t run = t / (size_t)groupSize, end = (run + 1) * (size_t)groupSize < t0 + n ? (run + 1) * (size_t)groupSize : t0 + n;
+            const uint8_t *sc = block + scalesOffset + 2 * run * (size_t)dim, *of = block + offsetsOffset + 2 * run * (size_t)dim;
+            for (size_t row = t; row < end; row++) {
+                const uint8_t *codes = block + row * rowBytes;
+                float *o = tile + (row - t0) * rowStride;
+                for (int j = 0; j < chunks; j++) {
+                    __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + 16 * j)));
+                    __m256 f = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(of + 16 * j)));
+                    _mm256_storeu_ps(o + 8 * j, _mm256_fmadd_ps(code_values(codes, j, B), s, f));
+                }
+            }
+            t = end;
+        }
+        return;
+    }
+    const int perToken = dim / groupSize, chunksPerGroup = groupSize / 8;
+    for (size_t row = 0; row < n; row++) {
+        const size_t t = t0 + row;
+        const uint8_t *codes = block + t * rowBytes;
+        float *o = tile + row * rowStride;
+        int j = 0;
+        for (int grp = 0; grp < perToken; grp++) {
+            const size_t g = t * (size_t)perToken + (size_t)grp;
+            uint16_t h[2];
+            memcpy(&h[0], block + scalesOffset + 2 * g, 2);
+            memcpy(&h[1], block + offsetsOffset + 2 * g, 2);
+            __m128 so = _mm_cvtph_ps(_mm_cvtsi32_si128((int)h[0] | (int)h[1] << 16));
+            const __m256 s = _mm256_broadcastss_ps(so), f = _mm256_broadcastss_ps(_mm_shuffle_ps(so, so, 1));
+            for (int c = 0; c < chunksPerGroup; c++, j++) _mm256_storeu_ps(o + 8 * j, _mm256_fmadd_ps(code_values(codes, j, B), s, f));
+        }
+    }
+}
+
+static void int_decode_avx2(const uint8_t *block, int bits, int dim, int channelGrouping, int groupSize, size_t scalesOffset,
+                            size_t offsetsOffset, size_t t0, size_t n, float *tile, size_t rowStride) {
+    switch (bits) {
+    case 1: decode_body(block, dim, channelGrouping, groupSize, scalesOffset, offsetsOffset, t0, n, tile, rowStride, 1); break;
+    case 2: decode_body(block, dim, channelGrouping, groupSize, scalesOffset, offsetsOffset, t0, n, tile, rowStride, 2); break;
+    case 3: decode_body(block, dim, channelGrouping, groupSize, scalesOffset, offsetsOffset, t0, n, tile, rowStride, 3); break;
+    case 4: decode_body(block, dim, channelGrouping, groupSize, scalesOffset, offsetsOffset, t0, n, tile, rowStride, 4); break;
+    default: decode_body(block, dim, channelGrouping, groupSize, scalesOffset, offsetsOffset, t0, n, tile, rowStride, 8); break;
+    }
+}
+
+#pragma clang attribute pop
+#endif
+
+int kvk_int_decode(const uint8_t *block, size_t blockBytes, int bits, int dim, int channelGrouping, int groupSize, size_t scalesOffset,
+                   size_t offsetsOffset, size_t t0, size_t n, float *tile, size_t rowStride) {
+    if (int_isa == ISA_NONE || n == 0) return -1;
+    if (!(bits == 1 || bits == 2 || bits == 3 || bits == 4 || bits == 8) || dim <= 0 || dim % 8 || groupSize <= 0) return -1;
+    if (!channelGrouping && (dim % groupSize || groupSize % 8)) return -1;
+    if (t0 > UINT32_MAX || n > UINT32_MAX) return -1;   // rows of one block: no product below can wrap
+    // Every byte read must lie in the block: the last row's last code word, and the last group's
+    // scale and offset.
+    const size_t rowBytes = (size_t)dim * (size_t)bits / 8, last = t0 + n - 1;
+    const size_t codesEnd = last * rowBytes + (bits == 8 ? rowBytes : (size_t)(dim / 8 - 1) * (size_t)bits + 4);
+    const size_t groupsEnd = channelGrouping ? (last / (size_t)groupSize + 1) * (size_t)dim : (last + 1) * (size_t)(dim / groupSize);
+    if (codesEnd > blockBytes || scalesOffset > blockBytes || offsetsOffset > blockBytes ||
+        2 * groupsEnd > blockBytes - scalesOffset || 2 * groupsEnd > blockBytes - offsetsOffset)
+        return -1;
+#if KVK_INT_X86
+    int_decode_avx2(block, bits, dim, channelGrouping, groupSize, scalesOffset, offsetsOffset, t0, n, tile, rowStride);
+    return 0;
+#else
+    (void)tile, (void)rowStride;
+    return -1;
+#endif
+}

@@ -227,6 +227,14 @@ int kvk_int_channel_scores(const uint8_t *codes, const void *scales, const void 
 int kvk_int_token_accumulate(const uint8_t *codes, const void *scales, const void *offsets, int bits, int dim, int groupSize, size_t t0,
                              size_t count, const float *weights, size_t stride, int group, float *acc, int isa);
 
+/// Rows [t0, t0 + n) of an int block decoded to f32 (tile rows `rowStride` floats apart), bit for
+/// bit IntScheme's vector decoder: value = fma(code, scale, offset), codes of 1-4 or 8 bits, f16
+/// scales and offsets per run of `groupSize` tokens and channel (channelGrouping), or per token
+/// and group of `groupSize` channels (a multiple of 8). Never reads outside blockBytes. Returns
+/// 0, or -1 (nothing written) when unsupported here or when the rows' bytes leave the block.
+int kvk_int_decode(const uint8_t *block, size_t blockBytes, int bits, int dim, int channelGrouping, int groupSize, size_t scalesOffset,
+                   size_t offsetsOffset, size_t t0, size_t n, float *tile, size_t rowStride);
+
 /// The channel each accumulator slot of `kvk_int_token_accumulate` holds (`dim` entries).
 int kvk_int_token_layout(int bits, int dim, int32_t *channelOfSlot);
 

@@ -49,6 +49,15 @@ public enum IntegerCodeKernels {
                                      tokens.lowerBound, tokens.count, weights, stride, Int32(g), acc, 0)
     }
 
+    /// Rows `tokens` of an int block decoded to f32 (`kvk_int_decode`); false when it did not run.
+    @inline(__always)
+    public static func decode(_ block: UnsafeRawPointer, blockBytes: Int, bits: Int, dim: Int, channelGrouping: Bool, groupSize: Int,
+                              scalesOffset: Int, offsetsOffset: Int, tokens: Range<Int>, into tile: UnsafeMutablePointer<Float>,
+                              rowStride: Int) -> Bool {
+        kvk_int_decode(block.assumingMemoryBound(to: UInt8.self), blockBytes, Int32(bits), Int32(dim), channelGrouping ? 1 : 0, Int32(groupSize),
+                       scalesOffset, offsetsOffset, tokens.lowerBound, tokens.count, tile, rowStride) == 0
+    }
+
     /// The channel each accumulator slot of `tokenAccumulate` holds.
     public static func tokenLayout(bits: Int, dim: Int) -> [Int32] {
         var channels = [Int32](repeating: 0, count: dim)

@@ -793,6 +793,17 @@ public struct IntScheme: KVScheme {
     /// into its columns of a wider tile).
     @inline(__always)
     func decodeTile(_ p: UnsafeRawPointer, from t0: Int, count n: Int, into tile: UnsafeMutablePointer<Float>, stride: Int? = nil) {
+        // In C where the integer kernels run: the same bits (and the speed of a build without
+        // -target-cpu, where this Swift loop's SIMD types compile to calls).
+        if IntegerCodeKernels.decode(p, blockBytes: encodedBlockSize(tokens: segmentTokens), bits: bits, dim: headDim,
+                                     channelGrouping: grouping == .channel, groupSize: groupSize, scalesOffset: scalesOffset,
+                                     offsetsOffset: offsetsOffset, tokens: t0 ..< t0 + n, into: tile, rowStride: stride ?? headDim) {
+            return
+        }
+        decodeTileInSwift(p, from: t0, count: n, into: tile, stride: stride)
+    }
+
+    func decodeTileInSwift(_ p: UnsafeRawPointer, from t0: Int, count n: Int, into tile: UnsafeMutablePointer<Float>, stride: Int? = nil) {
         let d = headDim, rowStride = stride ?? headDim
         if grouping == .channel {
             // Scales and offsets of a token run are converted to f32 once, then shared by its rows.

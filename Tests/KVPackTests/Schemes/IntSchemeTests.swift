@@ -102,6 +102,42 @@ struct IntSchemeTests {
         }
     }
 
+    @Test("the C decoder gives the Swift one's bits for every width and grouping, partial ranges, and declines a short block",
+          arguments: [1, 2, 3, 4, 8])
+    func decodeInC(bits: Int) throws {
+        let c = 32, d = 24
+        for descriptor in [IntScheme.descriptor(bits: bits, groupSize: 8), IntScheme.descriptor(bits: bits, groupSize: 24),
+                           IntScheme.descriptor(bits: bits, perChannelTokens: 8), IntScheme.descriptor(bits: bits, perChannelTokens: 32)] {
+            let s = try Self.scheme(descriptor, segmentTokens: c, headDim: d)
+            let x = Self.rows(tokens: c, dim: d, seed: UInt64(bits) + 40)
+            var block = [UInt8](repeating: 0, count: s.encodedBlockSize(tokens: c))
+            x.withUnsafeBufferPointer { src in block.withUnsafeMutableBytes { s.encode(rows: src.baseAddress!, tokens: c, into: $0) } }
+            for range in [0 ..< c, 3 ..< 4, 5 ..< 29, 31 ..< 32] {
+                var fast = [Float](repeating: .nan, count: range.count * d), slow = fast
+                block.withUnsafeBytes { b in
+                    fast.withUnsafeMutableBufferPointer { s.decodeTile(b.baseAddress!, from: range.lowerBound, count: range.count, into: $0.baseAddress!) }
+                    slow.withUnsafeMutableBufferPointer { s.decodeTileInSwift(b.baseAddress!, from: range.lowerBound, count: range.count, into: $0.baseAddress!) }
+                }
+                #expect(fast.map(\.bitPattern) == slow.map(\.bitPattern), "\(descriptor) tokens \(range)")
+            }
+            // The C decoder runs where the integer kernels do, and never past the block's bytes.
+            var out = [Float](repeating: 7, count: c * d)
+            let ranWhole = block.withUnsafeBytes { b in
+                IntegerCodeKernels.decode(b.baseAddress!, blockBytes: b.count, bits: bits, dim: d, channelGrouping: s.grouping == .channel,
+                                          groupSize: s.groupSize, scalesOffset: s.scalesOffset, offsetsOffset: s.offsetsOffset,
+                                          tokens: 0 ..< c, into: &out, rowStride: d)
+            }
+            #expect(ranWhole == (IntegerCodeKernels.isaName != "none (Swift fallback)"))
+            out = [Float](repeating: 7, count: c * d)
+            let ranShort = block.withUnsafeBytes { b in
+                IntegerCodeKernels.decode(b.baseAddress!, blockBytes: b.count - 1, bits: bits, dim: d, channelGrouping: s.grouping == .channel,
+                                          groupSize: s.groupSize, scalesOffset: s.scalesOffset, offsetsOffset: s.offsetsOffset,
+                                          tokens: 0 ..< c, into: &out, rowStride: d)
+            }
+            #expect(!ranShort && out.allSatisfy { $0 == 7 })
+        }
+    }
+
     @Test("bits per element: codes plus 32 bits per group")
     func sizes() throws {
         let s = try Self.scheme(IntScheme.descriptor(bits: 2, groupSize: 8), segmentTokens: 32, headDim: 24)
