@@ -23,6 +23,13 @@ struct IntSchemeTests {
         return out
     }
 
+    /// Per-token groups of 8 and of every channel, per-channel runs of 8 and of the whole segment
+    /// (32 tokens, 24 channels).
+    static func everyGrouping(bits: Int) -> [SchemeDescriptor] {
+        [IntScheme.descriptor(bits: bits, groupSize: 8), IntScheme.descriptor(bits: bits, groupSize: 24),
+         IntScheme.descriptor(bits: bits, perChannelTokens: 8), IntScheme.descriptor(bits: bits, perChannelTokens: 32)]
+    }
+
     /// Rows with awkward content: wide ranges, constant groups, a huge value, a NaN.
     static func rows(tokens: Int, dim: Int, seed: UInt64) -> [Float] {
         var rng = SplitMix64(seed: seed)
@@ -38,8 +45,7 @@ struct IntSchemeTests {
           arguments: [1, 2, 3, 4, 8])
     func halfStepBound(bits: Int) throws {
         let c = 32, d = 24
-        for descriptor in [IntScheme.descriptor(bits: bits, groupSize: 8), IntScheme.descriptor(bits: bits, groupSize: 24),
-                           IntScheme.descriptor(bits: bits, perChannelTokens: 8), IntScheme.descriptor(bits: bits, perChannelTokens: 32)] {
+        for descriptor in Self.everyGrouping(bits: bits) {
             let s = try Self.scheme(descriptor, segmentTokens: c, headDim: d, fit: .minMax)
             let x = Self.rows(tokens: c, dim: d, seed: UInt64(bits))
             var block = [UInt8](repeating: 0xAA, count: s.encodedBlockSize(tokens: c))
@@ -106,8 +112,7 @@ struct IntSchemeTests {
           arguments: [1, 2, 3, 4, 8])
     func decodeInC(bits: Int) throws {
         let c = 32, d = 24
-        for descriptor in [IntScheme.descriptor(bits: bits, groupSize: 8), IntScheme.descriptor(bits: bits, groupSize: 24),
-                           IntScheme.descriptor(bits: bits, perChannelTokens: 8), IntScheme.descriptor(bits: bits, perChannelTokens: 32)] {
+        for descriptor in Self.everyGrouping(bits: bits) {
             let s = try Self.scheme(descriptor, segmentTokens: c, headDim: d)
             let x = Self.rows(tokens: c, dim: d, seed: UInt64(bits) + 40)
             var block = [UInt8](repeating: 0, count: s.encodedBlockSize(tokens: c))
