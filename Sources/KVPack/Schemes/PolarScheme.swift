@@ -136,13 +136,15 @@ public struct PolarScheme: KVScheme {
         Float(Float16(bitPattern: p.loadUnaligned(fromByteOffset: offsetsOffset + 2 * (run * pairs + j), as: UInt16.self)))
     }
 
-    /// Code `index` of `bits` bits in the stream at `section`. The two bytes read are inside the
-    /// payload: every code stream is followed by at least the 4 * R * P bytes of radius ranges.
+    /// Code `index` of `bits` (at most 8) bits in the stream at `section`: only the one or two
+    /// bytes the code occupies are read. (svdq's streams end its payload, so a code in the last
+    /// byte has nothing after it; ASan found the two-byte read there.)
     @inline(__always)
     static func code(_ p: UnsafeRawPointer, section: Int, index: Int, bits: Int) -> Int {
-        let bit = index * bits
-        let word = UInt16(littleEndian: p.loadUnaligned(fromByteOffset: section + bit >> 3, as: UInt16.self))
-        return Int(word >> UInt16(bit & 7)) & ((1 << bits) - 1)
+        let bit = index * bits, at = section + bit >> 3, shift = bit & 7
+        var word = Int(p.load(fromByteOffset: at, as: UInt8.self))
+        if shift + bits > 8 { word |= Int(p.load(fromByteOffset: at + 1, as: UInt8.self)) << 8 }
+        return (word >> shift) & ((1 << bits) - 1)
     }
 
     static func put(_ p: UnsafeMutableRawPointer, section: Int, index: Int, bits: Int, value: Int) {
