@@ -167,8 +167,8 @@ static inline __attribute__((always_inline)) void SUFFIX(key_prepare)(const kvk_
         _mm256_storeu_ps(lanes, unit);
         if (mmax) {
             // The lane scales as integers m_l ~ unit_l / factor (m_l <= mmax), for the integer finish
-            // of key_quad: sum_l unit_l a_l ~ factor * sum_l m_l a_l, off by at most factor / 2 per
-            // lane unit, 1/2048 of the int8 query's own rounding or less (mmax >= 1024).
+            // of key_quad: sum_l unit_l a_l ~ factor * sum_l m_l a_l, each lane's scale off by at
+            // most factor / 2, 1/2048 of the largest lane's scale or less (mmax >= 1024).
             float top = SUFFIX(hmax)(unit);
             __m256i m = _mm256_cvtps_epi32(_mm256_mul_ps(unit, _mm256_set1_ps(top > 0 ? (float)mmax / top : 0)));
             // Per 128-bit half: lanes 0-3 (4-7) twice, as int16: what packs of two accumulators pair with.
