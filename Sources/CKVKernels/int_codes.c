@@ -204,19 +204,12 @@ int kvk_int_token_layout(int bits, int dim, int32_t *channelOfSlot) {
 #if KVK_INT_X86
 #pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
 
-/// Codes 8j ..< 8j + 8 of a row as floats, as IntScheme.codeValues reads them: one 4-byte word
-/// (bits 1-4) or 8 bytes (bits 8), per-lane shifts, the int-to-float exponent trick.
+#include "codes8.h"
+
+/// Codes 8j ..< 8j + 8 of a row as floats (exact: they are small integers), as
+/// IntScheme.codeValues reads them.
 static inline __attribute__((always_inline)) __m256 code_values(const uint8_t *row, int j, const int B) {
-    __m256i word;
-    if (B == 8) {
-        word = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(row + 8 * j)));
-    } else {
-        uint32_t w;
-        memcpy(&w, row + j * B, 4);
-        const __m256i shifts = _mm256_setr_epi32(0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B);
-        word = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)w), shifts), _mm256_set1_epi32((1 << B) - 1));
-    }
-    return _mm256_sub_ps(_mm256_castsi256_ps(_mm256_or_si256(word, _mm256_set1_epi32(0x4B000000))), _mm256_set1_ps(8388608.0f));
+    return _mm256_cvtepi32_ps(codes8(row, 8 * (size_t)j, B));
 }
 
 static inline __attribute__((always_inline)) void decode_body(const uint8_t *block, int dim, int channelGrouping, int groupSize,

@@ -24,16 +24,7 @@ static int vector_bits(int b) { return (b >= 1 && b <= 4) || b == 8; }
 #if KVK_POLAR_X86
 #pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
 
-/// Codes index ..< index + 8 (index a multiple of 8) of the bit stream at `p`: one 4-byte load
-/// (8 bytes for 8-bit codes), as the Swift codes8 reads.
-static inline __attribute__((always_inline)) __m256i codes8(const uint8_t *p, size_t index, const int bits) {
-    const uint8_t *at = p + ((index * (size_t)bits) >> 3);
-    if (bits == 8) return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)at));
-    uint32_t word;
-    memcpy(&word, at, 4);
-    const __m256i shifts = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(bits));
-    return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)word), shifts), _mm256_set1_epi32((1 << bits) - 1));
-}
+#include "codes8.h"
 
 static inline __attribute__((always_inline)) void polar_decode_body(const uint8_t *p, int pairs, int radiusGroup, size_t radiusSection,
                                                                      size_t scalesOffset, size_t offsetsOffset, const float *table, int half,

@@ -22,9 +22,6 @@ static int svdq_available = 0;
 
 __attribute__((constructor)) static void svdq_detect(void) { svdq_available = kvk_cpu_tier() >= KVK_TIER_AVX2; }
 
-#if KVK_SVDQ_X86
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-
 /// A plan (kvk_svdq_plan), as int64s: blockBytes, rank, tokens, stored channels, runs, then each
 /// run (first channel, channels, kind), then each stored channel (where its codes start, its
 /// index: its column of the query state and of the scales, its width).
@@ -38,9 +35,10 @@ typedef struct {
     int64_t start, count, kind;
 } svdq_run;
 
-/// Lane i's shift for codes of w bits: i * w (w 0-4).
-static _Alignas(32) const int32_t lane_shifts[5][8] = {
-    {0}, {0, 1, 2, 3, 4, 5, 6, 7}, {0, 2, 4, 6, 8, 10, 12, 14}, {0, 3, 6, 9, 12, 15, 18, 21}, {0, 4, 8, 12, 16, 20, 24, 28}};
+#if KVK_SVDQ_X86
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+
+#include "codes8.h"
 
 /// Latent values of tokens t ..< t + 8 (t a multiple of 8, so their codes start on a byte) of a
 /// channel of B bits, times the scale plus the offset (16 bits: the f16 values themselves).
@@ -50,19 +48,12 @@ static _Alignas(32) const int32_t lane_shifts[5][8] = {
 static inline __attribute__((always_inline)) __m256 latent8(const uint8_t *p, size_t end, const svdq_channel *c, const float *ranges,
                                                              int rank, size_t t, const int B) {
     if (B == 16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + c->at + 2 * t)));
-    const int b = B ? B : (int)c->bits;
-    const size_t first = c->at + ((t * (size_t)b) >> 3);
     __m256i codes;
-    if (B >= 1 && B <= 4) {
-        uint32_t word;
-        memcpy(&word, p + first, 4);
-        codes = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)word), _mm256_load_si256((const __m256i *)lane_shifts[B])),
-                                 _mm256_set1_epi32((1 << B) - 1));
-    } else if (B == 8) {
-        codes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + first)));
-    } else if (b == 16) {
-        return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + c->at + 2 * t)));
+    if (B) {
+        codes = codes8(p + c->at, t, B);
     } else {
+        const int b = (int)c->bits;
+        const size_t first = c->at + ((t * (size_t)b) >> 3);
         uint64_t word = 0;
         size_t n = end - first < (size_t)b ? end - first : (size_t)b;
         memcpy(&word, p + first, n);
@@ -70,8 +61,7 @@ static inline __attribute__((always_inline)) __m256 latent8(const uint8_t *p, si
         for (int i = 0; i < 8; i++) lane[i] = (int32_t)((word >> (i * b)) & ((1u << b) - 1));
         codes = _mm256_load_si256((const __m256i *)lane);
     }
-    // Codes below 2^23 as floats: OR'd into 2^23's mantissa, minus 2^23 (exact).
-    __m256 f = _mm256_sub_ps(_mm256_castsi256_ps(_mm256_or_si256(codes, _mm256_set1_epi32(0x4B000000))), _mm256_set1_ps(8388608.0f));
+    __m256 f = _mm256_cvtepi32_ps(codes);   // exact: codes are small integers
     return _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(ranges[c->index]), f), _mm256_set1_ps(ranges[rank + c->index]));
 }
 

@@ -9,9 +9,9 @@ extension KVPackReader {
     public func streamBytes() throws -> [Int] {
         let streams = geometry.streamCount, segments = sealedTokenCount / segmentTokens
         var total = [Int](repeating: 0, count: streams)
-        let compressed = (0 ..< streams).filter { streamSchemes[$0].compressesBlocks }
-        for stream in 0 ..< streams where !streamSchemes[stream].compressesBlocks {
-            total[stream] = segments * (FrameHeader.size + streamSchemes[stream].encodedBlockSize(tokens: segmentTokens))
+        let compressed = (0 ..< streams).filter { streamCompressed[$0] }
+        for stream in 0 ..< streams where !streamCompressed[stream] {
+            total[stream] = segments * (FrameHeader.size + streamBlockBytes[stream])
         }
         if !compressed.isEmpty {
             prefetchTables(0 ..< segments)
