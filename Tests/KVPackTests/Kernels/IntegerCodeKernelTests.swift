@@ -113,7 +113,6 @@ struct IntegerCodeKernelTests {
         guard kvk_int_codes_isa() == 2 else { return }   // this CPU runs only one of them
         for (bits, dim) in [(2, 64), (2, 128), (4, 64), (4, 128), (1, 128)] {
             let keys = try Self.block(bits: bits, dim: dim, perChannel: true, seed: 3)
-            let values = try Self.block(bits: bits, dim: dim, perChannel: false, group: dim, seed: 4)
             var rng = SplitMix64(seed: 7)
             let group = 5
             let q = (0 ..< group * dim).map { _ in Float(rng.nextGaussian()) }
@@ -127,17 +126,24 @@ struct IntegerCodeKernelTests {
                 }
                 return out
             }
-            func accumulated(_ isa: Int32) -> [Float] {
-                var out = [Float](repeating: 0, count: group * dim)
-                values.bytes.withUnsafeBytes { p in
-                    let base = p.baseAddress!, codes = 64 * dim * bits / 8
-                    _ = kvk_int_token_accumulate(base.assumingMemoryBound(to: UInt8.self), base + codes, base + codes + 2 * 64, Int32(bits),
-                                                 Int32(dim), Int32(dim), 2, 61, w, 64, Int32(group), &out, isa)
-                }
-                return out
-            }
             #expect(scores(1).map(\.bitPattern) == scores(2).map(\.bitPattern), "keys, \(bits) bits, dim \(dim)")
-            #expect(accumulated(1).map(\.bitPattern) == accumulated(2).map(\.bitPattern), "values, \(bits) bits, dim \(dim)")
+            // One value group per token, and two (5 heads x 2 groups: the weights' steps are
+            // computed eight (head, group) pairs at a time, so this crosses a batch).
+            for valueGroup in [dim, dim / 2] where IntegerCodeKernels.tokenAccumulateSupported(bits: bits, dim: dim, groupSize: valueGroup) {
+                let values = try Self.block(bits: bits, dim: dim, perChannel: false, group: valueGroup, seed: 4)
+                func accumulated(_ isa: Int32) -> [Float] {
+                    var out = [Float](repeating: 0, count: group * dim)
+                    values.bytes.withUnsafeBytes { p in
+                        let base = p.baseAddress!, codes = 64 * dim * bits / 8, groups = 64 * (dim / valueGroup)
+                        let ran = kvk_int_token_accumulate(base.assumingMemoryBound(to: UInt8.self), base + codes, base + codes + 2 * groups,
+                                                           Int32(bits), Int32(dim), Int32(valueGroup), 2, 61, w, 64, Int32(group), &out, isa)
+                        #expect(ran == 0)
+                    }
+                    return out
+                }
+                #expect(accumulated(1).map(\.bitPattern) == accumulated(2).map(\.bitPattern),
+                        "values, \(bits) bits, dim \(dim), groups of \(valueGroup)")
+            }
         }
     }
 
