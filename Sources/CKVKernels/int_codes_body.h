@@ -77,12 +77,20 @@ static inline __attribute__((always_inline)) __m256 SUFFIX(max8)(const __m256 v[
     return _mm256_max_ps(_mm256_permute2f128_ps(b[0], b[1], 0x20), _mm256_permute2f128_ps(b[0], b[1], 0x31));
 }
 
-/// Lane r: the sum of the eight floats of v[r] (pairs, then quads, then the two halves).
+/// Lane r: the sum of the eight floats of v[r], added in `hsum`'s order (low half plus high
+/// half, then lanes 0 + 2 and 1 + 3, then those two), so each lane is bit for bit hsum(v[r]).
 static inline __attribute__((always_inline)) __m256 SUFFIX(sum8)(const __m256 v[8]) {
-    __m256 a0 = _mm256_hadd_ps(v[0], v[1]), a1 = _mm256_hadd_ps(v[2], v[3]);
-    __m256 a2 = _mm256_hadd_ps(v[4], v[5]), a3 = _mm256_hadd_ps(v[6], v[7]);
-    __m256 b0 = _mm256_hadd_ps(a0, a1), b1 = _mm256_hadd_ps(a2, a3);
-    return _mm256_add_ps(_mm256_permute2f128_ps(b0, b1, 0x20), _mm256_permute2f128_ps(b0, b1, 0x31));
+    __m256 a[4], b[2];
+    // a[i]: half 0 holds v[2i]'s low plus high half, half 1 v[2i + 1]'s.
+    for (int i = 0; i < 4; i++)
+        a[i] = _mm256_add_ps(_mm256_permute2f128_ps(v[2 * i], v[2 * i + 1], 0x20), _mm256_permute2f128_ps(v[2 * i], v[2 * i + 1], 0x31));
+    // b[i]: per half, lanes 0 + 2 and 1 + 3 of a[2i], then of a[2i + 1].
+    for (int i = 0; i < 2; i++)
+        b[i] = _mm256_add_ps(_mm256_shuffle_ps(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm256_shuffle_ps(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    // Per half: the totals of v[0], v[2], v[4], v[6] (half 0) or v[1], v[3], v[5], v[7].
+    __m256 t = _mm256_add_ps(_mm256_shuffle_ps(b[0], b[1], _MM_SHUFFLE(2, 0, 2, 0)), _mm256_shuffle_ps(b[0], b[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm256_permutevar8x32_ps(t, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
 /// Segment k of X[m] to segment m of X[k], within each 128-bit lane (segments of 16 / K bytes:
