@@ -139,22 +139,33 @@ static inline __attribute__((always_inline)) void SUFFIX(segment_transpose)(__m2
 /// 1/254 step (scales / 254, constant 0): a second pass over the codes with it adds about 8 bits.
 static inline __attribute__((always_inline)) void SUFFIX(key_prepare)(const kvk_int_layout *L, const float *scales, const float *offsets,
                                                                       const float *queries, int nq, int8_t *qperm, float *qscale,
-                                                                      float *qconst, int mmax, const int K, const int residual) {
-    const int d = L->dim, segment = 16 / K, stateBytes = L->units * K * 32, G = 4 * K;
+                                                                      float *qconst, int mmax, const int K, const int oneChunk,
+                                                                      const int fixedUnits, const int residual) {
+    // With the registers per row a constant (fixedUnits), so is the head size: a row is one
+    // 16-byte chunk of 16K channels, or 2 chunks of 16K per register. The loops over channels
+    // then unroll and q~ stays in registers.
+    const int P = fixedUnits ? fixedUnits : L->units;
+    const int d = fixedUnits ? (oneChunk ? 16 * K : 32 * K * fixedUnits) : L->dim;
+    const int segment = 16 / K, stateBytes = P * K * 32, G = 4 * K;
     const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
     // Byte k * segment + i of a shuffled 16 bytes is byte i * K + k: slot k's bytes gathered.
     _Alignas(16) int8_t pattern[16];
     for (int k = 0; k < K; k++)
         for (int i = 0; i < segment; i++) pattern[k * segment + i] = (int8_t)(i * K + k);
     const __m256i gather = _mm256_broadcastsi128_si256(_mm_load_si128((const __m128i *)pattern));
-    _Alignas(32) float scaled[MAX_DIM];
+    // In three passes over the heads (the largest |q~| per lane, then the steps, then the
+    // quantization), so that the heads' dependency chains (reductions, divisions) overlap
+    // instead of running one head after another.
+    _Alignas(32) float scaled[KEY_QUERIES][MAX_DIM];
     _Alignas(32) int8_t q8[MAX_DIM];
+    __m256 tops[KEY_QUERIES];
+    float inverses[KEY_QUERIES][8];
     for (int q = 0; q < nq; q++) {
         const float *x = queries + (size_t)q * d;
         __m256 constant = _mm256_setzero_ps();
         for (int c = 0; c < d; c += 8) {
             __m256 xv = _mm256_loadu_ps(x + c), sv = _mm256_mul_ps(xv, _mm256_loadu_ps(scales + c));
-            _mm256_store_ps(scaled + c, sv);
+            _mm256_store_ps(scaled[q] + c, sv);
             constant = _mm256_add_ps(constant, _mm256_mul_ps(xv, _mm256_loadu_ps(offsets + c)));
         }
         qconst[q] = residual ? 0 : SUFFIX(hsum)(constant);
@@ -166,19 +177,21 @@ static inline __attribute__((always_inline)) void SUFFIX(key_prepare)(const kvk_
             for (int r = 0; r < 8; r++) {
                 v[r] = _mm256_setzero_ps();
                 if (c0 + r * G >= d) continue;   // one chunk: 4 groups
-                for (int c = c0 + r * G; c < c0 + (r + 1) * G; c += 8) v[r] = _mm256_max_ps(v[r], _mm256_and_ps(_mm256_load_ps(scaled + c), magnitude));
+                for (int c = c0 + r * G; c < c0 + (r + 1) * G; c += 8) v[r] = _mm256_max_ps(v[r], _mm256_and_ps(_mm256_load_ps(scaled[q] + c), magnitude));
             }
             top = _mm256_max_ps(top, SUFFIX(max8)(v));
         }
-        if (L->chunks == 1) top = _mm256_permute2f128_ps(top, top, 0x00);
+        tops[q] = oneChunk ? _mm256_permute2f128_ps(top, top, 0x00) : top;
+    }
+    for (int q = 0; q < nq; q++) {
+        const __m256 top = tops[q];
         // Lanes whose largest |q~| is 0 (or not finite) quantize to 0 with scale 0. Eight lanes at
         // once: the inverses in one vector division.
         __m256 usable = _mm256_and_ps(_mm256_cmp_ps(top, _mm256_setzero_ps(), _CMP_GT_OQ),
                                       _mm256_cmp_ps(top, _mm256_set1_ps(INFINITY), _CMP_LT_OQ));
         __m256 inv = _mm256_and_ps(_mm256_div_ps(_mm256_set1_ps(127.0f), top), usable);
         __m256 unit = _mm256_and_ps(_mm256_mul_ps(top, _mm256_set1_ps(residual ? 1.0f / (127.0f * 254.0f) : 1.0f / 127.0f)), usable);
-        float inverse[8];
-        _mm256_storeu_ps(inverse, inv);
+        _mm256_storeu_ps(inverses[q], inv);
         float *lanes = qscale + KEY_STATE * q;
         _mm256_storeu_ps(lanes, unit);
         if (mmax) {
@@ -191,23 +204,26 @@ static inline __attribute__((always_inline)) void SUFFIX(key_prepare)(const kvk_
             _mm256_storeu_si256((__m256i *)(lanes + 8), _mm256_packs_epi32(m, m));
             lanes[16] = top > 0 ? top / (float)mmax : 0;
         }
+    }
+    for (int q = 0; q < nq; q++) {
+        const float *inverse = inverses[q];
         for (int c = 0; c < d; c += 32) {
             float factor[4];
             for (int i = 0; i < 4; i++) {
                 int group = (c + 8 * i) / G;
-                factor[i] = inverse[L->chunks == 1 ? group % 4 : group % 8];
+                factor[i] = inverse[oneChunk ? group % 4 : group % 8];
             }
-            _mm256_store_si256((__m256i *)(q8 + c), residual ? SUFFIX(residual32)(scaled + c, factor)
-                                                             : SUFFIX(quantize32)(scaled + c, factor, -127, 127));
+            _mm256_store_si256((__m256i *)(q8 + c), residual ? SUFFIX(residual32)(scaled[q] + c, factor)
+                                                             : SUFFIX(quantize32)(scaled[q] + c, factor, -127, 127));
         }
         // Slot order: register (p, k) holds slot k of chunk 2p in its low lane and of chunk
         // 2p + 1 in its high lane (one chunk: the same in both). A chunk's 16K channels are K
         // runs of 16 bytes; after the shuffle each run holds `segment` bytes of every slot, and
         // slot k's lane takes segment k of run 0, 1, ... in order: a segment transpose.
         int8_t *state = qperm + (size_t)q * stateBytes;
-        for (int p = 0; p < L->units; p++) {
-            const int8_t *lo = q8 + (L->chunks == 1 ? 0 : 2 * p) * L->chunkChannels;
-            const int8_t *hi = L->chunks == 1 ? lo : lo + L->chunkChannels;
+        for (int p = 0; p < P; p++) {
+            const int8_t *lo = q8 + (oneChunk ? 0 : 2 * p) * L->chunkChannels;
+            const int8_t *hi = oneChunk ? lo : lo + L->chunkChannels;
             __m256i X[8];
             for (int m = 0; m < K; m++)
                 X[m] = _mm256_shuffle_epi8(_mm256_loadu2_m128i((const __m128i *)(hi + 16 * m), (const __m128i *)(lo + 16 * m)), gather);
@@ -404,7 +420,8 @@ static inline __attribute__((always_inline)) void SUFFIX(key_batch)(const uint8_
     for (int level = 0; level <= precise; level++) {
         // Heads past nq score with a zero query (cheaper than a branch in the loop).
         memset(qperm[level] + (size_t)nq * stateBytes, 0, (size_t)(KEY_QUERIES - nq) * stateBytes);
-        SUFFIX(key_prepare)(L, runScales, runOffsets, queries, nq, qperm[level], qscale[level], qconst[level], intFinish ? mmax : 0, K, level);
+        SUFFIX(key_prepare)(L, runScales, runOffsets, queries, nq, qperm[level], qscale[level], qconst[level], intFinish ? mmax : 0, K, oneChunk,
+                            fixedUnits, level);
     }
 #define KEY_RUN(...) (intFinish ? SUFFIX(key_run)(__VA_ARGS__, K, oneChunk, fixedUnits, 1) : SUFFIX(key_run)(__VA_ARGS__, K, oneChunk, fixedUnits, 0))
     if (!precise) {
