@@ -141,9 +141,9 @@ static inline __attribute__((always_inline)) void SUFFIX(key_prepare)(const kvk_
                                                                       const float *queries, int nq, int8_t *qperm, float *qscale,
                                                                       float *qconst, int mmax, const int K, const int oneChunk,
                                                                       const int fixedUnits, const int residual) {
-    // With the registers per row a constant (fixedUnits), so is the head size: a row is one
-    // 16-byte chunk of 16K channels, or 2 chunks of 16K per register. The loops over channels
-    // then unroll and q~ stays in registers.
+    // With the registers per row a constant (fixedUnits), so is the head size (a row of one
+    // 16-byte chunk holds 16K channels, each 32-byte register of a longer row 32K), and the
+    // loops over channels have constant trip counts.
     const int P = fixedUnits ? fixedUnits : L->units;
     const int d = fixedUnits ? (oneChunk ? 16 * K : 32 * K * fixedUnits) : L->dim;
     const int segment = 16 / K, stateBytes = P * K * 32, G = 4 * K;
