@@ -54,7 +54,7 @@ struct FormatVersionTests {
 
     @Test("version 1 is still written on request, holds the same content, and a resumed file keeps its major", arguments: ["raw:f16", "int:k4v2", "nsn:1"])
     func bothMajors(spec: String) throws {
-        let (p1, data) = try Self.write(major: 1, spec: spec, tokens: 30)
+        let (p1, _) = try Self.write(major: 1, spec: spec, tokens: 30)
         let (p2, _) = try Self.write(major: 2, spec: spec, tokens: 30)
         for (path, major) in [(p1, UInt16(1)), (p2, 2)] {
             let w = try KVPackWriter.resume(path: path, options: testOptions())

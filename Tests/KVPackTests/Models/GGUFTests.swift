@@ -274,7 +274,7 @@ struct Q8ActivationTests {
         let blocks = 40
         var x = (0 ..< 32 * blocks).map { _ in Float(rng.nextGaussian()) * 5 }
         for i in 0 ..< 32 { x[32 + i] = 0 }                                     // block 1: zeros
-        for i in 0 ..< 32 { x[64 + i] = Float(rng.nextGaussian()) * 1e-41 }    // block 2: subnormals
+        for i in 0 ..< 32 { x[64 + i] = Float(rng.nextGaussian() * 1e-41) }    // block 2: subnormals
         for i in 0 ..< 32 { x[96 + i] = Float(rng.nextGaussian()) * 1e37 }     // block 3: huge
         x[128 + 5] = .infinity                                                 // block 4: an infinity
         x[160 + 31] = -.infinity
