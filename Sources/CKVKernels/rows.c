@@ -265,6 +265,39 @@ static void nsn_lut_dots_avx2(const uint8_t *codes, int dim, size_t count, const
     }
 }
 
+/// kvk_nsn_token_weights and kvk_nsn_norm_scores: the per-token norm arithmetic of the nsn
+/// scheme's blocks, element by element as its Swift loops do it (the same bits).
+static void nsn_token_weights_avx2(const float *weights, size_t stride, int group, const float *n1, const float *n2, float invRoot,
+                                   size_t n, float *out) {
+    const __m256 r = _mm256_set1_ps(invRoot);
+    for (int q = 0; q < group; q++) {
+        const float *w = weights + (size_t)q * stride;
+        float *o = out + (size_t)q * n;
+        size_t i = 0;
+        for (; i + 8 <= n; i += 8) {
+            __m256 f = _mm256_mul_ps(_mm256_loadu_ps(n1 + i), _mm256_mul_ps(_mm256_loadu_ps(n2 + i), r));
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_loadu_ps(w + i), f));
+        }
+        for (; i < n; i++) o[i] = w[i] * (n1[i] * (n2[i] * invRoot));
+    }
+}
+
+static void nsn_norm_scores_avx2(float *scores, size_t stride, int group, const float *n1, const float *n2, const float *meanTerms,
+                                 size_t n) {
+    for (int q = 0; q < group; q++) {
+        float *row = scores + (size_t)q * stride;
+        const float m = meanTerms[q];
+        const __m256 mv = _mm256_set1_ps(m);
+        size_t i = 0;
+        for (; i + 8 <= n; i += 8) {
+            __m256 a = _mm256_loadu_ps(n1 + i);
+            __m256 x = _mm256_mul_ps(_mm256_mul_ps(a, _mm256_loadu_ps(n2 + i)), _mm256_loadu_ps(row + i));
+            _mm256_storeu_ps(row + i, _mm256_add_ps(x, _mm256_mul_ps(mv, a)));
+        }
+        for (; i < n; i++) row[i] = (n1[i] * n2[i]) * row[i] + m * n1[i];
+    }
+}
+
 /// The orthonormal Walsh-Hadamard transform of `size` floats (a power of two, 8 or more), in
 /// place: at each stage h = 1, 2, 4, ... the pairs (j, j + h) become (a + b, a - b), then every
 /// element times 1 / sqrt(size). The same operations, on the same operands, as the Swift loop.
@@ -359,6 +392,29 @@ void kvk_widen_f16(const void *src, float *dst, size_t n) {
     widen_f16_avx2((const uint16_t *)src, dst, n);
 #else
     (void)src, (void)dst, (void)n;
+#endif
+}
+
+int kvk_nsn_token_weights(const float *weights, size_t stride, int group, const float *n1, const float *n2, float invRoot, size_t n,
+                          float *out) {
+    if (!rows_available || group <= 0) return -1;
+#if KVK_ROWS_X86
+    nsn_token_weights_avx2(weights, stride, group, n1, n2, invRoot, n, out);
+    return 0;
+#else
+    (void)weights, (void)stride, (void)n1, (void)n2, (void)invRoot, (void)n, (void)out;
+    return -1;
+#endif
+}
+
+int kvk_nsn_norm_scores(float *scores, size_t stride, int group, const float *n1, const float *n2, const float *meanTerms, size_t n) {
+    if (!rows_available || group <= 0) return -1;
+#if KVK_ROWS_X86
+    nsn_norm_scores_avx2(scores, stride, group, n1, n2, meanTerms, n);
+    return 0;
+#else
+    (void)scores, (void)stride, (void)n1, (void)n2, (void)meanTerms, (void)n;
+    return -1;
 #endif
 }
 

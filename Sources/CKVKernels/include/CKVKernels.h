@@ -99,6 +99,15 @@ size_t kvk_nsn_lut_floats(int group, int dim);
 int kvk_nsn_lut(const float *book, const float *queries, int group, int dim, float *lut);
 int kvk_nsn_lut_dots(const uint8_t *codes, int dim, size_t count, const float *lut, int group, float *out, size_t stride);
 
+/// The nsn scheme's per-token norm arithmetic over a block, vectorised, with the operations of
+/// its Swift loops (so the same bits): out[q * n + i] = weights[q * stride + i] * (n1[i] * (n2[i]
+/// * invRoot)) (the value weights), and scores[q * stride + i] = (n1[i] * n2[i]) * scores[q *
+/// stride + i] + meanTerms[q] * n1[i] (the key scores from the codeword dots). Return 0, or -1
+/// when unsupported here (no AVX2 + FMA + F16C).
+int kvk_nsn_token_weights(const float *weights, size_t stride, int group, const float *n1, const float *n2, float invRoot, size_t n,
+                          float *out);
+int kvk_nsn_norm_scores(float *scores, size_t stride, int group, const float *n1, const float *n2, const float *meanTerms, size_t n);
+
 /// The orthonormal Walsh-Hadamard transform of `size` floats at `x` in place (size a power of two,
 /// at least 8): stages h = 1, 2, 4, ... turn each pair (j, j + h) into (a + b, a - b), then every
 /// element is multiplied by `norm` (1 / sqrt(size)). Bit for bit the nsn scheme's Swift loop.

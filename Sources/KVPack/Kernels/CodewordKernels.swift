@@ -25,6 +25,22 @@ public enum CodewordKernels {
                                signs.assumingMemoryBound(to: UInt32.self), weights, stride, Int32(g), acc)
     }
 
+    /// out[q * n + i] = weights[q * stride + i] * (n1[i] * (n2[i] * invRoot)), vectorised in C
+    /// (the same bits as that loop). False when it did not run.
+    @inline(__always)
+    public static func tokenWeights(_ weights: UnsafePointer<Float>, stride: Int, groupSize g: Int, n1: UnsafePointer<Float>,
+                                    n2: UnsafePointer<Float>, invRoot: Float, count n: Int, into out: UnsafeMutablePointer<Float>) -> Bool {
+        kvk_nsn_token_weights(weights, stride, Int32(g), n1, n2, invRoot, n, out) == 0
+    }
+
+    /// scores[q * stride + i] = (n1[i] * n2[i]) * scores[q * stride + i] + meanTerms[q] * n1[i],
+    /// vectorised in C (the same bits as that loop). False when it did not run.
+    @inline(__always)
+    public static func normScores(_ scores: UnsafeMutablePointer<Float>, stride: Int, groupSize g: Int, n1: UnsafePointer<Float>,
+                                  n2: UnsafePointer<Float>, meanTerms: UnsafePointer<Float>, count n: Int) -> Bool {
+        kvk_nsn_norm_scores(scores, stride, Int32(g), n1, n2, meanTerms, n) == 0
+    }
+
     /// Floats of the 1-bit lookup table for `g` heads of `dim` channels.
     public static func tableFloats(groupSize g: Int, dim: Int) -> Int { kvk_nsn_lut_floats(Int32(g), Int32(dim)) }
 

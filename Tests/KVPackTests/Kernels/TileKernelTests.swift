@@ -100,6 +100,28 @@ struct TileKernelTests {
         }
     }
 
+    @Test("nsn's per-token norm arithmetic in C gives the Swift loops' bits, 1-5 heads, 0-70 tokens")
+    func nsnNormHelpersInC() {
+        guard RowKernels.rowsInC else { return }
+        var rng = SplitMix64(seed: 23)
+        for g in 1 ... 5 {
+            for n in [0, 1, 7, 8, 9, 31, 64, 70] {
+                let stride = n + 3
+                let n1 = Self.randomFloats(n, &rng).map { abs($0) * 3 }, n2 = Self.randomFloats(n, &rng).map { abs($0) + 0.5 }
+                let weights = Self.randomFloats(g * stride, &rng).map { abs($0) }, means = Self.randomFloats(g, &rng)
+                var c = [Float](repeating: .nan, count: g * n), s = c
+                #expect(CodewordKernels.tokenWeights(weights, stride: stride, groupSize: g, n1: n1, n2: n2, invRoot: 0.088, count: n, into: &c))
+                NSNScheme.tokenWeightsInSwift(weights, stride: stride, groupSize: g, n1: n1, n2: n2, invRoot: 0.088, count: n, into: &s)
+                #expect(c.map(\.bitPattern) == s.map(\.bitPattern), "weights, \(g) heads, \(n) tokens")
+                let dots = Self.randomFloats(g * stride, &rng)
+                var x = dots, y = dots
+                #expect(CodewordKernels.normScores(&x, stride: stride, groupSize: g, n1: n1, n2: n2, meanTerms: means, count: n))
+                NSNScheme.normScoresInSwift(&y, stride: stride, groupSize: g, n1: n1, n2: n2, meanTerms: means, count: n)
+                #expect(x.map(\.bitPattern) == y.map(\.bitPattern), "scores, \(g) heads, \(n) tokens")
+            }
+        }
+    }
+
     @Test("a token's score and the accumulated sum do not depend on how rows are split into tiles")
     func splitInvariance() {
         let g = 4, d = 128, n = 37
