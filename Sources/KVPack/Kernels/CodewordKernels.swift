@@ -25,20 +25,20 @@ public enum CodewordKernels {
                                signs.assumingMemoryBound(to: UInt32.self), weights, stride, Int32(g), acc)
     }
 
-    /// out[q * n + i] = weights[q * stride + i] * (n1[i] * (n2[i] * invRoot)), vectorised in C
-    /// (the same bits as that loop). False when it did not run.
+    /// out[q * n + i] = weights[q * stride + i] * (n1[i] * (n2[i] * invRoot)): a block's value
+    /// weights times each token's norms, element by element (tests hold it to that loop's bits).
     @inline(__always)
     public static func tokenWeights(_ weights: UnsafePointer<Float>, stride: Int, groupSize g: Int, n1: UnsafePointer<Float>,
-                                    n2: UnsafePointer<Float>, invRoot: Float, count n: Int, into out: UnsafeMutablePointer<Float>) -> Bool {
-        kvk_nsn_token_weights(weights, stride, Int32(g), n1, n2, invRoot, n, out) == 0
+                                    n2: UnsafePointer<Float>, invRoot: Float, count n: Int, into out: UnsafeMutablePointer<Float>) {
+        _ = kvk_nsn_token_weights(weights, stride, Int32(g), n1, n2, invRoot, n, out)
     }
 
-    /// scores[q * stride + i] = (n1[i] * n2[i]) * scores[q * stride + i] + meanTerms[q] * n1[i],
-    /// vectorised in C (the same bits as that loop). False when it did not run.
+    /// scores[q * stride + i] = (n1[i] * n2[i]) * scores[q * stride + i] + meanTerms[q] * n1[i]:
+    /// a block's key scores from its codeword dots (tests hold it to that loop's bits).
     @inline(__always)
     public static func normScores(_ scores: UnsafeMutablePointer<Float>, stride: Int, groupSize g: Int, n1: UnsafePointer<Float>,
-                                  n2: UnsafePointer<Float>, meanTerms: UnsafePointer<Float>, count n: Int) -> Bool {
-        kvk_nsn_norm_scores(scores, stride, Int32(g), n1, n2, meanTerms, n) == 0
+                                  n2: UnsafePointer<Float>, meanTerms: UnsafePointer<Float>, count n: Int) {
+        _ = kvk_nsn_norm_scores(scores, stride, Int32(g), n1, n2, meanTerms, n)
     }
 
     /// Floats of the 1-bit lookup table for `g` heads of `dim` channels.

@@ -494,9 +494,7 @@ public struct NSNScheme: KVScheme {
                         CodewordKernels.dots(codes: p + codesOffset + lo * codeBytes, bits: bits, dim: d, count: n, book: book.baseAddress!,
                                              signs: signs.baseAddress!, queries: state, groupSize: g, into: scores, stride: stride)
                     }
-                    if !CodewordKernels.normScores(scores, stride: stride, groupSize: g, n1: n1, n2: n2, meanTerms: meanTerms, count: n) {
-                        Self.normScoresInSwift(scores, stride: stride, groupSize: g, n1: n1, n2: n2, meanTerms: meanTerms, count: n)
-                    }
+                    CodewordKernels.normScores(scores, stride: stride, groupSize: g, n1: n1, n2: n2, meanTerms: meanTerms, count: n)
                     return
                 }
                 // score = n1 (n2 (q' . y) + q . mu) = q' . (n1 n2 y) + n1 (q . mu)
@@ -508,25 +506,6 @@ public struct NSNScheme: KVScheme {
                 for q in 0 ..< g { RowKernels.axpy(meanTerms[q], n1, scores + q * stride, n) }
             }
         }
-        }
-    }
-
-    /// A block's key scores from its codeword dots: times the token's norms, plus its norm times
-    /// q . mean. The loop `CodewordKernels.normScores` stands in for (the same operations).
-    static func normScoresInSwift(_ scores: UnsafeMutablePointer<Float>, stride: Int, groupSize g: Int, n1: UnsafePointer<Float>,
-                                  n2: UnsafePointer<Float>, meanTerms: UnsafePointer<Float>, count n: Int) {
-        for q in 0 ..< g {
-            let row = scores + q * stride, m = meanTerms[q]
-            for i in 0 ..< n { row[i] = (n1[i] * n2[i]) * row[i] + m * n1[i] }
-        }
-    }
-
-    /// A block's value weights times each token's norms over sqrt(d). The loop
-    /// `CodewordKernels.tokenWeights` stands in for (the same operations).
-    static func tokenWeightsInSwift(_ weights: UnsafePointer<Float>, stride: Int, groupSize g: Int, n1: UnsafePointer<Float>,
-                                    n2: UnsafePointer<Float>, invRoot: Float, count n: Int, into out: UnsafeMutablePointer<Float>) {
-        for q in 0 ..< g {
-            for i in 0 ..< n { out[q * n + i] = weights[q * stride + i] * (n1[i] * (n2[i] * invRoot)) }
         }
     }
 
@@ -548,10 +527,7 @@ public struct NSNScheme: KVScheme {
                     // codewords read from the codes in place.
                     let n2 = n1 + n, scaled = n2 + n
                     widen(p, at: 2 * (segmentTokens + lo), count: n, into: n2)
-                    if !CodewordKernels.tokenWeights(weights, stride: stride, groupSize: g, n1: n1, n2: n2, invRoot: invRoot, count: n,
-                                                     into: scaled) {
-                        Self.tokenWeightsInSwift(weights, stride: stride, groupSize: g, n1: n1, n2: n2, invRoot: invRoot, count: n, into: scaled)
-                    }
+                    CodewordKernels.tokenWeights(weights, stride: stride, groupSize: g, n1: n1, n2: n2, invRoot: invRoot, count: n, into: scaled)
                     CodewordKernels.accumulate(codes: p + codesOffset + lo * codeBytes, bits: bits, dim: d, count: n, book: book.baseAddress!,
                                                signs: signs.baseAddress!, weights: scaled, stride: n, groupSize: g, into: acc)
                     for q in 0 ..< g { RowKernels.axpy(RowKernels.dot(weights + q * stride, n1, n), mean, acc + q * d, d) }

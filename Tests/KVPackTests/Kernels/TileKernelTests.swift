@@ -109,14 +109,20 @@ struct TileKernelTests {
                 let stride = n + 3
                 let n1 = Self.randomFloats(n, &rng).map { abs($0) * 3 }, n2 = Self.randomFloats(n, &rng).map { abs($0) + 0.5 }
                 let weights = Self.randomFloats(g * stride, &rng).map { abs($0) }, means = Self.randomFloats(g, &rng)
+                // The Swift loops the C helpers replaced in NSNScheme, element by element. `c` starts
+                // as NaN and `x` as the dots, so a helper that did not run fails the comparison.
                 var c = [Float](repeating: .nan, count: g * n), s = c
-                #expect(CodewordKernels.tokenWeights(weights, stride: stride, groupSize: g, n1: n1, n2: n2, invRoot: 0.088, count: n, into: &c))
-                NSNScheme.tokenWeightsInSwift(weights, stride: stride, groupSize: g, n1: n1, n2: n2, invRoot: 0.088, count: n, into: &s)
+                CodewordKernels.tokenWeights(weights, stride: stride, groupSize: g, n1: n1, n2: n2, invRoot: 0.088, count: n, into: &c)
+                for q in 0 ..< g {
+                    for i in 0 ..< n { s[q * n + i] = weights[q * stride + i] * (n1[i] * (n2[i] * 0.088)) }
+                }
                 #expect(c.map(\.bitPattern) == s.map(\.bitPattern), "weights, \(g) heads, \(n) tokens")
                 let dots = Self.randomFloats(g * stride, &rng)
                 var x = dots, y = dots
-                #expect(CodewordKernels.normScores(&x, stride: stride, groupSize: g, n1: n1, n2: n2, meanTerms: means, count: n))
-                NSNScheme.normScoresInSwift(&y, stride: stride, groupSize: g, n1: n1, n2: n2, meanTerms: means, count: n)
+                CodewordKernels.normScores(&x, stride: stride, groupSize: g, n1: n1, n2: n2, meanTerms: means, count: n)
+                for q in 0 ..< g {
+                    for i in 0 ..< n { y[q * stride + i] = (n1[i] * n2[i]) * y[q * stride + i] + means[q] * n1[i] }
+                }
                 #expect(x.map(\.bitPattern) == y.map(\.bitPattern), "scores, \(g) heads, \(n) tokens")
             }
         }
