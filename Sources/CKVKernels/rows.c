@@ -6,7 +6,9 @@
 //                 from zero, and s(a) = ((a0 + a4) + (a1 + a5)) + ((a2 + a6) + (a3 + a7));
 //   acc[q][c]   = fma(w[q][t], row t [c], acc[q][c]) for t in order.
 // Each score and each accumulator depends only on its own operations, so the blocking here
-// (four query heads at once, rows widened once for all of them) gives the same bits. Swift
+// (four query heads at once, rows widened once for all of them) gives the same bits. The loops
+// are in rows_body.h, built twice: for AVX2 and, with more rows and channels per step, for the
+// 32 registers of AVX-512 VL machines (picked at load time; tests hold both to the bits). Swift
 // keeps its path for machines without AVX2 + FMA + F16C, where this returns -1.
 //
 // The same loops read the nsn scheme's codes in place: a row is then a token's pieces, and the
@@ -44,115 +46,26 @@ typedef struct {
     const uint32_t *signs;
 } row_codes;
 
-static int rows_available = 0;
+static int rows_available = 0, rows_isa = KVK_TIER_NONE;
 
-__attribute__((constructor)) static void rows_detect(void) { rows_available = kvk_cpu_tier() >= KVK_TIER_AVX2; }
+__attribute__((constructor)) static void rows_detect(void) {
+    rows_isa = kvk_cpu_tier();
+    rows_available = rows_isa >= KVK_TIER_AVX2;
+}
 
 int kvk_rows_available(void) { return rows_available; }
 
+int kvk_rows_isa(void) { return rows_isa; }
+
+/// The variant `isa` asks for (0: the machine's), or KVK_TIER_NONE where it cannot run.
+static int rows_variant(int isa) {
+    if (isa == 0) return rows_isa;
+    return isa <= rows_isa ? isa : KVK_TIER_NONE;
+}
+
 #if KVK_ROWS_X86
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-
-/// Eight elements of a row at `p` (any alignment) as floats: widened, or an nsn piece's codeword.
-static inline __attribute__((always_inline)) __m256 load8(const uint8_t *p, const int type, const row_codes *codes) {
-    switch (type) {
-    case ROW_F16: return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
-    case ROW_BF16: return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
-    case ROW_NSN1: return _mm256_loadu_ps(codes->book + 8 * (size_t)p[0]);
-    case ROW_NSN2: {
-        __m256i magnitude = _mm256_loadu_si256((const __m256i *)(codes->book + 8 * (size_t)p[1]));
-        return _mm256_castsi256_ps(_mm256_xor_si256(magnitude, _mm256_loadu_si256((const __m256i *)(codes->signs + 8 * (size_t)p[0]))));
-    }
-    default: return _mm256_loadu_ps((const float *)p);
-    }
-}
-
-/// The scores of two tokens for one query head, each reduced as TileKernels.sum does.
-static inline __attribute__((always_inline)) __m128 pair_sums(__m256 a, __m256 b) {
-    __m128 a4 = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    __m128 b4 = _mm_add_ps(_mm256_castps256_ps128(b), _mm256_extractf128_ps(b, 1));
-    __m128 h = _mm_hadd_ps(a4, b4);   // a4_0 + a4_1, a4_2 + a4_3, b4_0 + b4_1, b4_2 + b4_3
-    return _mm_hadd_ps(h, h);         // score a, score b, score a, score b
-}
-
-/// Scores of `count` rows for QB query heads: two rows at a time, each 8-channel chunk of a
-/// row widened once for every head.
-static inline __attribute__((always_inline)) void scores_block(const uint8_t *rows, size_t rowBytes, int dim, size_t count,
-                                                               const float *queries, float *out, size_t stride, const row_codes *codes,
-                                                               const int QB, const int type) {
-    const int chunk = chunk_bytes(type);
-    size_t t = 0;
-    for (; t + 2 <= count; t += 2) {
-        const uint8_t *r0 = rows + t * rowBytes, *r1 = r0 + rowBytes;
-        kvk_plan_advance(2 * rowBytes);
-        __m256 a[4][2];
-        for (int q = 0; q < QB; q++) a[q][0] = a[q][1] = _mm256_setzero_ps();
-        for (int c = 0; c < dim; c += 8) {
-            __m256 k0 = load8(r0 + c / 8 * chunk, type, codes), k1 = load8(r1 + c / 8 * chunk, type, codes);
-            for (int q = 0; q < QB; q++) {
-                __m256 x = _mm256_loadu_ps(queries + (size_t)q * dim + c);
-                a[q][0] = _mm256_fmadd_ps(x, k0, a[q][0]);
-                a[q][1] = _mm256_fmadd_ps(x, k1, a[q][1]);
-            }
-        }
-        for (int q = 0; q < QB; q++) _mm_storel_pi((__m64 *)(out + (size_t)q * stride + t), pair_sums(a[q][0], a[q][1]));
-    }
-    if (t < count) {
-        const uint8_t *r0 = rows + t * rowBytes;
-        kvk_plan_advance(rowBytes);
-        __m256 a[4];
-        for (int q = 0; q < QB; q++) a[q] = _mm256_setzero_ps();
-        for (int c = 0; c < dim; c += 8) {
-            __m256 k0 = load8(r0 + c / 8 * chunk, type, codes);
-            for (int q = 0; q < QB; q++) a[q] = _mm256_fmadd_ps(_mm256_loadu_ps(queries + (size_t)q * dim + c), k0, a[q]);
-        }
-        for (int q = 0; q < QB; q++) out[(size_t)q * stride + t] = _mm_cvtss_f32(pair_sums(a[q], a[q]));
-    }
-}
-
-/// acc rows of QB query heads += their weights times `count` rows: 16 channels at a time, the
-/// accumulators in registers across every row, each row chunk widened once for every head.
-static inline __attribute__((always_inline)) void accumulate_block(const uint8_t *rows, size_t rowBytes, int dim, size_t count,
-                                                                   const float *weights, size_t stride, float *acc, const row_codes *codes,
-                                                                   const int QB, const int type) {
-    const int chunk = chunk_bytes(type);
-    int c = 0;
-    for (; c + 16 <= dim; c += 16) {
-        __m256 a[4][2];
-        for (int q = 0; q < QB; q++) {
-            a[q][0] = _mm256_loadu_ps(acc + (size_t)q * dim + c);
-            a[q][1] = _mm256_loadu_ps(acc + (size_t)q * dim + c + 8);
-        }
-        const uint8_t *r = rows + (size_t)(c / 8 * chunk);
-        for (size_t t = 0; t < count; t++, r += rowBytes) {
-            if (c == 0) kvk_plan_advance(rowBytes);   // the first pass over the rows reads them all
-            __m256 v0 = load8(r, type, codes), v1 = load8(r + chunk, type, codes);
-            for (int q = 0; q < QB; q++) {
-                __m256 w = _mm256_broadcast_ss(weights + (size_t)q * stride + t);
-                a[q][0] = _mm256_fmadd_ps(w, v0, a[q][0]);
-                a[q][1] = _mm256_fmadd_ps(w, v1, a[q][1]);
-            }
-        }
-        for (int q = 0; q < QB; q++) {
-            _mm256_storeu_ps(acc + (size_t)q * dim + c, a[q][0]);
-            _mm256_storeu_ps(acc + (size_t)q * dim + c + 8, a[q][1]);
-        }
-    }
-    if (c < dim) {   // the last 8 channels (dim a multiple of 8, not of 16)
-        __m256 a[4];
-        for (int q = 0; q < QB; q++) a[q] = _mm256_loadu_ps(acc + (size_t)q * dim + c);
-        const uint8_t *r = rows + (size_t)(c / 8 * chunk);
-        if (c == 0) kvk_plan_advance(count * rowBytes);
-        for (size_t t = 0; t < count; t++, r += rowBytes) {
-            __m256 v = load8(r, type, codes);
-            for (int q = 0; q < QB; q++) a[q] = _mm256_fmadd_ps(_mm256_broadcast_ss(weights + (size_t)q * stride + t), v, a[q]);
-        }
-        for (int q = 0; q < QB; q++) _mm256_storeu_ps(acc + (size_t)q * dim + c, a[q]);
-    }
-}
-
-// One instantiation per (heads in the pass, row type): the loops above then have constant
-// bounds and their accumulators stay in registers. ROWS_DISPATCH picks the row type,
+// One instantiation per (heads in the pass, row type): the loops of rows_body.h then have
+// constant bounds and their accumulators stay in registers. ROWS_DISPATCH picks the row type,
 // ROWS_BY_HEADS the heads of a pass (1-4, `heads` at run time).
 #define ROWS_DISPATCH(fn, QB, ...)                                     \
     switch (type) {                                                    \
@@ -170,25 +83,28 @@ static inline __attribute__((always_inline)) void accumulate_block(const uint8_t
     default: ROWS_DISPATCH(fn, 4, __VA_ARGS__) break;                  \
     }
 
-static void rows_scores_avx2(const uint8_t *rows, int type, int dim, size_t count, const float *queries, int group, float *out,
-                             size_t stride, const row_codes *codes) {
-    const size_t rowBytes = (size_t)(dim / 8 * chunk_bytes(type));
-    for (int q0 = 0; q0 < group; q0 += 4) {
-        const float *q = queries + (size_t)q0 * dim;
-        float *o = out + (size_t)q0 * stride;
-        ROWS_BY_HEADS(scores_block, group - q0, rows, rowBytes, dim, count, q, o, stride, codes)
-    }
-}
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#define SUFFIX(name) name##_avx2
+#define ROW_TOKENS 2
+#define ROW_VECTORS 2
+#include "rows_body.h"
+#undef SUFFIX
+#undef ROW_TOKENS
+#undef ROW_VECTORS
+#pragma clang attribute pop
 
-static void rows_accumulate_avx2(const uint8_t *rows, int type, int dim, size_t count, const float *weights, size_t stride, int group,
-                                 float *acc, const row_codes *codes) {
-    const size_t rowBytes = (size_t)(dim / 8 * chunk_bytes(type));
-    for (int q0 = 0; q0 < group; q0 += 4) {
-        const float *w = weights + (size_t)q0 * stride;
-        float *a = acc + (size_t)q0 * dim;
-        ROWS_BY_HEADS(accumulate_block, group - q0, rows, rowBytes, dim, count, w, stride, a, codes)
-    }
-}
+// VL for 32 ymm registers; no 512-bit vectors (the same instructions on 256-bit ones).
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c,avx512f,avx512vl"))), apply_to = function)
+#define SUFFIX(name) name##_avx512
+#define ROW_TOKENS 4
+#define ROW_VECTORS 4
+#include "rows_body.h"
+#undef SUFFIX
+#undef ROW_TOKENS
+#undef ROW_VECTORS
+#pragma clang attribute pop
+
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
 
 /// The lookup table of `kvk_nsn_lut` for query heads [q0, q0 + QB): entry (s, e) holds the QB
 /// dot products of piece s of each query with codeword e (four floats, the unused ones zero).
@@ -418,30 +334,40 @@ int kvk_nsn_norm_scores(float *scores, size_t stride, int group, const float *n1
 #endif
 }
 
+/// Scores or accumulation over rows of `type` in the variant `isa` asks for: 0, or -1 where
+/// that variant does not run here.
+static int rows_run(int isa, int accumulate, const uint8_t *rows, int type, int dim, size_t count, const float *in, size_t stride,
+                    int group, float *out, const row_codes *codes) {
+#if KVK_ROWS_X86
+    switch (rows_variant(isa)) {
+    case KVK_TIER_VNNI:
+        if (accumulate) rows_accumulate_avx512(rows, type, dim, count, in, stride, group, out, codes);
+        else rows_scores_avx512(rows, type, dim, count, in, group, out, stride, codes);
+        return 0;
+    case KVK_TIER_AVX2:
+        if (accumulate) rows_accumulate_avx2(rows, type, dim, count, in, stride, group, out, codes);
+        else rows_scores_avx2(rows, type, dim, count, in, group, out, stride, codes);
+        return 0;
+    }
+#endif
+    (void)accumulate, (void)rows, (void)type, (void)dim, (void)count, (void)in, (void)stride, (void)group, (void)out, (void)codes;
+    return -1;
+}
+
 static int rows_supported(int type, int dim, int group) {
     return rows_available && (type == ROW_F32 || type == ROW_F16 || type == ROW_BF16) && dim > 0 && dim % 8 == 0 && group > 0;
 }
 
-int kvk_rows_scores(const void *rows, int type, int dim, size_t count, const float *queries, int group, float *out, size_t stride) {
+int kvk_rows_scores(const void *rows, int type, int dim, size_t count, const float *queries, int group, float *out, size_t stride,
+                    int isa) {
     if (!rows_supported(type, dim, group)) return -1;
-#if KVK_ROWS_X86
-    rows_scores_avx2((const uint8_t *)rows, type, dim, count, queries, group, out, stride, NULL);
-    return 0;
-#else
-    (void)rows, (void)count, (void)queries, (void)out, (void)stride;
-    return -1;
-#endif
+    return rows_run(isa, 0, (const uint8_t *)rows, type, dim, count, queries, stride, group, out, NULL);
 }
 
-int kvk_rows_accumulate(const void *rows, int type, int dim, size_t count, const float *weights, size_t stride, int group, float *acc) {
+int kvk_rows_accumulate(const void *rows, int type, int dim, size_t count, const float *weights, size_t stride, int group, float *acc,
+                        int isa) {
     if (!rows_supported(type, dim, group)) return -1;
-#if KVK_ROWS_X86
-    rows_accumulate_avx2((const uint8_t *)rows, type, dim, count, weights, stride, group, acc, NULL);
-    return 0;
-#else
-    (void)rows, (void)count, (void)weights, (void)stride, (void)acc;
-    return -1;
-#endif
+    return rows_run(isa, 1, (const uint8_t *)rows, type, dim, count, weights, stride, group, acc, NULL);
 }
 
 // MARK: nsn codes as rows
@@ -451,29 +377,17 @@ static int nsn_supported(int bits, int dim, int group) {
 }
 
 int kvk_nsn_dots(const uint8_t *codes, int bits, int dim, size_t count, const float *book, const uint32_t *signs, const float *queries,
-                 int group, float *out, size_t stride) {
+                 int group, float *out, size_t stride, int isa) {
     if (!nsn_supported(bits, dim, group)) return -1;
-#if KVK_ROWS_X86
     const row_codes c = {book, signs};
-    rows_scores_avx2(codes, bits == 1 ? ROW_NSN1 : ROW_NSN2, dim, count, queries, group, out, stride, &c);
-    return 0;
-#else
-    (void)codes, (void)count, (void)book, (void)signs, (void)queries, (void)out, (void)stride;
-    return -1;
-#endif
+    return rows_run(isa, 0, codes, bits == 1 ? ROW_NSN1 : ROW_NSN2, dim, count, queries, stride, group, out, &c);
 }
 
 int kvk_nsn_accumulate(const uint8_t *codes, int bits, int dim, size_t count, const float *book, const uint32_t *signs,
-                       const float *weights, size_t stride, int group, float *acc) {
+                       const float *weights, size_t stride, int group, float *acc, int isa) {
     if (!nsn_supported(bits, dim, group)) return -1;
-#if KVK_ROWS_X86
     const row_codes c = {book, signs};
-    rows_accumulate_avx2(codes, bits == 1 ? ROW_NSN1 : ROW_NSN2, dim, count, weights, stride, group, acc, &c);
-    return 0;
-#else
-    (void)codes, (void)count, (void)book, (void)signs, (void)weights, (void)stride, (void)acc;
-    return -1;
-#endif
+    return rows_run(isa, 1, codes, bits == 1 ? ROW_NSN1 : ROW_NSN2, dim, count, weights, stride, group, acc, &c);
 }
 
 size_t kvk_nsn_lut_floats(int group, int dim) { return (size_t)((group + 3) / 4) * (size_t)(dim / 8) * 1024; }

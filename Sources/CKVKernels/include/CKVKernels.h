@@ -63,6 +63,11 @@ int kvk_dense_f16_attention_portable(const float *queries, int group, int dim, c
 
 /// Whether `kvk_rows_scores` and `kvk_rows_accumulate` run here (AVX2 + FMA + F16C).
 int kvk_rows_available(void);
+/// The variant the row kernels run with `isa` 0: 1 AVX2 + FMA + F16C (two rows per step, 16
+/// channels per pass), 2 the same on AVX-512 VL machines (32 registers: four rows, 32
+/// channels); 0 none. Every row entry point takes `isa` (0: this one; 1 or 2: that variant, -1
+/// when the machine lacks it), so tests can hold each variant to the same bits.
+int kvk_rows_isa(void);
 
 /// Scores of `count` rows of `dim` elements (`type` 0 f32, 1 IEEE f16, 2 bf16; row t at
 /// rows + t * dim * width, any alignment) for `group` query heads (queries[g * dim + i]):
@@ -70,11 +75,13 @@ int kvk_rows_available(void);
 /// lanes reduced as ((a0 + a4) + (a1 + a5)) + ((a2 + a6) + (a3 + a7)): bit for bit what the
 /// Swift TileKernels.scores give over the rows widened to f32. `dim` a multiple of 8. Returns 0,
 /// or -1 (nothing written) when unsupported here.
-int kvk_rows_scores(const void *rows, int type, int dim, size_t count, const float *queries, int group, float *out, size_t stride);
+int kvk_rows_scores(const void *rows, int type, int dim, size_t count, const float *queries, int group, float *out, size_t stride,
+                    int isa);
 
 /// acc[g * dim + c] += weights[g * stride + t] * row t [c] for t = 0 ..< count in order, one fused
 /// multiply-add each: bit for bit TileKernels.accumulate. Returns 0 or -1 as above.
-int kvk_rows_accumulate(const void *rows, int type, int dim, size_t count, const float *weights, size_t stride, int group, float *acc);
+int kvk_rows_accumulate(const void *rows, int type, int dim, size_t count, const float *weights, size_t stride, int group, float *acc,
+                        int isa);
 
 /// The nsn scheme's codes read as rows (rows.c): `count` tokens of dim / 8 pieces, each piece one
 /// code byte (bits 1: codeword book[code]) or a sign byte then a magnitude byte (bits 2: codeword
@@ -85,9 +92,9 @@ int kvk_rows_accumulate(const void *rows, int type, int dim, size_t count, const
 /// order. The same operations as kvk_rows_scores / kvk_rows_accumulate over the decoded
 /// codewords. Returns 0, or -1 when unsupported here (no AVX2 + FMA, or dim not a multiple of 8).
 int kvk_nsn_dots(const uint8_t *codes, int bits, int dim, size_t count, const float *book, const uint32_t *signs, const float *queries,
-                 int group, float *out, size_t stride);
+                 int group, float *out, size_t stride, int isa);
 int kvk_nsn_accumulate(const uint8_t *codes, int bits, int dim, size_t count, const float *book, const uint32_t *signs,
-                       const float *weights, size_t stride, int group, float *acc);
+                       const float *weights, size_t stride, int group, float *acc, int isa);
 
 /// For 1-bit nsn codes: a table of every query piece's dot product with every codeword, so a
 /// token's score is one lookup per piece (`kvk_nsn_lut_dots`) instead of eight multiply-adds

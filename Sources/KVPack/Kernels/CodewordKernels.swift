@@ -12,17 +12,19 @@ public enum CodewordKernels {
     /// 256 x 8 codebook; `signs`: the 256 sign masks of 8 lanes (2 bits).
     @inline(__always)
     public static func dots(codes: UnsafeRawPointer, bits: Int, dim: Int, count: Int, book: UnsafeRawPointer, signs: UnsafeRawPointer,
-                            queries: UnsafePointer<Float>, groupSize g: Int, into out: UnsafeMutablePointer<Float>, stride: Int) {
+                            queries: UnsafePointer<Float>, groupSize g: Int, into out: UnsafeMutablePointer<Float>, stride: Int,
+                            isa: Int32 = 0) {
         _ = kvk_nsn_dots(codes.assumingMemoryBound(to: UInt8.self), Int32(bits), Int32(dim), count, book.assumingMemoryBound(to: Float.self),
-                         signs.assumingMemoryBound(to: UInt32.self), queries, Int32(g), out, stride)
+                         signs.assumingMemoryBound(to: UInt32.self), queries, Int32(g), out, stride, isa)
     }
 
     /// acc[g * dim ...] += weights[g * stride + t] * codewords(t), tokens in order.
     @inline(__always)
     public static func accumulate(codes: UnsafeRawPointer, bits: Int, dim: Int, count: Int, book: UnsafeRawPointer, signs: UnsafeRawPointer,
-                                  weights: UnsafePointer<Float>, stride: Int, groupSize g: Int, into acc: UnsafeMutablePointer<Float>) {
+                                  weights: UnsafePointer<Float>, stride: Int, groupSize g: Int, into acc: UnsafeMutablePointer<Float>,
+                                  isa: Int32 = 0) {
         _ = kvk_nsn_accumulate(codes.assumingMemoryBound(to: UInt8.self), Int32(bits), Int32(dim), count, book.assumingMemoryBound(to: Float.self),
-                               signs.assumingMemoryBound(to: UInt32.self), weights, stride, Int32(g), acc)
+                               signs.assumingMemoryBound(to: UInt32.self), weights, stride, Int32(g), acc, isa)
     }
 
     /// out[q * n + i] = weights[q * stride + i] * (n1[i] * (n2[i] * invRoot)): a block's value

@@ -203,6 +203,8 @@ public enum RowKernels {
     static func inC(dim: Int) -> Bool { rowsInC && dim % 8 == 0 }
 
     @usableFromInline static let rowsInC = kvk_rows_available() != 0
+    /// The C variant the row kernels run (`kvk_rows_isa`: 1 AVX2, 2 AVX-512 VL registers).
+    static let rowsISA = kvk_rows_isa()
 
     /// The C kernels' row type for rows of `type` where they run here, else nil.
     @inline(__always)
@@ -216,12 +218,13 @@ public enum RowKernels {
         }
     }
 
+    /// `isa`: the C variant (0 the machine's; tests ask for each, see `kvk_rows_isa`).
     static func scores(rows: UnsafeRawPointer, type: ElementType, dim: Int, tokens: Range<Int>,
                        queries: UnsafePointer<Float>, groupSize: Int,
-                       into out: UnsafeMutablePointer<Float>, stride: Int) {
+                       into out: UnsafeMutablePointer<Float>, stride: Int, isa: Int32 = 0) {
         let base = tokens.lowerBound
         if let t = inC(type, dim: dim) {
-            _ = kvk_rows_scores(rows + base * dim * type.byteWidth, t, Int32(dim), tokens.count, queries, Int32(groupSize), out, stride)
+            _ = kvk_rows_scores(rows + base * dim * type.byteWidth, t, Int32(dim), tokens.count, queries, Int32(groupSize), out, stride, isa)
             return
         }
         scoresInSwift(rows: rows, type: type, dim: dim, tokens: tokens, queries: queries, groupSize: groupSize, into: out, stride: stride)
@@ -247,10 +250,10 @@ public enum RowKernels {
 
     static func accumulate(rows: UnsafeRawPointer, type: ElementType, dim: Int, tokens: Range<Int>,
                            weights: UnsafePointer<Float>, stride: Int, groupSize: Int,
-                           into acc: UnsafeMutablePointer<Float>) {
+                           into acc: UnsafeMutablePointer<Float>, isa: Int32 = 0) {
         if let t = inC(type, dim: dim) {
             _ = kvk_rows_accumulate(rows + tokens.lowerBound * dim * type.byteWidth, t, Int32(dim), tokens.count, weights, stride,
-                                    Int32(groupSize), acc)
+                                    Int32(groupSize), acc, isa)
             return
         }
         accumulateInSwift(rows: rows, type: type, dim: dim, tokens: tokens, weights: weights, stride: stride, groupSize: groupSize, into: acc)

@@ -89,7 +89,7 @@ public enum TileKernels {
     public static func scores(tile: UnsafePointer<Float>, count n: Int, dim d: Int, queries: UnsafePointer<Float>,
                               groupSize g: Int, into out: UnsafeMutablePointer<Float>, stride: Int) {
         if RowKernels.inC(dim: d) {
-            _ = kvk_rows_scores(tile, 0, Int32(d), n, queries, Int32(g), out, stride)
+            _ = kvk_rows_scores(tile, 0, Int32(d), n, queries, Int32(g), out, stride, 0)
             return
         }
         scoresInSwift(tile: tile, count: n, dim: d, queries: queries, groupSize: g, into: out, stride: stride)
@@ -216,7 +216,7 @@ public enum TileKernels {
     public static func accumulate(tile: UnsafePointer<Float>, count n: Int, dim d: Int, weights: UnsafePointer<Float>,
                                   stride: Int, groupSize g: Int, into acc: UnsafeMutablePointer<Float>) {
         if RowKernels.inC(dim: d) {
-            _ = kvk_rows_accumulate(tile, 0, Int32(d), n, weights, stride, Int32(g), acc)
+            _ = kvk_rows_accumulate(tile, 0, Int32(d), n, weights, stride, Int32(g), acc, 0)
             return
         }
         accumulateInSwift(tile: tile, count: n, dim: d, weights: weights, stride: stride, groupSize: g, into: acc)

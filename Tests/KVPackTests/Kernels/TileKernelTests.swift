@@ -36,13 +36,20 @@ struct TileKernelTests {
         }
     }
 
-    @Test("the C row kernels give the Swift tile kernels' bits for f32, f16 and bf16 rows",
+    /// The C variants that run here (1 AVX2; 2 also where AVX-512 VL is): each is held to the bits.
+    static var rowVariants: [Int32] { RowKernels.rowsInC ? Array(1 ... max(1, RowKernels.rowsISA)) : [] }
+
+    @Test("the C row kernels (each variant that runs here) give the Swift tile kernels' bits for f32, f16 and bf16 rows",
           arguments: [ElementType.float32, .float16, .bfloat16])
     func rowKernelsInCAgree(type: ElementType) {
-        guard RowKernels.rowsInC else { return }
+        for isa in Self.rowVariants { rowKernelsInCAgree(type: type, isa: isa) }
+    }
+
+    func rowKernelsInCAgree(type: ElementType, isa: Int32) {
         var rng = SplitMix64(seed: UInt64(type.rawValue) * 77)
-        for (g, d) in [(1, 8), (2, 16), (3, 64), (4, 128), (5, 40), (8, 128), (9, 64), (4, 256)] {
-            for (first, n) in [(0, 1), (0, 2), (3, 5), (1, 17), (0, 64), (7, 57)] {
+        // Widths with passes of 32, 16 and 8 channels; row counts with steps of 4, 2 and 1 rows.
+        for (g, d) in [(1, 8), (2, 16), (3, 64), (4, 128), (5, 40), (3, 48), (8, 128), (9, 64), (4, 256)] {
+            for (first, n) in [(0, 1), (0, 2), (0, 3), (3, 5), (1, 17), (0, 64), (7, 57)] {
                 let count = first + n, stride = n + 3
                 // Rows in the type's bytes, with zeros, signed zeros and large values among them.
                 var values = Self.randomFloats(count * d, &rng).map { $0 * 30 }
@@ -55,11 +62,12 @@ struct TileKernelTests {
                 var accFast = start, accSlow = start
                 rows.withUnsafeBytes { r in
                     let p = r.baseAddress!
-                    RowKernels.scores(rows: p, type: type, dim: d, tokens: first ..< count, queries: queries, groupSize: g, into: &fast, stride: stride)
+                    RowKernels.scores(rows: p, type: type, dim: d, tokens: first ..< count, queries: queries, groupSize: g, into: &fast, stride: stride,
+                                      isa: isa)
                     RowKernels.scoresInSwift(rows: p, type: type, dim: d, tokens: first ..< count, queries: queries, groupSize: g,
                                              into: &slow, stride: stride)
                     RowKernels.accumulate(rows: p, type: type, dim: d, tokens: first ..< count, weights: weights, stride: stride,
-                                          groupSize: g, into: &accFast)
+                                          groupSize: g, into: &accFast, isa: isa)
                     RowKernels.accumulateInSwift(rows: p, type: type, dim: d, tokens: first ..< count, weights: weights, stride: stride,
                                                  groupSize: g, into: &accSlow)
                 }
@@ -67,9 +75,61 @@ struct TileKernelTests {
                 let same = fast.map { $0.bitPattern } == slow.map { $0.bitPattern }
                 let sameAcc = accFast.map { $0.bitPattern } == accSlow.map { $0.bitPattern }
                 let written = fast.contains { !$0.isNaN }
-                #expect(same, "scores: \(type) g \(g) d \(d) rows \(first)..<\(count)")
-                #expect(sameAcc, "accumulators: \(type) g \(g) d \(d) rows \(first)..<\(count)")
+                #expect(same, "scores: \(type) isa \(isa) g \(g) d \(d) rows \(first)..<\(count)")
+                #expect(sameAcc, "accumulators: \(type) isa \(isa) g \(g) d \(d) rows \(first)..<\(count)")
                 #expect(written)
+            }
+        }
+    }
+
+    @Test("the nsn codeword kernels (each variant that runs here) give the bits of the Swift tile kernels over the decoded codewords",
+          arguments: [1, 2])
+    func codewordKernelsAgree(bits: Int) {
+        var rng = SplitMix64(seed: UInt64(bits) * 31)
+        let book = Self.randomFloats(256 * 8, &rng).map { bits == 2 ? abs($0) : $0 }
+        let signs = NSNScheme.signMasks
+        for isa in Self.rowVariants {
+            for (g, d) in [(1, 8), (3, 48), (4, 64), (4, 128), (5, 40), (8, 256)] {
+                for n in [1, 3, 6, 64, 65] {
+                    let pieces = d / 8, stride = n + 2
+                    let codes = (0 ..< n * pieces * bits).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
+                    // The codewords as f32 rows: book[code], or book[magnitude] with the sign byte's bits as signs.
+                    var rows = [Float](repeating: 0, count: n * d)
+                    for t in 0 ..< n {
+                        for s in 0 ..< pieces {
+                            let at = (t * pieces + s) * bits
+                            let entry = Int(codes[at + bits - 1])
+                            for j in 0 ..< 8 {
+                                let x = book[entry * 8 + j]
+                                rows[t * d + s * 8 + j] = bits == 2 && (codes[at] >> j) & 1 == 1 ? -x : x
+                            }
+                        }
+                    }
+                    let queries = Self.randomFloats(g * d, &rng), weights = Self.randomFloats(g * stride, &rng)
+                    let start = Self.randomFloats(g * d, &rng)
+                    var fast = [Float](repeating: .nan, count: g * stride), slow = fast
+                    var accFast = start, accSlow = start
+                    codes.withUnsafeBytes { c in
+                        book.withUnsafeBytes { b in
+                            signs.withUnsafeBytes { m in
+                                CodewordKernels.dots(codes: c.baseAddress!, bits: bits, dim: d, count: n, book: b.baseAddress!, signs: m.baseAddress!,
+                                                     queries: queries, groupSize: g, into: &fast, stride: stride, isa: isa)
+                                CodewordKernels.accumulate(codes: c.baseAddress!, bits: bits, dim: d, count: n, book: b.baseAddress!,
+                                                           signs: m.baseAddress!, weights: weights, stride: stride, groupSize: g, into: &accFast, isa: isa)
+                            }
+                        }
+                    }
+                    rows.withUnsafeBytes { r in
+                        RowKernels.scoresInSwift(rows: r.baseAddress!, type: .float32, dim: d, tokens: 0 ..< n, queries: queries, groupSize: g,
+                                                 into: &slow, stride: stride)
+                        RowKernels.accumulateInSwift(rows: r.baseAddress!, type: .float32, dim: d, tokens: 0 ..< n, weights: weights, stride: stride,
+                                                     groupSize: g, into: &accSlow)
+                    }
+                    let same = fast.map { $0.bitPattern } == slow.map { $0.bitPattern }
+                    let sameAcc = accFast.map { $0.bitPattern } == accSlow.map { $0.bitPattern }
+                    #expect(same && fast.contains { !$0.isNaN }, "scores: nsn:\(bits) isa \(isa) g \(g) d \(d) n \(n)")
+                    #expect(sameAcc, "accumulators: nsn:\(bits) isa \(isa) g \(g) d \(d) n \(n)")
+                }
             }
         }
     }
