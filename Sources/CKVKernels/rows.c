@@ -85,7 +85,7 @@ static int rows_variant(int isa) {
 
 #pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
 #define SUFFIX(name) name##_avx2
-#define ROW_TOKENS 2
+#define ROW_TOKENS 3
 #define ROW_VECTORS 2
 #include "rows_body.h"
 #undef SUFFIX

@@ -1,11 +1,11 @@
 // The row kernels of rows.c, included once per instruction-set variant with SUFFIX (the
-// functions' names), ROW_TOKENS (rows scored per step: 2 or 4) and ROW_VECTORS (8-channel
-// vectors accumulated per pass over the rows: 2 or 4) defined. With AVX-512 VL the 32 vector
-// registers hold twice the accumulators: four tokens' score chains instead of two (each chain
-// is a sequence of dependent multiply-adds; two per head left the core waiting on them), and 32
-// channels per pass over the values instead of 16 (each weight broadcast serves four
-// multiply-adds instead of two). Every score and every accumulator still depends only on its
-// own operations, in the same order, so both variants give the same bits.
+// functions' names), ROW_TOKENS (rows scored per step) and ROW_VECTORS (8-channel vectors
+// accumulated per pass over the rows) defined. A score is a chain of dependent multiply-adds;
+// with two rows per step (four heads: eight chains) the core waited on them, so AVX2 scores
+// three rows per step (twelve accumulators: what its 16 registers hold) and AVX-512 VL, with
+// 32 registers, four; its value passes cover 32 channels instead of 16, so each weight
+// broadcast serves four multiply-adds instead of two. Every score and every accumulator still
+// depends only on its own operations, in the same order, so both variants give the same bits.
 
 /// Eight elements of a row at `p` (any alignment) as floats: widened, or an nsn piece's codeword.
 static inline __attribute__((always_inline)) __m256 SUFFIX(load8)(const uint8_t *p, const int type, const row_codes *codes) {
@@ -29,7 +29,7 @@ static inline __attribute__((always_inline)) __m128 SUFFIX(pair_sums)(__m256 a, 
     return _mm_hadd_ps(h, h);         // score a, score b, score a, score b
 }
 
-/// Scores of TB (1, 2 or 4) consecutive rows from `r0` for QB query heads, each 8-channel chunk
+/// Scores of TB (1 to 4) consecutive rows from `r0` for QB query heads, each 8-channel chunk
 /// of a row widened once for every head.
 static inline __attribute__((always_inline)) void SUFFIX(scores_step)(const uint8_t *r0, size_t rowBytes, int dim, const float *queries,
                                                                       float *out, size_t stride, const row_codes *codes, const int QB,
@@ -49,8 +49,8 @@ static inline __attribute__((always_inline)) void SUFFIX(scores_step)(const uint
     }
     for (int q = 0; q < QB; q++) {
         float *o = out + (size_t)q * stride;
-        if (TB == 1) o[0] = _mm_cvtss_f32(SUFFIX(pair_sums)(a[q][0], a[q][0]));
         for (int j = 0; j + 2 <= TB; j += 2) _mm_storel_pi((__m64 *)(o + j), SUFFIX(pair_sums)(a[q][j], a[q][j + 1]));
+        if (TB & 1) o[TB - 1] = _mm_cvtss_f32(SUFFIX(pair_sums)(a[q][TB - 1], a[q][TB - 1]));
     }
 }
 
