@@ -126,6 +126,14 @@ static inline __attribute__((always_inline)) void SUFFIX(segment_transpose)(__m2
     }
 }
 
+/// One level of a run's prepared queries: int8 q~ in slot order per head, its lane scales (and
+/// integer multipliers), the offset constants.
+typedef struct {
+    _Alignas(32) int8_t qperm[KEY_QUERIES * 2 * MAX_DIM];
+    float qscale[KEY_QUERIES * KEY_STATE];
+    float qconst[KEY_QUERIES];
+} SUFFIX(key_state);
+
 /// q~ = q * s of one run (its scales and offsets as f32), quantized to int8 in slot order
 /// (register p, slot k, lane, byte), with one scale per 32-bit accumulator lane and the offset
 /// constant sum_c q_c o_c, for `nq` query heads.
@@ -135,12 +143,13 @@ static inline __attribute__((always_inline)) void SUFFIX(segment_transpose)(__m2
 /// second token, and with several registers per row, lane l sums group l of every register.
 /// So each lane gets its own int8 scale, from the largest |q~| of its groups: the few outlier
 /// channels of RoPE'd keys (large s) coarsen only their own groups' steps, not every channel's.
-/// With `residual`, the state is instead the rounding residual of that quantization in units of
-/// 1/254 step (scales / 254, constant 0): a second pass over the codes with it adds about 8 bits.
+/// With `levels` 2, state[1] is also made: the rounding residual of that quantization in units
+/// of 1/254 step (scales / 254, constant 0); a second pass over the codes with it adds about 8
+/// bits. Both levels come from one pass over the queries: they share q~, its lane maxima and steps.
 static inline __attribute__((always_inline)) void SUFFIX(key_prepare)(const kvk_int_layout *L, const float *scales, const float *offsets,
-                                                                      const float *queries, int nq, int8_t *qperm, float *qscale,
-                                                                      float *qconst, int mmax, const int K, const int oneChunk,
-                                                                      const int fixedUnits, const int residual) {
+                                                                      const float *queries, int nq, SUFFIX(key_state) *state, int mmax,
+                                                                      const int K, const int oneChunk, const int fixedUnits,
+                                                                      const int levels) {
     // With the registers per row a constant (fixedUnits), so is the head size (a row of one
     // 16-byte chunk holds 16K channels, each 32-byte register of a longer row 32K), and the
     // loops over channels have constant trip counts.
@@ -168,7 +177,8 @@ static inline __attribute__((always_inline)) void SUFFIX(key_prepare)(const kvk_
             _mm256_store_ps(scaled[q] + c, sv);
             constant = _mm256_add_ps(constant, _mm256_mul_ps(xv, _mm256_loadu_ps(offsets + c)));
         }
-        qconst[q] = residual ? 0 : SUFFIX(hsum)(constant);
+        state[0].qconst[q] = SUFFIX(hsum)(constant);
+        if (levels > 1) state[1].qconst[q] = 0;
         // Lane l: the largest |q~| of group l of every register (several chunks per row), or of
         // group l % 4 (one chunk: 4 groups). Groups are G = 4K channels, G / 8 vectors each.
         __m256 top = _mm256_setzero_ps();
@@ -190,21 +200,24 @@ static inline __attribute__((always_inline)) void SUFFIX(key_prepare)(const kvk_
         __m256 usable = _mm256_and_ps(_mm256_cmp_ps(top, _mm256_setzero_ps(), _CMP_GT_OQ),
                                       _mm256_cmp_ps(top, _mm256_set1_ps(INFINITY), _CMP_LT_OQ));
         __m256 inv = _mm256_and_ps(_mm256_div_ps(_mm256_set1_ps(127.0f), top), usable);
-        __m256 unit = _mm256_and_ps(_mm256_mul_ps(top, _mm256_set1_ps(residual ? 1.0f / (127.0f * 254.0f) : 1.0f / 127.0f)), usable);
         _mm256_storeu_ps(inverses[q], inv);
-        float *lanes = qscale + KEY_STATE * q;
-        _mm256_storeu_ps(lanes, unit);
-        if (mmax) {
-            // The lane scales as integers m_l ~ unit_l / factor (m_l <= mmax), for the integer finish
-            // of key_quad: sum_l unit_l a_l ~ factor * sum_l m_l a_l, each lane's scale off by at
-            // most factor / 2, 1/2048 of the largest lane's scale or less (mmax >= 1024).
-            float top = SUFFIX(hmax)(unit);
-            __m256i m = _mm256_cvtps_epi32(_mm256_mul_ps(unit, _mm256_set1_ps(top > 0 ? (float)mmax / top : 0)));
-            // Per 128-bit half: lanes 0-3 (4-7) twice, as int16: what packs of two accumulators pair with.
-            _mm256_storeu_si256((__m256i *)(lanes + 8), _mm256_packs_epi32(m, m));
-            lanes[16] = top > 0 ? top / (float)mmax : 0;
+        for (int level = 0; level < levels; level++) {
+            __m256 unit = _mm256_and_ps(_mm256_mul_ps(top, _mm256_set1_ps(level ? 1.0f / (127.0f * 254.0f) : 1.0f / 127.0f)), usable);
+            float *lanes = state[level].qscale + KEY_STATE * q;
+            _mm256_storeu_ps(lanes, unit);
+            if (mmax) {
+                // The lane scales as integers m_l ~ unit_l / factor (m_l <= mmax), for the integer
+                // finish of key_quad: sum_l unit_l a_l ~ factor * sum_l m_l a_l, each lane's scale
+                // off by at most factor / 2, 1/2048 of the largest lane's scale or less (mmax >= 1024).
+                float largest = SUFFIX(hmax)(unit);
+                __m256i m = _mm256_cvtps_epi32(_mm256_mul_ps(unit, _mm256_set1_ps(largest > 0 ? (float)mmax / largest : 0)));
+                // Per 128-bit half: lanes 0-3 (4-7) twice, as int16: what packs of two accumulators pair with.
+                _mm256_storeu_si256((__m256i *)(lanes + 8), _mm256_packs_epi32(m, m));
+                lanes[16] = largest > 0 ? largest / (float)mmax : 0;
+            }
         }
     }
+    for (int level = 0; level < levels; level++)
     for (int q = 0; q < nq; q++) {
         const float *inverse = inverses[q];
         for (int c = 0; c < d; c += 32) {
@@ -213,14 +226,14 @@ static inline __attribute__((always_inline)) void SUFFIX(key_prepare)(const kvk_
                 int group = (c + 8 * i) / G;
                 factor[i] = inverse[oneChunk ? group % 4 : group % 8];
             }
-            _mm256_store_si256((__m256i *)(q8 + c), residual ? SUFFIX(residual32)(scaled[q] + c, factor)
-                                                             : SUFFIX(quantize32)(scaled[q] + c, factor, -127, 127));
+            _mm256_store_si256((__m256i *)(q8 + c), level ? SUFFIX(residual32)(scaled[q] + c, factor)
+                                                          : SUFFIX(quantize32)(scaled[q] + c, factor, -127, 127));
         }
         // Slot order: register (p, k) holds slot k of chunk 2p in its low lane and of chunk
         // 2p + 1 in its high lane (one chunk: the same in both). A chunk's 16K channels are K
         // runs of 16 bytes; after the shuffle each run holds `segment` bytes of every slot, and
         // slot k's lane takes segment k of run 0, 1, ... in order: a segment transpose.
-        int8_t *state = qperm + (size_t)q * stateBytes;
+        int8_t *perm = state[level].qperm + (size_t)q * stateBytes;
         for (int p = 0; p < P; p++) {
             const int8_t *lo = q8 + (oneChunk ? 0 : 2 * p) * L->chunkChannels;
             const int8_t *hi = oneChunk ? lo : lo + L->chunkChannels;
@@ -228,7 +241,7 @@ static inline __attribute__((always_inline)) void SUFFIX(key_prepare)(const kvk_
             for (int m = 0; m < K; m++)
                 X[m] = _mm256_shuffle_epi8(_mm256_loadu2_m128i((const __m128i *)(hi + 16 * m), (const __m128i *)(lo + 16 * m)), gather);
             SUFFIX(segment_transpose)(X, K);
-            for (int k = 0; k < K; k++) _mm256_store_si256((__m256i *)(state + (size_t)(p * K + k) * 32), X[k]);
+            for (int k = 0; k < K; k++) _mm256_store_si256((__m256i *)(perm + (size_t)(p * K + k) * 32), X[k]);
         }
     }
 }
@@ -408,8 +421,7 @@ static inline __attribute__((always_inline)) void SUFFIX(key_batch)(const uint8_
                                                                     int nq, float *out, size_t stride, const int K, const int oneChunk,
                                                                     const int fixedUnits) {
     const int precise = K <= 2;
-    _Alignas(32) int8_t qperm[2][KEY_QUERIES * 2 * MAX_DIM];
-    float qscale[2][KEY_QUERIES * KEY_STATE], qconst[2][KEY_QUERIES];
+    SUFFIX(key_state) state[2];
     const int stateBytes = L->units * K * 32;
     // The integer finish where a lane's sum (channels x largest code x 127) fits int16 and eight
     // lanes' products with multipliers of at least 1024 fit int32 (1 and 2 bits, and 4 bits up
@@ -417,22 +429,21 @@ static inline __attribute__((always_inline)) void SUFFIX(key_batch)(const uint8_
     const int laneChannels = 4 * K * (oneChunk ? 1 : L->units), laneMax = laneChannels * L->mask * 127;
     const int mmax = laneMax > 32767 ? 0 : (int)(2147483647 / (8 * (long)laneMax) < 32767 ? 2147483647 / (8 * (long)laneMax) : 32767);
     const int intFinish = mmax >= 1024;
-    for (int level = 0; level <= precise; level++) {
-        // Heads past nq score with a zero query (cheaper than a branch in the loop).
-        memset(qperm[level] + (size_t)nq * stateBytes, 0, (size_t)(KEY_QUERIES - nq) * stateBytes);
-        SUFFIX(key_prepare)(L, runScales, runOffsets, queries, nq, qperm[level], qscale[level], qconst[level], intFinish ? mmax : 0, K, oneChunk,
-                            fixedUnits, level);
-    }
+    // Heads past nq score with a zero query (cheaper than a branch in the loop).
+    for (int level = 0; level <= precise; level++)
+        memset(state[level].qperm + (size_t)nq * stateBytes, 0, (size_t)(KEY_QUERIES - nq) * stateBytes);
+    // Both levels from one pass over the queries (they share q~, its lane maxima and steps).
+    SUFFIX(key_prepare)(L, runScales, runOffsets, queries, nq, state, intFinish ? mmax : 0, K, oneChunk, fixedUnits, precise + 1);
 #define KEY_RUN(...) (intFinish ? SUFFIX(key_run)(__VA_ARGS__, K, oneChunk, fixedUnits, 1) : SUFFIX(key_run)(__VA_ARGS__, K, oneChunk, fixedUnits, 0))
     if (!precise) {
-        KEY_RUN(codes, L, t, end, qperm[0], qscale[0], qconst[0], nq, out, stride);
+        KEY_RUN(codes, L, t, end, state[0].qperm, state[0].qscale, state[0].qconst, nq, out, stride);
         return;
     }
     float low[KEY_QUERIES * 64];
     for (size_t a = t; a < end; a += 64) {
         size_t b = end - a < 64 ? end : a + 64;
-        KEY_RUN(codes, L, a, b, qperm[0], qscale[0], qconst[0], nq, out + (a - t), stride);
-        KEY_RUN(codes, L, a, b, qperm[1], qscale[1], qconst[1], nq, low, 64);
+        KEY_RUN(codes, L, a, b, state[0].qperm, state[0].qscale, state[0].qconst, nq, out + (a - t), stride);
+        KEY_RUN(codes, L, a, b, state[1].qperm, state[1].qscale, state[1].qconst, nq, low, 64);
         for (int q = 0; q < nq; q++)
             for (size_t i = 0; i < b - a; i++) out[(size_t)q * stride + (a - t) + i] += low[q * 64 + i];
     }
