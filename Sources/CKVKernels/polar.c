@@ -5,6 +5,7 @@
 #include "CKVKernels.h"
 #include "cpu_tier.h"
 
+#include <stdint.h>
 #include <string.h>
 
 #if defined(__x86_64__)
@@ -21,6 +22,9 @@ __attribute__((constructor)) static void polar_detect(void) { polar_available = 
 /// Widths whose eight codes one load holds (the Swift decoder's vector widths).
 static int vector_bits(int b) { return (b >= 1 && b <= 4) || b == 8; }
 
+/// Groups of eight pairs the decoder holds a run's radius scales for (head_dim up to 512).
+enum { MAX_GROUPS = 32 };
+
 #if KVK_POLAR_X86
 #pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
 
@@ -35,16 +39,25 @@ static inline __attribute__((always_inline)) void polar_decode_body(const uint8_
     if (AB <= 4)
         for (int a = 0; a < (1 << AB); a++) c[a] = table[2 * a], s[a] = table[2 * a + 1];
     const __m256 cosLo = _mm256_loadu_ps(c), cosHi = _mm256_loadu_ps(c + 8), sinLo = _mm256_loadu_ps(s), sinHi = _mm256_loadu_ps(s + 8);
+    // A run's radius scales and offsets, widened once per run instead of once per token.
+    __m256 scales[MAX_GROUPS], offsets[MAX_GROUPS];
+    size_t widened = SIZE_MAX;
     for (size_t row = 0; row < count; row++) {
         const size_t t = t0 + row, run = t / (size_t)radiusGroup;
         float *o = out + row * (size_t)d;
+        if (run != widened) {
+            for (int k = 0; k < groups; k++) {
+                const size_t range = run * (size_t)pairs + 8 * (size_t)k;
+                scales[k] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + scalesOffset + 2 * range)));
+                offsets[k] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + offsetsOffset + 2 * range)));
+            }
+            widened = run;
+        }
         for (int k = 0; k < groups; k++) {
-            const size_t index = t * (size_t)pairs + 8 * (size_t)k, range = run * (size_t)pairs + 8 * (size_t)k;
+            const size_t index = t * (size_t)pairs + 8 * (size_t)k;
             __m256i a = codes8(p, index, AB);
             __m256 code = _mm256_cvtepi32_ps(codes8(p + radiusSection, index, RB));
-            __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + scalesOffset + 2 * range)));
-            __m256 offset = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + offsetsOffset + 2 * range)));
-            __m256 r = _mm256_add_ps(_mm256_mul_ps(scale, code), offset);
+            __m256 r = _mm256_add_ps(_mm256_mul_ps(scales[k], code), offsets[k]);
             __m256 cv, sv;
             if (AB <= 3) {
                 cv = _mm256_permutevar8x32_ps(cosLo, a), sv = _mm256_permutevar8x32_ps(sinLo, a);
@@ -96,7 +109,9 @@ static void polar_decode_avx2(const uint8_t *p, int angleBits, int radiusBits, i
 
 int kvk_polar_decode(const uint8_t *block, int angleBits, int radiusBits, int pairs, int radiusGroup, size_t radiusSection,
                      size_t scalesOffset, size_t offsetsOffset, const float *table, int half, size_t t0, size_t count, float *out) {
-    if (!polar_available || !vector_bits(angleBits) || !vector_bits(radiusBits) || pairs <= 0 || pairs % 8 || radiusGroup <= 0) return -1;
+    if (!polar_available || !vector_bits(angleBits) || !vector_bits(radiusBits) || pairs <= 0 || pairs % 8 || pairs / 8 > MAX_GROUPS ||
+        radiusGroup <= 0)
+        return -1;
 #if KVK_POLAR_X86
     polar_decode_avx2(block, angleBits, radiusBits, pairs, radiusGroup, radiusSection, scalesOffset, offsetsOffset, table, half, t0, count,
                       out);
