@@ -217,8 +217,9 @@ static inline __attribute__((always_inline)) void SUFFIX(key_prepare)(const kvk_
             }
         }
     }
-    for (int level = 0; level < levels; level++)
-    for (int q = 0; q < nq; q++) {
+    // Each level of each head: its int8 bytes (q~, or its residual), then in slot order.
+    for (int lq = 0; lq < levels * nq; lq++) {
+        const int level = lq / nq, q = lq % nq;
         const float *inverse = inverses[q];
         for (int c = 0; c < d; c += 32) {
             float factor[4];
