@@ -64,9 +64,10 @@ int kvk_dense_f16_attention_portable(const float *queries, int group, int dim, c
 /// Whether `kvk_rows_scores` and `kvk_rows_accumulate` run here (AVX2 + FMA + F16C).
 int kvk_rows_available(void);
 /// The variant the row kernels run with `isa` 0: 1 AVX2 + FMA + F16C (three rows per step, 16
-/// channels per pass), 2 the same on AVX-512 VL machines (32 registers: four rows, 32
-/// channels); 0 none. Every row entry point takes `isa` (0: this one; 1 or 2: that variant, -1
-/// when the machine lacks it), so tests can hold each variant to the same bits.
+/// channels per pass), 2 the same with AVX-512 VL's 32 registers (four rows, 32 channels), on
+/// the machines of cpu_tier.h's tier 2 (VL, BW and VNNI, as the int kernels); 0 none. Every
+/// row entry point takes `isa` (0: this one; 1 or 2: that variant, -1 when the machine lacks
+/// it), so tests can hold each variant to the same bits.
 int kvk_rows_isa(void);
 
 /// Scores of `count` rows of `dim` elements (`type` 0 f32, 1 IEEE f16, 2 bf16; row t at

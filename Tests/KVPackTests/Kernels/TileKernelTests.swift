@@ -47,7 +47,7 @@ struct TileKernelTests {
 
     func rowKernelsInCAgree(type: ElementType, isa: Int32) {
         var rng = SplitMix64(seed: UInt64(type.rawValue) * 77)
-        // Widths with passes of 32, 16 and 8 channels; row counts with steps of 4, 2 and 1 rows.
+        // Widths with passes of 32, 16 and 8 channels; row counts with steps of 4 (AVX-512), 3 (AVX2), 2 and 1 rows.
         for (g, d) in [(1, 8), (2, 16), (3, 64), (4, 128), (5, 40), (3, 48), (8, 128), (9, 64), (4, 256)] {
             for (first, n) in [(0, 1), (0, 2), (0, 3), (3, 5), (1, 17), (0, 64), (7, 57)] {
                 let count = first + n, stride = n + 3
