@@ -24,4 +24,9 @@ static inline __attribute__((always_inline)) void kvk_plan_advance(size_t bytes)
     kvk_plan.next = p;
 }
 
+/// Bytes of the plan not yet prefetched.
+static inline __attribute__((always_inline)) size_t kvk_plan_left(void) {
+    return kvk_plan.next < kvk_plan.end ? (size_t)(kvk_plan.end - kvk_plan.next) : 0;
+}
+
 #endif

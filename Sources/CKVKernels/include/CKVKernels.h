@@ -131,15 +131,29 @@ void kvk_widen_f16(const void *src, float *dst, size_t n);
 
 // MARK: The polar scheme's keys (polar.c)
 
+/// cpu_tier.h's tier here: 2 runs both polar kernels (the scores with AVX-512 VL's 32 registers
+/// and two-table permutes, the decoder with AVX2), 1 only the decoder, 0 neither.
+int kvk_polar_isa(void);
+
 /// Rows [t0, t0 + count) of a polar block decoded to f32 (out: count x 2 * pairs floats), bit for
 /// bit what PolarScheme's vector decoder gives: angle and radius codes of 1-4 or 8 bits (the bit
 /// streams at `block` and block + radiusSection), f16 radius scales and offsets per run of
-/// `radiusGroup` tokens and pair (run-major), `table` the 2^angleBits (cos, sin) pairs; pair j
-/// goes to dims (2j, 2j + 1), or with `half` to (j, j + pairs). pairs a multiple of 8. Reads up
-/// to 4 bytes past a stream's last code, as the Swift decoder does (the next section follows).
-/// Returns 0, or -1 (nothing written) when unsupported here.
+/// `radiusGroup` tokens and pair (run-major), `table` the 2^angleBits (cos, sin) pairs. `layout`
+/// says where pair j's x and y go: 0 dims (2j, 2j + 1), 1 (j, j + pairs), 2 the scoring layout
+/// (pairs 8k ..< 8k + 8: their x at 16k ..< 16k + 8, their y at 16k + 8 ..< 16k + 16). pairs a
+/// multiple of 8, at most 256. Reads up to 4 bytes past a stream's last code, as the Swift decoder
+/// does (the next section follows). Returns 0, or -1 (nothing written) when unsupported here.
 int kvk_polar_decode(const uint8_t *block, int angleBits, int radiusBits, int pairs, int radiusGroup, size_t radiusSection,
-                     size_t scalesOffset, size_t offsetsOffset, const float *table, int half, size_t t0, size_t count, float *out);
+                     size_t scalesOffset, size_t offsetsOffset, const float *table, int layout, size_t t0, size_t count, float *out);
+
+/// Scores of tokens [t0, t0 + count) of a polar block (arguments as kvk_polar_decode) for `group`
+/// query heads given in the scoring layout (queries[g * 2 * pairs ...]), without a tile:
+/// out[g * stride + t] is bit for bit kvk_rows_scores over the rows decoded with layout 2 (and
+/// the Swift tile kernels over the Swift decoder's rows). Returns 0, or -1 (nothing written)
+/// where it does not run (kvk_polar_isa() below 2, or arguments the decoder does not take).
+int kvk_polar_scores(const uint8_t *block, int angleBits, int radiusBits, int pairs, int radiusGroup, size_t radiusSection,
+                     size_t scalesOffset, size_t offsetsOffset, const float *table, size_t t0, size_t count, const float *queries,
+                     int group, float *out, size_t stride);
 
 // MARK: The svdq scheme's keys (svdq.c)
 

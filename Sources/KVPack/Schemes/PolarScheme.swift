@@ -206,9 +206,7 @@ public struct PolarScheme: KVScheme {
 
     public func decode(block: UnsafeRawBufferPointer, tokens: Range<Int>, into out: UnsafeMutablePointer<Float>) {
         let p = block.baseAddress!, d = headDim
-        if pairs % 8 == 0, Self.vectorBits(angleBits), Self.vectorBits(radiusBits) {
-            return decodeVector(p, tokens: tokens, into: out)
-        }
+        if vectorPath { return decodeVector(p, tokens: tokens, layout: naturalLayout, into: out) }
         angleTable.withUnsafeBufferPointer { table in
             dims.withUnsafeBufferPointer { dims in
                 for (row, t) in tokens.enumerated() {
@@ -229,6 +227,13 @@ public struct PolarScheme: KVScheme {
     /// Widths whose 8 codes `codes8` reads in one load.
     static func vectorBits(_ b: Int) -> Bool { b <= 4 || b == 8 }
 
+    /// Whether rows decode eight pairs per step (`decodeVector`), and so keys score in the
+    /// scoring layout.
+    var vectorPath: Bool { pairs % 8 == 0 && Self.vectorBits(angleBits) && Self.vectorBits(radiusBits) }
+
+    /// The layout of `decode`'s rows: the pairing's.
+    var naturalLayout: PolarKernels.Layout { dims[1] == 1 ? .adjacent : .rotateHalf }
+
     /// Codes index ..< index + 8 (index a multiple of 8, so they start on a byte) of a stream.
     /// Reads at most 4 bytes past the last code of the radius stream: the f16 ranges follow it.
     @inline(__always)
@@ -240,51 +245,50 @@ public struct PolarScheme: KVScheme {
     }
 
     /// The same values as the scalar path, 8 pairs per step for codes and radii; cos and sin are
-    /// one lookup per pair.
-    func decodeVector(_ p: UnsafeRawPointer, tokens: Range<Int>, into out: UnsafeMutablePointer<Float>) {
+    /// one lookup per pair. Rows in `layout` (`vectorPath` only).
+    func decodeVector(_ p: UnsafeRawPointer, tokens: Range<Int>, layout: PolarKernels.Layout, into out: UnsafeMutablePointer<Float>) {
         // In C where it runs: the same operations, cos and sin from registers (tested bit for bit).
         let inC = angleTable.withUnsafeBufferPointer { table in
             PolarKernels.decode(p, angleBits: angleBits, radiusBits: radiusBits, pairs: pairs, radiusGroup: radiusGroup,
                                 radiusSection: angleBytes, scalesOffset: scalesOffset, offsetsOffset: offsetsOffset, table: table.baseAddress!,
-                                half: dims[1] == pairs, tokens: tokens, into: out)
+                                layout: layout, tokens: tokens, into: out)
         }
-        if !inC { decodeVectorInSwift(p, tokens: tokens, into: out) }
+        if !inC { decodeVectorInSwift(p, tokens: tokens, layout: layout, into: out) }
     }
 
     /// The Swift path of `decodeVector`.
-    func decodeVectorInSwift(_ p: UnsafeRawPointer, tokens: Range<Int>, into out: UnsafeMutablePointer<Float>) {
+    func decodeVectorInSwift(_ p: UnsafeRawPointer, tokens: Range<Int>, layout: PolarKernels.Layout, into out: UnsafeMutablePointer<Float>) {
         let d = headDim, groups = pairs / 8
         let exponent = SIMD8<UInt32>(repeating: 0x4B00_0000), bias = SIMD8<Float>(repeating: 8_388_608)
         angleTable.withUnsafeBufferPointer { table in
-            dims.withUnsafeBufferPointer { dims in
-                withUnsafeTemporaryAllocation(of: SIMD8<Float>.self, capacity: 2 * groups) { lanes in
-                    withUnsafeTemporaryAllocation(of: SIMD8<UInt32>.self, capacity: groups) { codeLanes in
-                        let radii = UnsafeMutableRawPointer(lanes.baseAddress!).assumingMemoryBound(to: Float.self)
-                        let angles = UnsafeMutableRawPointer(codeLanes.baseAddress!).assumingMemoryBound(to: UInt32.self)
-                        let adjacent = dims[1] == 1
-                        for (row, t) in tokens.enumerated() {
-                            let run = t / radiusGroup, o = out + row * d
-                            for k in 0 ..< groups {
-                                let index = t &* pairs &+ 8 &* k, range = run &* pairs &+ 8 &* k
-                                codeLanes[k] = Self.codes8(p, section: 0, index: index, bits: angleBits)
-                                let code = unsafeBitCast(Self.codes8(p, section: angleBytes, index: index, bits: radiusBits) | exponent,
-                                                         to: SIMD8<Float>.self) - bias
-                                let scale = SIMD8<Float>(p.loadUnaligned(fromByteOffset: scalesOffset &+ 2 &* range, as: SIMD8<Float16>.self))
-                                let offset = SIMD8<Float>(p.loadUnaligned(fromByteOffset: offsetsOffset &+ 2 &* range, as: SIMD8<Float16>.self))
-                                lanes[k] = scale * code + offset
-                            }
-                            if adjacent {
-                                for j in 0 ..< pairs {
-                                    let a = Int(angles[j]), r = radii[j]
-                                    o[2 &* j] = r * table[2 &* a]
-                                    o[2 &* j &+ 1] = r * table[2 &* a &+ 1]
-                                }
-                            } else {
-                                for j in 0 ..< pairs {
-                                    let a = Int(angles[j]), r = radii[j]
-                                    o[dims[2 &* j]] = r * table[2 &* a]
-                                    o[dims[2 &* j &+ 1]] = r * table[2 &* a &+ 1]
-                                }
+            withUnsafeTemporaryAllocation(of: SIMD8<Float>.self, capacity: 2 * groups) { lanes in
+                withUnsafeTemporaryAllocation(of: SIMD8<UInt32>.self, capacity: groups) { codeLanes in
+                    let radii = UnsafeMutableRawPointer(lanes.baseAddress!).assumingMemoryBound(to: Float.self)
+                    let angles = UnsafeMutableRawPointer(codeLanes.baseAddress!).assumingMemoryBound(to: UInt32.self)
+                    // Where pair j's x and y go (j = 8k + i): adjacent 2j, 2j + 1; rotate-half j,
+                    // j + pairs; scoring 16k + i, 16k + 8 + i.
+                    let (xStep, yStart, groupStep) = switch layout {
+                    case .adjacent: (2, 1, 16)
+                    case .rotateHalf: (1, pairs, 8)
+                    case .scoring: (1, 8, 16)
+                    }
+                    for (row, t) in tokens.enumerated() {
+                        let run = t / radiusGroup, o = out + row * d
+                        for k in 0 ..< groups {
+                            let index = t &* pairs &+ 8 &* k, range = run &* pairs &+ 8 &* k
+                            codeLanes[k] = Self.codes8(p, section: 0, index: index, bits: angleBits)
+                            let code = unsafeBitCast(Self.codes8(p, section: angleBytes, index: index, bits: radiusBits) | exponent,
+                                                     to: SIMD8<Float>.self) - bias
+                            let scale = SIMD8<Float>(p.loadUnaligned(fromByteOffset: scalesOffset &+ 2 &* range, as: SIMD8<Float16>.self))
+                            let offset = SIMD8<Float>(p.loadUnaligned(fromByteOffset: offsetsOffset &+ 2 &* range, as: SIMD8<Float16>.self))
+                            lanes[k] = scale * code + offset
+                        }
+                        for k in 0 ..< groups {
+                            let x = o + k &* groupStep
+                            for i in 0 ..< 8 {
+                                let j = 8 &* k &+ i, a = Int(angles[j]), r = radii[j]
+                                x[i &* xStep] = r * table[2 &* a]
+                                x[i &* xStep &+ yStart] = r * table[2 &* a &+ 1]
                             }
                         }
                     }
@@ -295,18 +299,43 @@ public struct PolarScheme: KVScheme {
 
     // MARK: Attention over codes
 
-    /// The scaled queries. Rows are decoded a tile at a time (one lookup of cos and sin per pair)
-    /// and scored by the shared tile kernels: the paper's per-query tables cost a lookup per
-    /// pair, query and token, and measured about 3x slower than decoding once per token.
+    /// The scaled queries, in the scoring layout where keys decode eight pairs per step. On
+    /// AVX-512 VL machines the keys are scored without a tile (polar.c: each group of eight pairs
+    /// decoded in registers for four query heads at once); elsewhere rows are decoded a tile at a
+    /// time and scored by the shared tile kernels, with the same bits. The paper's per-query
+    /// tables cost a lookup per pair, query and token, and measured about 3x slower than decoding
+    /// once per token.
     public func queryStateSize(groupSize g: Int) -> Int { g * headDim }
 
     public func prepare(queries: UnsafePointer<Float>, groupSize g: Int, scale: Float, into state: UnsafeMutablePointer<Float>) {
-        RowKernels.scaled(queries, by: scale, into: state, count: g * headDim)
+        guard vectorPath else { return RowKernels.scaled(queries, by: scale, into: state, count: g * headDim) }
+        let d = headDim
+        for q in 0 ..< g {
+            let x = queries + q * d, y = state + q * d
+            for j in 0 ..< pairs {
+                let at = j / 8 * 16 + j % 8
+                y[at] = x[dims[2 * j]] * scale
+                y[at + 8] = x[dims[2 * j + 1]] * scale
+            }
+        }
     }
 
     public func scores(block: UnsafeRawBufferPointer, tokens: Range<Int>, state: UnsafePointer<Float>, groupSize g: Int,
                        into scores: UnsafeMutablePointer<Float>, stride: Int) {
-        TileKernels.scores(decodedBy: { decode(block: block, tokens: $0, into: $1) }, dim: headDim, tokens: tokens,
+        guard vectorPath else {
+            return TileKernels.scores(decodedBy: { decode(block: block, tokens: $0, into: $1) }, dim: headDim, tokens: tokens,
+                                      queries: state, groupSize: g, into: scores, stride: stride)
+        }
+        let p = block.baseAddress!
+        if PolarKernels.scoresInC {
+            let done = angleTable.withUnsafeBufferPointer { table in
+                PolarKernels.scores(p, angleBits: angleBits, radiusBits: radiusBits, pairs: pairs, radiusGroup: radiusGroup,
+                                    radiusSection: angleBytes, scalesOffset: scalesOffset, offsetsOffset: offsetsOffset,
+                                    table: table.baseAddress!, tokens: tokens, queries: state, groupSize: g, into: scores, stride: stride)
+            }
+            if done { return }
+        }
+        TileKernels.scores(decodedBy: { decodeVector(p, tokens: $0, layout: .scoring, into: $1) }, dim: headDim, tokens: tokens,
                            queries: state, groupSize: g, into: scores, stride: stride)
     }
 

@@ -93,13 +93,74 @@ struct PolarSchemeTests {
             var block = [UInt8](repeating: 0, count: s.encodedBlockSize(tokens: c))
             x.withUnsafeBufferPointer { src in block.withUnsafeMutableBytes { s.encode(rows: src.baseAddress!, tokens: c, into: $0) } }
             for range in [0 ..< c, 5 ..< 6, 17 ..< 63] {
-                var fast = [Float](repeating: .nan, count: range.count * d), slow = fast
-                block.withUnsafeBytes { b in
-                    fast.withUnsafeMutableBufferPointer { s.decode(block: b, tokens: range, into: $0.baseAddress!) }
-                    slow.withUnsafeMutableBufferPointer { s.decodeVectorInSwift(b.baseAddress!, tokens: range, into: $0.baseAddress!) }
+                for layout in [s.naturalLayout, .scoring] {
+                    var fast = [Float](repeating: .nan, count: range.count * d), slow = fast
+                    block.withUnsafeBytes { b in
+                        fast.withUnsafeMutableBufferPointer { s.decodeVector(b.baseAddress!, tokens: range, layout: layout, into: $0.baseAddress!) }
+                        slow.withUnsafeMutableBufferPointer { s.decodeVectorInSwift(b.baseAddress!, tokens: range, layout: layout, into: $0.baseAddress!) }
+                    }
+                    let same = fast.map { $0.bitPattern } == slow.map { $0.bitPattern }
+                    #expect(same, "r\(rb)a\(ab) group \(group) \(pairing) \(layout) tokens \(range)")
                 }
-                let same = fast.map { $0.bitPattern } == slow.map { $0.bitPattern }
-                #expect(same, "r\(rb)a\(ab) group \(group) \(pairing) tokens \(range)")
+                // The scoring layout holds the natural rows' values, each pair's x and y in its place.
+                var natural = [Float](repeating: .nan, count: range.count * d), scoring = natural
+                block.withUnsafeBytes { b in
+                    natural.withUnsafeMutableBufferPointer { s.decode(block: b, tokens: range, into: $0.baseAddress!) }
+                    scoring.withUnsafeMutableBufferPointer { s.decodeVectorInSwift(b.baseAddress!, tokens: range, layout: .scoring, into: $0.baseAddress!) }
+                }
+                let placed = (0 ..< range.count).allSatisfy { row in
+                    (0 ..< d / 2).allSatisfy { j in
+                        let at = row * d + j / 8 * 16 + j % 8
+                        return scoring[at] == natural[row * d + s.dims[2 * j]] && scoring[at + 8] == natural[row * d + s.dims[2 * j + 1]]
+                    }
+                }
+                #expect(placed, "r\(rb)a\(ab) group \(group) \(pairing) tokens \(range): scoring layout")
+            }
+        }
+    }
+
+    @Test("key scores without a tile give the Swift tile path's bits (widths, pairings, radius runs crossing four-token steps, 1-6 heads)",
+          arguments: [(4, 4), (2, 3), (3, 2), (1, 1), (8, 8), (4, 8), (8, 1)])
+    func scoresWithoutTile(rb: Int, ab: Int) throws {
+        let c = 64
+        for (d, group, pairing) in [(128, 0, PolarScheme.Pairing.rotateHalf), (128, 16, .adjacent), (64, 2, .rotateHalf), (256, 1, .adjacent),
+                                    (128, 8, .adjacent)] {
+            let g = ModelGeometry(layerCount: 1, queryHeadCount: 6, kvHeadCount: 1, headDim: d)
+            let s = try PolarScheme(descriptor: PolarScheme.descriptor(radiusBits: rb, angleBits: ab, pairing: pairing, radiusGroup: group),
+                                    context: SchemeContext(geometry: g, segmentTokens: c, rope: RoPEConfig(theta: 10000, layout: .rotateHalf),
+                                                           role: .key))
+            let x = IntSchemeTests.rows(tokens: c, dim: d, seed: UInt64(rb * 10 + ab + group + d))
+            var block = [UInt8](repeating: 0, count: s.encodedBlockSize(tokens: c))
+            x.withUnsafeBufferPointer { src in block.withUnsafeMutableBytes { s.encode(rows: src.baseAddress!, tokens: c, into: $0) } }
+            var rng = SplitMix64(seed: UInt64(7 + d))
+            let queries = (0 ..< 6 * d).map { _ in Float(rng.nextGaussian()) }
+            for heads in [1, 3, 4, 6] {
+                var state = [Float](repeating: 0, count: s.queryStateSize(groupSize: heads))
+                queries.withUnsafeBufferPointer { s.prepare(queries: $0.baseAddress!, groupSize: heads, scale: 0.125, into: &state) }
+                for range in [0 ..< c, 5 ..< 6, 3 ..< 34, 17 ..< 63] {
+                    let n = range.count
+                    var fast = [Float](repeating: .nan, count: heads * n), slow = fast, natural = fast
+                    block.withUnsafeBytes { b in
+                        s.scores(block: b, tokens: range, state: state, groupSize: heads, into: &fast, stride: n)
+                        // The Swift path: rows decoded in the scoring layout, the Swift tile kernels.
+                        var tile = [Float](repeating: 0, count: n * d)
+                        s.decodeVectorInSwift(b.baseAddress!, tokens: range, layout: .scoring, into: &tile)
+                        TileKernels.scoresInSwift(tile: tile, count: n, dim: d, queries: state, groupSize: heads, into: &slow, stride: n)
+                        // And the plain dot products of the natural rows with the natural queries.
+                        var rows = [Float](repeating: 0, count: n * d)
+                        s.decode(block: b, tokens: range, into: &rows)
+                        for q in 0 ..< heads {
+                            for t in 0 ..< n {
+                                natural[q * n + t] = (0 ..< d).reduce(Float(0)) { $0 + queries[q * d + $1] * 0.125 * rows[t * d + $1] }
+                            }
+                        }
+                    }
+                    let label = "r\(rb)a\(ab) d \(d) group \(group) \(pairing) \(heads) heads tokens \(range)"
+                    let differing = zip(fast, slow).filter { $0.bitPattern != $1.bitPattern }.count
+                    #expect(differing == 0, "\(label): \(differing) of \(fast.count) scores differ (C: \(PolarKernels.scoresInC))")
+                    let worst = zip(fast, natural).map { abs($0 - $1) / max(1, abs($1)) }.max() ?? .nan
+                    #expect(worst < 1e-4, "\(label): \(worst) from the plain dot products")
+                }
             }
         }
     }
