@@ -71,9 +71,10 @@ static inline __attribute__((always_inline)) __m256 latent8(const uint8_t *p, si
 /// blocking changes no bit.
 static inline __attribute__((always_inline)) void run_scores(const uint8_t *p, size_t end, const svdq_channel *channels, int n,
                                                              const float *ranges, const float *state, int rank, size_t t0, size_t count, float *out,
-                                                             size_t stride, int first, const int QB, const int B) {
+                                                             size_t stride, int first, size_t share, const int QB, const int B) {
     size_t t = t0;
     for (; t + 16 <= t0 + count || t < t0 + count; t += 16) {
+        kvk_plan_advance(share);
         const int V = t + 16 <= t0 + count ? 2 : 1;
         __m256 a[4][2];
         for (int q = 0; q < QB; q++)
@@ -95,7 +96,7 @@ static inline __attribute__((always_inline)) void run_scores(const uint8_t *p, s
     }
 }
 
-#define SVDQ_KIND(QB, B) run_scores(p, end, channels + r->start, (int)r->count, ranges, state, rank, t0, count, out, stride, first, QB, B)
+#define SVDQ_KIND(QB, B) run_scores(p, end, channels + r->start, (int)r->count, ranges, state, rank, t0, count, out, stride, first, share, QB, B)
 #define SVDQ_KINDS(QB)                                                                                                                   \
     switch (r->kind) {                                                                                                                   \
     case 1: SVDQ_KIND(QB, 1); break;                                                                                                     \
@@ -109,6 +110,7 @@ static inline __attribute__((always_inline)) void run_scores(const uint8_t *p, s
 
 static void svdq_scores_avx2(const uint8_t *p, size_t end, const svdq_channel *channels, const svdq_run *runs, int runCount,
                              const float *ranges, const float *state, int rank, int heads, size_t t0, size_t count, float *out, size_t stride) {
+    const size_t steps = (size_t)runCount * ((count + 15) / 16), share = steps ? (kvk_plan_left() + steps - 1) / steps : 0;
     for (int i = 0; i < runCount; i++) {
         const svdq_run *r = runs + i;
         const int first = i == 0;
@@ -183,7 +185,6 @@ int kvk_svdq_scores(const uint8_t *block, size_t blockBytes, const int64_t *plan
     const svdq_channel *channels = (const svdq_channel *)(plan + PLAN_HEADER + (size_t)runCount * RUN_INTS);
     float ranges[2 * SVDQ_MAX_RANK + 8];
     svdq_ranges(block, rank, ranges);
-    kvk_plan_advance(blockBytes);
     for (int q0 = 0; q0 < group; q0 += 4)
         svdq_scores_avx2(block, blockBytes, channels, runs, runCount, ranges, state + (size_t)q0 * rank, rank, group - q0 < 4 ? group - q0 : 4,
                          t0, count, scores + (size_t)q0 * stride, stride);
