@@ -106,11 +106,8 @@ static inline __attribute__((always_inline)) void SUFFIX(polar_scores_body)(cons
     const SUFFIX(polar_tables) T = SUFFIX(polar_load_tables)(table, AB);
     __m256 scales[POLAR_MAX_GROUPS], offsets[POLAR_MAX_GROUPS];
     size_t t = t0;
-    // The thread's prefetch plan (the blocks two segments ahead) spread evenly over these tokens.
-    // Advancing by the codes' own bytes (64 a token for r4a4 at head_dim 128), as the row kernels
-    // do, left most of the plan to one burst at the end: 1.44 ms against 1.26 ms for polar keys
-    // with f16 values at 32K tokens (kvpack bench); a fixed rate that ends the plan in the key
-    // pass measured the same as the even spread, which adapts to each value scheme's blocks.
+    // The thread's prefetch plan (the blocks two segments ahead) spread evenly over these tokens
+    // (prefetch_plan.h); by the codes' own 64 bytes a token it was 1.44 ms, not 1.26, at 32K.
     const size_t end = t0 + count, planPerToken = count ? (kvk_plan_left() + count - 1) / count : 0;
     while (t < end) {
         const size_t run = t / (size_t)radiusGroup, runEnd = (run + 1) * (size_t)radiusGroup < end ? (run + 1) * (size_t)radiusGroup : end;

@@ -1,9 +1,13 @@
 // The calling thread's prefetch plan (kvk_prefetch_plan in include/CKVKernels.h): bytes the
-// next kernels should ask the caches for while they compute. A kernel that reads N bytes of its
-// own input calls kvk_plan_advance(N): it prefetches as much of the plan as it consumes, so the
-// next block arrives spread over this one's arithmetic instead of in one burst that stalls the
-// core on its miss buffers (measured: raw f16 attention at 32K tokens 2.3 ms with the burst,
-// 1.4 ms spread). Prefetches go to L2 (T1): to L1 they were slower (1.55 ms).
+// next kernels should ask the caches for while they compute, so the next blocks arrive spread
+// over this one's arithmetic instead of in one burst that stalls the core on its miss buffers
+// (measured: raw f16 attention at 32K tokens 2.3 ms with the burst, 1.4 ms spread). The key
+// kernels that score a block's tokens (rows, polar, svdq) spread what is left of the plan
+// evenly over them (kvk_plan_left() / tokens per token); the others advance by the bytes they
+// read of their own input. Advancing the key kernels by their own bytes left what their codes
+// did not cover (most of the plan for 2-4 bit keys) to the value kernels or to a burst at the
+// end: at 32K tokens polar 1.44 -> 1.26 ms, svdq 1.63 -> 1.40, raw f16 1.28 -> 1.22 spread.
+// Prefetches go to L2 (T1): to L1 they were slower (1.55 ms).
 #ifndef KVK_PREFETCH_PLAN_H
 #define KVK_PREFETCH_PLAN_H
 

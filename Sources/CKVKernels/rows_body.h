@@ -32,10 +32,10 @@ static inline __attribute__((always_inline)) __m128 SUFFIX(pair_sums)(__m256 a, 
 /// Scores of TB (1 to 4) consecutive rows from `r0` for QB query heads, each 8-channel chunk
 /// of a row widened once for every head.
 static inline __attribute__((always_inline)) void SUFFIX(scores_step)(const uint8_t *r0, size_t rowBytes, int dim, const float *queries,
-                                                                      float *out, size_t stride, const row_codes *codes, const int QB,
-                                                                      const int type, const int TB) {
+                                                                      float *out, size_t stride, const row_codes *codes, size_t share,
+                                                                      const int QB, const int type, const int TB) {
     const int chunk = chunk_bytes(type);
-    kvk_plan_advance((size_t)TB * rowBytes);
+    kvk_plan_advance((size_t)TB * share);
     __m256 a[4][4];
     for (int q = 0; q < QB; q++)
         for (int j = 0; j < TB; j++) a[q][j] = _mm256_setzero_ps();
@@ -59,10 +59,11 @@ static inline __attribute__((always_inline)) void SUFFIX(scores_block)(const uin
                                                                        const float *queries, float *out, size_t stride,
                                                                        const row_codes *codes, const int QB, const int type) {
     size_t t = 0;
+    const size_t share = count ? (kvk_plan_left() + count - 1) / count : 0;
     for (; t + ROW_TOKENS <= count; t += ROW_TOKENS)
-        SUFFIX(scores_step)(rows + t * rowBytes, rowBytes, dim, queries, out + t, stride, codes, QB, type, ROW_TOKENS);
-    for (; t + 2 <= count; t += 2) SUFFIX(scores_step)(rows + t * rowBytes, rowBytes, dim, queries, out + t, stride, codes, QB, type, 2);
-    if (t < count) SUFFIX(scores_step)(rows + t * rowBytes, rowBytes, dim, queries, out + t, stride, codes, QB, type, 1);
+        SUFFIX(scores_step)(rows + t * rowBytes, rowBytes, dim, queries, out + t, stride, codes, share, QB, type, ROW_TOKENS);
+    for (; t + 2 <= count; t += 2) SUFFIX(scores_step)(rows + t * rowBytes, rowBytes, dim, queries, out + t, stride, codes, share, QB, type, 2);
+    if (t < count) SUFFIX(scores_step)(rows + t * rowBytes, rowBytes, dim, queries, out + t, stride, codes, share, QB, type, 1);
 }
 
 /// acc rows of QB query heads, channels [c, c + 8 NV), += their weights times `count` rows: the
