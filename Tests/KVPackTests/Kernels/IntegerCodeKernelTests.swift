@@ -182,6 +182,8 @@ struct IntegerCodeKernelTests {
                     for i in 0 ..< group * 64 { scores[i] = Float(r.nextGaussian()) * (step == 1 ? 40 : 3) + Float(step) }
                     // Scores far below the max (step 1), -inf, and NaN of either sign in the last step.
                     if step == 2 { scores[1] = -.infinity; scores[64 * (group - 1)] = .nan; scores[min(count, 64) - 1] = -Float.nan }
+                    // Exps of exactly -80 (kept) and of the floats on either side (one zeroed).
+                    if step == 0 { scores[0] = 100; scores[2] = 20; scores[3] = 20 - Float(80).ulp; scores[4] = 20 + Float(80).ulp }
                     if inC { softmax.absorb(scores: scores, stride: 64, count: count) } else {
                         softmax.absorbInSwift(scores: scores, stride: 64, count: count)
                     }
