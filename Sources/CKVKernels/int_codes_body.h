@@ -172,25 +172,26 @@ static inline __attribute__((always_inline)) void SUFFIX(key_prepare)(const kvk_
     for (int q = 0; q < nq; q++) {
         const float *x = queries + (size_t)q * d;
         __m256 constant = _mm256_setzero_ps();
-        for (int c = 0; c < d; c += 8) {
-            __m256 xv = _mm256_loadu_ps(x + c), sv = _mm256_mul_ps(xv, _mm256_loadu_ps(scales + c));
-            _mm256_store_ps(scaled[q] + c, sv);
-            constant = _mm256_add_ps(constant, _mm256_mul_ps(xv, _mm256_loadu_ps(offsets + c)));
-        }
-        state[0].qconst[q] = SUFFIX(hsum)(constant);
-        if (levels > 1) state[1].qconst[q] = 0;
         // Lane l: the largest |q~| of group l of every register (several chunks per row), or of
-        // group l % 4 (one chunk: 4 groups). Groups are G = 4K channels, G / 8 vectors each.
+        // group l % 4 (one chunk: 4 groups). Groups are G = 4K channels, G / 8 vectors each,
+        // taken as q~ is made (not in a second pass over it).
         __m256 top = _mm256_setzero_ps();
         for (int c0 = 0; c0 < d; c0 += 8 * G) {
             __m256 v[8];
             for (int r = 0; r < 8; r++) {
                 v[r] = _mm256_setzero_ps();
                 if (c0 + r * G >= d) continue;   // one chunk: 4 groups
-                for (int c = c0 + r * G; c < c0 + (r + 1) * G; c += 8) v[r] = _mm256_max_ps(v[r], _mm256_and_ps(_mm256_load_ps(scaled[q] + c), magnitude));
+                for (int c = c0 + r * G; c < c0 + (r + 1) * G; c += 8) {
+                    __m256 xv = _mm256_loadu_ps(x + c), sv = _mm256_mul_ps(xv, _mm256_loadu_ps(scales + c));
+                    _mm256_store_ps(scaled[q] + c, sv);
+                    constant = _mm256_add_ps(constant, _mm256_mul_ps(xv, _mm256_loadu_ps(offsets + c)));
+                    v[r] = _mm256_max_ps(v[r], _mm256_and_ps(sv, magnitude));
+                }
             }
             top = _mm256_max_ps(top, SUFFIX(max8)(v));
         }
+        state[0].qconst[q] = SUFFIX(hsum)(constant);
+        if (levels > 1) state[1].qconst[q] = 0;
         tops[q] = oneChunk ? _mm256_permute2f128_ps(top, top, 0x00) : top;
     }
     for (int q = 0; q < nq; q++) {
