@@ -322,12 +322,19 @@ public struct PolarScheme: KVScheme {
 
     public func scores(block: UnsafeRawBufferPointer, tokens: Range<Int>, state: UnsafePointer<Float>, groupSize g: Int,
                        into scores: UnsafeMutablePointer<Float>, stride: Int) {
+        self.scores(block: block, tokens: tokens, state: state, groupSize: g, into: scores, stride: stride, withoutTile: true)
+    }
+
+    /// `scores`, without a tile where the C kernel runs and `withoutTile`, else through decoded
+    /// tiles (what machines without AVX-512 VL run; tests hold the two to the same bits).
+    func scores(block: UnsafeRawBufferPointer, tokens: Range<Int>, state: UnsafePointer<Float>, groupSize g: Int,
+                into scores: UnsafeMutablePointer<Float>, stride: Int, withoutTile: Bool) {
         guard vectorPath else {
             return TileKernels.scores(decodedBy: { decode(block: block, tokens: $0, into: $1) }, dim: headDim, tokens: tokens,
                                       queries: state, groupSize: g, into: scores, stride: stride)
         }
         let p = block.baseAddress!
-        if PolarKernels.scoresInC {
+        if withoutTile, PolarKernels.scoresInC {
             let done = angleTable.withUnsafeBufferPointer { table in
                 PolarKernels.scores(p, angleBits: angleBits, radiusBits: radiusBits, pairs: pairs, radiusGroup: radiusGroup,
                                     radiusSection: angleBytes, scalesOffset: scalesOffset, offsetsOffset: offsetsOffset,

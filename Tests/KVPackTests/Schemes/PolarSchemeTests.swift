@@ -119,7 +119,7 @@ struct PolarSchemeTests {
         }
     }
 
-    @Test("key scores without a tile give the Swift tile path's bits (widths, pairings, radius runs crossing four-token steps, 1-6 heads)",
+    @Test("key scores without a tile and through tiles give the Swift tile path's bits (widths, pairings, radius runs crossing four-token steps, 1-6 heads)",
           arguments: [(4, 4), (2, 3), (3, 2), (1, 1), (8, 8), (4, 8), (8, 1)])
     func scoresWithoutTile(rb: Int, ab: Int) throws {
         let c = 64
@@ -139,9 +139,10 @@ struct PolarSchemeTests {
                 queries.withUnsafeBufferPointer { s.prepare(queries: $0.baseAddress!, groupSize: heads, scale: 0.125, into: &state) }
                 for range in [0 ..< c, 5 ..< 6, 3 ..< 34, 17 ..< 63] {
                     let n = range.count
-                    var fast = [Float](repeating: .nan, count: heads * n), slow = fast, natural = fast
+                    var fast = [Float](repeating: .nan, count: heads * n), tiled = fast, slow = fast, natural = fast
                     block.withUnsafeBytes { b in
                         s.scores(block: b, tokens: range, state: state, groupSize: heads, into: &fast, stride: n)
+                        s.scores(block: b, tokens: range, state: state, groupSize: heads, into: &tiled, stride: n, withoutTile: false)
                         // The Swift path: rows decoded in the scoring layout, the Swift tile kernels.
                         var tile = [Float](repeating: 0, count: n * d)
                         s.decodeVectorInSwift(b.baseAddress!, tokens: range, layout: .scoring, into: &tile)
@@ -158,6 +159,8 @@ struct PolarSchemeTests {
                     let label = "r\(rb)a\(ab) d \(d) group \(group) \(pairing) \(heads) heads tokens \(range)"
                     let differing = zip(fast, slow).filter { $0.bitPattern != $1.bitPattern }.count
                     #expect(differing == 0, "\(label): \(differing) of \(fast.count) scores differ (C: \(PolarKernels.scoresInC))")
+                    let differingTiled = zip(tiled, slow).filter { $0.bitPattern != $1.bitPattern }.count
+                    #expect(differingTiled == 0, "\(label): \(differingTiled) of \(fast.count) tile-path scores differ")
                     let worst = zip(fast, natural).map { abs($0 - $1) / max(1, abs($1)) }.max() ?? .nan
                     #expect(worst < 1e-4, "\(label): \(worst) from the plain dot products")
                 }
