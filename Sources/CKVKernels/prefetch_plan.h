@@ -6,7 +6,8 @@
 // evenly over them (kvk_plan_left() / tokens per token); the others advance by the bytes they
 // read of their own input. Advancing the key kernels by their own bytes left what their codes
 // did not cover (most of the plan for 2-4 bit keys) to the value kernels or to a burst at the
-// end: at 32K tokens polar 1.44 -> 1.26 ms, svdq 1.63 -> 1.40, raw f16 1.28 -> 1.22 spread.
+// end: at 32K tokens polar 1.44 -> 1.26 ms, svdq 1.63 -> 1.40, raw f16 1.18-1.20 -> 1.03-1.06
+// spread (kvpack bench, one scheme at a time, alternating the two binaries).
 // Prefetches go to L2 (T1): to L1 they were slower (1.55 ms).
 #ifndef KVK_PREFETCH_PLAN_H
 #define KVK_PREFETCH_PLAN_H
