@@ -34,6 +34,25 @@ enum { POLAR_MAX_GROUPS = 32 };
 /// Where the decoder puts pair j's x and y (kvk_polar_decode's `layout`).
 enum { LAYOUT_ADJACENT = 0, LAYOUT_HALF = 1, LAYOUT_SCORING = 2 };
 
+/// One instantiation of BODY(AB, RB) per (angle bits, radius bits) the vector path takes, picked
+/// by the `angleBits` and `radiusBits` in scope: the kernels' loops then have constant widths.
+#define POLAR_RADIUS_WIDTHS(BODY, AB)                                                                                                  \
+    switch (radiusBits) {                                                                                                              \
+    case 1: BODY(AB, 1); break;                                                                                                        \
+    case 2: BODY(AB, 2); break;                                                                                                        \
+    case 3: BODY(AB, 3); break;                                                                                                        \
+    case 4: BODY(AB, 4); break;                                                                                                        \
+    default: BODY(AB, 8); break;                                                                                                       \
+    }
+#define POLAR_WIDTHS(BODY)                                                                                                             \
+    switch (angleBits) {                                                                                                               \
+    case 1: POLAR_RADIUS_WIDTHS(BODY, 1) break;                                                                                        \
+    case 2: POLAR_RADIUS_WIDTHS(BODY, 2) break;                                                                                        \
+    case 3: POLAR_RADIUS_WIDTHS(BODY, 3) break;                                                                                        \
+    case 4: POLAR_RADIUS_WIDTHS(BODY, 4) break;                                                                                        \
+    default: POLAR_RADIUS_WIDTHS(BODY, 8) break;                                                                                       \
+    }
+
 static int polar_supported(int angleBits, int radiusBits, int pairs, int radiusGroup) {
     return vector_bits(angleBits) && vector_bits(radiusBits) && pairs > 0 && pairs % 8 == 0 && pairs / 8 <= POLAR_MAX_GROUPS &&
            radiusGroup > 0;
@@ -42,6 +61,7 @@ static int polar_supported(int angleBits, int radiusBits, int pairs, int radiusG
 #if KVK_POLAR_X86
 #pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
 #include "codes8.h"   // inside the region: compiled for AVX2, inlined into both variants
+#include "score_sums.h"
 #define SUFFIX(name) name##_avx2
 #define POLAR_VL 0
 #include "polar_body.h"
@@ -93,25 +113,12 @@ static inline __attribute__((always_inline)) void polar_decode_body(const uint8_
     }
 }
 
-// One instantiation per (angle bits, radius bits) the vector path takes.
-#define POLAR_RB(AB)                                                                                                              \
-    switch (radiusBits) {                                                                                                         \
-    case 1: polar_decode_body(p, pairs, radiusGroup, radiusSection, scalesOffset, offsetsOffset, table, layout, t0, count, out, AB, 1); break; \
-    case 2: polar_decode_body(p, pairs, radiusGroup, radiusSection, scalesOffset, offsetsOffset, table, layout, t0, count, out, AB, 2); break; \
-    case 3: polar_decode_body(p, pairs, radiusGroup, radiusSection, scalesOffset, offsetsOffset, table, layout, t0, count, out, AB, 3); break; \
-    case 4: polar_decode_body(p, pairs, radiusGroup, radiusSection, scalesOffset, offsetsOffset, table, layout, t0, count, out, AB, 4); break; \
-    default: polar_decode_body(p, pairs, radiusGroup, radiusSection, scalesOffset, offsetsOffset, table, layout, t0, count, out, AB, 8); break; \
-    }
-
 static void polar_decode_avx2(const uint8_t *p, int angleBits, int radiusBits, int pairs, int radiusGroup, size_t radiusSection,
                               size_t scalesOffset, size_t offsetsOffset, const float *table, int layout, size_t t0, size_t count, float *out) {
-    switch (angleBits) {
-    case 1: POLAR_RB(1) break;
-    case 2: POLAR_RB(2) break;
-    case 3: POLAR_RB(3) break;
-    case 4: POLAR_RB(4) break;
-    default: POLAR_RB(8) break;
-    }
+#define POLAR_DECODE(AB, RB)                                                                                                           \
+    polar_decode_body(p, pairs, radiusGroup, radiusSection, scalesOffset, offsetsOffset, table, layout, t0, count, out, AB, RB)
+    POLAR_WIDTHS(POLAR_DECODE)
+#undef POLAR_DECODE
 }
 
 #pragma clang attribute pop

@@ -58,15 +58,6 @@ static inline __attribute__((always_inline)) void SUFFIX(polar_pairs8)(const uin
 }
 
 #if POLAR_VL
-/// The score of one token for one head, reduced as TileKernels.sum (and rows.c) do:
-/// ((a0 + a4) + (a1 + a5)) + ((a2 + a6) + (a3 + a7)); of two tokens at once.
-static inline __attribute__((always_inline)) __m128 SUFFIX(polar_pair_sums)(__m256 a, __m256 b) {
-    __m128 a4 = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    __m128 b4 = _mm_add_ps(_mm256_castps256_ps128(b), _mm256_extractf128_ps(b, 1));
-    __m128 h = _mm_hadd_ps(a4, b4);
-    return _mm_hadd_ps(h, h);
-}
-
 /// Scores of TB tokens from t for four query heads (queries in the scoring layout: per group of
 /// eight pairs, the eight x then the eight y channels), each pair decoded once for every head.
 static inline __attribute__((always_inline)) void SUFFIX(polar_scores_step)(const uint8_t *p, int pairs, size_t radiusSection,
@@ -89,11 +80,8 @@ static inline __attribute__((always_inline)) void SUFFIX(polar_scores_step)(cons
             for (int j = 0; j < TB; j++) acc[q][j] = _mm256_fmadd_ps(qy, y[j], _mm256_fmadd_ps(qx, x[j], acc[q][j]));
         }
     }
-    for (int q = 0; q < nq; q++) {
-        float *o = out + (size_t)q * stride;
-        for (int j = 0; j + 2 <= TB; j += 2) _mm_storel_pi((__m64 *)(o + j), SUFFIX(polar_pair_sums)(acc[q][j], acc[q][j + 1]));
-        if (TB & 1) o[TB - 1] = _mm_cvtss_f32(SUFFIX(polar_pair_sums)(acc[q][TB - 1], acc[q][TB - 1]));
-    }
+    // Reduced as the row kernels reduce a score (score_sums.h): the same bits.
+    for (int q = 0; q < nq; q++) kvk_store_scores(out + (size_t)q * stride, acc[q], TB);
 }
 
 /// Scores of tokens [t0, t0 + count) for `nq` (1-4) heads of `queries` (four heads' room; the
@@ -108,7 +96,7 @@ static inline __attribute__((always_inline)) void SUFFIX(polar_scores_body)(cons
     size_t t = t0;
     // The thread's prefetch plan (the blocks two segments ahead) spread evenly over these tokens
     // (prefetch_plan.h); by the codes' own 64 bytes a token it was 1.44 ms, not 1.26, at 32K.
-    const size_t end = t0 + count, planPerToken = count ? (kvk_plan_left() + count - 1) / count : 0;
+    const size_t end = t0 + count, planPerToken = kvk_plan_share(count);
     while (t < end) {
         const size_t run = t / (size_t)radiusGroup, runEnd = (run + 1) * (size_t)radiusGroup < end ? (run + 1) * (size_t)radiusGroup : end;
         SUFFIX(polar_widen_run)(p, run, pairs, scalesOffset, offsetsOffset, scales, offsets);
@@ -119,27 +107,13 @@ static inline __attribute__((always_inline)) void SUFFIX(polar_scores_body)(cons
     }
 }
 
-// One instantiation per (angle bits, radius bits) the vector path takes.
-#define POLAR_SCORES_RB(AB)                                                                                                              \
-    switch (radiusBits) {                                                                                                                \
-    case 1: SUFFIX(polar_scores_body)(p, pairs, radiusGroup, radiusSection, scalesOffset, offsetsOffset, table, t0, count, queries, nq, out, stride, AB, 1); break; \
-    case 2: SUFFIX(polar_scores_body)(p, pairs, radiusGroup, radiusSection, scalesOffset, offsetsOffset, table, t0, count, queries, nq, out, stride, AB, 2); break; \
-    case 3: SUFFIX(polar_scores_body)(p, pairs, radiusGroup, radiusSection, scalesOffset, offsetsOffset, table, t0, count, queries, nq, out, stride, AB, 3); break; \
-    case 4: SUFFIX(polar_scores_body)(p, pairs, radiusGroup, radiusSection, scalesOffset, offsetsOffset, table, t0, count, queries, nq, out, stride, AB, 4); break; \
-    default: SUFFIX(polar_scores_body)(p, pairs, radiusGroup, radiusSection, scalesOffset, offsetsOffset, table, t0, count, queries, nq, out, stride, AB, 8); break; \
-    }
-
 static void SUFFIX(polar_scores)(const uint8_t *p, int angleBits, int radiusBits, int pairs, int radiusGroup, size_t radiusSection,
                                  size_t scalesOffset, size_t offsetsOffset, const float *table, size_t t0, size_t count,
                                  const float *queries, int nq, float *out, size_t stride) {
-    switch (angleBits) {
-    case 1: POLAR_SCORES_RB(1) break;
-    case 2: POLAR_SCORES_RB(2) break;
-    case 3: POLAR_SCORES_RB(3) break;
-    case 4: POLAR_SCORES_RB(4) break;
-    default: POLAR_SCORES_RB(8) break;
-    }
+#define POLAR_SCORES(AB, RB)                                                                                                           \
+    SUFFIX(polar_scores_body)(p, pairs, radiusGroup, radiusSection, scalesOffset, offsetsOffset, table, t0, count, queries, nq, out, stride, \
+                              AB, RB)
+    POLAR_WIDTHS(POLAR_SCORES)
+#undef POLAR_SCORES
 }
-
-#undef POLAR_SCORES_RB
 #endif

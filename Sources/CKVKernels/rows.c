@@ -84,6 +84,7 @@ static int rows_variant(int isa) {
     }
 
 #pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#include "score_sums.h"   // inside the region: compiled for AVX2, inlined into both variants
 #define SUFFIX(name) name##_avx2
 #define ROW_TOKENS 3
 #define ROW_VECTORS 2

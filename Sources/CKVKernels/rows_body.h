@@ -21,14 +21,6 @@ static inline __attribute__((always_inline)) __m256 SUFFIX(load8)(const uint8_t 
     }
 }
 
-/// The scores of two tokens for one query head, each reduced as TileKernels.sum does.
-static inline __attribute__((always_inline)) __m128 SUFFIX(pair_sums)(__m256 a, __m256 b) {
-    __m128 a4 = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    __m128 b4 = _mm_add_ps(_mm256_castps256_ps128(b), _mm256_extractf128_ps(b, 1));
-    __m128 h = _mm_hadd_ps(a4, b4);   // a4_0 + a4_1, a4_2 + a4_3, b4_0 + b4_1, b4_2 + b4_3
-    return _mm_hadd_ps(h, h);         // score a, score b, score a, score b
-}
-
 /// Scores of TB (1 to 4) consecutive rows from `r0` for QB query heads, each 8-channel chunk
 /// of a row widened once for every head.
 static inline __attribute__((always_inline)) void SUFFIX(scores_step)(const uint8_t *r0, size_t rowBytes, int dim, const float *queries,
@@ -47,11 +39,7 @@ static inline __attribute__((always_inline)) void SUFFIX(scores_step)(const uint
             for (int j = 0; j < TB; j++) a[q][j] = _mm256_fmadd_ps(x, k[j], a[q][j]);
         }
     }
-    for (int q = 0; q < QB; q++) {
-        float *o = out + (size_t)q * stride;
-        for (int j = 0; j + 2 <= TB; j += 2) _mm_storel_pi((__m64 *)(o + j), SUFFIX(pair_sums)(a[q][j], a[q][j + 1]));
-        if (TB & 1) o[TB - 1] = _mm_cvtss_f32(SUFFIX(pair_sums)(a[q][TB - 1], a[q][TB - 1]));
-    }
+    for (int q = 0; q < QB; q++) kvk_store_scores(out + (size_t)q * stride, a[q], TB);
 }
 
 /// Scores of `count` rows for QB query heads: ROW_TOKENS rows per step, then two, then one.
@@ -59,7 +47,7 @@ static inline __attribute__((always_inline)) void SUFFIX(scores_block)(const uin
                                                                        const float *queries, float *out, size_t stride,
                                                                        const row_codes *codes, const int QB, const int type) {
     size_t t = 0;
-    const size_t share = count ? (kvk_plan_left() + count - 1) / count : 0;
+    const size_t share = kvk_plan_share(count);
     for (; t + ROW_TOKENS <= count; t += ROW_TOKENS)
         SUFFIX(scores_step)(rows + t * rowBytes, rowBytes, dim, queries, out + t, stride, codes, share, QB, type, ROW_TOKENS);
     for (; t + 2 <= count; t += 2) SUFFIX(scores_step)(rows + t * rowBytes, rowBytes, dim, queries, out + t, stride, codes, share, QB, type, 2);

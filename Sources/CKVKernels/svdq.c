@@ -110,7 +110,7 @@ static inline __attribute__((always_inline)) void run_scores(const uint8_t *p, s
 
 static void svdq_scores_avx2(const uint8_t *p, size_t end, const svdq_channel *channels, const svdq_run *runs, int runCount,
                              const float *ranges, const float *state, int rank, int heads, size_t t0, size_t count, float *out, size_t stride) {
-    const size_t steps = (size_t)runCount * ((count + 15) / 16), share = steps ? (kvk_plan_left() + steps - 1) / steps : 0;
+    const size_t steps = (size_t)runCount * ((count + 15) / 16), share = kvk_plan_share(steps);
     for (int i = 0; i < runCount; i++) {
         const svdq_run *r = runs + i;
         const int first = i == 0;
