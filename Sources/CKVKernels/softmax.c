@@ -14,12 +14,15 @@
 
 #pragma STDC FP_CONTRACT OFF
 
-static int softmax_avx2 = 0;
+// 0 none (the Swift path runs), 1 AVX2 + FMA, 2 the same with AVX-512 F + DQ (sixteen exps per
+// instruction).
+static int softmax_isa = 0;
 
 #if KVK_SOFTMAX_X86
 __attribute__((constructor)) static void softmax_detect(void) {
     __builtin_cpu_init();
-    softmax_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))) return;
+    softmax_isa = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") ? 2 : 1;
 }
 
 /// TileKernels.exp: e^x for x <= 0, 0 below -80 (and for -inf). The range reduction and the
@@ -50,95 +53,67 @@ __attribute__((target("avx2,fma"))) static inline __m256 exp8(__m256 x) {
     return _mm256_castsi256_ps(_mm256_andnot_si256(below, _mm256_castps_si256(_mm256_mul_ps(y, scale))));
 }
 
+/// exp8 on sixteen lanes: the same operations lane by lane, so the same bits.
+__attribute__((target("avx2,fma,avx512f,avx512dq"))) static inline __m512 exp16(__m512 x) {
+    const __m512 magic = _mm512_set1_ps(12582912.0f);
+    __m512i ix = _mm512_castps_si512(x);
+    __m512i mag = _mm512_and_si512(ix, _mm512_set1_epi32(0x7FFFFFFF));
+    // The sign bit of ix AND (80's bits - mag): exp8's two arithmetic shifts, as a mask.
+    __mmask16 below = _mm512_movepi32_mask(_mm512_and_si512(ix, _mm512_sub_epi32(_mm512_set1_epi32(0x42A00000), mag)));
+    __m512 clamped = _mm512_max_ps(_mm512_set1_ps(-80.0f), x);
+    __m512 shifted = _mm512_fmadd_ps(clamped, _mm512_set1_ps(1.44269504f), magic);
+    __m512 n = _mm512_sub_ps(shifted, magic);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), clamped);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.98756915e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.39819995e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665796e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.66666655e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001e-1f));
+    __m512 y = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+    __m512i bits = _mm512_sub_epi32(_mm512_castps_si512(shifted), _mm512_set1_epi32(0x4B400000));
+    __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(127)), 23));
+    return _mm512_maskz_mul_ps((__mmask16)~below, y, scale);
+}
+
 enum { MAX_HEADS = 16 };
 
-/// Heads [g0, g0 + n) of one step, n <= MAX_HEADS: the maxima first, then the exps of every
-/// head's vectors interleaved (independent chains: the polynomial is latency-bound one row at a
-/// time), then each head's sum and rescale. Per head, the same operations in the same order as
-/// the Swift loop, so the same results.
-__attribute__((target("avx2,fma"))) static inline __attribute__((always_inline)) void absorb_heads(float *scores, size_t stride, size_t count,
-                                                                                                int g0, const int n, float *runMax, float *runSum,
-                                                                                                float *blockAcc, float *tailAcc, int dim) {
-    const size_t vectorEnd = count & ~(size_t)7;
-    float oldMax[MAX_HEADS], newMax[MAX_HEADS];
-    __m256 sums[MAX_HEADS], shift[MAX_HEADS];
-    float lanes[8];
-    for (int h = 0; h < n; h++) {
-        const float *row = scores + (size_t)(g0 + h) * stride;
-        // The largest score: a lane takes x when x > it (NaN never), as the scalar loop does.
-        __m256 m = _mm256_set1_ps(-INFINITY);
-        size_t t = 0;
-        for (; t < vectorEnd; t += 8) {
-            __m256 x = _mm256_loadu_ps(row + t);
-            m = _mm256_blendv_ps(m, x, _mm256_cmp_ps(x, m, _CMP_GT_OQ));
-        }
-        _mm256_storeu_ps(lanes, m);
-        float chunkMax = -INFINITY;
-        for (int i = 0; i < 8; i++)
-            if (lanes[i] > chunkMax) chunkMax = lanes[i];
-        for (; t < count; t++)
-            if (row[t] > chunkMax) chunkMax = row[t];
-        oldMax[h] = runMax[g0 + h];
-        newMax[h] = chunkMax >= oldMax[h] ? chunkMax : oldMax[h];   // Swift's max(oldMax, chunkMax)
-        shift[h] = _mm256_set1_ps(newMax[h]);
-        sums[h] = _mm256_setzero_ps();
-    }
-    for (size_t t = 0; t < vectorEnd; t += 8)
-        for (int h = 0; h < n; h++) {
-            float *row = scores + (size_t)(g0 + h) * stride;
-            __m256 w = exp8(_mm256_sub_ps(_mm256_loadu_ps(row + t), shift[h]));
-            _mm256_storeu_ps(row + t, w);
-            sums[h] = _mm256_add_ps(sums[h], w);
-        }
-    for (int h = 0; h < n; h++) {
-        int g = g0 + h;
-        float *row = scores + (size_t)g * stride;
-        _mm256_storeu_ps(lanes, sums[h]);
-        if (vectorEnd < count) {
-            float x[8];
-            for (int i = 0; i < 8; i++) x[i] = -INFINITY;
-            for (size_t i = 0; i < count - vectorEnd; i++) x[i] = row[vectorEnd + i] - newMax[h];
-            float ws[8];
-            _mm256_storeu_ps(ws, exp8(_mm256_loadu_ps(x)));
-            for (size_t i = 0; i < count - vectorEnd; i++) {
-                row[vectorEnd + i] = ws[i];
-                lanes[i] += ws[i];
-            }
-        }
-        float sum = lanes[0];
-        for (int i = 1; i < 8; i++) sum += lanes[i];
-        if (newMax[h] > oldMax[h]) {
-            float correction = oldMax[h] == -INFINITY ? 0 : expf(oldMax[h] - newMax[h]);
-            runSum[g] *= correction;
-            float *b = blockAcc + (size_t)g * dim, *a = tailAcc + (size_t)g * dim;
-            for (int i = 0; i < dim; i++) b[i] *= correction;
-            for (int i = 0; i < dim; i++) a[i] *= correction;
-            runMax[g] = newMax[h];
-        }
-        runSum[g] += sum;
-    }
-}
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#define SUFFIX(name) name##_avx2
+#define SOFTMAX_WIDE 0
+#include "softmax_body.h"
+#undef SUFFIX
+#undef SOFTMAX_WIDE
+#pragma clang attribute pop
 
-__attribute__((target("avx2,fma"))) static void absorb_avx2(float *scores, size_t stride, size_t count, int group, float *runMax,
-                                                        float *runSum, float *blockAcc, float *tailAcc, int dim) {
-    // Four heads (the common GQA group) with the count a constant: their running sums then stay
-    // in registers instead of going through memory on every vector.
-    if (group == 4) return absorb_heads(scores, stride, count, 0, 4, runMax, runSum, blockAcc, tailAcc, dim);
-    for (int g0 = 0; g0 < group; g0 += MAX_HEADS)
-        absorb_heads(scores, stride, count, g0, group - g0 < MAX_HEADS ? group - g0 : MAX_HEADS, runMax, runSum, blockAcc, tailAcc, dim);
-}
+#pragma clang attribute push(__attribute__((target("avx2,fma,avx512f,avx512dq"))), apply_to = function)
+#define SUFFIX(name) name##_avx512
+#define SOFTMAX_WIDE 1
+#include "softmax_body.h"
+#undef SUFFIX
+#undef SOFTMAX_WIDE
+#pragma clang attribute pop
 #endif
+
+int kvk_softmax_absorb_variant(int isa, float *scores, size_t stride, size_t count, int group, float *runMax, float *runSum,
+                               float *blockAcc, float *tailAcc, int dim) {
+#if KVK_SOFTMAX_X86
+    if (isa == 0) isa = softmax_isa;
+    if (isa > softmax_isa || isa < 1) return -1;
+    if (isa == 2) absorb_avx512(scores, stride, count, group, runMax, runSum, blockAcc, tailAcc, dim);
+    else absorb_avx2(scores, stride, count, group, runMax, runSum, blockAcc, tailAcc, dim);
+    return 0;
+#else
+    (void)isa, (void)scores, (void)stride, (void)count, (void)group, (void)runMax, (void)runSum, (void)blockAcc, (void)tailAcc, (void)dim;
+    return -1;
+#endif
+}
 
 int kvk_softmax_absorb(float *scores, size_t stride, size_t count, int group, float *runMax, float *runSum, float *blockAcc,
                        float *tailAcc, int dim) {
-#if KVK_SOFTMAX_X86
-    if (softmax_avx2) {
-        absorb_avx2(scores, stride, count, group, runMax, runSum, blockAcc, tailAcc, dim);
-        return 0;
-    }
-#endif
-    (void)scores, (void)stride, (void)count, (void)group, (void)runMax, (void)runSum, (void)blockAcc, (void)tailAcc, (void)dim;
-    return -1;
+    return kvk_softmax_absorb_variant(0, scores, stride, count, group, runMax, runSum, blockAcc, tailAcc, dim);
 }
 
-int kvk_softmax_available(void) { return softmax_avx2; }
+int kvk_softmax_available(void) { return softmax_isa != 0; }
+int kvk_softmax_isa(void) { return softmax_isa; }

@@ -223,6 +223,13 @@ int kvk_softmax_available(void);
 /// CPU lacks AVX2 (the caller then runs its own).
 int kvk_softmax_absorb(float *scores, size_t stride, size_t count, int group, float *runMax, float *runSum, float *blockAcc,
                        float *tailAcc, int dim);
+/// The variant `kvk_softmax_absorb` runs here: 1 AVX2 + FMA, 2 the same with AVX-512 F + DQ
+/// (sixteen exps per instruction), 0 none. `kvk_softmax_absorb_variant` runs variant `isa` (0:
+/// this machine's) and returns -1, writing nothing, where the machine lacks it; every variant
+/// gives the same bits (tests hold each to the Swift loop).
+int kvk_softmax_isa(void);
+int kvk_softmax_absorb_variant(int isa, float *scores, size_t stride, size_t count, int group, float *runMax, float *runSum,
+                               float *blockAcc, float *tailAcc, int dim);
 
 // MARK: Attention over int codes (int_codes.c)
 
