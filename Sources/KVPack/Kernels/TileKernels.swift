@@ -18,15 +18,14 @@ public enum TileKernels {
     @inline(__always)
     public static func tileRows(dim d: Int) -> Int { min(64, max(4, 4096 / max(d, 1))) }
 
-    /// Runs of rows [tokens] decoded by `decode` into one stack tile, then handed to `body`
-    /// (first token, count, tile). For schemes whose fast path is "decode a tile, then the
-    /// shared kernels".
+    /// Runs of rows [tokens] decoded by `decode` into one tile (the thread's scratch floats: a
+    /// stack allocation of 16 KiB would be a malloc per block), then handed to `body` (first
+    /// token, count, tile). For schemes whose fast path is "decode a tile, then the shared kernels".
     @inline(__always)
     public static func byTiles(dim d: Int, tokens: Range<Int>, decode: (Range<Int>, UnsafeMutablePointer<Float>) -> Void,
                                _ body: (Int, Int, UnsafePointer<Float>) -> Void) {
         let per = tileRows(dim: d)
-        withUnsafeTemporaryAllocation(of: Float.self, capacity: per * d) { buffer in
-            let tile = buffer.baseAddress!
+        ScratchFloats.with(per * d) { tile in
             var t = tokens.lowerBound
             while t < tokens.upperBound {
                 let n = min(per, tokens.upperBound - t)

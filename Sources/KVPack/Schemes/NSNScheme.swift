@@ -476,8 +476,9 @@ public struct NSNScheme: KVScheme {
         let p = block.baseAddress!, d = headDim, lo = tokens.lowerBound, n = tokens.count
         codebook.withUnsafeBytes { book in
         Self.signMasks.withUnsafeBytes { signs in
-            withUnsafeTemporaryAllocation(of: Float.self, capacity: g + d + 2 * n) { tmp in
-                let meanTerms = tmp.baseAddress!, mean = meanTerms + g, n1 = mean + d
+            // Scratch floats, not a temporary allocation: above 1 KiB that is a malloc per block.
+            ScratchFloats.with(g + d + 2 * n) { tmp in
+                let meanTerms = tmp, mean = meanTerms + g, n1 = mean + d
                 widen(p, at: meanOffset, count: d, into: mean)
                 widen(p, at: 2 * lo, count: n, into: n1)
                 // q . mu once per block and query.
@@ -517,8 +518,8 @@ public struct NSNScheme: KVScheme {
         let invRoot = 1 / Float(d).squareRoot()
         codebook.withUnsafeBytes { book in
         Self.signMasks.withUnsafeBytes { signs in
-            withUnsafeTemporaryAllocation(of: Float.self, capacity: d + 2 * n + g * n) { tmp in
-                let mean = tmp.baseAddress!, n1 = mean + d
+            ScratchFloats.with(d + 2 * n + g * n) { tmp in
+                let mean = tmp, n1 = mean + d
                 widen(p, at: meanOffset, count: d, into: mean)
                 widen(p, at: 2 * lo, count: n, into: n1)
                 rotate(mean)
