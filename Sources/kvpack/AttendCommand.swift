@@ -10,6 +10,8 @@ struct AttendCommand: ParsableCommand {
         Draws one query per query head of the KV head's GQA group (standard normal, from --query-seed), runs the reader's attention over the token range, and prints the output vectors. --check also computes a naive dense softmax over the decoded keys and values and prints the largest relative difference.
 
         Attention over codes uses integer dot products where the scheme has them (int with per-channel key groups or per-token value groups, on a CPU with AVX2): a few times faster, within a small bound of attention over the decoded rows. --exact computes in f32 over the decoded codes instead, which --check then matches to float rounding.
+
+        --threads N splits the tokens into N pieces of whole segments, attends each on its own thread and merges their softmax states: for one long context, N times the cores; the output then differs from one thread's at float rounding (about 1e-7 relative).
         """)
 
     @Argument(help: "The .kvpack file, or s3://bucket/key (only the layer's pages are fetched).") var file: String
@@ -20,6 +22,7 @@ struct AttendCommand: ParsableCommand {
     @Option(help: "Scale query vectors by this factor (sharper softmax for larger values).") var queryScale: Float = 1
     @Flag(help: "Compare with a naive dense reference over decoded K/V.") var check = false
     @Flag(help: "f32 arithmetic over the decoded codes instead of integer dot products.") var exact = false
+    @Option(help: "Threads, each taking a piece of the tokens (their softmax states merged).") var threads: Int = 1
     @Flag(help: "Print JSON.") var json = false
 
     struct Output: Codable {
@@ -31,6 +34,10 @@ struct AttendCommand: ParsableCommand {
         var maxRelativeError: Double?
     }
 
+    func validate() throws {
+        guard threads >= 1 else { throw ValidationError("--threads must be at least 1, got \(threads)") }
+    }
+
     func run() throws {
         let reader = try openReader(file, arithmetic: exact ? .exact : .fast)
         defer { reportFetches(reader.file) }
@@ -40,7 +47,10 @@ struct AttendCommand: ParsableCommand {
         let queries = (0 ..< g.groupSize * g.headDim).map { _ in Float(rng.nextGaussian()) * queryScale }
         let out: [Float]
         var maxErr: Double?
-        out = try reader.attend(layer: layer, kvHead: head, queries: queries, tokens: range)
+        var split = [Float](repeating: 0, count: queries.count)
+        try reader.attend(layer: layer, kvHead: head, queries: queries, tokens: range, output: &split,
+                          workspaces: (0 ..< threads).map { _ in AttentionWorkspace() })
+        out = split
         if check {
             let k = try reader.decode(layer: layer, kvHead: head, kind: .key, tokens: range)
             let v = try reader.decode(layer: layer, kvHead: head, kind: .value, tokens: range)

@@ -13,7 +13,7 @@ struct BenchCommand: ParsableCommand {
 
         1. The machine: single-core streaming read bandwidth (a 256 MiB buffer) and peak f32 multiply-add rate.
 
-        2. For each --tokens count: one layer of --model's geometry (llama-3-8b: 8 KV heads, head_dim 128, GQA group 4) of synthetic RoPE'd keys and values, written in every --scheme (writer throughput, MB/s of f16 input). Then one decode step of attention for every KV head of the layer (all query heads of each GQA group, every token) over each file, mapped and in the page cache. Files are measured round-robin, --repeat rounds, so a slow moment of a shared machine hits all of them; the best round is reported (and the median). Baselines: dense f16 and f32 rows in memory (a heap copy of a raw file) read by the same SIMD kernels. Each scheme's floor is the larger of (bytes of its codes and metadata) / bandwidth and its arithmetic at the machine's peak rates: group x head_dim multiply-adds per token for keys and as many for values, at the f32 rate, or at the integer rate (u8 x s8 products) where the int scheme's integer kernels run (twice for 4-bit codes, which take a second, residual pass); such schemes are also timed with exact f32 arithmetic, in rows marked (exact). With --threads N > 1 the layer is also timed with its KV heads split across N threads.
+        2. For each --tokens count: one layer of --model's geometry (llama-3-8b: 8 KV heads, head_dim 128, GQA group 4) of synthetic RoPE'd keys and values, written in every --scheme (writer throughput, MB/s of f16 input). Then one decode step of attention for every KV head of the layer (all query heads of each GQA group, every token) over each file, mapped and in the page cache. Files are measured round-robin, --repeat rounds, so a slow moment of a shared machine hits all of them; the best round is reported (and the median). Baselines: dense f16 and f32 rows in memory (a heap copy of a raw file) read by the same SIMD kernels. Each scheme's floor is the larger of (bytes of its codes and metadata) / bandwidth and its arithmetic at the machine's peak rates: group x head_dim multiply-adds per token for keys and as many for values, at the f32 rate, or at the integer rate (u8 x s8 products) where the int scheme's integer kernels run (twice for 4-bit codes, which take a second, residual pass); such schemes are also timed with exact f32 arithmetic, in rows marked (exact). With --threads N > 1 the layer is also timed with its KV heads split across N threads, and where N does not divide the heads (smollm2-135m: 3 heads) each head's tokens split too (`attendLayer(splittingTokens:)`: pieces merged by their softmax states).
 
         3. Resume latency: a 32-layer file of --resume-scheme at each --resume-tokens count, in format 1.x and 2.x: the index bytes opening reads, time to open it and produce the first attention output (layer 0, KV head 0, all tokens), cold (page cache dropped, when this process may) and warm, against a full decode step (every layer and head; the first after opening also verifies every block's checksum) and against reading every byte of the file; and the heap the reader holds (its index arrays, blobs and flags), which is all it holds beyond the file's pages.
 
@@ -26,7 +26,7 @@ struct BenchCommand: ParsableCommand {
     @Option(name: .customLong("tokens"), help: "Cache lengths; repeat (default 4096, 32768 and 131072).") var tokenCounts: [Int] = []
     @Option(name: .customLong("scheme"), help: "Schemes to measure; repeat (default: one of each).") var schemes: [String] = []
     @Option(name: .customLong("repeat"), help: "Timed rounds per measurement.") var repetitions = 9
-    @Option(help: "Also time the layer with its KV heads split across this many threads (1: only single-threaded).") var threads = 1
+    @Option(help: "Also time the layer split across this many threads: its KV heads, and their tokens where the threads do not divide the heads (1: only single-threaded).") var threads = 1
     @Option(name: .customLong("resume-tokens"), help: "Token counts of the 32-layer resume-latency files; repeat (default 4096 and 131072; 0 skips).")
     var resumeTokens: [Int] = []
     @Option(name: .customLong("resume-scheme"), help: "Scheme of the resume-latency files.") var resumeScheme = "int:k4v2:kc64"
@@ -100,7 +100,8 @@ struct BenchCommand: ParsableCommand {
         var threadedTimes: [Double] = []
         init(label: String, reader: KVPackReader, streamBytes: Int, tokens: Int, writerMBps: Double?) {
             self.label = label
-            attend = { q, o, w in try reader.attendLayer(0, queries: q, output: o, workspaces: w) }
+            // Tokens split too where the threads do not divide the KV heads (smollm2-135m: 3 heads).
+            attend = { q, o, w in try reader.attendLayer(0, queries: q, output: o, workspaces: w, splittingTokens: true) }
             threadable = true
             self.streamBytes = streamBytes
             self.bytesPerToken = streamBytes / (tokens * reader.geometry.kvHeadCount)

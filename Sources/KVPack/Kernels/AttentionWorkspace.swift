@@ -12,6 +12,7 @@ public final class AttentionWorkspace {
     private(set) var decompressed = GrowableBytes()
     private var reordered = GrowableBytes()
     private(set) var decodeRows = GrowableFloats()
+    private var partials = GrowableFloats()
     private var zstd: Zstd.Decompressor?
 
     public init() {}
@@ -31,6 +32,13 @@ public final class AttentionWorkspace {
         tailAcc.reserve(a)
         runMax.reserve(g)
         runSum.reserve(g)
+    }
+
+    /// Room for the online-softmax states of token ranges attended on several threads, merged
+    /// afterwards (`KVPackReader.attendSplit`).
+    func partialStates(_ floats: Int) -> UnsafeMutablePointer<Float> {
+        partials.reserve(floats)
+        return partials.pointer
     }
 
     func decompressionBuffer(_ bytes: Int) -> UnsafeMutableRawBufferPointer {

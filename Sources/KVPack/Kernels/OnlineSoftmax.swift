@@ -135,4 +135,39 @@ struct OnlineSoftmax {
             for i in g * dim ..< (g + 1) * dim { output[i] = (blockAcc[i] + tailAcc[i]) * inv }
         }
     }
+
+    /// The state instead of the output, for a merge with other token ranges' (`merge`): per
+    /// query head, dim unnormalised output floats (the two accumulators added, as `finish` adds
+    /// them), then the running max and the running sum.
+    func leave(into state: UnsafeMutablePointer<Float>) {
+        for g in 0 ..< groupSize {
+            let row = state + g * (dim + 2)
+            for i in 0 ..< dim { row[i] = blockAcc[g * dim + i] + tailAcc[g * dim + i] }
+            row[dim] = runMax[g]
+            row[dim + 1] = runSum[g]
+        }
+    }
+
+    /// The output of attention over consecutive token ranges from their `leave` states, in
+    /// range order: each range's sums rescaled to the largest running max, then normalised.
+    /// An empty range (max -inf, sum 0) adds nothing; so does one whose scores were all -inf.
+    static func merge(_ states: UnsafePointer<Float>, count: Int, groupSize: Int, dim: Int, into output: UnsafeMutablePointer<Float>) {
+        let per = groupSize * (dim + 2)
+        for g in 0 ..< groupSize {
+            var top = -Float.infinity
+            for k in 0 ..< count where states[k * per + g * (dim + 2) + dim] > top { top = states[k * per + g * (dim + 2) + dim] }
+            let out = output + g * dim
+            out.update(repeating: 0, count: dim)
+            var sum: Float = 0
+            for k in 0 ..< count {
+                let row = states + k * per + g * (dim + 2)
+                guard row[dim] > -.infinity, row[dim + 1] > 0 else { continue }
+                let w = row[dim] == top ? 1 : LibM.expf(row[dim] - top)
+                sum += w * row[dim + 1]
+                for i in 0 ..< dim { out[i] += w * row[i] }
+            }
+            let inv = sum > 0 ? 1 / sum : 0
+            for i in 0 ..< dim { out[i] *= inv }
+        }
+    }
 }

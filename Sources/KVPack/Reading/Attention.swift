@@ -16,6 +16,21 @@ extension KVPackReader {
     public func attend(layer: Int, kvHead: Int, queries: UnsafePointer<Float>, tokens: Range<Int>? = nil,
                        scale: Float? = nil, appending rows: AppendedRows? = nil,
                        output: UnsafeMutablePointer<Float>, workspace: AttentionWorkspace) throws {
+        try attend(layer: layer, kvHead: kvHead, queries: queries, tokens: tokens, scale: scale, appending: rows,
+                   result: .output(output), workspace: workspace)
+    }
+
+    /// What one head's pass leaves: the normalised output, or its online-softmax state for a
+    /// merge with other token ranges' (`SplitAttention.swift`).
+    enum AttentionResult {
+        case output(UnsafeMutablePointer<Float>)
+        /// groupSize x (headDim + 2) floats: per query head, the unnormalised output (the block
+        /// accumulator finished into plain space, plus the tail one), then the running max and sum.
+        case partial(UnsafeMutablePointer<Float>)
+    }
+
+    func attend(layer: Int, kvHead: Int, queries: UnsafePointer<Float>, tokens: Range<Int>?, scale: Float?,
+                appending rows: AppendedRows?, result: AttentionResult, workspace: AttentionWorkspace) throws {
         try checkStream(layer: layer, kvHead: kvHead)
         let range = tokens ?? 0 ..< tokenCount
         try checkTokens(range)
@@ -114,7 +129,10 @@ extension KVPackReader {
             t = chunkEnd
         }
         if preparedKey { vScheme.finishAccumulation(blockAcc, groupSize: g) }
-        softmax.finish(into: output)
+        switch result {
+        case let .output(output): softmax.finish(into: output)
+        case let .partial(state): softmax.leave(into: state)
+        }
     }
 
     /// How many segments ahead attention asks the core for blocks.

@@ -259,4 +259,58 @@ struct TileKernelTests {
         #expect(throws: KVPackError.self) { try reader.attendLayer(0, queries: q, output: &out, workspaces: []) }
         #expect(throws: KVPackError.self) { try reader.attendLayer(2, queries: q, output: &out, workspaces: [AttentionWorkspace(), AttentionWorkspace()]) }
     }
+
+    /// Largest |a - b| over the largest |b|.
+    static func relativeError(_ a: [Float], _ b: [Float]) -> Float {
+        zip(a, b).map { abs($0 - $1) }.max()! / max(b.map { abs($0) }.max()!, 1e-30)
+    }
+
+    @Test("one head's tokens split across threads, and a layer's heads and tokens, equal one pass to float rounding",
+          arguments: ["int:k4v2:kc16", "nsn:2", "raw:f16"])
+    func tokenSplit(spec: String) throws {
+        // 150 tokens: four sealed segments of 32 and a tail of 22, so pieces cover both.
+        let g = ModelGeometry(layerCount: 1, queryHeadCount: 12, kvHeadCount: 3, headDim: 16)
+        let (reader, _) = try writeSchemeTestFile(g, spec: spec, seed: 21)
+        var rng = SplitMix64(seed: 9)
+        let per = g.groupSize * g.headDim
+        let q = Self.randomFloats(g.queryHeadCount * g.headDim, &rng).map { $0 * 3 }
+        for range in [0 ..< 150, 5 ..< 100, 31 ..< 33, 40 ..< 41, 128 ..< 150] {
+            for h in 0 ..< g.kvHeadCount {
+                let head = Array(q[h * per ..< (h + 1) * per])
+                let single = try reader.attend(layer: 0, kvHead: h, queries: head, tokens: range)
+                // 7 workspaces over a 1-token range: six pieces are empty.
+                for n in [1, 2, 3, 7] {
+                    var split = [Float](repeating: .nan, count: per), again = split
+                    let workspaces = (0 ..< n).map { _ in AttentionWorkspace() }
+                    try reader.attend(layer: 0, kvHead: h, queries: head, tokens: range, output: &split, workspaces: workspaces)
+                    try reader.attend(layer: 0, kvHead: h, queries: head, tokens: range, output: &again, workspaces: workspaces)
+                    #expect(split.map(\.bitPattern) == again.map(\.bitPattern), "\(spec) \(range) head \(h) on \(n): not deterministic")
+                    let error = Self.relativeError(split, single)
+                    #expect(n == 1 ? error == 0 : error <= 1e-5, "\(spec) \(range) head \(h) on \(n) threads: relative error \(error)")
+                }
+            }
+            // A layer: 3 heads on 2 threads take 2 pieces each; on 3 threads the heads alone (bit for bit).
+            var one = [Float](repeating: 0, count: q.count), two = one, three = one
+            try reader.attendLayer(0, queries: q, tokens: range, output: &one, workspaces: [AttentionWorkspace()])
+            try reader.attendLayer(0, queries: q, tokens: range, output: &two, workspaces: [AttentionWorkspace(), AttentionWorkspace()],
+                                   splittingTokens: true)
+            try reader.attendLayer(0, queries: q, tokens: range, output: &three, workspaces: (0 ..< 3).map { _ in AttentionWorkspace() },
+                                   splittingTokens: true)
+            #expect(Self.relativeError(two, one) <= 1e-5, "\(spec) \(range): layer split on 2 threads")
+            #expect(three == one, "\(spec) \(range): 3 heads on 3 threads should not split tokens")
+        }
+        #expect(KVPackReader.tokenPieces(heads: 3, threads: 2) == 2)
+        #expect(KVPackReader.tokenPieces(heads: 8, threads: 2) == 1)
+        #expect(KVPackReader.tokenPieces(heads: 1, threads: 4) == 4)
+        #expect(KVPackReader.tokenPieces(heads: 3, threads: 4) == 4)
+        var out = [Float](repeating: 0, count: per)
+        let head = Array(q[0 ..< per])
+        #expect(throws: KVPackError.self) { try reader.attend(layer: 0, kvHead: 0, queries: head, output: &out, workspaces: []) }
+        #expect(throws: KVPackError.self) {
+            try reader.attend(layer: 0, kvHead: 0, queries: head, tokens: 0 ..< 151, output: &out, workspaces: [AttentionWorkspace(), AttentionWorkspace()])
+        }
+        #expect(throws: KVPackError.self) {
+            try reader.attend(layer: 0, kvHead: 3, queries: head, output: &out, workspaces: [AttentionWorkspace(), AttentionWorkspace()])
+        }
+    }
 }
