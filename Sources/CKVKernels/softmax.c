@@ -25,55 +25,51 @@ __attribute__((constructor)) static void softmax_detect(void) {
     softmax_isa = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") ? 2 : 1;
 }
 
-/// TileKernels.exp: e^x for x <= 0, 0 below -80 (and for -inf). The range reduction and the
-/// polynomial are fused multiply-adds, as Swift's `addingProduct` computes them: 30% less time
-/// than separate multiplies and adds (a softmax step was mostly this), the same bits in both.
+/// TileKernels.exp's range reduction and polynomial for the clamped lanes `c` (x >= -80, or NaN),
+/// giving y and the power-of-two scale whose product is e^c; written once for both vector
+/// widths (P: the intrinsics' prefix, V and VI: the float and integer vector types, SI: their
+/// cast suffix), so each lane gets the same operations, and the same bits, in either. Fused
+/// multiply-adds, as Swift's `addingProduct` computes them: 30% less time than separate
+/// multiplies and adds (a softmax step was mostly this), the same bits in C and Swift.
+#define EXP_CORE(P, V, VI, SI, c, y, scale)                                                                    \
+    do {                                                                                                       \
+        const V magic = P##_set1_ps(12582912.0f);                                                              \
+        V shifted = P##_fmadd_ps(c, P##_set1_ps(1.44269504f), magic);                                          \
+        V n = P##_sub_ps(shifted, magic);                                                                      \
+        V r = P##_fnmadd_ps(n, P##_set1_ps(0.693359375f), c);                                                  \
+        r = P##_fnmadd_ps(n, P##_set1_ps(-2.12194440e-4f), r);                                                 \
+        V p = P##_set1_ps(1.98756915e-4f);                                                                     \
+        p = P##_fmadd_ps(p, r, P##_set1_ps(1.39819995e-3f));                                                   \
+        p = P##_fmadd_ps(p, r, P##_set1_ps(8.3334519e-3f));                                                    \
+        p = P##_fmadd_ps(p, r, P##_set1_ps(4.1665796e-2f));                                                    \
+        p = P##_fmadd_ps(p, r, P##_set1_ps(1.66666655e-1f));                                                   \
+        p = P##_fmadd_ps(p, r, P##_set1_ps(5.0000001e-1f));                                                    \
+        y = P##_add_ps(P##_fmadd_ps(p, P##_mul_ps(r, r), r), P##_set1_ps(1.0f));                               \
+        VI bits = P##_sub_epi32(P##_castps_##SI(shifted), P##_set1_epi32(0x4B400000));                         \
+        scale = P##_cast##SI##_ps(P##_slli_epi32(P##_add_epi32(bits, P##_set1_epi32(127)), 23));               \
+    } while (0)
+
+/// TileKernels.exp: e^x for x <= 0, 0 below -80 (and for -inf).
 __attribute__((target("avx2,fma"))) static inline __m256 exp8(__m256 x) {
-    const __m256 magic = _mm256_set1_ps(12582912.0f);
     __m256i ix = _mm256_castps_si256(x);
     // below: negative lanes with a magnitude above 80's (and negative NaNs), zeroed at the end.
     __m256i mag = _mm256_and_si256(ix, _mm256_set1_epi32(0x7FFFFFFF));
     __m256i below = _mm256_and_si256(_mm256_srai_epi32(ix, 31), _mm256_srai_epi32(_mm256_sub_epi32(_mm256_set1_epi32(0x42A00000), mag), 31));
     // Below lanes are zeroed at the end whatever they compute; clamping them to -80 instead of
     // to 0 takes one operation off the chain every lane waits on (x >= -80 and NaN pass through).
-    __m256 clamped = _mm256_max_ps(_mm256_set1_ps(-80.0f), x);
-    __m256 shifted = _mm256_fmadd_ps(clamped, _mm256_set1_ps(1.44269504f), magic);
-    __m256 n = _mm256_sub_ps(shifted, magic);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), clamped);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.98756915e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.39819995e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665796e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.66666655e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001e-1f));
-    __m256 y = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
-    __m256i bits = _mm256_sub_epi32(_mm256_castps_si256(shifted), _mm256_set1_epi32(0x4B400000));
-    __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(127)), 23));
+    __m256 clamped = _mm256_max_ps(_mm256_set1_ps(-80.0f), x), y, scale;
+    EXP_CORE(_mm256, __m256, __m256i, si256, clamped, y, scale);
     return _mm256_castsi256_ps(_mm256_andnot_si256(below, _mm256_castps_si256(_mm256_mul_ps(y, scale))));
 }
 
 /// exp8 on sixteen lanes: the same operations lane by lane, so the same bits.
 __attribute__((target("avx2,fma,avx512f,avx512dq"))) static inline __m512 exp16(__m512 x) {
-    const __m512 magic = _mm512_set1_ps(12582912.0f);
     __m512i ix = _mm512_castps_si512(x);
     __m512i mag = _mm512_and_si512(ix, _mm512_set1_epi32(0x7FFFFFFF));
     // The sign bit of ix AND (80's bits - mag): exp8's two arithmetic shifts, as a mask.
     __mmask16 below = _mm512_movepi32_mask(_mm512_and_si512(ix, _mm512_sub_epi32(_mm512_set1_epi32(0x42A00000), mag)));
-    __m512 clamped = _mm512_max_ps(_mm512_set1_ps(-80.0f), x);
-    __m512 shifted = _mm512_fmadd_ps(clamped, _mm512_set1_ps(1.44269504f), magic);
-    __m512 n = _mm512_sub_ps(shifted, magic);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), clamped);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.98756915e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.39819995e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665796e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.66666655e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001e-1f));
-    __m512 y = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
-    __m512i bits = _mm512_sub_epi32(_mm512_castps_si512(shifted), _mm512_set1_epi32(0x4B400000));
-    __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(127)), 23));
+    __m512 clamped = _mm512_max_ps(_mm512_set1_ps(-80.0f), x), y, scale;
+    EXP_CORE(_mm512, __m512, __m512i, si512, clamped, y, scale);
     return _mm512_maskz_mul_ps((__mmask16)~below, y, scale);
 }
 
