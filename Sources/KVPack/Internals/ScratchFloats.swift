@@ -20,14 +20,13 @@ enum ScratchFloats {
         let arena = ScratchArena.current
         let bytes = (max(count, 1) * MemoryLayout<Float>.stride + 63) & ~63
         let top = arena.pointee.top
+        // An outermost frame first grows the buffer to what this one or an earlier nesting needs.
+        if top == 0 { arena.pointee.grow(to: max(bytes, arena.pointee.wanted)) }
         if top + bytes > arena.pointee.capacity {
-            if top > 0 {
-                arena.pointee.wanted = max(arena.pointee.wanted, top + bytes)
-                let memory = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 64)
-                defer { memory.deallocate() }
-                return body(memory.bindMemory(to: Float.self, capacity: count))
-            }
-            arena.pointee.grow(to: max(bytes, arena.pointee.wanted))
+            arena.pointee.wanted = max(arena.pointee.wanted, top + bytes)
+            let memory = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 64)
+            defer { memory.deallocate() }
+            return body(memory.bindMemory(to: Float.self, capacity: count))
         }
         arena.pointee.top = top + bytes
         defer { arena.pointee.top = top }

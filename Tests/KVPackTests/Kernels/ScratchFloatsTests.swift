@@ -5,47 +5,62 @@ import Testing
 /// The per-thread scratch floats that attention's per-block work (tiles, nsn's norms) uses
 /// instead of temporary allocations, which heap-allocate above 1 KiB on Linux.
 struct ScratchFloatsTests {
-    @Test("nested frames are disjoint, aligned, kept intact, and reuse the same memory call after call")
-    func nestedFrames() {
-        var first: UnsafeMutablePointer<Float>?
-        for round in 0 ..< 3 {
-            ScratchFloats.with(4096) { outer in
-                #expect(Int(bitPattern: outer) % 64 == 0)
-                if round == 0 { first = outer } else { #expect(outer == first, "round \(round): the buffer moved") }
-                for i in 0 ..< 4096 { outer[i] = Float(i) }
-                ScratchFloats.with(37) { inner in
-                    #expect(Int(bitPattern: inner) % 64 == 0)
-                    #expect(inner >= outer + 4096 || inner + 37 <= outer, "the inner frame overlaps the outer one")
-                    for i in 0 ..< 37 { inner[i] = -1 }
-                    ScratchFloats.with(3) { innermost in
-                        #expect(innermost >= inner + 37)
-                        innermost.update(repeating: -2, count: 3)
-                    }
-                    #expect((0 ..< 37).allSatisfy { inner[$0] == -1 })
-                }
-                #expect((0 ..< 4096).allSatisfy { outer[$0] == Float($0) }, "an inner frame wrote into the outer one")
-            }
-        }
+    /// Whether [a, a + m) and [b, b + n) share no float.
+    static func disjoint(_ a: UnsafeMutablePointer<Float>, _ m: Int, _ b: UnsafeMutablePointer<Float>, _ n: Int) -> Bool {
+        a + m <= b || b + n <= a
     }
 
-    @Test("a nested frame too large for what is left works, and the buffer grows for the next call")
-    func nestedOverflow() {
-        let small = 16, large = 1 << 20
-        ScratchFloats.with(small) { outer in
-            outer.update(repeating: 7, count: small)
-            ScratchFloats.with(large) { inner in
-                inner[0] = 1
-                inner[large - 1] = 2
-                #expect(inner[0] + inner[large - 1] == 3)
+    /// What a nesting on a fresh thread saw: each round's three frame addresses, and what went wrong.
+    final class Nesting: @unchecked Sendable {
+        // @unchecked: written by one thread, read after it signals.
+        var frames: [[UnsafeMutablePointer<Float>]] = []
+        var problems: [String] = []
+    }
+
+    /// The same three nested frames `rounds` times on a fresh thread (so a fresh buffer), checking
+    /// each round's frames are aligned, disjoint and left intact by the frames inside them.
+    static func nest(rounds: Int, sizes: (Int, Int, Int)) -> Nesting {
+        let result = Nesting(), done = DispatchSemaphore(value: 0)
+        let thread = Thread {
+            for _ in 0 ..< rounds {
+                ScratchFloats.with(sizes.0) { outer in
+                    for i in 0 ..< sizes.0 { outer[i] = Float(i) }
+                    ScratchFloats.with(sizes.1) { inner in
+                        if !disjoint(outer, sizes.0, inner, sizes.1) { result.problems.append("inner overlaps outer") }
+                        inner.update(repeating: -1, count: sizes.1)
+                        ScratchFloats.with(sizes.2) { innermost in
+                            if !disjoint(outer, sizes.0, innermost, sizes.2) || !disjoint(inner, sizes.1, innermost, sizes.2) {
+                                result.problems.append("innermost overlaps")
+                            }
+                            innermost.update(repeating: -2, count: sizes.2)
+                            let frames = [outer, inner, innermost]
+                            if frames.contains(where: { Int(bitPattern: $0) % 64 != 0 }) { result.problems.append("not 64-byte aligned") }
+                            result.frames.append(frames)
+                        }
+                        if !(0 ..< sizes.1).allSatisfy({ inner[$0] == -1 }) { result.problems.append("innermost wrote into inner") }
+                    }
+                    if !(0 ..< sizes.0).allSatisfy({ outer[$0] == Float($0) }) { result.problems.append("a nested frame wrote into outer") }
+                }
             }
-            #expect((0 ..< small).allSatisfy { outer[$0] == 7 })
+            done.signal()
         }
-        // The outermost frame after that has room for both without another allocation.
-        ScratchFloats.with(small) { outer in
-            ScratchFloats.with(large) { inner in
-                #expect(inner >= outer + small, "the grown buffer should hold the nested frame")
-                inner[large - 1] = 5
-            }
+        thread.start()
+        done.wait()
+        return result
+    }
+
+    @Test("nested frames are disjoint, aligned and kept; after the first rounds they stay in one buffer that no longer moves")
+    func nestedFrames() {
+        for sizes in [(4096, 37, 3), (16, 1 << 20, 5), (1, 1, 1)] {
+            let nesting = Self.nest(rounds: 4, sizes: sizes), seen = nesting.frames
+            #expect(nesting.problems.isEmpty, "\(sizes): \(nesting.problems)")
+            #expect(seen.count == 4)
+            guard seen.count == 4 else { continue }
+            // A fresh buffer fits the outermost frame only; the nestings that did not fit make the
+            // next outermost frames grow it, so by the third round all three lie in it, in order.
+            let last = seen[3], before = seen[2]
+            #expect(last == before, "\(sizes): the frames moved between the last two rounds")
+            #expect(last[1] >= last[0] + sizes.0 && last[2] >= last[1] + sizes.1, "\(sizes): the frames are not stacked in one buffer")
         }
     }
 
