@@ -1,7 +1,7 @@
 // What the kvpack fuzz targets do with a file (shared by DecodeFuzzTarget.swift and
 // GeneratedFuzzTarget.swift, each compiled with the library sources as one module):
 // open, validate, summarise, decode and attend, and the differential check of attention over
-// codes against dense attention over the decoded rows.
+// codes (in one pass, and split across threads) against dense attention over the decoded rows.
 
 #if canImport(Glibc)
 import Glibc
@@ -37,6 +37,13 @@ func exercise(_ file: MappedFile) -> Bool {
             }
         }
     }
+    // One head's tokens split across two threads (the merge of softmax states), on any file.
+    let pair = [workspace, AttentionWorkspace()]
+    queries.withUnsafeBufferPointer { q in
+        output.withUnsafeMutableBufferPointer { o in
+            _ = try? reader.attend(layer: g.layerCount - 1, kvHead: 0, queries: q.baseAddress!, output: o.baseAddress!, workspaces: pair)
+        }
+    }
     // Every KV head of the last layer at once (its own prefetch path), then a layer out of range.
     let all = [Float](repeating: 0.25, count: g.kvHeadCount * g.groupSize * g.headDim)
     var out = all
@@ -61,6 +68,7 @@ func checkAttentionAgainstDecode(_ file: MappedFile, seed: UInt64) {
     guard let reader = try? KVPackReader(file: file, arithmetic: .exact), reader.tokenCount > 0,
           let fast = try? KVPackReader(file: file) else { return }
     let g = reader.geometry, n = reader.tokenCount
+    let threeWorkspaces = (0 ..< 3).map { _ in AttentionWorkspace() }
     var rng = SplitMix64(seed: seed)
     for _ in 0 ..< 2 {
         let layer = Int(rng.next() % UInt64(g.layerCount)), head = Int(rng.next() % UInt64(g.kvHeadCount))
@@ -81,6 +89,17 @@ func checkAttentionAgainstDecode(_ file: MappedFile, seed: UInt64) {
             }
             checkFastAttention(quick, values: values, headDim: g.headDim, groupSize: g.groupSize,
                                context: "layer \(layer), head \(head), tokens \(range) of \(n), schemes \(reader.manifest.schemes.map(\.kind))")
+            // The same tokens split across three threads and merged by softmax state.
+            var split = [Float](repeating: 0, count: q.count)
+            do {
+                try reader.attend(layer: layer, kvHead: head, queries: q, tokens: range, output: &split, workspaces: threeWorkspaces)
+            } catch {
+                fatalError("differential: split attention failed where one pass did (layer \(layer), head \(head), tokens \(range)): \(error)")
+            }
+            let splitErr = DenseAttention.maxRelativeError(split, want)
+            if !(splitErr < 1e-4) {
+                fatalError("differential: attention split across threads differs from attention over decoded rows by \(splitErr) (layer \(layer), head \(head), tokens \(range) of \(n))")
+            }
         }
     }
 }
