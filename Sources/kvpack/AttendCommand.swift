@@ -45,12 +45,10 @@ struct AttendCommand: ParsableCommand {
         let range = tokens?.range ?? 0 ..< reader.tokenCount
         var rng = SplitMix64(seed: querySeed)
         let queries = (0 ..< g.groupSize * g.headDim).map { _ in Float(rng.nextGaussian()) * queryScale }
-        let out: [Float]
         var maxErr: Double?
-        var split = [Float](repeating: 0, count: queries.count)
-        try reader.attend(layer: layer, kvHead: head, queries: queries, tokens: range, output: &split,
+        var out = [Float](repeating: 0, count: queries.count)
+        try reader.attend(layer: layer, kvHead: head, queries: queries, tokens: range, output: &out,
                           workspaces: (0 ..< threads).map { _ in AttentionWorkspace() })
-        out = split
         if check {
             let k = try reader.decode(layer: layer, kvHead: head, kind: .key, tokens: range)
             let v = try reader.decode(layer: layer, kvHead: head, kind: .value, tokens: range)

@@ -15,21 +15,16 @@ extension KVPackReader {
         let g = geometry, per = g.groupSize * g.headDim, heads = g.kvHeadCount
         let threads = min(workspaces.count, heads)
         try checkStream(layer: layer, kvHead: 0)
-        let pieces = splittingTokens ? Self.tokenPieces(heads: heads, threads: workspaces.count) : 1
-        if pieces > 1 {
-            let range = tokens ?? 0 ..< tokenCount
-            if range.lowerBound >= 0, range.upperBound <= tokenCount {
-                let first = g.stream(layer: layer, kvHead: 0, kind: .key)
-                prefetchOnce(streams: first ..< first + 2 * heads, segments: sealedSegments(range))
-            }
-            return try attendSplit(layer: layer, heads: 0 ..< heads, pieces: pieces, queries: queries, tokens: tokens, scale: scale,
-                                   output: output, workspaces: workspaces)
-        }
         // All the layer's blocks of a segment lie together: one prefetch request per segment.
         let range = tokens ?? 0 ..< tokenCount
         if range.lowerBound >= 0, range.upperBound <= tokenCount {
             let first = g.stream(layer: layer, kvHead: 0, kind: .key)
             prefetchOnce(streams: first ..< first + 2 * heads, segments: sealedSegments(range))
+        }
+        let pieces = splittingTokens ? Self.tokenPieces(heads: heads, threads: workspaces.count) : 1
+        if pieces > 1 {
+            return try attendSplit(layer: layer, heads: 0 ..< heads, pieces: pieces, queries: queries, tokens: tokens, scale: scale,
+                                   output: output, workspaces: workspaces)
         }
         // Each worker takes a contiguous run of heads and writes only its own output rows.
         try Parallel.run(workers: threads) { worker in
