@@ -37,6 +37,11 @@ extension KVPackReader {
         let range = tokens ?? 0 ..< tokenCount
         try checkTokens(range)
         guard !range.isEmpty else { throw KVPackError.argument("attention over an empty token range") }
+        // The whole range's blocks, asked for here: `prefetchOnce` acts once per stream, so the
+        // first piece to attend would otherwise ask only for its own segments, and the others'
+        // (a remote file's above all) would come in one fault at a time.
+        let first = geometry.stream(layer: layer, kvHead: heads.lowerBound, kind: .key)
+        prefetchOnce(streams: first ..< first + 2 * heads.count, segments: sealedSegments(range))
         // Piece boundaries at segment boundaries nearest the equal split (a piece may be empty).
         let c = segmentTokens
         let bounds = (0 ... pieces).map { k -> Int in
